@@ -1,0 +1,30 @@
+# The README's two commands: `make train` (set up, then a short CIFAR-10 run) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= $(abspath ../shared/data/tfds)
+WORKDIR ?= runs/cifar10-short
+CONFIG ?= configs/cifar10.py:short
+
+.PHONY: setup train test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	TFDS_DATA_DIR=$(DATA_DIR) $(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	TFDS_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

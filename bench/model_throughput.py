@@ -1,0 +1,111 @@
+"""Ti/4 on 32x32, batch 128, float32: compile time, train/infer images/s, FLOPs, share of peak.
+
+Prints one JSON line. The machine's practical peak is the GFLOP/s of a float32 4096x4096 matmul
+measured in the same process.
+Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import vit
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `fn()` (which must block until done) over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of a jitted float32 n x n matmul: the machine's practical peak."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    return 2 * n**3 / _median_seconds(lambda: mm(a, b).block_until_ready(), repeats) / 1e9
+
+
+def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformation) -> Callable:
+    """A jitted step: cross-entropy forward, backward and optimizer update."""
+
+    def step(params, opt_state, images, labels, rng):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def main() -> None:
+    """Measure and print one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", default="Ti/4")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    tx = optax.adamw(1e-3, weight_decay=1e-4)
+    opt_state = tx.init(params)
+    images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.image_size,
+                                                       args.image_size, 3))
+    labels = jnp.arange(args.batch) % 10
+    rng = jax.random.PRNGKey(2)
+
+    step = make_train_step(model, tx)
+    start = time.perf_counter()
+    compiled = step.lower(params, opt_state, images, labels, rng).compile()
+    compile_s = time.perf_counter() - start
+    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+
+    state = [params, opt_state]
+
+    def run_train() -> None:
+        state[0], state[1], loss = compiled(state[0], state[1], images, labels, rng)
+        loss.block_until_ready()
+
+    run_train()
+    train_s = _median_seconds(run_train, args.steps)
+
+    infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    infer(state[0], images).block_until_ready()
+    infer_s = _median_seconds(lambda: infer(state[0], images).block_until_ready(), args.steps)
+
+    peak = matmul_peak_gflops()
+    achieved = flops / train_s / 1e9
+    print(json.dumps({
+        "bench": "model_throughput", "variant": args.variant, "image_size": args.image_size,
+        "batch": args.batch, "dtype": "float32", "devices": str(jax.devices()[0].platform),
+        "compile_s": round(compile_s, 2),
+        "train_images_per_s": round(args.batch / train_s, 1),
+        "infer_images_per_s": round(args.batch / infer_s, 1),
+        "train_flops_per_image": flops / args.batch,
+        "train_gflops_per_s": round(achieved, 1),
+        "matmul_peak_gflops_per_s": round(peak, 1),
+        "train_fraction_of_peak": round(achieved / peak, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

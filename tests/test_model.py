@@ -1,0 +1,194 @@
+"""The ViT family: shapes, parameter counts and names, determinism, dropout, gradients."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vit
+from vit.model import posemb_sincos_2d
+
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def _tiny(**kw):
+    return vit.create_model("Ti/4", num_classes=10, image_size=16, **{**TINY, **kw})
+
+
+def _images(batch=2, size=16, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (batch, size, size, 3))
+
+
+@pytest.mark.parametrize(
+    "variant,expected",
+    [("Ti/16", 5_717_416), ("S/16", 22_050_664), ("B/16", 86_567_656),
+     ("L/16", 304_326_632), ("H/14", 632_045_800)],
+)
+def test_published_parameter_counts(variant, expected):
+    assert vit.count_params(vit.create_model(variant, num_classes=1000, image_size=224)) == expected
+
+
+@pytest.mark.parametrize("variant", ["Ti/16", "S/16", "M/16", "B/32", "L/16", "H/14", "g/14"])
+@pytest.mark.parametrize("classifier", ["token", "gap", "map"])
+def test_output_shape_every_variant_and_classifier(variant, classifier):
+    model = vit.create_model(variant, num_classes=7, image_size=224, classifier=classifier)
+    params = jax.eval_shape(lambda: vit.init_params(model, jax.random.PRNGKey(0)))
+    out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params,
+                         jax.ShapeDtypeStruct((3, 224, 224, 3), jnp.float32))
+    assert out.shape == (3, 7) and out.dtype == jnp.float32
+
+
+def test_parameter_names_follow_vit_jax():
+    model = vit.create_model("Ti/16", num_classes=5, image_size=32, depth=2,
+                             representation_size=16)
+    params = jax.eval_shape(lambda: vit.init_params(model, jax.random.PRNGKey(0)))
+    names = set(flax.traverse_util.flatten_dict(params, sep="/"))
+    block = "Transformer/encoderblock_1/"
+    attention = block + "MultiHeadDotProductAttention_1/"
+    expected = {
+        "embedding/kernel", "embedding/bias", "cls",
+        "Transformer/posembed_input/pos_embedding",
+        block + "LayerNorm_0/scale", block + "LayerNorm_0/bias",
+        *(attention + f"{p}/{w}" for p in ("query", "key", "value", "out")
+          for w in ("kernel", "bias")),
+        block + "LayerNorm_2/scale", block + "LayerNorm_2/bias",
+        block + "MlpBlock_3/Dense_0/kernel", block + "MlpBlock_3/Dense_1/bias",
+        "Transformer/encoder_norm/scale", "pre_logits/kernel", "head/kernel", "head/bias",
+    }
+    assert expected <= names
+    assert len(names) == 4 + 2 * 16 + 2 + 2 + 2 + 2 + 2 - 4  # embedding 2, cls, posemb = 4
+    assert params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"][
+        "kernel"].shape == (192, 3, 64)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 192)
+    assert params["embedding"]["kernel"].shape == (16, 16, 3, 192)
+
+
+def test_gap_and_sincos_have_no_class_token_or_learned_posemb():
+    params = vit.init_params(_tiny(classifier="gap", posemb="sincos2d"), jax.random.PRNGKey(0))
+    assert "cls" not in params and "posembed_input" not in params["Transformer"]
+    map_params = vit.init_params(_tiny(classifier="map"), jax.random.PRNGKey(0))
+    assert set(map_params["MAPHead_0"]) == {
+        "probe", "MultiHeadDotProductAttention_0", "LayerNorm_0", "MlpBlock_0"}
+
+
+def test_head_is_zero_initialised_so_initial_logits_are_zero():
+    model = _tiny()
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(params["head"]["kernel"], 0)
+    np.testing.assert_array_equal(model.apply({"params": params}, _images()), 0)
+
+
+def _randomise_head(params, seed=1):
+    head = jax.random.normal(jax.random.PRNGKey(seed), params["head"]["kernel"].shape)
+    return {**params, "head": {**params["head"], "kernel": head}}
+
+
+def test_same_seed_same_output_and_other_seed_differs():
+    model = _tiny()
+    p1 = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+    p2 = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+    p3 = _randomise_head(vit.init_params(model, jax.random.PRNGKey(1)))
+    out1, out2, out3 = (model.apply({"params": p}, _images()) for p in (p1, p2, p3))
+    np.testing.assert_array_equal(out1, out2)
+    assert not np.allclose(out1, out3)
+
+
+def test_dropout_only_in_training_mode():
+    model = _tiny(dropout_rate=0.3, attention_dropout_rate=0.3, drop_path_rate=0.3)
+    params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+    x = _images()
+    evals = [model.apply({"params": params}, x) for _ in range(2)]
+    np.testing.assert_array_equal(evals[0], evals[1])
+    no_dropout = _tiny()
+    np.testing.assert_allclose(evals[0], no_dropout.apply({"params": params}, x), atol=1e-6)
+    trains = [model.apply({"params": params}, x, train=True,
+                          rngs={"dropout": jax.random.PRNGKey(s)}) for s in range(2)]
+    assert not np.allclose(trains[0], trains[1])
+    assert not np.allclose(trains[0], evals[0])
+    with pytest.raises(flax.errors.InvalidRngError):
+        model.apply({"params": params}, x, train=True)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap", "map"])
+def test_every_parameter_gets_a_nonzero_gradient(classifier):
+    model = _tiny(classifier=classifier, representation_size=8)
+    params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+    labels = jnp.array([1, 3])
+
+    def loss(p):
+        logits = model.apply({"params": p}, _images(), train=True,
+                             rngs={"dropout": jax.random.PRNGKey(0)})
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    grads = flax.traverse_util.flatten_dict(jax.grad(loss)(params), sep="/")
+    zero = [name for name, g in grads.items() if not np.any(np.asarray(g))]
+    assert not zero, f"parameters without gradient: {zero}"
+
+
+def test_attention_weights_are_returned_and_match_the_fused_path():
+    model = _tiny()
+    params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+    logits, attention = model.apply({"params": params}, _images(3), return_attention=True)
+    assert attention.shape == (2, 3, 2, 17, 17)  # depth, batch, heads, tokens, tokens
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(logits, model.apply({"params": params}, _images(3)), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = _tiny(dtype=jnp.bfloat16)
+    params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    out = model.apply({"params": params}, _images())
+    reference = _tiny().apply({"params": params}, _images())
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, reference, atol=0.1 * float(np.abs(reference).max()))
+
+
+@pytest.mark.parametrize("size,patch", [(24, 4), (20, 5), (64, 16)])
+def test_any_image_size_divisible_by_the_patch(size, patch):
+    model = vit.create_model(f"Ti/{patch}", num_classes=3, image_size=size, **TINY)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    assert model.apply({"params": params}, _images(2, size)).shape == (2, 3)
+    tokens = params["Transformer"]["posembed_input"]["pos_embedding"].shape[1]
+    assert tokens == (size // patch) ** 2 + 1
+
+
+def test_rectangular_images():
+    model = vit.create_model("Ti/4", num_classes=3, image_size=(16, 24), **TINY)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    assert model.apply({"params": params}, jnp.zeros((1, 16, 24, 3))).shape == (1, 3)
+    assert model.grid == (4, 6)
+
+
+def test_sincos_posemb_values():
+    pe = posemb_sincos_2d(2, 3, 8)
+    assert pe.shape == (1, 6, 8)
+    np.testing.assert_allclose(pe[0, 0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+    # token 4 sits at row 1, column 1: sin(1 * omega) for omega = [1, 1e-4] in x and y.
+    np.testing.assert_allclose(pe[0, 4, :2], np.sin([1.0, 1e-4]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: vit.create_model("X/16"), "unknown ViT variant 'X/16'"),
+        (lambda: vit.create_model("B"), "'<size>/<patch>'"),
+        (lambda: vit.create_model("B/16", hidden=3), "unknown model option(s) hidden"),
+        (lambda: vit.create_model("B/16", classifier="avg"), "unknown classifier 'avg'"),
+        (lambda: vit.create_model("B/16", image_size=100), "not divisible by the patch size"),
+        (lambda: vit.create_model("B/16", posemb="rope"), "unknown posemb 'rope'"),
+        (lambda: vit.create_model("B/16", dropout_rate=1.5), "dropout_rate must be in"),
+    ],
+)
+def test_bad_options_fail_with_a_clear_message(call, message):
+    with pytest.raises(ValueError, match=None) as err:
+        call()
+    assert message in str(err.value)
+
+
+def test_wrong_input_size_names_the_fix():
+    model = _tiny()
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="built for 16x16 images, got 32x32"):
+        model.apply({"params": params}, _images(1, 32))

@@ -1,0 +1,406 @@
+"""The Vision Transformer family as flax.linen modules.
+
+Follows "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021) and the big_vision / vit_jax
+variants. Parameter names match the public vit_jax checkpoints one to one:
+
+    embedding/{kernel,bias}                          patch embedding (conv, kernel = stride = patch)
+    cls                                              class token (classifier="token" only)
+    Transformer/posembed_input/pos_embedding         learned position embedding
+    Transformer/encoderblock_{i}/LayerNorm_0
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}
+    Transformer/encoderblock_{i}/LayerNorm_2
+    Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}
+    Transformer/encoder_norm
+    MAPHead_0/...                                    attention-pooling head (classifier="map")
+    pre_logits/{kernel,bias}                         optional (representation_size)
+    head/{kernel,bias}                               zero-initialised classifier
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Array = jax.Array
+
+CLASSIFIERS = ("token", "gap", "map")
+POSEMB_KINDS = ("learn", "sincos2d")
+
+_xavier = nn.initializers.xavier_uniform()
+_bias_init = nn.initializers.normal(stddev=1e-6)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding of shape [1, h * w, width] (MoCo v3 / big_vision)."""
+    if width % 4:
+        raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y = y.reshape(-1)[:, None] * omega[None, :]
+    x = x.reshape(-1)[:, None] * omega[None, :]
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return pe[None].astype(np.float32)
+
+
+def _xavier_as_matrix(rows: int) -> Callable[..., Array]:
+    """Xavier-uniform for a DenseGeneral kernel, computed on the [rows, -1] matrix it acts as."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+        return _xavier(key, (rows, int(np.prod(shape)) // rows), dtype).reshape(shape)
+
+    return init
+
+
+class _DenseGeneralParams(nn.Module):
+    """Holds a DenseGeneral kernel and bias under vit_jax's names; the caller does the matmul."""
+
+    kernel_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...]
+    fan_in: int
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        kernel = self.param("kernel", _xavier_as_matrix(self.fan_in), self.kernel_shape)
+        bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
+        return kernel, bias
+
+
+def attention_weights(q: Array, k: Array) -> Array:
+    """Softmax attention probabilities [B, heads, Tq, Tk] from q, k of shape [B, T, heads, dim]."""
+    scale = 1.0 / np.sqrt(q.shape[-1]).astype(np.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Multi-head attention with vit_jax's query/key/value/out parameters.
+
+    The three input projections run as one fused matmul; attention itself goes through
+    `jax.nn.dot_product_attention`, which selects fused kernels on GPU. When the attention
+    weights are asked for, or attention dropout is active, the explicit softmax path is used.
+    """
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_q: Array, x_kv: Array | None = None, *, deterministic: bool = True,
+        return_weights: bool = False,
+    ) -> tuple[Array, Array | None]:
+        width = x_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        heads, head_dim = self.num_heads, width // self.num_heads
+        proj = {n: _DenseGeneralParams((width, heads, head_dim), (heads, head_dim), width, name=n)()
+                for n in ("query", "key", "value")}
+        out_k, out_b = _DenseGeneralParams((heads, head_dim, width), (width,), width, name="out")()
+
+        def project(x: Array, names: tuple[str, ...]) -> list[Array]:
+            kernel = jnp.concatenate([proj[n][0].reshape(width, -1) for n in names], axis=1)
+            bias = jnp.concatenate([proj[n][1].reshape(-1) for n in names])
+            y = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            parts = jnp.split(y, len(names), axis=-1)
+            return [p.reshape(*p.shape[:-1], heads, head_dim) for p in parts]
+
+        if x_kv is None:
+            q, k, v = project(x_q, ("query", "key", "value"))
+        else:
+            (q,) = project(x_q, ("query",))
+            k, v = project(x_kv, ("key", "value"))
+
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        weights = None
+        if return_weights or use_dropout:
+            weights = attention_weights(q, k)
+            probs = weights
+            if use_dropout:
+                probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v)
+        y = y.reshape(*y.shape[:-2], width) @ out_k.reshape(width, width).astype(self.dtype)
+        return y + out_b.astype(self.dtype), weights
+
+
+class MlpBlock(nn.Module):
+    """Transformer MLP: Dense -> GELU -> dropout -> Dense -> dropout."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        width = x.shape[-1]
+        dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=_xavier, bias_init=_bias_init)
+        x = nn.gelu(dense(self.mlp_dim)(x))
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(width)(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example with probability `rate`."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        if self.rate == 0.0 or deterministic:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: Array, *, deterministic: bool = True, return_weights: bool = False
+    ) -> tuple[Array, Array | None]:
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        y, weights = MultiHeadDotProductAttention(
+            self.num_heads, self.attention_dropout_rate, self.dtype,
+            name="MultiHeadDotProductAttention_1",
+        )(y, deterministic=deterministic, return_weights=return_weights)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
+            y, deterministic=deterministic)
+        return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """A learned position embedding of shape [1, tokens, width], initialised N(0, 0.02)."""
+
+    @nn.compact
+    def __call__(self, shape: tuple[int, int]) -> Array:
+        return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *shape))
+
+
+class Encoder(nn.Module):
+    """Position embedding, the stack of encoder blocks and the final LayerNorm."""
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    posemb: str = "learn"
+    grid: tuple[int, int] = (14, 14)
+    num_prefix_tokens: int = 1
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: Array, *, deterministic: bool = True, return_weights: bool = False
+    ) -> tuple[Array, list[Array]]:
+        width = x.shape[-1]
+        if self.posemb == "learn":
+            pe = LearnedPositionEmbedding(name="posembed_input")(x.shape[1:])
+        else:
+            pe = posemb_sincos_2d(*self.grid, width)
+            pe = np.pad(pe, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
+        x = (x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        maps = []
+        for i in range(self.depth):
+            # Stochastic depth grows linearly with depth, as in DeiT / timm.
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x, w = Encoder1DBlock(
+                self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
+                rate, self.dtype, name=f"encoderblock_{i}",
+            )(x, deterministic=deterministic, return_weights=return_weights)
+            maps.append(w)
+        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling: a learned probe attends over the tokens, then an MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array | None]:
+        width = x.shape[-1]
+        probe = self.param("probe", _xavier, (1, 1, width))
+        probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
+        y, w = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                            name="MultiHeadDotProductAttention_0")(probe, x)
+        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(
+            nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
+        return y[:, 0], w
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patchify, prepend a class token (optional), encode, pool, classify.
+
+    Call with images [B, H, W, C]; `train=True` enables dropout and stochastic depth (needs a
+    "dropout" rng); `return_attention=True` also returns the attention weights of every layer,
+    stacked as [depth, B, heads, tokens, tokens].
+    """
+
+    num_classes: int
+    patch_size: tuple[int, int] = (16, 16)
+    image_size: tuple[int, int] = (224, 224)
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    classifier: str = "token"
+    posemb: str = "learn"
+    representation_size: int | None = None
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    head_bias_init: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (rows, cols) for `image_size`."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @nn.compact
+    def __call__(
+        self, images: Array, *, train: bool = False, return_attention: bool = False
+    ) -> Array | tuple[Array, Array]:
+        if tuple(images.shape[1:3]) != tuple(self.image_size):
+            raise ValueError(
+                f"the model was built for {self.image_size[0]}x{self.image_size[1]} images, got "
+                f"{images.shape[1]}x{images.shape[2]}: pass image_size= to create_model, or "
+                "resize the input")
+        deterministic = not train
+        x = nn.Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID",
+                    dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        num_prefix = 0
+        if self.classifier == "token":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+            num_prefix = 1
+
+        x, maps = Encoder(
+            self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
+            self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
+            name="Transformer",
+        )(x, deterministic=deterministic, return_weights=return_attention)
+
+        if self.classifier == "token":
+            x = x[:, 0]
+        elif self.classifier == "gap":
+            x = jnp.mean(x, axis=1)
+        else:
+            x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name="MAPHead_0")(x)
+
+        if self.representation_size is not None:
+            x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+        logits = nn.Dense(
+            self.num_classes, dtype=self.dtype, name="head", kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.constant(self.head_bias_init),
+        )(x).astype(jnp.float32)
+        if return_attention:
+            return logits, jnp.stack(maps)
+        return logits
+
+
+# width, depth, mlp_dim, num_heads: ViT paper (B, L, H), DeiT (Ti, S), big_vision (M, g, G, e).
+VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+}
+
+_FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__ if f not in ("parent", "name"))
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int | np.integer) else (int(v[0]), int(v[1]))
+
+
+def parse_variant(variant: str) -> tuple[dict[str, int], tuple[int, int]]:
+    """Split a variant string like "S/16" into its size hyper-parameters and patch size."""
+    name, sep, patch = variant.partition("/")
+    if name not in VARIANTS or not sep or not patch.isdigit() or int(patch) < 1:
+        raise ValueError(
+            f"unknown ViT variant {variant!r}: use '<size>/<patch>' with size one of "
+            f"{', '.join(VARIANTS)} and a positive patch size, e.g. 'Ti/16', 'S/4', 'B/16'")
+    return dict(VARIANTS[name]), (int(patch), int(patch))
+
+
+def create_model(
+    variant: str, *, num_classes: int = 1000, image_size: int | tuple[int, int] = 224,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Build a ViT from a variant string ("Ti/16", "B/16", ...) with optional field overrides."""
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(unknown)}; valid options: "
+                         f"{', '.join(_FIELDS)}")
+    sizes, patch = parse_variant(variant)
+    kwargs: dict[str, Any] = dict(sizes, patch_size=patch, num_classes=num_classes,
+                                  image_size=image_size)
+    kwargs.update(overrides)
+    kwargs["patch_size"] = _pair(kwargs["patch_size"])
+    kwargs["image_size"] = _pair(kwargs["image_size"])
+    _validate(kwargs)
+    return VisionTransformer(**kwargs)
+
+
+def _validate(kw: dict[str, Any]) -> None:
+    defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
+    kw = {**defaults, **kw}
+    if kw["classifier"] not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {kw['classifier']!r}; use one of {CLASSIFIERS}")
+    if kw["posemb"] not in POSEMB_KINDS:
+        raise ValueError(f"unknown posemb {kw['posemb']!r}; use one of {POSEMB_KINDS}")
+    (ih, iw), (ph, pw) = kw["image_size"], kw["patch_size"]
+    if ih % ph or iw % pw:
+        raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}")
+    if kw["width"] % kw["num_heads"]:
+        raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}")
+    if kw["num_classes"] < 1:
+        raise ValueError(f"num_classes must be positive, got {kw['num_classes']}")
+    for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+        if not 0.0 <= kw[rate] < 1.0:
+            raise ValueError(f"{rate} must be in [0, 1), got {kw[rate]}")
+
+
+def init_params(model: VisionTransformer, rng: Array, batch_size: int = 1) -> Any:
+    """Initialise the model's parameters for a batch of its own image size."""
+    dummy = jnp.zeros((batch_size, *model.image_size, 3), jnp.float32)
+    return model.init({"params": rng}, dummy)["params"]
+
+
+def count_params(model: VisionTransformer) -> int:
+    """Number of parameters, computed from shapes alone with `jax.eval_shape` (no memory)."""
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
