@@ -1,0 +1,67 @@
+"""Tests for vit.mix: label smoothing, mixup and cutmix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit.mix import mixup_cutmix, smooth_labels
+
+
+def _batch(b=8, size=8, classes=5):
+    images = jnp.stack([jnp.full((size, size, 3), float(i)) for i in range(b)])
+    targets = smooth_labels(jnp.arange(b) % classes, classes, 0.0)
+    return images, targets
+
+
+def test_smooth_labels_exact_values():
+    t = smooth_labels(jnp.array([2, 0]), 4, 0.1)
+    np.testing.assert_allclose(t[0], [0.025, 0.025, 0.925, 0.025], rtol=1e-6)
+    np.testing.assert_allclose(t.sum(-1), [1.0, 1.0], rtol=1e-6)
+
+
+def test_identity_when_both_alphas_zero():
+    images, targets = _batch()
+    out_i, out_t = mixup_cutmix(jax.random.key(0), images, targets, mixup_alpha=0, cutmix_alpha=0)
+    assert out_i is images and out_t is targets
+
+
+def test_mixup_pairs_with_reversed_batch():
+    images, targets = _batch()
+    out_i, out_t = mixup_cutmix(
+        jax.random.key(1), images, targets, mixup_alpha=0.8, cutmix_alpha=0.0
+    )
+    lam = 1.0 - out_i[0, 0, 0, 0] / 7.0
+    np.testing.assert_allclose(out_i[0], lam * images[0] + (1 - lam) * images[7], rtol=1e-5)
+    np.testing.assert_allclose(out_t, lam * targets + (1 - lam) * targets[::-1], rtol=1e-5)
+    np.testing.assert_allclose(out_t.sum(-1), np.ones(8), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cutmix_lambda_is_pasted_area(seed):
+    images, targets = _batch(size=16)
+    out_i, out_t = mixup_cutmix(
+        jax.random.key(seed), images, targets, mixup_alpha=0.0, cutmix_alpha=1.0
+    )
+    pasted = float((out_i[0, :, :, 0] == 7.0).mean())  # image 0 receives pixels of image 7
+    assert set(np.unique(out_i[0])) <= {0.0, 7.0}
+    np.testing.assert_allclose(out_t[0], (1 - pasted) * targets[0] + pasted * targets[7], atol=1e-6)
+    np.testing.assert_allclose(out_t.sum(-1), np.ones(8), rtol=1e-5)
+
+
+def test_switch_chooses_both_and_is_jittable():
+    images, targets = _batch(size=16)
+    fn = jax.jit(lambda k: mixup_cutmix(k, images, targets, mixup_alpha=0.8, cutmix_alpha=1.0))
+    kinds = set()
+    for seed in range(12):
+        out_i, out_t = fn(jax.random.key(seed))
+        values = np.unique(out_i[0])
+        kinds.add("cutmix" if set(values) <= {0.0, 7.0} else "mixup")
+        np.testing.assert_allclose(out_t.sum(-1), np.ones(8), rtol=1e-5)
+    assert kinds == {"cutmix", "mixup"}
+
+
+def test_negative_alpha_is_one_line_error():
+    images, targets = _batch()
+    with pytest.raises(ValueError, match="alphas >= 0"):
+        mixup_cutmix(jax.random.key(0), images, targets, mixup_alpha=-1, cutmix_alpha=0)

@@ -1,0 +1,139 @@
+"""Tests for vit.preprocess and vit.randaugment: geometry, flips, normalisation, decoding."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from vit import data
+from vit.preprocess import (
+    DataError,
+    decode,
+    decode_image_file,
+    decode_inception_crop,
+    eval_image,
+    flip,
+    inception_crop,
+    normalize,
+    pad_crop,
+)
+from vit.randaugment import OPS, randaugment
+
+RNG = np.random.default_rng(0)
+IMAGE = RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+
+
+def _seed(i):
+    return tf.constant([7, i], tf.int64)
+
+
+def test_flip_really_mirrors_or_keeps():
+    seen = set()
+    for i in range(16):
+        out = flip(tf.constant(IMAGE), _seed(i)).numpy()
+        if np.array_equal(out, IMAGE[:, ::-1]):
+            seen.add("mirrored")
+        else:
+            np.testing.assert_array_equal(out, IMAGE)
+            seen.add("kept")
+    assert seen == {"mirrored", "kept"}
+
+
+def test_pad_crop_is_a_shifted_window_of_the_padded_image():
+    padded = np.pad(IMAGE, [(4, 4), (4, 4), (0, 0)])
+    for i in range(10):
+        out = pad_crop(tf.constant(IMAGE), 4, _seed(i)).numpy()
+        assert out.shape == IMAGE.shape
+        hits = [
+            (y, x)
+            for y in range(9)
+            for x in range(9)
+            if np.array_equal(padded[y : y + 24, x : x + 40], out)
+        ]
+        assert hits, "crop is not a window of the padded image"
+
+
+def test_inception_crop_stays_in_bounds_and_is_deterministic():
+    ramp = np.broadcast_to(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (24, 40, 3))
+    for i in range(10):
+        out = inception_crop(tf.constant(ramp), 16, (0.08, 1.0), _seed(i)).numpy()
+        again = inception_crop(tf.constant(ramp), 16, (0.08, 1.0), _seed(i)).numpy()
+        assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, again)
+        assert out.min() >= 0 and out.max() <= 39 * 6  # only pixels from inside the image
+
+
+def test_jpeg_fast_path_matches_decode_then_crop(tmp_path):
+    path = tmp_path / "a.jpg"
+    Image.fromarray(IMAGE).save(path, quality=95)
+    encoded = tf.io.read_file(str(path))
+    fast = decode_inception_crop(encoded, 16, (0.3, 1.0), _seed(3)).numpy()
+    slow = inception_crop(decode(encoded), 16, (0.3, 1.0), _seed(3)).numpy()
+    assert np.abs(fast.astype(int) - slow.astype(int)).max() <= 2  # JPEG IDCT rounding only
+
+
+def test_normalize_ranges():
+    x = tf.constant([[0, 255, 0]], tf.uint8)
+    np.testing.assert_allclose(normalize(x, "minus_one_to_one").numpy(), [[-1, 1, -1]])
+    np.testing.assert_allclose(normalize(x, "imagenet").numpy()[0, 0], -0.485 / 0.229, rtol=1e-6)
+    with pytest.raises(DataError, match="pp.normalize='nope'"):
+        normalize(x, "nope")
+
+
+def test_eval_image_resize_and_centre_crop():
+    c = data.default_config()
+    c.image_size = 16
+    out = eval_image(IMAGE, c).numpy()
+    assert out.shape == (16, 16, 3) and out.dtype == np.float32
+    c.pp.eval_resize = 20
+    gradient = np.broadcast_to(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (24, 40, 3))
+    cropped = eval_image(gradient, c).numpy()
+    assert cropped.shape == (16, 16, 3)
+    # Shorter side 24 -> 20 makes the width 33; the centre 16 columns keep the middle of the ramp.
+    assert abs(cropped[:, 8].mean() - (119.0 / 127.5 - 1)) < 0.1
+
+
+def test_eval_image_at_native_size_is_exact_normalisation():
+    c = data.default_config()
+    c.image_size = 24
+    img = IMAGE[:, :24]
+    np.testing.assert_allclose(eval_image(img, c).numpy(), img / 127.5 - 1.0, atol=1e-6)
+
+
+def test_eval_image_rejects_wrong_dtype():
+    with pytest.raises(DataError, match="uint8"):
+        eval_image(IMAGE.astype(np.float32), data.default_config())
+
+
+def test_decode_image_file_roundtrip_and_errors(tmp_path):
+    png = tmp_path / "x.png"
+    Image.fromarray(IMAGE).save(png)
+    np.testing.assert_array_equal(decode_image_file(str(png)), IMAGE)
+    gray = tmp_path / "g.png"
+    Image.fromarray(IMAGE[:, :, 0]).save(gray)
+    assert decode_image_file(str(gray)).shape == (24, 40, 3)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.jpg"):
+        decode_image_file(str(bad))
+    with pytest.raises(DataError, match="missing.png"):
+        decode_image_file(str(tmp_path / "missing.png"))
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
+def test_each_randaugment_op_keeps_shape_and_range(op):
+    out = op(tf.constant(IMAGE, tf.float32), tf.constant(5.0))
+    assert out.shape == IMAGE.shape
+    assert float(tf.reduce_min(out)) >= 0 and float(tf.reduce_max(out)) <= 255
+
+
+def test_randaugment_deterministic_and_changes_image():
+    a = randaugment(tf.constant(IMAGE), 2, 9, _seed(1)).numpy()
+    b = randaugment(tf.constant(IMAGE), 2, 9, _seed(1)).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.uint8 and a.shape == IMAGE.shape
+    changed = [
+        not np.array_equal(randaugment(tf.constant(IMAGE), 2, 9, _seed(i)).numpy(), IMAGE)
+        for i in range(8)
+    ]
+    assert sum(changed) >= 6

@@ -1,0 +1,225 @@
+"""Image ops for the input pipeline: decode, resize, crop, inception crop, flip, normalise.
+
+Per-example ops work on one uint8 HWC image and take a stateless seed (a [2] int tensor), so a
+pipeline is a deterministic function of its seeds. Normalisation runs on whole batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from vit.randaugment import randaugment
+
+# TensorFlow must never take accelerator memory from JAX; it only feeds the input pipeline.
+with contextlib.suppress(RuntimeError):  # raised only once TF has initialised its devices
+    tf.config.set_visible_devices([], "GPU")
+
+TRAIN_CROPS = ("pad_crop", "inception", "resize")
+NORMALIZATIONS = {
+    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+INCEPTION_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class DataError(ValueError):
+    """Bad input data or data configuration; the message names the bad value and the fix."""
+
+
+def default_options() -> ml_collections.ConfigDict:
+    """The `pp` block of a config: preprocessing options with their defaults."""
+    pp = ml_collections.ConfigDict()
+    pp.train_crop = "pad_crop"  # "pad_crop" | "inception" (random-resized) | "resize"
+    pp.crop_padding = 4  # pad_crop: zero padding on each side
+    pp.inception_area_min = 0.08  # inception: range of the crop's share of the image area
+    pp.inception_area_max = 1.0
+    pp.flip = True  # random horizontal flip
+    pp.randaugment_num_ops = 0  # 0 = off
+    pp.randaugment_magnitude = 9  # 0..10
+    pp.normalize = "minus_one_to_one"  # | "imagenet" | "cifar10" (mean/std)
+    pp.eval_resize = ml_collections.FieldReference(None, field_type=int)  # None: plain resize
+    return pp
+
+
+def validate_options(pp) -> None:
+    """Raises a one-line DataError for an unknown `pp` key or value."""
+    known = default_options()
+    unknown = sorted(set(pp.keys()) - set(known.keys()))
+    if unknown:
+        raise DataError(f"unknown pp option(s) {unknown}; known: {sorted(known.keys())}")
+    if pp.train_crop not in TRAIN_CROPS:
+        raise DataError(f"pp.train_crop={pp.train_crop!r} is unknown; use one of {TRAIN_CROPS}")
+    if pp.normalize not in NORMALIZATIONS:
+        raise DataError(
+            f"pp.normalize={pp.normalize!r} is unknown; use one of {sorted(NORMALIZATIONS)}"
+        )
+    if not 0 <= pp.randaugment_magnitude <= 10:
+        raise DataError(
+            f"pp.randaugment_magnitude={pp.randaugment_magnitude} is out of range; use 0..10"
+        )
+    if not 0 < pp.inception_area_min <= pp.inception_area_max <= 1:
+        raise DataError(
+            f"pp.inception_area_min/max={pp.inception_area_min}/"
+            f"{pp.inception_area_max}: need 0 < min <= max <= 1"
+        )
+
+
+def decode_image_file(path: str) -> np.ndarray:
+    """Reads an image file into a uint8 [H, W, 3] RGB array; DataError naming a bad file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"image file {path!r} does not exist; check the path") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            f"corrupt or unreadable image file {path!r} ({e}); remove or replace it"
+        ) from None
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """Decodes JPEG/PNG/GIF/BMP bytes into uint8 [H, W, 3]."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """Bilinear (antialiased) resize of one image to [height, width], keeping uint8."""
+    out = tf.image.resize(image, [height, width], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
+def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / tf.reduce_min(shape)
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    out = tf.image.resize(image, tf.maximum(new, size), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
+def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Crops the central [size, size] window."""
+    shape = tf.shape(image)
+    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def pad_crop(image: tf.Tensor, padding: int, seed: tf.Tensor) -> tf.Tensor:
+    """CIFAR-style: zero-pad by `padding` pixels, then take a random crop of the old size."""
+    shape = tf.shape(image)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(padded, [shape[0], shape[1], 3], seed=seed)
+
+
+def inception_window(
+    image_shape: tf.Tensor, area: tuple[float, float], seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Samples an Inception-style crop window: (offset [y, x], size [h, w]) inside the image."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed,
+        area_range=area,
+        aspect_ratio_range=INCEPTION_ASPECT,
+        min_object_covered=0.0,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin[:2], size[:2]
+
+
+def inception_crop(image: tf.Tensor, size: int, area: tuple[float, float], seed) -> tf.Tensor:
+    """Random-resized (Inception) crop of a decoded image, resized to [size, size]."""
+    begin, extent = inception_window(tf.shape(image), area, seed)
+    crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([extent, [3]], 0))
+    return resize(crop, size, size)
+
+
+def decode_inception_crop(encoded: tf.Tensor, size: int, area: tuple[float, float], seed):
+    """Inception crop straight from encoded bytes; JPEGs decode only the cropped window."""
+
+    def jpeg() -> tf.Tensor:
+        begin, extent = inception_window(tf.image.extract_jpeg_shape(encoded), area, seed)
+        window = tf.concat([begin, extent], 0)
+        crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        return resize(crop, size, size)
+
+    return tf.cond(
+        tf.io.is_jpeg(encoded), jpeg, lambda: inception_crop(decode(encoded), size, area, seed)
+    )
+
+
+def flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Mirrors the image left-right with probability 1/2."""
+    return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def normalize(images: tf.Tensor, kind: str) -> tf.Tensor:
+    """uint8 images (any leading dims) -> float32: [-1, 1] or per-channel mean/std."""
+    if kind not in NORMALIZATIONS:
+        raise DataError(f"pp.normalize={kind!r} is unknown; use one of {sorted(NORMALIZATIONS)}")
+    mean, std = (tf.constant(v, tf.float32) for v in NORMALIZATIONS[kind])
+    return (tf.cast(images, tf.float32) / 255.0 - mean) / std
+
+
+def eval_crop(image: tf.Tensor, config) -> tf.Tensor:
+    """Evaluation geometry, uint8 -> uint8 [image_size, image_size, 3].
+
+    Reads config.image_size and config.pp.eval_resize (None: resize straight to image_size;
+    an int: resize the shorter side to it, then centre-crop image_size).
+    """
+    size = config.image_size
+    if config.pp.get("eval_resize") is None:
+        out = resize(image, size, size)
+    else:
+        if config.pp.eval_resize < size:
+            raise DataError(
+                f"pp.eval_resize={config.pp.eval_resize} is smaller than image_size={size}; "
+                "set it >= image_size or to None"
+            )
+        out = central_crop(resize_shorter_side(image, config.pp.eval_resize), size)
+    out.set_shape([size, size, 3])
+    return out
+
+
+def eval_image(image: np.ndarray | tf.Tensor, config) -> tf.Tensor:
+    """One uint8 HWC image of any size -> float32 [image_size, image_size, 3], as in evaluation."""
+    image = tf.convert_to_tensor(image)
+    if image.dtype != tf.uint8 or image.shape.rank != 3 or image.shape[-1] != 3:
+        raise DataError(
+            f"eval_image needs a uint8 [H, W, 3] image, got {image.dtype.name} {image.shape}; "
+            "decode it with decode_image_file"
+        )
+    return normalize(eval_crop(image, config), config.pp.normalize)
+
+
+def train_image(encoded: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
+    """Encoded bytes -> augmented uint8 [image_size, image_size, 3], as config.pp says.
+
+    Crop (config.pp.train_crop), flip, then RandAugment; `seed` is a [2] stateless seed.
+    """
+    pp, size = config.pp, config.image_size
+    seeds = tf.random.experimental.stateless_split(seed, num=3)
+    if pp.train_crop == "inception":
+        area = (pp.inception_area_min, pp.inception_area_max)
+        image = decode_inception_crop(encoded, size, area, seeds[0])
+    else:
+        image = decode(encoded)
+        native = tf.reduce_all(tf.shape(image)[:2] == size)
+        image = tf.cond(native, lambda: image, lambda: resize(image, size, size))
+        if pp.train_crop == "pad_crop":
+            image = pad_crop(image, pp.crop_padding, seeds[0])
+    if pp.flip:
+        image = flip(image, seeds[1])
+    if pp.randaugment_num_ops:
+        image = randaugment(image, pp.randaugment_num_ops, pp.randaugment_magnitude, seeds[2])
+    image.set_shape([size, size, 3])
+    return image
