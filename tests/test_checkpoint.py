@@ -1,0 +1,168 @@
+"""Tests for vit.checkpoint: exact resume, retention, template-free loading, errors, SIGTERM."""
+
+import os
+import shutil
+import signal
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vit import checkpoint, optim
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    ema_params: dict | None
+    rng: jax.Array
+
+
+def _params(seed: int = 0) -> dict:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {"embedding": {"kernel": jax.random.normal(k1, (4, 3)), "bias": jnp.zeros(3)},
+            "head": {"kernel": jax.random.normal(k2, (3, 2)), "bias": jnp.arange(2.0)}}
+
+
+def _state(trainable: str = "all", ema: bool = True, steps: int = 1) -> TrainState:
+    """A state after `steps` real AdamW updates, so the moments are non-trivial."""
+    config = optim.default_config()
+    config.trainable = trainable
+    params = _params()
+    tx = optim.make_optimizer(config, params)
+    opt_state = tx.init(params)
+    ema_params = params if ema else None
+    for i in range(steps):
+        grads = jax.tree_util.tree_map(lambda p, i=i: jnp.full_like(p, 0.1 * (i + 1)), params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if ema:
+            ema_params = optim.ema_update(ema_params, params, 0.9)
+    return TrainState(jnp.int32(steps), params, opt_state, ema_params, jax.random.PRNGKey(7))
+
+
+def _assert_tree_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("trainable, ema", [("all", True), ("head", False)])
+def test_save_restore_exact(tmp_path, trainable, ema):
+    saved = _state(trainable, ema, steps=3)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    assert ckpt.save(3, saved, config={"lr": 0.1}, dataset_info={"num_classes": 2})
+    template = _state(trainable, ema, steps=0)
+    restored = ckpt.restore(template)
+    assert isinstance(restored, TrainState)
+    _assert_tree_equal(restored, saved)
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+
+def test_max_to_keep_and_save_every(tmp_path):
+    state = _state(steps=0)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, save_every=2)
+    meta = dict(config={}, dataset_info={})
+    assert [ckpt.save(s, state, **meta) for s in (2, 3, 4, 6)] == [True, False, True, True]
+    assert ckpt.save(7, state, force=True, **meta)
+    ckpt.wait()
+    assert ckpt.latest_step() == 7
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [6, 7]
+    ckpt.close()
+    reopened = checkpoint.Checkpointer(str(tmp_path))
+    assert reopened.latest_step() == 7
+    reopened.close()
+
+
+def test_load_checkpoint_without_template(tmp_path):
+    saved = _state(steps=2)
+    config = {"model": {"variant": "Ti/16"}, "image_size": (32, 32), "lr": 0.001}
+    info = {"num_classes": 2, "class_names": ["cat", "dog"]}
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(2, saved, config=config, dataset_info=info)
+    ckpt.save(5, saved.replace(step=jnp.int32(5)), config=config, dataset_info=info)
+    ckpt.close()
+    for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "5"):
+        got = checkpoint.load_checkpoint(str(path))
+        assert got.step == 5
+        assert isinstance(got.params["head"]["kernel"], np.ndarray)
+        _assert_tree_equal(got.params, jax.device_get(saved.params))
+        _assert_tree_equal(got.ema_params, jax.device_get(saved.ema_params))
+        assert got.config == {"model": {"variant": "Ti/16"}, "image_size": [32, 32], "lr": 0.001}
+        assert got.dataset_info == info
+    assert checkpoint.load_checkpoint(str(tmp_path), step=2).step == 2
+
+
+def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
+    saved = _state(ema=False)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, saved, config={}, dataset_info={})
+    ckpt.close()
+    # What a SIGKILL during the save of step 2 leaves behind: orbax's unfinished temporary dir.
+    shutil.copytree(tmp_path / "checkpoints" / "1", tmp_path / "checkpoints" /
+                    "2.orbax-checkpoint-tmp-1234")
+    assert checkpoint.load_checkpoint(str(tmp_path)).step == 1
+    assert checkpoint.load_checkpoint(str(tmp_path)).ema_params is None
+    reopened = checkpoint.Checkpointer(str(tmp_path))
+    assert reopened.latest_step() == 1
+    _assert_tree_equal(reopened.restore(_state(ema=False, steps=0)), saved)
+    reopened.close()
+
+
+def _one_line(info) -> str:
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_and_empty_paths(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_checkpoint(str(tmp_path / "nope"))
+    assert "does not exist" in _one_line(info) and "nope" in str(info.value)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_checkpoint(str(tmp_path))
+    assert "no checkpoints in" in _one_line(info)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() is None
+    with pytest.raises(checkpoint.CheckpointError, match="available steps: none"):
+        ckpt.restore(_state(steps=0))
+    ckpt.close()
+
+
+def test_corrupt_checkpoint_and_wrong_step(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(4, _state(), config={}, dataset_info={})
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointError, match=r"available steps: \[4\]"):
+        checkpoint.load_checkpoint(str(tmp_path), step=9)
+    with pytest.raises(checkpoint.CheckpointError, match=r"available steps: \[4\]"):
+        ckpt.restore(_state(steps=0), step=9)
+    state_dir = tmp_path / "checkpoints" / "4" / "state"
+    for path in state_dir.rglob("*"):
+        if path.is_file() and path.name != "commit_success.txt":
+            path.write_bytes(b"garbage")
+    for call in (lambda: checkpoint.load_checkpoint(str(tmp_path)),
+                 lambda: ckpt.restore(_state(steps=0))):
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            call()
+        assert "checkpoints/4" in _one_line(info) and "corrupt" in str(info.value)
+    ckpt.close()
+
+
+def test_sigterm_handler_records_signal():
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        received = checkpoint.install_sigterm_handler()
+        assert received() is False
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received() is True
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,113 @@
+"""Tests for vit.parallel: run in subprocesses that fake 4 CPU devices (or two hosts of 2)."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vit import parallel
+
+TIMEOUT = 180
+
+FOUR_DEVICES = textwrap.dedent("""
+    import jax, numpy as np, pytest
+    from vit import parallel
+    assert jax.local_device_count() == 4
+
+    tree = {"w": np.arange(6.0).reshape(2, 3), "step": np.int32(7)}
+    rep = parallel.replicate(tree)
+    assert rep["w"].shape == (4, 2, 3) and rep["step"].shape == (4,)
+    assert len(rep["w"].addressable_shards) == 4
+    back = parallel.unreplicate(rep)
+    assert isinstance(back["w"], np.ndarray)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    assert back["step"] == 7 and back["step"].dtype == np.int32
+
+    batch = {"image": np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3),
+             "label": np.arange(8).reshape(4, 2)}
+    sharded = parallel.shard(batch)
+    assert sharded["image"].shape == (4, 2, 3)
+    rows = [s.data.shape for s in sharded["image"].addressable_shards]
+    assert rows == [(1, 2, 3)] * 4
+    total = jax.pmap(lambda x: jax.lax.psum(x.sum(), parallel.AXIS),
+                     axis_name=parallel.AXIS)(sharded["label"])
+    assert total.tolist() == [28] * 4
+    with pytest.raises(parallel.ParallelError, match=r"leading axis must equal .* 4"):
+        parallel.shard({"image": np.zeros((8, 3))})
+
+    batches = [{"x": np.full((4, 1), i)} for i in range(5)]
+    got = [int(b["x"][2, 0]) for b in parallel.prefetch_to_device(iter(batches), size=2)]
+    assert got == [0, 1, 2, 3, 4]
+
+    assert parallel.per_device_batch(32) == 8
+    with pytest.raises(parallel.ParallelError, match=r"batch size 30 .* 4 devices .* of 4"):
+        parallel.per_device_batch(30)
+    parallel.sync_global_devices("noop")
+    print("OK")
+""")
+
+WORKER = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from vit import parallel
+    parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+    pid = jax.process_index()
+    x = parallel.shard({"x": np.array([[1.0 + 2 * pid], [2.0 + 2 * pid]])})["x"]
+    y = jax.pmap(lambda v: jax.lax.psum(v, parallel.AXIS), axis_name=parallel.AXIS)(x)
+    parallel.sync_global_devices("done")
+    print("RESULT", jax.process_count(), jax.device_count(), parallel.unreplicate(y)[0],
+          parallel.per_device_batch(8), flush=True)
+""")
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_four_device_plumbing():
+    out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=_env(4), capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")
+
+
+def test_two_processes_psum_over_all_devices():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i)],
+                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0 and "RESULT" in stdout, stdout + stderr[-3000:]
+        # 2 processes, 4 devices, psum of 1+2+3+4, per-device batch 8 / 4.
+        lines = [line.strip() for line in stdout.splitlines() if "RESULT" in line]
+        assert lines == ["RESULT 2 4 10.0 2"], stdout
+
+
+def test_initialize_distributed_rejects_partial_arguments(monkeypatch):
+    with pytest.raises(parallel.ParallelError, match="pass all three or none"):
+        parallel.initialize_distributed("127.0.0.1:1234", num_processes=2)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    with pytest.raises(parallel.ParallelError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID missing"):
+        parallel.initialize_distributed()
+
+
+def test_per_device_batch_single_process():
+    n = parallel.jax.local_device_count()
+    assert parallel.per_device_batch(3 * n) == 3
+    with pytest.raises(parallel.ParallelError, match="batch size 0"):
+        parallel.per_device_batch(0)

@@ -1,0 +1,126 @@
+"""pmap plumbing: replicate state, shard host batches, prefetch, and start multi-host runs.
+
+Arrays for `jax.pmap` carry a leading axis of one entry per local device, laid out with a
+NamedSharding over a 1-D mesh of the local devices (the layout pmap itself produces).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+AXIS = "batch"
+
+PyTree = Any
+_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+class ParallelError(ValueError):
+    """A batch or cluster setting that does not fit the devices at hand."""
+
+
+def _sharding() -> jax.sharding.NamedSharding:
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree: PyTree) -> PyTree:
+    """Copy every leaf onto all local devices, adding a leading axis of size local_device_count."""
+    n, sharding = jax.local_device_count(), _sharding()
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """The first replica of every leaf, fetched to the host as numpy."""
+
+    def first(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array):  # copy one device's row only, never gather the others
+            return np.asarray(x.addressable_shards[0].data)[0]
+        return np.asarray(x)[0]
+
+    return jax.tree_util.tree_map(first, tree)
+
+
+def shard(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Put host arrays shaped [local_devices, per_device, ...] onto the devices, one row each."""
+    n = jax.local_device_count()
+    for key, value in batch.items():
+        if np.ndim(value) == 0 or np.shape(value)[0] != n:
+            raise ParallelError(
+                f"batch[{key!r}] has shape {np.shape(value)} but its leading axis must equal "
+                f"the local device count {n}: reshape it to [{n}, per_device, ...]")
+    sharding = _sharding()
+    return {key: jax.device_put(value, sharding) for key, value in batch.items()}
+
+
+def prefetch_to_device(iterator: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterator:
+    """Yield `shard(batch)` for each batch, keeping `size` batches already on the devices."""
+    queue: collections.deque = collections.deque()
+    iterator = iter(iterator)
+
+    def enqueue(count: int) -> None:
+        for batch in itertools.islice(iterator, count):
+            queue.append(shard(batch))
+
+    enqueue(max(size, 1))
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Join a multi-host run: explicit values, else JAX_* environment variables / auto-detection."""
+    given = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise ParallelError(
+            f"initialize_distributed got coordinator_address={coordinator_address!r}, "
+            f"num_processes={num_processes!r}, process_id={process_id!r}: pass all three or "
+            "none (then JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID are used)")
+    if all(v is None for v in given):
+        present = [name for name in _ENV_VARS if os.environ.get(name)]
+        if present and len(present) != len(_ENV_VARS):
+            missing = sorted(set(_ENV_VARS) - set(present))
+            raise ParallelError(
+                f"multi-host environment is incomplete: {', '.join(present)} set but "
+                f"{', '.join(missing)} missing; set all of {', '.join(_ENV_VARS)}")
+        if present:
+            coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
+            num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+            process_id = int(os.environ["JAX_PROCESS_ID"])
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except (RuntimeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ParallelError(
+            f"jax.distributed.initialize failed ({first_line}); check the coordinator address "
+            f"{coordinator_address!r}, num_processes={num_processes!r}, "
+            f"process_id={process_id!r}") from None
+
+
+def per_device_batch(global_batch: int) -> int:
+    """The batch each device sees: global_batch / (process_count * local_device_count)."""
+    processes, local = jax.process_count(), jax.local_device_count()
+    devices = processes * local
+    if global_batch < 1 or global_batch % devices:
+        raise ParallelError(
+            f"batch size {global_batch} is not divisible by the {devices} devices "
+            f"({processes} process(es) x {local} local): use a multiple of {devices}, "
+            f"e.g. {max(devices, global_batch // devices * devices)}")
+    return global_batch // devices
+
+
+def sync_global_devices(name: str) -> None:
+    """Barrier: wait until every process reaches this point (no-op on a single host)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
