@@ -1,0 +1,363 @@
+"""Tests for vit.pretrained and vit.weight_formats: sources, parity, adaptation, resampling.
+
+Parity fixtures (tests/fixtures/*.json + .npz) hold recipes for random weights and the logits that
+timm, HuggingFace transformers and the original vit_jax code computed from them; see
+tools/make_pretrained_fixtures/. Neither torch nor timm is needed here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import traverse_util
+
+import vit
+from vit.pretrained import (
+    WeightsError,
+    adapt_params,
+    load_pretrained,
+    read_weights,
+    resample_posemb,
+    resize_patch_kernel,
+)
+from vit.weight_formats import POSEMB
+
+FIXTURES = Path(__file__).parent / "fixtures"
+_spec = importlib.util.spec_from_file_location("random_weights", FIXTURES / "random_weights.py")
+random_weights = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(random_weights)
+
+
+def fixture(stem: str) -> tuple[dict, dict[str, np.ndarray]]:
+    meta = json.loads((FIXTURES / f"{stem}.json").read_text())
+    with np.load(FIXTURES / f"{stem}.npz") as f:
+        return meta, {k: f[k] for k in f.files}
+
+
+def ti(image_size: int = 64, num_classes: int = 1000, **kw) -> vit.VisionTransformer:
+    return vit.create_model("Ti/16", num_classes=num_classes, image_size=image_size, depth=2, **kw)
+
+
+def init(model: vit.VisionTransformer) -> dict:
+    return vit.init_params(model, jax.random.PRNGKey(0))
+
+
+def images(meta: dict, size: int | None = None) -> np.ndarray:
+    size = size or meta["image_size"]
+    rng = np.random.RandomState(meta["input_seed"])
+    return rng.standard_normal((meta["batch"], size, size, 3)).astype(np.float32)
+
+
+def logits(model, params, x) -> np.ndarray:
+    return np.asarray(model.apply({"params": params}, x))
+
+
+@pytest.fixture(scope="module")
+def timm_file(tmp_path_factory) -> Path:
+    meta, _ = fixture("timm_vit_tiny")
+    path = tmp_path_factory.mktemp("timm") / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    return path
+
+
+# --- parity with the implementations the weights came from -----------------------------------
+
+
+def test_timm_safetensors_parity(timm_file):
+    meta, ref = fixture("timm_vit_tiny")
+    model = ti()
+    params, notes = load_pretrained(timm_file, model, init(model))
+    out = logits(model, params, images(meta))
+    # This toolkit's MLP uses tanh-approximated GELU (as vit_jax); timm uses exact GELU.
+    np.testing.assert_allclose(out, ref["logits_gelu_tanh"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out, ref["logits_gelu_erf"], atol=2e-3, rtol=0)
+    assert notes == [f"read timm weights from {timm_file}"]
+
+
+@pytest.mark.parametrize("names", ["file", "memory"])
+def test_huggingface_parity(tmp_path, names):
+    meta, ref = fixture("hf_vit_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    if names == "memory":  # transformers 5 renames modules in memory
+        state = dict(zip(meta["memory_names"], state.values(), strict=True))
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    weights = read_weights(path)
+    assert weights.source == "hf"
+    model = ti(num_classes=10)
+    params, _ = adapt_params(weights, init(model), model)
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_gelu_tanh"],
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_vit_jax_npz_parity(tmp_path, classifier):
+    meta, ref = fixture("vit_jax_ti")
+    recipe = meta[classifier]
+    path = tmp_path / "augreg.npz"
+    np.savez(path, **random_weights.build(recipe["manifest"], meta["seed"]))
+    model = ti(num_classes=10, classifier=classifier,
+               representation_size=recipe["representation_size"])
+    params, notes = load_pretrained(path, model, init(model))
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref[f"logits_{classifier}"],
+                               atol=1e-4, rtol=0)
+    # vit_jax's code run on today's flax numbers its layers per type, unlike the public .npz files.
+    assert notes == [f"read vit_jax weights from {path}",
+                     "per-type layer names (flax >= 0.4 / big_vision) mapped to vit_jax's"]
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def test_npz_of_a_random_init_round_trips_exactly(tmp_path):
+    model = vit.create_model("Ti/4", num_classes=10, image_size=16, width=32, depth=1,
+                             num_heads=2, mlp_dim=64)
+    target = init(model)
+    flat = traverse_util.flatten_dict(target, sep="/")
+    np.savez(tmp_path / "plain.npz", **flat)
+    np.savez(tmp_path / "prefixed.npz", **{f"params/{k}": v for k, v in flat.items()},
+             **{"opt/step": np.zeros(())})
+    for name in ("plain.npz", "prefixed.npz"):
+        weights = read_weights(tmp_path / name)
+        assert weights.source == "vit_jax" and set(weights) == set(flat)
+        for k, v in flat.items():
+            np.testing.assert_array_equal(weights[k], v)
+    params, notes = adapt_params(weights, jax.tree.map(jnp.zeros_like, target), model)
+    assert notes == []
+    jax.tree.map(np.testing.assert_array_equal, params, target)
+
+
+def test_bfloat16_safetensors_are_cast_with_a_note(tmp_path, timm_file):
+    import ml_dtypes
+
+    state = safetensors.numpy.load_file(str(timm_file))
+    half = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
+    safetensors.numpy.save_file(half, str(tmp_path / "bf16.safetensors"))
+    model = ti()
+    params, notes = load_pretrained(tmp_path / "bf16.safetensors", model, init(model))
+    assert "weights cast bfloat16 -> float32" in notes
+    assert params["head"]["kernel"].dtype == np.float32
+    np.testing.assert_array_equal(params["head"]["bias"],
+                                  state["head.bias"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_own_checkpoint_params_and_ema(tmp_path, monkeypatch):
+    model = vit.create_model("Ti/8", num_classes=3, image_size=16, width=32, depth=1,
+                             num_heads=2, mlp_dim=64)
+    params = init(model)
+    ema = jax.tree.map(lambda x: x + 1.0, params)
+    contents = types.SimpleNamespace(step=7, params=params, ema_params=ema, config=None,
+                                     dataset_info=None)
+    fake = types.ModuleType("vit.checkpoint")
+    fake.load_checkpoint = lambda path: contents
+    monkeypatch.setitem(sys.modules, "vit.checkpoint", fake)
+    loaded, notes = load_pretrained(tmp_path, model, params, use_ema=True)
+    assert notes[:2] == [f"read checkpoint weights from {tmp_path}",
+                         f"loaded EMA params of step 7 from {tmp_path}"]
+    jax.tree.map(np.testing.assert_array_equal, loaded, ema)
+    assert read_weights(tmp_path).source == "checkpoint"
+    contents.ema_params = None
+    with pytest.raises(WeightsError, match="holds no EMA params"):
+        read_weights(tmp_path, use_ema=True)
+
+
+def test_missing_file_and_unsupported_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights at"):
+        read_weights(tmp_path / "nope.npz")
+    (tmp_path / "w.h5").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"unsupported weight file .*w\.h5"):
+        read_weights(tmp_path / "w.h5")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
+def test_torch_file_without_torch_is_one_clear_line(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\0")
+    with pytest.raises(WeightsError, match="needs PyTorch") as err:
+        read_weights(tmp_path / "model.bin")
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_timm_parameters_are_named(tmp_path, timm_file):
+    state = safetensors.numpy.load_file(str(timm_file))
+    state["reg_token"] = np.zeros((1, 4, 192), np.float32)
+    safetensors.numpy.save_file(state, str(tmp_path / "reg.safetensors"))
+    with pytest.raises(WeightsError, match=r"reg_token \(1, 4, 192\)"):
+        read_weights(tmp_path / "reg.safetensors")
+
+
+def test_unrecognised_naming(tmp_path):
+    np.savez(tmp_path / "x.npz", foo=np.zeros(3))
+    with pytest.raises(WeightsError, match="unrecognised weight naming.*foo"):
+        read_weights(tmp_path / "x.npz")
+
+
+# --- adaptation -------------------------------------------------------------------------------
+
+
+def test_new_classes_reinitialise_the_head(timm_file):
+    model = ti(num_classes=10)
+    target = init(model)
+    params, notes = load_pretrained(timm_file, model, target)
+    assert "head re-initialised: 1000 -> 10 classes" in notes
+    np.testing.assert_array_equal(params["head"]["kernel"], np.zeros((192, 10)))
+    with pytest.raises(WeightsError, match=r"head/kernel weights \(192, 1000\) vs model \(192, 1"):
+        load_pretrained(timm_file, model, target, keep_head=True)
+    same = ti()
+    params, notes = load_pretrained(timm_file, same, init(same), keep_head=False)
+    assert "head re-initialised: 1000 -> 1000 classes" in notes
+    assert not np.any(params["head"]["kernel"])
+
+
+def test_pre_logits_kept_reinitialised_or_dropped(tmp_path):
+    meta, _ = fixture("vit_jax_ti")
+    path = tmp_path / "w.npz"
+    np.savez(path, **random_weights.build(meta["gap"]["manifest"], meta["seed"]))
+    source = read_weights(path)
+    with_rep = ti(num_classes=10, classifier="gap", representation_size=32)
+    target = init(with_rep)
+    kept, _ = adapt_params(source, target, with_rep)
+    np.testing.assert_array_equal(kept["pre_logits"]["kernel"], source["pre_logits/kernel"])
+    fresh, notes = adapt_params(source, target, with_rep, keep_pre_logits=False)
+    assert "pre_logits re-initialised" in notes
+    np.testing.assert_array_equal(fresh["pre_logits"]["kernel"], target["pre_logits"]["kernel"])
+    without = ti(num_classes=10, classifier="gap")
+    params, notes = adapt_params(source, init(without), without)
+    assert "pre_logits dropped (not in the model)" in notes
+    assert "head re-initialised: 10 -> 10 classes" in notes  # 32-wide head cannot be kept
+    assert "pre_logits" not in params
+
+
+def test_mismatch_lists_every_offending_name_in_one_line(timm_file):
+    model = vit.create_model("Ti/16", num_classes=1000, image_size=64, depth=1, width=96,
+                             num_heads=3, mlp_dim=384)
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(timm_file, model, init(model))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel weights (192, 768) vs model " \
+           "(96, 384)" in msg
+    assert "not in the model: Transformer/encoderblock_1/LayerNorm_0/bias (192,)" in msg
+    assert "build the model with the weights' variant" in msg
+
+
+def test_token_weights_into_gap_model_drop_class_token(timm_file):
+    model = ti(classifier="gap")
+    params, notes = load_pretrained(timm_file, model, init(model))
+    assert {"cls dropped (not in the model)",
+            "class-token position embedding dropped (model has no class token)"} <= set(notes)
+    state = safetensors.numpy.load_file(str(timm_file))
+    np.testing.assert_array_equal(params["Transformer"]["posembed_input"]["pos_embedding"],
+                                  state["pos_embed"][:, 1:])
+
+
+def test_model_at_a_new_size_runs_forward_and_a_gradient_step(tmp_path):
+    small = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+    source = vit.create_model("Ti/8", num_classes=5, image_size=32, **small)
+    flat = traverse_util.flatten_dict(vit.init_params(source, jax.random.PRNGKey(3)), sep="/")
+    np.savez(tmp_path / "small.npz", **flat)
+    model = vit.create_model("Ti/8", num_classes=3, image_size=48, **small)
+    params, notes = load_pretrained(tmp_path / "small.npz", model, init(model),
+                                    posemb_method="bicubic")
+    assert {"posemb resampled 4x4 -> 6x6 (bicubic)",
+            "head re-initialised: 5 -> 3 classes"} <= set(notes)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 32)
+    x = np.random.RandomState(0).standard_normal((2, 48, 48, 3)).astype(np.float32)
+    y = np.array([1, 2])
+
+    def loss(p):
+        out = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+        return -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(2), y])
+
+    value, grads = jax.value_and_grad(loss)(params)
+    stepped = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+    assert np.isfinite(value) and float(loss(stepped)) < float(value)
+
+
+def test_new_patch_size_needs_resize_patch(timm_file):
+    model = vit.create_model("Ti/8", num_classes=1000, image_size=32, depth=2)
+    with pytest.raises(WeightsError, match=r"embedding/kernel weights \(16, 16, 3, 192\) vs "
+                                           r"model \(8, 8, 3, 192\).*resize_patch=True"):
+        load_pretrained(timm_file, model, init(model))
+    params, notes = load_pretrained(timm_file, model, init(model), resize_patch=True)
+    assert "patch embedding resized 16x16 -> 8x8 (PI-resize)" in notes
+    assert params["embedding"]["kernel"].shape == (8, 8, 3, 192)
+
+
+# --- position-embedding resampling and PI-resize ----------------------------------------------
+
+
+def smooth_posemb(grid: tuple[int, int], width: int = 8, prefix: int = 1) -> np.ndarray:
+    y, x = np.meshgrid(np.linspace(0, 1, grid[0]), np.linspace(0, 1, grid[1]), indexing="ij")
+    freqs = np.random.RandomState(0).uniform(0.2, 1.5, (2, width))
+    grid_part = np.sin(y[..., None] * freqs[0] + x[..., None] * freqs[1]).reshape(1, -1, width)
+    return np.concatenate([np.full((1, prefix, width), 7.0), grid_part], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(("method", "max_err", "mean_err"),
+                         [("bilinear", 0.08, 0.012), ("bicubic", 0.02, 0.004)])
+def test_resample_posemb_properties(method, max_err, mean_err):
+    pe = smooth_posemb((8, 8))
+    np.testing.assert_array_equal(resample_posemb(pe, (8, 8), num_prefix_tokens=1,
+                                                  method=method), pe)
+    up = resample_posemb(pe, (16, 16), num_prefix_tokens=1, method=method)
+    assert up.shape == (1, 1 + 256, 8)
+    np.testing.assert_array_equal(up[:, :1], pe[:, :1])
+    back = resample_posemb(up, (8, 8), num_prefix_tokens=1, method=method)
+    error = np.abs(back - pe)  # the field spans [-1, 1]; interpolation smooths it a little
+    assert error.max() < max_err and error.mean() < mean_err
+    wide = resample_posemb(pe, (3, 5), num_prefix_tokens=1, method=method)
+    assert wide.shape == (1, 16, 8)
+    again = resample_posemb(wide, (8, 8), num_prefix_tokens=1, old_grid=(3, 5), method=method)
+    assert again.shape == pe.shape
+
+
+def test_resample_posemb_bad_inputs():
+    pe = smooth_posemb((2, 3), prefix=0)
+    with pytest.raises(WeightsError, match="pass old_grid"):
+        resample_posemb(pe, (4, 4), num_prefix_tokens=0)
+    with pytest.raises(WeightsError, match="unknown posemb resampling method 'area'"):
+        resample_posemb(pe, (4, 4), num_prefix_tokens=0, old_grid=(2, 3), method="area")
+
+
+def test_resize_patch_kernel_same_patch_is_identity():
+    kernel = np.random.RandomState(0).standard_normal((8, 8, 3, 16)).astype(np.float32)
+    np.testing.assert_array_equal(resize_patch_kernel(kernel, (8, 8)), kernel)
+
+
+@pytest.mark.parametrize("new", [(12, 12), (16, 16), (8, 12)])
+def test_pi_resize_preserves_the_embedding_when_upsampling(new):
+    from vit.pretrained import resize_patch
+
+    rng = np.random.RandomState(0)
+    kernel = rng.standard_normal((8, 8, 3, 16)).astype(np.float32)
+    patches = rng.standard_normal((5, 8, 8, 3)).astype(np.float32)
+    original = np.einsum("bhwc,hwcd->bd", patches, kernel)
+    resized = np.einsum("bhwc,hwcd->bd", resize_patch(patches, new),
+                        resize_patch_kernel(kernel, new))
+    np.testing.assert_allclose(resized, original, atol=1e-3, rtol=1e-4)
+    naive = np.einsum("bhwc,hwcd->bd", resize_patch(patches, new),
+                      resize_patch(kernel.transpose(3, 0, 1, 2).reshape(-1, 8, 8, 1), new)
+                      .reshape(16, 3, *new).transpose(2, 3, 1, 0))
+    assert np.abs(naive - original).mean() > 0.1  # plain kernel resizing does not preserve it
+
+
+def test_posemb_without_class_position_gets_zeros(timm_file):
+    # timm's no_embed_class models store a posemb for the patch tokens only.
+    state = safetensors.numpy.load_file(str(timm_file))
+    weights = read_weights(timm_file)
+    weights[POSEMB] = state["pos_embed"][:, 1:]
+    model = ti()
+    params, notes = adapt_params(weights, init(model), model)
+    assert "class-token position embedding set to zeros (none in the weights)" in notes
+    pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_array_equal(pe[:, 0], 0)
+    np.testing.assert_array_equal(pe[:, 1:], state["pos_embed"][:, 1:])

@@ -1,0 +1,233 @@
+"""Pretrained weights for fine-tuning: read any supported source and adapt it to a model.
+
+Adaptation follows vit_jax / big_vision / FlexiViT: a new number of classes re-initialises the
+head (zeros), a new image size or patch grid resamples the position embedding (the prefix
+tokens' embeddings kept apart), and a new patch size can PI-resize the patch-embedding kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from vit.weight_formats import POSEMB, Weights, WeightsError, flatten_params, read_weights
+
+__all__ = ["Weights", "WeightsError", "adapt_params", "load_pretrained", "read_weights",
+           "resample_posemb", "resize_patch_kernel"]
+
+RESAMPLE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos3")
+EMBEDDING = "embedding/kernel"
+DROPPABLE = ("pre_logits/", "MAPHead_0/", "cls", POSEMB)
+
+
+def _grid_of(tokens: int) -> tuple[int, int] | None:
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens and side > 0 else None
+
+
+def resample_posemb(
+    posemb: np.ndarray, new_grid: tuple[int, int], *, num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None, method: str = "bilinear",
+) -> np.ndarray:
+    """Resample a [1, T, D] position embedding to `new_grid`; the prefix tokens are kept apart.
+
+    `old_grid` defaults to the square grid of the T - num_prefix_tokens patch tokens.
+    Returns [1, num_prefix_tokens + gh * gw, D]; resampling to the same grid returns a copy.
+    """
+    if method not in RESAMPLE_METHODS:
+        raise WeightsError(f"unknown posemb resampling method {method!r}; use one of "
+                           f"{', '.join(RESAMPLE_METHODS)}")
+    posemb = np.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise WeightsError(f"a position embedding is shaped [1, tokens, width], got {posemb.shape}")
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+    old_grid = old_grid or _grid_of(grid.shape[0])
+    if old_grid is None or old_grid[0] * old_grid[1] != grid.shape[0]:
+        raise WeightsError(f"{grid.shape[0]} patch tokens of the position embedding do not form "
+                           f"the grid {old_grid or 'of a square'}: pass old_grid=(rows, cols)")
+    new_grid = (int(new_grid[0]), int(new_grid[1]))
+    if tuple(old_grid) == new_grid:
+        return posemb.copy()
+    width = grid.shape[-1]
+    image = jnp.asarray(grid.reshape(*old_grid, width), jnp.float32)
+    resized = jax.image.resize(image, (*new_grid, width), method=method)
+    resized = np.asarray(resized, posemb.dtype).reshape(1, -1, width)
+    return np.concatenate([prefix, resized], axis=1)
+
+
+def _resize_matrix(old: tuple[int, int], new: tuple[int, int]) -> np.ndarray:
+    """The [new_h*new_w, old_h*old_w] matrix of bilinear resizing (no antialiasing) a patch."""
+    basis = jnp.eye(old[0] * old[1], dtype=jnp.float32).reshape(-1, *old)
+    resize = jax.vmap(lambda x: jax.image.resize(x, new, "bilinear", antialias=False))
+    return np.asarray(resize(basis), np.float64).reshape(old[0] * old[1], -1).T
+
+
+def resize_patch(patch: np.ndarray, new_patch: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize [..., h, w, C] patches (no antialiasing): the resize PI-resize inverts."""
+    matrix = _resize_matrix(patch.shape[-3:-1], tuple(new_patch))
+    flat = np.moveaxis(np.asarray(patch), -1, -3).reshape(*patch.shape[:-3], patch.shape[-1], -1)
+    out = (flat @ matrix.T).reshape(*patch.shape[:-3], patch.shape[-1], *new_patch)
+    return np.moveaxis(out, -3, -1).astype(patch.dtype)
+
+
+def resize_patch_kernel(kernel: np.ndarray, new_patch: tuple[int, int]) -> np.ndarray:
+    """FlexiViT's PI-resize of a [p, p, C, D] patch-embedding kernel to [new_p, new_p, C, D].
+
+    The new kernel w' solves <resize(x), w'> = <x, w> in the least-squares sense (exactly when
+    upsampling), with `resize_patch` as the resize; see Beyer et al., "FlexiViT", 2023.
+    """
+    kernel = np.asarray(kernel)
+    old, new = tuple(kernel.shape[:2]), (int(new_patch[0]), int(new_patch[1]))
+    if old == new:
+        return kernel.copy()
+    matrix = _resize_matrix(old, new)                  # [new_hw, old_hw]
+    flat = kernel.reshape(old[0] * old[1], -1).astype(np.float64)
+    resized = np.linalg.pinv(matrix.T) @ flat          # [new_hw, C * D]
+    return resized.reshape(*new, *kernel.shape[2:]).astype(kernel.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapt_params: loaded weights -> params shaped like the model's.
+
+
+def _as_matrix_layout(name: str, value: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Split timm / HF attention matrices ([D, D] kernels, [D] biases) into the model's heads."""
+    if ("MultiHeadDotProductAttention" in name and value.ndim < target.ndim
+            and value.size == target.size):
+        keep = -1 if name.endswith("out/kernel") else 0
+        if value.ndim == 1 or value.shape[keep] == target.shape[keep]:
+            return value.reshape(target.shape)
+    return value
+
+
+def _adapt_posemb(value: np.ndarray, target: np.ndarray, model: Any, has_cls: bool,
+                  method: str) -> tuple[np.ndarray, list[str]]:
+    prefix = 1 if getattr(model, "classifier", "token") == "token" else 0
+    src_prefix = 1 if has_cls else 0
+    if _grid_of(value.shape[1] - src_prefix) is None and _grid_of(value.shape[1]):
+        src_prefix = 0  # e.g. timm's no_embed_class models: the class token had no posemb
+    old = _grid_of(value.shape[1] - src_prefix)
+    notes = []
+    if old is None:
+        raise WeightsError(f"cannot infer the patch grid of a position embedding shaped "
+                           f"{value.shape}: resample it with resample_posemb(old_grid=...) first")
+    new_grid = tuple(model.grid)
+    grid = resample_posemb(value, new_grid, num_prefix_tokens=src_prefix, method=method)
+    if old != new_grid:
+        notes.append(f"posemb resampled {old[0]}x{old[1]} -> {new_grid[0]}x{new_grid[1]} "
+                     f"({method})")
+    grid = grid[:, src_prefix:]
+    if prefix == src_prefix:
+        head = value[:, :prefix]
+    elif prefix == 0:
+        head = value[:, :0]
+        notes.append("class-token position embedding dropped (model has no class token)")
+    else:
+        head = np.zeros_like(target[:, :prefix])
+        notes.append("class-token position embedding set to zeros (none in the weights)")
+    return np.concatenate([head, grid], axis=1), notes
+
+
+def _head_notes(loaded: Mapping[str, np.ndarray], target: Mapping[str, Any]) -> str:
+    new = target["head/kernel"].shape[-1]
+    if "head/kernel" in loaded:
+        return f"head re-initialised: {loaded['head/kernel'].shape[-1]} -> {new} classes"
+    return f"head initialised: {new} classes (none in the weights)"
+
+
+def adapt_params(
+    loaded: Mapping[str, Any], target: Mapping[str, Any], model: Any, *,
+    keep_head: bool | None = None, keep_pre_logits: bool = True,
+    posemb_method: str = "bilinear", resize_patch: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """Map `loaded` weights (flat or nested) onto `target`, the model's freshly initialised params.
+
+    Returns params shaped like `target` and notes on what was adapted. `keep_head=None` keeps the
+    head iff its shapes match; `keep_pre_logits=False` re-initialises a pre-logits layer (build
+    the model without representation_size to drop it). Raises WeightsError naming every
+    parameter that cannot be adapted.
+    """
+    src = {k: np.asarray(v) for k, v in flatten_params(loaded).items()}
+    tgt = flatten_params(target)
+    notes = list(getattr(loaded, "notes", []))
+    out: dict[str, Any] = {}
+    mismatched, missing = [], []
+    reinit = {"head/": keep_head is False, "pre_logits/": not keep_pre_logits}
+    if keep_head is None:
+        reinit["head/"] = any(k.startswith("head/") and (k not in src or src[k].shape != v.shape)
+                              for k, v in tgt.items())
+    if "pre_logits/kernel" in tgt and "pre_logits/kernel" not in src:
+        reinit["pre_logits/"] = True
+    for group, on in reinit.items():
+        if on and any(k.startswith(group) for k in tgt):
+            notes.append(_head_notes(src, tgt) if group == "head/"
+                         else "pre_logits re-initialised")
+
+    for name, init in tgt.items():
+        init = np.asarray(init)
+        if any(on and name.startswith(group) for group, on in reinit.items()):
+            out[name] = init
+            continue
+        if name not in src:
+            if name == "cls":
+                out[name] = init
+                notes.append("class token initialised (none in the weights)")
+            else:
+                missing.append(f"{name} {init.shape}")
+            continue
+        value = _as_matrix_layout(name, src[name], init)
+        if name == POSEMB and value.shape != init.shape and value.ndim == 3:
+            value, posemb_notes = _adapt_posemb(value, init, model, "cls" in src, posemb_method)
+            notes.extend(posemb_notes)
+        if (name == EMBEDDING and resize_patch and value.shape[2:] == init.shape[2:]
+                and value.shape[:2] != init.shape[:2]):
+            notes.append(f"patch embedding resized {value.shape[0]}x{value.shape[1]} -> "
+                         f"{init.shape[0]}x{init.shape[1]} (PI-resize)")
+            value = resize_patch_kernel(value, init.shape[:2])
+        if value.shape != init.shape:
+            mismatched.append(f"{name} weights {src[name].shape} vs model {init.shape}")
+            continue
+        if value.dtype != init.dtype and f"cast {value.dtype}" not in " ".join(notes):
+            notes.append(f"weights cast {value.dtype} -> {init.dtype}")
+        out[name] = value.astype(init.dtype)
+
+    unexpected = []
+    for name in sorted(set(src) - set(tgt)):
+        if name.startswith(DROPPABLE):
+            group = name if name in ("cls", POSEMB) else name.split("/")[0]
+            if f"{group} dropped (not in the model)" not in notes:
+                notes.append(f"{group} dropped (not in the model)")
+        else:
+            unexpected.append(f"{name} {src[name].shape}")
+    _raise_if_unmapped(mismatched, missing, unexpected, resize_patch)
+    return traverse_util.unflatten_dict(out, sep="/"), notes
+
+
+def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: list[str],
+                       resize_patch: bool) -> None:
+    parts = [f"{label}: {', '.join(items)}" for label, items in
+             (("shape mismatch", mismatched), ("missing from the weights", missing),
+              ("not in the model", unexpected)) if items]
+    if not parts:
+        return
+    fix = "build the model with the weights' variant (width, depth, heads, mlp_dim, classifier)"
+    if any(m.startswith(EMBEDDING) for m in mismatched) and not resize_patch:
+        fix += ", or pass resize_patch=True for a new patch size"
+    raise WeightsError(f"weights do not fit the model: {'; '.join(parts)}; {fix}")
+
+
+def load_pretrained(
+    path: str | os.PathLike[str], model: Any, target_params: Mapping[str, Any], *,
+    use_ema: bool = False, **adapt_kwargs: Any,
+) -> tuple[dict[str, Any], list[str]]:
+    """Read weights from `path` (any supported source) and adapt them to `model`'s params."""
+    weights = read_weights(path, use_ema=use_ema)
+    params, notes = adapt_params(weights, target_params, model, **adapt_kwargs)
+    return params, [f"read {weights.source} weights from {os.fspath(path)}", *notes]

@@ -1,0 +1,269 @@
+"""Read weight files into one flat dict in this toolkit's parameter naming.
+
+Containers: a checkpoint directory of this toolkit (via `vit.checkpoint`), `.npz` (vit_jax /
+AugReg, keys joined with "/"), `.safetensors`, and `.bin` / `.pth` / `.pt` (needs torch).
+Namings: this toolkit's own (= vit_jax's), timm's `VisionTransformer` and HuggingFace
+transformers' `ViTModel` / `ViTForImageClassification`; the latter two are renamed and transposed
+here. Their attention projections come out as plain matrices ([D, D] kernels, [D] biases);
+`vit.pretrained.adapt_params` splits them into the model's heads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+TORCH_SUFFIXES = (".bin", ".pth", ".pt")
+POSEMB = "Transformer/posembed_input/pos_embedding"
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or mapped onto the model; the message names them and the fix."""
+
+
+class Weights(dict):
+    """A flat {"a/b/c": array} dict that also records its source format and reading notes."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str,
+                 notes: list[str] | None = None):
+        super().__init__(arrays)
+        self.source = source
+        self.notes = list(notes or [])
+
+
+def flatten_params(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten a nested params dict to {"a/b/c": leaf}; an already flat dict passes through."""
+    if not any(isinstance(v, Mapping) for v in tree.values()):
+        return dict(tree)
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Containers: path -> flat {name: array} in the file's own naming.
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"reading {path!r} needs PyTorch, which is not installed: "
+                           "pip install torch, or convert the file to .safetensors") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_checkpoint(path: str, use_ema: bool) -> Weights:
+    try:
+        from vit.checkpoint import load_checkpoint
+    except ImportError:
+        raise WeightsError(f"{path!r} is a directory, but this install has no vit.checkpoint "
+                           "to read checkpoints with: pass a .npz or .safetensors file") from None
+    contents = load_checkpoint(path)
+    params = contents.params
+    if use_ema:
+        if contents.ema_params is None:
+            raise WeightsError(f"the checkpoint in {path!r} holds no EMA params: "
+                               "load it without use_ema, or train with EMA enabled")
+        params = contents.ema_params
+    arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    which = "EMA params" if use_ema else "params"
+    return Weights(arrays, "checkpoint", [f"loaded {which} of step {contents.step} from {path}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Namings: timm / HuggingFace -> this toolkit's.
+
+# How a torch module's "weight"/"bias" become flax params: (kernel or scale name, weight transform).
+_LAYOUTS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "dense": ("kernel", lambda w: w.T),
+    "conv": ("kernel", lambda w: w.transpose(2, 3, 1, 0)),
+    "norm": ("scale", lambda w: w),
+}
+_BLOCK = r"Transformer/encoderblock_\1"
+_ATTN = _BLOCK + "/MultiHeadDotProductAttention_1"
+
+# (module-name regex, flax module name, layout); "param" rules match a whole parameter name.
+_TIMM_RULES: list[tuple[str, str, str]] = [
+    (r"cls_token", "cls", "param"),
+    (r"pos_embed", POSEMB, "param"),
+    (r"patch_embed\.proj", "embedding", "conv"),
+    (r"blocks\.(\d+)\.norm1", _BLOCK + "/LayerNorm_0", "norm"),
+    (r"blocks\.(\d+)\.attn\.qkv", _ATTN, "qkv"),
+    (r"blocks\.(\d+)\.attn\.proj", _ATTN + "/out", "dense"),
+    (r"blocks\.(\d+)\.norm2", _BLOCK + "/LayerNorm_2", "norm"),
+    (r"blocks\.(\d+)\.mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
+    (r"blocks\.(\d+)\.mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    (r"norm", "Transformer/encoder_norm", "norm"),
+    (r"fc_norm", "Transformer/encoder_norm", "norm"),
+    (r"pre_logits\.fc", "pre_logits", "dense"),
+    (r"head", "head", "dense"),
+]
+_HF_LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."
+_HF_RULES: list[tuple[str, str, str]] = [
+    (r"embeddings\.cls_token", "cls", "param"),
+    (r"embeddings\.position_embeddings", POSEMB, "param"),
+    (r"embeddings\.patch_embeddings\.projection", "embedding", "conv"),
+    (_HF_LAYER + r"layernorm_before", _BLOCK + "/LayerNorm_0", "norm"),
+    (_HF_LAYER + r"attention\.attention\.(query|key|value)", _ATTN + r"/\2", "dense"),
+    (_HF_LAYER + r"attention\.output\.dense", _ATTN + "/out", "dense"),
+    (_HF_LAYER + r"layernorm_after", _BLOCK + "/LayerNorm_2", "norm"),
+    (_HF_LAYER + r"intermediate\.dense", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
+    (_HF_LAYER + r"output\.dense", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    # transformers >= 5 names in memory (its save_pretrained still writes the names above).
+    (_HF_LAYER + r"attention\.q_proj", _ATTN + "/query", "dense"),
+    (_HF_LAYER + r"attention\.k_proj", _ATTN + "/key", "dense"),
+    (_HF_LAYER + r"attention\.v_proj", _ATTN + "/value", "dense"),
+    (_HF_LAYER + r"attention\.o_proj", _ATTN + "/out", "dense"),
+    (_HF_LAYER + r"mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
+    (_HF_LAYER + r"mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    (r"layernorm", "Transformer/encoder_norm", "norm"),
+    (r"pooler\.dense", "pre_logits", "dense"),
+    (r"classifier", "head", "dense"),
+]
+_HF_DROPPED = ("embeddings.mask_token",)
+
+
+def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, str, str]]
+                ) -> dict[str, np.ndarray] | None:
+    module, _, leaf = key.rpartition(".")
+    for pattern, target, layout in rules:
+        if layout == "param":
+            if re.fullmatch(pattern, key):
+                return {target: value}
+            continue
+        match = re.fullmatch(pattern, module)
+        if match is None or leaf not in ("weight", "bias"):
+            continue
+        name = match.expand(target)
+        if layout == "qkv":
+            parts = np.split(value, 3, axis=0)
+            kind = "kernel" if leaf == "weight" else "bias"
+            return {f"{name}/{n}/{kind}": p.T if leaf == "weight" else p
+                    for n, p in zip(("query", "key", "value"), parts, strict=True)}
+        if leaf == "bias":
+            return {f"{name}/bias": value}
+        param, transform = _LAYOUTS[layout]
+        return {f"{name}/{param}": transform(value)}
+    return None
+
+
+def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, str, str]], source: str,
+            dropped: tuple[str, ...] = ()) -> Weights:
+    out: dict[str, np.ndarray] = {}
+    notes, unknown = [], []
+    for key, value in state.items():
+        if key in dropped:
+            notes.append(f"{source} parameter {key} has no counterpart here; dropped")
+            continue
+        renamed = _rename_one(key, value, rules)
+        if renamed is None:
+            unknown.append(f"{key} {tuple(value.shape)}")
+        else:
+            out.update(renamed)
+    if unknown:
+        raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
+                           f"{', '.join(unknown)}; only plain ViTs (no register tokens, layer "
+                           "scale, qk-norm or hybrid stems) can be loaded")
+    if any(k.startswith("fc_norm.") for k in state):
+        notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
+                     "pooling): outputs differ from timm until fine-tuned")
+    return Weights(out, source, notes)
+
+
+# Newer flax numbers auto-named modules per type, so vit_jax's code run today (and big_vision)
+# names a block's layers LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0.
+_PER_TYPE_NAMES = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                   "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+_BIG_VISION_NAMES = {"pos_embedding": POSEMB}
+
+
+def _from_per_type_names(state: Mapping[str, np.ndarray]) -> Weights:
+    out, renamed = {}, False
+    for key, value in state.items():
+        parts = key.split("/")
+        if len(parts) > 2 and parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
+            parts[2] = _PER_TYPE_NAMES.get(parts[2], parts[2])
+        new = _BIG_VISION_NAMES.get(key, "/".join(parts))
+        renamed |= new != key
+        out[new] = value
+    note = "per-type layer names (flax >= 0.4 / big_vision) mapped to vit_jax's"
+    return Weights(out, "vit_jax", [note] if renamed else [])
+
+
+def _strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+def detect_naming(keys: list[str]) -> str:
+    """Name the parameter naming of a flat state dict: "vit" (ours / vit_jax), "timm" or "hf"."""
+    keyset = set(keys)
+    if any("/" in k for k in keys):
+        return "vit"
+    if "patch_embed.proj.weight" in keyset:
+        return "timm"
+    if {"embeddings.patch_embeddings.projection.weight",
+        "vit.embeddings.patch_embeddings.projection.weight"} & keyset:
+        return "hf"
+    shown = ", ".join(sorted(keys)[:5]) or "(no arrays)"
+    raise WeightsError(f"unrecognised weight naming (first keys: {shown}): expected a vit_jax "
+                       ".npz, a timm or a HuggingFace ViT state dict")
+
+
+def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
+    """Rename a flat state dict of any supported naming to this toolkit's; tags its source."""
+    naming = detect_naming(list(state))
+    if naming == "timm":
+        return _rename(state, _TIMM_RULES, "timm")
+    if naming == "hf":
+        return _rename(_strip_prefix(state, "vit."), _HF_RULES, "hf", _HF_DROPPED)
+    if any(k.startswith("params/") for k in state):
+        state = {k.removeprefix("params/"): v for k, v in state.items() if k.startswith("params/")}
+    return _from_per_type_names(state)
+
+
+def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weights:
+    """Read any supported weight source into a flat {"a/b/c": array} `Weights` dict.
+
+    `result.source` is the detected format ("checkpoint", "vit_jax", "timm" or "hf") and
+    `result.notes` says what was dropped or approximated; `use_ema` picks a checkpoint's EMA params.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no weights at {path!r}: pass an existing .npz, .safetensors, "
+                                ".bin/.pth file or checkpoint directory")
+    if os.path.isdir(path):
+        return _read_checkpoint(path, use_ema)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npz":
+        state = _read_npz(path)
+    elif suffix == ".safetensors":
+        state = _read_safetensors(path)
+    elif suffix in TORCH_SUFFIXES:
+        state = _read_torch(path)
+    else:
+        raise WeightsError(f"unsupported weight file {path!r}: use .npz, .safetensors, "
+                           ".bin/.pth/.pt, or a checkpoint directory")
+    if use_ema:
+        raise WeightsError(f"use_ema applies to checkpoint directories only, not to {path!r}")
+    return to_vit_naming(state)
