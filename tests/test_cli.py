@@ -1,0 +1,131 @@
+"""End-to-end tests of the `vit` command: eval, predict, attention, convert, train forwarding."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from test_evaluate import save_tiny_checkpoint, tiny_config
+
+from vit import cli
+from vit.checkpoint import load_checkpoint
+from vit.weight_formats import flatten_params, read_weights
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny checkpoint (mocked CIFAR-10 of 101 test examples) and two images."""
+    root = tmp_path_factory.mktemp("cli")
+    with tfds.testing.mock_data(num_examples=101):
+        save_tiny_checkpoint(str(root / "run"), tiny_config(str(root / "tfds")))
+    for name, size in (("a.png", (40, 24)), ("b.jpg", (32, 32))):
+        pixels = np.random.default_rng(len(name)).integers(0, 256, (*size, 3), np.uint8)
+        Image.fromarray(pixels).save(root / name)
+    return root
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_eval_prints_metrics_and_writes_json(run, capsys, tmp_path):
+    out = tmp_path / "m.json"
+    with tfds.testing.mock_data(num_examples=101):
+        code = cli.main(["eval", "--workdir", str(run / "run"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "examples 101" in printed and "per-class accuracy" in printed and "images/s" in printed
+    assert json.loads(out.read_text())["num_examples"] == 101
+
+
+def test_eval_bad_inputs_exit_2_with_one_line(run, capsys, tmp_path):
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    with tfds.testing.mock_data(num_examples=20):
+        code = cli.main(["eval", "--workdir", str(run / "run"), "--dataset", "cifar100"])
+    assert code == 2
+    assert "100 classes" in _one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval"])
+    assert exit_info.value.code == 2
+    assert "--workdir" in _one_error_line(capsys.readouterr().err)
+
+
+def test_predict_reports_bad_files_and_predicts_the_rest(run, capsys, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "p.json"
+    code = cli.main(["predict", "--checkpoint", str(run / "run"), str(run / "a.png"), str(bad),
+                     str(run / "b.jpg"), "--top-k", "2", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "broken.png" in _one_error_line(captured.err)
+    lines = captured.out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(run / "a.png"), str(run / "b.jpg")]
+    payload = json.loads(out.read_text())
+    assert [len(p["top_k"]) for p in payload["predictions"]] == [2, 2]
+    assert payload["errors"][0]["file"] == str(bad)
+
+
+def test_predict_empty_directory_is_an_error(run, capsys, tmp_path):
+    assert cli.main(["predict", "--checkpoint", str(run / "run"), str(tmp_path)]) == 1
+    assert "holds no" in _one_error_line(capsys.readouterr().err)
+
+
+def test_attention_writes_maps_for_each_image(run, tmp_path, capsys):
+    out = tmp_path / "att"
+    code = cli.main(["attention", "--checkpoint", str(run / "run"), str(run / "a.png"),
+                     str(run / "b.jpg"), "--out", str(out), "--head", "1"])
+    assert code == 0, capsys.readouterr().err
+    written = sorted(os.listdir(out))
+    assert "a_rollout.png" in written and "b_layers.npy" in written
+    assert np.load(out / "a_attention.npy").shape == (1, 2, 65, 65)  # depth, heads, 1 + 8x8
+
+
+def test_convert_vit_jax_npz_then_predict(tmp_path, capsys):
+    meta = json.loads(pathlib.Path(FIXTURES, "vit_jax_ti.json").read_text())
+    spec = importlib.util.spec_from_file_location(
+        "random_weights", os.path.join(FIXTURES, "random_weights.py"))
+    random_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(random_weights)
+    src = str(tmp_path / "vit_jax_ti.npz")  # vit_jax naming: Ti/16, depth 2, 64 px, 10 classes
+    np.savez(src, **random_weights.build(meta["token"]["manifest"], meta["seed"]))
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"c{i}" for i in range(10)))
+    assert cli.main(["convert", src, str(tmp_path / "conv"), "--class-names", str(names)]) == 0
+    contents = load_checkpoint(str(tmp_path / "conv"))
+    assert contents.config["model"]["depth"] == 2 and contents.config["image_size"] == 64
+    expected = read_weights(src)
+    got = flatten_params(contents.params)
+    assert set(got) == set(expected)
+    np.testing.assert_array_equal(got["head/kernel"], expected["head/kernel"])
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(image)
+    capsys.readouterr()
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "conv"), str(image)]) == 0
+    assert capsys.readouterr().out.split(": ")[1].startswith("c")
+
+
+def test_convert_missing_source_is_one_line(tmp_path, capsys):
+    assert cli.main(["convert", str(tmp_path / "none.npz"), str(tmp_path / "out")]) == 2
+    assert "no weights at" in _one_error_line(capsys.readouterr().err)
+
+
+def test_train_forwards_its_flags(monkeypatch):
+    seen = []
+    fake = types.ModuleType("vit.train_cli")
+    fake.main = seen.append
+    monkeypatch.setitem(sys.modules, "vit.train_cli", fake)
+    monkeypatch.setattr("vit.train_cli", fake, raising=False)
+    assert cli.main(["train", "--config=configs/smoke.py", "--workdir=/tmp/w"]) == 0
+    assert seen == [["vit train", "--config=configs/smoke.py", "--workdir=/tmp/w"]]

@@ -1,0 +1,170 @@
+"""Tests for vit.evaluate: exact counts with padding, agreement with a plain forward pass, errors.
+
+`save_tiny_checkpoint` is shared with test_predict.py and test_cli.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import vit
+from vit import data
+from vit.checkpoint import Checkpointer, CheckpointError
+
+# Not `from vit import evaluate`: vit exports the function `evaluate` under that name.
+from vit.evaluate import EvalError, _eval_step, evaluate_checkpoint
+
+MODEL = dict(variant="Ti/4", width=32, depth=1, num_heads=2, mlp_dim=64)
+MOCK_EXAMPLES = 1001  # odd: the last batch is padded on any device count
+CIFAR_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "../../shared/data/tfds"))
+
+
+def tiny_config(data_dir: str, **overrides):
+    """A run config for the tiny model on CIFAR-10 (mocked when data_dir is empty)."""
+    config = data.default_config()
+    config.data_dir = data_dir
+    config.eval_batch_size = 64
+    config.model = dict(MODEL)
+    config.update(overrides)
+    return config
+
+
+def save_tiny_checkpoint(workdir: str, config, *, ema: bool = False, step: int = 5) -> tuple:
+    """Save a random tiny ViT with a random head (so predictions vary); returns (model, params)."""
+    info = data.dataset_info(config)
+    model = vit.model_from_config(config.model.to_dict(), num_classes=info.num_classes,
+                                  image_size=config.image_size)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    head = jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
+    params = dict(params, head=dict(params["head"], kernel=head))
+    state = {"step": step, "params": params}
+    if ema:
+        state["ema_params"] = jax.tree_util.tree_map(lambda x: 0.5 * x, params)
+    ckpt = Checkpointer(workdir)
+    ckpt.save(step, state, config=config.to_dict(), dataset_info=info.to_dict(), force=True)
+    ckpt.close()
+    return model, params
+
+
+def reference_metrics(model, params, config, split=None):
+    """Top-1 and per-example labels from a plain model.apply over the same preprocessed images."""
+    images, labels = [], []
+    for batch in data.eval_iterator(config, split, num_devices=1):
+        mask = batch["mask"][0]
+        images.append(batch["image"][0][mask])
+        labels.append(batch["label"][0][mask])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    logits = np.concatenate([np.asarray(model.apply({"params": params}, images[i:i + 256]))
+                             for i in range(0, len(images), 256)])
+    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                       keepdims=True)) - logits.max(-1, keepdims=True)
+    loss = -np.mean(log_probs[np.arange(len(labels)), labels])
+    pred = logits.argmax(-1)
+    return float(np.mean(pred == labels)), float(loss), labels, pred
+
+
+@pytest.fixture(scope="module")
+def mock_run(tmp_path_factory):
+    """A tiny checkpoint on mocked CIFAR-10 (1001 test examples) and the reference metrics."""
+    root = tmp_path_factory.mktemp("mock")
+    config = tiny_config(str(root / "tfds"))
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        model, params = save_tiny_checkpoint(str(root / "run"), config, ema=True)
+        top1, loss, labels, pred = reference_metrics(model, params, config)
+        result = evaluate_checkpoint(str(root / "run"))
+    return dict(workdir=str(root / "run"), config=config, model=model, params=params,
+                top1=top1, loss=loss, labels=labels, pred=pred, result=result)
+
+
+def test_counts_every_example_once_and_matches_plain_apply(mock_run):
+    r = mock_run["result"]
+    assert r.num_examples == MOCK_EXAMPLES
+    assert r.top1 == pytest.approx(mock_run["top1"], abs=0)
+    assert 0.0 < r.top1 < 1.0  # the random head makes predictions vary
+    assert r.loss == pytest.approx(mock_run["loss"], rel=1e-5)
+    expected = np.zeros((10, 10), np.int64)
+    np.add.at(expected, (mock_run["labels"], mock_run["pred"]), 1)
+    np.testing.assert_array_equal(np.array(r.confusion_matrix), expected)
+    assert r.top1 <= r.top5 <= 1.0
+    counts = expected.sum(1)
+    for i, name in enumerate(sorted(r.per_class, key=int)):
+        assert r.per_class[name] == pytest.approx(expected[i, i] / counts[i])
+
+
+def test_to_dict_is_json_with_the_issue_keys(mock_run):
+    d = json.loads(json.dumps(mock_run["result"].to_dict()))
+    assert {"top1", "top5", "loss", "num_examples", "per_class", "confusion_matrix"} <= set(d)
+    assert sum(map(sum, d["confusion_matrix"])) == MOCK_EXAMPLES
+
+
+def test_four_devices_in_subprocess_give_the_same_counts(mock_run, tmp_path):
+    out = tmp_path / "eval.json"
+    script = (
+        "import sys, tensorflow_datasets as tfds\n"
+        "from vit import cli\n"
+        f"with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):\n"
+        f"    sys.exit(cli.main(['eval', '--workdir', {mock_run['workdir']!r},"
+        f" '--json', {str(out)!r}]))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["num_examples"] == MOCK_EXAMPLES
+    assert d["top1"] == pytest.approx(mock_run["top1"], abs=0)
+    assert d["confusion_matrix"] == mock_run["result"].confusion_matrix
+
+
+def test_ema_params_are_used_when_asked(mock_run):
+    params = jax.tree_util.tree_map(lambda x: 0.5 * x, mock_run["params"])
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        ema = evaluate_checkpoint(mock_run["workdir"], use_ema=True, batch_size=128)
+        top1, loss, _, _ = reference_metrics(mock_run["model"], params, mock_run["config"])
+    assert ema.num_examples == MOCK_EXAMPLES
+    assert ema.top1 == pytest.approx(top1, abs=0)
+    assert ema.loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_eval_step_is_cached_per_model(mock_run):
+    model = mock_run["model"]
+    same = vit.model_from_config(MODEL, num_classes=10, image_size=32)
+    assert _eval_step(model) is _eval_step(same)
+
+
+def test_class_count_mismatch_is_one_clear_line(mock_run):
+    with tfds.testing.mock_data(num_examples=20), pytest.raises(EvalError) as err:
+        evaluate_checkpoint(mock_run["workdir"], dataset="cifar100")
+    message = str(err.value)
+    assert "100 classes" in message and "head has 10" in message and "\n" not in message
+
+
+def test_missing_checkpoint_and_missing_ema(tmp_path, mock_run):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate_checkpoint(str(tmp_path / "nowhere"))
+    plain = tmp_path / "plain"
+    with tfds.testing.mock_data(num_examples=20):
+        save_tiny_checkpoint(str(plain), mock_run["config"])
+    with pytest.raises(CheckpointError, match="no EMA params"):
+        evaluate_checkpoint(str(plain), use_ema=True)
+
+
+def test_real_cifar10_slice(tmp_path):
+    if not os.path.isdir(os.path.join(CIFAR_DIR, "cifar10")):
+        pytest.skip(f"shipped CIFAR-10 not found at {CIFAR_DIR}")
+    config = tiny_config(CIFAR_DIR, eval_split="test[:200]")
+    model, params = save_tiny_checkpoint(str(tmp_path / "run"), config)
+    result = evaluate_checkpoint(str(tmp_path / "run"))
+    top1, loss, labels, _ = reference_metrics(model, params, config)
+    assert result.num_examples == 200
+    assert result.top1 == pytest.approx(top1, abs=0)
+    assert result.loss == pytest.approx(loss, rel=1e-5)
+    assert list(result.per_class)[:2] == ["airplane", "automobile"]
+    assert np.array(result.confusion_matrix).sum(1).tolist() == np.bincount(labels, minlength=10
+                                                                            ).tolist()

@@ -1,0 +1,93 @@
+"""Tests for vit.predict: PNG/JPEG of any size, preprocessing identical to eval, bad inputs."""
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from test_evaluate import save_tiny_checkpoint, tiny_config
+
+from vit import preprocess
+from vit.checkpoint import load_checkpoint
+from vit.predict import expand_paths, predict
+
+SIZES = [(32, 32), (17, 45), (120, 80)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny checkpoint and a folder of PNG and JPEG images of several sizes."""
+    root = tmp_path_factory.mktemp("predict")
+    config = tiny_config(str(root / "tfds"))
+    with tfds.testing.mock_data(num_examples=20):
+        model, params = save_tiny_checkpoint(str(root / "run"), config)
+    images = root / "images"
+    (images / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (h, w) in enumerate(SIZES):
+        for ext in ("png", "jpg"):
+            path = images / f"img{i}.{ext}"
+            colour = rng.integers(0, 256, 3)  # a distinct colour per image, plus noise
+            pixels = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path)
+            files.append(str(path))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "nested" / "deep.png")
+    return dict(root=root, workdir=str(root / "run"), config=config, model=model,
+                params=params, images=str(images), files=sorted(files))
+
+
+def _reference_probs(run, path):
+    x = preprocess.eval_image(preprocess.decode_image_file(path), run["config"])
+    logits = run["model"].apply({"params": run["params"]}, np.asarray(x)[None])
+    return np.asarray(jax.nn.softmax(logits))[0]
+
+
+def test_directory_expands_one_level_sorted(run):
+    files, errors = expand_paths([run["images"]])
+    assert files == run["files"] and errors == []
+
+
+def test_predicts_png_and_jpeg_of_any_size_as_eval_preprocesses(run):
+    result = predict(run["workdir"], [run["images"]], top_k=3)
+    assert result.errors == []
+    assert [p["file"] for p in result.predictions] == run["files"]
+    names = [str(i) for i in range(10)]
+    tops = set()
+    for p in result.predictions:
+        probs = _reference_probs(run, p["file"])
+        best = np.argsort(-probs)[:3]
+        assert [name for name, _ in p["top_k"]] == [names[i] for i in best]
+        np.testing.assert_allclose([prob for _, prob in p["top_k"]], probs[best], rtol=1e-5)
+        tops.add(p["top_k"][0][0])
+    assert len(tops) > 1  # the random head tells different images apart
+
+
+def test_accepts_loaded_contents_and_caps_top_k(run):
+    contents = load_checkpoint(run["workdir"])
+    result = predict(contents, run["files"][:1], top_k=50)
+    assert len(result.predictions[0]["top_k"]) == 10
+    assert sum(prob for _, prob in result.predictions[0]["top_k"]) == pytest.approx(1.0, 1e-5)
+
+
+def test_bad_inputs_are_named_and_the_rest_still_predicted(run, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = str(tmp_path / "missing.png")
+    inputs = [str(corrupt), run["files"][0], str(text), str(empty), missing]
+    result = predict(run["workdir"], inputs)
+    assert [p["file"] for p in result.predictions] == [run["files"][0]]
+    bad = dict(result.errors)
+    assert set(bad) == {str(corrupt), str(text), str(empty), missing}
+    assert all("\n" not in m for m in bad.values())
+    assert "corrupt" in bad[str(corrupt)] and "holds no" in bad[str(empty)]
+    assert "does not exist" in bad[missing]
+
+
+def test_top_k_must_be_positive(run):
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        predict(run["workdir"], run["files"], top_k=0)

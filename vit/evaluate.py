@@ -1,0 +1,187 @@
+"""Metrics over a whole split: top-1, top-5, mean loss, per-class accuracy, confusion matrix.
+
+The model runs on all local devices with `jax.pmap`; every device returns per-example results
+and the host reduces them in numpy with the padding mask, so each example of the split counts
+exactly once and the counts are exact on any number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vit import data, parallel
+from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
+from vit.model import VisionTransformer, model_from_config
+
+PyTree = Any
+TOP_K = 5
+
+
+class EvalError(ValueError):
+    """A model, checkpoint and dataset that do not fit together; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Metrics of one pass over a split. per_class is NaN for a class absent from the split."""
+
+    top1: float
+    top5: float
+    loss: float
+    num_examples: int
+    per_class: dict[str, float]
+    confusion_matrix: list[list[int]]  # [true class][predicted class]
+    images_per_s: float
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (NaN per-class accuracies become None)."""
+        d = dataclasses.asdict(self)
+        d["per_class"] = {k: None if math.isnan(v) else v for k, v in self.per_class.items()}
+        return d
+
+    def summary(self) -> str:
+        """Human-readable lines: headline metrics, then the per-class accuracies."""
+        lines = [f"top-1 {self.top1:.4f}  top-5 {self.top5:.4f}  loss {self.loss:.4f}  "
+                 f"examples {self.num_examples}  {self.images_per_s:.1f} images/s",
+                 "per-class accuracy:"]
+        width = max((len(name) for name in self.per_class), default=0)
+        lines += [f"  {name:<{width}}  {acc:.4f}" for name, acc in self.per_class.items()]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class InferenceModel:
+    """A checkpoint made ready for inference: the model, its params, run config and dataset."""
+
+    model: VisionTransformer
+    params: PyTree
+    config: ml_collections.ConfigDict
+    info: data.DatasetInfo
+    step: int
+
+
+def load_inference_model(
+    checkpoint: str | CheckpointContents, *, use_ema: bool = False
+) -> InferenceModel:
+    """Rebuild the model a checkpoint (path or loaded contents) was trained as, with its params."""
+    contents = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    for key in ("model", "image_size", "dataset"):
+        if key not in contents.config:
+            raise CheckpointError(f"checkpoint of step {contents.step} has no config[{key!r}]; "
+                                  "it was not written by `vit train` or `vit convert`")
+    if not contents.dataset_info:
+        raise CheckpointError(f"checkpoint of step {contents.step} has no dataset_info; "
+                              "it was not written by `vit train` or `vit convert`")
+    params = contents.params
+    if use_ema:
+        if contents.ema_params is None:
+            raise CheckpointError(f"checkpoint of step {contents.step} holds no EMA params; "
+                                  "drop --ema / use_ema, or train with EMA enabled")
+        params = contents.ema_params
+    config = ml_collections.ConfigDict(contents.config)
+    info = data.DatasetInfo.from_dict(contents.dataset_info)
+    model = model_from_config(config.model.to_dict(), num_classes=info.num_classes,
+                              image_size=config.image_size)
+    return InferenceModel(model, params, config, info, contents.step)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(model: VisionTransformer) -> Callable:
+    """The pmapped per-device step for `model`: per-example loss, prediction and top-5 hit."""
+
+    def step(params: PyTree, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        logits = model.apply({"params": params}, images, train=False)
+        log_probs = jax.nn.log_softmax(logits)
+        loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+        _, top = jax.lax.top_k(logits, min(TOP_K, logits.shape[-1]))
+        return {"loss": loss, "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                "top5": jnp.any(top == labels[:, None], axis=-1)}
+
+    return jax.pmap(step, axis_name=parallel.AXIS)
+
+
+def _check_classes(model: VisionTransformer, info: data.DatasetInfo) -> None:
+    if info.num_classes != model.num_classes:
+        raise EvalError(f"dataset {info.name!r} has {info.num_classes} classes but the model's "
+                        f"head has {model.num_classes}; evaluate on a dataset with the same "
+                        "classes, or fine-tune the model on this one first")
+
+
+def evaluate(
+    model: VisionTransformer, params: PyTree, config: ml_collections.ConfigDict, *,
+    split: str | None = None, batch_size: int | None = None, replicated: bool = False,
+) -> EvalResult:
+    """One pass of `model` over a split (default config.eval_split) on all local devices.
+
+    `batch_size` (global) defaults to config.eval_batch_size; `replicated=True` says `params`
+    already carry the leading device axis (as in the trainer), else they are replicated here.
+    """
+    info = data.dataset_info(config)
+    _check_classes(model, info)
+    step = _eval_step(model)
+    device_params = params if replicated else parallel.replicate(params)
+    n = model.num_classes
+    confusion = np.zeros((n, n), np.int64)
+    loss_sum, top5_hits = 0.0, 0
+    pending = []
+    start = time.perf_counter()
+    for batch in data.eval_iterator(config, split, batch_size=batch_size):
+        on_device = parallel.shard({"image": batch["image"], "label": batch["label"]})
+        pending.append((step(device_params, on_device["image"], on_device["label"]),
+                        batch["label"], batch["mask"]))
+    for out, labels, mask in pending:
+        out = jax.device_get(out)
+        np.add.at(confusion, (labels[mask], out["pred"][mask]), 1)
+        loss_sum += float(np.sum(out["loss"][mask], dtype=np.float64))
+        top5_hits += int(np.sum(out["top5"][mask]))
+    if jax.process_count() > 1:  # each process saw its own part of the split: add them up
+        totals = multihost_utils.process_allgather(
+            {"confusion": confusion, "sums": np.array([loss_sum, top5_hits], np.float64)})
+        confusion = totals["confusion"].sum(0)
+        loss_sum, top5_hits = float(totals["sums"][:, 0].sum()), int(totals["sums"][:, 1].sum())
+    elapsed = time.perf_counter() - start
+    return _result(confusion, loss_sum, top5_hits, info.class_names, elapsed)
+
+
+def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,
+            class_names: tuple[str, ...], elapsed: float) -> EvalResult:
+    total = int(confusion.sum())
+    if total == 0:
+        raise EvalError("the split holds no examples; choose a non-empty split")
+    per_class_total = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.diag(confusion) / per_class_total
+    return EvalResult(
+        top1=float(np.trace(confusion) / total), top5=top5_hits / total, loss=loss_sum / total,
+        num_examples=total,
+        per_class={name: float(acc) for name, acc in zip(class_names, per_class, strict=True)},
+        confusion_matrix=confusion.tolist(), images_per_s=total / max(elapsed, 1e-9))
+
+
+def evaluate_checkpoint(
+    path: str, *, split: str | None = None, dataset: str | None = None,
+    data_dir: str | None = None, use_ema: bool = False, batch_size: int | None = None,
+    step: int | None = None,
+) -> EvalResult:
+    """Evaluate a checkpoint (workdir, checkpoints dir or step dir) on its own or another dataset.
+
+    By default the dataset, split and preprocessing are those the checkpoint was trained with.
+    """
+    loaded = load_inference_model(load_checkpoint(path, step), use_ema=use_ema)
+    overrides: Mapping[str, Any] = {"dataset": dataset, "data_dir": data_dir}
+    config = loaded.config
+    for key, value in overrides.items():
+        if value is not None:
+            config[key] = value
+    return evaluate(loaded.model, loaded.params, config, split=split, batch_size=batch_size)
