@@ -18,7 +18,7 @@ variants. Parameter names match the public vit_jax checkpoints one to one:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -136,12 +136,13 @@ class MlpBlock(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
         dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=_xavier, bias_init=_bias_init)
-        x = nn.gelu(dense(self.mlp_dim)(x))
+        x = nn.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = dense(width)(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -171,6 +172,7 @@ class Encoder1DBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(
@@ -184,7 +186,8 @@ class Encoder1DBlock(nn.Module):
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
+                     name="MlpBlock_3")(
             y, deterministic=deterministic)
         return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
 
@@ -210,6 +213,7 @@ class Encoder(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(
@@ -229,7 +233,7 @@ class Encoder(nn.Module):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x, w = Encoder1DBlock(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                rate, self.dtype, name=f"encoderblock_{i}",
+                rate, self.dtype, self.gelu_approximate, name=f"encoderblock_{i}",
             )(x, deterministic=deterministic, return_weights=return_weights)
             maps.append(w)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps
@@ -277,6 +281,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     head_bias_init: float = 0.0
     dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True  # tanh GELU as vit_jax / big_vision; False: exact, as timm / HF
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -306,7 +311,7 @@ class VisionTransformer(nn.Module):
         x, maps = Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
-            name="Transformer",
+            self.gelu_approximate, name="Transformer",
         )(x, deterministic=deterministic, return_weights=return_attention)
 
         if self.classifier == "token":
@@ -392,6 +397,19 @@ def _validate(kw: dict[str, Any]) -> None:
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
         if not 0.0 <= kw[rate] < 1.0:
             raise ValueError(f"{rate} must be in [0, 1), got {kw[rate]}")
+
+
+def model_from_config(
+    model_config: Mapping[str, Any], *, num_classes: int, image_size: int | tuple[int, int]
+) -> VisionTransformer:
+    """Build the model a run's `config.model` describes: {"variant": "Ti/4", **overrides}."""
+    options = {k: v for k, v in dict(model_config).items() if v is not None}
+    if "dtype" in options:
+        options["dtype"] = jnp.dtype(options["dtype"])
+    if "variant" not in options:
+        raise ValueError("config.model needs a 'variant' such as 'Ti/16' or 'S/4'")
+    variant = options.pop("variant")
+    return create_model(variant, num_classes=num_classes, image_size=image_size, **options)
 
 
 def init_params(model: VisionTransformer, rng: Array, batch_size: int = 1) -> Any:

@@ -1,0 +1,104 @@
+"""The keys a run config may hold, their defaults, and the start-up check for unknown keys.
+
+A run config is one flat `ml_collections.ConfigDict` made of three groups, each documented where
+it is read: the data keys (`vit.data.default_config`, with `pp` from `vit.preprocess`), the
+optimiser keys (`vit.optim.default_config`) and the trainer keys below. `model` holds the
+variant string and any `vit.create_model` overrides, checked when the model is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from vit import data, optim
+
+
+class ConfigError(ValueError):
+    """A config key or value the toolkit does not know."""
+
+
+def _optional(field_type: type) -> ml_collections.FieldReference:
+    return ml_collections.FieldReference(None, field_type=field_type)
+
+
+def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.ConfigDict:
+    """`config.model`: a variant string plus every `vit.create_model` option (None = default)."""
+    m = ml_collections.ConfigDict()
+    m.variant = variant  # "<size>/<patch>": Ti, S, M, B, L, H, g, G; e.g. "Ti/4", "B/16"
+    for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "representation_size"):
+        m[name] = _optional(int)  # None: the variant's value (no pre-logits layer)
+    m.classifier = "token"  # "token" | "gap" | "map"
+    m.posemb = "learn"  # "learn" | "sincos2d"
+    m.dropout_rate = 0.0
+    m.attention_dropout_rate = 0.0
+    m.drop_path_rate = 0.0
+    m.head_bias_init = 0.0
+    m.dtype = "float32"  # compute dtype, e.g. "bfloat16"; parameters stay float32
+    m.gelu_approximate = True  # False: exact GELU, for exact parity with timm / HF weights
+    m.update(overrides)
+    return m
+
+
+def trainer_config() -> ml_collections.ConfigDict:
+    """The trainer's own keys with their defaults."""
+    c = ml_collections.ConfigDict()
+    c.model = model_config()
+    c.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup; 0 = off
+    c.cutmix_alpha = 0.0  # Beta(alpha, alpha) cutmix; 0 = off; both > 0: one of them per batch
+    c.label_smoothing = 0.0
+    c.grad_accum_steps = 1  # micro-batches per step (same global batch, less memory)
+    c.log_every = 50  # steps between train-metric writes
+    c.eval_every = 0  # steps between evaluations; 0 = only at the end
+    c.checkpoint_every = 500  # steps between checkpoints (also at the end and on SIGTERM)
+    c.keep_checkpoints = 3
+    c.init_from = _optional(str)  # fine-tune from a workdir, orbax checkpoint, .npz, .safetensors
+    c.init_keep_head = _optional(bool)  # None: keep the head iff its shape fits
+    c.init_keep_pre_logits = True
+    c.init_posemb_method = "bilinear"  # or "bicubic": position-embedding resampling
+    c.init_resize_patch = False  # FlexiViT PI-resize of the patch kernel to a new patch size
+    c.distributed = False  # multi-host: jax.distributed.initialize
+    c.coordinator_address = _optional(str)  # host:port; None -> JAX_COORDINATOR_ADDRESS
+    c.num_processes = _optional(int)
+    c.process_id = _optional(int)
+    return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """A complete run config with every key at its default; config files start from this."""
+    c = data.default_config()
+    c.update(optim.default_config())
+    c.update(trainer_config())
+    return c
+
+
+def _unknown(config: Any, reference: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, valid siblings) for every key of `config` that `reference` lacks."""
+    found = []
+    for key in config:
+        name = f"{prefix}{key}"
+        if key not in reference:
+            found.append((name, sorted(reference)))
+        elif isinstance(reference[key], ml_collections.ConfigDict):
+            found += _unknown(config[key], reference[key], name + ".")
+    return found
+
+
+def validate_config(config: Any) -> None:
+    """Fail at start-up, in one line, on a key the toolkit does not read."""
+    unknown = _unknown(config, default_config())
+    if unknown:
+        name, valid = unknown[0]
+        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {name!r}{hint}; valid keys: {', '.join(valid)}")
+    if "variant" not in config.model:
+        raise ConfigError("config.model.variant is missing: set it to e.g. 'Ti/4' or 'S/16'")
+    for key in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
+        if int(config[key]) < 1:
+            raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    if int(config.eval_every) < 0:
+        raise ConfigError(f"config.eval_every must be >= 0 (0 = only at the end), "
+                          f"got {config.eval_every}")

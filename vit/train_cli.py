@@ -1,0 +1,85 @@
+"""`train.py` / `vit train`: absl flags around `vit.trainer.train`.
+
+    python train.py --config=configs/cifar10.py:Ti/4 --workdir=runs/c10 [--config.lr=3e-4]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A config file and its variant: configs/cifar10.py:Ti/4.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Fine-tune from a workdir, checkpoint, .npz or .safetensors "
+    "(same as --config.init_from).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", None, "Join a multi-host run with jax.distributed.initialize "
+    "(same as --config.distributed).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (else JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.register_validator("workdir", lambda v: bool(v), "--workdir is required")
+flags.mark_flag_as_required("config")
+
+
+def _run(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from vit.trainer import train  # after flag parsing: importing TF and JAX takes seconds
+
+    config = _CONFIG.value
+    with config.unlocked():
+        for key, value in (("init_from", _INIT_FROM.value), ("distributed", _MULTIHOST.value),
+                           ("coordinator_address", _COORDINATOR.value),
+                           ("num_processes", _NUM_PROCESSES.value),
+                           ("process_id", _PROCESS_ID.value)):
+            if value is not None:
+                config[key] = value
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+    logging.getLogger("vit").setLevel(logging.INFO)
+    try:
+        result = train(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get("VIT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if result.preempted:
+        print(f"preempted at step {int(result.state.step)}: checkpoint saved; rerun the same "
+              "command to resume")
+        return
+    for key in sorted(result.metrics):
+        if key.startswith("eval"):
+            print(f"{key}: {result.metrics[key]:.4f}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad --config file or override reported in one line."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, OSError) as err:  # a nested config-file error: keep its last line
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(err).__name__
+    except (AttributeError, KeyError) as err:  # ml_collections: an override of an unknown key
+        text = str(err)
+        key = re.search(r"'(\w+)\\?'", text)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        reason = (f"unknown config key {key.group(1) if key else text!r}"
+                  + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+    print(f"error: {reason}; see the config file for the valid keys", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse absl flags from `argv` (default sys.argv) and train."""
+    app.run(_run, argv=argv, flags_parser=_parse_flags)
