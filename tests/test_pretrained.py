@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import jax
@@ -152,24 +150,27 @@ def test_bfloat16_safetensors_are_cast_with_a_note(tmp_path, timm_file):
                                   state["head.bias"].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
-def test_own_checkpoint_params_and_ema(tmp_path, monkeypatch):
+def test_own_checkpoint_params_and_ema(tmp_path):
+    from vit.checkpoint import Checkpointer, CheckpointError
+
     model = vit.create_model("Ti/8", num_classes=3, image_size=16, width=32, depth=1,
                              num_heads=2, mlp_dim=64)
     params = init(model)
     ema = jax.tree.map(lambda x: x + 1.0, params)
-    contents = types.SimpleNamespace(step=7, params=params, ema_params=ema, config=None,
-                                     dataset_info=None)
-    fake = types.ModuleType("vit.checkpoint")
-    fake.load_checkpoint = lambda path: contents
-    monkeypatch.setitem(sys.modules, "vit.checkpoint", fake)
-    loaded, notes = load_pretrained(tmp_path, model, params, use_ema=True)
-    assert notes[:2] == [f"read checkpoint weights from {tmp_path}",
-                         f"loaded EMA params of step 7 from {tmp_path}"]
+    for workdir, ema_params in ((tmp_path / "ema", ema), (tmp_path / "plain", None)):
+        ckpt = Checkpointer(str(workdir))
+        state = {"step": np.int32(7), "params": params, "ema_params": ema_params}
+        ckpt.save(7, state, config={}, dataset_info={}, force=True)
+        ckpt.close()
+    loaded, notes = load_pretrained(tmp_path / "ema", model, params, use_ema=True)
+    assert notes[:2] == [f"read checkpoint weights from {tmp_path / 'ema'}",
+                         f"loaded EMA params of step 7 from {tmp_path / 'ema'}"]
     jax.tree.map(np.testing.assert_array_equal, loaded, ema)
-    assert read_weights(tmp_path).source == "checkpoint"
-    contents.ema_params = None
-    with pytest.raises(WeightsError, match="holds no EMA params"):
-        read_weights(tmp_path, use_ema=True)
+    plain, _ = load_pretrained(tmp_path / "plain", model, init(model))
+    jax.tree.map(np.testing.assert_array_equal, plain, params)
+    assert read_weights(tmp_path / "plain").source == "checkpoint"
+    with pytest.raises(CheckpointError, match="holds no EMA params"):
+        read_weights(tmp_path / "plain", use_ema=True)
 
 
 def test_missing_file_and_unsupported_suffix(tmp_path):

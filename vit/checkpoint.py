@@ -97,6 +97,15 @@ class CheckpointContents:
     config: dict
     dataset_info: dict
 
+    def chosen_params(self, use_ema: bool = False) -> PyTree:
+        """The EMA parameters when `use_ema` (an error if the run kept none), else the params."""
+        if not use_ema:
+            return self.params
+        if self.ema_params is None:
+            raise CheckpointError(f"checkpoint of step {self.step} holds no EMA params: drop "
+                                  "--ema / use_ema, or train with ema_decay set")
+        return self.ema_params
+
 
 def _unreadable(path: Path, err: BaseException) -> str:
     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__

@@ -83,12 +83,7 @@ def load_inference_model(
     if not contents.dataset_info:
         raise CheckpointError(f"checkpoint of step {contents.step} has no dataset_info; "
                               "it was not written by `vit train` or `vit convert`")
-    params = contents.params
-    if use_ema:
-        if contents.ema_params is None:
-            raise CheckpointError(f"checkpoint of step {contents.step} holds no EMA params; "
-                                  "drop --ema / use_ema, or train with EMA enabled")
-        params = contents.ema_params
+    params = contents.chosen_params(use_ema)
     config = ml_collections.ConfigDict(contents.config)
     info = data.DatasetInfo.from_dict(contents.dataset_info)
     model = model_from_config(config.model.to_dict(), num_classes=info.num_classes,

@@ -74,18 +74,10 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_checkpoint(path: str, use_ema: bool) -> Weights:
-    try:
-        from vit.checkpoint import load_checkpoint
-    except ImportError:
-        raise WeightsError(f"{path!r} is a directory, but this install has no vit.checkpoint "
-                           "to read checkpoints with: pass a .npz or .safetensors file") from None
+    from vit.checkpoint import load_checkpoint  # orbax: only checkpoint directories need it
+
     contents = load_checkpoint(path)
-    params = contents.params
-    if use_ema:
-        if contents.ema_params is None:
-            raise WeightsError(f"the checkpoint in {path!r} holds no EMA params: "
-                               "load it without use_ema, or train with EMA enabled")
-        params = contents.ema_params
+    params = contents.chosen_params(use_ema)
     arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     which = "EMA params" if use_ema else "params"
     return Weights(arrays, "checkpoint", [f"loaded {which} of step {contents.step} from {path}"])
