@@ -21,7 +21,7 @@ train: $(STAMP)
 	TFDS_DATA_DIR=$(DATA_DIR) $(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	TFDS_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -n 2 -q
+	TFDS_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
