@@ -236,3 +236,57 @@ def test_folder_errors(tmp_path):
     (tmp_path / "train" / "cat" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="holds no"):
         data.dataset_info(_folder_cfg(tmp_path))
+
+
+# --------------------------------------------------------------- class subset
+def test_cifar_class_subset_relabels_counts_and_evals_each_once():
+    c = _cifar(classes=[9, 5, 0], eval_split="test[:200]", train_split="train[:300]")
+    raw = tfds.load("cifar10", split="test[:200]", data_dir=CIFAR_DIR, download=False)
+    raw = [(r["image"], int(r["label"])) for r in tfds.as_numpy(raw)]
+    kept = [(im, [9, 5, 0].index(y)) for im, y in raw if y in (9, 5, 0)]
+    info = data.dataset_info(c)
+    assert info.num_classes == 3 and info.class_names == ("truck", "dog", "airplane")
+    assert info.split_sizes["test[:200]"] == len(kept) == data.split_size(c, "test[:200]")
+    batches = list(data.eval_iterator(c, num_devices=2))
+    assert len(batches) == data.num_eval_batches(c) == -(-len(kept) // 32)
+    mask = np.concatenate([b["mask"].reshape(-1) for b in batches])
+    labels = np.concatenate([b["label"].reshape(-1) for b in batches])[mask]
+    images = np.concatenate([b["image"].reshape(-1, 32, 32, 3) for b in batches])[mask]
+    np.testing.assert_array_equal(labels, [y for _, y in kept])
+    np.testing.assert_allclose(images, np.stack([im for im, _ in kept]) / 127.5 - 1, atol=1e-6)
+    train = data.train_iterator(c, num_devices=1)
+    seen = np.concatenate([next(train)["label"].reshape(-1) for _ in range(10)])
+    assert set(seen) == {0, 1, 2}
+
+
+def test_class_subset_processes_uneven_parts_still_exact():
+    c = _cifar(classes=[1], eval_split="test[:100]", eval_batch_size=6)
+    total = data.split_size(c, "test[:100]")
+    counts = []
+    for p in range(3):  # test[:100] has label 1 unevenly spread over the three parts
+        batches = list(data.eval_iterator(c, num_devices=1, process_index=p, process_count=3))
+        assert len(batches) == data.num_eval_batches(c, process_count=3)
+        counts.append(sum(int(b["mask"].sum()) for b in batches))
+        assert all((b["label"][b["mask"]] == 0).all() for b in batches)
+    assert sum(counts) == total and len(set(counts)) > 1
+
+
+def test_folder_class_subset(folder):
+    c = _folder_cfg(folder, classes=[1])  # "dog": train images 1-6, test 13-15
+    info = data.dataset_info(c)
+    assert info.class_names == ("dog",) and info.split_sizes == {"train": 6, "test": 3}
+    batches = list(data.eval_iterator(c, num_devices=1))
+    ids = [i for b in batches for i in _ids(b["image"])[b["mask"].reshape(-1)]]
+    assert sorted(ids) == [13, 14, 15] and all((b["label"] == 0).all() for b in batches)
+    train = data.train_iterator(c, num_devices=1)
+    two_epochs = np.concatenate([_ids(next(train)["image"]) for _ in range(3)])
+    assert sorted(two_epochs) == sorted(list(range(1, 7)) * 2)
+
+
+@pytest.mark.parametrize(
+    "classes, match",
+    [([10], "holds 10"), ([2, 2], "id 2 twice"), ([], "keeps no examples"), ([1.5], "holds 1.5")],
+)
+def test_bad_class_ids(classes, match):
+    with pytest.raises(DataError, match=match):
+        data.dataset_info(_cifar(classes=classes))

@@ -5,6 +5,7 @@ Sources: any TFDS image-classification dataset (`dataset="cifar10"`) or an image
 its own disjoint part of a split. Training is infinite and a pure function of (seed, step), so
 `train_iterator(config, start_step=N)` resumes exactly. Evaluation pads the last batch and adds a
 mask, so every example counts exactly once on any number of devices and processes.
+`classes=[5, 6, 7]` keeps only those labels, renumbered 0..k-1 in the given order.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256  # global
     c.shuffle_buffer = 50_000
     c.skip_corrupt = False
+    # Class subset: label ids to keep (list or tuple), relabelled 0..k-1 in this order; None = all.
+    c.classes = ml_collections.FieldReference(None, field_type=tuple)
     c.pp = pp_ops.default_options()  # documented in vit/preprocess.py
     return c
 
@@ -103,6 +106,12 @@ class _Source:
     read: Callable[..., tf.data.Dataset]  # (split, process_index=0, process_count=1)
     size: Callable[[str], int]
     is_folder: bool
+    labels: Callable[..., np.ndarray]  # like read, but only the labels, images not decoded
+    part_size: Callable[[str, int, int], int]  # examples read by process i of n from a split
+
+
+def _cardinality(read: Callable[..., tf.data.Dataset]) -> Callable[[str, int, int], int]:
+    return lambda split, index, count: int(read(split, index, count).cardinality())
 
 
 def _tfds_source(config) -> _Source:
@@ -151,8 +160,21 @@ def _tfds_source(config) -> _Source:
         except (KeyError, ValueError):
             return int(read(split).cardinality())  # no metadata (e.g. mocked data): count
 
+    def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        batches = read(split, process_index, process_count).map(lambda r: r["label"]).batch(8192)
+        return np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
+
     sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
-    return _Source(name, class_names, sizes, read, size, is_folder=False)
+    return _Source(
+        name,
+        class_names,
+        sizes,
+        read,
+        size,
+        is_folder=False,
+        labels=labels,
+        part_size=_cardinality(read),
+    )
 
 
 def _images_in(directory: str) -> list[str]:
@@ -231,15 +253,25 @@ def _folder_source(config) -> _Source:
             ) from None
         return [f for p in parts for f in files[p.splitname][p.from_ : p.to]]
 
-    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    def part(split: str, process_index: int, process_count: int) -> list:
         chosen = select(split)
         lo, hi = _even_bounds(len(chosen), process_index, process_count)
-        paths = [p for p, _ in chosen[lo:hi]]
-        labels = np.array([label for _, label in chosen[lo:hi]], np.int64)
-        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
+        return chosen[lo:hi]
+
+    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+        chosen = part(split, process_index, process_count)
+        paths = tf.constant([p for p, _ in chosen], tf.string, shape=[len(chosen)])
+        ds = tf.data.Dataset.from_tensor_slices(
+            (paths, labels(split, process_index, process_count))
+        )
         return ds.map(lambda p, y: {"encoded": tf.io.read_file(p), "label": y, "path": p})
 
-    return _Source(config.dataset, class_names, sizes, read, lambda s: len(select(s)), True)
+    def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        chosen = part(split, process_index, process_count)
+        return np.array([label for _, label in chosen], np.int64)
+
+    size = lambda s: len(select(s))
+    return _Source(config.dataset, class_names, sizes, read, size, True, labels, _cardinality(read))
 
 
 def _even_bounds(n: int, index: int, count: int) -> tuple[int, int]:
@@ -251,13 +283,78 @@ def _even_bounds(n: int, index: int, count: int) -> tuple[int, int]:
 
 def _source(config) -> _Source:
     if config.dataset.startswith(FOLDER_PREFIX):
-        return _folder_source(config)
-    return _tfds_source(config)
+        src = _folder_source(config)
+    else:
+        src = _tfds_source(config)
+    classes = config.get("classes")
+    if classes is None:
+        return src
+    data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+    key = (config.dataset, data_dir, bool(config.get("skip_corrupt")))
+    return _class_subset(src, _check_classes(classes, src), key)
+
+
+# ----------------------------------------------------------------------------- class subset
+_SUBSET_SIZES: dict[tuple, int] = {}  # (source key, split, classes, process) -> kept examples
+
+
+def _check_classes(classes, src: _Source) -> tuple[int, ...]:
+    """The label ids of config.classes as a tuple; a DataError names the first bad one."""
+    n = len(src.class_names)
+    fix = f"use distinct label ids in [0, {n - 1}], e.g. classes=[0, 1]"
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise DataError(f"classes={classes!r} is not a list of label ids; {fix}")
+    ids = list(classes)
+    if not ids:
+        raise DataError(f"classes=[] keeps no examples of {src.name!r}; {fix} or None for all")
+    for c in ids:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n:
+            raise DataError(f"classes holds {c!r}, not a label id of {src.name!r}; {fix}")
+    if len(set(ids)) < len(ids):
+        dup = next(c for c in ids if ids.count(c) > 1)
+        raise DataError(f"classes lists label id {dup} twice; {fix}")
+    return tuple(int(c) for c in ids)
+
+
+def _class_subset(src: _Source, classes: tuple[int, ...], key: tuple) -> _Source:
+    """`src` reduced to the examples of `classes`, relabelled 0..k-1 in that order."""
+    new_label = np.full([len(src.class_names)], -1, np.int64)
+    new_label[list(classes)] = np.arange(len(classes))
+
+    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+        table = tf.constant(new_label)
+        ds = src.read(split, process_index, process_count)
+        ds = ds.filter(lambda r: tf.gather(table, r["label"]) >= 0)
+        return ds.map(lambda r: {**r, "label": tf.gather(table, r["label"])})
+
+    def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        kept = new_label[src.labels(split, process_index, process_count)]
+        return kept[kept >= 0]
+
+    def part_size(split: str, process_index: int, process_count: int) -> int:
+        cache_key = (key, split, classes, process_index, process_count)
+        if cache_key not in _SUBSET_SIZES:
+            _SUBSET_SIZES[cache_key] = len(labels(split, process_index, process_count))
+        return _SUBSET_SIZES[cache_key]
+
+    return _Source(
+        name=src.name,
+        class_names=tuple(src.class_names[c] for c in classes),
+        split_sizes={},  # counting every named split would read all of them: see dataset_info
+        read=read,
+        size=lambda split: part_size(split, 0, 1),
+        is_folder=src.is_folder,
+        labels=labels,
+        part_size=part_size,
+    )
 
 
 # ----------------------------------------------------------------------------- metadata
 def dataset_info(config) -> DatasetInfo:
-    """Class names, number of classes, yielded image shape and split sizes of config.dataset."""
+    """Class names, number of classes, yielded image shape and split sizes of config.dataset.
+
+    With config.classes set, split_sizes holds only the run's train and eval splits (counted).
+    """
     src = _source(config)
     sizes = dict(src.split_sizes)
     for split in (config.train_split, config.eval_split):
@@ -344,7 +441,7 @@ def train_iterator(
     batch = _local_batch(config.batch_size, num_devices, process_count, "batch_size")
     src = _source(config)
     records = src.read(config.train_split, process_index, process_count)
-    n = int(records.cardinality())
+    n = src.part_size(config.train_split, process_index, process_count)
     if n <= 0:
         raise DataError(
             f"split {config.train_split!r} of {src.name!r} has no examples for "
@@ -392,7 +489,12 @@ def num_eval_batches(
             f"eval batch size {batch_size or config.eval_batch_size} is smaller "
             f"than the {process_count} processes; increase it"
         )
-    largest_part = math.ceil(split_size(config, split or config.eval_split) / process_count)
+    split = split or config.eval_split
+    src = _source(config)
+    if config.get("classes") is None:
+        largest_part = math.ceil(src.size(split) / process_count)
+    else:  # filtering after the even split leaves the parts uneven: count each one
+        largest_part = max(src.part_size(split, i, process_count) for i in range(process_count))
     return math.ceil(largest_part / batch)
 
 

@@ -162,9 +162,7 @@ class _StepMetrics:
         for step, values in jax.device_get(self._pending):
             loss = float(values["loss"][0])
             if not np.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss} at step {step}: lower the learning rate (lr) or enable "
-                    "gradient clipping (grad_clip_norm); the last good checkpoint is kept")
+                raise _non_finite(f"loss became {loss}", step)
             self._fetched.append({k: float(v[0]) for k, v in values.items()})
         self._pending = []
 
@@ -176,11 +174,15 @@ class _StepMetrics:
         return means
 
 
+def _non_finite(what: str, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} at step {step}: lower the learning rate (lr) or enable gradient clipping "
+        "(grad_clip_norm); the last good checkpoint is kept")
+
+
 def _check_finite_params(params: PyTree, step: int) -> None:
     if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)):
-        raise NonFiniteLossError(
-            f"parameters became non-finite at step {step}: lower the learning rate (lr) or enable "
-            "gradient clipping (grad_clip_norm); the last good checkpoint is kept")
+        raise _non_finite("parameters became non-finite", step)
 
 
 def train(config: Any, workdir: str) -> TrainResult:

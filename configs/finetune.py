@@ -1,0 +1,110 @@
+"""Fine-tune a ViT from a checkpoint, the ViT paper's way: SGD momentum 0.9, no weight decay,
+gradient clipping at 1, linear warmup then cosine decay, batch 512, a new zero-initialised head.
+
+Variants after the colon:
+  B/16-cifar10   "<model>-<dataset>[-<pixels>]": fine-tune to CIFAR-10 or CIFAR-100 (10k steps,
+  S/16-cifar100  lr 0.03, 500 warmup steps; 384 px unless a size is given, e.g. B/16-cifar10-224
+  B/16-cifar10-224  for less memory). The weights come from --init_from (a workdir, an orbax
+                 checkpoint, a vit_jax .npz, a timm/HF .safetensors); the position embedding is
+                 resampled to the new resolution. A GPU job:
+                     python train.py --config=configs/finetune.py:B/16-cifar10 \\
+                         --workdir=runs/b16-c10 --init_from=ViT-B_16.npz
+                 Not run here (no accelerator; no weights are downloaded): the paper reports
+                 98.1% (B/16, ImageNet-21k weights) on CIFAR-10 at 384 px.
+  c10-0to4       the small source model of the fine-tuning experiment: a 4-block, width-128 ViT
+                 with 4x4 patches trained on CIFAR-10 classes 0-4 at 32 px (AdamW, as
+                 configs/cifar10.py:short), 600 steps of batch 64:
+                     python train.py --config=configs/finetune.py:c10-0to4 --workdir=runs/c10-0to4
+  c10-5to9       that model fine-tuned to CIFAR-10 classes 5-9 (new 5-way head), 300 steps of
+                 batch 64 with the recipe above (lr 0.01, 30 warmup steps):
+                     python train.py --config=configs/finetune.py:c10-5to9 \\
+                         --workdir=runs/c10-5to9 --init_from=runs/c10-0to4
+                 Measured here (bench/finetune_vs_scratch.py, shared 2-core CPU): test top-1 on
+                 classes 5-9 after 300 steps: fine-tuned 65.4%, same recipe from scratch 62.2%,
+                 AdamW from scratch 65.4% (65.38%); the source model reached 64.0% on
+                 classes 0-4. Fine-tuning: 280 s.
+"""
+
+import ml_collections
+
+from vit.config_schema import default_config, model_config
+
+_DATASETS = {"cifar10": ("cifar10", "train[:98%]", "train[98%:]"),
+             "cifar100": ("cifar100", "train[:98%]", "train[98%:]")}
+_SMALL_MODEL = dict(width=128, depth=4, num_heads=4, mlp_dim=384)
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    """The fine-tuning config for `variant` (see the module docstring); "c10-5to9" by default."""
+    variant = variant or "c10-5to9"
+    if variant == "c10-0to4":
+        return _small_cifar10([0, 1, 2, 3, 4], finetune=False)
+    if variant == "c10-5to9":
+        return _small_cifar10([5, 6, 7, 8, 9], finetune=True)
+    model, _, rest = variant.partition("-")
+    dataset, _, pixels = rest.partition("-")
+    if dataset not in _DATASETS or not (pixels == "" or pixels.isdigit()):
+        raise ValueError(
+            f"unknown finetune variant {variant!r}: use c10-0to4, c10-5to9 or "
+            "<model>-<cifar10|cifar100>[-<pixels>], e.g. B/16-cifar10 or S/16-cifar100-224")
+    return _paper_recipe(model, dataset, int(pixels or 384))
+
+
+def _sgd_recipe(c: ml_collections.ConfigDict, lr: float, total: int, warmup: int) -> None:
+    """The ViT paper's fine-tuning optimiser, in place."""
+    c.optimizer = "sgd"
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 0.0
+    c.grad_clip_norm = 1.0
+    c.schedule = "cosine"
+    c.lr = lr
+    c.total_steps = total
+    c.warmup_steps = warmup
+    c.init_keep_head = False  # a new, zero-initialised head for the new classes
+
+
+def _paper_recipe(model: str, dataset: str, image_size: int) -> ml_collections.ConfigDict:
+    c = default_config()
+    c.dataset, c.train_split, c.eval_split = _DATASETS[dataset]
+    c.image_size = image_size
+    c.batch_size = 512
+    c.eval_batch_size = 512
+    c.model = model_config(model)
+    c.pp.train_crop = "inception"
+    c.pp.inception_area_min = 0.5  # mild: the images are already tight crops
+    c.pp.flip = True
+    c.pp.normalize = "minus_one_to_one"  # as the public vit_jax / big_vision weights expect
+    _sgd_recipe(c, lr=0.03, total=10_000, warmup=500)
+    c.eval_every = 1_000
+    c.checkpoint_every = 1_000
+    c.log_every = 50
+    return c
+
+
+def _small_cifar10(classes: list[int], finetune: bool) -> ml_collections.ConfigDict:
+    c = default_config()
+    c.dataset = "cifar10"
+    c.classes = classes
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 32
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    c.model = model_config("Ti/4", **_SMALL_MODEL)
+    c.pp.train_crop = "resize"  # no crop: too few steps for augmentation to pay off
+    c.pp.flip = True
+    c.pp.normalize = "cifar10"
+    c.log_every = 50
+    c.checkpoint_every = 250
+    if finetune:
+        _sgd_recipe(c, lr=0.01, total=300, warmup=30)
+        return c
+    c.optimizer = "adamw"
+    c.lr = 1e-3
+    c.weight_decay = 1e-4
+    c.grad_clip_norm = 1.0
+    c.schedule = "cosine"
+    c.total_steps = 600
+    c.warmup_steps = 50
+    return c
