@@ -1,0 +1,312 @@
+"""Where examples come from: TFDS builders or image folders, per-process parts, class subsets.
+
+`open_source(config)` gives a `Source`: encoded records {"encoded": string, "label": int64} of any
+(sliced) split, read by process i of n as its own near-equal disjoint part. An image folder
+(`dataset="folder:/root"`) is laid out root/<split>/<class>/*.jpg|jpeg|png; `classes=[5, 6, 7]`
+keeps only those labels, renumbered 0..k-1 in the given order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import logging
+import os
+import types
+from collections.abc import Callable
+from concurrent import futures
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit import preprocess as pp_ops
+from vit.preprocess import DataError
+
+__all__ = ["FOLDER_PREFIX", "IMAGE_EXTENSIONS", "Source", "open_source"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+FOLDER_PREFIX = "folder:"
+_CACHE_BYTES = 2 << 30  # TFDS datasets smaller than this keep their encoded records in memory
+
+# Functions given to tf.data here are plain TF ops, so they skip AutoGraph (do_not_convert): it
+# would re-read their source and warn "could not transform" when the file changed since import.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A dataset as encoded records {"encoded": string, "label": int64}, any split, any slice."""
+
+    name: str
+    class_names: tuple[str, ...]
+    split_sizes: dict[str, int]  # the named splits
+    read: Callable[..., tf.data.Dataset]  # (split, process_index=0, process_count=1)
+    size: Callable[[str], int]
+    is_folder: bool
+    labels: Callable[..., np.ndarray]  # like read, but only the labels, images not decoded
+    part_size: Callable[[str, int, int], int]  # examples read by process i of n from a split
+
+
+def open_source(config: ml_collections.ConfigDict) -> Source:
+    """The Source of config.dataset (TFDS name or "folder:/root"), reduced to config.classes."""
+    if config.dataset.startswith(FOLDER_PREFIX):
+        src = _folder_source(config)
+    else:
+        src = _tfds_source(config)
+    classes = config.get("classes")
+    if classes is None:
+        return src
+    data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+    key = (config.dataset, data_dir, bool(config.get("skip_corrupt")))
+    return _class_subset(src, _check_classes(classes, src), key)
+
+
+# ----------------------------------------------------------------------------- TFDS
+def _cardinality(read: Callable[..., tf.data.Dataset]) -> Callable[[str, int, int], int]:
+    return lambda split, index, count: int(read(split, index, count).cardinality())
+
+
+@tf.autograph.experimental.do_not_convert
+def _label(record: dict) -> tf.Tensor:
+    return record["label"]
+
+
+def _tfds_source(config: ml_collections.ConfigDict) -> Source:
+    data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or None
+    name = config.dataset
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=3)
+        hint = " or ".join(repr(c) for c in close)
+        hint = f"did you mean {hint}?" if close else "see tfds.list_builders() for names"
+        raise DataError(f"unknown dataset {name!r}; {hint}") from None
+    if config.get("download") and not builder.is_prepared():
+        manual = config.get("manual_dir")
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual)
+            )
+        except Exception as e:  # noqa: BLE001 - any failure becomes one line for the user
+            raise DataError(f"could not prepare {name!r}: {str(e).splitlines()[0]}") from None
+    features = builder.info.features
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    class_names = tuple(features[label_key].names)
+    decoders = {image_key: tfds.decode.SkipDecoding()}
+    small = (builder.info.dataset_size or 0) < _CACHE_BYTES
+
+    @tf.autograph.experimental.do_not_convert
+    def to_record(example: dict) -> dict:
+        return {"encoded": example[image_key], "label": tf.cast(example[label_key], tf.int64)}
+
+    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+        sub = tfds.even_splits(split, n=process_count)[process_index]
+        try:
+            ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders)
+        except AssertionError:
+            raise DataError(
+                f"dataset {name!r} is not prepared in {builder.data_dir_root}; set data_dir or "
+                f"TFDS_DATA_DIR to where it is, or run `tfds build {name} --data_dir=DIR` "
+                "(imagenet2012: put its tar files in manual_dir) or set download=True"
+            ) from None
+        except ValueError as e:
+            reason = str(e).splitlines()[-1]
+            raise DataError(f"bad split {split!r} for {name!r}: {reason}") from None
+        ds = ds.map(to_record)
+        return ds.cache() if small else ds
+
+    def size(split: str) -> int:
+        try:
+            return builder.info.splits[split].num_examples
+        except (KeyError, ValueError):
+            return int(read(split).cardinality())  # no metadata (e.g. mocked data): count
+
+    def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        batches = read(split, process_index, process_count).map(_label).batch(8192)
+        return np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
+
+    sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+    return Source(
+        name,
+        class_names,
+        sizes,
+        read,
+        size,
+        is_folder=False,
+        labels=labels,
+        part_size=_cardinality(read),
+    )
+
+
+# ----------------------------------------------------------------------------- image folders
+@tf.autograph.experimental.do_not_convert
+def _read_file(path: tf.Tensor, label: tf.Tensor) -> dict:
+    return {"encoded": tf.io.read_file(path), "label": label, "path": path}
+
+
+def _images_in(directory: str) -> list[str]:
+    return sorted(
+        os.path.join(directory, f) for f in os.listdir(directory)
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )  # fmt: skip
+
+
+def _is_readable(path: str) -> bool:
+    try:
+        pp_ops.decode_image_file(path)
+        return True
+    except DataError:
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
+    """Lists root/<split>/<class>/ images: (sorted class names, {split: [(path, label), ...]})."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist; use dataset='folder:/path/root'")
+    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not splits:
+        raise DataError(
+            f"image folder {root!r} has no split folders; lay it out as root/<split>/<class>/*.jpg"
+        )
+    class_dirs = {
+        s: sorted(
+            c for c in os.listdir(os.path.join(root, s)) if os.path.isdir(os.path.join(root, s, c))
+        )
+        for s in splits
+    }
+    class_names = tuple(sorted(set().union(*class_dirs.values())))
+    files = {}
+    for s in splits:
+        if not class_dirs[s]:
+            raise DataError(
+                f"split folder {os.path.join(root, s)!r} has no class folders; "
+                "lay it out as root/<split>/<class>/*.jpg"
+            )
+        files[s] = []
+        for c in class_dirs[s]:
+            images = _images_in(os.path.join(root, s, c))
+            if not images:
+                raise DataError(
+                    f"class folder {os.path.join(root, s, c)!r} holds no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images; add some or remove it"
+                )
+            files[s] += [(p, class_names.index(c)) for p in images]
+    if skip_corrupt:
+        for s in splits:
+            with futures.ThreadPoolExecutor() as pool:
+                ok = list(pool.map(_is_readable, [p for p, _ in files[s]]))
+            if not all(ok):
+                logging.warning("skipping %d corrupt image files in %s", ok.count(False), s)
+            files[s] = [f for f, good in zip(files[s], ok, strict=True) if good]
+    return class_names, files
+
+
+def _folder_source(config: ml_collections.ConfigDict) -> Source:
+    root = os.path.abspath(os.path.expanduser(config.dataset[len(FOLDER_PREFIX) :]))
+    class_names, files = _scan_folder(root, bool(config.get("skip_corrupt")))
+    sizes = {s: len(f) for s, f in files.items()}
+
+    def select(split: str) -> list:
+        try:
+            ri = tfds.core.ReadInstruction.from_spec(split)
+            parts = ri.to_absolute(
+                {s: types.SimpleNamespace(num_examples=n) for s, n in sizes.items()}
+            )
+        except (ValueError, KeyError) as e:
+            raise DataError(
+                f"bad split {split!r} for folder {root!r} (splits: "
+                f"{sorted(sizes)}): {str(e).splitlines()[-1]}"
+            ) from None
+        return [f for p in parts for f in files[p.splitname][p.from_ : p.to]]
+
+    def part(split: str, process_index: int, process_count: int) -> list:
+        chosen = select(split)
+        lo, hi = _even_bounds(len(chosen), process_index, process_count)
+        return chosen[lo:hi]
+
+    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+        chosen = part(split, process_index, process_count)
+        paths = tf.constant([p for p, _ in chosen], tf.string, shape=[len(chosen)])
+        ds = tf.data.Dataset.from_tensor_slices(
+            (paths, labels(split, process_index, process_count))
+        )
+        return ds.map(_read_file)
+
+    def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        chosen = part(split, process_index, process_count)
+        return np.array([label for _, label in chosen], np.int64)
+
+    size = lambda s: len(select(s))
+    return Source(config.dataset, class_names, sizes, read, size, True, labels, _cardinality(read))
+
+
+def _even_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) of part `index` of `count` near-equal parts of n items (larger parts first)."""
+    base, extra = divmod(n, count)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (index < extra)
+
+
+# ----------------------------------------------------------------------------- class subset
+_SUBSET_SIZES: dict[tuple, int] = {}  # (source key, split, classes, process) -> kept examples
+
+
+def _check_classes(classes, src: Source) -> tuple[int, ...]:
+    """The label ids of config.classes as a tuple; a DataError names the first bad one."""
+    n = len(src.class_names)
+    fix = f"use distinct label ids in [0, {n - 1}], e.g. classes=[0, 1]"
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise DataError(f"classes={classes!r} is not a list of label ids; {fix}")
+    ids = list(classes)
+    if not ids:
+        raise DataError(f"classes=[] keeps no examples of {src.name!r}; {fix} or None for all")
+    for c in ids:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n:
+            raise DataError(f"classes holds {c!r}, not a label id of {src.name!r}; {fix}")
+    if len(set(ids)) < len(ids):
+        dup = next(c for c in ids if ids.count(c) > 1)
+        raise DataError(f"classes lists label id {dup} twice; {fix}")
+    return tuple(int(c) for c in ids)
+
+
+def _class_subset(src: Source, classes: tuple[int, ...], key: tuple) -> Source:
+    """`src` reduced to the examples of `classes`, relabelled 0..k-1 in that order."""
+    new_label = np.full([len(src.class_names)], -1, np.int64)
+    new_label[list(classes)] = np.arange(len(classes))
+
+    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+        table = tf.constant(new_label)
+
+        @tf.autograph.experimental.do_not_convert
+        def kept(record: dict) -> tf.Tensor:
+            return tf.gather(table, record["label"]) >= 0
+
+        @tf.autograph.experimental.do_not_convert
+        def relabel(record: dict) -> dict:
+            return {**record, "label": tf.gather(table, record["label"])}
+
+        return src.read(split, process_index, process_count).filter(kept).map(relabel)
+
+    def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+        kept = new_label[src.labels(split, process_index, process_count)]
+        return kept[kept >= 0]
+
+    def part_size(split: str, process_index: int, process_count: int) -> int:
+        cache_key = (key, split, classes, process_index, process_count)
+        if cache_key not in _SUBSET_SIZES:
+            _SUBSET_SIZES[cache_key] = len(labels(split, process_index, process_count))
+        return _SUBSET_SIZES[cache_key]
+
+    return Source(
+        name=src.name,
+        class_names=tuple(src.class_names[c] for c in classes),
+        split_sizes={},  # counting every named split would read all of them: see dataset_info
+        read=read,
+        size=lambda split: part_size(split, 0, 1),
+        is_folder=src.is_folder,
+        labels=labels,
+        part_size=part_size,
+    )
