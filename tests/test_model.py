@@ -192,3 +192,11 @@ def test_wrong_input_size_names_the_fix():
     params = vit.init_params(model, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="built for 16x16 images, got 32x32"):
         model.apply({"params": params}, _images(1, 32))
+
+
+def test_explicit_attention_equals_jax_dot_product_attention():
+    from vit.model import attention_weights
+
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 9, 3, 8)) for i in range(3))
+    explicit = jnp.einsum("bhqk,bkhd->bqhd", attention_weights(q, k), v)
+    np.testing.assert_allclose(explicit, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
