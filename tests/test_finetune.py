@@ -1,5 +1,5 @@
 """Fine-tuning end to end on the shipped CIFAR-10: pretrain on classes [0, 1, 2], then fine-tune
-on classes [3, 4] through `train.py --init_from` (new head, new image size), head-only, and
+on classes [3, 4] through `train.py --init-from` (new head, new image size), head-only, and
 with layer-wise lr decay."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_cli_finetune_new_classes_new_size(source, tmp_path):
     src_dir, src = source
     env = dict(os.environ, TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT}/configs/smoke.py",
-           f"--workdir={tmp_path}", f"--init_from={src_dir}", "--config.classes=[3,4]",
+           f"--workdir={tmp_path}", f"--init-from={src_dir}", "--config.classes=[3,4]",
            "--config.image_size=48", "--config.eval_split=test[:64]",
            "--config.total_steps=4", "--config.warmup_steps=2", "--config.checkpoint_every=1",
            "--config.keep_checkpoints=4"]

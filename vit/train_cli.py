@@ -80,6 +80,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def _underscored(arg: str) -> str:
+    """`--init-from=x` -> `--init_from=x`: dashed spellings of the flags work too."""
+    if not arg.startswith("--") or arg.startswith("--config"):
+        return arg
+    name, sep, value = arg.partition("=")
+    return name[:2] + name[2:].replace("-", "_") + sep + value
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse absl flags from `argv` (default sys.argv) and train."""
+    argv = [_underscored(a) for a in (sys.argv if argv is None else argv)]
     app.run(_run, argv=argv, flags_parser=_parse_flags)
