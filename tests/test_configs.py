@@ -38,7 +38,25 @@ def test_unknown_variant_is_a_clear_error(name, variant):
         _config(name, variant)
 
 
-def test_imagenet_recipe(tmp_path):
+class _InMemoryCheckpointer:
+    """Stands in for orbax here: tfds.testing.mock_data also mocks the file system it uses."""
+
+    def __init__(self, workdir, **kwargs):
+        self.directory, self.saved = workdir, []
+
+    def latest_step(self):
+        return None
+
+    def save(self, step, state, **kwargs):
+        self.saved.append(step)
+
+    def wait(self):
+        pass
+
+    close = wait
+
+
+def test_imagenet_recipe(tmp_path, monkeypatch):
     config = _config("imagenet", "S/16")
     assert (config.model.classifier, config.model.posemb) == ("gap", "sincos2d")
     assert config.batch_size == 1024 and config.lr == 1e-3 and config.mixup_alpha == 0.2
@@ -47,6 +65,7 @@ def test_imagenet_recipe(tmp_path):
     assert config.warmup_steps == 10_000 and config.total_steps == 90 * 1_281_167 // 1024
 
     # The same recipe, shrunk to seconds, trains on mocked imagenet2012.
+    monkeypatch.setattr(trainer.checkpoint, "Checkpointer", _InMemoryCheckpointer)
     with config.unlocked():
         config.model.update(width=32, depth=1, num_heads=2, mlp_dim=64, variant="S/8")
         config.update(image_size=32, batch_size=8, eval_batch_size=8, total_steps=2,
