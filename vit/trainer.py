@@ -221,7 +221,7 @@ def train(config: Any, workdir: str) -> TrainResult:
 
     def host_state(step: int) -> TrainState:
         recent.check()  # never keep parameters that produced a non-finite loss
-        state = jax.device_get(parallel.unreplicate(rstate))
+        state = parallel.unreplicate(rstate)  # already host numpy
         _check_finite_params(state.params, step)
         return state
 
