@@ -1,7 +1,8 @@
 """Ti/4 on 32x32, batch 128, float32: compile time, train/infer images/s, FLOPs, share of peak.
 
 Prints one JSON line. The machine's practical peak is the GFLOP/s of a float32 4096x4096 matmul
-measured in the same process.
+measured in the same process. It also reports the page faults per train step, which
+`vit.host_memory` removes; `VIT_HOST_MALLOC=system` measures without it.
 Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128]`.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -86,7 +88,9 @@ def main() -> None:
         loss.block_until_ready()
 
     run_train()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     train_s = _median_seconds(run_train, args.steps)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
 
     infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
     infer(state[0], images).block_until_ready()
@@ -104,6 +108,8 @@ def main() -> None:
         "train_gflops_per_s": round(achieved, 1),
         "matmul_peak_gflops_per_s": round(peak, 1),
         "train_fraction_of_peak": round(achieved / peak, 3),
+        "page_faults_per_train_step": round(faults / args.steps),
+        "host_memory_retained": vit.HOST_MEMORY_RETAINED,
     }))
 
 
