@@ -102,7 +102,7 @@ def _small_cifar10(classes: list[int], finetune: bool) -> ml_collections.ConfigD
         return c
     c.optimizer = "adamw"
     c.lr = 1e-3
-    c.weight_decay = 1e-4
+    c.weight_decay = 1e-4  # decoupled (vit/optim.py)
     c.grad_clip_norm = 1.0
     c.schedule = "cosine"
     c.total_steps = 600

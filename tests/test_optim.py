@@ -110,14 +110,45 @@ def test_weight_decay_mask_map_head():
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
-def test_zero_grads_decay_only_masked_params(name, small_params):
-    config = _config(optimizer=name, lr=0.1, weight_decay=0.5)
+@pytest.mark.parametrize("lr", [0.1, 1e-3])
+def test_decoupled_weight_decay_exact_and_independent_of_lr(name, lr, small_params):
+    # Decoupled: one step at the schedule's peak multiplies kernels by (1 - wd), whatever lr is.
+    config = _config(optimizer=name, lr=lr, weight_decay=0.05)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, small_params)
     new = _flat(_one_step(config, small_params, zeros))
     old, mask = _flat(small_params), _flat(optim.weight_decay_mask(small_params))
     for key, value in old.items():
-        expected = value * (1 - 0.1 * 0.5) if mask[key] else value
+        expected = value - 0.05 * value if mask[key] else value
         np.testing.assert_allclose(new[key], expected, rtol=1e-6, err_msg=key)
+
+
+def test_weight_decay_follows_the_schedule_shape(small_params):
+    # Mid-warmup the schedule is at 30% of its peak, so the decay is 0.3 * wd * w.
+    config = _config(optimizer="adamw", lr=2e-3, weight_decay=0.1, schedule="cosine",
+                     warmup_steps=10, total_steps=100)
+    tx = optim.make_optimizer(config, small_params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, small_params)
+    state = tx.init(small_params)
+    for _ in range(3):  # steps 0, 1, 2 -> lr multipliers 0, 0.1, 0.2; we check step 3 (0.3)
+        _, state = tx.update(zeros, state, small_params)
+    updates, _ = tx.update(zeros, state, small_params)
+    new = _flat(optax.apply_updates(small_params, updates))
+    old, mask = _flat(small_params), _flat(optim.weight_decay_mask(small_params))
+    for key, value in old.items():
+        expected = value - 0.3 * 0.1 * value if mask[key] else value
+        np.testing.assert_allclose(new[key], expected, rtol=1e-5, err_msg=key)
+
+
+def test_ema_warmup_values():
+    got = [float(optim.ema_decay_at(t, 0.999)) for t in (0, 1, 10, 90, 10_000)]
+    np.testing.assert_allclose(got, [0.1, 2 / 11, 11 / 20, 91 / 100, 0.999], rtol=1e-6)
+    assert float(optim.ema_decay_at(0, 0.05)) == pytest.approx(0.05)
+
+
+def test_ema_after_first_step_is_mostly_the_new_params():
+    ema, params = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    out = optim.ema_update(ema, params, optim.ema_decay_at(0, 0.9999))
+    np.testing.assert_allclose(out["w"], 0.9, rtol=1e-6)
 
 
 def test_clipping_bounds_the_update(small_params):
@@ -178,3 +209,12 @@ def test_ema_update_math():
     np.testing.assert_allclose(out["b"], 1.0, rtol=1e-6)
     assert optim.ema_decay(_config(ema_decay=0.99)) == 0.99
     assert optim.ema_decay(_config()) is None
+
+
+def test_layer_decay_puts_the_conv_stem_in_the_input_layer():
+    model = vit.create_model("Ti/4", num_classes=3, image_size=16, width=32, depth=2, mlp_dim=64,
+                             num_heads=2, stem="conv")
+    params = jax.eval_shape(lambda: vit.init_params(model, jax.random.PRNGKey(0)))
+    mult = _flat(optim.layer_decay_multipliers(params, 0.5))
+    assert mult["stem/conv_0/kernel"] == mult["embedding/kernel"] == 0.5 ** 3
+    assert _flat(optim.weight_decay_mask(params))["stem/conv_1/kernel"] is True

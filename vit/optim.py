@@ -3,6 +3,15 @@
 The chain is  clip_by_global_norm -> adamw | sgd (decoupled, masked weight decay)
 -> layer-wise lr decay -> head-only freezing. Every option is a top-level key of the run
 config; `default_config()` lists them with their defaults and missing keys fall back to them.
+
+`weight_decay` is decoupled from the learning rate, as big_vision's `wd` and the values papers
+quote: each step multiplies every kernel by (1 - weight_decay * lr_t / lr), where lr_t / lr is
+the schedule's current share of its peak. It follows the schedule's shape (warmup, decay to
+zero) but not its size, so changing `lr` leaves the decay unchanged. (optax.adamw's own
+`weight_decay` is multiplied by lr_t: the same decay there is weight_decay / lr.)
+
+`ema_decay` averages the parameters with a warm-up, min(ema_decay, (1 + t) / (10 + t)) at
+step t, so that short runs do not evaluate mostly their initial weights.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ TRAINABLE = ("all", "head")
 # Top-level parameter groups that train at the full rate under layer-wise lr decay.
 _HEAD_GROUPS = ("pre_logits", "MAPHead_0", "head")
 # Top-level parameter groups that count as the input layer (below block 0) under layer decay.
-_EMBED_GROUPS = ("embedding", "cls")
+_EMBED_GROUPS = ("stem", "embedding", "cls")
 
 
 class OptimizerConfigError(ValueError):
@@ -162,15 +171,13 @@ def _scale_by_layer_decay(layer_decay: float, depth: int) -> optax.GradientTrans
 
 def _base_optimizer(opts: ml_collections.ConfigDict) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(opts)
+    # Scaled by lr_t below, so dividing by the peak lr makes the decay lr_t / lr * weight_decay.
+    decay = optax.add_decayed_weights(opts.weight_decay / opts.lr, mask=weight_decay_mask)
     if opts.optimizer == "adamw":
-        return optax.adamw(schedule, b1=opts.b1, b2=opts.b2, weight_decay=opts.weight_decay,
-                           mask=weight_decay_mask)
-    momentum = [optax.trace(opts.momentum, opts.nesterov)] if opts.momentum else []
-    return optax.chain(
-        *momentum,
-        optax.add_decayed_weights(opts.weight_decay, mask=weight_decay_mask),
-        optax.scale_by_learning_rate(schedule),
-    )
+        direction = [optax.scale_by_adam(b1=opts.b1, b2=opts.b2)]
+    else:
+        direction = [optax.trace(opts.momentum, opts.nesterov)] if opts.momentum else []
+    return optax.chain(*direction, decay, optax.scale_by_learning_rate(schedule))
 
 
 def _trainable_labels(params: PyTree, trainable: str) -> PyTree:
@@ -199,9 +206,15 @@ def make_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
                                  _trainable_labels(params, opts.trainable))
 
 
-def ema_update(ema_params: PyTree, params: PyTree, decay: float) -> PyTree:
+def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
     """Exponential moving average step: decay * ema + (1 - decay) * params."""
     return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def ema_decay_at(step: jax.Array | int, decay: float) -> jax.Array:
+    """The EMA decay used after update `step` (0-based): min(decay, (1 + step) / (10 + step))."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def ema_decay(config: Any) -> float | None:
