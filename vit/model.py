@@ -4,6 +4,8 @@ Follows "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021) and the big_v
 variants. Parameter names match the public vit_jax checkpoints one to one:
 
     embedding/{kernel,bias}                          patch embedding (conv, kernel = stride = patch)
+    stem/{conv_i,norm_i}                             stem="conv" only: 3x3 convs before a 1x1
+                                                     `embedding` (vit/stems.py)
     cls                                              class token (classifier="token" only)
     Transformer/posembed_input/pos_embedding         learned position embedding
     Transformer/encoderblock_{i}/LayerNorm_0
@@ -25,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit import stems
 
 Dtype = Any
 Array = jax.Array
@@ -193,6 +197,20 @@ class Encoder1DBlock(nn.Module):
         return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
 
 
+def keep_random_tokens(x: Array, num_prefix: int, keep_ratio: float, rng: Array) -> Array:
+    """PatchDropout: keep the prefix tokens and a random `keep_ratio` of each image's patches.
+
+    The kept patches stay in their original order; at least one is always kept.
+    """
+    patches = x[:, num_prefix:]
+    n = patches.shape[1]
+    keep = max(1, int(round(n * keep_ratio)))
+    scores = jax.random.uniform(rng, patches.shape[:2])
+    idx = jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1)
+    kept = jnp.take_along_axis(patches, idx[:, :, None], axis=1)
+    return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
+
+
 class LearnedPositionEmbedding(nn.Module):
     """A learned position embedding of shape [1, tokens, width], initialised N(0, 0.02)."""
 
@@ -215,6 +233,7 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
+    token_keep_ratio: float = 1.0
 
     @nn.compact
     def __call__(
@@ -227,6 +246,9 @@ class Encoder(nn.Module):
             pe = posemb_sincos_2d(*self.grid, width)
             pe = np.pad(pe, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
         x = (x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
+        if self.token_keep_ratio < 1.0 and not deterministic:
+            x = keep_random_tokens(x, self.num_prefix_tokens, self.token_keep_ratio,
+                                   self.make_rng("dropout"))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         maps = []
         for i in range(self.depth):
@@ -283,6 +305,11 @@ class VisionTransformer(nn.Module):
     head_bias_init: float = 0.0
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True  # tanh GELU as vit_jax / big_vision; False: exact, as timm / HF
+    stem: str = "patchify"  # | "conv": 3x3 convs then a 1x1 projection (vit/stems.py)
+    stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
+    stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
+    stem_norm: str = "layernorm"  # | "groupnorm": the conv stem's norm
+    token_keep_ratio: float = 1.0  # PatchDropout in training: share of patch tokens kept
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -299,8 +326,14 @@ class VisionTransformer(nn.Module):
                 f"{images.shape[1]}x{images.shape[2]}: pass image_size= to create_model, or "
                 "resize the input")
         deterministic = not train
-        x = nn.Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID",
-                    dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+        x = images.astype(self.dtype)
+        kernel = self.patch_size
+        if self.stem == "conv":
+            x = stems.ConvStem(self.width, self.patch_size, self.stem_channels,
+                               self.stem_strides, self.stem_norm, self.dtype, name="stem")(x)
+            kernel = (1, 1)
+        x = nn.Conv(self.width, kernel, strides=kernel, padding="VALID", dtype=self.dtype,
+                    name="embedding")(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         num_prefix = 0
@@ -312,7 +345,7 @@ class VisionTransformer(nn.Module):
         x, maps = Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
-            self.gelu_approximate, name="Transformer",
+            self.gelu_approximate, self.token_keep_ratio, name="Transformer",
         )(x, deterministic=deterministic, return_weights=return_attention)
 
         if self.classifier == "token":
@@ -377,6 +410,9 @@ def create_model(
     kwargs.update(overrides)
     kwargs["patch_size"] = _pair(kwargs["patch_size"])
     kwargs["image_size"] = _pair(kwargs["image_size"])
+    for key in ("stem_channels", "stem_strides"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(int(c) for c in kwargs[key])
     _validate(kwargs)
     return VisionTransformer(**kwargs)
 
@@ -393,6 +429,15 @@ def _validate(kw: dict[str, Any]) -> None:
         raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}")
     if kw["width"] % kw["num_heads"]:
         raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}")
+    if kw["stem"] not in stems.STEMS:
+        raise ValueError(f"unknown stem {kw['stem']!r}; use one of {stems.STEMS}")
+    if kw["stem"] == "conv":
+        channels = kw["stem_channels"] or stems.default_stem_channels(kw["width"], kw["patch_size"])
+        stems.conv_strides(len(channels), kw["patch_size"], kw["stem_strides"])
+    if kw["stem_norm"] not in stems.STEM_NORMS:
+        raise ValueError(f"unknown stem_norm {kw['stem_norm']!r}; use one of {stems.STEM_NORMS}")
+    if not 0.0 < kw["token_keep_ratio"] <= 1.0:
+        raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
     if kw["num_classes"] < 1:
         raise ValueError(f"num_classes must be positive, got {kw['num_classes']}")
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
