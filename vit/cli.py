@@ -1,4 +1,4 @@
-"""The `vit` command: `vit train | eval | predict | attention | convert`.
+"""The `vit` command: `vit train | eval | predict | attention | convert | plot`.
 
 `vit train` forwards its flags to `vit.train_cli` (absl flags); the others use argparse. Every
 failure the user can fix ends with exit status 2 (1 for failed inputs among several) and one
@@ -32,7 +32,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint or args.workdir, split=args.split, dataset=args.dataset,
-        data_dir=args.data_dir, use_ema=args.ema, batch_size=args.batch_size, step=args.step)
+        data_dir=args.data_dir, use_ema=args.ema, batch_size=args.batch_size, step=args.step,
+        tta=args.tta)
     print(result.summary())
     if args.json:
         _write_json(args.json, result.to_dict())
@@ -172,6 +173,15 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_plot(args: argparse.Namespace) -> int:
+    from vit.plot import plot_runs
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    path = plot_runs(args.workdirs, args.out, labels=labels)
+    print(f"wrote {path} ({len(args.workdirs)} run{'s' if len(args.workdirs) > 1 else ''})")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage mistakes reported as one line."""
 
@@ -196,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="split to evaluate (default: the run's eval_split)")
     ev.add_argument("--ema", action="store_true", help="use the EMA params")
     ev.add_argument("--batch-size", type=int, help="global eval batch size")
+    ev.add_argument("--tta", choices=("none", "flip"), default="none",
+                    help="test-time augmentation: flip = mean softmax of image and mirror image")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.set_defaults(run=_run_eval)
 
@@ -222,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--num-heads", type=int, help="heads, when the weights cannot tell")
     cv.add_argument("--class-names", help="text file with one class name per line")
     cv.set_defaults(run=_run_convert)
+
+    pl = sub.add_parser("plot", help="draw test top-1 and train loss vs minutes and steps (PNG)")
+    pl.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training runs' workdirs")
+    pl.add_argument("--out", default="curves.png", help="output PNG (default: curves.png)")
+    pl.add_argument("--labels", help="comma-separated legend labels, one per workdir")
+    pl.set_defaults(run=_run_plot)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 The model runs on all local devices with `jax.pmap`; every device returns per-example results
 and the host reduces them in numpy with the padding mask, so each example of the split counts
-exactly once and the counts are exact on any number of devices.
+exactly once and the counts are exact on any number of devices. Test-time augmentation
+(`tta="flip"`) averages the softmax probabilities of each image and its horizontal flip.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vit.model import VisionTransformer, model_from_config
 
 PyTree = Any
 TOP_K = 5
+TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
 
 
 class EvalError(ValueError):
@@ -43,6 +45,7 @@ class EvalResult:
     per_class: dict[str, float]
     confusion_matrix: list[list[int]]  # [true class][predicted class]
     images_per_s: float
+    tta: str = "none"  # the test-time augmentation the metrics were computed with
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (NaN per-class accuracies become None)."""
@@ -52,8 +55,9 @@ class EvalResult:
 
     def summary(self) -> str:
         """Human-readable lines: headline metrics, then the per-class accuracies."""
+        tta = f"  tta {self.tta}" if self.tta != "none" else ""
         lines = [f"top-1 {self.top1:.4f}  top-5 {self.top5:.4f}  loss {self.loss:.4f}  "
-                 f"examples {self.num_examples}  {self.images_per_s:.1f} images/s",
+                 f"examples {self.num_examples}  {self.images_per_s:.1f} images/s{tta}",
                  "per-class accuracy:"]
         width = max((len(name) for name in self.per_class), default=0)
         lines += [f"  {name:<{width}}  {acc:.4f}" for name, acc in self.per_class.items()]
@@ -91,16 +95,33 @@ def load_inference_model(
     return InferenceModel(model, params, config, info, contents.step)
 
 
+def check_tta(tta: str) -> None:
+    """Raise a one-line EvalError (a ValueError) unless `tta` is one of TTA_MODES."""
+    if tta not in TTA_MODES:
+        raise EvalError(f"unknown test-time augmentation tta={tta!r}; "
+                         f"valid values: {', '.join(TTA_MODES)}")
+
+
 @functools.lru_cache(maxsize=16)
-def _eval_step(model: VisionTransformer) -> Callable:
-    """The pmapped per-device step for `model`: per-example loss, prediction and top-5 hit."""
+def _eval_step(model: VisionTransformer, tta: str = "none") -> Callable:
+    """The pmapped per-device step for `model`: per-example loss, prediction and top-5 hit.
+
+    With tta="flip" the class probabilities are the mean of those of the image and of its
+    horizontal flip; prediction, top-5 and the loss (-log p[label]) all use that mean.
+    """
 
     def step(params: PyTree, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
         logits = model.apply({"params": params}, images, train=False)
         log_probs = jax.nn.log_softmax(logits)
+        scores = logits  # ranks classes like log_probs
+        if tta == "flip":  # images are [batch, height, width, channels]: mirror the width
+            flipped = model.apply({"params": params}, jnp.flip(images, axis=2), train=False)
+            # log((p + p_flipped) / 2), computed stably from the two log-softmaxes
+            log_probs = jnp.logaddexp(log_probs, jax.nn.log_softmax(flipped)) - jnp.log(2.0)
+            scores = log_probs
         loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-        _, top = jax.lax.top_k(logits, min(TOP_K, logits.shape[-1]))
-        return {"loss": loss, "pred": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        _, top = jax.lax.top_k(scores, min(TOP_K, scores.shape[-1]))
+        return {"loss": loss, "pred": jnp.argmax(scores, axis=-1).astype(jnp.int32),
                 "top5": jnp.any(top == labels[:, None], axis=-1)}
 
     return jax.pmap(step, axis_name=parallel.AXIS)
@@ -116,15 +137,19 @@ def _check_classes(model: VisionTransformer, info: data.DatasetInfo) -> None:
 def evaluate(
     model: VisionTransformer, params: PyTree, config: ml_collections.ConfigDict, *,
     split: str | None = None, batch_size: int | None = None, replicated: bool = False,
+    tta: str = "none",
 ) -> EvalResult:
     """One pass of `model` over a split (default config.eval_split) on all local devices.
 
     `batch_size` (global) defaults to config.eval_batch_size; `replicated=True` says `params`
     already carry the leading device axis (as in the trainer), else they are replicated here.
+    `tta` is a test-time augmentation of TTA_MODES: "flip" averages the softmax of each image
+    and of its horizontal flip (twice the compute); padding stays masked out either way.
     """
+    check_tta(tta)
     info = data.dataset_info(config)
     _check_classes(model, info)
-    step = _eval_step(model)
+    step = _eval_step(model, tta)
     device_params = params if replicated else parallel.replicate(params)
     n = model.num_classes
     confusion = np.zeros((n, n), np.int64)
@@ -146,11 +171,11 @@ def evaluate(
         confusion = totals["confusion"].sum(0)
         loss_sum, top5_hits = float(totals["sums"][:, 0].sum()), int(totals["sums"][:, 1].sum())
     elapsed = time.perf_counter() - start
-    return _result(confusion, loss_sum, top5_hits, info.class_names, elapsed)
+    return _result(confusion, loss_sum, top5_hits, info.class_names, elapsed, tta)
 
 
 def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,
-            class_names: tuple[str, ...], elapsed: float) -> EvalResult:
+            class_names: tuple[str, ...], elapsed: float, tta: str) -> EvalResult:
     total = int(confusion.sum())
     if total == 0:
         raise EvalError("the split holds no examples; choose a non-empty split")
@@ -161,22 +186,25 @@ def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,
         top1=float(np.trace(confusion) / total), top5=top5_hits / total, loss=loss_sum / total,
         num_examples=total,
         per_class={name: float(acc) for name, acc in zip(class_names, per_class, strict=True)},
-        confusion_matrix=confusion.tolist(), images_per_s=total / max(elapsed, 1e-9))
+        confusion_matrix=confusion.tolist(), images_per_s=total / max(elapsed, 1e-9), tta=tta)
 
 
 def evaluate_checkpoint(
     path: str, *, split: str | None = None, dataset: str | None = None,
     data_dir: str | None = None, use_ema: bool = False, batch_size: int | None = None,
-    step: int | None = None,
+    step: int | None = None, tta: str = "none",
 ) -> EvalResult:
     """Evaluate a checkpoint (workdir, checkpoints dir or step dir) on its own or another dataset.
 
-    By default the dataset, split and preprocessing are those the checkpoint was trained with.
+    By default the dataset, split and preprocessing are those the checkpoint was trained with;
+    `tta` is passed on to `evaluate` ("none" or "flip").
     """
+    check_tta(tta)  # before loading anything
     loaded = load_inference_model(load_checkpoint(path, step), use_ema=use_ema)
     overrides: Mapping[str, Any] = {"dataset": dataset, "data_dir": data_dir}
     config = loaded.config
     for key, value in overrides.items():
         if value is not None:
             config[key] = value
-    return evaluate(loaded.model, loaded.params, config, split=split, batch_size=batch_size)
+    return evaluate(loaded.model, loaded.params, config, split=split, batch_size=batch_size,
+                    tta=tta)
