@@ -38,6 +38,11 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.head_bias_init = 0.0
     m.dtype = "float32"  # compute dtype, e.g. "bfloat16"; parameters stay float32
     m.gelu_approximate = True  # False: exact GELU, for exact parity with timm / HF weights
+    m.stem = "patchify"  # | "conv": 3x3 conv stem then a 1x1 projection (vit/stems.py)
+    m.stem_channels = _optional(tuple)  # conv stem widths, e.g. (32, 64, 128); None: default
+    m.stem_strides = _optional(tuple)  # e.g. (2, 1, 2); None: stride 2 for the last convs
+    m.stem_norm = "layernorm"  # | "groupnorm"
+    m.token_keep_ratio = 1.0  # PatchDropout: share of patch tokens kept in training; 1 = off
     m.update(overrides)
     return m
 
@@ -52,6 +57,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per step (same global batch, less memory)
     c.log_every = 50  # steps between train-metric writes
     c.eval_every = 0  # steps between evaluations; 0 = only at the end
+    c.eval_tta = "none"  # test-time augmentation of the evaluations: "none" | "flip" (2x cost)
     c.checkpoint_every = 500  # steps between checkpoints (also at the end and on SIGTERM)
     c.keep_checkpoints = 3
     c.init_from = _optional(str)  # fine-tune from a workdir, orbax checkpoint, .npz, .safetensors
@@ -99,6 +105,8 @@ def validate_config(config: Any) -> None:
     for key in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    if config.eval_tta not in ("none", "flip"):
+        raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use 'none' or 'flip'")
     if int(config.eval_every) < 0:
         raise ConfigError(f"config.eval_every must be >= 0 (0 = only at the end), "
                           f"got {config.eval_every}")

@@ -111,12 +111,13 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = optim.ema_update(ema, params, ema_decay)
+            ema = optim.ema_update(ema, params, optim.ema_decay_at(state.step, ema_decay))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema)
         step_metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            # Against the mixed targets' argmax: under mixup / cutmix, the dominant label.
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state.step),
         }
@@ -275,7 +276,7 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
         variants["eval_ema"] = rstate.ema_params
     scalars = {}
     for prefix, params in variants.items():
-        result = evaluate(model, params, config, replicated=True)
+        result = evaluate(model, params, config, replicated=True, tta=config.eval_tta)
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
     writer.write_scalars(step, scalars)

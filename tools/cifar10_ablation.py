@@ -1,0 +1,70 @@
+"""Run the CIFAR-10 lever ablation: one short run per row, each a change to one base recipe.
+
+Each row is `python train.py --config=configs/cifar10.py:<base> <overrides>` in its own workdir
+under --root; the script prints one JSON line per finished row (test top-1 with and without
+flip TTA, EMA top-1, wall minutes) and skips rows whose workdir already holds a result.
+    python tools/cifar10_ablation.py --root runs/ablation --rows base,conv_stem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> overrides of the base recipe (configs/cifar10.py:ablation-base)
+ROWS: dict[str, list[str]] = {
+    "base": [],
+    "patchify_stem": ["--config.model.stem=patchify"],
+    "token_head": ["--config.model.classifier=token"],
+    "no_crop": ["--config.pp.train_crop=resize"],
+    "lr_1e-3": ["--config.lr=0.001"],
+    "no_label_smoothing": ["--config.label_smoothing=0.0"],
+    "deep_conv_stem": ["--config.model.stem_channels=(32,64,64,128)",
+                       "--config.model.stem_strides=(1,2,1,2)"],
+    "stem_groupnorm": ["--config.model.stem_norm=groupnorm"],
+}
+
+
+def _last_eval(workdir: Path) -> dict:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    return [r for r in records if "eval/top1" in r][-1]
+
+
+def run_row(name: str, overrides: list[str], root: Path, base: str) -> dict:
+    """Train one row to the end (or reuse its finished workdir) and return its figures."""
+    workdir = root / name
+    result_file = workdir / "ablation.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    start = time.perf_counter()
+    cmd = [sys.executable, "train.py", f"--config=configs/cifar10.py:{base}",
+           f"--workdir={workdir}", *overrides]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=dict(os.environ))
+    minutes = (time.perf_counter() - start) / 60
+    last = _last_eval(workdir)
+    row = {"row": name, "overrides": overrides, "top1": last["eval/top1"],
+           "ema_top1": last.get("eval_ema/top1"), "minutes": round(minutes, 2)}
+    result_file.write_text(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    """Parse the flags and run the chosen rows in order."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", default="runs/ablation")
+    parser.add_argument("--base", default="ablation-base")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    args = parser.parse_args()
+    for name in args.rows.split(","):
+        print(json.dumps(run_row(name, ROWS[name], Path(args.root), args.base)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
