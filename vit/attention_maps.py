@@ -1,9 +1,10 @@
 """Attention maps and attention rollout for a Vision Transformer.
 
 Weights come from `VisionTransformer(..., return_attention=True)` as [depth, B, heads, T, T],
-where T = prefix tokens (1 class token for classifier="token", none for "gap"/"map") + patches.
-A "map" here is a distribution over the patch grid that sums to 1: what the class token attends
-to, or the average over all tokens for models without a class token.
+where T = prefix tokens (1 class token for classifier="token", none for "gap"/"map", then the
+model's register tokens) + patches. A "map" here is a distribution over the patch grid that sums
+to 1: what the class token attends to, or the average over the patch tokens for models without a
+class token. Register tokens take part in the rollout's flow but never appear in a map.
 
 Rollout follows Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers": average
 the heads, add the identity for the residual path (A_hat = 0.5 A + 0.5 I, rows renormalised) and
@@ -34,8 +35,8 @@ LAYER_GRID_DPI = 100
 
 
 def prefix_token_count(model: VisionTransformer) -> int:
-    """Tokens before the patches: 1 (the class token) for classifier="token", else 0."""
-    return 1 if model.classifier == "token" else 0
+    """Tokens before the patches: the class token (classifier="token") and the registers."""
+    return (1 if model.classifier == "token" else 0) + model.num_registers
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,11 +90,16 @@ def _select_heads(weights: np.ndarray, head: int | None) -> np.ndarray:
     return weights.mean(axis=2) if head is None else weights[:, :, head]
 
 
-def _query(num_tokens: int, num_prefix_tokens: int) -> np.ndarray:
-    """Whose attention a map shows: the class token, or every token equally (no class token)."""
-    if num_prefix_tokens:
+def _query(num_tokens: int, num_prefix_tokens: int, class_token: bool | None) -> np.ndarray:
+    """Whose attention a map shows: the class token, or every patch token equally.
+
+    `class_token=None` means the prefix is just a class token when there is one (no registers).
+    """
+    if num_prefix_tokens if class_token is None else class_token:
         return np.eye(num_tokens)[0]
-    return np.full(num_tokens, 1.0 / num_tokens)
+    query = np.zeros(num_tokens)
+    query[num_prefix_tokens:] = 1.0 / (num_tokens - num_prefix_tokens)
+    return query
 
 
 def _patch_distribution(rows: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
@@ -106,19 +112,21 @@ def _patch_distribution(rows: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
 
 
 def rollout(
-    weights: np.ndarray, *, num_prefix_tokens: int, head: int | None = None
+    weights: np.ndarray, *, num_prefix_tokens: int, head: int | None = None,
+    class_token: bool | None = None,
 ) -> np.ndarray:
     """Attention rollout over all layers, [B, patches]; each map sums to 1.
 
-    Uses the mean over heads, or only `head`. Read from the class token when there is one,
-    else averaged over all tokens.
+    Uses the mean over heads, or only `head`. Read from the class token when there is one
+    (`class_token`; None: iff there are prefix tokens), else averaged over the patch tokens.
     """
     weights = _check_weights(weights, num_prefix_tokens)
     attn = _select_heads(weights, head)
     attn = 0.5 * attn + 0.5 * np.eye(attn.shape[-1])
     attn /= attn.sum(axis=-1, keepdims=True)
     # The query row of A_hat_L ... A_hat_1, built from the last layer down as row-vector products.
-    flow = np.broadcast_to(_query(attn.shape[-1], num_prefix_tokens), attn.shape[1:3])
+    flow = np.broadcast_to(_query(attn.shape[-1], num_prefix_tokens, class_token),
+                           attn.shape[1:3])
     for layer_attn in attn[::-1]:
         flow = np.einsum("bi,bij->bj", flow, layer_attn)
     return _patch_distribution(flow, num_prefix_tokens)
@@ -126,7 +134,7 @@ def rollout(
 
 def layer_maps(
     weights: np.ndarray, *, num_prefix_tokens: int, layer: int | None = None,
-    head: int | None = None,
+    head: int | None = None, class_token: bool | None = None,
 ) -> np.ndarray:
     """Per-layer attention maps, [depth (or 1 with `layer`), B, patches]; each sums to 1.
 
@@ -138,7 +146,8 @@ def layer_maps(
     attn = _select_heads(weights, head)
     if layer is not None:
         attn = attn[layer:layer + 1]
-    rows = np.einsum("i,lbij->lbj", _query(attn.shape[-1], num_prefix_tokens), attn)
+    rows = np.einsum("i,lbij->lbj", _query(attn.shape[-1], num_prefix_tokens, class_token),
+                     attn)
     return _patch_distribution(rows, num_prefix_tokens)
 
 
@@ -197,7 +206,7 @@ def _save_layer_grid(path: str, image: np.ndarray, heats: np.ndarray, titles: li
 def write_attention_outputs(
     image_uint8: np.ndarray, weights_for_image: np.ndarray, out_dir: str, stem: str, *,
     grid: Sequence[int], num_prefix_tokens: int, layer: int | None = None,
-    head: int | None = None, scale: int | None = None,
+    head: int | None = None, scale: int | None = None, class_token: bool | None = None,
 ) -> list[str]:
     """Write one image's PNGs (image, rollout overlay, per-layer grid) and .npy maps.
 
@@ -213,9 +222,10 @@ def write_attention_outputs(
     if weights.ndim != 5:
         raise ValueError(f"weights_for_image must be [depth, heads, T, T], got shape "
                          f"{np.shape(weights_for_image)}; index one image: weights[:, i]")
-    roll = to_grid(rollout(weights, num_prefix_tokens=num_prefix_tokens)[0], grid)
+    roll = to_grid(rollout(weights, num_prefix_tokens=num_prefix_tokens,
+                           class_token=class_token)[0], grid)
     layers = to_grid(layer_maps(weights, num_prefix_tokens=num_prefix_tokens, layer=layer,
-                                head=head)[:, 0], grid)
+                                head=head, class_token=class_token)[:, 0], grid)
     k = display_scale(image.shape[:2]) if scale is None else scale
     if k < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
@@ -252,5 +262,6 @@ def write_attention_batch(
     for i, stem in enumerate(stems):
         paths += write_attention_outputs(
             images_uint8[i], weights[:, i], out_dir, stem, grid=model.grid,
-            num_prefix_tokens=prefix_token_count(model), layer=layer, head=head)
+            num_prefix_tokens=prefix_token_count(model), layer=layer, head=head,
+            class_token=model.classifier == "token")
     return paths

@@ -28,6 +28,7 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     """`config.model`: a variant string plus every `vit.create_model` option (None = default)."""
     m = ml_collections.ConfigDict()
     m.variant = variant  # "<size>/<patch>": Ti, S, M, B, L, H, g, G; e.g. "Ti/4", "B/16"
+    # or a ResNet hybrid "R<depth>+<size>/<stride>": "R50+B/16", "R26+S/32", "R50+L/32"
     for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "representation_size"):
         m[name] = _optional(int)  # None: the variant's value (no pre-logits layer)
     m.classifier = "token"  # "token" | "gap" | "map"
@@ -42,7 +43,12 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.stem_channels = _optional(tuple)  # conv stem widths, e.g. (32, 64, 128); None: default
     m.stem_strides = _optional(tuple)  # e.g. (2, 1, 2); None: stride 2 for the last convs
     m.stem_norm = "layernorm"  # | "groupnorm"
+    m.resnet_layers = _optional(tuple)  # ResNet hybrid trunk, e.g. (3, 4, 9); None: the variant's
+    m.resnet_width = 64  # hybrid trunk's root channels (vit/resnet.py)
+    m.resnet_numerics = "vit_jax"  # | "timm": hybrid trunk's epsilons, "timm" for timm weights
     m.token_keep_ratio = 1.0  # PatchDropout: share of patch tokens kept in training; 1 = off
+    m.num_registers = 0  # register tokens (Darcet et al. 2024), dropped before the head
+    m.attention_impl = "auto"  # | "explicit" | "fused": see vit/attention.py
     m.update(overrides)
     return m
 

@@ -6,12 +6,15 @@ variants. Parameter names match the public vit_jax checkpoints one to one:
     embedding/{kernel,bias}                          patch embedding (conv, kernel = stride = patch)
     stem/{conv_i,norm_i}                             stem="conv" only: 3x3 convs before a 1x1
                                                      `embedding` (vit/stems.py)
+    conv_root, gn_root, block{i}/unit{j}/...         hybrids only ("R50+B/16"): the ResNet-v2
+                                                     trunk before `embedding` (vit/resnet.py)
     cls                                              class token (classifier="token" only)
     Transformer/posembed_input/pos_embedding         learned position embedding
     Transformer/encoderblock_{i}/LayerNorm_0
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}
     Transformer/encoderblock_{i}/LayerNorm_2
     Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}
+    Transformer/registers                            num_registers > 0 only: [1, R, width]
     Transformer/encoder_norm
     MAPHead_0/...                                    attention-pooling head (classifier="map")
     pre_logits/{kernel,bias}                         optional (representation_size)
@@ -20,7 +23,7 @@ variants. Parameter names match the public vit_jax checkpoints one to one:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import stems
+from vit import resnet, stems
+from vit.attention import (  # noqa: F401  (attention_weights: public here too)
+    ATTENTION_IMPLS,
+    MultiHeadDotProductAttention,
+    attention_weights,
+)
 
 Dtype = Any
 Array = jax.Array
@@ -50,89 +58,6 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
     x = x.reshape(-1)[:, None] * omega[None, :]
     pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
     return pe[None].astype(np.float32)
-
-
-def _xavier_as_matrix(rows: int) -> Callable[..., Array]:
-    """Xavier-uniform for a DenseGeneral kernel, computed on the [rows, -1] matrix it acts as."""
-
-    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
-        return _xavier(key, (rows, int(np.prod(shape)) // rows), dtype).reshape(shape)
-
-    return init
-
-
-class _DenseGeneralParams(nn.Module):
-    """Holds a DenseGeneral kernel and bias under vit_jax's names; the caller does the matmul."""
-
-    kernel_shape: tuple[int, ...]
-    bias_shape: tuple[int, ...]
-    fan_in: int
-
-    @nn.compact
-    def __call__(self) -> tuple[Array, Array]:
-        kernel = self.param("kernel", _xavier_as_matrix(self.fan_in), self.kernel_shape)
-        bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
-        return kernel, bias
-
-
-def attention_weights(q: Array, k: Array) -> Array:
-    """Softmax attention probabilities [B, heads, Tq, Tk] from q, k of shape [B, T, heads, dim]."""
-    scale = 1.0 / np.sqrt(q.shape[-1]).astype(np.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-
-class MultiHeadDotProductAttention(nn.Module):
-    """Multi-head attention with vit_jax's query/key/value/out parameters.
-
-    The three input projections run as one fused matmul; attention itself goes through
-    `jax.nn.dot_product_attention`, which selects fused kernels on GPU. When the attention
-    weights are asked for, or attention dropout is active, the explicit softmax path is used.
-    """
-
-    num_heads: int
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x_q: Array, x_kv: Array | None = None, *, deterministic: bool = True,
-        return_weights: bool = False,
-    ) -> tuple[Array, Array | None]:
-        width = x_q.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-        heads, head_dim = self.num_heads, width // self.num_heads
-        proj = {n: _DenseGeneralParams((width, heads, head_dim), (heads, head_dim), width, name=n)()
-                for n in ("query", "key", "value")}
-        out_k, out_b = _DenseGeneralParams((heads, head_dim, width), (width,), width, name="out")()
-
-        def project(x: Array, names: tuple[str, ...]) -> list[Array]:
-            kernel = jnp.concatenate([proj[n][0].reshape(width, -1) for n in names], axis=1)
-            bias = jnp.concatenate([proj[n][1].reshape(-1) for n in names])
-            y = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-            parts = jnp.split(y, len(names), axis=-1)
-            return [p.reshape(*p.shape[:-1], heads, head_dim) for p in parts]
-
-        if x_kv is None:
-            q, k, v = project(x_q, ("query", "key", "value"))
-        else:
-            (q,) = project(x_q, ("query",))
-            k, v = project(x_kv, ("key", "value"))
-
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        weights = None
-        # XLA:CPU runs the explicit softmax path faster than dot_product_attention's lowering.
-        if return_weights or use_dropout or jax.default_backend() == "cpu":
-            weights = attention_weights(q, k)
-            probs = weights
-            if use_dropout:
-                probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-            y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-        else:
-            y = jax.nn.dot_product_attention(q, k, v)
-        y = y.reshape(*y.shape[:-2], width) @ out_k.reshape(width, width).astype(self.dtype)
-        return y + out_b.astype(self.dtype), weights
 
 
 class MlpBlock(nn.Module):
@@ -178,16 +103,18 @@ class Encoder1DBlock(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
-        self, x: Array, *, deterministic: bool = True, return_weights: bool = False
+        self, x: Array, *, mask: Array | None = None, deterministic: bool = True,
+        return_weights: bool = False,
     ) -> tuple[Array, Array | None]:
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
-            self.num_heads, self.attention_dropout_rate, self.dtype,
+            self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             name="MultiHeadDotProductAttention_1",
-        )(y, deterministic=deterministic, return_weights=return_weights)
+        )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
@@ -197,17 +124,20 @@ class Encoder1DBlock(nn.Module):
         return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
 
 
+def random_keep_indices(rng: Array, batch: int, num_patches: int, keep_ratio: float) -> Array:
+    """PatchDropout's choice: [batch, keep] sorted indices of the patches each image keeps."""
+    keep = max(1, int(round(num_patches * keep_ratio)))
+    scores = jax.random.uniform(rng, (batch, num_patches))
+    return jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1)
+
+
 def keep_random_tokens(x: Array, num_prefix: int, keep_ratio: float, rng: Array) -> Array:
     """PatchDropout: keep the prefix tokens and a random `keep_ratio` of each image's patches.
 
     The kept patches stay in their original order; at least one is always kept.
     """
-    patches = x[:, num_prefix:]
-    n = patches.shape[1]
-    keep = max(1, int(round(n * keep_ratio)))
-    scores = jax.random.uniform(rng, patches.shape[:2])
-    idx = jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1)
-    kept = jnp.take_along_axis(patches, idx[:, :, None], axis=1)
+    idx = random_keep_indices(rng, x.shape[0], x.shape[1] - num_prefix, keep_ratio)
+    kept = jnp.take_along_axis(x[:, num_prefix:], idx[:, :, None], axis=1)
     return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
 
 
@@ -234,12 +164,17 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
     token_keep_ratio: float = 1.0
+    num_registers: int = 0
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
-        self, x: Array, *, deterministic: bool = True, return_weights: bool = False
-    ) -> tuple[Array, list[Array]]:
-        width = x.shape[-1]
+        self, x: Array, *, token_mask: Array | None = None, deterministic: bool = True,
+        return_weights: bool = False,
+    ) -> tuple[Array, list[Array], Array | None]:
+        """Encode x [B, prefix + patches, width] -> (x with registers after the prefix tokens,
+        per-layer attention weights, the patch mask [B, patches kept] or None)."""
+        width, n_pre = x.shape[-1], self.num_prefix_tokens
         if self.posemb == "learn":
             pe = LearnedPositionEmbedding(name="posembed_input")(x.shape[1:])
         else:
@@ -247,8 +182,21 @@ class Encoder(nn.Module):
             pe = np.pad(pe, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
         x = (x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
         if self.token_keep_ratio < 1.0 and not deterministic:
-            x = keep_random_tokens(x, self.num_prefix_tokens, self.token_keep_ratio,
-                                   self.make_rng("dropout"))
+            idx = random_keep_indices(self.make_rng("dropout"), x.shape[0], x.shape[1] - n_pre,
+                                      self.token_keep_ratio)
+            x = jnp.concatenate(
+                [x[:, :n_pre], jnp.take_along_axis(x[:, n_pre:], idx[:, :, None], axis=1)], 1)
+            if token_mask is not None:
+                token_mask = jnp.take_along_axis(token_mask, idx, axis=1)
+        if self.num_registers:  # after the position embedding: registers have no position
+            reg = self.param("registers", nn.initializers.normal(stddev=0.02),
+                             (1, self.num_registers, width))
+            reg = jnp.tile(reg.astype(x.dtype), (x.shape[0], 1, 1))
+            x = jnp.concatenate([x[:, :n_pre], reg, x[:, n_pre:]], axis=1)
+        mask = None
+        if token_mask is not None:  # [B, 1 (heads), 1 (queries), keys]; prefix tokens always on
+            prefix = jnp.ones((x.shape[0], n_pre + self.num_registers), bool)
+            mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         maps = []
         for i in range(self.depth):
@@ -256,10 +204,11 @@ class Encoder(nn.Module):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x, w = Encoder1DBlock(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                rate, self.dtype, self.gelu_approximate, name=f"encoderblock_{i}",
-            )(x, deterministic=deterministic, return_weights=return_weights)
+                rate, self.dtype, self.gelu_approximate, self.attention_impl,
+                name=f"encoderblock_{i}",
+            )(x, mask=mask, deterministic=deterministic, return_weights=return_weights)
             maps.append(w)
-        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps
+        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask
 
 
 class MAPHead(nn.Module):
@@ -268,14 +217,17 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: Array) -> tuple[Array, Array | None]:
+    def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
         width = x.shape[-1]
         probe = self.param("probe", _xavier, (1, 1, width))
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
         y, w = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                            name="MultiHeadDotProductAttention_0")(probe, x)
+                                            impl=self.attention_impl,
+                                            name="MultiHeadDotProductAttention_0")(
+            probe, x, mask=mask)
         y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(
             nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
         return y[:, 0], w
@@ -286,7 +238,9 @@ class VisionTransformer(nn.Module):
 
     Call with images [B, H, W, C]; `train=True` enables dropout and stochastic depth (needs a
     "dropout" rng); `return_attention=True` also returns the attention weights of every layer,
-    stacked as [depth, B, heads, tokens, tokens].
+    stacked as [depth, B, heads, tokens, tokens], tokens ordered (class token, registers,
+    patches). `token_mask` [B, grid rows * cols] (True = real patch) hides padded patches: no
+    token attends to them and the GAP / MAP heads ignore them.
     """
 
     num_classes: int
@@ -309,7 +263,14 @@ class VisionTransformer(nn.Module):
     stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
     stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
     stem_norm: str = "layernorm"  # | "groupnorm": the conv stem's norm
+    # Hybrids ("R50+B/16"): units per stage of a ResNet-v2 trunk run before the patchify stem,
+    # whose kernel is then patch_size / the trunk's stride (vit/resnet.py). None: no trunk.
+    resnet_layers: tuple[int, ...] | None = None
+    resnet_width: int = 64  # the trunk's root channels (vit_jax's 64 * width_factor)
+    resnet_numerics: str = "vit_jax"  # | "timm": the trunk's epsilons (vit/resnet.py)
     token_keep_ratio: float = 1.0  # PatchDropout in training: share of patch tokens kept
+    num_registers: int = 0  # learned register tokens (Darcet et al. 2024), dropped before the head
+    attention_impl: str = "auto"  # | "explicit" | "fused" (vit/attention.py)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -318,7 +279,8 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: Array, *, train: bool = False, return_attention: bool = False
+        self, images: Array, *, train: bool = False, return_attention: bool = False,
+        token_mask: Array | None = None,
     ) -> Array | tuple[Array, Array]:
         if tuple(images.shape[1:3]) != tuple(self.image_size):
             raise ValueError(
@@ -328,7 +290,12 @@ class VisionTransformer(nn.Module):
         deterministic = not train
         x = images.astype(self.dtype)
         kernel = self.patch_size
-        if self.stem == "conv":
+        if self.resnet_layers is not None:  # a hybrid: patchify the trunk's feature map
+            x = resnet.resnet_trunk(x, self.resnet_layers, self.resnet_width,
+                                    self.resnet_numerics, self.dtype)
+            kernel = resnet.embedding_kernel(self.resnet_layers, self.resnet_width,
+                                             self.patch_size)
+        elif self.stem == "conv":
             x = stems.ConvStem(self.width, self.patch_size, self.stem_channels,
                                self.stem_strides, self.stem_norm, self.dtype, name="stem")(x)
             kernel = (1, 1)
@@ -336,24 +303,35 @@ class VisionTransformer(nn.Module):
                     name="embedding")(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
+        if token_mask is not None and tuple(token_mask.shape) != (b, h * w):
+            raise ValueError(f"token_mask must be [batch, patches] = [{b}, {h * w}], got "
+                             f"{tuple(token_mask.shape)}")
         num_prefix = 0
         if self.classifier == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
             num_prefix = 1
 
-        x, maps = Encoder(
+        x, maps, patch_mask = Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
-            self.gelu_approximate, self.token_keep_ratio, name="Transformer",
-        )(x, deterministic=deterministic, return_weights=return_attention)
+            self.gelu_approximate, self.token_keep_ratio, self.num_registers,
+            self.attention_impl, name="Transformer",
+        )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
+        patches = x[:, num_prefix + self.num_registers:]
         if self.classifier == "token":
             x = x[:, 0]
         elif self.classifier == "gap":
-            x = jnp.mean(x, axis=1)
+            if patch_mask is None:
+                x = jnp.mean(patches, axis=1)
+            else:
+                weight = patch_mask.astype(patches.dtype)[..., None]
+                x = (patches * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
         else:
-            x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name="MAPHead_0")(x)
+            mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
+            x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
+                           name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
@@ -385,13 +363,28 @@ def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int | np.integer) else (int(v[0]), int(v[1]))
 
 
-def parse_variant(variant: str) -> tuple[dict[str, int], tuple[int, int]]:
-    """Split a variant string like "S/16" into its size hyper-parameters and patch size."""
+def parse_variant(variant: str) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Split a variant string like "S/16" into its size hyper-parameters and patch size.
+
+    A hybrid "R<depth>+<size>/<stride>" ("R50+B/16", "R26+S/32", "R50+L/32") also sets
+    `resnet_layers`; its /<stride> is the token grid's patch size, as for plain variants.
+    """
+    resnet_name, plus, plain = variant.partition("+")
+    if plus:
+        try:
+            sizes, patch = parse_variant(plain)
+        except ValueError:
+            raise resnet.hybrid_error(variant) from None
+        layers = resnet.hybrid_layers(resnet_name, patch[0])
+        if layers is None:
+            raise resnet.hybrid_error(variant)
+        return {**sizes, "resnet_layers": layers}, patch
     name, sep, patch = variant.partition("/")
     if name not in VARIANTS or not sep or not patch.isdigit() or int(patch) < 1:
         raise ValueError(
             f"unknown ViT variant {variant!r}: use '<size>/<patch>' with size one of "
-            f"{', '.join(VARIANTS)} and a positive patch size, e.g. 'Ti/16', 'S/4', 'B/16'")
+            f"{', '.join(VARIANTS)} and a positive patch size, e.g. 'Ti/16', 'S/4', 'B/16', "
+            "or a ResNet hybrid 'R<depth>+<size>/<stride>' such as 'R50+B/16'")
     return dict(VARIANTS[name]), (int(patch), int(patch))
 
 
@@ -410,7 +403,7 @@ def create_model(
     kwargs.update(overrides)
     kwargs["patch_size"] = _pair(kwargs["patch_size"])
     kwargs["image_size"] = _pair(kwargs["image_size"])
-    for key in ("stem_channels", "stem_strides"):
+    for key in ("stem_channels", "stem_strides", "resnet_layers"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(int(c) for c in kwargs[key])
     _validate(kwargs)
@@ -434,8 +427,21 @@ def _validate(kw: dict[str, Any]) -> None:
     if kw["stem"] == "conv":
         channels = kw["stem_channels"] or stems.default_stem_channels(kw["width"], kw["patch_size"])
         stems.conv_strides(len(channels), kw["patch_size"], kw["stem_strides"])
+    if kw["resnet_layers"] is not None:
+        if kw["stem"] != "patchify":
+            raise ValueError(f"a ResNet hybrid (resnet_layers={kw['resnet_layers']}) patchifies "
+                             f"its trunk's features: use stem='patchify', not {kw['stem']!r}")
+        resnet.embedding_kernel(kw["resnet_layers"], kw["resnet_width"], kw["patch_size"])
+    if kw["resnet_numerics"] not in resnet.NUMERICS:
+        raise ValueError(f"unknown resnet_numerics {kw['resnet_numerics']!r}; use one of "
+                         f"{resnet.NUMERICS}")
     if kw["stem_norm"] not in stems.STEM_NORMS:
         raise ValueError(f"unknown stem_norm {kw['stem_norm']!r}; use one of {stems.STEM_NORMS}")
+    if kw["attention_impl"] not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {kw['attention_impl']!r}; use one of "
+                         f"{ATTENTION_IMPLS}")
+    if kw["num_registers"] < 0:
+        raise ValueError(f"num_registers must be >= 0, got {kw['num_registers']}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:
         raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
     if kw["num_classes"] < 1:

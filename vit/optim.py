@@ -31,8 +31,10 @@ TRAINABLE = ("all", "head")
 
 # Top-level parameter groups that train at the full rate under layer-wise lr decay.
 _HEAD_GROUPS = ("pre_logits", "MAPHead_0", "head")
-# Top-level parameter groups that count as the input layer (below block 0) under layer decay.
-_EMBED_GROUPS = ("stem", "embedding", "cls")
+# Top-level parameter groups that count as the input layer (below block 0) under layer decay;
+# a hybrid's ResNet trunk (vit/resnet.py: conv_root, gn_root, block1, block2, ...) is too.
+_EMBED_GROUPS = ("stem", "embedding", "cls", "conv_root", "gn_root",
+                 *(f"block{i}" for i in range(1, 9)))
 
 
 class OptimizerConfigError(ValueError):

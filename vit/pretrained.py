@@ -24,7 +24,7 @@ __all__ = ["Weights", "WeightsError", "adapt_params", "load_pretrained", "read_w
 
 RESAMPLE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos3")
 EMBEDDING = "embedding/kernel"
-DROPPABLE = ("pre_logits/", "MAPHead_0/", "cls", POSEMB)
+DROPPABLE = ("pre_logits/", "MAPHead_0/", "cls", POSEMB, "Transformer/registers")
 
 
 def _grid_of(tokens: int) -> tuple[int, int] | None:
@@ -142,6 +142,10 @@ def _head_notes(loaded: Mapping[str, np.ndarray], target: Mapping[str, Any]) -> 
     return f"head initialised: {new} classes (none in the weights)"
 
 
+# Token parameters a model may add to weights without them; they start from their init.
+_NEW_TOKENS = {"cls": "class token", "Transformer/registers": "register tokens"}
+
+
 def adapt_params(
     loaded: Mapping[str, Any], target: Mapping[str, Any], model: Any, *,
     keep_head: bool | None = None, keep_pre_logits: bool = True,
@@ -176,9 +180,9 @@ def adapt_params(
             out[name] = init
             continue
         if name not in src:
-            if name == "cls":
+            if name in _NEW_TOKENS:
                 out[name] = init
-                notes.append("class token initialised (none in the weights)")
+                notes.append(f"{_NEW_TOKENS[name]} initialised (none in the weights)")
             else:
                 missing.append(f"{name} {init.shape}")
             continue
@@ -201,7 +205,7 @@ def adapt_params(
     unexpected = []
     for name in sorted(set(src) - set(tgt)):
         if name.startswith(DROPPABLE):
-            group = name if name in ("cls", POSEMB) else name.split("/")[0]
+            group = name if name in ("cls", POSEMB, "Transformer/registers") else name.split("/")[0]
             if f"{group} dropped (not in the model)" not in notes:
                 notes.append(f"{group} dropped (not in the model)")
         else:

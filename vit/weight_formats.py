@@ -2,10 +2,12 @@
 
 Containers: a checkpoint directory of this toolkit (via `vit.checkpoint`), `.npz` (vit_jax /
 AugReg, keys joined with "/"), `.safetensors`, and `.bin` / `.pth` / `.pt` (needs torch).
-Namings: this toolkit's own (= vit_jax's), timm's `VisionTransformer` and HuggingFace
-transformers' `ViTModel` / `ViTForImageClassification`; the latter two are renamed and transposed
-here. Their attention projections come out as plain matrices ([D, D] kernels, [D] biases);
-`vit.pretrained.adapt_params` splits them into the model's heads.
+Namings: this toolkit's own (= vit_jax's), timm's `VisionTransformer` (plain, or a ResNet-v2
+hybrid such as `vit_base_r50_s16_224`) and HuggingFace transformers' `ViTModel` /
+`ViTForImageClassification`; the latter two are renamed and transposed here (conv kernels
+OIHW -> HWIO). Their attention projections come out as plain matrices ([D, D] kernels, [D]
+biases); `vit.pretrained.adapt_params` splits them into the model's heads. vit_jax's hybrid
+trunk names (`conv_root`, `block{i}/unit{j}/...`, see vit/resnet.py) need no renaming.
 """
 
 from __future__ import annotations
@@ -94,12 +96,31 @@ _LAYOUTS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
 }
 _BLOCK = r"Transformer/encoderblock_\1"
 _ATTN = _BLOCK + "/MultiHeadDotProductAttention_1"
+Target = str | Callable[[re.Match[str]], str]
+
+
+def _unit(layer: str) -> Callable[[re.Match[str]], str]:
+    """timm's stages.{i}.blocks.{j} (from 0) -> vit_jax's block{i+1}/unit{j+1}/<layer>."""
+    return lambda m: f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}/{layer.format(*m.groups()[2:])}"
+
+
+# timm's ResNet-v2 hybrid trunk (HybridEmbed.backbone; a stem-only trunk has no `.stem`).
+_TIMM_TRUNK = r"patch_embed\.backbone\."
+_TIMM_UNIT = _TIMM_TRUNK + r"stages\.(\d+)\.blocks\.(\d+)\."
+_TIMM_HYBRID_NOTE = ("timm ResNet-v2 hybrid: build the model with resnet_numerics='timm' to "
+                     "reproduce timm's outputs exactly (its StdConv / GroupNorm epsilons)")
 
 # (module-name regex, flax module name, layout); "param" rules match a whole parameter name.
-_TIMM_RULES: list[tuple[str, str, str]] = [
+_TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"cls_token", "cls", "param"),
     (r"pos_embed", POSEMB, "param"),
     (r"patch_embed\.proj", "embedding", "conv"),
+    (_TIMM_TRUNK + r"(?:stem\.)?conv", "conv_root", "conv"),
+    (_TIMM_TRUNK + r"(?:stem\.)?norm", "gn_root", "norm"),
+    (_TIMM_UNIT + r"conv([123])", _unit("conv{}"), "conv"),
+    (_TIMM_UNIT + r"norm([123])", _unit("gn{}"), "norm"),
+    (_TIMM_UNIT + r"downsample\.conv", _unit("conv_proj"), "conv"),
+    (_TIMM_UNIT + r"downsample\.norm", _unit("gn_proj"), "norm"),
     (r"blocks\.(\d+)\.norm1", _BLOCK + "/LayerNorm_0", "norm"),
     (r"blocks\.(\d+)\.attn\.qkv", _ATTN, "qkv"),
     (r"blocks\.(\d+)\.attn\.proj", _ATTN + "/out", "dense"),
@@ -136,7 +157,7 @@ _HF_RULES: list[tuple[str, str, str]] = [
 _HF_DROPPED = ("embeddings.mask_token",)
 
 
-def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, str, str]]
+def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]]
                 ) -> dict[str, np.ndarray] | None:
     module, _, leaf = key.rpartition(".")
     for pattern, target, layout in rules:
@@ -147,7 +168,7 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, str, str]]
         match = re.fullmatch(pattern, module)
         if match is None or leaf not in ("weight", "bias"):
             continue
-        name = match.expand(target)
+        name = match.expand(target) if isinstance(target, str) else target(match)
         if layout == "qkv":
             parts = np.split(value, 3, axis=0)
             kind = "kernel" if leaf == "weight" else "bias"
@@ -160,7 +181,7 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, str, str]]
     return None
 
 
-def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, str, str]], source: str,
+def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]], source: str,
             dropped: tuple[str, ...] = ()) -> Weights:
     out: dict[str, np.ndarray] = {}
     notes, unknown = [], []
@@ -175,11 +196,14 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, str, str]], 
             out.update(renamed)
     if unknown:
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
-                           f"{', '.join(unknown)}; only plain ViTs (no register tokens, layer "
-                           "scale, qk-norm or hybrid stems) can be loaded")
+                           f"{', '.join(unknown)}; only plain ViTs and ResNet-v2 hybrids (no "
+                           "register tokens, layer scale, qk-norm or other CNN stems) can be "
+                           "loaded")
     if any(k.startswith("fc_norm.") for k in state):
         notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
                      "pooling): outputs differ from timm until fine-tuned")
+    if source == "timm" and "conv_root/kernel" in out:
+        notes.append(_TIMM_HYBRID_NOTE)
     return Weights(out, source, notes)
 
 

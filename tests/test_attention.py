@@ -1,0 +1,159 @@
+"""Attention masks on both kernels, and register tokens (model, attention maps, fine-tuning)."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vit
+from vit import attention_maps, pretrained
+from vit.attention import MultiHeadDotProductAttention, attention_weights
+
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def _model(**kw):
+    return vit.create_model("Ti/4", num_classes=10, image_size=16, **{**TINY, **kw})
+
+
+def _random_params(model, seed=0):
+    """Initial params plus noise, so that the (zero-initialised) head sees every token."""
+    params = vit.init_params(model, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
+
+
+def _images(batch=2, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (batch, 16, 16, 3))
+
+
+def test_masked_keys_get_exactly_zero_weight():
+    q, k = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 3, 4)) for i in range(2))
+    mask = jnp.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)[:, None, None]
+    w = np.asarray(attention_weights(q, k, mask))
+    assert np.all(w[0, ..., [2, 4]] == 0.0) and np.all(w[1, ..., 1:] == 0.0)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(w[1, ..., 0], 1.0)
+
+
+@pytest.mark.parametrize("impl", ["explicit", "fused"])
+def test_module_mask_matches_attention_over_kept_keys_only(impl):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8))
+    keep = jnp.array([[1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 1]], bool)
+    layer = MultiHeadDotProductAttention(num_heads=2, impl=impl)
+    params = layer.init(jax.random.PRNGKey(1), x)
+    masked, _ = layer.apply(params, x, mask=keep[:, None, None])
+    # Image 0 with its masked tokens removed from the keys gives the same outputs.
+    kept = x[0][np.asarray(keep[0])][None]
+    alone, _ = layer.apply(params, x[:1], kept)
+    np.testing.assert_allclose(masked[0], alone[0], atol=1e-5)
+    full, _ = layer.apply(params, x)
+    np.testing.assert_allclose(masked[1], full[1], atol=1e-6)
+
+
+def test_explicit_and_fused_agree_with_a_mask():
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 8))
+    mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (3, 1, 7, 7)).at[..., 0].set(True)
+    outs = []
+    for impl in ("explicit", "fused"):
+        layer = MultiHeadDotProductAttention(num_heads=2, impl=impl)
+        params = layer.init(jax.random.PRNGKey(1), x)
+        outs.append(layer.apply(params, x, mask=mask)[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["explicit", "fused"])
+@pytest.mark.parametrize("classifier", ["token", "gap", "map"])
+def test_masked_patches_cannot_change_the_output(impl, classifier):
+    model = _model(classifier=classifier, attention_impl=impl)
+    params = _random_params(model)
+    images = _images()
+    mask = jnp.ones((2, 16), bool).at[:, 5].set(False).at[0, 10].set(False)
+    # patch 5 is rows 4-7, cols 4-7; patch 10 is rows 8-11, cols 8-11
+    changed = images.at[:, 4:8, 4:8].set(9.0).at[0, 8:12, 8:12].set(-9.0)
+    a = model.apply({"params": params}, images, token_mask=mask)
+    b = model.apply({"params": params}, changed, token_mask=mask)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(a, model.apply({"params": params}, changed), atol=1e-3)
+
+
+def test_returned_attention_is_zero_on_masked_keys():
+    model = _model(classifier="token", num_registers=2)
+    params = _random_params(model)
+    mask = jnp.ones((2, 16), bool).at[:, 3].set(False)
+    _, maps = model.apply({"params": params}, _images(), token_mask=mask,
+                          return_attention=True)
+    assert maps.shape == (2, 2, 2, 1 + 2 + 16, 1 + 2 + 16)
+    assert np.all(np.asarray(maps)[..., 1 + 2 + 3] == 0.0)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_bad_token_mask_and_options_fail_clearly():
+    model = _model()
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"token_mask must be \[batch, patches\] = \[2, 16\]"):
+        model.apply({"params": params}, _images(), token_mask=jnp.ones((2, 15), bool))
+    with pytest.raises(ValueError, match="unknown attention_impl"):
+        _model(attention_impl="flash")
+    with pytest.raises(ValueError, match="num_registers must be >= 0"):
+        _model(num_registers=-1)
+
+
+def test_registers_are_parameters_after_the_prefix_and_leave_the_head():
+    model = _model(classifier="gap", num_registers=4)
+    shapes = jax.eval_shape(lambda: vit.init_params(model, jax.random.PRNGKey(0)))
+    flat = flax.traverse_util.flatten_dict(shapes, sep="/")
+    assert flat["Transformer/registers"].shape == (1, 4, 32)
+    assert flat["Transformer/posembed_input/pos_embedding"].shape == (1, 16, 32)  # none for them
+    params = _random_params(model)
+    # With no encoder blocks, registers could reach the logits only through the GAP head.
+    shallow = _model(classifier="gap", num_registers=4, depth=0)
+    p0 = _random_params(shallow)
+    other = jax.tree_util.tree_map(lambda x: x, p0)
+    other["Transformer"]["registers"] = p0["Transformer"]["registers"] + 5.0
+    x = _images()
+    np.testing.assert_allclose(shallow.apply({"params": p0}, x),
+                               shallow.apply({"params": other}, x), atol=1e-6)
+    logits, maps = model.apply({"params": params}, x, return_attention=True)
+    assert logits.shape == (2, 10) and maps.shape[-1] == 4 + 16
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_attention_maps_and_rollout_leave_registers_out(classifier):
+    model = _model(classifier=classifier, num_registers=3)
+    params = _random_params(model)
+    weights = attention_maps.attention_weights(model, params, np.asarray(_images()))
+    k = attention_maps.prefix_token_count(model)
+    assert k == (1 if classifier == "token" else 0) + 3
+    cls = classifier == "token"
+    roll = attention_maps.rollout(weights, num_prefix_tokens=k, class_token=cls)
+    layers = attention_maps.layer_maps(weights, num_prefix_tokens=k, class_token=cls)
+    assert roll.shape == (2, 16) and layers.shape == (2, 2, 16)
+    np.testing.assert_allclose(roll.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(layers.sum(-1), 1.0, rtol=1e-5)
+    if not cls:  # the query is the mean over patch tokens: registers' rows do not count
+        attn = weights.mean(2)[-1]  # last layer, mean of heads: [B, T, T]
+        expected = attn[:, k:, k:].mean(1)
+        expected /= expected.sum(-1, keepdims=True)
+        np.testing.assert_allclose(layers[-1], expected, rtol=1e-5)
+
+
+def test_checkpoint_without_registers_fine_tunes_into_a_model_with_them():
+    plain = _model(classifier="token")
+    with_regs = _model(classifier="token", num_registers=4)
+    source = vit.init_params(plain, jax.random.PRNGKey(0))
+    target = vit.init_params(with_regs, jax.random.PRNGKey(1))
+    params, notes = pretrained.adapt_params(source, target, with_regs)
+    assert "register tokens initialised (none in the weights)" in notes
+    flat_p = flax.traverse_util.flatten_dict(params, sep="/")
+    flat_s = flax.traverse_util.flatten_dict(source, sep="/")
+    flat_t = flax.traverse_util.flatten_dict(target, sep="/")
+    np.testing.assert_array_equal(flat_p["Transformer/registers"], flat_t["Transformer/registers"])
+    for name, value in flat_s.items():
+        np.testing.assert_array_equal(flat_p[name], value, err_msg=name)
+    # and back: a model without registers drops them
+    _, back_notes = pretrained.adapt_params(params, source, plain)
+    assert "Transformer/registers dropped (not in the model)" in back_notes

@@ -1,0 +1,129 @@
+"""Multi-head dot-product attention with vit_jax's parameter names, masks, and two kernels.
+
+Parameters: `{query,key,value}/{kernel [width, heads, head_dim], bias [heads, head_dim]}` and
+`out/{kernel [heads, head_dim, width], bias [width]}`, as the public vit_jax checkpoints.
+
+`impl` picks how attention is computed: "explicit" (softmax of q.k in einsums; the only one that
+returns the weights or applies attention dropout), "fused" (`jax.nn.dot_product_attention`, which
+selects fused kernels such as cuDNN flash attention on GPU) or "auto" (explicit on CPU, where
+XLA:CPU runs it faster, else fused). A boolean `mask` broadcastable to [batch, heads, queries,
+keys] (True = attend) is honoured by both: masked keys get exactly zero weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Array = jax.Array
+
+ATTENTION_IMPLS = ("auto", "explicit", "fused")
+
+_xavier = nn.initializers.xavier_uniform()
+
+
+def _xavier_as_matrix(rows: int) -> Callable[..., Array]:
+    """Xavier-uniform for a DenseGeneral kernel, computed on the [rows, -1] matrix it acts as."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+        return _xavier(key, (rows, int(np.prod(shape)) // rows), dtype).reshape(shape)
+
+    return init
+
+
+class _DenseGeneralParams(nn.Module):
+    """Holds a DenseGeneral kernel and bias under vit_jax's names; the caller does the matmul."""
+
+    kernel_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...]
+    fan_in: int
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        kernel = self.param("kernel", _xavier_as_matrix(self.fan_in), self.kernel_shape)
+        bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
+        return kernel, bias
+
+
+def attention_weights(q: Array, k: Array, mask: Array | None = None) -> Array:
+    """Softmax attention probabilities [B, heads, Tq, Tk] from q, k of shape [B, T, heads, dim].
+
+    Keys where `mask` (broadcastable to [B, heads, Tq, Tk]) is False get exactly zero weight; a
+    query whose keys are all masked gets all-zero weights.
+    """
+    scale = 1.0 / np.sqrt(q.shape[-1]).astype(np.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    logits = logits.astype(jnp.float32)
+    if mask is None:
+        return jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+def resolve_impl(impl: str, *, need_weights: bool) -> str:
+    """"explicit" or "fused" for `impl`; ValueError naming the choices for an unknown one."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; use one of {ATTENTION_IMPLS}")
+    if need_weights or impl == "explicit":
+        return "explicit"
+    if impl == "fused":
+        return "fused"
+    return "explicit" if jax.default_backend() == "cpu" else "fused"
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Multi-head attention; the query/key/value projections run as one fused matmul."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self, x_q: Array, x_kv: Array | None = None, *, mask: Array | None = None,
+        deterministic: bool = True, return_weights: bool = False,
+    ) -> tuple[Array, Array | None]:
+        width = x_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        heads, head_dim = self.num_heads, width // self.num_heads
+        proj = {n: _DenseGeneralParams((width, heads, head_dim), (heads, head_dim), width, name=n)()
+                for n in ("query", "key", "value")}
+        out_k, out_b = _DenseGeneralParams((heads, head_dim, width), (width,), width, name="out")()
+
+        def project(x: Array, names: tuple[str, ...]) -> list[Array]:
+            kernel = jnp.concatenate([proj[n][0].reshape(width, -1) for n in names], axis=1)
+            bias = jnp.concatenate([proj[n][1].reshape(-1) for n in names])
+            y = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            parts = jnp.split(y, len(names), axis=-1)
+            return [p.reshape(*p.shape[:-1], heads, head_dim) for p in parts]
+
+        if x_kv is None:
+            q, k, v = project(x_q, ("query", "key", "value"))
+        else:
+            (q,) = project(x_q, ("query",))
+            k, v = project(x_kv, ("key", "value"))
+
+        use_dropout = self.dropout_rate > 0.0 and not deterministic
+        weights = None
+        if resolve_impl(self.impl, need_weights=return_weights or use_dropout) == "explicit":
+            weights = attention_weights(q, k, mask)
+            probs = weights
+            if use_dropout:
+                probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        else:
+            if mask is not None:
+                mask = jnp.broadcast_to(mask, (q.shape[0], heads, q.shape[1], k.shape[1]))
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            if mask is not None:  # a query with every key masked: zeros, as the explicit path
+                y = jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], y, 0.0)
+        y = y.reshape(*y.shape[:-2], width) @ out_k.reshape(width, width).astype(self.dtype)
+        return y + out_b.astype(self.dtype), weights
