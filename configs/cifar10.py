@@ -1,22 +1,25 @@
 """ViT from scratch on CIFAR-10 (the shipped copy in ../shared/data/tfds).
 
-Variants after the colon (figures: whole `python train.py` command, 2-core AMD EPYC with
-AVX-512, as `lscpu` names it "AMD EPYC"; test top-1 / top-5 on all 10,000 test images):
-  short       `make train`: the `hour` recipe cut to ~6 minutes of training.
+Variants after the colon. Figures: the whole `python train.py` command from a fresh clone on
+the 2-core development machine (`lscpu`: "AMD EPYC", family 25, AVX-512), CPU only; test top-1 /
+top-5 on all 10,000 test images, flip TTA:
+  short       `make train`: the time-to-accuracy recipe cut to ~6 minutes of training.
                   python train.py --config=configs/cifar10.py:short --workdir=runs/cifar10-short
-              Measured: see the README's time-to-accuracy table.
-  hour        the best model this toolkit trains from scratch in one CPU hour: a hybrid ViT
-              (conv stem, 4 blocks of width 128, GAP head) with crop + flip, label smoothing,
-              AdamW with decoupled weight decay, warmup then cosine to zero, EMA and
-              flip test-time augmentation.
+              Measured: SHORT_RESULT
+  hour        the best model trained here from scratch within one CPU hour so far: a hybrid
+              ViT (conv stem with GroupNorm, 4 blocks of width 128, GAP head), 11,000 steps of
+              batch 64 (14 epochs), crop + flip, label smoothing 0.1, AdamW lr 1e-3 with
+              decoupled wd 5e-5, 781 warmup steps + cosine to zero, flip TTA.
                   python train.py --config=configs/cifar10.py:hour --workdir=runs/cifar10-hour
-              Measured: see the README's time-to-accuracy table.
-  hour-plain  the same hour with the plain patchify stem, for comparison.
+              Measured: 72.3% top-1, 98.0% top-5 in 46.2 minutes (the 80% target is not met:
+              the model underfits, see the README's time-to-accuracy section).
+  hour-plain  the same hour with the plain patchify stem, for comparison (not run yet).
   Ti/4, S/4   ViT-Ti/4 or S/4, 200 epochs (78k steps of batch 128), AdamW 1e-3, decoupled wd
               5e-5, warmup 5 epochs + cosine, RandAugment(2, 9), mixup 0.8 / cutmix 1.0, label
               smoothing 0.1, drop path 0.1: the DeiT-style recipe for small data. A GPU job:
                   python train.py --config=configs/cifar10.py:Ti/4 --workdir=runs/c10-ti4
               Not run here (no accelerator).
+  ablation-base, short-proxy  the two bases of tools/cifar10_ablation.py (600 steps each).
 """
 
 import ml_collections
@@ -67,7 +70,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     if variant == "short":
         c = _fast("conv", total_steps=1_500)
         c.pp.train_crop = "resize"  # no crop: at ~2 epochs augmentation costs more than it gives
+        c.model.posemb = "sincos2d"  # nothing to learn: +6.5 points at 600 steps
+        c.b2 = 0.99  # Adam's second moment adapts faster: +2 points at 600 steps
         c.checkpoint_every = 500
+        return c
+    if variant == "short-proxy":  # the short recipe's first form, cut to 600 steps
+        c = get_config("short")
+        c.model.posemb, c.b2 = "learn", 0.999
+        c.total_steps, c.warmup_steps, c.checkpoint_every = 600, 60, 600
+        c.eval_tta = "none"
         return c
     if variant == "ablation-base":  # tools/cifar10_ablation.py: ~3 minutes per row
         c = _fast("conv", total_steps=600)
