@@ -5,7 +5,7 @@ the 2-core development machine (`lscpu`: "AMD EPYC", family 25, AVX-512), CPU on
 top-5 on all 10,000 test images, flip TTA:
   short       `make train`: the time-to-accuracy recipe cut to ~6 minutes of training.
                   python train.py --config=configs/cifar10.py:short --workdir=runs/cifar10-short
-              Measured: SHORT_RESULT
+              Measured: 61.9% top-1, 96.4% top-5 in 7.4 minutes (target 65%: not met).
   hour        the best model trained here from scratch within one CPU hour so far: a hybrid
               ViT (conv stem with GroupNorm, 4 blocks of width 128, GAP head), 11,000 steps of
               batch 64 (14 epochs), crop + flip, label smoothing 0.1, AdamW lr 1e-3 with

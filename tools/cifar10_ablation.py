@@ -27,6 +27,19 @@ ROWS: dict[str, list[str]] = {
     "deep_conv_stem": ["--config.model.stem_channels=(32,64,64,128)",
                        "--config.model.stem_strides=(1,2,1,2)"],
     "stem_groupnorm": ["--config.model.stem_norm=groupnorm"],
+    "sincos_posemb": ["--config.model.posemb=sincos2d"],
+    "b2_0.99": ["--config.b2=0.99"],
+    "batch_32": ["--config.batch_size=32", "--config.total_steps=1200",
+                 "--config.warmup_steps=120"],
+    "lr_5e-4": ["--config.lr=0.0005"],
+    "randaugment_2_5": ["--config.pp.randaugment_num_ops=2",
+                        "--config.pp.randaugment_magnitude=5"],
+    "mixup_0.2": ["--config.mixup_alpha=0.2"],
+    "token_keep_0.75": ["--config.model.token_keep_ratio=0.75"],
+    "map_head": ["--config.model.classifier=map"],
+    "depth_6": ["--config.model.depth=6"],
+    "no_weight_decay": ["--config.weight_decay=0.0"],
+    "registers_4": ["--config.model.num_registers=4"],
 }
 
 
