@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from vit import data, optim
+from vit.evaluate import TTA_MODES
 
 
 class ConfigError(ValueError):
@@ -111,8 +112,9 @@ def validate_config(config: Any) -> None:
     for key in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
-    if config.eval_tta not in ("none", "flip"):
-        raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use 'none' or 'flip'")
+    if config.eval_tta not in TTA_MODES:
+        raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use one of "
+                          f"{', '.join(TTA_MODES)}")
     if int(config.eval_every) < 0:
         raise ConfigError(f"config.eval_every must be >= 0 (0 = only at the end), "
                           f"got {config.eval_every}")

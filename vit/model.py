@@ -137,6 +137,11 @@ def keep_random_tokens(x: Array, num_prefix: int, keep_ratio: float, rng: Array)
     The kept patches stay in their original order; at least one is always kept.
     """
     idx = random_keep_indices(rng, x.shape[0], x.shape[1] - num_prefix, keep_ratio)
+    return _keep_patches(x, num_prefix, idx)
+
+
+def _keep_patches(x: Array, num_prefix: int, idx: Array) -> Array:
+    """The prefix tokens of x [B, T, D] followed by the patches at `idx` [B, keep]."""
     kept = jnp.take_along_axis(x[:, num_prefix:], idx[:, :, None], axis=1)
     return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
 
@@ -179,13 +184,12 @@ class Encoder(nn.Module):
             pe = LearnedPositionEmbedding(name="posembed_input")(x.shape[1:])
         else:
             pe = posemb_sincos_2d(*self.grid, width)
-            pe = np.pad(pe, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
+            pe = np.pad(pe, ((0, 0), (n_pre, 0), (0, 0)))
         x = (x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
         if self.token_keep_ratio < 1.0 and not deterministic:
             idx = random_keep_indices(self.make_rng("dropout"), x.shape[0], x.shape[1] - n_pre,
                                       self.token_keep_ratio)
-            x = jnp.concatenate(
-                [x[:, :n_pre], jnp.take_along_axis(x[:, n_pre:], idx[:, :, None], axis=1)], 1)
+            x = _keep_patches(x, n_pre, idx)
             if token_mask is not None:
                 token_mask = jnp.take_along_axis(token_mask, idx, axis=1)
         if self.num_registers:  # after the position embedding: registers have no position

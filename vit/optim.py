@@ -16,6 +16,7 @@ step t, so that short runs do not evaluate mostly their initial weights.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -33,8 +34,8 @@ TRAINABLE = ("all", "head")
 _HEAD_GROUPS = ("pre_logits", "MAPHead_0", "head")
 # Top-level parameter groups that count as the input layer (below block 0) under layer decay;
 # a hybrid's ResNet trunk (vit/resnet.py: conv_root, gn_root, block1, block2, ...) is too.
-_EMBED_GROUPS = ("stem", "embedding", "cls", "conv_root", "gn_root",
-                 *(f"block{i}" for i in range(1, 9)))
+_EMBED_GROUPS = ("stem", "embedding", "cls", "conv_root", "gn_root")
+_TRUNK_STAGE = re.compile(r"block\d+")
 
 
 class OptimizerConfigError(ValueError):
@@ -145,7 +146,7 @@ def _depth(params: PyTree) -> int:
 
 
 def _layer_multiplier(names: tuple[str, ...], depth: int, layer_decay: float) -> float:
-    if names[0] in _EMBED_GROUPS or "posembed_input" in names:
+    if names[0] in _EMBED_GROUPS or _TRUNK_STAGE.fullmatch(names[0]) or "posembed_input" in names:
         return layer_decay ** (depth + 1)
     if names[0] == "Transformer" and names[1].startswith("encoderblock_"):
         return layer_decay ** (depth - int(names[1].removeprefix("encoderblock_")))

@@ -205,7 +205,7 @@ def adapt_params(
     unexpected = []
     for name in sorted(set(src) - set(tgt)):
         if name.startswith(DROPPABLE):
-            group = name if name in ("cls", POSEMB, "Transformer/registers") else name.split("/")[0]
+            group = name if name in _NEW_TOKENS or name == POSEMB else name.split("/")[0]
             if f"{group} dropped (not in the model)" not in notes:
                 notes.append(f"{group} dropped (not in the model)")
         else:
