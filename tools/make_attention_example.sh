@@ -17,19 +17,7 @@ export TF_CPP_MIN_LOG_LEVEL=2  # TensorFlow only reads the data here
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
-.venv/bin/python - "$DATA_DIR" "$OUT/images" $INDICES <<'PY'
-import os, sys
-import tensorflow_datasets as tfds
-from PIL import Image
-
-data_dir, out, indices = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3:]]
-os.makedirs(out)
-names = tfds.builder("cifar10", data_dir=data_dir).info.features["label"].names
-split = tfds.load("cifar10", split="test", data_dir=data_dir, download=False)
-for i, ex in enumerate(tfds.as_numpy(split.take(max(indices) + 1))):
-    if i in indices:
-        Image.fromarray(ex["image"]).save(f"{out}/{i:04d}_{names[ex['label']]}.png")
-PY
+.venv/bin/python tools/write_cifar10_test_images.py "$DATA_DIR" "$OUT/images" $INDICES
 
 .venv/bin/vit attention --checkpoint "$CKPT" "$OUT"/images/*.png --out "$OUT/attention"
 .venv/bin/vit predict --checkpoint "$CKPT" "$OUT"/images --top-k 1 --json "$OUT/preds.json"
