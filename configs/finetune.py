@@ -90,7 +90,7 @@ def _small_cifar10(classes: list[int], finetune: bool) -> ml_collections.ConfigD
     c.eval_split = "test"
     c.image_size = 32
     c.batch_size = 64
-    c.eval_batch_size = 500
+    c.eval_batch_size = 512  # divisible on 1, 2, 4 and 8 devices (tests/test_configs.py)
     c.model = model_config("Ti/4", **_SMALL_MODEL)
     c.pp.train_crop = "resize"  # no crop: too few steps for augmentation to pay off
     c.pp.flip = True

@@ -54,6 +54,28 @@ def test_module_mask_matches_attention_over_kept_keys_only(impl):
     np.testing.assert_allclose(masked[1], full[1], atol=1e-6)
 
 
+def _reference_attention(params, x, mask):
+    """The layer by hand: vit_jax projections around jax.nn.dot_product_attention itself."""
+    p = params["params"]
+    q, k, v = (jnp.einsum("btw,whd->bthd", x, p[n]["kernel"]) + p[n]["bias"]
+               for n in ("query", "key", "value"))
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jnp.einsum("bthd,hdw->btw", y, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("impl", ["explicit", "fused"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_both_kernels_match_jax_dot_product_attention_called_directly(impl, masked):
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 7, 8))
+    mask = None
+    if masked:  # every query keeps key 0, so no row is fully masked
+        mask = jax.random.bernoulli(jax.random.PRNGKey(5), 0.5, (3, 2, 7, 7)).at[..., 0].set(True)
+    layer = MultiHeadDotProductAttention(num_heads=2, impl=impl)
+    params = layer.init(jax.random.PRNGKey(6), x)
+    got, _ = layer.apply(params, x, mask=mask)
+    np.testing.assert_allclose(got, _reference_attention(params, x, mask), atol=1e-5)
+
+
 def test_explicit_and_fused_agree_with_a_mask():
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 7, 8))
     mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (3, 1, 7, 7)).at[..., 0].set(True)

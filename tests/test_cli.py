@@ -7,6 +7,7 @@ import pathlib
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -15,6 +16,8 @@ from test_evaluate import save_tiny_checkpoint, tiny_config
 
 from vit import cli
 from vit.checkpoint import load_checkpoint
+from vit.evaluate import load_inference_model
+from vit.predict import model_inputs
 from vit.weight_formats import flatten_params, read_weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -46,6 +49,21 @@ def test_eval_prints_metrics_and_writes_json(run, capsys, tmp_path):
     assert code == 0
     assert "examples 101" in printed and "per-class accuracy" in printed and "images/s" in printed
     assert json.loads(out.read_text())["num_examples"] == 101
+
+
+def test_eval_plots_writes_pngs_beside_the_json(run, capsys, tmp_path):
+    out = tmp_path / "report"
+    with tfds.testing.mock_data(num_examples=101):
+        code = cli.main(["eval", "--workdir", str(run / "run"), "--plots", str(out)])
+    assert code == 0
+    assert f"wrote {out / 'metrics.json'}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png", "metrics.json", "per_class_accuracy.png"]
+    assert json.loads((out / "metrics.json").read_text())["num_examples"] == 101
+    for name in ("confusion_matrix.png", "per_class_accuracy.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
+            assert np.asarray(image.convert("RGB")).std() > 10  # a drawn figure, not blank
 
 
 def test_eval_bad_inputs_exit_2_with_one_line(run, capsys, tmp_path):
@@ -113,7 +131,13 @@ def test_convert_vit_jax_npz_then_predict(tmp_path, capsys):
     Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(image)
     capsys.readouterr()
     assert cli.main(["predict", "--checkpoint", str(tmp_path / "conv"), str(image)]) == 0
-    assert capsys.readouterr().out.split(": ")[1].startswith("c")
+    # The top class and its probability, from the converted model applied by hand.
+    loaded = load_inference_model(str(tmp_path / "conv"))
+    inputs = model_inputs([np.zeros((50, 70, 3), np.uint8)], loaded.config)
+    logits = loaded.model.apply({"params": loaded.params}, inputs)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))[0]
+    best = int(np.argmax(probs))
+    assert capsys.readouterr().out.split(": ", 1)[1].startswith(f"c{best} {probs[best]:.4f}")
 
 
 def test_convert_missing_source_is_one_line(tmp_path, capsys):

@@ -14,8 +14,14 @@ from vit.model import init_params, model_from_config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = [("smoke", None), ("cifar10", "short"), ("cifar10", "Ti/4"), ("cifar10", "S/4"),
-           ("imagenet", "S/16"), ("imagenet", "B/16"), ("imagenet", "S/16-300ep")]
+# Every variant of every config file (test_every_config_file_is_listed keeps this complete).
+VARIANTS = {
+    "smoke": [None],
+    "cifar10": ["short", "short-proxy", "ablation-base", "hour", "hour-plain", "Ti/4", "S/4"],
+    "imagenet": ["S/16", "B/16", "S/16-300ep", "B/16-300ep"],
+    "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224"],
+}
+CONFIGS = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
 
 
 def _config(name, variant):
@@ -29,7 +35,20 @@ def test_config_validates_and_builds_its_model(name, variant):
     model = model_from_config(config.model, num_classes=10, image_size=config.image_size)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     assert shapes["head"]["kernel"].shape[-1] == 10
-    assert config.batch_size % 8 == 0  # splits over 1, 2, 4 or 8 devices
+
+
+def test_every_config_file_is_listed():
+    assert set(VARIANTS) == {p.stem for p in (ROOT / "configs").glob("*.py")}
+
+
+@pytest.mark.parametrize("name,variant", CONFIGS)
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+def test_batch_sizes_split_over_1_2_4_and_8_devices(name, variant, devices):
+    config = _config(name, variant)
+    for key in ("batch_size", "eval_batch_size"):
+        assert config[key] % devices == 0, f"{name}:{variant} {key}={config[key]}"
+    per_device = config.batch_size // devices
+    assert per_device % config.grad_accum_steps == 0, f"{name}:{variant} grad_accum_steps"
 
 
 @pytest.mark.parametrize("name,variant", [("cifar10", "B/99"), ("imagenet", "L/16")])

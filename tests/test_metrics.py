@@ -1,18 +1,45 @@
-"""Tests for vit.metrics: TensorBoard events, JSONL lines (appending on resume), progress/ETA."""
+"""Tests for vit.metrics: TensorBoard events through tf.summary (scalars, text, images) read
+back with EventAccumulator, metrics.jsonl (one line per step, cleaned on resume), progress/ETA."""
 
 import io
 import json
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 from vit import metrics
 
 
-def _scalars(logdir):
-    acc = EventAccumulator(str(logdir))
+def _events(logdir) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})  # 0: keep every event
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return acc
+
+
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of the tf.summary scalars (tensor events of the scalars plugin)."""
+    acc = _events(logdir)
+    return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in
+                  acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]
+            if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+
+
+def _raw_steps(logdir) -> dict[str, list[int]]:
+    """{tag: steps} of every summary in the event files, in file order, nothing purged."""
+    found: dict[str, list[int]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(event.step)
+    return found
+
+
+def _jsonl(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tensorboard_and_jsonl_hold_the_scalars(tmp_path):
@@ -24,30 +51,114 @@ def test_tensorboard_and_jsonl_hold_the_scalars(tmp_path):
     assert events["train/loss"] == [(10, 2.5), (20, 1.25)]
     assert [s for s, _ in events["lr"]] == [10]
     assert events["lr"][0][1] == pytest.approx(0.001)
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [
+    assert _jsonl(tmp_path) == [
         {"step": 10, "train/loss": 2.5, "lr": 0.001}, {"step": 20, "train/loss": 1.25}]
 
 
-def test_jsonl_appends_on_resume_and_nan_is_valid_json(tmp_path):
-    first = metrics.MetricWriter(str(tmp_path))
+def test_config_text_and_images_read_back_with_event_accumulator(tmp_path):
+    writer = metrics.MetricWriter(str(tmp_path))
+    writer.write_config(0, {"lr": 0.001, "model": {"variant": "Ti/4"}})
+    pixels = np.zeros((12, 20, 3), np.uint8)
+    pixels[:, :10, 0] = 255
+    writer.write_images(8, {"eval/confusion_matrix": pixels, "eval/attention": pixels[:, ::-1]})
+    writer.close()
+    acc = _events(tmp_path / "tensorboard")
+    plugins = {tag: acc.SummaryMetadata(tag).plugin_data.plugin_name
+               for tag in acc.Tags()["tensors"]}
+    assert plugins == {"config": "text", "eval/confusion_matrix": "images",
+                       "eval/attention": "images"}
+    text = tensor_util.make_ndarray(acc.Tensors("config")[0].tensor_proto).item().decode()
+    assert '"variant": "Ti/4"' in text
+    image = acc.Tensors("eval/confusion_matrix")[0]
+    assert image.step == 8
+    width, height, png = tensor_util.make_ndarray(image.tensor_proto)  # tf.summary.image's layout
+    assert (int(width), int(height)) == (20, 12) and png.startswith(b"\x89PNG")
+
+
+def test_one_jsonl_line_per_step_and_nan_is_valid_json(tmp_path):
+    writer = metrics.MetricWriter(str(tmp_path))
+    writer.write_scalars(4, {"train/loss": 3.0})
+    writer.write_scalars(4, {"eval/top1": 0.5})  # same step: joins the line
+    writer.write_scalars(8, {"train/loss": float("nan")})
+    writer.close()
+    assert _jsonl(tmp_path) == [{"step": 4, "train/loss": 3.0, "eval/top1": 0.5},
+                                {"step": 8, "train/loss": "nan"}]
+
+
+def test_resume_drops_the_steps_past_the_checkpoint_from_both_files(tmp_path):
+    first = metrics.MetricWriter(str(tmp_path), start_step=0)
+    for step in range(1, 8):  # killed at step 7; its last checkpoint was step 4
+        first.write_scalars(step, {"train/loss": 1.0 / step})
+    first.write_scalars(4, {"eval/top1": 0.25})
+    first.flush()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train/lo')  # a line cut short by the kill
+    del first  # never closed, as after SIGKILL
+    second = metrics.MetricWriter(str(tmp_path), start_step=4)
+    for step in range(5, 9):
+        second.write_scalars(step, {"train/loss": 2.0 / step})
+    second.close()
+    records = _jsonl(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))  # each step once
+    assert records[3] == {"step": 4, "train/loss": 0.25, "eval/top1": 0.25}
+    assert records[5]["train/loss"] == pytest.approx(2.0 / 6)
+    steps = _raw_steps(tmp_path / "tensorboard")
+    assert steps["train/loss"] == list(range(1, 9)) and steps["eval/top1"] == [4]
+    assert _scalars(tmp_path / "tensorboard")["train/loss"][5][1] == pytest.approx(2.0 / 6)
+
+
+def test_fresh_start_clears_files_left_before_any_checkpoint(tmp_path):
+    first = metrics.MetricWriter(str(tmp_path), start_step=0)
     first.write_scalars(1, {"loss": 3.0})
     first.close()
-    second = metrics.MetricWriter(str(tmp_path))
-    second.write_scalars(2, {"loss": float("nan")})
-    second.flush()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": "nan"}]
+    second = metrics.MetricWriter(str(tmp_path), start_step=0)
+    second.write_scalars(1, {"loss": 2.0})
     second.close()
-    assert [s for s, _ in _scalars(tmp_path / "tensorboard")["loss"]] == [1, 2]
+    assert _jsonl(tmp_path) == [{"step": 1, "loss": 2.0}]
+    assert _raw_steps(tmp_path / "tensorboard") == {"loss": [1]}
 
 
-def test_disabled_writer_writes_nothing(tmp_path):
-    writer = metrics.MetricWriter(str(tmp_path / "w"), enabled=False)
-    writer.write_scalars(1, {"loss": 1.0})
+def test_without_start_step_the_files_are_appended(tmp_path):
+    for step in (1, 2):
+        writer = metrics.MetricWriter(str(tmp_path))
+        writer.write_scalars(step, {"loss": 1.0})
+        writer.close()
+    assert [r["step"] for r in _jsonl(tmp_path)] == [1, 2]
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.calls = []
+
+    def write_scalars(self, step, scalars):
+        self.calls.append(("scalars", step, dict(scalars)))
+
+    def write_images(self, step, images):
+        self.calls.append(("images", step, sorted(images)))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_trackers_get_what_the_writer_gets_and_disabled_writes_nothing(tmp_path):
+    tracker = RecordingTracker()
+    writer = metrics.MetricWriter(str(tmp_path / "on"), trackers=[tracker])
+    writer.write_scalars(3, {"loss": 1.5})
+    writer.write_images(3, {"eval/attention": np.zeros((4, 4, 3), np.uint8)})
     writer.flush()
     writer.close()
-    assert not (tmp_path / "w").exists()
+    assert tracker.calls == [("scalars", 3, {"loss": 1.5}), ("images", 3, ["eval/attention"]),
+                             ("flush",), ("close",)]
+    silent = RecordingTracker()
+    writer = metrics.MetricWriter(str(tmp_path / "w"), enabled=False, trackers=[silent])
+    writer.write_scalars(1, {"loss": 1.0})
+    writer.write_images(1, {"x": np.zeros((4, 4, 3), np.uint8)})
+    writer.flush()
+    writer.close()
+    assert not (tmp_path / "w").exists() and silent.calls == []
 
 
 class FakeClock:

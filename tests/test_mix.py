@@ -31,7 +31,9 @@ def test_mixup_pairs_with_reversed_batch():
     out_i, out_t = mixup_cutmix(
         jax.random.key(1), images, targets, mixup_alpha=0.8, cutmix_alpha=0.0
     )
-    lam = 1.0 - out_i[0, 0, 0, 0] / 7.0
+    # Lambda from the key, as mixup_cutmix draws it (its second subkey), not from the output.
+    lam = float(jax.random.beta(jax.random.split(jax.random.key(1), 4)[1], 0.8, 0.8))
+    assert 0.0 < lam < 1.0 and abs(lam - 0.5) > 1e-3  # a real mix, and not symmetric
     np.testing.assert_allclose(out_i[0], lam * images[0] + (1 - lam) * images[7], rtol=1e-5)
     np.testing.assert_allclose(out_t, lam * targets + (1 - lam) * targets[::-1], rtol=1e-5)
     np.testing.assert_allclose(out_t.sum(-1), np.ones(8), rtol=1e-5)

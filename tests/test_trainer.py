@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 from vit import checkpoint, config_schema, optim, parallel, trainer
 from vit.model import init_params, model_from_config
+from vit.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = str((ROOT.parent / "shared" / "data" / "tfds").resolve())
@@ -59,9 +62,21 @@ def _assert_same_params(a: dict, b: dict, **tolerance) -> None:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def _event_steps(logdir: Path) -> dict[str, list[int]]:
+    """{tag: steps} of every summary in the event files, nothing purged (unlike TensorBoard)."""
+    found: dict[str, list[int]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(event.step)
+    return found
+
+
 def _eval_lines(workdir: Path) -> list[dict]:
+    """The eval values of each step that has them (a step's train values share its line)."""
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if "eval/top1" in x]
+    return [{k: v for k, v in x.items() if k == "step" or k.startswith("eval")}
+            for x in lines if "eval/top1" in x]
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +98,19 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(straight_run):
     lines = [json.loads(x) for x in (straight_run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [x["step"] for x in lines if "train/loss" in x]
     assert train_steps == list(range(1, STEPS + 1))
-    events = EventAccumulator(str(straight_run / "tensorboard"))
+    # tf.summary writes tensor events: scalars, the config as text, images at evaluations
+    events = EventAccumulator(str(straight_run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
-    tags = set(events.Tags()["scalars"])
+    tags = set(events.Tags()["tensors"])
     assert {"train/loss", "train/accuracy", "train/lr", "train/grad_norm", "train/images_per_s",
-            "eval/top1", "eval/top5", "eval/loss"} <= tags
-    losses = events.Scalars("train/loss")
+            "eval/top1", "eval/top5", "eval/loss", "config", "eval/confusion_matrix",
+            "eval/attention"} <= tags
+    losses = events.Tensors("train/loss")
     assert [e.step for e in losses] == train_steps
-    np.testing.assert_allclose([e.value for e in losses],
+    np.testing.assert_allclose([float(tensor_util.make_ndarray(e.tensor_proto)) for e in losses],
                                [x["train/loss"] for x in lines if "train/loss" in x], rtol=1e-6)
-    assert events.Scalars("eval/top1")[-1].step == STEPS
+    assert events.Tensors("eval/top1")[-1].step == STEPS
+    assert [e.step for e in events.Tensors("eval/attention")] == [STEPS]
 
 
 def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
@@ -104,7 +122,7 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
         assert seen[-1], "training ended before it started: " + "".join(seen[-20:])
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     stopped_at = checkpoint.load_checkpoint(str(tmp_path)).step
     assert stopped_at < STEPS, "the run finished before SIGTERM arrived"
     assert f"preempted at step {stopped_at}" in out
@@ -129,6 +147,12 @@ def test_resume_after_sigkill_between_saves_is_exact(straight_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_params(_params(tmp_path), _params(straight_run))
     assert _eval_lines(tmp_path)[-1] == _eval_lines(straight_run)[-1]
+    # Each step once in metrics.jsonl and once per tag in the event files: the steps the killed
+    # run logged past its last checkpoint were replaced, not repeated.
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    for tag, tag_steps in _event_steps(tmp_path / "tensorboard").items():
+        assert len(tag_steps) == len(set(tag_steps)), tag
 
 
 def test_four_devices_match_one_device_with_the_same_global_batch(straight_run, tmp_path):

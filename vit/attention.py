@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit import int8
+
 Dtype = Any
 Array = jax.Array
 
@@ -38,17 +40,27 @@ def _xavier_as_matrix(rows: int) -> Callable[..., Array]:
 
 
 class _DenseGeneralParams(nn.Module):
-    """Holds a DenseGeneral kernel and bias under vit_jax's names; the caller does the matmul."""
+    """Holds a DenseGeneral kernel and bias under vit_jax's names; the caller does the matmul.
+
+    With `quant="int8"` the kernel is int8 and a float32 `scale` per output channel (shaped like
+    the bias) sits beside it (vit/int8.py); the call returns (kernel, bias, scale or None).
+    """
 
     kernel_shape: tuple[int, ...]
     bias_shape: tuple[int, ...]
     fan_in: int
+    quant: str = "none"
 
     @nn.compact
-    def __call__(self) -> tuple[Array, Array]:
-        kernel = self.param("kernel", _xavier_as_matrix(self.fan_in), self.kernel_shape)
+    def __call__(self) -> tuple[Array, Array, Array | None]:
+        scale = None
+        if self.quant == "int8":
+            kernel = int8.int8_param(self, self.kernel_shape)
+            scale = self.param("scale", nn.initializers.ones, self.bias_shape)
+        else:
+            kernel = self.param("kernel", _xavier_as_matrix(self.fan_in), self.kernel_shape)
         bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
-        return kernel, bias
+        return kernel, bias, scale
 
 
 def attention_weights(q: Array, k: Array, mask: Array | None = None) -> Array:
@@ -84,6 +96,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     impl: str = "auto"
+    quant: str = "none"  # | "int8": int8 projections (vit/int8.py)
 
     @nn.compact
     def __call__(
@@ -94,14 +107,23 @@ class MultiHeadDotProductAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         heads, head_dim = self.num_heads, width // self.num_heads
-        proj = {n: _DenseGeneralParams((width, heads, head_dim), (heads, head_dim), width, name=n)()
+        proj = {n: _DenseGeneralParams((width, heads, head_dim), (heads, head_dim), width,
+                                       self.quant, name=n)()
                 for n in ("query", "key", "value")}
-        out_k, out_b = _DenseGeneralParams((heads, head_dim, width), (width,), width, name="out")()
+        out_k, out_b, out_s = _DenseGeneralParams((heads, head_dim, width), (width,), width,
+                                                  self.quant, name="out")()
+
+        def matmul(x: Array, kernel: Array, scale: Array | None) -> Array:
+            if scale is None:
+                return x.astype(self.dtype) @ kernel.astype(self.dtype)
+            return int8.int8_matmul(x, kernel, scale).astype(self.dtype)
 
         def project(x: Array, names: tuple[str, ...]) -> list[Array]:
             kernel = jnp.concatenate([proj[n][0].reshape(width, -1) for n in names], axis=1)
             bias = jnp.concatenate([proj[n][1].reshape(-1) for n in names])
-            y = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            scale = (None if self.quant != "int8" else
+                     jnp.concatenate([proj[n][2].reshape(-1) for n in names]))
+            y = matmul(x, kernel, scale) + bias.astype(self.dtype)
             parts = jnp.split(y, len(names), axis=-1)
             return [p.reshape(*p.shape[:-1], heads, head_dim) for p in parts]
 
@@ -125,5 +147,5 @@ class MultiHeadDotProductAttention(nn.Module):
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
             if mask is not None:  # a query with every key masked: zeros, as the explicit path
                 y = jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], y, 0.0)
-        y = y.reshape(*y.shape[:-2], width) @ out_k.reshape(width, width).astype(self.dtype)
+        y = matmul(y.reshape(*y.shape[:-2], width), out_k.reshape(width, width), out_s)
         return y + out_b.astype(self.dtype), weights

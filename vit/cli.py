@@ -1,4 +1,6 @@
-"""The `vit` command: `vit train | eval | predict | attention | convert | plot`.
+"""The `vit` command: `vit train | eval | robustness | predict | attention | plot | convert | ...`.
+
+`vit convert | export | quantize | prune` (shipping a trained model) live in vit/ship_cli.py.
 
 `vit train` forwards its flags to `vit.train_cli` (absl flags); the others use argparse. Every
 failure the user can fix ends with exit status 2 (1 for failed inputs among several) and one
@@ -13,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from vit import ship_cli
 from vit.checkpoint import CheckpointError
 from vit.preprocess import DataError
 from vit.weight_formats import WeightsError
@@ -37,6 +40,34 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(result.summary())
     if args.json:
         _write_json(args.json, result.to_dict())
+    if args.plots:
+        from vit.reports import write_report
+
+        print("wrote " + ", ".join(write_report(result, args.plots)))
+    if args.reliability:
+        from vit.calibration import reliability_diagram
+
+        print(f"wrote {reliability_diagram(result.calibration, args.reliability)}")
+    return 0
+
+
+def _run_robustness(args: argparse.Namespace) -> int:
+    from vit import robustness
+    from vit.calibration import reliability_diagram
+
+    report = robustness.robustness_report(
+        args.checkpoint, split=args.split,
+        corruption_names=robustness.parse_corruptions(args.corruptions),
+        severities=robustness.parse_severities(args.severities),
+        attack=None if args.attack == "none" else args.attack,
+        eps=robustness.parse_eps(args.eps), steps=args.steps, norm=args.norm,
+        baseline=args.baseline, batch_size=args.batch_size, seed=args.seed, source=args.source,
+        data_dir=args.data_dir, use_ema=args.ema)
+    print(report.summary())
+    if args.json:
+        _write_json(args.json, report.to_dict())
+    if args.reliability:
+        print(f"wrote {reliability_diagram(report.calibration, args.reliability)}")
     return 0
 
 
@@ -86,93 +117,6 @@ def _run_attention(args: argparse.Namespace) -> int:
     return _report_errors(errors)
 
 
-def _architecture(weights: dict, num_heads: int | None) -> tuple[str, dict]:
-    """The variant string and overrides that rebuild the model `weights` (vit naming) came from."""
-    from vit.model import VARIANTS
-    from vit.weight_formats import POSEMB
-
-    if "embedding/kernel" not in weights or "head/kernel" not in weights:
-        raise WeightsError("the weights have no embedding/kernel or head/kernel, so the model "
-                           "cannot be inferred; fine-tune from them with configs/finetune.py")
-    patch, _, _, width = weights["embedding/kernel"].shape
-    depth = len({k.split("/")[1] for k in weights if k.startswith("Transformer/encoderblock_")})
-    block = "Transformer/encoderblock_0/"
-    query = weights[block + "MultiHeadDotProductAttention_1/query/kernel"]
-    heads = query.shape[1] if query.ndim == 3 else num_heads
-    heads = heads or next((v["num_heads"] for v in VARIANTS.values() if v["width"] == width), None)
-    if heads is None:
-        raise WeightsError(f"cannot tell the number of heads of width-{width} weights; "
-                           "pass --num-heads")
-    classifier = ("token" if "cls" in weights else
-                  "map" if any(k.startswith("MAPHead_0/") for k in weights) else "gap")
-    overrides = dict(width=int(width), depth=depth, num_heads=int(heads),
-                     mlp_dim=int(weights[block + "MlpBlock_3/Dense_0/kernel"].shape[1]),
-                     classifier=classifier, posemb="learn" if POSEMB in weights else "sincos2d")
-    if "pre_logits/kernel" in weights:
-        overrides["representation_size"] = int(weights["pre_logits/kernel"].shape[1])
-    return f"Ti/{patch}", overrides
-
-
-def _image_size(weights: dict, patch: int, classifier: str) -> int:
-    from vit.weight_formats import POSEMB
-
-    if POSEMB not in weights:
-        raise WeightsError("weights without a learned position embedding do not tell the image "
-                           "size; fine-tune from them with configs/finetune.py instead")
-    tokens = weights[POSEMB].shape[1] - (classifier == "token")
-    side = round(tokens ** 0.5)
-    if side * side != tokens:
-        raise WeightsError(f"the position embedding has {tokens} patch tokens, not a square "
-                           "grid; fine-tune from these weights with configs/finetune.py")
-    return side * patch
-
-
-def convert(src: str, dst: str, *, num_heads: int | None = None,
-            class_names_file: str | None = None) -> str:
-    """Turn any weights `read_weights` reads into a checkpoint in workdir `dst`; returns its dir."""
-    import jax
-
-    from vit import data
-    from vit.checkpoint import Checkpointer
-    from vit.model import create_model, init_params
-    from vit.pretrained import adapt_params
-    from vit.weight_formats import read_weights
-
-    weights = read_weights(src)
-    variant, overrides = _architecture(weights, num_heads)
-    num_classes = int(weights["head/kernel"].shape[-1])
-    patch = int(variant.split("/")[1])
-    image_size = _image_size(weights, patch, overrides["classifier"])
-    model = create_model(variant, num_classes=num_classes, image_size=image_size, **overrides)
-    params, _ = adapt_params(weights, init_params(model, jax.random.PRNGKey(0)), model,
-                             keep_head=True)
-    names = [f"class_{i}" for i in range(num_classes)]
-    if class_names_file:
-        with open(class_names_file) as f:
-            names = [line.strip() for line in f if line.strip()]
-        if len(names) != num_classes:
-            raise ValueError(f"{class_names_file!r} lists {len(names)} class names but the head "
-                             f"has {num_classes} classes; give one name per line for each")
-    config = data.default_config()
-    config.dataset = os.path.basename(os.path.normpath(src))
-    config.image_size = image_size
-    config.model = {"variant": variant, **overrides}
-    info = data.DatasetInfo(config.dataset, num_classes, tuple(names),
-                            (image_size, image_size, 3), {})
-    checkpointer = Checkpointer(dst)
-    checkpointer.save(0, {"step": 0, "params": params}, config=config.to_dict(),
-                      dataset_info=info.to_dict(), force=True)
-    checkpointer.close()
-    return str(checkpointer.directory / "0")
-
-
-def _run_convert(args: argparse.Namespace) -> int:
-    path = convert(args.src, args.dst, num_heads=args.num_heads,
-                   class_names_file=args.class_names)
-    print(f"wrote {path}; evaluate it with: vit eval --checkpoint {path} --dataset NAME")
-    return 0
-
-
 def _run_plot(args: argparse.Namespace) -> int:
     from vit.plot import plot_runs
 
@@ -193,6 +137,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vit", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="also print TensorFlow / absl "
+                        "start-up lines and INFO logs (or set VIT_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train a model (absl flags: --config=... --workdir=...)")
 
@@ -209,7 +155,31 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--tta", choices=("none", "flip"), default="none",
                     help="test-time augmentation: flip = mean softmax of image and mirror image")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.add_argument("--plots", metavar="DIR", help="also write metrics.json, "
+                    "confusion_matrix.png and per_class_accuracy.png to DIR")
+    ev.add_argument("--reliability", metavar="PNG", help="also draw the reliability diagram")
     ev.set_defaults(run=_run_eval)
+
+    rb = sub.add_parser("robustness", help="accuracy under corruptions and attacks, calibration")
+    rb.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
+    rb.add_argument("--split", help="split (default: the run's eval_split), e.g. test[:1000]")
+    rb.add_argument("--corruptions", default="all",
+                    help="all, none, families (noise,blur,weather,digital) or names")
+    rb.add_argument("--severities", default="1-5", help="e.g. 1-5 or 1,3,5 (0: none)")
+    rb.add_argument("--attack", choices=("fgsm", "pgd", "none"), default="pgd")
+    rb.add_argument("--eps", default="2/255,4/255,8/255", help="attack radii, pixels in [0, 1]")
+    rb.add_argument("--steps", type=int, default=10, help="PGD steps")
+    rb.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    rb.add_argument("--baseline", help="checkpoint the corruption errors are relative to (mCE)")
+    rb.add_argument("--source", choices=("auto", "generate", "tfds"), default="auto",
+                    help="corrupted images: a prepared cifar10_corrupted if found, else made")
+    rb.add_argument("--seed", type=int, default=0, help="seed of the generated corruptions")
+    rb.add_argument("--data-dir", help="TFDS data directory")
+    rb.add_argument("--batch-size", type=int, help="global batch size")
+    rb.add_argument("--ema", action="store_true", help="use the EMA params")
+    rb.add_argument("--json", help="also write the report to this JSON file")
+    rb.add_argument("--reliability", metavar="PNG", help="also draw the reliability diagram")
+    rb.set_defaults(run=_run_robustness)
 
     pr = sub.add_parser("predict", help="classify image files or directories of images")
     pr.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
@@ -228,12 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--ema", action="store_true", help="use the EMA params")
     at.set_defaults(run=_run_attention)
 
-    cv = sub.add_parser("convert", help="pretrained weights -> a checkpoint of this toolkit")
-    cv.add_argument("src", help=".npz (vit_jax), .safetensors, .bin/.pth (timm/HF) or checkpoint")
-    cv.add_argument("dst", help="output workdir; the checkpoint goes to DST/checkpoints/0")
-    cv.add_argument("--num-heads", type=int, help="heads, when the weights cannot tell")
-    cv.add_argument("--class-names", help="text file with one class name per line")
-    cv.set_defaults(run=_run_convert)
+    ship_cli.add_commands(sub)  # convert, export, quantize, prune
 
     pl = sub.add_parser("plot", help="draw test top-1 and train loss vs minutes and steps (PNG)")
     pl.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training runs' workdirs")
@@ -246,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vit` console script; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["train"]:  # `vit train` takes --verbose as one of its absl flags
+        from vit import console
+
+        console.set_verbose("--verbose" in argv)
+        argv = [arg for arg in argv if arg != "--verbose"]
     if argv[:1] == ["train"]:
         from vit import train_cli
 

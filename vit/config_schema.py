@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from vit import data, optim
+from vit import adversarial, data, optim, wandb_logger
 from vit.evaluate import TTA_MODES
 
 
@@ -50,6 +50,7 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.token_keep_ratio = 1.0  # PatchDropout: share of patch tokens kept in training; 1 = off
     m.num_registers = 0  # register tokens (Darcet et al. 2024), dropped before the head
     m.attention_impl = "auto"  # | "explicit" | "fused": see vit/attention.py
+    m.quant = "none"  # | "int8": written by `vit quantize` (vit/quantize.py), not for training
     m.update(overrides)
     return m
 
@@ -65,8 +66,13 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between train-metric writes
     c.eval_every = 0  # steps between evaluations; 0 = only at the end
     c.eval_tta = "none"  # test-time augmentation of the evaluations: "none" | "flip" (2x cost)
+    c.eval_images = 4  # eval images whose attention rollout is logged (TensorBoard, W&B) with
+    # the confusion matrix at every evaluation (vit/reports.py); 0 = log no images
+    c.wandb = wandb_logger.default_config()  # Weights & Biases: enabled, project, entity, ...
     c.checkpoint_every = 500  # steps between checkpoints (also at the end and on SIGTERM)
     c.keep_checkpoints = 3
+    c.adv_train = adversarial.default_config()  # adversarial training, vit/adversarial.py
+    c.skip_nonfinite = 0  # skip up to N non-finite updates in a row (vit/nonfinite.py); 0: stop
     c.init_from = _optional(str)  # fine-tune from a workdir, orbax checkpoint, .npz, .safetensors
     c.init_keep_head = _optional(bool)  # None: keep the head iff its shape fits
     c.init_keep_pre_logits = True
@@ -112,9 +118,20 @@ def validate_config(config: Any) -> None:
     for key in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    if "adv_train" in config:
+        try:
+            adversarial.check_config(config.adv_train)
+        except adversarial.AttackError as err:
+            raise ConfigError(str(err)) from None
     if config.eval_tta not in TTA_MODES:
         raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use one of "
                           f"{', '.join(TTA_MODES)}")
+    if int(config.skip_nonfinite) < 0:
+        raise ConfigError(f"config.skip_nonfinite must be >= 0 (0 = stop at the first non-finite "
+                          f"loss), got {config.skip_nonfinite}")
+    if int(config.eval_images) < 0:
+        raise ConfigError(f"config.eval_images must be >= 0 (0 = log no images), "
+                          f"got {config.eval_images}")
     if int(config.eval_every) < 0:
         raise ConfigError(f"config.eval_every must be >= 0 (0 = only at the end), "
                           f"got {config.eval_every}")

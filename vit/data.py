@@ -125,9 +125,10 @@ def _local_batch(batch_size: int, num_devices: int, process_count: int, key: str
     return batch_size // process_count
 
 
-def _to_device_batch(batch: dict, num_devices: int, normalize: str) -> dict:
-    """Normalises the whole batch and splits it into [num_devices, per_device, ...]."""
-    batch = dict(batch, image=pp_ops.normalize(batch["image"], normalize))
+def _to_device_batch(batch: dict, num_devices: int, normalize: str | None) -> dict:
+    """Normalises the whole batch (unless normalize is None) and splits it per device."""
+    if normalize is not None:
+        batch = dict(batch, image=pp_ops.normalize(batch["image"], normalize))
     return {k: tf.reshape(v, [num_devices, -1, *v.shape[1:]]) for k, v in batch.items()}
 
 
@@ -254,10 +255,13 @@ def eval_iterator(
     num_devices: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    normalize: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over a split: {"image", "label", "mask": bool [dev, per_dev]}; padding masked out.
 
     Split defaults to config.eval_split, batch_size to config.eval_batch_size (global).
+    normalize=False yields the uint8 pixels of the evaluation crop instead of model inputs
+    (for corruptions and attacks, which work in pixel space).
     """
     pp_ops.validate_options(config.pp)
     split = split or config.eval_split
@@ -279,7 +283,7 @@ def eval_iterator(
 
     @tf.autograph.experimental.do_not_convert
     def to_device(b: dict) -> dict:
-        return _to_device_batch(b, num_devices, config.pp.normalize)
+        return _to_device_batch(b, num_devices, config.pp.normalize if normalize else None)
 
     ds = src.read(split, process_index, process_count)
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

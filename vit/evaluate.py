@@ -3,7 +3,8 @@
 The model runs on all local devices with `jax.pmap`; every device returns per-example results
 and the host reduces them in numpy with the padding mask, so each example of the split counts
 exactly once and the counts are exact on any number of devices. Test-time augmentation
-(`tta="flip"`) averages the softmax probabilities of each image and its horizontal flip.
+(`tta="flip"`) averages the softmax probabilities of each image and its horizontal flip. The
+expected calibration error (vit/calibration.py) comes with every result.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit import data, parallel
+from vit import calibration, data, parallel
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.model import VisionTransformer, model_from_config
 
@@ -46,18 +47,22 @@ class EvalResult:
     confusion_matrix: list[list[int]]  # [true class][predicted class]
     images_per_s: float
     tta: str = "none"  # the test-time augmentation the metrics were computed with
+    ece: float = math.nan  # expected calibration error, NUM_BINS confidence bins
+    calibration: list[list[float]] = dataclasses.field(default_factory=list)  # bin sums [3][bins]
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (NaN per-class accuracies become None)."""
         d = dataclasses.asdict(self)
         d["per_class"] = {k: None if math.isnan(v) else v for k, v in self.per_class.items()}
+        d["ece"] = None if math.isnan(self.ece) else self.ece
         return d
 
     def summary(self) -> str:
         """Human-readable lines: headline metrics, then the per-class accuracies."""
         tta = f"  tta {self.tta}" if self.tta != "none" else ""
         lines = [f"top-1 {self.top1:.4f}  top-5 {self.top5:.4f}  loss {self.loss:.4f}  "
-                 f"examples {self.num_examples}  {self.images_per_s:.1f} images/s{tta}",
+                 f"ECE {self.ece:.4f}  examples {self.num_examples}  "
+                 f"{self.images_per_s:.1f} images/s{tta}",
                  "per-class accuracy:"]
         width = max((len(name) for name in self.per_class), default=0)
         lines += [f"  {name:<{width}}  {acc:.4f}" for name, acc in self.per_class.items()]
@@ -104,7 +109,8 @@ def check_tta(tta: str) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _eval_step(model: VisionTransformer, tta: str = "none") -> Callable:
-    """The pmapped per-device step for `model`: per-example loss, prediction and top-5 hit.
+    """The pmapped per-device step for `model`: per-example loss, prediction, top-5 hit and
+    confidence (the predicted class's probability).
 
     With tta="flip" the class probabilities are the mean of those of the image and of its
     horizontal flip; prediction, top-5 and the loss (-log p[label]) all use that mean.
@@ -122,7 +128,8 @@ def _eval_step(model: VisionTransformer, tta: str = "none") -> Callable:
         loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
         _, top = jax.lax.top_k(scores, min(TOP_K, scores.shape[-1]))
         return {"loss": loss, "pred": jnp.argmax(scores, axis=-1).astype(jnp.int32),
-                "top5": jnp.any(top == labels[:, None], axis=-1)}
+                "top5": jnp.any(top == labels[:, None], axis=-1),
+                "conf": jnp.exp(jnp.max(log_probs, axis=-1))}
 
     return jax.pmap(step, axis_name=parallel.AXIS)
 
@@ -132,6 +139,14 @@ def _check_classes(model: VisionTransformer, info: data.DatasetInfo) -> None:
         raise EvalError(f"dataset {info.name!r} has {info.num_classes} classes but the model's "
                         f"head has {model.num_classes}; evaluate on a dataset with the same "
                         "classes, or fine-tune the model on this one first")
+
+
+def sum_over_processes(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add up host-side sums over all processes (each saw its own part of the split)."""
+    if jax.process_count() == 1:
+        return sums
+    gathered = multihost_utils.process_allgather(sums)
+    return {key: np.asarray(value).sum(0) for key, value in gathered.items()}
 
 
 def evaluate(
@@ -154,6 +169,7 @@ def evaluate(
     n = model.num_classes
     confusion = np.zeros((n, n), np.int64)
     loss_sum, top5_hits = 0.0, 0
+    calibration_sums = np.zeros((3, calibration.NUM_BINS))
     pending = []
     start = time.perf_counter()
     for batch in data.eval_iterator(config, split, batch_size=batch_size):
@@ -165,13 +181,17 @@ def evaluate(
         np.add.at(confusion, (labels[mask], out["pred"][mask]), 1)
         loss_sum += float(np.sum(out["loss"][mask], dtype=np.float64))
         top5_hits += int(np.sum(out["top5"][mask]))
-    if jax.process_count() > 1:  # each process saw its own part of the split: add them up
-        totals = multihost_utils.process_allgather(
-            {"confusion": confusion, "sums": np.array([loss_sum, top5_hits], np.float64)})
-        confusion = totals["confusion"].sum(0)
-        loss_sum, top5_hits = float(totals["sums"][:, 0].sum()), int(totals["sums"][:, 1].sum())
+        calibration_sums += calibration.bin_sums(out["conf"][mask],
+                                                 out["pred"][mask] == labels[mask])
+    totals = sum_over_processes({"confusion": confusion, "calibration": calibration_sums,
+                                 "sums": np.array([loss_sum, top5_hits], np.float64)})
+    confusion, calibration_sums = totals["confusion"], totals["calibration"]
+    loss_sum, top5_hits = float(totals["sums"][0]), int(totals["sums"][1])
     elapsed = time.perf_counter() - start
-    return _result(confusion, loss_sum, top5_hits, info.class_names, elapsed, tta)
+    result = _result(confusion, loss_sum, top5_hits, info.class_names, elapsed, tta)
+    result.ece = calibration.expected_calibration_error(calibration_sums)
+    result.calibration = calibration_sums.tolist()
+    return result
 
 
 def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,

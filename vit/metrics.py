@@ -1,67 +1,202 @@
-"""Metric writers: TensorBoard events and metrics.jsonl in the workdir; a console progress bar."""
+"""Metric writers: metrics.jsonl and TensorBoard events in the workdir, trackers such as W&B;
+a console progress bar.
+
+`MetricWriter` writes every scalar to <workdir>/metrics.jsonl (one JSON line per step) and,
+through the public `tf.summary` API, to <workdir>/tensorboard (scalars, the config as text,
+images at evaluation steps); it hands the same to any extra tracker (`vit/wandb_logger.py`).
+A resumed run passes the step it continues from: records past it, left by a run killed after
+its last checkpoint, are dropped from both files first, so every step appears once.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Protocol, TextIO
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+import numpy as np
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto import event_pb2
 
 TENSORBOARD_DIR = "tensorboard"
 JSONL_FILE = "metrics.jsonl"
+EVENT_FILE_PATTERN = "events.out.tfevents.*"
+
+
+class Tracker(Protocol):
+    """An experiment tracker fed by MetricWriter (e.g. `vit.wandb_logger.WandbLogger`)."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class MetricWriter:
-    """Writes scalars to <workdir>/tensorboard (events) and <workdir>/metrics.jsonl (appending).
+    """Writes scalars to <workdir>/metrics.jsonl and <workdir>/tensorboard, and to `trackers`.
 
-    Pass `enabled=jax.process_index() == 0` so only one host writes; a disabled writer does nothing.
+    Pass `enabled=jax.process_index() == 0` so only one host writes; a disabled writer does
+    nothing. `start_step` is the step a run starts or resumes from: records after it are
+    removed from both files before anything is written (0: a fresh run, nothing is kept);
+    None keeps the files as they are and appends.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, start_step: int | None = None,
+                 trackers: Sequence[Tracker] = ()):
         self.enabled = enabled
+        self._trackers = list(trackers) if enabled else []
         self._events = self._jsonl = None
+        self._last: tuple[int, int, dict] | None = None  # (step, file offset, record)
         if enabled:
             root = Path(workdir)
             root.mkdir(parents=True, exist_ok=True)
-            self._events = EventFileWriter(str(root / TENSORBOARD_DIR))
+            if start_step is not None:
+                prune_jsonl(root / JSONL_FILE, start_step)
+                prune_event_files(root / TENSORBOARD_DIR, start_step)
+            self._events = tf.summary.create_file_writer(str(root / TENSORBOARD_DIR))
             self._jsonl = (root / JSONL_FILE).open("a", encoding="utf-8")
 
-    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        """Record `scalars` at `step` in both files."""
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Record `scalars` at `step` everywhere; a second call for one step joins its line."""
         if not self.enabled:
             return
+        step = int(step)
         values = {name: float(value) for name, value in scalars.items()}
-        summary = summary_pb2.Summary(value=[
-            summary_pb2.Summary.Value(tag=name, simple_value=value)
-            for name, value in values.items()])
-        self._events.add_event(event_pb2.Event(step=int(step), wall_time=time.time(),
-                                               summary=summary))
-        record = {"step": int(step), **{k: _json_float(v) for k, v in values.items()}}
+        with self._events.as_default():
+            for name, value in values.items():
+                tf.summary.scalar(name, value, step=step)
+        self._write_jsonl(step, {k: _json_float(v) for k, v in values.items()})
+        for tracker in self._trackers:
+            tracker.write_scalars(step, values)
+
+    def _write_jsonl(self, step: int, values: dict) -> None:
+        """Append the step's line, or rewrite the last line when it holds the same step."""
+        if self._last is not None and self._last[0] == step:
+            _, offset, record = self._last
+            record.update(values)
+            self._jsonl.flush()
+            self._jsonl.truncate(offset)
+        else:
+            self._jsonl.flush()
+            offset, record = self._jsonl.tell(), {"step": step, **values}
         self._jsonl.write(json.dumps(record) + "\n")
+        self._last = (step, offset, record)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Record RGB images ([H, W, 3] uint8, by name) at `step` in TensorBoard and trackers."""
+        if not self.enabled:
+            return
+        with self._events.as_default():
+            for name, pixels in images.items():
+                tf.summary.image(name, np.asarray(pixels, np.uint8)[None], step=int(step))
+        for tracker in self._trackers:
+            tracker.write_images(int(step), images)
+
+    def write_config(self, step: int, config: Mapping[str, Any]) -> None:
+        """The run config as TensorBoard text (tag "config") at `step`."""
+        if not self.enabled:
+            return
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        markdown = "\n".join("    " + line for line in text.splitlines())  # a code block
+        with self._events.as_default():
+            tf.summary.text("config", markdown, step=int(step))
 
     def flush(self) -> None:
-        """Push buffered records to disk."""
-        if self.enabled:
+        """Push buffered records to disk (and to the trackers)."""
+        if self.enabled and self._jsonl is not None:
             self._events.flush()
             self._jsonl.flush()
+            for tracker in self._trackers:
+                tracker.flush()
 
     def close(self) -> None:
-        """Flush and close both files."""
+        """Flush and close the files and the trackers."""
         if self.enabled and self._jsonl is not None:
             self._events.close()
             self._jsonl.close()
             self._jsonl = None
+            for tracker in self._trackers:
+                tracker.close()
 
 
 def _json_float(value: float) -> float | str:
     """JSON has no NaN or infinity: write those as the strings "nan", "inf", "-inf"."""
     return value if math.isfinite(value) else str(value)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+def _replace_file(path: Path, write: Callable[[str], None]) -> None:
+    """Write a new version of `path` beside it with `write(tmp_path)`, then swap it in."""
+    tmp = path.with_name(f".{path.name}.tmp")  # a leading dot: not an event file name
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def prune_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= `last_step`, one line per step (repeated steps merged)."""
+    if not path.exists():
+        return
+    by_step: dict[int, dict] = {}
+    for record in read_jsonl(path):
+        if int(record["step"]) <= last_step:
+            by_step.setdefault(int(record["step"]), {}).update(record)
+    lines = [json.dumps(by_step[step]) + "\n" for step in sorted(by_step)]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    _replace_file(path, write)
+
+
+def _raw_events(path: str) -> Iterable[bytes]:
+    """The serialized events of one file; a record cut short by a killed run ends it."""
+    return RawEventFileLoader(path).Load()
+
+
+def prune_event_files(logdir: Path, last_step: int) -> None:
+    """Drop the summaries of steps > `last_step` from the event files in `logdir`.
+
+    Files left with no summary at all are deleted; the others are rewritten when they change.
+    """
+    for path in sorted(glob.glob(str(logdir / EVENT_FILE_PATTERN))):
+        kept, dropped, summaries = [], 0, 0
+        for raw in _raw_events(path):
+            event = event_pb2.Event.FromString(raw)
+            if event.HasField("summary") and event.step > last_step:
+                dropped += 1
+                continue
+            summaries += event.HasField("summary")
+            kept.append(raw)
+        if not summaries:
+            os.remove(path)
+        elif dropped:
+            def write(tmp: str, kept: list[bytes] = kept) -> None:
+                with tf.io.TFRecordWriter(tmp) as out:
+                    for raw in kept:
+                        out.write(raw)
+
+            _replace_file(Path(path), write)
 
 
 def format_duration(seconds: float) -> str:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import resnet, stems
+from vit import int8, resnet, stems
 from vit.attention import (  # noqa: F401  (attention_weights: public here too)
     ATTENTION_IMPLS,
     MultiHeadDotProductAttention,
@@ -67,15 +67,24 @@ class MlpBlock(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
+    quant: str = "none"  # | "int8": int8 kernels (vit/int8.py)
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
-        dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=_xavier, bias_init=_bias_init)
-        x = nn.gelu(dense(self.mlp_dim)(x), approximate=self.gelu_approximate)
+        dense = lambda n, name: _dense(n, self.dtype, self.quant, name, kernel_init=_xavier,
+                                       bias_init=_bias_init)
+        x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        x = dense(width)(x)
+        x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+def _dense(features: int, dtype: Dtype, quant: str, name: str, **inits: Any) -> nn.Module:
+    """nn.Dense, or its int8 counterpart for quant="int8" (same name, int8 kernel + scale)."""
+    if quant == "int8":
+        return int8.Int8Dense(features, dtype, name=name)
+    return nn.Dense(features, dtype=dtype, name=name, **inits)
 
 
 class DropPath(nn.Module):
@@ -104,6 +113,7 @@ class Encoder1DBlock(nn.Module):
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
     attention_impl: str = "auto"
+    quant: str = "none"
 
     @nn.compact
     def __call__(
@@ -113,13 +123,13 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
-            name="MultiHeadDotProductAttention_1",
+            self.quant, name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
-                     name="MlpBlock_3")(
+                     self.quant, name="MlpBlock_3")(
             y, deterministic=deterministic)
         return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
 
@@ -144,6 +154,11 @@ def _keep_patches(x: Array, num_prefix: int, idx: Array) -> Array:
     """The prefix tokens of x [B, T, D] followed by the patches at `idx` [B, keep]."""
     kept = jnp.take_along_axis(x[:, num_prefix:], idx[:, :, None], axis=1)
     return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
+
+
+def _tokens(x: Array, start: int, stop: int | None = None) -> Array:
+    """x[:, start:stop] as a static slice: exports with a symbolic batch need no gather."""
+    return jax.lax.slice_in_dim(x, start, stop, axis=1)
 
 
 class LearnedPositionEmbedding(nn.Module):
@@ -171,6 +186,7 @@ class Encoder(nn.Module):
     token_keep_ratio: float = 1.0
     num_registers: int = 0
     attention_impl: str = "auto"
+    quant: str = "none"
 
     @nn.compact
     def __call__(
@@ -196,7 +212,7 @@ class Encoder(nn.Module):
             reg = self.param("registers", nn.initializers.normal(stddev=0.02),
                              (1, self.num_registers, width))
             reg = jnp.tile(reg.astype(x.dtype), (x.shape[0], 1, 1))
-            x = jnp.concatenate([x[:, :n_pre], reg, x[:, n_pre:]], axis=1)
+            x = jnp.concatenate([_tokens(x, 0, n_pre), reg, _tokens(x, n_pre)], axis=1)
         mask = None
         if token_mask is not None:  # [B, 1 (heads), 1 (queries), keys]; prefix tokens always on
             prefix = jnp.ones((x.shape[0], n_pre + self.num_registers), bool)
@@ -208,7 +224,7 @@ class Encoder(nn.Module):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x, w = Encoder1DBlock(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                rate, self.dtype, self.gelu_approximate, self.attention_impl,
+                rate, self.dtype, self.gelu_approximate, self.attention_impl, self.quant,
                 name=f"encoderblock_{i}",
             )(x, mask=mask, deterministic=deterministic, return_weights=return_weights)
             maps.append(w)
@@ -222,6 +238,7 @@ class MAPHead(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    quant: str = "none"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -229,12 +246,12 @@ class MAPHead(nn.Module):
         probe = self.param("probe", _xavier, (1, 1, width))
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
         y, w = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                            impl=self.attention_impl,
+                                            impl=self.attention_impl, quant=self.quant,
                                             name="MultiHeadDotProductAttention_0")(
             probe, x, mask=mask)
-        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(
+        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, quant=self.quant, name="MlpBlock_0")(
             nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
-        return y[:, 0], w
+        return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w
 
 
 class VisionTransformer(nn.Module):
@@ -275,6 +292,7 @@ class VisionTransformer(nn.Module):
     token_keep_ratio: float = 1.0  # PatchDropout in training: share of patch tokens kept
     num_registers: int = 0  # learned register tokens (Darcet et al. 2024), dropped before the head
     attention_impl: str = "auto"  # | "explicit" | "fused" (vit/attention.py)
+    quant: str = "none"  # | "int8": int8 dense / attention kernels (vit/int8.py, vit/quantize.py)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -320,12 +338,12 @@ class VisionTransformer(nn.Module):
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
             self.gelu_approximate, self.token_keep_ratio, self.num_registers,
-            self.attention_impl, name="Transformer",
+            self.attention_impl, self.quant, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
-        patches = x[:, num_prefix + self.num_registers:]
+        patches = _tokens(x, num_prefix + self.num_registers)
         if self.classifier == "token":
-            x = x[:, 0]
+            x = jax.lax.index_in_dim(x, 0, axis=1, keepdims=False)
         elif self.classifier == "gap":
             if patch_mask is None:
                 x = jnp.mean(patches, axis=1)
@@ -335,12 +353,12 @@ class VisionTransformer(nn.Module):
         else:
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                           name="MAPHead_0")(patches, mask)
+                           self.quant, name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
-            x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
-        logits = nn.Dense(
-            self.num_classes, dtype=self.dtype, name="head", kernel_init=nn.initializers.zeros,
+            x = nn.tanh(_dense(self.representation_size, self.dtype, self.quant, "pre_logits")(x))
+        logits = _dense(
+            self.num_classes, self.dtype, self.quant, "head", kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.constant(self.head_bias_init),
         )(x).astype(jnp.float32)
         if return_attention:
@@ -444,6 +462,8 @@ def _validate(kw: dict[str, Any]) -> None:
     if kw["attention_impl"] not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {kw['attention_impl']!r}; use one of "
                          f"{ATTENTION_IMPLS}")
+    if kw["quant"] not in int8.QUANT_MODES:
+        raise ValueError(f"unknown quant {kw['quant']!r}; use one of {int8.QUANT_MODES}")
     if kw["num_registers"] < 0:
         raise ValueError(f"num_registers must be >= 0, got {kw['num_registers']}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:

@@ -1,9 +1,10 @@
 """`vit plot`: learning curves of one or more training runs, drawn from their workdirs as a PNG.
 
 The values come from <workdir>/metrics.jsonl. That file has no timestamps, but `MetricWriter`
-writes every record also as one TensorBoard event that carries its wall-clock time, so the times
-are read from <workdir>/tensorboard and matched to the records by (step, metric names); a
-record's own "time" key (seconds since the epoch), if a writer adds one, is used first. A run
+writes every value also as a TensorBoard event that carries its wall-clock time, so the times
+are read from <workdir>/tensorboard and matched to the records by (step, metric name): a
+record's time is that of its latest value. A record's own "time" key (seconds since the
+epoch), if a writer adds one, is used first. A run
 without either (e.g. its tensorboard/ folder was not copied) is drawn against steps only.
 Records superseded by a resumed run (a step that comes again later) are dropped, as in
 TensorBoard; minutes count from the run's first record and include any time it was stopped.
@@ -69,8 +70,8 @@ def _read_jsonl(workdir: str) -> list[dict]:
     return records
 
 
-def _event_times(workdir: str) -> dict[tuple[int, frozenset[str]], collections.deque[float]]:
-    """Wall times of the TensorBoard events of `workdir`, oldest first, by (step, tags)."""
+def _event_times(workdir: str) -> dict[tuple[int, str], collections.deque[float]]:
+    """Wall times of the TensorBoard events of `workdir`, oldest first, by (step, tag)."""
     files = glob.glob(os.path.join(workdir, TENSORBOARD_DIR, "events.out.tfevents.*"))
     if not files:
         return {}
@@ -80,19 +81,18 @@ def _event_times(workdir: str) -> dict[tuple[int, frozenset[str]], collections.d
     for path in files:
         try:
             for event in EventFileLoader(path).Load():
-                if event.HasField("summary") and event.summary.value:
-                    tags = frozenset(v.tag for v in event.summary.value)
-                    found.append((event.wall_time, event.step, tags))
+                if event.HasField("summary"):  # one tag per event, or several in older runs
+                    found += [(event.wall_time, event.step, v.tag) for v in event.summary.value]
         except Exception as e:  # noqa: BLE001 - an unreadable events file only costs the times
             log.warning("skipping unreadable TensorBoard file %s: %s", path, e)
-    times: dict[tuple[int, frozenset[str]], collections.deque[float]] = {}
-    for wall_time, step, tags in sorted(found, key=lambda x: x[0]):
-        times.setdefault((step, tags), collections.deque()).append(wall_time)
+    times: dict[tuple[int, str], collections.deque[float]] = {}
+    for wall_time, step, tag in sorted(found, key=lambda x: x[0]):
+        times.setdefault((step, tag), collections.deque()).append(wall_time)
     return times
 
 
 def _record_times(workdir: str, records: list[dict]) -> list[float | None]:
-    """Each record's wall-clock time (its "time" key, else its TensorBoard event's), or None."""
+    """Each record's wall-clock time (its "time" key, else its TensorBoard events'), or None."""
     events = None
     out: list[float | None] = []
     for record in records:
@@ -101,8 +101,9 @@ def _record_times(workdir: str, records: list[dict]) -> list[float | None]:
             continue
         if events is None:
             events = _event_times(workdir)
-        queue = events.get((record["step"], frozenset(record) - {"step", "time"}))
-        out.append(queue.popleft() if queue else None)
+        queues = [events.get((record["step"], tag)) for tag in sorted(set(record) - {"step"})]
+        found = [queue.popleft() for queue in queues if queue]
+        out.append(max(found) if found and len(found) == len(queues) else None)
     return out
 
 

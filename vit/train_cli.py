@@ -11,8 +11,10 @@ import re
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from vit import console
+from vit.preemption import EXIT_PREEMPTED
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,6 +30,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (else JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_WANDB = flags.DEFINE_bool("wandb", None, "Log to Weights & Biases (same as "
+                           "--config.wandb.enabled; needs the wandb extra).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Also print TensorFlow / absl start-up lines and "
+                             "INFO logs (or set VIT_VERBOSE=1).")
 flags.register_validator("workdir", lambda v: bool(v), "--workdir is required")
 flags.mark_flag_as_required("config")
 
@@ -45,7 +51,9 @@ def _run(argv: list[str]) -> None:
                            ("process_id", _PROCESS_ID.value)):
             if value is not None:
                 config[key] = value
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+        if _WANDB.value is not None:
+            config.wandb.enabled = _WANDB.value
+    console.set_verbose(_VERBOSE.value)  # quiet: absl at WARNING (orbax logs saves at INFO)
     logging.getLogger("vit").setLevel(logging.INFO)
     try:
         result = train(config, _WORKDIR.value)
@@ -54,10 +62,10 @@ def _run(argv: list[str]) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    if result.preempted:
+    if result.preempted:  # a distinct status, so that a scheduler requeues the job
         print(f"preempted at step {int(result.state.step)}: checkpoint saved; rerun the same "
-              "command to resume")
-        return
+              f"command to resume (exit status {EXIT_PREEMPTED})")
+        sys.exit(EXIT_PREEMPTED)
     for key in sorted(result.metrics):
         if key.startswith("eval"):
             print(f"{key}: {result.metrics[key]:.4f}")
@@ -66,8 +74,16 @@ def _run(argv: list[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a bad --config file or override reported in one line."""
     try:
-        return FLAGS(argv)
+        argv = FLAGS(argv)
+        _CONFIG.value.get("model")  # a config file that failed to load raises only when read
+        return argv
     except (flags.Error, OSError) as err:  # a nested config-file error: keep its last line
+        missing = re.search(r"No such file or directory: '([^']+)'", str(err))
+        if missing:
+            print(f"error: config file {missing.group(1)} does not exist: pass a file of "
+                  "configs/ and its variant, e.g. --config=configs/cifar10.py:short",
+                  file=sys.stderr)
+            sys.exit(2)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(err).__name__
     except (AttributeError, KeyError) as err:  # ml_collections: an override of an unknown key

@@ -1,7 +1,9 @@
 """The training loop: init, pmapped train step, periodic eval, checkpoints, metrics.
 
 `train(config, workdir)` runs a whole job and returns the final metrics. It resumes from the
-workdir's latest checkpoint when there is one, so re-running a preempted job continues it.
+workdir's latest checkpoint when there is one, so re-running a preempted job continues it; the
+faults it survives (preemption, damaged checkpoints, changed configs, failed saves, non-finite
+losses) are listed in the README's fault table.
 """
 
 from __future__ import annotations
@@ -16,20 +18,31 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
-from vit import checkpoint, data, metrics, mix, optim, parallel
+from vit import (
+    adversarial,
+    checkpoint,
+    config_changes,
+    data,
+    metrics,
+    mix,
+    nonfinite,
+    optim,
+    parallel,
+    wandb_logger,
+)
 from vit.config_schema import validate_config
+from vit.console import is_verbose
 from vit.model import VisionTransformer, init_params, model_from_config
+from vit.nonfinite import NonFiniteLossError
+from vit.preemption import PreemptionWatch
 
 PyTree = Any
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss (or the parameters) became NaN or infinite."""
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainState", "build_model", "create_train_state",
+           "initial_params", "make_train_step", "train"]
 
 
 @flax.struct.dataclass
@@ -68,8 +81,10 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The per-device step (pmap it with axis_name=parallel.AXIS): mix, grad, pmean, update."""
     schedule = optim.learning_rate_schedule(config)
+    skip_cap = int(config.get("skip_nonfinite") or 0)  # tx must be wrapped to match: see train()
     ema_decay = optim.ema_decay(config)
     accum = int(config.grad_accum_steps)
+    adv = config.get("adv_train") or adversarial.default_config()
 
     def grads_of(params, images, targets, rng):
         def loss_fn(p):
@@ -102,16 +117,23 @@ def make_train_step(
         images, targets = mix.mixup_cutmix(
             mix_rng, batch["image"], targets, mixup_alpha=float(config.mixup_alpha),
             cutmix_alpha=float(config.cutmix_alpha))
+        if adv.method != "none":  # adversarial training: the batch is perturbed, see adv_train
+            images = adversarial.perturb_for_training(
+                adv, config.pp.normalize, lambda x: model.apply(
+                    {"params": state.params}, x, train=True, rngs={"dropout": dropout_rng}),
+                images, targets, jax.random.fold_in(rng, 1))
         if accum > 1:
             loss, logits, grads = accumulated_grads(state.params, images, targets, dropout_rng)
         else:
             loss, logits, grads = grads_of(state.params, images, targets, dropout_rng)
         grads = lax.pmean(grads, parallel.AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = nonfinite.guard(opt_state, skip_cap, optax.apply_updates(state.params, updates),
+                                 state.params)
         ema = state.ema_params
         if ema is not None:
-            ema = optim.ema_update(ema, params, optim.ema_decay_at(state.step, ema_decay))
+            ema = nonfinite.guard(opt_state, skip_cap, optim.ema_update(
+                ema, params, optim.ema_decay_at(state.step, ema_decay)), ema)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema)
         step_metrics = {
@@ -120,6 +142,7 @@ def make_train_step(
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state.step),
+            **nonfinite.skip_metrics(opt_state, skip_cap),
         }
         return new_state, lax.pmean(step_metrics, parallel.AXIS)
 
@@ -132,10 +155,14 @@ def build_model(config: Any, info: data.DatasetInfo) -> VisionTransformer:
                              image_size=config.image_size)
 
 
-def initial_params(config: Any, model: VisionTransformer, rng: jax.Array) -> PyTree:
-    """Fresh parameters, or `config.init_from` weights adapted to `model` (fine-tuning)."""
+def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
+                   read_init_from: bool = True) -> PyTree:
+    """Fresh parameters, or `config.init_from` weights adapted to `model` (fine-tuning).
+
+    `read_init_from=False` skips `init_from`: a resumed run's weights come from its checkpoint.
+    """
     params = jax.jit(functools.partial(init_params, model))(rng)
-    if not config.init_from:
+    if not config.init_from or not read_init_from:
         return params
     from vit import pretrained  # only fine-tuning needs the weight readers
 
@@ -148,47 +175,18 @@ def initial_params(config: Any, model: VisionTransformer, rng: jax.Array) -> PyT
     return params
 
 
-class _StepMetrics:
-    """Device metrics of recent steps, fetched to the host (and checked) only when asked."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[int, dict]] = []
-        self._fetched: list[dict[str, float]] = []
-
-    def add(self, step: int, device_metrics: dict) -> None:
-        self._pending.append((step, device_metrics))
-
-    def check(self) -> None:
-        """Fetch the pending steps; NonFiniteLossError names the first step with a bad loss."""
-        for step, values in jax.device_get(self._pending):
-            loss = float(values["loss"][0])
-            if not np.isfinite(loss):
-                raise _non_finite(f"loss became {loss}", step)
-            self._fetched.append({k: float(v[0]) for k, v in values.items()})
-        self._pending = []
-
-    def window_means(self) -> dict[str, float]:
-        """Check, then average every metric over the steps since the last call."""
-        self.check()
-        means = {k: float(np.mean([m[k] for m in self._fetched])) for k in self._fetched[0]}
-        self._fetched = []
-        return means
-
-
-def _non_finite(what: str, step: int) -> NonFiniteLossError:
-    return NonFiniteLossError(
-        f"{what} at step {step}: lower the learning rate (lr) or enable gradient clipping "
-        "(grad_clip_norm); the last good checkpoint is kept")
-
-
-def _check_finite_params(params: PyTree, step: int) -> None:
-    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)):
-        raise _non_finite("parameters became non-finite", step)
-
-
 def train(config: Any, workdir: str) -> TrainResult:
-    """Train (or resume) the run described by `config` in `workdir`."""
+    """Train (or resume) the run described by `config` in `workdir`.
+
+    A resume restores the latest checkpoint after checking it against `config`
+    (vit/config_changes.py) and does not read `init_from` again; a finished run is evaluated
+    again. SIGTERM (agreed across processes when distributed, vit/preemption.py) saves the step
+    reached and returns `preempted=True`; the SIGTERM handler in place before the call is in
+    place after it.
+    """
     validate_config(config)
+    if wandb_logger.enabled(config):
+        wandb_logger.require_wandb(config)  # at start-up: one line when wandb is missing
     if config.distributed:
         parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                         config.process_id)
@@ -196,38 +194,68 @@ def train(config: Any, workdir: str) -> TrainResult:
     parallel.per_device_batch(config.eval_batch_size)
     info = data.dataset_info(config)
     model = build_model(config, info)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = initial_params(config, model, init_rng)
-    tx = optim.make_optimizer(config, params)
-    state = create_train_state(params, tx, state_rng, use_ema=optim.ema_decay(config) is not None)
-
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                    save_every=config.checkpoint_every)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    try:  # also on errors: finish the saves in flight and stop orbax's threads
+        with PreemptionWatch(bool(config.distributed)) as watch:
+            state, tx = _start_state(config, model, ckpt)
+            if int(state.step) >= int(config.total_steps):
+                log.info("%s holds a finished run (step %d, total_steps %d): evaluating it",
+                         workdir, int(state.step), int(config.total_steps))
+                scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
+                return TrainResult(scalars, state)
+            return _loop(config, workdir, model, info, tx, state, ckpt, watch)
+    finally:
+        ckpt.close()
+
+
+def _start_state(config: Any, model: VisionTransformer, ckpt: checkpoint.Checkpointer
+                 ) -> tuple[TrainState, optax.GradientTransformation]:
+    """The optimizer and the step-0 state, or the state of the workdir's latest checkpoint."""
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    latest = ckpt.latest_step()
+    params = initial_params(config, model, init_rng, read_init_from=latest is None)
+    tx = nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
+                                  int(config.skip_nonfinite))
+    state = create_train_state(params, tx, state_rng, use_ema=optim.ema_decay(config) is not None)
+    if latest is None:
+        return state, tx
+    changes = config_changes.check_resume(
+        ckpt.metadata(latest).get("config", {}), config.to_dict(),
+        config_changes.structure(ckpt.saved_structure(latest)), config_changes.structure(state),
+        where=str(ckpt.directory / str(latest)))
+    for key, (old, new) in changes.items():
+        level = logging.INFO if config_changes.is_harmless(key) else logging.WARNING
+        log.log(level, "config.%s changed since the checkpoint: %s -> %s", key, old, new)
+    state = ckpt.restore(state, latest)
+    log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    return state, tx
+
+
+def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
+          tx: optax.GradientTransformation, state: TrainState, ckpt: checkpoint.Checkpointer,
+          watch: PreemptionWatch) -> TrainResult:
+    """Steps from `state.step` to total_steps: log, evaluate, checkpoint, stop when preempted."""
     start, total = int(state.step), int(config.total_steps)
     meta = {"config": config.to_dict(), "dataset_info": info.to_dict()}
-
-    writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = _metric_writer(config, workdir, start)
     progress = metrics.ProgressBar(total, start, config.batch_size)
-    sigterm_received = checkpoint.install_sigterm_handler()
     train_step = jax.pmap(make_train_step(model, tx, config, info.num_classes),
                           axis_name=parallel.AXIS, donate_argnums=(0,))
     batches = parallel.prefetch_to_device(data.train_iterator(config, start_step=start))
     rstate = parallel.replicate(state)
-    recent = _StepMetrics()
+    recent = nonfinite.StepMetrics(int(config.skip_nonfinite))
     final: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
 
     def host_state(step: int) -> TrainState:
         recent.check()  # never keep parameters that produced a non-finite loss
         state = parallel.unreplicate(rstate)  # already host numpy
-        _check_finite_params(state.params, step)
+        nonfinite.check_finite_params(state.params, step)
         return state
 
     preempted = False
-
+    watch.start(start)
     log.info("training steps %d to %d in %s", start + 1, total, workdir)
     step = start
     try:
@@ -244,13 +272,13 @@ def train(config: Any, workdir: str) -> TrainResult:
                 scalars = {f"train/{k}": v for k, v in scalars.items()}
                 writer.write_scalars(step, scalars)
                 writer.flush()
-                progress.update(step, loss=scalars["train/loss"])
+                progress.update(step, loss=scalars.get("train/loss", float("nan")))
                 final.update(scalars)
                 window_start, window_steps = time.perf_counter(), 0
             if (config.eval_every and step % config.eval_every == 0) or is_last:
                 final.update(_evaluate(model, rstate, config, step, writer))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-            if sigterm_received():
+            if watch.reached(step) and not is_last:  # every process, every step
                 ckpt.save(step, host_state(step), force=True, **meta)
                 preempted = True
                 log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
@@ -258,28 +286,49 @@ def train(config: Any, workdir: str) -> TrainResult:
                 break
             if step % config.checkpoint_every == 0 or is_last:
                 ckpt.save(step, host_state(step), force=is_last, **meta)
-    finally:  # also on errors: finish the saves in flight so no checkpoint is left half-written
-        ckpt.wait()
-        ckpt.close()
+    finally:
         progress.close()
         writer.close()
     return TrainResult(final, host_state(step), preempted)
 
 
 def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: int,
-              writer: metrics.MetricWriter) -> dict[str, float]:
-    """Evaluate the current (and EMA) parameters on config.eval_split; log and return them."""
+              writer: metrics.MetricWriter | None = None) -> dict[str, float]:
+    """Evaluate the current (and EMA) parameters on config.eval_split; log (and write) them."""
     from vit.evaluate import evaluate
 
     variants = {"eval": rstate.params}
     if rstate.ema_params is not None:
         variants["eval_ema"] = rstate.ema_params
-    scalars = {}
+    scalars, results = {}, {}
     for prefix, params in variants.items():
-        result = evaluate(model, params, config, replicated=True, tta=config.eval_tta)
+        result = results[prefix] = evaluate(model, params, config, replicated=True,
+                                            tta=config.eval_tta)
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
-    writer.write_scalars(step, scalars)
-    writer.flush()
+    if writer is not None:
+        writer.write_scalars(step, scalars)
+        if writer.enabled and int(config.eval_images) > 0:  # only process 0 draws them
+            from vit import reports
+
+            writer.write_images(step, reports.eval_images(
+                model, parallel.unreplicate(rstate.params), config, results["eval"]))
+        writer.flush()
     log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
     return scalars
+
+
+def _metric_writer(config: Any, workdir: str, start: int) -> metrics.MetricWriter:
+    """Process 0's writer (metrics.jsonl, TensorBoard, W&B when asked), cleared past `start`.
+
+    A fresh run (start 0) also writes its config to TensorBoard as text.
+    """
+    if jax.process_index() != 0:
+        return metrics.MetricWriter(workdir, enabled=False)
+    trackers = []
+    if wandb_logger.enabled(config):
+        trackers.append(wandb_logger.WandbLogger(config, workdir, verbose=is_verbose()))
+    writer = metrics.MetricWriter(workdir, start_step=start, trackers=trackers)
+    if start == 0:
+        writer.write_config(0, config.to_dict())
+    return writer

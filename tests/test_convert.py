@@ -1,0 +1,111 @@
+"""Tests for vit.convert and vit.weights_out: weights in exactly, weights out, round trips."""
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from test_pretrained import fixture, images, random_weights
+from tiny_checkpoints import PLAIN, RECIPE, write
+
+from vit import cli
+from vit.convert import convert_weights, export_weights
+from vit.evaluate import load_inference_model
+from vit.weight_formats import WeightsError, flatten_params
+
+
+def _logits(checkpoint: str, x: np.ndarray) -> np.ndarray:
+    loaded = load_inference_model(checkpoint)
+    return np.asarray(loaded.model.apply({"params": loaded.params}, x))
+
+
+def _source(tmp_path, stem: str) -> tuple[str, dict, dict]:
+    meta, ref = fixture(stem)
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    return str(path), meta, ref
+
+
+def test_timm_converts_with_exact_gelu_and_stated_normalisation(tmp_path):
+    src, meta, ref = _source(tmp_path, "timm_vit_tiny")
+    path, notes = convert_weights(src, str(tmp_path / "ours"))
+    np.testing.assert_allclose(_logits(path, images(meta)), ref["logits_gelu_erf"], atol=1e-5,
+                               rtol=0)
+    loaded = load_inference_model(path)
+    assert loaded.model.gelu_approximate is False and loaded.model.num_heads == 3
+    assert loaded.config.pp.normalize == "minus_one_to_one"
+    assert any("--normalize" in n for n in notes) and any("3 heads assumed" in n for n in notes)
+    path, _ = convert_weights(src, str(tmp_path / "deit"), normalize="imagenet", gelu="tanh",
+                              num_heads=6)
+    loaded = load_inference_model(path)
+    assert loaded.config.pp.normalize == "imagenet" and loaded.model.gelu_approximate
+    assert loaded.model.num_heads == 6
+
+
+@pytest.mark.parametrize("how", ["flag", "config.json"])
+def test_hf_gelu_from_the_flag_or_its_config(tmp_path, how):
+    src, meta, ref = _source(tmp_path, "hf_vit_tiny")  # made with tanh GELU
+    if how == "config.json":
+        config = {"model_type": "vit", "hidden_act": "gelu_pytorch_tanh",
+                  "num_attention_heads": 3, "id2label": {str(i): f"n{i}" for i in range(10)}}
+        (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    path, _ = convert_weights(src, str(tmp_path / "ours"), gelu="tanh" if how == "flag" else None)
+    np.testing.assert_allclose(_logits(path, images(meta)), ref["logits_gelu_tanh"], atol=1e-5,
+                               rtol=0)
+    names = load_inference_model(path).info.class_names
+    assert names[1] == ("n1" if how == "config.json" else "class_1")
+
+
+@pytest.mark.parametrize("stem,target", [("timm_vit_tiny", "timm"), ("hf_vit_tiny", "hf")])
+def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
+    src, meta, _ = _source(tmp_path, stem)
+    convert_weights(src, str(tmp_path / "ours"), gelu="tanh" if target == "hf" else None)
+    export_weights(str(tmp_path / "ours"), target, str(tmp_path / "out"))
+    want = random_weights.build(meta["manifest"], meta["seed"])
+    got = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("target,model", [
+    ("timm", dict(PLAIN, gelu_approximate=True)), ("timm", dict(PLAIN, classifier="gap")),
+    ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2))])
+def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
+    _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
+    weights = "model.npz" if target == "npz" else "model.safetensors"
+    assert cli.main(["convert", str(tmp_path / "out" / weights), str(tmp_path / "back")]) == 0
+    before, after = load_inference_model(str(tmp_path / "run")), load_inference_model(
+        str(tmp_path / "back"))
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(after.model.apply({"params": after.params}, x)),
+        np.asarray(before.model.apply({"params": before.params}, x)))
+    assert after.config.pp.normalize == "imagenet" and after.info.class_names[4] == "c4"
+    assert after.model.gelu_approximate == before.model.gelu_approximate
+    got, want = flatten_params(after.params), flatten_params(params)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+
+
+def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
+    write(str(tmp_path / "run"), RECIPE)
+    with pytest.raises(WeightsError, match="--to npz"):
+        export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "o"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "conv stem" in err[0] and "GAP" in err[0]
+
+
+def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):
+    write(str(tmp_path / "run"), PLAIN)
+    export_weights(str(tmp_path / "run"), "npz", str(tmp_path / "out"))
+    (tmp_path / "out" / "config.json").unlink()  # a bare vit_jax .npz
+    with pytest.raises(WeightsError, match="hold 2 heads"):
+        convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "b"), num_heads=4)
+    path, notes = convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "c"))
+    assert load_inference_model(path).model.num_heads == 2
+    assert not any("heads assumed" in n for n in notes)

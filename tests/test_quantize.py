@@ -1,0 +1,85 @@
+"""Tests for vit.int8 and vit.quantize: int8 kernels, int32 accumulation, runnable checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from tiny_checkpoints import RECIPE, image_files, write
+
+from vit import cli, int8
+from vit.evaluate import load_inference_model
+from vit.export import export
+from vit.predict import model_inputs, read_images
+from vit.quantize import quantize_checkpoint, quantize_params
+from vit.weight_formats import flatten_params
+
+
+def test_weights_are_symmetric_int8_per_output_channel():
+    w = np.random.default_rng(0).standard_normal((6, 3, 4)).astype(np.float32)
+    w[:, 1] *= 100.0  # one head 100x larger: its own scale keeps the others precise
+    q, scale = int8.quantize_weight(w, (0,))
+    assert q.dtype == np.int8 and scale.shape == (3, 4) and np.abs(q).max() == 127
+    assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-7)
+
+
+def test_int8_matmul_accumulates_in_int32_close_to_float():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 7, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 16)).astype(np.float32) / 8
+    q, scale = int8.quantize_weight(w, (0,))
+    jaxpr = jax.make_jaxpr(int8.int8_matmul)(x, q, scale)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [str(v.aval.dtype) for v in dots[0].invars] == ["int8", "int8"]
+    assert str(dots[0].outvars[0].aval.dtype) == "int32"
+    got = np.asarray(int8.int8_matmul(jnp.asarray(x), q, scale))
+    want = x @ w
+    assert np.max(np.abs(got - want)) < 0.02 * np.max(np.abs(want))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    write(str(root / "float"), RECIPE)
+    result = quantize_checkpoint(str(root / "float"), str(root / "int8"))
+    return root, result
+
+
+def test_every_dense_and_attention_kernel_is_int8(quantized):
+    root, result = quantized
+    params = flatten_params(load_inference_model(str(root / "int8")).params)
+    int8_names = sorted(k for k, v in params.items() if np.asarray(v).dtype == np.int8)
+    assert len(int8_names) == result.num_kernels == 2 * (4 + 2) + 1  # q k v out, fc1 fc2; head
+    assert "embedding/kernel" not in int8_names and "stem/conv_0/kernel" not in int8_names
+    assert result.int8_bytes < 0.6 * result.float_bytes  # the stem stays float32
+    with pytest.raises(ValueError, match="already int8"):
+        quantize_params(load_inference_model(str(root / "int8")).params)
+
+
+def test_int8_checkpoint_predicts_like_float_and_exports(quantized, tmp_path, capsys):
+    root, _ = quantized
+    files = image_files(tmp_path / "images", 3)
+    _, images, _ = read_images(files)
+    out = {}
+    for name in ("float", "int8"):
+        loaded = load_inference_model(str(root / name))
+        x = model_inputs(images, loaded.config)
+        out[name] = np.asarray(loaded.model.apply({"params": loaded.params}, x))
+    spread = np.max(np.abs(out["float"]))
+    assert np.max(np.abs(out["int8"] - out["float"])) < 0.05 * spread
+    assert cli.main(["predict", "--checkpoint", str(root / "int8"), *files]) == 0
+    assert capsys.readouterr().out.count("img") == 3
+    result = export(str(root / "int8"), "stablehlo", tmp_path / "hlo", images=files,
+                    measure_speed=False)
+    assert result.max_abs_diff <= 1e-4
+
+
+def test_int8_checkpoint_runs_under_vit_eval(tmp_path, capsys):
+    with tfds.testing.mock_data(num_examples=20):
+        write(str(tmp_path / "f"), RECIPE, num_classes=10, image_size=32, dataset="cifar10",
+              data_dir=str(tmp_path / "tfds"))
+        assert cli.main(["quantize", "--checkpoint", str(tmp_path / "f"), "--out",
+                         str(tmp_path / "q")]) == 0
+        assert "kernels in int8" in capsys.readouterr().out
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "q")]) == 0
+    assert "examples 20" in capsys.readouterr().out

@@ -1,0 +1,125 @@
+"""vit.robustness: the report's invariants (eps 0 = clean, monotone in eps, PGD <= FGSM, mCE of a
+model against itself = 1), exact counts on 1 and 2 devices, the CLI and its option errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_evaluate import CIFAR_DIR, save_tiny_checkpoint, tiny_config
+
+from vit import cli, robustness
+from vit.evaluate import evaluate_checkpoint
+from vit.robustness import RobustnessError, parse_corruptions, parse_eps, parse_severities
+
+EXAMPLES = 37  # odd: the last batch of 16 is padded
+EPS = parse_eps("0,2/255,16/255")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny random checkpoint on the first 37 real CIFAR-10 test images, and its reports."""
+    if not os.path.isdir(os.path.join(CIFAR_DIR, "cifar10")):
+        pytest.skip(f"shipped CIFAR-10 not found at {CIFAR_DIR}")
+    root = tmp_path_factory.mktemp("robust")
+    config = tiny_config(CIFAR_DIR, eval_split=f"test[:{EXAMPLES}]", eval_batch_size=16)
+    save_tiny_checkpoint(str(root / "run"), config)
+    workdir = str(root / "run")
+    pgd = robustness.robustness_report(workdir, severities=(1, 5), attack="pgd", eps=EPS,
+                                       steps=2, baseline=workdir)
+    fgsm = robustness.robustness_report(workdir, corruption_names=(), attack="fgsm", eps=EPS)
+    return dict(workdir=workdir, pgd=pgd, fgsm=fgsm, eval=evaluate_checkpoint(workdir))
+
+
+def test_counts_every_example_once_and_clean_matches_vit_eval(run):
+    report, result = run["pgd"], run["eval"]
+    assert report.num_examples == EXAMPLES == result.num_examples
+    assert report.clean_accuracy == result.top1
+    assert report.ece == pytest.approx(result.ece, abs=1e-6)
+    assert 0 < report.clean_accuracy < 1
+
+
+def test_eps_zero_gives_the_clean_accuracy_exactly(run):
+    for report in (run["pgd"], run["fgsm"]):
+        assert report.attack["accuracy"]["0"] == report.clean_accuracy
+
+
+def test_robust_accuracy_does_not_increase_with_eps(run):
+    for report in (run["pgd"], run["fgsm"]):
+        values = [report.attack["accuracy"][label] for label, _ in EPS]
+        assert all(a >= b for a, b in zip(values, values[1:], strict=False)), values
+        assert values[-1] < values[0]  # the attack does something
+
+
+def test_pgd_is_no_better_for_the_model_than_fgsm(run):
+    for label, _ in EPS:
+        assert run["pgd"].attack["accuracy"][label] <= run["fgsm"].attack["accuracy"][label]
+
+
+def test_corruption_table_families_and_mce_against_itself(run):
+    report = run["pgd"]
+    assert list(report.corruptions) == list(robustness.corruptions.CORRUPTIONS)
+    assert all(list(v) == ["1", "5"] for v in report.corruptions.values())
+    table = np.array([list(v.values()) for v in report.corruptions.values()])
+    assert report.mean_corruption_accuracy == pytest.approx(table.mean())
+    assert set(report.families) == {"noise", "blur", "weather", "digital"}
+    assert report.corruption_source == "generate"
+    assert any("frost" in note for note in report.notes)
+    # a model against itself: every CE is 1 (where the baseline makes errors at all)
+    ce = [v for v in report.baseline["ce"].values() if np.isfinite(v)]
+    assert ce and np.allclose(ce, 1.0)
+    assert report.baseline["clean_accuracy"] == report.clean_accuracy
+
+
+def test_two_devices_give_the_same_counts(run, tmp_path):
+    out = tmp_path / "two.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    args = ["robustness", "--checkpoint", run["workdir"], "--corruptions", "noise",
+            "--severities", "1,5", "--attack", "fgsm", "--eps", "0,2/255,16/255",
+            "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-c", f"import sys; from vit import cli; "
+                           f"sys.exit(cli.main({args!r}))"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(out.read_text())
+    assert two["num_examples"] == EXAMPLES
+    assert two["clean_accuracy"] == run["pgd"].clean_accuracy
+    assert two["corruptions"]["gaussian_noise"] == run["pgd"].corruptions["gaussian_noise"]
+    assert two["attack"]["accuracy"] == run["fgsm"].attack["accuracy"]
+
+
+def test_cli_writes_json_and_reliability_diagram(run, tmp_path, capsys):
+    code = cli.main(["robustness", "--checkpoint", run["workdir"], "--corruptions", "contrast",
+                     "--severities", "2", "--attack", "none", "--json", str(tmp_path / "r.json"),
+                     "--reliability", str(tmp_path / "r.png")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "clean accuracy" in out and "contrast" in out
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["attack"] is None and list(d["corruptions"]) == ["contrast"]
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert cli.main(["eval", "--workdir", run["workdir"], "--reliability",
+                     str(tmp_path / "e.png")]) == 0
+    assert "ECE" in capsys.readouterr().out and (tmp_path / "e.png").exists()
+
+
+def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
+    assert parse_severities("1-5") == (1, 2, 3, 4, 5) and parse_severities("1,3") == (1, 3)
+    assert parse_corruptions("noise,fog,fog") == ("gaussian_noise", "shot_noise",
+                                                  "impulse_noise", "fog")
+    assert parse_corruptions("none") == () and len(parse_corruptions("all")) == 15
+    assert parse_eps("2/255,0.1") == (("2/255", 2 / 255), ("0.1", 0.1))
+    for bad in (lambda: parse_severities("1-7"), lambda: parse_eps("8/0"),
+                lambda: parse_corruptions("rain")):
+        with pytest.raises(RobustnessError):
+            bad()
+    with pytest.raises(RobustnessError, match="no prepared cifar10_corrupted"):
+        robustness.robustness_report(run["workdir"], corruption_names=("fog",), severities=(1,),
+                                     attack=None, source="tfds")
+    code = cli.main(["robustness", "--checkpoint", run["workdir"], "--eps", "x"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: bad epsilon 'x'; use values in [0, 1] such as 8/255 or 0.03, comma-separated")

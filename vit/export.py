@@ -1,0 +1,344 @@
+"""Export a checkpoint to StableHLO, TensorFlow SavedModel, TFLite or ONNX, verified on write.
+
+Every export is run right after it is written on a few images (files the caller names, or
+synthetic ones) at batch sizes 1 and 7, and its logits are compared with the JAX model's on
+the same images preprocessed as `vit predict` does; a difference above `TOLERANCE` (float32)
+raises `ExportError` and the artefact is not trusted. What each format takes:
+
+- `stablehlo`: `model.stablehlo`, a serialized `jax.export.Exported` with a symbolic batch
+  dimension: float32 [N, S, S, 3] images preprocessed as in evaluation -> logits. Load it with
+  `load_stablehlo(dir)`; no model code is needed.
+- `saved_model`: a SavedModel through `jax2tf` (params as variables). Signatures:
+  `serving_default` takes uint8 images [N, H, W, 3] of any batch and size and applies the
+  evaluation preprocessing itself (resize / crop, normalise); `pixels` takes uint8 [N, S, S, 3]
+  images already at the model's size. Both return {"logits", "probabilities"}.
+- `tflite`: `model.tflite`, converted from that SavedModel's `pixels` signature (TFLite has no
+  antialiased resize among its builtin ops, so resizing stays with the caller).
+- `onnx`: `model.onnx`, built from the params by `vit.onnx_export` (uint8 [N, S, S, 3] ->
+  logits, probabilities), checked with onnxruntime; needs the `onnx` extra.
+
+Each directory also gets `export.json`: the format, input contract, class names and check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit import preprocess
+from vit.evaluate import InferenceModel, load_inference_model
+
+FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
+TOLERANCE = 1e-4
+VERIFY_BATCHES = (1, 7)
+SPEED_BATCH = 32
+_NUM_SYNTHETIC = 7
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or does not reproduce the model; says what to do."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What was written and how well it matches: max |logit diff| over batches 1 and 7."""
+
+    format: str
+    path: str
+    size_bytes: int
+    max_abs_diff: float
+    images_per_s: float
+    reference_images_per_s: float
+    verified_on: str
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One line: format, path, size, difference and speed."""
+        return (f"{self.format}: {self.path} ({self.size_bytes / 2**20:.2f} MiB), max |logit diff| "
+                f"{self.max_abs_diff:.2e} at batch sizes {VERIFY_BATCHES} on {self.verified_on}, "
+                f"{self.images_per_s:.1f} images/s (JAX: {self.reference_images_per_s:.1f})")
+
+
+def _require(module: str, fmt: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"--format {fmt} needs the {module!r} package: pip install -e "
+                          "'.[onnx]'") from None
+
+
+def size_on_disk(path: str | os.PathLike[str]) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# The model as a pure function, and the images it is checked on.
+
+
+def logits_fn(loaded: InferenceModel) -> Callable[[Any, jax.Array], jax.Array]:
+    """(params, float32 images) -> logits with a portable attention kernel (explicit einsums)."""
+    model = loaded.model.clone(attention_impl="explicit")
+    return lambda params, images: model.apply({"params": params}, images, train=False)
+
+
+def normalize_pixels(pixels: jax.Array, kind: str) -> jax.Array:
+    """uint8 [N, S, S, 3] -> float32 normalised as `preprocess.normalize` does (same op order)."""
+    mean, std = (jnp.asarray(v, jnp.float32) for v in preprocess.NORMALIZATIONS[kind])
+    return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def check_images(loaded: InferenceModel, paths: Sequence[str] | None
+                 ) -> tuple[list[np.ndarray], str]:
+    """uint8 images to check exports on: the readable files of `paths`, else synthetic ones."""
+    from vit.predict import expand_paths, read_images
+
+    if paths:
+        files, errors = expand_paths(paths)
+        files, images, unreadable = read_images(files)
+        if errors or unreadable or not images:
+            bad = (errors + unreadable)[:1]
+            raise ExportError(bad[0][1] if bad else "no images to check the export on: pass "
+                              "image files or directories with --images")
+        return images, f"{len(images)} image file{'s' * (len(images) > 1)}"
+    size = loaded.config.image_size
+    rng = np.random.default_rng(0)
+    shapes = [(size, size), (size + 9, size + 3), (size * 2, size)]
+    images = [rng.integers(0, 256, (*shapes[i % 3], 3), np.uint8) for i in range(_NUM_SYNTHETIC)]
+    return images, f"{_NUM_SYNTHETIC} synthetic images"
+
+
+def crops(images: Sequence[np.ndarray], config: Any) -> np.ndarray:
+    """Each image resized / cropped as evaluation does, still uint8: [N, S, S, 3]."""
+    return np.stack([np.asarray(preprocess.eval_crop(im, config)) for im in images])
+
+
+def _batch_of(x: np.ndarray, n: int) -> np.ndarray:
+    return np.resize(x, (n, *x.shape[1:])) if len(x) != n else x
+
+
+def _speed(run: Callable[[np.ndarray], Any], batch: np.ndarray, seconds: float = 1.0) -> float:
+    """Images per second of `run` on `batch`, after one warm-up call, over about `seconds`."""
+    run(batch)
+    done, start = 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - start < seconds:
+        jax.block_until_ready(run(batch))
+        done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers: each returns the artefact's path and a function uint8 crops [N, S, S, 3] -> logits.
+
+
+def _export_stablehlo(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
+    fn, params = logits_fn(loaded), loaded.params
+    size = loaded.config.image_size
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda x: fn(params, x)))(spec)
+    path = out / "model.stablehlo"
+    path.write_bytes(exported.serialize())
+    call = load_stablehlo(out)
+    kind = loaded.config.pp.normalize
+    return path, lambda pixels: np.asarray(call(normalize_pixels(pixels, kind)))
+
+
+def load_stablehlo(directory: str | os.PathLike[str]) -> Callable[[jax.Array], jax.Array]:
+    """The exported model of `directory`/model.stablehlo: float32 [N, S, S, 3] -> logits."""
+    path = Path(directory) / "model.stablehlo"
+    if not path.is_file():
+        raise ExportError(f"no model.stablehlo in {directory}: write one with "
+                          "vit export --format stablehlo")
+    return jax.export.deserialize(bytearray(path.read_bytes())).call
+
+
+def _tf_module(loaded: InferenceModel) -> Any:
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    fn, config = logits_fn(loaded), loaded.config
+    size, kind = config.image_size, config.pp.normalize
+
+    def from_pixels(params, pixels):
+        logits = fn(params, normalize_pixels(pixels, kind))
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    converted = jax2tf.convert(from_pixels, polymorphic_shapes=[None, "(b, ...)"],
+                               with_gradient=False)
+    module = tf.Module()
+    params = tf.nest.map_structure(lambda v: tf.Variable(v, trainable=False),
+                                   jax.tree_util.tree_map(np.asarray, loaded.params))
+    module.variables_list = tf.nest.flatten(params)  # tracked for saving; `params` stays a dict
+
+    def outputs(pixels):
+        logits, probs = converted(params, pixels)
+        return {"logits": tf.identity(logits, "logits"),
+                "probabilities": tf.identity(probs, "probabilities")}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, "pixels")],
+                 autograph=False)
+    def pixels(pixels):
+        return outputs(pixels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, "images")],
+                 autograph=False)
+    def serving(images):
+        cropped = tf.map_fn(lambda im: preprocess.eval_crop(im, config), images,
+                            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+        return outputs(cropped)
+
+    module.pixels, module.serving = pixels, serving
+    return module
+
+
+def _write_saved_model(loaded: InferenceModel, path: Path) -> None:
+    import tensorflow as tf
+
+    module = _tf_module(loaded)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serving,
+                                                       "pixels": module.pixels})
+
+
+def _export_saved_model(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
+    import tensorflow as tf
+
+    path = out / "saved_model"
+    _write_saved_model(loaded, path)
+    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return path, lambda pixels: serving(images=tf.constant(pixels))["logits"].numpy()
+
+
+def saved_model_on_files(directory: str | os.PathLike[str], images: Sequence[np.ndarray]
+                         ) -> np.ndarray:
+    """Logits of a written SavedModel's `serving_default` on uint8 images, one call per image."""
+    import tensorflow as tf
+
+    serving = tf.saved_model.load(str(Path(directory) / "saved_model"))
+    serving = serving.signatures["serving_default"]
+    return np.concatenate([serving(images=tf.constant(im[None]))["logits"].numpy()
+                           for im in images])
+
+
+def _export_tflite(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_saved_model(loaded, Path(tmp) / "saved_model")
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            str(Path(tmp) / "saved_model"), signature_keys=["pixels"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                               tf.lite.OpsSet.SELECT_TF_OPS]
+        flatbuffer = converter.convert()
+    path = out / "model.tflite"
+    path.write_bytes(flatbuffer)
+    return path, tflite_runner(path)
+
+
+def tflite_runner(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 [N, S, S, 3] -> logits with a TFLite interpreter (LiteRT's when installed)."""
+    import warnings
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
+        warnings.simplefilter("ignore")
+        runner = Interpreter(model_path=str(path)).get_signature_runner("pixels")
+    return lambda pixels: runner(pixels=np.asarray(pixels, np.uint8))["logits"]
+
+
+def _export_onnx(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
+    _require("onnx", "onnx")
+    ort = _require("onnxruntime", "onnx")
+    from vit import onnx_export
+
+    path = out / "model.onnx"
+    onnx_export.write_onnx(loaded, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return path, lambda pixels: session.run(["logits"], {"pixels": np.asarray(pixels)})[0]
+
+
+_WRITERS = {"stablehlo": _export_stablehlo, "saved_model": _export_saved_model,
+            "tflite": _export_tflite, "onnx": _export_onnx}
+_INPUTS = {
+    "stablehlo": "float32 [N, S, S, 3] preprocessed as in evaluation -> logits",
+    "saved_model": "serving_default: uint8 [N, H, W, 3] any size; pixels: uint8 [N, S, S, 3]",
+    "tflite": "signature pixels: uint8 [N, S, S, 3] resized as in evaluation",
+    "onnx": "pixels: uint8 [N, S, S, 3] resized as in evaluation",
+}
+
+
+def export(
+    checkpoint: str | InferenceModel, fmt: str, out_dir: str | os.PathLike[str], *,
+    images: Sequence[str] | None = None, use_ema: bool = False, measure_speed: bool = True,
+) -> ExportResult:
+    """Write `checkpoint` (a path or a loaded model) in format `fmt` to `out_dir` and verify it.
+
+    `images` are image files or directories to check on (default: synthetic images). Raises
+    ExportError if the export's logits differ from the model's by more than TOLERANCE.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    loaded = (checkpoint if isinstance(checkpoint, InferenceModel)
+              else load_inference_model(checkpoint, use_ema=use_ema))
+    pictures, verified_on = check_images(loaded, images)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "saved_model" and (out / "saved_model").exists():
+        shutil.rmtree(out / "saved_model")
+    path, run = _WRITERS[fmt](loaded, out)
+
+    from vit.predict import model_inputs
+
+    fn = jax.jit(logits_fn(loaded))
+    reference = np.asarray(fn(loaded.params, model_inputs(pictures, loaded.config)))
+    pixels = crops(pictures, loaded.config)
+    diff = 0.0
+    for n in VERIFY_BATCHES:
+        for lo in range(0, len(pixels), n):
+            got = np.asarray(run(_batch_of(pixels[lo:lo + n], n)))
+            want = _batch_of(reference[lo:lo + n], n)
+            diff = max(diff, float(np.max(np.abs(got - want))))
+    if fmt == "saved_model":  # also the uint8 images at their own sizes, one per call
+        got = saved_model_on_files(out, pictures)
+        diff = max(diff, float(np.max(np.abs(got - reference))))
+    if not diff <= TOLERANCE:
+        raise ExportError(f"the {fmt} export at {path} differs from the model by {diff:.3g} "
+                          f"(> {TOLERANCE}) in its logits; do not use it, and report the model "
+                          "config that caused it")
+    speed = ref_speed = float("nan")
+    if measure_speed:
+        batch = _batch_of(pixels, SPEED_BATCH)
+        speed = _speed(run, batch)
+        kind, params = loaded.config.pp.normalize, jax.device_put(loaded.params)
+        ref_speed = _speed(lambda p: fn(params, normalize_pixels(p, kind)), batch)
+    result = ExportResult(fmt, str(path), size_on_disk(path), diff, speed, ref_speed, verified_on)
+    meta = {"format": fmt, "input": _INPUTS[fmt], "image_size": loaded.config.image_size,
+            "normalize": loaded.config.pp.normalize, "eval_resize": loaded.config.pp.eval_resize,
+            "class_names": list(loaded.info.class_names), "step": loaded.step,
+            "check": result.to_dict()}
+    (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return result

@@ -1,0 +1,192 @@
+"""`vit prune`: structured (attention heads, MLP channels) and unstructured magnitude pruning.
+
+- `structured`: in every block, the `sparsity` share of attention heads and of MLP hidden
+  channels with the lowest importance go. Importance is a weight-magnitude score:
+  head h: ||W_value[:, h]||_F * ||W_out[h, :]||_F (what the head can add to the residual
+  stream); MLP channel j: ||W_fc1[:, j]||_2 * ||W_fc2[j, :]||_2. Pruned MLP channels are cut
+  out (`mlp_dim` shrinks: a smaller, faster model); a pruned head has its query / key / value
+  columns and out-projection rows zeroed, so its output is exactly zero (the attention module
+  keeps head_dim = width / heads, so heads cannot be cut out without changing it).
+- `magnitude`: the `sparsity` share of all attention and MLP kernel entries with the smallest
+  |w|, one global threshold (Han et al., 2015); zeroed in place (no speed-up on dense kernels).
+
+`finetune_steps > 0` then trains the pruned model briefly on the run's training data (AdamW,
+constant learning rate, the run's label smoothing) with the pruned entries held at zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from vit.weight_formats import flatten_params
+
+PyTree = Any
+METHODS = ("structured", "magnitude")
+_ATTN = "MultiHeadDotProductAttention_1"
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """Where the pruned checkpoint went and how much of the encoder is now zero or gone."""
+
+    path: str
+    method: str
+    sparsity: float
+    removed_fraction: float  # of the prunable (attention + MLP) kernel entries
+    mlp_dim: int
+    finetune_steps: int
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        return (f"wrote {self.path}: {self.method} pruning at {self.sparsity:.0%}, "
+                f"{self.removed_fraction:.1%} of attention + MLP weights removed, mlp_dim "
+                f"{self.mlp_dim}, fine-tuned {self.finetune_steps} steps")
+
+
+def _blocks(flat: dict[str, np.ndarray]) -> list[str]:
+    depth = len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")})
+    return [f"Transformer/encoderblock_{i}/" for i in range(depth)]
+
+
+def head_scores(flat: dict[str, np.ndarray], block: str) -> np.ndarray:
+    """[heads] importance of each head of a block: ||W_value[:, h]||_F * ||W_out[h]||_F."""
+    value = flat[block + _ATTN + "/value/kernel"]  # [D, H, d]
+    out = flat[block + _ATTN + "/out/kernel"]  # [H, d, D]
+    return (np.sqrt((value ** 2).sum(axis=(0, 2))) * np.sqrt((out ** 2).sum(axis=(1, 2))))
+
+
+def mlp_scores(flat: dict[str, np.ndarray], block: str) -> np.ndarray:
+    """[mlp_dim] importance of each hidden MLP channel: ||W_fc1[:, j]|| * ||W_fc2[j, :]||."""
+    fc1 = flat[block + "MlpBlock_3/Dense_0/kernel"]
+    fc2 = flat[block + "MlpBlock_3/Dense_1/kernel"]
+    return np.linalg.norm(fc1, axis=0) * np.linalg.norm(fc2, axis=1)
+
+
+def _prunable(name: str) -> bool:
+    return name.endswith("/kernel") and ("/" + _ATTN + "/" in name or "/MlpBlock_3/" in name)
+
+
+def prune_structured(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree, int]:
+    """(params with heads zeroed and MLP channels cut, their 0/1 masks, the new mlp_dim)."""
+    flat = {k: np.array(v) for k, v in flatten_params(params).items()}
+    masks = {k: np.ones_like(v) for k, v in flat.items()}
+    mlp_dim = None
+    for block in _blocks(flat):
+        scores = head_scores(flat, block)
+        gone = np.argsort(scores, kind="stable")[:int(round(sparsity * len(scores)))]
+        for name in ("query", "key", "value"):
+            for leaf in ("kernel", "bias"):
+                key = f"{block}{_ATTN}/{name}/{leaf}"
+                masks[key][..., gone, :] = 0  # kernel [D, H, d], bias [H, d]
+        masks[f"{block}{_ATTN}/out/kernel"][gone] = 0
+        scores = mlp_scores(flat, block)
+        keep = np.sort(np.argsort(-scores, kind="stable")[:len(scores) - int(round(
+            sparsity * len(scores)))])
+        mlp_dim = len(keep)
+        for key, axis in (("Dense_0/kernel", 1), ("Dense_0/bias", 0), ("Dense_1/kernel", 0)):
+            key = f"{block}MlpBlock_3/{key}"
+            flat[key] = np.take(flat[key], keep, axis=axis)
+            masks[key] = np.take(masks[key], keep, axis=axis)
+    flat = {k: v * masks[k] for k, v in flat.items()}
+    unflat = lambda t: traverse_util.unflatten_dict(t, sep="/")
+    return unflat(flat), unflat(masks), int(mlp_dim)
+
+
+def prune_magnitude(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree]:
+    """(params with the smallest |w| of every attention / MLP kernel zeroed, their masks)."""
+    flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    prunable = [k for k in flat if _prunable(k)]
+    values = np.concatenate([np.abs(flat[k]).ravel() for k in prunable])
+    count = int(round(sparsity * values.size))
+    threshold = np.partition(values, count - 1)[count - 1] if count else -1.0
+    masks = {k: (np.abs(v) > threshold).astype(v.dtype) if k in prunable else np.ones_like(v)
+             for k, v in flat.items()}
+    unflat = lambda t: traverse_util.unflatten_dict(t, sep="/")
+    return unflat({k: v * masks[k] for k, v in flat.items()}), unflat(masks)
+
+
+def removed_fraction(params: PyTree, original: PyTree) -> float:
+    """Share of the original attention + MLP kernel entries that are now zero or cut out."""
+    before = {k: np.asarray(v) for k, v in flatten_params(original).items() if _prunable(k)}
+    after = {k: np.asarray(v) for k, v in flatten_params(params).items() if _prunable(k)}
+    total = sum(v.size for v in before.values())
+    kept = sum(int(np.count_nonzero(v)) for v in after.values())
+    return 1.0 - kept / max(total, 1)
+
+
+def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int, *,
+             lr: float = 1e-4) -> PyTree:
+    """`steps` of AdamW on the run's training data, pruned entries held at zero."""
+    from vit import data
+    from vit.mix import smooth_labels
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+    smoothing, classes = float(config.get("label_smoothing", 0.0)), model.num_classes
+
+    @jax.jit
+    def step(params, opt_state, images, labels, rng):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
+            return optax.softmax_cross_entropy(logits, smooth_labels(labels, classes,
+                                                                     smoothing)).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree_util.tree_map(lambda p, m: p * m, optax.apply_updates(params, updates),
+                                        masks)
+        return params, opt_state, loss
+
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    opt_state = tx.init(params)
+    batches = data.train_iterator(config, num_devices=1)
+    rng = jax.random.PRNGKey(int(config.get("seed", 0)))
+    for i in range(steps):
+        batch = next(batches)
+        params, opt_state, _ = step(params, opt_state, batch["image"][0], batch["label"][0],
+                                    jax.random.fold_in(rng, i))
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
+                     finetune_steps: int = 0, lr: float = 1e-4, use_ema: bool = False
+                     ) -> PruneResult:
+    """Prune checkpoint `src` into workdir `dst` (optionally fine-tuned); see the module doc."""
+    import ml_collections
+
+    from vit.checkpoint import Checkpointer, load_checkpoint
+    from vit.model import model_from_config
+
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    contents = load_checkpoint(src)
+    original = contents.chosen_params(use_ema)
+    if contents.config.get("model", {}).get("quant", "none") != "none":
+        raise ValueError("prune the float checkpoint, then quantize the pruned one")
+    config = ml_collections.ConfigDict(contents.config)
+    if method == "structured":
+        params, masks, mlp_dim = prune_structured(original, sparsity)
+        config.model.mlp_dim = mlp_dim
+    else:
+        params, masks = prune_magnitude(original, sparsity)
+        mlp_dim = int(flatten_params(params)[
+            "Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"].shape[0])
+    if finetune_steps:
+        model = model_from_config(config.model.to_dict(),
+                                  num_classes=int(contents.dataset_info["num_classes"]),
+                                  image_size=config.image_size)
+        params = finetune(model, params, masks, config, finetune_steps, lr=lr)
+    checkpointer = Checkpointer(dst)
+    checkpointer.save(contents.step, {"step": contents.step, "params": params},
+                      config=config.to_dict(), dataset_info=contents.dataset_info, force=True)
+    checkpointer.close()
+    return PruneResult(str(checkpointer.directory / str(contents.step)), method, sparsity,
+                       removed_fraction(params, original), mlp_dim, finetune_steps)

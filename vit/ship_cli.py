@@ -1,0 +1,112 @@
+"""`vit convert | export | quantize | prune`: ship a trained model (parsers and runners).
+
+Thin: each runner calls one library function (vit/convert.py, vit/export.py, vit/quantize.py,
+vit/prune.py) and prints its summary; `vit.cli` adds these sub-commands to its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from vit import convert
+
+    if args.to:
+        for path in convert.export_weights(args.src, args.to, args.dst, use_ema=args.ema):
+            print(f"wrote {path}")
+        return 0
+    path, notes = convert.convert_weights(
+        args.src, args.dst, num_heads=args.num_heads, class_names_file=args.class_names,
+        normalize=args.normalize, gelu=args.gelu)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {path}; evaluate it with: vit eval --checkpoint {path} --dataset NAME")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from vit.export import export
+
+    result = export(args.checkpoint, args.format, args.out, images=args.images,
+                    use_ema=args.ema, measure_speed=not args.no_speed)
+    print(result.summary())
+    if args.json:
+        _write_json(args.json, result.to_dict())
+    return 0
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from vit.quantize import quantize_checkpoint
+
+    print(quantize_checkpoint(args.checkpoint, args.out, use_ema=args.ema).summary())
+    return 0
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from vit.prune import prune_checkpoint
+
+    result = prune_checkpoint(args.checkpoint, args.out, method=args.method,
+                              sparsity=args.sparsity, finetune_steps=args.finetune_steps,
+                              lr=args.lr, use_ema=args.ema)
+    print(result.summary())
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add convert, export, quantize and prune to `sub` (argparse sub-parsers)."""
+    from vit.convert import GELUS
+    from vit.export import FORMATS
+    from vit.preprocess import NORMALIZATIONS
+    from vit.prune import METHODS
+    from vit.weights_out import TARGETS
+
+    cv = sub.add_parser("convert", help="weights in (timm / HF / .npz -> checkpoint) or out (--to)")
+    cv.add_argument("src", help=".npz (vit_jax), .safetensors, .bin/.pth (timm/HF) or checkpoint")
+    cv.add_argument("dst", help="output workdir (checkpoint in DST/checkpoints/0); with --to, "
+                                "the directory for the weight files")
+    cv.add_argument("--to", choices=TARGETS, help="write the checkpoint SRC as timm / HF "
+                    "safetensors or a vit_jax .npz (each with its config.json)")
+    cv.add_argument("--num-heads", type=int, help="heads, when the weights cannot tell")
+    cv.add_argument("--class-names", help="text file with one class name per line")
+    cv.add_argument("--normalize", choices=tuple(NORMALIZATIONS),
+                    help="the source's input normalisation (default: its config, else 0.5/0.5)")
+    cv.add_argument("--gelu", choices=GELUS,
+                    help="the source's GELU (default: erf for timm / HF, tanh for vit_jax)")
+    cv.add_argument("--ema", action="store_true", help="with --to: use the EMA params")
+    cv.set_defaults(run=_run_convert)
+
+    ex = sub.add_parser("export", help="StableHLO / SavedModel / TFLite / ONNX, verified")
+    ex.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
+    ex.add_argument("--format", required=True, choices=FORMATS)
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--images", nargs="+", metavar="IMAGE_OR_DIR",
+                    help="images to verify on (default: synthetic images)")
+    ex.add_argument("--no-speed", action="store_true", help="skip the images/s measurement")
+    ex.add_argument("--ema", action="store_true", help="use the EMA params")
+    ex.add_argument("--json", help="also write the check to this JSON file")
+    ex.set_defaults(run=_run_export)
+
+    qu = sub.add_parser("quantize", help="int8 post-training quantisation of a checkpoint")
+    qu.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
+    qu.add_argument("--out", required=True, help="output workdir for the int8 checkpoint")
+    qu.add_argument("--ema", action="store_true", help="quantise the EMA params")
+    qu.set_defaults(run=_run_quantize)
+
+    pn = sub.add_parser("prune", help="structured or magnitude pruning, optional fine-tune")
+    pn.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
+    pn.add_argument("--out", required=True, help="output workdir for the pruned checkpoint")
+    pn.add_argument("--method", choices=METHODS, default="structured")
+    pn.add_argument("--sparsity", type=float, required=True, help="share removed, e.g. 0.5")
+    pn.add_argument("--finetune-steps", type=int, default=0, help="steps of fine-tuning after")
+    pn.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    pn.add_argument("--ema", action="store_true", help="prune the EMA params")
+    pn.set_defaults(run=_run_prune)

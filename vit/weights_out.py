@@ -1,0 +1,166 @@
+"""Write this toolkit's parameters in other namings: timm, HuggingFace ViT, vit_jax `.npz`.
+
+The inverse of `vit.weight_formats`' readers, array for array, so ours -> format -> ours is
+exact. Each writer returns a flat {name: float32 array} state dict and a `config.json` payload
+that says what the arrays cannot: sizes, heads, GELU, classifier, input normalisation.
+
+- timm `VisionTransformer`: fused `attn.qkv` ([3D, D]), OIHW patch kernel, `act_layer`
+  "gelu_tanh" for tanh-GELU models; a GAP model is timm's `global_pool="avg", fc_norm=False`.
+  The config.json is timm's Hub format: `timm.create_model(cfg["architecture"],
+  pretrained_cfg_overlay={"file": "model.safetensors"}, num_classes=..., **cfg["model_args"])`.
+- HuggingFace `ViTForImageClassification` (saved names: `vit.encoder.layer.{i}...`), with its
+  config.json (`hidden_act` "gelu" or "gelu_pytorch_tanh", `layer_norm_eps` 1e-6).
+- vit_jax / big_vision `.npz`: the params flattened with "/" (the public checkpoints' layout);
+  the config.json then carries this toolkit's own model config, for any architecture.
+
+timm and HF hold plain patchify ViTs only: a conv stem, ResNet trunk, registers, MAP head or
+pre-logits layer raises WeightsError naming `--to npz`, which holds everything. A sin-cos
+position embedding is written as a learned one with the same values (same outputs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vit.model import posemb_sincos_2d
+from vit.preprocess import NORMALIZATIONS
+from vit.weight_formats import POSEMB, WeightsError, flatten_params
+
+TARGETS = ("timm", "hf", "npz")
+_ATTN = "MultiHeadDotProductAttention_1"
+
+
+def _plain_vit_only(model: Any, target: str) -> None:
+    extras = [name for name, bad in (
+        ("a conv stem", model.stem != "patchify"), ("a ResNet trunk", model.resnet_layers),
+        ("register tokens", model.num_registers), ("a MAP head", model.classifier == "map"),
+        ("a pre-logits layer", model.representation_size is not None),
+        ("an HF classifier on GAP (HF ViT pools the class token)",
+         target == "hf" and model.classifier == "gap"),
+    ) if bad]
+    if extras:
+        raise WeightsError(f"--to {target} holds plain patchify ViTs only, and this model has "
+                           f"{', '.join(extras)}; use --to npz, which holds any model")
+
+
+def _posemb(p: dict[str, np.ndarray], model: Any) -> np.ndarray:
+    if POSEMB in p:
+        return p[POSEMB]
+    prefix = int(model.classifier == "token")
+    return np.pad(posemb_sincos_2d(*model.grid, model.width), ((0, 0), (prefix, 0), (0, 0)))
+
+
+def _per_block(p: dict[str, np.ndarray], i: int, width: int) -> dict[str, np.ndarray]:
+    """One block's matrices in torch layout ([out, in] weights) under short neutral names."""
+    b = f"Transformer/encoderblock_{i}/"
+    a = b + _ATTN + "/"
+    out = {"ln1.w": p[b + "LayerNorm_0/scale"], "ln1.b": p[b + "LayerNorm_0/bias"],
+           "ln2.w": p[b + "LayerNorm_2/scale"], "ln2.b": p[b + "LayerNorm_2/bias"],
+           "proj.w": p[a + "out/kernel"].reshape(width, width).T, "proj.b": p[a + "out/bias"],
+           "fc1.w": p[b + "MlpBlock_3/Dense_0/kernel"].T, "fc1.b": p[b + "MlpBlock_3/Dense_0/bias"],
+           "fc2.w": p[b + "MlpBlock_3/Dense_1/kernel"].T, "fc2.b": p[b + "MlpBlock_3/Dense_1/bias"]}
+    for n in ("query", "key", "value"):
+        out[f"{n}.w"] = p[a + f"{n}/kernel"].reshape(width, width).T
+        out[f"{n}.b"] = p[a + f"{n}/bias"].reshape(width)
+    return out
+
+
+def _f32(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+
+
+def _normalization(kind: str) -> dict[str, list[float]]:
+    mean, std = NORMALIZATIONS[kind]
+    return {"mean": list(mean), "std": list(std)}
+
+
+def to_timm(params: Any, model: Any, class_names: list[str], normalize: str
+            ) -> tuple[dict[str, np.ndarray], dict]:
+    """(timm state dict, timm config.json) of a plain patchify ViT."""
+    _plain_vit_only(model, "timm")
+    p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    state = {"pos_embed": _posemb(p, model),
+             "patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
+             "patch_embed.proj.bias": p["embedding/bias"]}
+    if model.classifier == "token":
+        state["cls_token"] = p["cls"]
+    for i in range(model.depth):
+        blk = _per_block(p, i, model.width)
+        pre = f"blocks.{i}."
+        state.update({
+            pre + "norm1.weight": blk["ln1.w"], pre + "norm1.bias": blk["ln1.b"],
+            pre + "attn.qkv.weight": np.concatenate([blk["query.w"], blk["key.w"],
+                                                     blk["value.w"]]),
+            pre + "attn.qkv.bias": np.concatenate([blk["query.b"], blk["key.b"], blk["value.b"]]),
+            pre + "attn.proj.weight": blk["proj.w"], pre + "attn.proj.bias": blk["proj.b"],
+            pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
+            pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
+            pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]})
+    state.update({"norm.weight": p["Transformer/encoder_norm/scale"],
+                  "norm.bias": p["Transformer/encoder_norm/bias"],
+                  "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
+    pool = "token" if model.classifier == "token" else "avg"
+    args = {"img_size": model.image_size[0], "patch_size": model.patch_size[0],
+            "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
+            "mlp_ratio": model.mlp_dim / model.width, "class_token": model.classifier == "token",
+            "global_pool": pool, "fc_norm": False}
+    if model.gelu_approximate:
+        args["act_layer"] = "gelu_tanh"
+    config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,
+              "num_features": model.width, "global_pool": pool, "model_args": args,
+              "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation":
+                                 "bilinear", "crop_pct": 1.0, "num_classes": model.num_classes,
+                                 "label_names": list(class_names), **_normalization(normalize)}}
+    return _f32(state), config
+
+
+def to_hf(params: Any, model: Any, class_names: list[str], normalize: str
+          ) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """(HF state dict, config.json, preprocessor_config.json) of a class-token ViT."""
+    _plain_vit_only(model, "hf")
+    p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    state = {"vit.embeddings.cls_token": p["cls"],
+             "vit.embeddings.position_embeddings": _posemb(p, model),
+             "vit.embeddings.patch_embeddings.projection.weight":
+                 p["embedding/kernel"].transpose(3, 2, 0, 1),
+             "vit.embeddings.patch_embeddings.projection.bias": p["embedding/bias"]}
+    names = {"ln1": "layernorm_before", "ln2": "layernorm_after",
+             "query": "attention.attention.query", "key": "attention.attention.key",
+             "value": "attention.attention.value", "proj": "attention.output.dense",
+             "fc1": "intermediate.dense", "fc2": "output.dense"}
+    for i in range(model.depth):
+        for short, value in _per_block(p, i, model.width).items():
+            module, leaf = short.split(".")
+            state[f"vit.encoder.layer.{i}.{names[module]}.{'weight' if leaf == 'w' else 'bias'}"] \
+                = value
+    state.update({"vit.layernorm.weight": p["Transformer/encoder_norm/scale"],
+                  "vit.layernorm.bias": p["Transformer/encoder_norm/bias"],
+                  "classifier.weight": p["head/kernel"].T, "classifier.bias": p["head/bias"]})
+    config = {"architectures": ["ViTForImageClassification"], "model_type": "vit",
+              "hidden_size": model.width, "num_hidden_layers": model.depth,
+              "num_attention_heads": model.num_heads, "intermediate_size": model.mlp_dim,
+              "hidden_act": "gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
+              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+              "layer_norm_eps": 1e-6, "image_size": model.image_size[0],
+              "patch_size": model.patch_size[0], "num_channels": 3, "qkv_bias": True,
+              "id2label": {str(i): n for i, n in enumerate(class_names)},
+              "label2id": {n: i for i, n in enumerate(class_names)}}
+    norm = _normalization(normalize)
+    preprocessor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                    "size": {"height": model.image_size[0], "width": model.image_size[1]},
+                    "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+                    "do_normalize": True, "image_mean": norm["mean"], "image_std": norm["std"]}
+    return _f32(state), config, preprocessor
+
+
+def to_npz(params: Any, run_config: dict, class_names: list[str]
+           ) -> tuple[dict[str, np.ndarray], dict]:
+    """(vit_jax-named flat arrays, config.json with this toolkit's model config) of any model."""
+    arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    config = {"vit": {"model": run_config["model"], "image_size": run_config["image_size"],
+                      "normalize": run_config["pp"]["normalize"],
+                      "eval_resize": run_config["pp"].get("eval_resize"),
+                      "class_names": list(class_names)}}
+    return arrays, config
