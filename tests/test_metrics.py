@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from event_files import event_steps
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
 from vit import metrics
@@ -26,16 +26,6 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
                   acc.Tensors(tag)]
             for tag in acc.Tags()["tensors"]
             if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
-
-
-def _raw_steps(logdir) -> dict[str, list[int]]:
-    """{tag: steps} of every summary in the event files, in file order, nothing purged."""
-    found: dict[str, list[int]] = {}
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                found.setdefault(value.tag, []).append(event.step)
-    return found
 
 
 def _jsonl(workdir) -> list[dict]:
@@ -102,7 +92,7 @@ def test_resume_drops_the_steps_past_the_checkpoint_from_both_files(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 9))  # each step once
     assert records[3] == {"step": 4, "train/loss": 0.25, "eval/top1": 0.25}
     assert records[5]["train/loss"] == pytest.approx(2.0 / 6)
-    steps = _raw_steps(tmp_path / "tensorboard")
+    steps = event_steps(tmp_path / "tensorboard")
     assert steps["train/loss"] == list(range(1, 9)) and steps["eval/top1"] == [4]
     assert _scalars(tmp_path / "tensorboard")["train/loss"][5][1] == pytest.approx(2.0 / 6)
 
@@ -115,7 +105,7 @@ def test_fresh_start_clears_files_left_before_any_checkpoint(tmp_path):
     second.write_scalars(1, {"loss": 2.0})
     second.close()
     assert _jsonl(tmp_path) == [{"step": 1, "loss": 2.0}]
-    assert _raw_steps(tmp_path / "tensorboard") == {"loss": [1]}
+    assert event_steps(tmp_path / "tensorboard") == {"loss": [1]}
 
 
 def test_without_start_step_the_files_are_appended(tmp_path):

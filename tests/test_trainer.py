@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from event_files import event_steps
 from flax import traverse_util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
 from vit import checkpoint, config_schema, optim, parallel, trainer
@@ -60,16 +60,6 @@ def _assert_same_params(a: dict, b: dict, **tolerance) -> None:
             np.testing.assert_allclose(a[name], b[name], err_msg=name, **tolerance)
         else:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
-def _event_steps(logdir: Path) -> dict[str, list[int]]:
-    """{tag: steps} of every summary in the event files, nothing purged (unlike TensorBoard)."""
-    found: dict[str, list[int]] = {}
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                found.setdefault(value.tag, []).append(event.step)
-    return found
 
 
 def _eval_lines(workdir: Path) -> list[dict]:
@@ -151,7 +141,7 @@ def test_resume_after_sigkill_between_saves_is_exact(straight_run, tmp_path):
     # run logged past its last checkpoint were replaced, not repeated.
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
-    for tag, tag_steps in _event_steps(tmp_path / "tensorboard").items():
+    for tag, tag_steps in event_steps(tmp_path / "tensorboard").items():
         assert len(tag_steps) == len(set(tag_steps)), tag
 
 
