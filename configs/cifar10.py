@@ -100,8 +100,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 4_000
         c.checkpoint_every = 2_000
         return c
-    if variant == "hour-plain":  # patchify: 1.4x the conv stem's steps in the same time
-        c = _fast("patchify", total_steps=28_000)
+    if variant == "hour-plain":  # patchify: 1.3x the conv stem's steps in the same time
+        c = _fast("patchify", total_steps=38_000)
         c.model.token_keep_ratio = 0.5
         c.pp.train_crop = "resize"
         c.eval_every = 4_000
