@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit import int8
+from vit.matmul import matmul as typed_matmul
 
 Dtype = Any
 Array = jax.Array
@@ -97,6 +98,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Dtype = jnp.float32
     impl: str = "auto"
     quant: str = "none"  # | "int8": int8 projections (vit/int8.py)
+    matmul_dtype: str = "float32"  # | "bfloat16": projection operands (vit/matmul.py)
 
     @nn.compact
     def __call__(
@@ -115,7 +117,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
         def matmul(x: Array, kernel: Array, scale: Array | None) -> Array:
             if scale is None:
-                return x.astype(self.dtype) @ kernel.astype(self.dtype)
+                return typed_matmul(x, kernel, self.matmul_dtype, self.dtype)
             return int8.int8_matmul(x, kernel, scale).astype(self.dtype)
 
         def project(x: Array, names: tuple[str, ...]) -> list[Array]:

@@ -39,6 +39,7 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.drop_path_rate = 0.0
     m.head_bias_init = 0.0
     m.dtype = "float32"  # compute dtype, e.g. "bfloat16"; parameters stay float32
+    m.matmul_dtype = "float32"  # | "bfloat16": matmul operands, float32 sums (vit/matmul.py)
     m.gelu_approximate = True  # False: exact GELU, for exact parity with timm / HF weights
     m.stem = "patchify"  # | "conv": 3x3 conv stem then a 1x1 projection (vit/stems.py)
     m.stem_channels = _optional(tuple)  # conv stem widths, e.g. (32, 64, 128); None: default

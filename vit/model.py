@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import int8, resnet, stems
+from vit import int8, matmul, resnet, stems
 from vit.attention import (  # noqa: F401  (attention_weights: public here too)
     ATTENTION_IMPLS,
     MultiHeadDotProductAttention,
@@ -68,23 +68,27 @@ class MlpBlock(nn.Module):
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
     quant: str = "none"  # | "int8": int8 kernels (vit/int8.py)
+    matmul_dtype: str = "float32"  # | "bfloat16": operands of the two matmuls (vit/matmul.py)
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
-        dense = lambda n, name: _dense(n, self.dtype, self.quant, name, kernel_init=_xavier,
-                                       bias_init=_bias_init)
+        dense = lambda n, name: _dense(n, self.dtype, self.quant, name, self.matmul_dtype,
+                                       kernel_init=_xavier, bias_init=_bias_init)
         x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
-def _dense(features: int, dtype: Dtype, quant: str, name: str, **inits: Any) -> nn.Module:
-    """nn.Dense, or its int8 counterpart for quant="int8" (same name, int8 kernel + scale)."""
+def _dense(features: int, dtype: Dtype, quant: str, name: str, matmul_dtype: str = "float32",
+           **inits: Any) -> nn.Module:
+    """nn.Dense with `matmul_dtype` operands, or for quant="int8" its int8 counterpart (same
+    name, int8 kernel + scale)."""
     if quant == "int8":
         return int8.Int8Dense(features, dtype, name=name)
-    return nn.Dense(features, dtype=dtype, name=name, **inits)
+    return nn.Dense(features, dtype=dtype, name=name,
+                    dot_general=matmul.dense_dot_general(matmul_dtype), **inits)
 
 
 class DropPath(nn.Module):
@@ -114,6 +118,7 @@ class Encoder1DBlock(nn.Module):
     gelu_approximate: bool = True
     attention_impl: str = "auto"
     quant: str = "none"
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -123,13 +128,13 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
-            self.quant, name="MultiHeadDotProductAttention_1",
+            self.quant, matmul_dtype=self.matmul_dtype, name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
-                     self.quant, name="MlpBlock_3")(
+                     self.quant, self.matmul_dtype, name="MlpBlock_3")(
             y, deterministic=deterministic)
         return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
 
@@ -187,6 +192,7 @@ class Encoder(nn.Module):
     num_registers: int = 0
     attention_impl: str = "auto"
     quant: str = "none"
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -225,7 +231,7 @@ class Encoder(nn.Module):
             x, w = Encoder1DBlock(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
                 rate, self.dtype, self.gelu_approximate, self.attention_impl, self.quant,
-                name=f"encoderblock_{i}",
+                self.matmul_dtype, name=f"encoderblock_{i}",
             )(x, mask=mask, deterministic=deterministic, return_weights=return_weights)
             maps.append(w)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask
@@ -239,6 +245,7 @@ class MAPHead(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     quant: str = "none"
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -247,9 +254,11 @@ class MAPHead(nn.Module):
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
         y, w = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                             impl=self.attention_impl, quant=self.quant,
+                                            matmul_dtype=self.matmul_dtype,
                                             name="MultiHeadDotProductAttention_0")(
             probe, x, mask=mask)
-        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, quant=self.quant, name="MlpBlock_0")(
+        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, quant=self.quant,
+                         matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
             nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w
 
@@ -293,6 +302,9 @@ class VisionTransformer(nn.Module):
     num_registers: int = 0  # learned register tokens (Darcet et al. 2024), dropped before the head
     attention_impl: str = "auto"  # | "explicit" | "fused" (vit/attention.py)
     quant: str = "none"  # | "int8": int8 dense / attention kernels (vit/int8.py, vit/quantize.py)
+    # | "bfloat16": bfloat16 operands, float32 accumulation in dense and attention-projection
+    # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
+    matmul_dtype: str = "float32"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -338,7 +350,7 @@ class VisionTransformer(nn.Module):
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
             self.gelu_approximate, self.token_keep_ratio, self.num_registers,
-            self.attention_impl, self.quant, name="Transformer",
+            self.attention_impl, self.quant, self.matmul_dtype, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         patches = _tokens(x, num_prefix + self.num_registers)
@@ -353,12 +365,14 @@ class VisionTransformer(nn.Module):
         else:
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                           self.quant, name="MAPHead_0")(patches, mask)
+                           self.quant, self.matmul_dtype, name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
-            x = nn.tanh(_dense(self.representation_size, self.dtype, self.quant, "pre_logits")(x))
+            x = nn.tanh(_dense(self.representation_size, self.dtype, self.quant, "pre_logits",
+                               self.matmul_dtype)(x))
         logits = _dense(
-            self.num_classes, self.dtype, self.quant, "head", kernel_init=nn.initializers.zeros,
+            self.num_classes, self.dtype, self.quant, "head", self.matmul_dtype,
+            kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.constant(self.head_bias_init),
         )(x).astype(jnp.float32)
         if return_attention:
@@ -464,6 +478,7 @@ def _validate(kw: dict[str, Any]) -> None:
                          f"{ATTENTION_IMPLS}")
     if kw["quant"] not in int8.QUANT_MODES:
         raise ValueError(f"unknown quant {kw['quant']!r}; use one of {int8.QUANT_MODES}")
+    matmul.check_matmul_dtype(kw["matmul_dtype"])
     if kw["num_registers"] < 0:
         raise ValueError(f"num_registers must be >= 0, got {kw['num_registers']}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:

@@ -1,0 +1,83 @@
+"""Dense matmuls with a chosen operand dtype (`matmul_dtype`): bfloat16 operands, float32 sums.
+
+`matmul_dtype="bfloat16"` casts both operands of every dense and attention-projection matmul
+to bfloat16 and accumulates in float32 (`preferred_element_type`), forward and in both
+backward matmuls, while activations, parameters and optimizer state stay in `dtype`: automatic
+mixed precision as PyTorch's autocast does it. Asking XLA for a float32 result matters: on
+CPUs with AMX (Intel Sapphire Rapids and later) a bfloat16 x bfloat16 -> float32 dot runs on
+the AMX tiles, about 4x a float32 dot (1,100 vs 250 GFLOP/s at [4096, 128] x [128, 384] on the
+2-core Xeon measured here), while a bfloat16 -> bfloat16 dot is slower than float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+Array = jax.Array
+
+
+def check_matmul_dtype(name: str) -> str:
+    """`name` if it is a supported matmul operand dtype; ValueError naming the choices."""
+    if name not in MATMUL_DTYPES:
+        raise ValueError(f"unknown matmul_dtype {name!r}; use one of {MATMUL_DTYPES}")
+    return name
+
+
+def _dot_last(x: Array, w: Array) -> Array:
+    """x [..., K] @ w [K, N] -> [..., N] in float32."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_matmul(x: Array, w: Array) -> Array:
+    """x [..., K] @ w [K, N] with bfloat16 operands and a float32 result (and gradients)."""
+    return _dot_last(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _bf16_matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, ...]]:
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    # Empty arrays carry the inputs' dtypes: residuals must be arrays.
+    return _dot_last(xb, wb), (xb, wb, jnp.zeros(0, x.dtype), jnp.zeros(0, w.dtype))
+
+
+def _bf16_matmul_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
+    xb, wb, x_like, w_like = res
+    gb = g.astype(jnp.bfloat16)
+    dx = lax.dot_general(gb, wb, (((g.ndim - 1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    dw = lax.dot_general(xb.reshape(-1, xb.shape[-1]), gb.reshape(-1, g.shape[-1]),
+                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def matmul(x: Array, w: Array, matmul_dtype: str, out_dtype: Any) -> Array:
+    """x [..., K] @ w [K, N] in `out_dtype`, with operands in `matmul_dtype`."""
+    if matmul_dtype == "bfloat16":
+        return bf16_matmul(x, w).astype(out_dtype)
+    return x.astype(out_dtype) @ w.astype(out_dtype)
+
+
+def dense_dot_general(matmul_dtype: str) -> Any:
+    """A `dot_general` for `flax.linen.Dense` using `matmul_dtype` operands; None for float32."""
+    if matmul_dtype == "float32":
+        return None
+
+    def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+                    preferred_element_type: Any = None, **_: Any) -> Array:
+        (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+        if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch:
+            raise NotImplementedError(f"matmul_dtype={matmul_dtype!r} supports x @ kernel only, "
+                                      f"got dimension numbers {dimension_numbers}")
+        return matmul(lhs, rhs, matmul_dtype, lhs.dtype)
+
+    return dot_general
