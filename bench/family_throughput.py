@@ -1,4 +1,5 @@
-"""Train and inference images/s of each family member: plain, conv stem, token dropping.
+"""Train and inference images/s of each family member: plain, conv stem, token dropping, and
+bfloat16 matmul operands (`matmul_dtype`, vit/matmul.py).
 
 Prints one JSON line: for each member, train-step and inference images/s (median over --steps
 after a warm-up, from the second of two rounds over all members) and the train speed-up over
@@ -15,6 +16,7 @@ import json
 import jax
 import jax.numpy as jnp
 import optax
+from machine import cpu_description
 from model_throughput import _median_seconds, make_train_step
 
 import vit
@@ -28,6 +30,10 @@ MEMBERS: dict[str, dict] = {
     "token_keep_0.75": dict(token_keep_ratio=0.75),
     "token_keep_0.5": dict(token_keep_ratio=0.5),
     "conv_stem_token_keep_0.5": dict(stem="conv", stem_norm="groupnorm", token_keep_ratio=0.5),
+    "bf16_matmul": dict(matmul_dtype="bfloat16"),
+    "token_keep_0.5_bf16_matmul": dict(token_keep_ratio=0.5, matmul_dtype="bfloat16"),
+    "conv_stem_token_keep_0.5_bf16_matmul": dict(stem="conv", stem_norm="groupnorm",
+                                                 token_keep_ratio=0.5, matmul_dtype="bfloat16"),
 }
 
 
@@ -71,7 +77,8 @@ def main() -> None:
     for r in results.values():
         r["train_speedup_vs_patchify"] = round(r["train_images_per_s"] / plain, 2)
     print(json.dumps({"bench": "family_throughput", "batch": args.batch, "image_size": 32,
-                      "devices": str(jax.devices()[0].platform), "members": results}))
+                      "devices": str(jax.devices()[0].platform), **cpu_description(),
+                      "members": results}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Ti/4 on 32x32, batch 128, float32: compile time, train/infer images/s, FLOPs, share of peak.
 
-Prints one JSON line. The machine's practical peak is the GFLOP/s of a float32 4096x4096 matmul
-measured in the same process. It also reports the page faults per train step, which
-`vit.host_memory` removes; `VIT_HOST_MALLOC=system` measures without it.
-Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128]`.
+Prints one JSON line with the CPU model and ISA. The machine's practical peak is the GFLOP/s of
+a 4096x4096 matmul measured in the same process, with the step's matmul operands:
+`--matmul-dtype bfloat16` (vit/matmul.py) measures a bfloat16 x bfloat16 -> float32 matmul.
+It also reports the page faults per train step, which `vit.host_memory` removes;
+`VIT_HOST_MALLOC=system` measures without it.
+Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128] [--matmul-dtype bfloat16]`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from machine import cpu_description
 
 import vit
+from vit import matmul as vit_matmul
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -33,11 +37,11 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of a jitted float32 n x n matmul: the machine's practical peak."""
+def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
+    """GFLOP/s of a jitted n x n matmul with `matmul_dtype` operands: the practical peak."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
+    mm = jax.jit(lambda a, b: vit_matmul.matmul(a, b, matmul_dtype, jnp.float32))
     mm(a, b).block_until_ready()
     return 2 * n**3 / _median_seconds(lambda: mm(a, b).block_until_ready(), repeats) / 1e9
 
@@ -64,9 +68,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
     args = parser.parse_args()
 
-    model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size)
+    model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
+                             matmul_dtype=args.matmul_dtype)
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
     opt_state = tx.init(params)
@@ -97,11 +103,12 @@ def main() -> None:
     infer(state[0], images).block_until_ready()
     infer_s = _median_seconds(lambda: infer(state[0], images).block_until_ready(), args.steps)
 
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(matmul_dtype=args.matmul_dtype)
     achieved = flops / train_s / 1e9
     print(json.dumps({
         "bench": "model_throughput", "variant": args.variant, "image_size": args.image_size,
-        "batch": args.batch, "dtype": "float32", "devices": str(jax.devices()[0].platform),
+        "batch": args.batch, "dtype": "float32", "matmul_dtype": args.matmul_dtype,
+        "devices": str(jax.devices()[0].platform), **cpu_description(),
         "compile_s": round(compile_s, 2),
         "train_images_per_s": round(args.batch / train_s, 1),
         "infer_images_per_s": round(args.batch / infer_s, 1),

@@ -13,7 +13,8 @@ glibc_only = pytest.mark.skipif(host_memory._glibc_mallopt() is None,
 
 
 @glibc_only
-def test_importing_vit_applies_the_allocator_settings():
+def test_importing_vit_applies_the_allocator_settings_in_a_cpu_process():
+    assert host_memory.computes_on_cpu()  # the test machine: no accelerator plugin
     assert vit.HOST_MEMORY_RETAINED is True
 
 
@@ -32,3 +33,47 @@ def test_without_glibc_it_reports_not_applied(monkeypatch):
     monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
     monkeypatch.setattr(host_memory, "_glibc_mallopt", lambda: None)
     assert host_memory.retain_host_memory() is False
+
+
+@pytest.mark.parametrize("platforms, expected", [
+    ("cpu", True), ("cuda", False), ("tpu", False), ("cuda,cpu", False), ("CPU,cuda", True),
+])
+def test_jax_platforms_decides_where_computation_runs(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host_memory.computes_on_cpu() is expected
+
+
+def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_memory, "_installed", lambda name: name == "jax_cuda12_plugin")
+    assert host_memory.computes_on_cpu() is False
+    monkeypatch.setattr(host_memory, "_installed", lambda name: False)
+    assert host_memory.computes_on_cpu() is True
+
+
+@pytest.mark.parametrize("mode, platforms, applied", [
+    ("auto", "cuda", False), ("auto", "cpu", True), ("retain", "cuda", True),
+    ("system", "cpu", False),
+])
+def test_mode_and_platform_decide_whether_malloc_changes(monkeypatch, mode, platforms, applied):
+    monkeypatch.setenv(host_memory.ENV_VAR, mode)
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setattr(host_memory, "_glibc_mallopt", lambda: mallopt)
+    assert host_memory.retain_host_memory() is applied
+    assert calls == (list(host_memory._SETTINGS) if applied else [])
+
+
+def test_unknown_mode_is_one_warning_line_then_auto(monkeypatch, capsys):
+    monkeypatch.setenv(host_memory.ENV_VAR, "keep")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setattr(host_memory, "_glibc_mallopt", lambda: lambda param, value: 1)
+    assert host_memory.retain_host_memory() is False  # auto on a GPU process: not applied
+    assert capsys.readouterr().err == (
+        "warning: VIT_HOST_MALLOC='keep' is not one of ('auto', 'retain', 'system'); "
+        "using 'auto'\n")

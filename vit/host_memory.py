@@ -8,13 +8,19 @@ One arena, no mmap and no trimming keep those pages mapped and reused: no faults
 
 The cost: a process keeps its peak heap until it exits, and that peak can hold two steps'
 buffers when one is allocated before the other is freed. Arena settings only bind threads that
-have not allocated yet, so `vit/__init__.py` calls this before anything else. Set
-`VIT_HOST_MALLOC=system` to leave malloc as it is.
+have not allocated yet, so `vit/__init__.py` calls this before anything else.
+
+It applies only to a process that will compute on the CPU, decided before any backend starts
+from what JAX itself will read: `JAX_PLATFORMS` when set (its first entry), else whether a GPU
+or TPU plugin for jaxlib is installed (then JAX picks the accelerator, whose memory XLA
+allocates itself, and the host heap is left alone). `VIT_HOST_MALLOC=system` leaves malloc as it
+is everywhere; `VIT_HOST_MALLOC=retain` applies it whatever the platform.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 
@@ -26,6 +32,25 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 # Each is (parameter, value); a trim threshold of -1 becomes SIZE_MAX inside glibc: never trim.
 _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+MODES = ("auto", "retain", "system")
+# jaxlib's accelerator plugins (and libtpu): with one installed, JAX's default is not the CPU.
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "libtpu")
+
+
+def computes_on_cpu() -> bool:
+    """Whether this process's JAX will run on the CPU, read before any backend starts."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not any(_installed(name) for name in ACCELERATOR_PLUGINS)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _glibc_mallopt() -> ctypes._CFuncPtr | None:
@@ -44,8 +69,13 @@ def _glibc_mallopt() -> ctypes._CFuncPtr | None:
 
 
 def retain_host_memory() -> bool:
-    """Make glibc malloc reuse freed memory (one arena, no mmap, no trim); True if it applied."""
-    if os.environ.get(ENV_VAR, "retain") == "system":
+    """Make glibc malloc reuse freed memory (one arena, no mmap, no trim) in a CPU process;
+    True if it applied. An unknown VIT_HOST_MALLOC is named on stderr and read as "auto"."""
+    mode = os.environ.get(ENV_VAR, "auto")
+    if mode not in MODES:  # at import time: one line, not a traceback out of `import vit`
+        sys.stderr.write(f"warning: {ENV_VAR}={mode!r} is not one of {MODES}; using 'auto'\n")
+        mode = "auto"
+    if mode == "system" or (mode == "auto" and not computes_on_cpu()):
         return False
     mallopt = _glibc_mallopt()
     if mallopt is None:
