@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 # Every variant of every config file (test_every_config_file_is_listed keeps this complete).
 VARIANTS = {
     "smoke": [None],
-    "cifar10": ["short", "short-proxy", "ablation-base", "hour", "hour-plain", "Ti/4", "S/4"],
+    "cifar10": ["short", "short-proxy", "ablation-base", "hour", "hour-f32", "hour-conv",
+                "Ti/4", "S/4"],
     "imagenet": ["S/16", "B/16", "S/16-300ep", "B/16-300ep"],
     "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224"],
 }
