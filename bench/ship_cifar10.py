@@ -72,7 +72,7 @@ def export_table(checkpoint: str, out: str) -> dict:
 
     images, rows = _images(out), []
     int8 = quantize_checkpoint(checkpoint, os.path.join(out, "int8")).path
-    for source, formats in ((checkpoint, FORMATS), (int8, ("stablehlo", "saved_model", "tflite"))):
+    for source, formats in ((checkpoint, FORMATS), (int8, ("stablehlo", "saved_model"))):
         for fmt in formats:
             name = fmt if source == checkpoint else f"{fmt} int8"
             try:

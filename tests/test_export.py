@@ -1,15 +1,27 @@
 """Tests for vit.export and vit.onnx_export: every format matches the JAX model on write."""
 
+import dataclasses
 import importlib.util
 import json
+import re
 
+import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from tiny_checkpoints import PLAIN, RECIPE, image_files, write
 
-from vit import cli
+from vit import cli, data
+from vit import export as export_module
 from vit.evaluate import load_inference_model
-from vit.export import ExportError, export, load_stablehlo, tflite_runner
+from vit.export import (
+    ExportError,
+    check_images,
+    crops,
+    export,
+    load_stablehlo,
+    tflite_runner,
+)
 from vit.predict import model_inputs, read_images
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -60,8 +72,6 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
     result = export(str(run), "tflite", tmp_path, images=files, measure_speed=False)
     assert result.max_abs_diff <= 1e-4 and result.path.endswith("model.tflite")
     loaded, _, want = _reference(run, files)
-    from vit.export import crops
-
     _, images, _ = read_images(files)
     got = tflite_runner(result.path)(crops(images, loaded.config))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -76,7 +86,8 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)
-    assert result.max_abs_diff <= 1e-4 and result.verified_on == "7 synthetic images"
+    assert result.max_abs_diff <= 1e-4
+    assert result.verified_on.startswith("7 synthetic images (no evaluation images: ")
 
 
 def test_cli_export_prints_the_check_and_names_bad_input(recipe, tmp_path, capsys):
@@ -92,10 +103,95 @@ def test_cli_export_prints_the_check_and_names_bad_input(recipe, tmp_path, capsy
                      "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
-    assert ("MAP head" in err[0]) if HAS_ONNX else ("onnx" in err[0])
+    assert "does not support a MAP head" in err[0]  # refused before the onnx extra is needed
+    assert not (tmp_path / "m").exists()
 
 
 def test_missing_images_are_one_error(recipe, tmp_path):
     run, _ = recipe
     with pytest.raises(ExportError, match="does not exist"):
         export(str(run), "stablehlo", tmp_path, images=[str(tmp_path / "none.png")])
+
+
+def _files_in(directory):
+    """{relative path: bytes} of every file under `directory` (names of directories too)."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
+def _writer_with_head_bias_moved_by(delta):
+    """The real stablehlo writer, but writing the model with every head bias moved by `delta`:
+    the written artefact's logits are then the model's + delta, exactly."""
+    real = export_module._WRITERS["stablehlo"]
+
+    def write_wrong(loaded, out):
+        params = jax.tree_util.tree_map(np.asarray, loaded.params)
+        params["head"]["bias"] = params["head"]["bias"] + np.float32(delta)
+        return real(dataclasses.replace(loaded, params=params), out)
+
+    return write_wrong
+
+
+def test_a_wrong_export_fails_in_one_line_and_leaves_the_directory_as_it_was(
+        recipe, tmp_path, monkeypatch, capsys):
+    run, files = recipe
+    out = tmp_path / "out"
+    good = export(str(run), "stablehlo", out, images=files, measure_speed=False)
+    before = _files_in(out)
+    assert set(before) == {"model.stablehlo", "export.json"} and good.max_abs_diff <= 1e-5
+
+    monkeypatch.setitem(export_module._WRITERS, "stablehlo", _writer_with_head_bias_moved_by(5e-5))
+    within = export(str(run), "stablehlo", tmp_path / "within", images=files, measure_speed=False)
+    assert 4e-5 < within.max_abs_diff <= 1e-4  # the check measures the artefact, not the model
+
+    monkeypatch.setitem(export_module._WRITERS, "stablehlo", _writer_with_head_bias_moved_by(1e-3))
+    code = cli.main(["export", "--checkpoint", str(run), "--format", "stablehlo", "--out",
+                     str(out), "--images", *files, "--no-speed"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.fullmatch(r"error: the stablehlo export differs from the model by 0\.001\d* "
+                        r"\(> 0\.0001\) in its logits on 3 image files, so it was not written "
+                        rf"to {re.escape(str(out))}; report the model config that caused it",
+                        err[0]), err[0]
+    assert _files_in(out) == before  # the earlier, verified export is untouched; no leftovers
+    with pytest.raises(ExportError, match="differs from the model"):
+        export(str(run), "stablehlo", tmp_path / "fresh", images=files, measure_speed=False)
+    assert _files_in(tmp_path / "fresh") == {}
+
+
+def test_a_writer_that_crashes_leaves_nothing_behind(recipe, tmp_path, monkeypatch):
+    run, files = recipe
+
+    def crash_half_way(loaded, out):
+        (out / "model.stablehlo").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setitem(export_module._WRITERS, "stablehlo", crash_half_way)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(str(run), "stablehlo", tmp_path / "out", images=files, measure_speed=False)
+    assert _files_in(tmp_path / "out") == {}
+
+
+def test_export_checks_on_the_runs_evaluation_images_by_default(tmp_path, capsys):
+    with tfds.testing.mock_data(num_examples=10):
+        write(str(tmp_path / "run"), RECIPE, num_classes=10, image_size=32, dataset="cifar10",
+              data_dir=str(tmp_path / "tfds"))
+        loaded = load_inference_model(str(tmp_path / "run"))
+        images, what = check_images(loaded, None)
+        first = next(data.eval_iterator(loaded.config, batch_size=8, num_devices=1,
+                                        normalize=False))["image"][0][:7]
+        code = cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format",
+                         "stablehlo", "--out", str(tmp_path / "e"), "--no-speed"])
+    assert what == "7 images of cifar10 test" and len(images) == 7
+    np.testing.assert_array_equal(crops(images, loaded.config), first)
+    assert code == 0 and "on 7 images of cifar10 test" in capsys.readouterr().out
+    check = json.loads((tmp_path / "e" / "export.json").read_text())["check"]
+    assert check["verified_on"] == "7 images of cifar10 test" and check["max_abs_diff"] <= 1e-4
+
+
+def test_export_falls_back_to_synthetic_images_and_says_why(recipe):
+    run, _ = recipe
+    images, what = check_images(load_inference_model(str(run)), None)
+    assert what.startswith("7 synthetic images (no evaluation images: unknown dataset 'tiny'")
+    assert len(images) == 7 and {im.shape for im in images} == {(16, 16, 3), (25, 19, 3),
+                                                                 (32, 16, 3)}

@@ -1,13 +1,18 @@
 """Tests for vit.prune: importance scores, structured and magnitude pruning, fine-tuning."""
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from tiny_checkpoints import RECIPE, write
 
 from vit import cli
+from vit.checkpoint import load_checkpoint
 from vit.evaluate import load_inference_model
+from vit.model import model_from_config
 from vit.prune import (
+    finetune,
+    finetune_schedule,
     head_scores,
     mlp_scores,
     prune_checkpoint,
@@ -71,3 +76,38 @@ def test_prune_with_finetune_keeps_pruned_weights_at_zero(tmp_path, capsys):
     with pytest.raises(ValueError, match="sparsity"):
         prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "x"), method="magnitude",
                          sparsity=1.0)
+
+
+def test_structured_finetune_keeps_heads_and_channels_removed_and_sees_every_token(tmp_path):
+    with tfds.testing.mock_data(num_examples=16):
+        _, params = write(str(tmp_path / "run"), dict(RECIPE, num_heads=4), num_classes=10,
+                          image_size=32, dataset="cifar10", data_dir=str(tmp_path / "tfds"),
+                          batch_size=8)
+        result = prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "st"),
+                                  method="structured", sparsity=0.5, finetune_steps=3, lr=1e-2)
+        pruned, masks, _ = prune_structured(params, 0.5)
+        config = ml_collections.ConfigDict(load_checkpoint(str(tmp_path / "st")).config)
+        all_tokens = model_from_config(dict(config.model, token_keep_ratio=1.0),
+                                       num_classes=10, image_size=32)
+        again = finetune(all_tokens, pruned, masks, config, 3, lr=1e-2)
+    tuned = flatten_params(load_inference_model(str(tmp_path / "st")).params)
+    assert config.model.token_keep_ratio == 0.5 and result.mlp_dim == 32
+    for name, mask in flatten_params(masks).items():
+        assert tuned[name].shape == mask.shape  # the cut MLP channels stay cut
+        assert not np.any(tuned[name][mask == 0]), name  # the pruned heads stay exactly zero
+    gone = int((flatten_params(masks)[ATTN + "out/kernel"] == 0).all(axis=(1, 2)).sum())
+    assert gone == 2 and result.removed_fraction == removed_fraction(pruned, params)
+    before = flatten_params(pruned)
+    assert not np.array_equal(tuned[ATTN + "query/kernel"], before[ATTN + "query/kernel"])
+    # PatchDropout is off in the fine-tune: the run's token_keep_ratio=0.5 changes nothing.
+    for name, value in flatten_params(again).items():
+        np.testing.assert_array_equal(tuned[name], value, err_msg=name)
+
+
+def test_finetune_schedule_warms_up_then_decays_towards_zero():
+    lr = finetune_schedule(2e-3, 100)
+    assert float(lr(0)) == pytest.approx(2e-4)  # step 1 of a 10-step warmup
+    assert float(lr(9)) == pytest.approx(2e-3 * 0.5 * (1 + np.cos(np.pi * 0.09)))
+    assert float(lr(50)) == pytest.approx(1e-3)
+    assert 0 < float(lr(99)) < 1e-6
+    assert float(finetune_schedule(1e-3, 1)(0)) == pytest.approx(1e-3)

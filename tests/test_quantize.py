@@ -9,7 +9,7 @@ from tiny_checkpoints import RECIPE, image_files, write
 
 from vit import cli, int8
 from vit.evaluate import load_inference_model
-from vit.export import export
+from vit.export import crops, export
 from vit.predict import model_inputs, read_images
 from vit.quantize import quantize_checkpoint, quantize_params
 from vit.weight_formats import flatten_params
@@ -83,3 +83,35 @@ def test_int8_checkpoint_runs_under_vit_eval(tmp_path, capsys):
         assert "kernels in int8" in capsys.readouterr().out
         assert cli.main(["eval", "--checkpoint", str(tmp_path / "q")]) == 0
     assert "examples 20" in capsys.readouterr().out
+
+
+def test_int8_saved_model_matches_the_int8_model_at_batch_1_and_7(quantized, tmp_path):
+    import tensorflow as tf
+
+    root, _ = quantized
+    files = image_files(tmp_path / "images", 7)
+    result = export(str(root / "int8"), "saved_model", tmp_path / "sm", images=files,
+                    measure_speed=False)
+    assert result.max_abs_diff <= 1e-4  # the export's own check, against the int8 model
+    loaded = load_inference_model(str(root / "int8"))
+    _, images, _ = read_images(files)
+    want = np.asarray(loaded.model.apply({"params": loaded.params},
+                                         model_inputs(images, loaded.config)))
+    saved = tf.saved_model.load(str(tmp_path / "sm" / "saved_model"))
+    assert sum(v.dtype == tf.int8 for v in saved.variables_list) == 13  # kernels stay int8
+    pixels = saved.signatures["pixels"]
+    for n in (1, 7):
+        got = pixels(pixels=tf.constant(crops(images[:n], loaded.config)))["logits"].numpy()
+        np.testing.assert_allclose(got, want[:n], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_export_to_a_format_without_int8_matmuls_is_refused_in_one_line(
+        quantized, tmp_path, capsys, fmt):
+    root, _ = quantized
+    code = cli.main(["export", "--checkpoint", str(root / "int8"), "--format", fmt, "--out",
+                     str(tmp_path / "out"), "--no-speed"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "int8" in err[0] and "--format saved_model or stablehlo" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -1,9 +1,14 @@
 """Export a checkpoint to StableHLO, TensorFlow SavedModel, TFLite or ONNX, verified on write.
 
-Every export is run right after it is written on a few images (files the caller names, or
-synthetic ones) at batch sizes 1 and 7, and its logits are compared with the JAX model's on
-the same images preprocessed as `vit predict` does; a difference above `TOLERANCE` (float32)
-raises `ExportError` and the artefact is not trusted. What each format takes:
+Every export is run right after it is written on a few images at batch sizes 1 and 7, and
+its logits are compared with the JAX model's on the same images preprocessed as `vit predict`
+does. The images are the files the caller names, else the first 7 examples of the run's own
+evaluation split, else (the dataset is not readable on this machine) 7 synthetic random
+images, which `verified_on` then says, with the reason. The artefact is written into a staging
+directory inside `out_dir` and moved into place only once it passed: a difference above
+`TOLERANCE` (float32) raises `ExportError`, and that or any other failure while writing leaves
+`out_dir` as it was (an earlier export there is kept, nothing half-written is added).
+What each format takes:
 
 - `stablehlo`: `model.stablehlo`, a serialized `jax.export.Exported` with a symbolic batch
   dimension: float32 [N, S, S, 3] images preprocessed as in evaluation -> logits. Load it with
@@ -13,9 +18,13 @@ raises `ExportError` and the artefact is not trusted. What each format takes:
   evaluation preprocessing itself (resize / crop, normalise); `pixels` takes uint8 [N, S, S, 3]
   images already at the model's size. Both return {"logits", "probabilities"}.
 - `tflite`: `model.tflite`, converted from that SavedModel's `pixels` signature (TFLite has no
-  antialiased resize among its builtin ops, so resizing stays with the caller).
+  antialiased resize among its builtin ops, so resizing stays with the caller). Float
+  checkpoints only: TFLite's builtin matmuls take int8 only as TFLite's own quantised types,
+  not as the int8 x int8 -> int32 `dot_general` of a `vit quantize` checkpoint, so an int8
+  checkpoint is refused with one line (export it as `saved_model` or `stablehlo`).
 - `onnx`: `model.onnx`, built from the params by `vit.onnx_export` (uint8 [N, S, S, 3] ->
-  logits, probabilities), checked with onnxruntime; needs the `onnx` extra.
+  logits, probabilities), checked with onnxruntime; needs the `onnx` extra. Not for MAP
+  heads, ResNet hybrids or int8 checkpoints (refused with one line before anything is written).
 
 Each directory also gets `export.json`: the format, input contract, class names and check.
 """
@@ -43,7 +52,7 @@ FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
 TOLERANCE = 1e-4
 VERIFY_BATCHES = (1, 7)
 SPEED_BATCH = 32
-_NUM_SYNTHETIC = 7
+NUM_CHECK_IMAGES = 7
 
 
 class ExportError(ValueError):
@@ -107,9 +116,36 @@ def normalize_pixels(pixels: jax.Array, kind: str) -> jax.Array:
     return (pixels.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def eval_split_images(config: Any, count: int = NUM_CHECK_IMAGES
+                      ) -> tuple[list[np.ndarray], str]:
+    """(the first `count` images of the run's evaluation split, uint8 as stored, not cropped;
+    what they are), or ([], why not) when the run's dataset cannot be read on this machine."""
+    import tensorflow as tf
+
+    from vit.preprocess import DataError
+    from vit.sources import open_source
+
+    try:
+        records = open_source(config).read(config.eval_split).take(count)
+        images = [np.asarray(preprocess.decode(r["encoded"])) for r in records]
+    except (DataError, tf.errors.OpError, OSError) as err:
+        return [], str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not images:
+        return [], f"split {config.eval_split!r} of {config.dataset!r} is empty"
+    return images, f"{len(images)} images of {config.dataset} {config.eval_split}"
+
+
+def synthetic_images(size: int, count: int = NUM_CHECK_IMAGES) -> list[np.ndarray]:
+    """`count` uint8 images of random pixels, some larger than `size` (seeded: reproducible)."""
+    rng = np.random.default_rng(0)
+    shapes = [(size, size), (size + 9, size + 3), (size * 2, size)]
+    return [rng.integers(0, 256, (*shapes[i % 3], 3), np.uint8) for i in range(count)]
+
+
 def check_images(loaded: InferenceModel, paths: Sequence[str] | None
                  ) -> tuple[list[np.ndarray], str]:
-    """uint8 images to check exports on: the readable files of `paths`, else synthetic ones."""
+    """(uint8 images to check exports on, what they are): the readable files of `paths`, else
+    the run's first evaluation images, else synthetic ones (the description says why)."""
     from vit.predict import expand_paths, read_images
 
     if paths:
@@ -120,11 +156,11 @@ def check_images(loaded: InferenceModel, paths: Sequence[str] | None
             raise ExportError(bad[0][1] if bad else "no images to check the export on: pass "
                               "image files or directories with --images")
         return images, f"{len(images)} image file{'s' * (len(images) > 1)}"
-    size = loaded.config.image_size
-    rng = np.random.default_rng(0)
-    shapes = [(size, size), (size + 9, size + 3), (size * 2, size)]
-    images = [rng.integers(0, 256, (*shapes[i % 3], 3), np.uint8) for i in range(_NUM_SYNTHETIC)]
-    return images, f"{_NUM_SYNTHETIC} synthetic images"
+    images, what = eval_split_images(loaded.config)
+    if images:
+        return images, what
+    return (synthetic_images(loaded.config.image_size),
+            f"{NUM_CHECK_IMAGES} synthetic images (no evaluation images: {what})")
 
 
 def crops(images: Sequence[np.ndarray], config: Any) -> np.ndarray:
@@ -270,6 +306,20 @@ def tflite_runner(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.nda
     return lambda pixels: runner(pixels=np.asarray(pixels, np.uint8))["logits"]
 
 
+def refusal(loaded: InferenceModel, fmt: str) -> str | None:
+    """Why format `fmt` cannot hold the checkpoint's model (one line), or None when it can."""
+    if fmt == "onnx":
+        from vit import onnx_export
+
+        return onnx_export.refusal(loaded)
+    if fmt == "tflite" and loaded.model.quant != "none":
+        return ("--format tflite cannot hold an int8 checkpoint (TFLite's builtin matmuls take "
+                "int8 only as its own quantised types, not as an int8 x int8 -> int32 "
+                "dot_general); export it with --format saved_model or stablehlo, or export the "
+                "float checkpoint to tflite")
+    return None
+
+
 def _export_onnx(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
     _require("onnx", "onnx")
     ort = _require("onnxruntime", "onnx")
@@ -291,30 +341,9 @@ _INPUTS = {
 }
 
 
-def export(
-    checkpoint: str | InferenceModel, fmt: str, out_dir: str | os.PathLike[str], *,
-    images: Sequence[str] | None = None, use_ema: bool = False, measure_speed: bool = True,
-) -> ExportResult:
-    """Write `checkpoint` (a path or a loaded model) in format `fmt` to `out_dir` and verify it.
-
-    `images` are image files or directories to check on (default: synthetic images). Raises
-    ExportError if the export's logits differ from the model's by more than TOLERANCE.
-    """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    loaded = (checkpoint if isinstance(checkpoint, InferenceModel)
-              else load_inference_model(checkpoint, use_ema=use_ema))
-    pictures, verified_on = check_images(loaded, images)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "saved_model" and (out / "saved_model").exists():
-        shutil.rmtree(out / "saved_model")
-    path, run = _WRITERS[fmt](loaded, out)
-
-    from vit.predict import model_inputs
-
-    fn = jax.jit(logits_fn(loaded))
-    reference = np.asarray(fn(loaded.params, model_inputs(pictures, loaded.config)))
+def _max_diff(fmt: str, run: Callable, staged_dir: Path, loaded: InferenceModel,
+              pictures: Sequence[np.ndarray], reference: np.ndarray) -> float:
+    """Max |logit diff| of the written export against `reference`, at every VERIFY_BATCHES."""
     pixels = crops(pictures, loaded.config)
     diff = 0.0
     for n in VERIFY_BATCHES:
@@ -323,18 +352,64 @@ def export(
             want = _batch_of(reference[lo:lo + n], n)
             diff = max(diff, float(np.max(np.abs(got - want))))
     if fmt == "saved_model":  # also the uint8 images at their own sizes, one per call
-        got = saved_model_on_files(out, pictures)
+        got = saved_model_on_files(staged_dir, pictures)
         diff = max(diff, float(np.max(np.abs(got - reference))))
-    if not diff <= TOLERANCE:
-        raise ExportError(f"the {fmt} export at {path} differs from the model by {diff:.3g} "
-                          f"(> {TOLERANCE}) in its logits; do not use it, and report the model "
-                          "config that caused it")
-    speed = ref_speed = float("nan")
-    if measure_speed:
-        batch = _batch_of(pixels, SPEED_BATCH)
-        speed = _speed(run, batch)
-        kind, params = loaded.config.pp.normalize, jax.device_put(loaded.params)
-        ref_speed = _speed(lambda p: fn(params, normalize_pixels(p, kind)), batch)
+    return diff
+
+
+def _move_into_place(staged: Path, path: Path) -> None:
+    """Replace `path` (a file or directory, if any) with `staged`, a sibling of it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    os.replace(staged, path)
+
+
+def export(
+    checkpoint: str | InferenceModel, fmt: str, out_dir: str | os.PathLike[str], *,
+    images: Sequence[str] | None = None, use_ema: bool = False, measure_speed: bool = True,
+) -> ExportResult:
+    """Write `checkpoint` (a path or a loaded model) in format `fmt` to `out_dir` and verify it.
+
+    `images` are image files or directories to check on (default: the run's first evaluation
+    images, else synthetic ones; see `check_images`). Raises ExportError, leaving `out_dir` as
+    it was, if the format cannot hold the model or the export's logits differ from the model's
+    by more than TOLERANCE.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    loaded = (checkpoint if isinstance(checkpoint, InferenceModel)
+              else load_inference_model(checkpoint, use_ema=use_ema))
+    why = refusal(loaded, fmt)
+    if why:
+        raise ExportError(why)
+    pictures, verified_on = check_images(loaded, images)
+
+    from vit.predict import model_inputs
+
+    fn = jax.jit(logits_fn(loaded))
+    reference = np.asarray(fn(loaded.params, model_inputs(pictures, loaded.config)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{fmt}-staging-", dir=out))
+    try:
+        staged, run = _WRITERS[fmt](loaded, staging)
+        diff = _max_diff(fmt, run, staging, loaded, pictures, reference)
+        if not diff <= TOLERANCE:
+            raise ExportError(f"the {fmt} export differs from the model by {diff:.3g} "
+                              f"(> {TOLERANCE}) in its logits on {verified_on}, so it was not "
+                              f"written to {out}; report the model config that caused it")
+        speed = ref_speed = float("nan")
+        if measure_speed:
+            batch = _batch_of(crops(pictures, loaded.config), SPEED_BATCH)
+            speed = _speed(run, batch)
+            kind, params = loaded.config.pp.normalize, jax.device_put(loaded.params)
+            ref_speed = _speed(lambda p: fn(params, normalize_pixels(p, kind)), batch)
+        path = out / staged.name
+        _move_into_place(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     result = ExportResult(fmt, str(path), size_on_disk(path), diff, speed, ref_speed, verified_on)
     meta = {"format": fmt, "input": _INPUTS[fmt], "image_size": loaded.config.image_size,
             "normalize": loaded.config.pp.normalize, "eval_resize": loaded.config.pp.eval_resize,

@@ -79,14 +79,24 @@ class _Graph:
         return self.op("Add", self.op("Mul", normed, shaped(scale)), shaped(bias))
 
 
-def _unsupported(model: Any, params: dict[str, np.ndarray]) -> str | None:
+def unsupported(loaded: InferenceModel) -> str | None:
+    """What of the checkpoint's model this exporter cannot write ("a MAP head", ...), or None."""
+    model = loaded.model
     if model.classifier == "map":
         return "a MAP head"
     if model.resnet_layers is not None:
         return "a ResNet hybrid trunk"
-    if any(v.dtype == np.int8 for v in params.values()):
+    if model.quant != "none" or any(np.asarray(v).dtype == np.int8
+                                    for v in flatten_params(loaded.params).values()):
         return "int8-quantised weights"
     return None
+
+
+def refusal(loaded: InferenceModel) -> str | None:
+    """The one-line ExportError message for a model `unsupported` names, or None."""
+    why = unsupported(loaded)
+    return why and (f"the onnx exporter does not support {why}; export this model with "
+                    "--format saved_model or stablehlo instead")
 
 
 def _stem(g: _Graph, x: str, model: Any, p: dict[str, np.ndarray]) -> str:
@@ -158,12 +168,11 @@ def build_onnx(loaded: InferenceModel) -> Any:
     """The `onnx.ModelProto` of a checkpoint's model, eval preprocessing's normalisation in it."""
     from vit.export import ExportError
 
+    why = refusal(loaded)
+    if why:
+        raise ExportError(why)
     model = loaded.model
     p = {k: np.asarray(v) for k, v in flatten_params(loaded.params).items()}
-    why = _unsupported(model, p)
-    if why:
-        raise ExportError(f"the onnx exporter does not support {why}; export this model with "
-                          "--format saved_model or stablehlo instead")
     g = _Graph()
     onnx = g.onnx
     mean, std = preprocess.NORMALIZATIONS[loaded.config.pp.normalize]

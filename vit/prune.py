@@ -10,8 +10,14 @@
 - `magnitude`: the `sparsity` share of all attention and MLP kernel entries with the smallest
   |w|, one global threshold (Han et al., 2015); zeroed in place (no speed-up on dense kernels).
 
-`finetune_steps > 0` then trains the pruned model briefly on the run's training data (AdamW,
-constant learning rate, the run's label smoothing) with the pruned entries held at zero.
+`finetune_steps > 0` then trains the pruned model briefly on the run's training data (its
+augmentation and label smoothing; AdamW, the learning rate warmed up over the first tenth of the
+steps and cosine-decayed towards 0, as a recovery from a trained minimum needs) with the pruned
+entries held at exactly zero: their gradients are masked before clipping and AdamW, so they
+neither move nor use up the clipping norm, and the params are masked again after each update.
+Dropout and stochastic depth stay as the run trained (it is training), but PatchDropout
+(`token_keep_ratio`) is off: it is a throughput device for long runs from scratch, and over a
+short recovery it only trains the model on half the tokens it will be evaluated on.
 """
 
 from __future__ import annotations
@@ -121,14 +127,26 @@ def removed_fraction(params: PyTree, original: PyTree) -> float:
     return 1.0 - kept / max(total, 1)
 
 
+def finetune_schedule(lr: float, steps: int) -> optax.Schedule:
+    """Learning rate of fine-tuning step t: linear warmup over the first tenth of `steps` (at
+    least one step), times a cosine decay from `lr` at t = 0 towards 0 at t = `steps`."""
+    warmup = max(1, steps // 10)
+    return lambda t: (lr * jnp.minimum(1.0, (t + 1) / warmup)
+                      * 0.5 * (1.0 + jnp.cos(jnp.pi * t / steps)))
+
+
 def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int, *,
              lr: float = 1e-4) -> PyTree:
-    """`steps` of AdamW on the run's training data, pruned entries held at zero."""
+    """`steps` of AdamW (peak `lr`, `finetune_schedule`) on the run's training data, all patch
+    tokens kept (no PatchDropout), pruned entries (masks == 0) held at exactly zero."""
     from vit import data
     from vit.mix import smooth_labels
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+    model = model.clone(token_keep_ratio=1.0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(finetune_schedule(lr, steps), weight_decay=0.0))
     smoothing, classes = float(config.get("label_smoothing", 0.0)), model.num_classes
+    hold = lambda tree: jax.tree_util.tree_map(lambda x, m: x * m, tree, masks)
 
     @jax.jit
     def step(params, opt_state, images, labels, rng):
@@ -138,10 +156,8 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
                                                                      smoothing)).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree_util.tree_map(lambda p, m: p * m, optax.apply_updates(params, updates),
-                                        masks)
-        return params, opt_state, loss
+        updates, opt_state = tx.update(hold(grads), opt_state, params)
+        return hold(optax.apply_updates(params, updates)), opt_state, loss
 
     params = jax.tree_util.tree_map(jnp.asarray, params)
     opt_state = tx.init(params)

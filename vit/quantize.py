@@ -5,8 +5,10 @@ layers, pre-logits and the classifier head) gets symmetric int8 weights per outp
 a float32 scale beside them; its activations are quantised per token at run time and the
 product is accumulated in int32 (vit/int8.py). The patch embedding, the conv stem, norms,
 biases and position embeddings stay float32. The result is an ordinary checkpoint whose
-`config.model.quant` is "int8", so `vit eval`, `vit predict` and `vit export` (stablehlo,
-saved_model, tflite) run it unchanged.
+`config.model.quant` is "int8", so `vit eval`, `vit predict` and `vit export --format stablehlo
+| saved_model` (int8 kernels kept as int8, checked against the int8 model within 1e-4) run it
+unchanged. `tflite` and `onnx` refuse it in one line: their builtin matmuls do not take an
+int8 x int8 -> int32 product of plain int8 tensors.
 """
 
 from __future__ import annotations

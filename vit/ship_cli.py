@@ -89,7 +89,8 @@ def add_commands(sub: Any) -> None:
     ex.add_argument("--format", required=True, choices=FORMATS)
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--images", nargs="+", metavar="IMAGE_OR_DIR",
-                    help="images to verify on (default: synthetic images)")
+                    help="images to verify on (default: the first 7 images of "
+                    "the run's evaluation split, or 7 synthetic ones if it is not readable here)")
     ex.add_argument("--no-speed", action="store_true", help="skip the images/s measurement")
     ex.add_argument("--ema", action="store_true", help="use the EMA params")
     ex.add_argument("--json", help="also write the check to this JSON file")
@@ -107,6 +108,7 @@ def add_commands(sub: Any) -> None:
     pn.add_argument("--method", choices=METHODS, default="structured")
     pn.add_argument("--sparsity", type=float, required=True, help="share removed, e.g. 0.5")
     pn.add_argument("--finetune-steps", type=int, default=0, help="steps of fine-tuning after")
-    pn.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    pn.add_argument("--lr", type=float, default=1e-4, help="peak fine-tuning learning rate "
+                    "(warmup over the first tenth of the steps, then cosine decay)")
     pn.add_argument("--ema", action="store_true", help="prune the EMA params")
     pn.set_defaults(run=_run_prune)
