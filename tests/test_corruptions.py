@@ -79,7 +79,8 @@ def test_severity_zero_leaves_images_unchanged(images):
 # - frost dims the image as it adds frost (image weight 1 -> 0.75), so its PSNR is not monotone
 #   (20.3 16.9 16.0 16.6 16.4) but its structural similarity (SSIM) falls at every severity;
 # - glass blur blurs more at severities 2, 3 and 5, which smooths the shuffled pixels back toward
-#   the original (18.8 18.9 20.0 16.9 18.0); two shuffle passes damage more than one;
+#   the original (21.1 21.2 22.0 18.0 18.6, with the published copy-not-swap shuffle); two
+#   shuffle passes damage more than one;
 # - elastic's affine jitter, the largest term, shrinks from severity 1 to 5 while the local
 #   displacement grows (17.0 17.7 18.6 19.3 21.0): every severity changes the image.
 NOT_BY_PSNR = {"frost", "glass_blur", "elastic_transform"}
@@ -118,6 +119,42 @@ def test_glass_blur_and_elastic_damage_as_their_published_parameters_say(images)
     assert glass[2] > glass[4] and glass[3] > glass[5]  # same sigma, a second shuffle pass
     elastic = [psnr(corrupt_batch(images, "elastic_transform", s), images) for s in range(6)]
     assert elastic[0] == np.inf and max(glass[1:] + elastic[1:]) < 25
+
+
+def _published_glass_shuffle(x: np.ndarray, shifts: np.ndarray, delta: int) -> np.ndarray:
+    """The pixel loop of make_cifar_c.py's glass_blur, its "swap" statement verbatim."""
+    for i in range(shifts.shape[0]):
+        for a, h in enumerate(range(32 - delta, delta, -1)):
+            for b, w in enumerate(range(32 - delta, delta, -1)):
+                dx, dy = shifts[i, a, b]
+                h_prime, w_prime = h + dy, w + dx
+                # swap
+                x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+    return x
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_glass_blur_copies_pixels_as_the_published_numpy_swap_does(images, severity):
+    """The published "swap" on numpy views copies (h', w') onto (h, w): ours does the same."""
+    sigma, delta, passes = corruptions.PARAMS["glass_blur"][severity - 1]
+    shifts = np.random.default_rng(4).integers(-delta, delta, size=(passes, 30, 30, 2))
+    assert set(np.unique(shifts)) == {-1, 0}  # np.random.randint(-1, 1): high is exclusive
+    distinct = np.unique(images[0].reshape(-1, 3), axis=0).shape[0]
+    published = _published_glass_shuffle(images[0].copy(), shifts, delta)
+    ours = corruptions._glass_shuffle(images[0].copy(), shifts, delta)
+    np.testing.assert_array_equal(ours, published)
+    # a copy, not a permutation: some colours are lost, the first two rows and columns kept
+    assert np.unique(published.reshape(-1, 3), axis=0).shape[0] < distinct
+    np.testing.assert_array_equal(published[:2], images[0][:2])
+    np.testing.assert_array_equal(published[:, :2], images[0][:, :2])
+    # and the whole corruption: blur, the shuffle with the generator's draws, blur again
+    blurred = (corruptions._blur(images[0] / 255.0, sigma) * 255).astype(np.uint8)
+    expected = _published_glass_shuffle(blurred, np.random.default_rng(9).integers(
+        -delta, delta, size=(passes, 30, 30, 2)), delta)
+    expected = np.clip(corruptions._blur(expected / 255.0, sigma), 0, 1) * 255
+    params = corruptions.PARAMS["glass_blur"][severity - 1]
+    np.testing.assert_array_equal(
+        corruptions._glass_blur(images[0], params, np.random.default_rng(9)), expected)
 
 
 def test_the_same_seed_gives_the_same_images_in_any_batch(images):

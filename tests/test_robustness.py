@@ -1,5 +1,6 @@
 """vit.robustness: the report's invariants (eps 0 = clean, monotone in eps, PGD <= FGSM, mCE of a
-model against itself = 1), exact counts on 1 and 2 devices, the CLI and its option errors."""
+model against itself = 1), exact counts on 1 and 2 devices, a prepared cifar10_corrupted
+directory read and counted, the CLI and its option errors."""
 
 import json
 import os
@@ -8,10 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from test_evaluate import CIFAR_DIR, save_tiny_checkpoint, tiny_config
 
-from vit import cli, robustness
-from vit.evaluate import evaluate_checkpoint
+from vit import adversarial, cli, data, parallel, robustness
+from vit.checkpoint import load_checkpoint
+from vit.corruptions import TFDS_NAMES, corrupt_batch
+from vit.evaluate import evaluate_checkpoint, load_inference_model
 from vit.robustness import RobustnessError, parse_corruptions, parse_eps, parse_severities
 
 EXAMPLES = 37  # odd: the last batch of 16 is padded
@@ -30,7 +34,8 @@ def run(tmp_path_factory):
     pgd = robustness.robustness_report(workdir, severities=(1, 5), attack="pgd", eps=EPS,
                                        steps=2, baseline=workdir)
     fgsm = robustness.robustness_report(workdir, corruption_names=(), attack="fgsm", eps=EPS)
-    return dict(workdir=workdir, pgd=pgd, fgsm=fgsm, eval=evaluate_checkpoint(workdir))
+    return dict(workdir=workdir, config=config, pgd=pgd, fgsm=fgsm,
+                eval=evaluate_checkpoint(workdir))
 
 
 def test_counts_every_example_once_and_clean_matches_vit_eval(run):
@@ -47,13 +52,36 @@ def test_eps_zero_gives_the_clean_accuracy_exactly(run):
 
 
 def test_robust_accuracy_does_not_increase_with_eps(run):
+    """Monotone by the report's design (an example is robust at eps only if it survives every
+    listed eps' <= eps); the next test checks that design against independent per-eps attacks,
+    tests/test_adversarial.py the raw attack's own monotonicity."""
     for report in (run["pgd"], run["fgsm"]):
         values = [report.attack["accuracy"][label] for label, _ in EPS]
         assert all(a >= b for a, b in zip(values, values[1:], strict=False)), values
         assert values[-1] < values[0]  # the attack does something
 
 
+def test_the_report_ands_independent_per_eps_attacks_in_order_of_eps(run):
+    loaded = load_inference_model(load_checkpoint(run["workdir"]))
+    step = adversarial.make_attack_step(loaded.model, loaded.config.pp.normalize, "fgsm", "linf",
+                                        1)
+    params = parallel.replicate(loaded.params)
+    survived = {label: 0 for label, _ in EPS}
+    raw = dict(survived)
+    for batch in data.eval_iterator(run["config"], normalize=False):
+        robust = batch["mask"].copy()
+        for label, eps in sorted(EPS, key=lambda x: x[1]):
+            flags = np.asarray(step(params, batch["image"], batch["label"], np.float32(eps)))
+            raw[label] += int((flags & batch["mask"]).sum())
+            robust &= flags
+            survived[label] += int(robust.sum())
+    assert run["fgsm"].attack["accuracy"] == {k: v / EXAMPLES for k, v in survived.items()}
+    assert raw["0"] == survived["0"] and all(raw[k] >= survived[k] for k in raw)
+
+
 def test_pgd_is_no_better_for_the_model_than_fgsm(run):
+    """By construction here (PGD's first step is FGSM's and every iterate must be survived);
+    tests/test_adversarial.py compares the losses of independent PGD and FGSM runs."""
     for label, _ in EPS:
         assert run["pgd"].attack["accuracy"][label] <= run["fgsm"].attack["accuracy"][label]
 
@@ -71,6 +99,60 @@ def test_corruption_table_families_and_mce_against_itself(run):
     ce = [v for v in report.baseline["ce"].values() if np.isfinite(v)]
     assert ce and np.allclose(ce, 1.0)
     assert report.baseline["clean_accuracy"] == report.clean_accuracy
+
+
+def _write_prepared(root, name: str, severity: int, images: np.ndarray, labels: np.ndarray):
+    """A prepared TFDS `cifar10_corrupted/<name>_<severity>` (test split, in this order) as
+    `tfds build` would leave it, written with TFDS' own builder API."""
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10)})
+    examples = [(i, {"image": image, "label": int(label)})
+                for i, (image, label) in enumerate(zip(images, labels, strict=True))]
+    tfds.dataset_builders.store_as_tfds_dataset(
+        "cifar10_corrupted", "1.0.0", features, {"test": examples},
+        config=f"{TFDS_NAMES.get(name, name)}_{severity}", data_dir=str(root),
+        disable_shuffling=True)
+
+
+def test_a_prepared_cifar10_corrupted_directory_is_chosen_and_counted(run, tmp_path):
+    """glass_blur (prepared as frosted_glass_blur) at severity 1 holds the images we generate,
+    at severity 5 the clean images; each split holds the 37 evaluated examples twice, so
+    reading more than `test[:37]` or counting an example twice shows."""
+    root = tmp_path / "tfds"
+    root.mkdir()
+    (root / "cifar10").symlink_to(os.path.join(CIFAR_DIR, "cifar10"))
+    batch = next(data.eval_iterator(run["config"], batch_size=64, num_devices=1, normalize=False))
+    mask = batch["mask"][0]
+    images, labels = batch["image"][0][mask], batch["label"][0][mask]
+    assert len(images) == EXAMPLES
+    twice = lambda x: np.concatenate([x, x])
+    _write_prepared(root, "glass_blur", 1, twice(corrupt_batch(images, "glass_blur", 1)),
+                    twice(labels))
+    _write_prepared(root, "glass_blur", 5, twice(images), twice(labels))
+
+    report = robustness.robustness_report(
+        run["workdir"], corruption_names=("glass_blur",), severities=(1, 5), attack=None,
+        baseline=run["workdir"], data_dir=str(root))
+    generated = run["pgd"]
+    assert report.corruption_source == "tfds" and report.num_examples == EXAMPLES
+    assert report.clean_accuracy == generated.clean_accuracy
+    assert report.corruptions["glass_blur"]["1"] == generated.corruptions["glass_blur"]["1"]
+    assert report.corruptions["glass_blur"]["5"] == report.clean_accuracy
+    assert report.clean_accuracy != generated.corruptions["glass_blur"]["5"]
+    assert report.baseline["corruptions"] == report.corruptions  # the baseline reads them too
+    assert not any("generated on the fly" in note for note in report.notes)
+    # severity 3 is not prepared (an interrupted build left its directory): auto generates
+    # all, tfds refuses
+    (root / "cifar10_corrupted" / "frosted_glass_blur_3" / "incomplete.X_1.0.0").mkdir(
+        parents=True)
+    partial = dict(corruption_names=("glass_blur",), severities=(1, 3), attack=None,
+                   data_dir=str(root))
+    fallback = robustness.robustness_report(run["workdir"], **partial)
+    assert fallback.corruption_source == "generate"
+    assert fallback.corruptions["glass_blur"]["1"] == generated.corruptions["glass_blur"]["1"]
+    with pytest.raises(RobustnessError, match="no prepared cifar10_corrupted"):
+        robustness.robustness_report(run["workdir"], source="tfds", **partial)
 
 
 def test_two_devices_give_the_same_counts(run, tmp_path):

@@ -15,6 +15,18 @@ Re-implemented without the original's OpenCV, scikit-image and ImageMagick depen
 - frost is a documented procedural substitute: the published version blends crops of six frost
   photographs that cannot be shipped; here the frost layer is a bluish-white plasma haze with
   motion-blurred ice streaks, blended with the published weights. Reports say so (FROST_NOTE).
+- glass blur reproduces the published pixel shuffle as it actually runs, not as its comment
+  says. make_cifar_c.py "swaps" with `x[h, w], x[h', w'] = x[h', w'], x[h, w]` on a numpy
+  array: the right side is a pair of views, the first assignment overwrites pixel (h, w) with
+  (h', w'), and the second writes (h, w)'s new value, i.e. (h', w')'s own, back onto (h', w').
+  So each step copies pixel (h', w') onto (h, w) and leaves (h', w') unchanged: pixels are
+  duplicated and dropped, not permuted. `_glass_shuffle` does exactly that, in place, in the
+  published loop order (rows, then columns, from H - delta down to delta + 1) with the shifts
+  (dx, dy) drawn from [-delta, delta) as np.random.randint draws them, so with delta 1 a pixel
+  takes its upper, left or upper-left neighbour's value (or keeps its own), never a lower or
+  right neighbour's; rows and columns 0..delta are never written. The draws themselves come
+  from the seeded generator above, not NumPy's global state, so the images are the published
+  procedure's, not its bitwise output.
 The parameters are those for 32x32 CIFAR images; elastic's are scaled with the image size.
 """
 
@@ -217,20 +229,27 @@ def _defocus_blur(image, params, rng):
     return np.clip(out, 0, 1) * 255
 
 
+def _glass_shuffle(x: np.ndarray, shifts: np.ndarray, delta: int) -> np.ndarray:
+    """make_cifar_c.py's local "swap" of an [H, W, C] array as numpy runs it, in place: a copy.
+
+    shifts[k, i, j] = (dx, dy) is the draw of pass k at row H - delta - i, column W - delta - j;
+    each step sets x[r, c] = x[r + dy, c + dx] (see the module docstring). Returns x.
+    """
+    h, w = x.shape[:2]
+    rows, cols = range(h - delta, delta, -1), range(w - delta, delta, -1)
+    for per_pass in np.asarray(shifts).tolist():
+        for r, per_row in zip(rows, per_pass, strict=True):
+            for c, (dx, dy) in zip(cols, per_row, strict=True):
+                x[r, c] = x[r + dy, c + dx]
+    return x
+
+
 def _glass_blur(image, params, rng):
     sigma, delta, passes = params
     x = (_blur(_unit(image), sigma) * 255).astype(np.uint8)
     h, w = x.shape[:2]
-    order = list(range(h * w))  # order[p]: the source pixel now at flat position p
-    rows, cols = range(h - delta, delta, -1), range(w - delta, delta, -1)
-    shifts = rng.integers(-delta, delta, size=(passes, len(rows), len(cols), 2)).tolist()
-    for k in range(passes):
-        for i, r in enumerate(rows):
-            for j, c in enumerate(cols):
-                dx, dy = shifts[k][i][j]
-                a, b = r * w + c, (r + dy) * w + (c + dx)
-                order[a], order[b] = order[b], order[a]
-    x = x.reshape(h * w, 3)[order].reshape(h, w, 3)
+    size = (passes, len(range(h - delta, delta, -1)), len(range(w - delta, delta, -1)), 2)
+    x = _glass_shuffle(x, rng.integers(-delta, delta, size=size), delta)
     return np.clip(_blur(_unit(x), sigma), 0, 1) * 255
 
 

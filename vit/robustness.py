@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import glob
 import logging
 import math
 import os
@@ -189,6 +190,12 @@ def _tfds_dir(config: Any, name: str, severity: int) -> str:
                         f"{corruptions.TFDS_NAMES.get(name, name)}_{severity}")
 
 
+def _is_prepared(path: str) -> bool:
+    """Whether a TFDS config directory holds a finished build: a version directory with its
+    dataset_info.json (an interrupted `tfds build` leaves only `incomplete.*` directories)."""
+    return bool(glob.glob(os.path.join(glob.escape(path), "[0-9]*", "dataset_info.json")))
+
+
 def _choose_source(source: str, config: Any, names: Sequence[str],
                    severities: Sequence[int]) -> str:
     if source not in SOURCES:
@@ -197,7 +204,7 @@ def _choose_source(source: str, config: Any, names: Sequence[str],
     if not names:
         return "none"
     present = config.dataset == "cifar10" and 0 not in severities and all(
-        os.path.isdir(_tfds_dir(config, n, s)) for n in names for s in severities)
+        _is_prepared(_tfds_dir(config, n, s)) for n in names for s in severities)
     if source == "tfds" and not present:
         raise RobustnessError(
             f"no prepared cifar10_corrupted for these corruptions and severities under "
@@ -214,7 +221,21 @@ def robustness_report(
     norm: str = "linf", baseline: str | None = None, batch_size: int | None = None,
     seed: int = 0, source: str = "auto", data_dir: str | None = None, use_ema: bool = False,
 ) -> RobustnessReport:
-    """Corruption, adversarial and calibration metrics of a checkpoint over a whole split."""
+    """Corruption, adversarial and calibration metrics of a checkpoint over a whole split.
+
+    The robust accuracy at each eps is cumulative by design: an example counts as robust at eps
+    only if it is classified correctly clean and survives the attack run independently at every
+    listed eps' <= eps (their flags are ANDed in increasing order of eps). Any perturbation found
+    in a smaller ball lies in the larger one, so this is the attack's best result at eps over
+    the listed radii, and it makes the reported accuracy non-increasing in eps by construction.
+    The raw per-eps attack is not monotone by construction (one FGSM step of a larger eps can
+    overshoot), so tests/test_adversarial.py checks its monotonicity on its own.
+
+    Corrupted images come from `source`: "generate" (on the fly, with `seed`), "tfds" (the
+    prepared configs `cifar10_corrupted/<tfds name>_<severity>` under the data directory, read
+    with the same split) or "auto" (tfds when the dataset is cifar10 and every requested
+    corruption and severity is prepared there, else generate).
+    """
     if attack is not None:
         adversarial.check_attack(attack, norm, steps)
     for name in corruption_names:
