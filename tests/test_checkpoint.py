@@ -1,5 +1,7 @@
 """Tests for vit.checkpoint: exact resume, retention, template-free loading, errors."""
 
+import errno
+import os
 import shutil
 
 import flax
@@ -8,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from orbax.checkpoint._src.path import atomicity
 
 from vit import checkpoint, optim
 
@@ -147,12 +150,61 @@ def test_corrupt_checkpoint_and_wrong_step(tmp_path):
     for path in state_dir.rglob("*"):
         if path.is_file() and path.name != "commit_success.txt":
             path.write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.load_checkpoint(str(tmp_path))
-    assert "checkpoints/4" in _one_line(info) and "corrupt" in str(info.value)
+    step_dir = tmp_path.absolute() / "checkpoints" / "4"
     with pytest.raises(checkpoint.CheckpointError) as info:
         ckpt.restore(_state(steps=0))
-    assert _one_line(info).startswith(
-        f"the checkpoint of step 4 at {tmp_path.absolute()}/checkpoints/4 is damaged")
-    assert str(info.value).endswith("to start the run again from step 0")  # no earlier step
+    assert _one_line(info).startswith(f"the checkpoint of step 4 at {step_dir} is damaged (")
+    assert str(info.value).endswith(  # no earlier step
+        f"): move it out of the way (mv {step_dir} {tmp_path.absolute()}/damaged-step-4) to "
+        "start the run again from step 0")
+    with pytest.raises(checkpoint.CheckpointError) as loaded:  # what vit eval reads with
+        checkpoint.load_checkpoint(str(tmp_path))
+    reason = _one_line(loaded).split(" is damaged (", 1)[1].split("): move it", 1)[0]
+    assert str(loaded.value) == (
+        f"the checkpoint of step 4 at {step_dir} is damaged ({reason}): move it out of the way "
+        f"(mv {step_dir} {tmp_path.absolute()}/damaged-step-4) to start the run again from "
+        "step 0")
     ckpt.close()
+
+
+def _fail_saving(monkeypatch, step: int, where: str, code: int) -> None:
+    """Make orbax's `where` ("create": the temporary directory, "finalize": its rename) of
+    `step`'s save raise the OSError of `code`, as the file system would."""
+    real = getattr(atomicity.AtomicRenameTemporaryPath, where)
+
+    async def faulty(self):
+        if self.get_final().name == str(step):
+            raise OSError(code, os.strerror(code), str(self.get()))
+        return await real(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, where, faulty)
+
+
+@pytest.mark.parametrize("where, code, fix", [
+    ("create", errno.EACCES, "make {dir} writable by this user"),
+    ("finalize", errno.ENOSPC, "free disk space where {dir} is")], ids=["denied", "full"])
+def test_a_failed_save_names_its_step_once_and_the_earlier_one_restores(tmp_path, monkeypatch,
+                                                                        where, code, fix):
+    saved, meta = _state(ema=False), dict(config={}, dataset_info={})
+    _fail_saving(monkeypatch, 3, where, code)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1)
+    assert ckpt.save(1, saved, **meta) and ckpt.save(2, saved, **meta)  # 2 replaces 1
+    directory = tmp_path.absolute() / "checkpoints"
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        # Making the directory fails in save(3) itself; the rename fails in the background and
+        # orbax raises it in the next save: either way the line names step 3 (not step 4, nor
+        # step 1, which retention deleted).
+        ckpt.save(3, saved, **meta)
+        ckpt.save(4, saved, **meta)
+    type_name = "PermissionError" if code == errno.EACCES else "OSError"
+    assert _one_line(info) == (
+        f"cannot save step 3 to {directory} ({type_name}: [Errno {code}] {os.strerror(code)}: "
+        f"'{directory}/3.orbax-checkpoint-tmp'): {fix.format(dir=directory)}, then rerun the "
+        "same command to resume from step 2 (the checkpoints already saved are kept)")
+    ckpt.close()  # reported once: closing raises no second error over the first
+    assert checkpoint.load_checkpoint(str(tmp_path)).step == 2
+    reopened = checkpoint.Checkpointer(str(tmp_path))
+    assert reopened.latest_step() == 2
+    _assert_tree_equal(reopened.restore(_state(ema=False, steps=0)), saved)
+    reopened.close()
+    assert sorted(os.listdir(directory)) == ["2"]  # the half-written step 3 was cleaned up

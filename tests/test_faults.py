@@ -1,14 +1,17 @@
-"""Faults a run survives (the README's fault table): preemption of one process of two, a kill
-or a failure during a save, a damaged checkpoint, a changed config, a missing config file,
-non-finite updates, resuming without the fine-tuning source, re-running a finished run.
+"""Faults a run survives (the README's fault table): preemption of one process of two or during
+an evaluation, a kill or a failure during a save, a damaged checkpoint, a changed config, a
+missing config file, non-finite updates (also in one process of two), resuming without the
+fine-tuning source, re-running a finished run.
 
 Runs go through `train.py` in subprocesses (what a user sees: exit status, one `error:` line,
-no traceback); faults inside orbax are injected by a small driver that patches its finalize.
+no traceback); faults are injected by a small driver (`_DRIVER`) that patches orbax, the data
+or the evaluation, then runs train.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -35,21 +38,55 @@ DATA_DIR = str((ROOT.parent / "shared" / "data" / "tfds").resolve())
 TRAIN = str(ROOT / "train.py")
 SMOKE = f"--config={ROOT}/configs/smoke.py"  # 8 steps, checkpoints at 4 and 8
 
-# Patches orbax's last step of a save (the rename of the finished temporary directory) for one
-# step: "kill" dies there (SIGKILL: nothing runs after it), "fail" raises the error a full disk
-# gives. Then runs train.py with the remaining arguments.
-_DRIVER = """
-import os, signal, sys
+# train.py with one fault at step AT (arguments: MODE AT, then train.py's):
+#   kill     SIGKILL in the last act of AT's save, orbax's rename of the finished temporary
+#            directory (nothing runs after it);
+#   full     that rename fails as on a full disk (ENOSPC);
+#   denied   making AT's temporary directory fails as in a directory this user may not write
+#            to (EACCES);
+#   nan      process 1's training batch of step AT is all NaN (see nan_batches);
+#   sigterm  SIGTERM to this process after the first batch of the evaluation after step AT.
+_DRIVER = f"""
+import errno, os, signal, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from orbax.checkpoint._src.path import atomicity
-mode, step = sys.argv[1], sys.argv[2]
-finalize = atomicity.AtomicRenameTemporaryPath.finalize
-async def faulty(self):
-    if self.get_final().name == step:
+from vit import data, trainer
+mode, at = sys.argv[1], int(sys.argv[2])
+paths = atomicity.AtomicRenameTemporaryPath
+create, finalize = paths.create, paths.finalize
+
+async def faulty_create(self):
+    if mode == "denied" and self.get_final().name == str(at):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.get()))
+    return await create(self)
+
+async def faulty_finalize(self):
+    if self.get_final().name == str(at):
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        raise OSError(28, "No space left on device")
+        if mode == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return await finalize(self)
-atomicity.AtomicRenameTemporaryPath.finalize = faulty
+
+paths.create, paths.finalize = faulty_create, faulty_finalize
+if mode == "nan":
+    from test_faults import nan_batches
+    data.train_iterator = nan_batches(data.train_iterator, {{at}}, process=1)
+if mode == "sigterm":
+    evaluate, eval_iterator, evaluating = trainer._evaluate, data.eval_iterator, []
+
+    def evaluate_noting_the_step(model, rstate, config, step, *args):
+        evaluating[:] = [step]
+        return evaluate(model, rstate, config, step, *args)
+
+    def eval_batches(*args, **kwargs):
+        for i, batch in enumerate(eval_iterator(*args, **kwargs)):
+            yield batch
+            if i == 0 and evaluating == [at]:
+                print(f"fault: SIGTERM during the evaluation of step {{at}}", file=sys.stderr)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer._evaluate, data.eval_iterator = evaluate_noting_the_step, eval_batches
 from vit.train_cli import main
 main(["train.py", *sys.argv[3:]])
 """
@@ -62,11 +99,16 @@ def _env(devices: int = 1) -> dict[str, str]:
     return env
 
 
-def _train(workdir: Path, *args: str, fault: tuple[str, int] | None = None
-           ) -> subprocess.CompletedProcess:
+def _command(workdir: Path, *args: str, fault: tuple[str, int] | None = None) -> list[str]:
+    """train.py on the smoke config in `workdir`, through `_DRIVER` when a fault is given."""
     prefix = [sys.executable, TRAIN] if fault is None else [
         sys.executable, "-c", _DRIVER, fault[0], str(fault[1])]
-    return subprocess.run([*prefix, SMOKE, f"--workdir={workdir}", *args], env=_env(),
+    return [*prefix, SMOKE, f"--workdir={workdir}", *args]
+
+
+def _train(workdir: Path, *args: str, fault: tuple[str, int] | None = None
+           ) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(workdir, *args, fault=fault), env=_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -97,6 +139,11 @@ def _steps(workdir: Path) -> list[str]:
 
 def _eval_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("eval")]
+
+
+def _logged_steps(workdir: Path) -> list[int]:
+    """The steps of metrics.jsonl, in file order."""
+    return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").open()]
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +182,16 @@ def test_damaged_latest_checkpoint_is_one_line_and_the_earlier_one_stays(finishe
     assert line.startswith(f"error: the checkpoint of step 8 at {step_dir} is damaged")
     assert line.endswith(f"(mv {step_dir} {workdir.absolute()}/damaged-step-8) to resume from "
                          "step 4")
+    reason = line.split(" is damaged (", 1)[1].split("): move it out of the way", 1)[0]
     evaluated = subprocess.run([sys.executable, "-m", "vit.cli", "eval", "--workdir",
                                 str(workdir)], env=_env(), capture_output=True, text=True,
                                timeout=300)
-    assert "checkpoints/8" in _error_line(evaluated)
+    assert evaluated.returncode == 2
+    # The same line as train.py's (the same reason too: the first file read is the same),
+    # but naming the step a reader then reads instead of the step a run resumes from.
+    assert _error_line(evaluated) == (
+        f"error: the checkpoint of step 8 at {step_dir} is damaged ({reason}): move it out of "
+        f"the way (mv {step_dir} {workdir.absolute()}/damaged-step-8) to read step 4")
     _assert_same(_params(workdir, 4), _params(finished[0], 4))
     shutil.move(step_dir, workdir / "damaged-step-8")  # the fix the line names
     assert checkpoint.load_checkpoint(str(workdir)).step == 4
@@ -166,22 +219,64 @@ def test_missing_config_file_is_one_line(tmp_path):
 
 def test_failed_save_is_one_line_and_the_previous_checkpoint_stays(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
-    run = _train(workdir, "--config.total_steps=12", fault=("fail", 12))
-    line = _error_line(run)
-    assert line.startswith(f"error: cannot save step 12 to {workdir.absolute()}/checkpoints")
-    assert "No space left on device" in line and "resume from step 8" in line
+    run = _train(workdir, "--config.total_steps=12", fault=("full", 12))
+    directory = workdir.absolute() / "checkpoints"
+    assert _error_line(run) == (
+        f"error: cannot save step 12 to {directory} (OSError: [Errno 28] No space left on "
+        f"device): free disk space where {directory} is, then rerun the same command to resume "
+        "from step 8 (the checkpoints already saved are kept)")
+    assert _steps(workdir) == ["12.orbax-checkpoint-tmp", "4", "8"]  # written, not renamed
     assert checkpoint.load_checkpoint(str(workdir)).step == 8
     _assert_same(_params(workdir), _params(finished[0]))
+
+
+def test_permission_denied_on_a_mid_run_save_stops_there_and_the_earlier_ones_stay(finished,
+                                                                                   tmp_path):
+    workdir = _copy(finished, tmp_path)
+    run = _train(workdir, "--config.total_steps=16", fault=("denied", 12))
+    directory = workdir.absolute() / "checkpoints"
+    assert _error_line(run) == (
+        f"error: cannot save step 12 to {directory} (PermissionError: [Errno 13] Permission "
+        f"denied: '{directory}/12.orbax-checkpoint-tmp'): make {directory} writable by this "
+        "user, then rerun the same command to resume from step 8 (the checkpoints already "
+        "saved are kept)")
+    assert _logged_steps(workdir) == [4, 8, 12]  # it stopped at the failed save, mid-run
+    assert _steps(workdir) == ["4", "8"]
+    _assert_same(_params(workdir), _params(finished[0]))
+    _assert_same(_params(workdir, 4), _params(finished[0], 4))
 
 
 def test_kill_during_a_save_resumes_from_the_previous_step_bit_exact(finished, tmp_path):
     killed = _train(tmp_path, fault=("kill", 8))
     assert killed.returncode == -signal.SIGKILL
-    assert "8" not in _steps(tmp_path) and "4" in _steps(tmp_path)  # 8 was left half-written
+    # The kill came in the save of step 8, after its files were written and before the rename,
+    # and after the run had logged step 8, past its checkpoint of step 4.
+    assert _steps(tmp_path) == ["4", "8.orbax-checkpoint-tmp"]
+    assert (tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp" / "state").is_dir()
+    assert _logged_steps(tmp_path) == [4, 8]
     resumed = _train(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 4" in resumed.stderr  # "resumed from ... at step 4"
+    assert f"resumed from {tmp_path.absolute()}/checkpoints at step 4\n" in resumed.stderr
     assert _steps(tmp_path) == ["4", "8"]  # the half-written directory is gone
+    assert _logged_steps(tmp_path) == [4, 8]  # step 8 was logged again, not twice
+    _assert_same(_params(tmp_path), _params(finished[0]))
+    assert _eval_lines(resumed.stdout) == _eval_lines(finished[1].stdout)
+
+
+def test_sigterm_during_an_evaluation_saves_that_step_and_resumes_exactly(finished, tmp_path):
+    preempted = _train(tmp_path, "--config.eval_every=2", fault=("sigterm", 2))
+    assert preempted.returncode == EXIT_PREEMPTED, preempted.stderr[-3000:]
+    assert "fault: SIGTERM during the evaluation of step 2\n" in preempted.stderr
+    assert preempted.stdout.splitlines()[-1] == (
+        f"preempted at step 2: checkpoint saved; rerun the same command to resume (exit status "
+        f"{EXIT_PREEMPTED})")
+    # The evaluation ran to its end, then step 2 (no periodic checkpoint) was saved, finalized.
+    assert _steps(tmp_path) == ["2"] and _logged_steps(tmp_path) == [2]
+    assert checkpoint.load_checkpoint(str(tmp_path)).step == 2
+    resumed = _train(tmp_path, "--config.eval_every=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path.absolute()}/checkpoints at step 2\n" in resumed.stderr
+    assert _logged_steps(tmp_path) == [2, 4, 6, 8]
     _assert_same(_params(tmp_path), _params(finished[0]))
     assert _eval_lines(resumed.stdout) == _eval_lines(finished[1].stdout)
 
@@ -207,18 +302,25 @@ def test_resume_does_not_read_init_from_again_and_restores_the_sigterm_handler(f
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def _nan_at(steps: set[int], monkeypatch) -> None:
-    """Make the training batches of `steps` all NaN."""
-    real = data.train_iterator
+def nan_batches(train_iterator, steps: set[int], process: int | None = None):
+    """`train_iterator` (data's) with the batches of `steps` all NaN, on `process` only if given.
+
+    `_DRIVER` imports it, so it must stay importable without pytest's fixtures.
+    """
 
     def iterator(config, start_step=0, **kwargs):
-        for step, batch in enumerate(real(config, start_step=start_step, **kwargs),
+        for step, batch in enumerate(train_iterator(config, start_step=start_step, **kwargs),
                                      start_step + 1):
-            if step in steps:
+            if step in steps and process in (None, jax.process_index()):
                 batch = dict(batch, image=np.full_like(batch["image"], np.nan))
             yield batch
 
-    monkeypatch.setattr(trainer.data, "train_iterator", iterator)
+    return iterator
+
+
+def _nan_at(steps: set[int], monkeypatch) -> None:
+    """Make the training batches of `steps` all NaN."""
+    monkeypatch.setattr(trainer.data, "train_iterator", nan_batches(data.train_iterator, steps))
 
 
 def test_one_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -272,13 +374,13 @@ def test_skipped_update_leaves_params_and_optimizer_state_unchanged():
 
 # --- two processes on 127.0.0.1, SIGTERM to one of them -------------------------------------
 
-def _start_pair(workdir: Path) -> list[subprocess.Popen]:
+def _start_pair(workdir: Path, fault: tuple[str, int] | None = None) -> list[subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         addr = f"127.0.0.1:{s.getsockname()[1]}"
     return [subprocess.Popen(
-        [sys.executable, TRAIN, SMOKE, f"--workdir={workdir}", "--multihost",
-         f"--coordinator_address={addr}", "--num_processes=2", f"--process_id={pid}"],
+        _command(workdir, "--multihost", f"--coordinator_address={addr}", "--num_processes=2",
+                 f"--process_id={pid}", fault=fault),
         env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for pid in range(2)]
 
@@ -306,10 +408,10 @@ class _Drain:
         return "".join(self.out), "".join(self.err)
 
 
-def _run_pair(workdir: Path, sigterm_to: int | None = None, limit: float = 240.0
-              ) -> list[tuple[int, str, str]]:
-    """Both processes' (status, stdout, stderr); the test fails on a hang (the watchdog)."""
-    procs = _start_pair(workdir)
+def _run_pair(workdir: Path, sigterm_to: int | None = None, limit: float = 240.0,
+              fault: tuple[str, int] | None = None) -> list[subprocess.CompletedProcess]:
+    """Both processes' status and output; the test fails on a hang (the watchdog)."""
+    procs = _start_pair(workdir, fault)
     drains = [_Drain(p) for p in procs]
     try:
         if sigterm_to is not None:
@@ -329,7 +431,8 @@ def _run_pair(workdir: Path, sigterm_to: int | None = None, limit: float = 240.0
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [(p.returncode, *d.finish()) for p, d in zip(procs, drains, strict=True)]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *d.finish())
+            for p, d in zip(procs, drains, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -337,18 +440,19 @@ def pair_reference(tmp_path_factory) -> tuple[Path, str]:
     """An uninterrupted two-process smoke run and its evaluation lines."""
     workdir = tmp_path_factory.mktemp("pair")
     results = _run_pair(workdir)
-    for status, _out, err in results:
-        assert status == 0, err[-3000:]
-    assert _eval_lines(results[0][1]) == _eval_lines(results[1][1]) != []
-    return workdir, results[0][1]
+    for run in results:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert _eval_lines(results[0].stdout) == _eval_lines(results[1].stdout) != []
+    return workdir, results[0].stdout
 
 
-def _preempted_step(results: list[tuple[int, str, str]]) -> int:
+def _preempted_step(results: list[subprocess.CompletedProcess]) -> int:
     """The step both processes report, after checking they both exited as preempted."""
     said = []
-    for status, out, err in results:
-        assert status == EXIT_PREEMPTED, err[-3000:]
-        said.append([line for line in out.splitlines() if line.startswith("preempted at step")])
+    for run in results:
+        assert run.returncode == EXIT_PREEMPTED, run.stderr[-3000:]
+        said.append([line for line in run.stdout.splitlines()
+                     if line.startswith("preempted at step")])
     assert said[0] == said[1] and len(said[0]) == 1, said
     return int(said[0][0].split()[3].rstrip(":"))
 
@@ -362,7 +466,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(pair_reference, 
     assert _steps(tmp_path) == sorted([str(first), str(second)])
 
     resumed = _run_pair(tmp_path)
-    for status, _out, err in resumed:
-        assert status == 0, err[-3000:]
+    for run in resumed:
+        assert run.returncode == 0, run.stderr[-3000:]
     _assert_same(_params(tmp_path), _params(pair_reference[0]))
-    assert _eval_lines(resumed[0][1]) == _eval_lines(pair_reference[1])
+    assert _eval_lines(resumed[0].stdout) == _eval_lines(pair_reference[1])
+
+
+def test_nan_in_one_of_two_processes_stops_both_at_one_step_with_one_message(pair_reference,
+                                                                             tmp_path):
+    """Only process 1's batch of step 6 is NaN; the loss and gradients are averaged over both."""
+    lines = [_error_line(run) for run in _run_pair(tmp_path, fault=("nan", 6))]
+    assert lines == 2 * [
+        "error: loss became nan at step 6: lower the learning rate (lr) or enable gradient "
+        "clipping (grad_clip_norm); the last good checkpoint is kept"]
+    assert _steps(tmp_path) == ["4"]  # nothing saved after the NaN: step 8 was not
+    _assert_same(_params(tmp_path), _params(pair_reference[0], 4))

@@ -6,12 +6,15 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 mid-save keeps its last good checkpoint; the next `Checkpointer` deletes the half-written one.
 Every failure (a save that cannot write, a finalized step whose files are damaged) is one
 `CheckpointError` line naming the step, the path and the fix; nothing is deleted on an error.
+A background save that fails is reported at the next `save`, `wait` or `close`, naming the step
+that failed (not the one being saved), and reported once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 from pathlib import Path
@@ -61,12 +64,16 @@ class Checkpointer:
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_every or 1,
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True,
+            # The step directory is made inside save(): a failure to make it (no permission)
+            # raises there, instead of leaving orbax's writer threads waiting for it for minutes.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                            _METADATA: ocp.JsonCheckpointHandler()})
         self._started: list[int] = []  # saves begun since the last wait()
+        self._failed = False  # a failed save was reported: close() does not report it again
         if not _open_checkpointers:
             logging.getLogger("absl").addFilter(_not_an_orbax_error)
         _open_checkpointers.append(self)
@@ -84,18 +91,39 @@ class Checkpointer:
         try:
             started = bool(self._manager.save(int(step), args=args, force=force))
         except Exception as err:  # orbax, tensorstore and the OS raise many types
-            raise CheckpointError(self._save_failed(step, err)) from None
+            # orbax waits for the previous background save first and raises its error here.
+            raise self._save_failed(self._unfinished(int(step)), err) from None
         if started:
             self._started.append(int(step))
         return started
 
-    def _save_failed(self, step: int | None, err: BaseException) -> str:
+    def _unfinished(self, fallback: int | None) -> int | None:
+        """The first save begun since the last wait() that left no finalized step directory.
+
+        A step missing because retention deleted it after a later step was finalized does not
+        count; `fallback` when every save finished.
+        """
+        done = _finalized_steps(self.directory)
+        return next((s for s in self._started if s not in done and (not done or s > done[-1])),
+                    fallback)
+
+    def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
+        """The one-line error for a failed save of `step`; later calls do not report it again."""
+        self._started, self._failed = [], True
         kept = _finalized_steps(self.directory)
         which = f"step {step}" if step is not None else "a checkpoint"
-        return (f"cannot save {which} to {self.directory} ({_reason(err)}): free disk space or "
-                f"make the directory writable, then rerun the same command to resume from "
-                f"{f'step {kept[-1]}' if kept else 'the start'} (the checkpoints already saved "
-                "are kept)")
+        cause = _os_error(err) or err
+        code = getattr(cause, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free disk space where {self.directory} is"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {self.directory} writable by this user"
+        else:
+            fix = "free disk space or make the directory writable"
+        return CheckpointError(
+            f"cannot save {which} to {self.directory} ({_reason(cause)}): {fix}, then rerun the "
+            f"same command to resume from {f'step {kept[-1]}' if kept else 'the start'} (the "
+            "checkpoints already saved are kept)")
 
     def latest_step(self) -> int | None:
         """The newest completed step, or None when there is none."""
@@ -107,7 +135,7 @@ class Checkpointer:
         try:
             return handler.restore(self.directory / str(step) / _METADATA)
         except Exception as err:  # orbax / json raise many types; one line for the user
-            raise CheckpointError(self._damaged(step, err)) from None
+            raise CheckpointError(_damaged(self.directory, step, err)) from None
         finally:
             handler.close()
 
@@ -117,18 +145,9 @@ class Checkpointer:
         try:
             return handler.metadata(self.directory / str(step) / _STATE).tree
         except Exception as err:
-            raise CheckpointError(self._damaged(step, err)) from None
+            raise CheckpointError(_damaged(self.directory, step, err)) from None
         finally:
             handler.close()
-
-    def _damaged(self, step: int, err: BaseException) -> str:
-        path = self.directory / str(step)
-        earlier = [s for s in _finalized_steps(self.directory) if s < step]
-        aside = self.directory.parent / f"damaged-step-{step}"
-        then = (f"to resume from step {earlier[-1]}" if earlier
-                else "to start the run again from step 0")
-        return (f"the checkpoint of step {step} at {path} is damaged ({_reason(err)}): move it "
-                f"out of the way (mv {path} {aside}) {then}")
 
     def restore(self, state_template: PyTree, step: int | None = None) -> PyTree:
         """The saved state with `state_template`'s structure, shapes and shardings."""
@@ -142,33 +161,30 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=args)[_STATE]
         except Exception as err:  # orbax raises many types; the user needs one line
-            raise CheckpointError(self._damaged(step, err)) from None
+            raise CheckpointError(_damaged(self.directory, step, err)) from None
 
     def wait(self) -> None:
         """Block until any background save has finished; CheckpointError if it failed."""
-        started, self._started = self._started, []
         try:
             self._manager.wait_until_finished()
         except Exception as err:
-            raise CheckpointError(self._save_failed(started[-1] if started else None, err)
-                                  ) from None
-        if jax.process_index() != 0:  # the primary process writes; the others may not see it yet
-            return
-        done = _finalized_steps(self.directory)
-        # A step is missing if it was not finalized and no later step replaced it (retention).
-        lost = [s for s in started if s not in done and (not done or s > done[-1])]
-        if lost:
-            raise CheckpointError(self._save_failed(
-                lost[0], RuntimeError("the save ended without its final rename")))
+            raise self._save_failed(self._unfinished(None), err) from None
+        # The primary process writes; the others may not see its directories yet.
+        lost = self._unfinished(None) if jax.process_index() == 0 else None
+        self._started = []
+        if lost is not None:
+            raise self._save_failed(lost, RuntimeError("the save ended without its final rename"))
 
     def close(self) -> None:
         """Finish pending saves (CheckpointError if one failed) and release the manager.
 
         Always closes: orbax's background threads must not outlive the manager, or they print
-        tracebacks ("Event loop is closed") when the interpreter exits.
+        tracebacks ("Event loop is closed") when the interpreter exits. A failed save already
+        reported (by `save` or `wait`) is not reported again, so it is the error the caller sees.
         """
         try:
-            self.wait()
+            if self._started or not self._failed:  # saves begun since the failure: wait for them
+                self.wait()
         finally:
             with contextlib.suppress(Exception):  # a failed save was reported by wait()
                 self._manager.close()
@@ -212,9 +228,33 @@ def _finalized_steps(directory: Path) -> list[int]:
                   if p.name.isdigit() and (p / _STATE).exists())
 
 
-def _unreadable(path: Path, err: BaseException) -> str:
-    return (f"cannot read the checkpoint at {path} ({_reason(err)}); it may be incomplete or "
-            "corrupt: pass an earlier step or another checkpoint")
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The first OSError with an errno in `err`'s chain of causes (orbax may wrap it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _damaged(directory: Path, step: int, err: BaseException, *, resume: bool = True) -> str:
+    """The one line for a finalized step under `directory` whose files do not read back.
+
+    It names the step, its path and the fix: move the step aside (nothing is deleted), after
+    which the step before it is the latest; `resume` says a run resumes from it, else that a
+    reader (`vit eval`, `load_checkpoint`) reads it.
+    """
+    path = directory / str(step)
+    earlier = [s for s in _finalized_steps(directory) if s < step]
+    aside = directory.parent / f"damaged-step-{step}"
+    if not earlier:
+        then = "to start the run again from step 0"
+    else:
+        then = f"to resume from step {earlier[-1]}" if resume else f"to read step {earlier[-1]}"
+    return (f"the checkpoint of step {step} at {path} is damaged ({_reason(err)}): move it out "
+            f"of the way (mv {path} {aside}) {then}")
 
 
 def _locate(path: str, step: int | None) -> tuple[Path, int]:
@@ -260,7 +300,7 @@ def load_checkpoint(path: str, step: int | None = None) -> CheckpointContents:
             reader.close()  # no background threads left to print tracebacks at exit
         metadata = ocp.JsonCheckpointHandler().restore(step_dir / _METADATA)
     except Exception as err:  # orbax / tensorstore / json raise many types; one line for the user
-        raise CheckpointError(_unreadable(step_dir, err)) from None
+        raise CheckpointError(_damaged(root, step, err, resume=False)) from None
     finally:
         handler.close()
     return CheckpointContents(step=step, params=tree["params"], ema_params=tree.get("ema_params"),
