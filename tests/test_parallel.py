@@ -21,6 +21,10 @@ FOUR_DEVICES = textwrap.dedent("""
     rep = parallel.replicate(tree)
     assert rep["w"].shape == (4, 2, 3) and rep["step"].shape == (4,)
     assert len(rep["w"].addressable_shards) == 4
+    assert {sh.device for sh in rep["w"].addressable_shards} == set(jax.local_devices())
+    for sh in rep["w"].addressable_shards:  # every device holds the whole value, once
+        assert sh.data.shape == (1, 2, 3)
+        np.testing.assert_array_equal(np.asarray(sh.data)[0], tree["w"])
     back = parallel.unreplicate(rep)
     assert isinstance(back["w"], np.ndarray)
     np.testing.assert_array_equal(back["w"], tree["w"])

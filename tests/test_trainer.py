@@ -123,15 +123,30 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
     assert _eval_lines(tmp_path)[-1] == _eval_lines(straight_run)[-1]
 
 
+def _logged_steps(workdir: Path) -> list[int]:
+    """Steps of the complete lines of a (possibly still written) metrics.jsonl."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
 def test_resume_after_sigkill_between_saves_is_exact(straight_run, tmp_path):
     proc = subprocess.Popen(_train_cmd(tmp_path, "--config.log_every=1"), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (tmp_path / "checkpoints" / "4").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+    def logged_past_the_checkpoints() -> bool:
+        saved = [int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit()]
+        logged = _logged_steps(tmp_path)
+        return bool(saved and logged) and logged[-1] > max(saved)
+
+    while not logged_past_the_checkpoints():
+        assert proc.poll() is None, "the run ended before it logged a step past a checkpoint"
         os.sched_yield()
     proc.kill()
     proc.wait(timeout=60)
-    assert checkpoint.load_checkpoint(str(tmp_path)).step < STEPS
+    latest = checkpoint.load_checkpoint(str(tmp_path)).step
+    assert latest < STEPS
+    # The scenario really happened: the killed run had logged steps its checkpoint lacks.
+    assert _logged_steps(tmp_path)[-1] > latest
 
     resumed = _run(tmp_path, "--config.log_every=1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

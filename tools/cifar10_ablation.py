@@ -36,10 +36,17 @@ ROWS: dict[str, list[str]] = {
                         "--config.pp.randaugment_magnitude=5"],
     "mixup_0.2": ["--config.mixup_alpha=0.2"],
     "token_keep_0.75": ["--config.model.token_keep_ratio=0.75"],
+    "token_keep_0.5": ["--config.model.token_keep_ratio=0.5"],
     "map_head": ["--config.model.classifier=map"],
     "depth_6": ["--config.model.depth=6"],
     "no_weight_decay": ["--config.weight_decay=0.0"],
     "registers_4": ["--config.model.num_registers=4"],
+    "ema_0.999": ["--config.ema_decay=0.999"],
+    "tta_flip": ["--config.eval_tta=flip"],
+    "warmup_0": ["--config.warmup_steps=0"],
+    "width_192": ["--config.model.width=192", "--config.model.mlp_dim=576",
+                  "--config.model.num_heads=3"],
+    "bf16_matmul": ["--config.model.matmul_dtype=bfloat16"],
 }
 
 

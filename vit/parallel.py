@@ -32,10 +32,17 @@ def _sharding() -> jax.sharding.NamedSharding:
 
 
 def replicate(tree: PyTree) -> PyTree:
-    """Copy every leaf onto all local devices, adding a leading axis of size local_device_count."""
-    n, sharding = jax.local_device_count(), _sharding()
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
+    """Copy every leaf onto all local devices, adding a leading axis of size local_device_count.
+
+    Each device gets its own copy straight from the one host array (no n-fold host stack)."""
+    devices, sharding = jax.local_devices(), _sharding()
+
+    def put(x: Any) -> jax.Array:
+        row = np.asarray(x)[None]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices), *row.shape[1:]), sharding, [jax.device_put(row, d) for d in devices])
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:
