@@ -7,8 +7,10 @@
 
 export: every format (and the int8 checkpoint in the formats that take it), verified on 7
 CIFAR-10 test images: size, max |logit diff|, images/s at batch 32. quantize: test top-1 of
-the float and int8 checkpoints (no TTA), parameter bytes, and images/s of the bare jitted
-model at batch 256 for both. prune: top-1 at each sparsity without and with the fine-tune.
+the float checkpoint with float32 matmuls and with the matmul dtype it was trained with, and of
+the int8 checkpoint (no TTA), parameter bytes, and images/s of the three bare jitted models at
+batch 256, measured in interleaved rounds (median and every round). prune: top-1 at each
+sparsity without and with the fine-tune.
 The README's tables come from these lines (the CIFAR-10 hour recipe model, 2-core CPU).
 """
 
@@ -41,29 +43,42 @@ def _images(out: str) -> list[str]:
     return paths
 
 
-def _top1(checkpoint: str, split: str) -> float:
-    from vit.evaluate import evaluate_checkpoint
-
-    return evaluate_checkpoint(checkpoint, split=split, data_dir=CIFAR_DIR).top1
-
-
-def _speed(checkpoint: str, batch: int = 256, seconds: float = 5.0) -> float:
-    """Images/s of the bare jitted model (no input pipeline) at `batch`, after compiling."""
-    import jax
-
+def _loaded(checkpoint: str, matmul_dtype: str | None = None):
+    """The checkpoint's inference model, its matmul operands set to `matmul_dtype` if given."""
     from vit.evaluate import load_inference_model
 
     loaded = load_inference_model(checkpoint)
+    if matmul_dtype is not None:
+        loaded.model = loaded.model.clone(matmul_dtype=matmul_dtype)
+    return loaded
+
+
+def _top1(checkpoint: str, split: str, matmul_dtype: str | None = None) -> float:
+    from vit.evaluate import evaluate
+
+    loaded = _loaded(checkpoint, matmul_dtype)
+    loaded.config.data_dir = CIFAR_DIR
+    return evaluate(loaded.model, loaded.params, loaded.config, split=split).top1
+
+
+def _speed_fn(loaded, batch: int = 256):
+    """A callable timing the bare jitted model (no input pipeline) at `batch`: images/s."""
+    import jax
+
     params = jax.device_put(loaded.params)
     fn = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x))
     x = jax.device_put(np.random.default_rng(0).standard_normal(
         (batch, *loaded.model.image_size, 3)).astype(np.float32))
     jax.block_until_ready(fn(params, x))
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        jax.block_until_ready(fn(params, x))
-        done += batch
-    return done / (time.perf_counter() - start)
+
+    def measure(seconds: float = 5.0) -> float:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            jax.block_until_ready(fn(params, x))
+            done += batch
+        return done / (time.perf_counter() - start)
+
+    return measure
 
 
 def export_table(checkpoint: str, out: str) -> dict:
@@ -85,17 +100,29 @@ def export_table(checkpoint: str, out: str) -> dict:
     return {"export": rows}
 
 
-def quantize_figures(checkpoint: str, out: str, split: str) -> dict:
+def quantize_figures(checkpoint: str, out: str, split: str, rounds: int = 5) -> dict:
+    """Size, top-1 and interleaved images/s of the float32, as-trained and int8 models."""
     from vit.export import size_on_disk
     from vit.quantize import quantize_checkpoint
 
     result = quantize_checkpoint(checkpoint, os.path.join(out, "int8"))
     figures = {"float_param_bytes": result.float_bytes, "int8_param_bytes": result.int8_bytes,
-               "int8_checkpoint_bytes": size_on_disk(os.path.dirname(result.path))}
-    for name, path in (("float", checkpoint), ("int8", result.path)):
-        figures[f"{name}_top1"] = _top1(path, split)
-        figures[f"{name}_images_per_s"] = _speed(path)
-    figures["top1_change_points"] = 100 * (figures["int8_top1"] - figures["float_top1"])
+               "int8_checkpoint_bytes": size_on_disk(os.path.dirname(result.path)),
+               "trained_matmul_dtype": _loaded(checkpoint).model.matmul_dtype}
+    variants = {"float32": (checkpoint, "float32"), "trained": (checkpoint, None),
+                "int8": (result.path, None)}
+    timers = {}
+    for name, (path, matmul_dtype) in variants.items():
+        figures[f"{name}_top1"] = _top1(path, split, matmul_dtype)
+        timers[name] = _speed_fn(_loaded(path, matmul_dtype))
+    speeds = {name: [] for name in variants}
+    for _ in range(rounds):  # interleaved, so a change in the machine's load hits all alike
+        for name, measure in timers.items():
+            speeds[name].append(measure())
+    for name, runs in speeds.items():
+        figures[f"{name}_images_per_s"] = float(np.median(runs))
+        figures[f"{name}_images_per_s_runs"] = [round(r, 1) for r in runs]
+    figures["top1_change_points"] = 100 * (figures["int8_top1"] - figures["float32_top1"])
     return figures
 
 

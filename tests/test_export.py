@@ -82,7 +82,8 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
     dict(PLAIN, num_registers=1, representation_size=16, gelu_approximate=False),
     dict(RECIPE, stem_norm="layernorm"),
     RECIPE,
-], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe"])
+    dict(PLAIN, matmul_dtype="bfloat16"),
+], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls"])
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)

@@ -105,9 +105,10 @@ def test_structured_finetune_keeps_heads_and_channels_removed_and_sees_every_tok
 
 
 def test_finetune_schedule_warms_up_then_decays_towards_zero():
-    lr = finetune_schedule(2e-3, 100)
-    assert float(lr(0)) == pytest.approx(2e-4)  # step 1 of a 10-step warmup
-    assert float(lr(9)) == pytest.approx(2e-3 * 0.5 * (1 + np.cos(np.pi * 0.09)))
-    assert float(lr(50)) == pytest.approx(1e-3)
-    assert 0 < float(lr(99)) < 1e-6
-    assert float(finetune_schedule(1e-3, 1)(0)) == pytest.approx(1e-3)
+    lr = finetune_schedule(2e-3, 100)  # 10 warmup steps from 0, then cosine over 90 steps
+    assert float(lr(0)) == 0.0
+    assert float(lr(5)) == pytest.approx(1e-3)
+    assert float(lr(10)) == pytest.approx(2e-3)
+    assert float(lr(55)) == pytest.approx(1e-3)
+    assert 0 < float(lr(99)) < 2e-3 * (1 - np.cos(np.pi / 90))
+    assert float(finetune_schedule(1e-3, 1)(0)) == pytest.approx(1e-3)  # too short to warm up

@@ -105,8 +105,12 @@ def size_on_disk(path: str | os.PathLike[str]) -> int:
 
 
 def logits_fn(loaded: InferenceModel) -> Callable[[Any, jax.Array], jax.Array]:
-    """(params, float32 images) -> logits with a portable attention kernel (explicit einsums)."""
-    model = loaded.model.clone(attention_impl="explicit")
+    """(params, float32 images) -> logits in float32 with a portable attention kernel.
+
+    A model trained with bfloat16 matmuls (`matmul_dtype`) is exported in float32: ONNX, TFLite
+    and most runtimes have no bfloat16 x bfloat16 -> float32 matmul.
+    """
+    model = loaded.model.clone(attention_impl="explicit", matmul_dtype="float32")
     return lambda params, images: model.apply({"params": params}, images, train=False)
 
 

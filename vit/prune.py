@@ -128,11 +128,12 @@ def removed_fraction(params: PyTree, original: PyTree) -> float:
 
 
 def finetune_schedule(lr: float, steps: int) -> optax.Schedule:
-    """Learning rate of fine-tuning step t: linear warmup over the first tenth of `steps` (at
-    least one step), times a cosine decay from `lr` at t = 0 towards 0 at t = `steps`."""
-    warmup = max(1, steps // 10)
-    return lambda t: (lr * jnp.minimum(1.0, (t + 1) / warmup)
-                      * 0.5 * (1.0 + jnp.cos(jnp.pi * t / steps)))
+    """The trainer's warmup + cosine schedule for a `steps`-step fine-tune at peak `lr`: linear
+    warmup over the first tenth of the steps, then a cosine decay to 0 at t = `steps`."""
+    from vit.optim import learning_rate_schedule
+
+    return learning_rate_schedule({"lr": lr, "warmup_steps": steps // 10, "total_steps": steps,
+                                   "schedule": "cosine", "min_lr_ratio": 0.0})
 
 
 def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int, *,
