@@ -45,7 +45,9 @@ SMOKE = f"--config={ROOT}/configs/smoke.py"  # 8 steps, checkpoints at 4 and 8
 #   denied   making AT's temporary directory fails as in a directory this user may not write
 #            to (EACCES);
 #   nan      process 1's training batch of step AT is all NaN (see nan_batches);
-#   sigterm  SIGTERM to this process after the first batch of the evaluation after step AT.
+#   sigterm  SIGTERM to this process after the first batch of the evaluation after step AT;
+#   slow     each training batch after the first comes AT ms late, and "fault: batch N" is
+#            printed as batch N is asked for (batch 2: step 1, the first compile, is done).
 _DRIVER = f"""
 import errno, os, signal, sys
 sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -87,6 +89,18 @@ if mode == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer._evaluate, data.eval_iterator = evaluate_noting_the_step, eval_batches
+if mode == "slow":
+    import time
+    train_iterator = data.train_iterator
+
+    def slow_batches(*args, **kwargs):
+        for i, batch in enumerate(train_iterator(*args, **kwargs)):
+            print(f"fault: batch {{i + 1}}", file=sys.stderr, flush=True)
+            if i:
+                time.sleep(at / 1000)
+            yield batch
+
+    data.train_iterator = slow_batches
 from vit.train_cli import main
 main(["train.py", *sys.argv[3:]])
 """
@@ -374,6 +388,8 @@ def test_skipped_update_leaves_params_and_optimizer_state_unchanged():
 
 # --- two processes on 127.0.0.1, SIGTERM to one of them -------------------------------------
 
+EXIT_WITHIN = 60.0  # seconds from the SIGTERM to both processes' exit, the first compile done
+
 def _start_pair(workdir: Path, fault: tuple[str, int] | None = None) -> list[subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -386,10 +402,11 @@ def _start_pair(workdir: Path, fault: tuple[str, int] | None = None) -> list[sub
 
 
 class _Drain:
-    """Reads a process's stdout and stderr in threads; `started` is set at "training steps"."""
+    """Reads a process's stdout and stderr in threads; `started` is set at a line holding
+    `marker`."""
 
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.out, self.err = proc, [], []
+    def __init__(self, proc: subprocess.Popen, marker: str = "training steps"):
+        self.proc, self.out, self.err, self.marker = proc, [], [], marker
         self.started = threading.Event()
         self._threads = [threading.Thread(target=self._read, args=(s, sink), daemon=True)
                          for s, sink in ((proc.stdout, self.out), (proc.stderr, self.err))]
@@ -399,7 +416,7 @@ class _Drain:
     def _read(self, stream, sink: list) -> None:
         for line in stream:
             sink.append(line)
-            if "training steps" in line:
+            if self.marker in line:
                 self.started.set()
 
     def finish(self) -> tuple[str, str]:
@@ -410,17 +427,24 @@ class _Drain:
 
 def _run_pair(workdir: Path, sigterm_to: int | None = None, limit: float = 240.0,
               fault: tuple[str, int] | None = None) -> list[subprocess.CompletedProcess]:
-    """Both processes' status and output; the test fails on a hang (the watchdog)."""
+    """Both processes' status and output; the test fails on a hang (the watchdog).
+
+    With `sigterm_to`, the steps after the first come a second apart (the `slow` fault) and
+    the signal goes to that process once both have finished step 1 (the first compile); both
+    must then exit within EXIT_WITHIN seconds of it.
+    """
+    if sigterm_to is not None:
+        fault = ("slow", 1000)
     procs = _start_pair(workdir, fault)
-    drains = [_Drain(p) for p in procs]
+    drains = [_Drain(p, "fault: batch 2" if sigterm_to is not None else "training steps")
+              for p in procs]
+    signalled = None
     try:
         if sigterm_to is not None:
-            for d in drains:  # both are past jax.distributed.initialize and in train()
+            for d in drains:
                 assert d.started.wait(limit), "".join(d.err)[-3000:]
             procs[sigterm_to].send_signal(signal.SIGTERM)
-            # Within seconds of the first step; the first compile of a loaded 2-core machine
-            # took 55 s of the 68 s measured there, hence the margin.
-            limit = 120.0
+            signalled, limit = time.monotonic(), 2 * EXIT_WITHIN  # beyond that: a hang
         deadline = time.monotonic() + limit
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1.0))
@@ -431,6 +455,9 @@ def _run_pair(workdir: Path, sigterm_to: int | None = None, limit: float = 240.0
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    if signalled is not None:
+        took = time.monotonic() - signalled
+        assert took < EXIT_WITHIN, f"both processes exited {took:.0f} s after the SIGTERM"
     return [subprocess.CompletedProcess(p.args, p.returncode, *d.finish())
             for p, d in zip(procs, drains, strict=True)]
 
