@@ -208,3 +208,19 @@ def test_a_failed_save_names_its_step_once_and_the_earlier_one_restores(tmp_path
     _assert_tree_equal(reopened.restore(_state(ema=False, steps=0)), saved)
     reopened.close()
     assert sorted(os.listdir(directory)) == ["2"]  # the half-written step 3 was cleaned up
+
+
+def test_saving_a_step_the_directory_already_holds_is_one_line_and_keeps_it(tmp_path):
+    saved, meta = _state(ema=False), dict(config={}, dataset_info={})
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    assert ckpt.save(5, saved, **meta)
+    ckpt.close()
+    again = checkpoint.Checkpointer(str(tmp_path))  # e.g. `vit quantize --out` an earlier output
+    directory = tmp_path.absolute() / "checkpoints"
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        again.save(5, _state(ema=False, steps=0), **meta, force=True)
+    assert _one_line(info) == (
+        f"cannot save step 5 to {directory}: it already holds a checkpoint of step 5; write to "
+        f"another directory, or remove {directory}/5 to replace it")
+    _assert_tree_equal(again.restore(_state(ema=False, steps=0)), saved)
+    again.close()

@@ -85,6 +85,11 @@ class Checkpointer:
         The write finishes in the background; a failure (here or in `wait` / `close`) raises
         CheckpointError and leaves the earlier checkpoints as they were.
         """
+        if int(step) in _finalized_steps(self.directory):
+            raise CheckpointError(
+                f"cannot save step {step} to {self.directory}: it already holds a checkpoint of "
+                f"step {step}; write to another directory, or remove {self.directory / str(step)}"
+                " to replace it")
         metadata = _jsonable({"config": config, "dataset_info": dataset_info})
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                      _METADATA: ocp.args.JsonSave(metadata)})
