@@ -25,9 +25,14 @@ AVX-512 and AMX; "AMD EPYC": family 25, AVX2 and AVX-512).
               Measured (fresh clone, AMD EPYC): 77.4% top-1, 98.5% top-5 in 51.5 minutes.
   Ti/4, S/4   ViT-Ti/4 or S/4, 200 epochs (78k steps of batch 128), AdamW 1e-3, decoupled wd
               5e-5, warmup 5 epochs + cosine, RandAugment(2, 9), mixup 0.8 / cutmix 1.0, label
-              smoothing 0.1, drop path 0.1: the DeiT-style recipe for small data. A GPU job:
+              smoothing 0.1, drop path 0.1: the DeiT-style recipe for small data. For
+              accelerators: bfloat16 compute, float32 parameters and AdamW state. A GPU job:
                   python train.py --config=configs/cifar10.py:Ti/4 --workdir=runs/c10-ti4
-              Not run here (no accelerator).
+              Not run here (no accelerator). Memory per device at batch 128, from
+              `python bench/train_memory.py configs/cifar10.py:Ti/4 --devices 1` (XLA:CPU's
+              buffer assignment of the real step, an estimate of a GPU's, see that file):
+              Ti/4 2.2 GiB on 1 device, 0.35 GiB on 8 (16 images each); S/4 4.7 GiB on 1,
+              0.89 GiB on 8. No gradient accumulation needed.
   ablation-base, short-proxy  the two bases of tools/cifar10_ablation.py (600 steps each).
 """
 
@@ -131,7 +136,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                          "hour-conv, Ti/4 or S/4")
     epoch = _TRAIN_IMAGES // 128
     c = _base()
-    c.model = model_config(variant, drop_path_rate=0.1)
+    c.model = model_config(variant, drop_path_rate=0.1, dtype="bfloat16")  # float32 params
     c.lr = 1e-3
     c.weight_decay = 5e-5
     c.total_steps = 200 * epoch

@@ -10,7 +10,8 @@ Variants after the colon:
                      python train.py --config=configs/finetune.py:B/16-cifar10 \\
                          --workdir=runs/b16-c10 --init_from=ViT-B_16.npz
                  Not run here (no accelerator; no weights are downloaded): the paper reports
-                 98.1% (B/16, ImageNet-21k weights) on CIFAR-10 at 384 px.
+                 98.1% (B/16, ImageNet-21k weights) on CIFAR-10 at 384 px. These variants
+                 target accelerators (see "Memory" below); the c10-* ones are CPU recipes.
   c10-0to4       the small source model of the fine-tuning experiment: a 4-block, width-128 ViT
                  with 4x4 patches trained on CIFAR-10 classes 0-4 at 32 px (AdamW, as
                  configs/cifar10.py:short), 600 steps of batch 64:
@@ -23,6 +24,20 @@ Variants after the colon:
                  classes 5-9 after 300 steps: fine-tuned 65.4%, same recipe from scratch 62.2%,
                  AdamW from scratch 65.4% (65.38%); the source model reached 64.0% on
                  classes 0-4. Fine-tuning: 280 s.
+
+Memory of the <model>-<dataset> variants, which compute in bfloat16 with float32 parameters and
+SGD momentum, and accumulate gradients so that batch 512 fits one 80 GB GPU with margin (JAX
+takes 75% of it by default, ~60 GiB: XLA_PYTHON_CLIENT_MEM_FRACTION). Per device, from
+    python bench/train_memory.py configs/finetune.py:B/16-cifar10 --devices 1
+(the trainer's step compiled on abstract inputs: XLA:CPU's buffer assignment, an estimate of a
+GPU's and an upper bound for bfloat16 and for flash attention; see that file):
+  B/16 at 384 px  grad_accum_steps 16 (micro-batch 32): 37.2 GiB on 1 device (8: 71.8 GiB, too
+                  much); on 8 devices 5.9 GiB, or 36.3 GiB with the faster
+                  --config.grad_accum_steps=2 (1: 70.2 GiB, too much).
+  S/16 at 384 px  8 (micro-batch 64): 36.1 GiB on 1 device; 4.9 GiB on 8 (1: 34.9 GiB).
+  B/16 at 224 px  4 (micro-batch 128): 33.3 GiB on 1 device; 5.3 GiB on 8 (1: 16.9 GiB).
+Parameters 344 MB (B/16) and 87 MB (S/16), momentum as much. Other models and sizes accumulate
+nothing: measure them the same way and set --config.grad_accum_steps.
 """
 
 import ml_collections
@@ -32,6 +47,9 @@ from vit.config_schema import default_config, model_config
 _DATASETS = {"cifar10": ("cifar10", "train[:98%]", "train[98%:]"),
              "cifar100": ("cifar100", "train[:98%]", "train[98%:]")}
 _SMALL_MODEL = dict(width=128, depth=4, num_heads=4, mlp_dim=384)
+# Micro-batches per step so that batch 512 fits one 80 GB GPU with margin, from
+# bench/train_memory.py (see the module docstring); other models and sizes: 1, measure them.
+_GRAD_ACCUM_ONE_80GB = {("B/16", 384): 16, ("S/16", 384): 8, ("B/16", 224): 4}
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -70,7 +88,8 @@ def _paper_recipe(model: str, dataset: str, image_size: int) -> ml_collections.C
     c.image_size = image_size
     c.batch_size = 512
     c.eval_batch_size = 512
-    c.model = model_config(model)
+    c.model = model_config(model, dtype="bfloat16")  # float32 params and optimizer state
+    c.grad_accum_steps = _GRAD_ACCUM_ONE_80GB.get((model, image_size), 1)
     c.pp.train_crop = "inception"
     c.pp.inception_area_min = 0.5  # mild: the images are already tight crops
     c.pp.flip = True

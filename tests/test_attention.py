@@ -8,7 +8,11 @@ import pytest
 
 import vit
 from vit import attention_maps, pretrained
-from vit.attention import MultiHeadDotProductAttention, attention_weights
+from vit.attention import (
+    MultiHeadDotProductAttention,
+    attention_weights,
+    resolve_attention_impl,
+)
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 
@@ -100,6 +104,47 @@ def test_masked_patches_cannot_change_the_output(impl, classifier):
     b = model.apply({"params": params}, changed, token_mask=mask)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert not np.allclose(a, model.apply({"params": params}, changed), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "platform,expected",
+    [("cpu", "explicit"), ("gpu", "fused"), ("tpu", "fused"), ("GPU", "fused")])
+def test_auto_resolves_from_the_platform_without_needing_that_device(platform, expected):
+    assert resolve_attention_impl("auto", platform) == expected
+    for concrete in ("explicit", "fused"):  # a concrete choice is kept on every platform
+        assert resolve_attention_impl(concrete, platform) == concrete
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        resolve_attention_impl("flash", platform)
+
+
+def test_auto_on_this_machine_follows_jax_default_backend():
+    expected = "explicit" if jax.default_backend() == "cpu" else "fused"
+    assert resolve_attention_impl("auto") == expected
+
+
+def test_modules_run_the_kernel_they_are_given_and_never_look_at_the_backend(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    explicit = MultiHeadDotProductAttention(num_heads=2, impl="explicit")
+    fused = MultiHeadDotProductAttention(num_heads=2, impl="fused")
+    params = explicit.init(jax.random.PRNGKey(1), x)
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(jax, "default_backend", lambda: pytest.fail("a module sniffed the backend"))
+    explicit.apply(params, x)
+    assert not calls  # explicit stays explicit, whatever the backend
+    fused.apply(params, x)
+    assert len(calls) == 1
+    _, weights = fused.apply(params, x, return_weights=True)  # the weights force explicit
+    assert len(calls) == 1 and weights.shape == (2, 2, 5, 5)
+
+
+def test_unresolved_auto_in_a_module_names_the_fix():
+    x = jnp.ones((1, 3, 8))
+    layer = MultiHeadDotProductAttention(num_heads=2, impl="auto")
+    with pytest.raises(ValueError, match="resolve it where the model is built"):
+        layer.init(jax.random.PRNGKey(0), x)
 
 
 def test_returned_attention_is_zero_on_masked_keys():

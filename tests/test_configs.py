@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
 
-from vit import config_schema, data, trainer
+from vit import config_schema, data, optim, trainer
 from vit.model import init_params, model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,12 @@ VARIANTS = {
     "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224"],
 }
 CONFIGS = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
+# Recipes for accelerators (bfloat16 compute, float32 parameters and optimizer state) and the
+# CPU recipes, tuned in float32 (or float32 with bfloat16 matmul operands) on this machine.
+ACCELERATOR = [("imagenet", v) for v in VARIANTS["imagenet"]] + [
+    ("finetune", "B/16-cifar10"), ("finetune", "S/16-cifar100"), ("finetune", "B/16-cifar10-224"),
+    ("cifar10", "Ti/4"), ("cifar10", "S/4")]
+CPU = [c for c in CONFIGS if c not in ACCELERATOR]
 
 
 def _config(name, variant):
@@ -50,6 +57,37 @@ def test_batch_sizes_split_over_1_2_4_and_8_devices(name, variant, devices):
         assert config[key] % devices == 0, f"{name}:{variant} {key}={config[key]}"
     per_device = config.batch_size // devices
     assert per_device % config.grad_accum_steps == 0, f"{name}:{variant} grad_accum_steps"
+
+
+@pytest.mark.parametrize("name,variant", ACCELERATOR)
+def test_accelerator_configs_compute_in_bfloat16_with_float32_params_and_optimizer(name, variant):
+    config = _config(name, variant)
+    assert config.model.dtype == "bfloat16"
+    with config.unlocked():  # the same config on a tiny model, so that it really initialises
+        config.model.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    model = model_from_config(config.model, num_classes=10, image_size=config.image_size)
+    assert model.dtype == jnp.bfloat16
+    params = init_params(model, jax.random.PRNGKey(0))
+    opt_state = optim.make_optimizer(config, params).init(params)
+    floats = [x for x in jax.tree_util.tree_leaves((params, opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
+    assert model.apply({"params": params}, images).dtype == jnp.float32  # float32 logits
+
+
+@pytest.mark.parametrize("name,variant", CPU)
+def test_cpu_recipes_keep_float32_compute_and_no_accumulation(name, variant):
+    config = _config(name, variant)
+    assert config.model.dtype == "float32" and config.grad_accum_steps == 1
+
+
+def test_single_gpu_fine_tune_at_384_px_accumulates_gradients():
+    # bench/train_memory.py: B/16 at 384 px, batch 512 on one 80 GB GPU needs micro-batches of 32
+    for variant in ("B/16-cifar10", "B/16-cifar100"):
+        config = _config("finetune", variant)
+        assert (config.image_size, config.batch_size, config.grad_accum_steps) == (384, 512, 16)
+    assert _config("finetune", "L/16-cifar10").grad_accum_steps == 1  # not measured: the default
 
 
 @pytest.mark.parametrize("name,variant", [("cifar10", "B/99"), ("imagenet", "L/16")])

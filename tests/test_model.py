@@ -138,6 +138,21 @@ def test_attention_weights_are_returned_and_match_the_fused_path():
     np.testing.assert_allclose(logits, fused.apply({"params": params}, _images(3)), atol=1e-5)
 
 
+def test_create_model_resolves_auto_attention_once_for_the_target_platform():
+    expected = "explicit" if jax.default_backend() == "cpu" else "fused"
+    assert _tiny().attention_impl == expected  # "auto", the default, is resolved here
+    assert _tiny(attention_impl="auto", platform="cpu").attention_impl == "explicit"
+    assert _tiny(platform="gpu").attention_impl == "fused"
+    assert _tiny(platform="tpu").attention_impl == "fused"
+    assert _tiny(attention_impl="explicit", platform="gpu").attention_impl == "explicit"
+    config = {"variant": "Ti/4", **TINY, "attention_impl": "auto"}
+    built = vit.model_from_config(config, num_classes=10, image_size=16, platform="gpu")
+    assert built.attention_impl == "fused"
+    # Built for a GPU, the model still runs here: jax.nn.dot_product_attention has an XLA path.
+    params = vit.init_params(built, jax.random.PRNGKey(0))
+    assert built.apply({"params": params}, _images()).shape == (2, 10)
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
     model = _tiny(dtype=jnp.bfloat16)
     params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))

@@ -4,10 +4,12 @@ Parameters: `{query,key,value}/{kernel [width, heads, head_dim], bias [heads, he
 `out/{kernel [heads, head_dim, width], bias [width]}`, as the public vit_jax checkpoints.
 
 `impl` picks how attention is computed: "explicit" (softmax of q.k in einsums; the only one that
-returns the weights or applies attention dropout), "fused" (`jax.nn.dot_product_attention`, which
-selects fused kernels such as cuDNN flash attention on GPU) or "auto" (explicit on CPU, where
-XLA:CPU runs it faster, else fused). A boolean `mask` broadcastable to [batch, heads, queries,
-keys] (True = attend) is honoured by both: masked keys get exactly zero weight.
+returns the weights or applies attention dropout) or "fused" (`jax.nn.dot_product_attention`,
+which selects fused kernels such as cuDNN flash attention on GPU). The user-facing default
+"auto" is decided once, where the model is built (`vit.create_model` calls
+`resolve_attention_impl`): explicit on CPU, where XLA:CPU runs it faster, else fused. The module
+never looks at the backend. A boolean `mask` broadcastable to [batch, heads, queries, keys]
+(True = attend) is honoured by both: masked keys get exactly zero weight.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from vit.matmul import matmul as typed_matmul
 Dtype = Any
 Array = jax.Array
 
-ATTENTION_IMPLS = ("auto", "explicit", "fused")
+ATTENTION_IMPLS = ("auto", "explicit", "fused")  # what a user may ask for
+KERNELS = ("explicit", "fused")  # what a module runs: "auto" is resolved before
 
 _xavier = nn.initializers.xavier_uniform()
 
@@ -79,15 +82,27 @@ def attention_weights(q: Array, k: Array, mask: Array | None = None) -> Array:
     return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
-def resolve_impl(impl: str, *, need_weights: bool) -> str:
-    """"explicit" or "fused" for `impl`; ValueError naming the choices for an unknown one."""
+def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+    """The kernel ("explicit" or "fused") that `impl` means on `platform` ("cpu", "gpu", "tpu").
+
+    "auto" is explicit on CPU and fused elsewhere; `platform=None` takes the platform of the
+    devices JAX runs on by default (`jax.default_backend()`). Called once, at model construction.
+    """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; use one of {ATTENTION_IMPLS}")
-    if need_weights or impl == "explicit":
-        return "explicit"
-    if impl == "fused":
-        return "fused"
-    return "explicit" if jax.default_backend() == "cpu" else "fused"
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend() if platform is None else platform
+    return "explicit" if platform.lower() == "cpu" else "fused"
+
+
+def _kernel(impl: str, *, need_weights: bool) -> str:
+    """The kernel a call runs: `impl`, or "explicit" when the weights (or dropout) are needed."""
+    if impl not in KERNELS:
+        hint = (" (resolve it where the model is built: vit.create_model does, or call "
+                "vit.attention.resolve_attention_impl)" if impl == "auto" else "")
+        raise ValueError(f"attention impl {impl!r} is not a kernel{hint}; use one of {KERNELS}")
+    return "explicit" if need_weights else impl
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -96,7 +111,7 @@ class MultiHeadDotProductAttention(nn.Module):
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    impl: str = "auto"
+    impl: str = "explicit"  # | "fused": a kernel, never "auto" (see resolve_attention_impl)
     quant: str = "none"  # | "int8": int8 projections (vit/int8.py)
     matmul_dtype: str = "float32"  # | "bfloat16": projection operands (vit/matmul.py)
 
@@ -137,7 +152,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         weights = None
-        if resolve_impl(self.impl, need_weights=return_weights or use_dropout) == "explicit":
+        if _kernel(self.impl, need_weights=return_weights or use_dropout) == "explicit":
             weights = attention_weights(q, k, mask)
             probs = weights
             if use_dropout:

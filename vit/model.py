@@ -36,6 +36,7 @@ from vit.attention import (  # noqa: F401  (attention_weights: public here too)
     ATTENTION_IMPLS,
     MultiHeadDotProductAttention,
     attention_weights,
+    resolve_attention_impl,
 )
 
 Dtype = Any
@@ -116,7 +117,7 @@ class Encoder1DBlock(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True
-    attention_impl: str = "auto"
+    attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
 
@@ -190,7 +191,7 @@ class Encoder(nn.Module):
     gelu_approximate: bool = True
     token_keep_ratio: float = 1.0
     num_registers: int = 0
-    attention_impl: str = "auto"
+    attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
 
@@ -243,7 +244,7 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"
+    attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
 
@@ -300,7 +301,9 @@ class VisionTransformer(nn.Module):
     resnet_numerics: str = "vit_jax"  # | "timm": the trunk's epsilons (vit/resnet.py)
     token_keep_ratio: float = 1.0  # PatchDropout in training: share of patch tokens kept
     num_registers: int = 0  # learned register tokens (Darcet et al. 2024), dropped before the head
-    attention_impl: str = "auto"  # | "explicit" | "fused" (vit/attention.py)
+    # "explicit" | "fused": a concrete kernel (vit/attention.py). create_model's default "auto"
+    # is resolved there, once, from the platform the model will run on.
+    attention_impl: str = "explicit"
     quant: str = "none"  # | "int8": int8 dense / attention kernels (vit/int8.py, vit/quantize.py)
     # | "bfloat16": bfloat16 operands, float32 accumulation in dense and attention-projection
     # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
@@ -426,9 +429,13 @@ def parse_variant(variant: str) -> tuple[dict[str, Any], tuple[int, int]]:
 
 def create_model(
     variant: str, *, num_classes: int = 1000, image_size: int | tuple[int, int] = 224,
-    **overrides: Any,
+    platform: str | None = None, **overrides: Any,
 ) -> VisionTransformer:
-    """Build a ViT from a variant string ("Ti/16", "B/16", ...) with optional field overrides."""
+    """Build a ViT from a variant string ("Ti/16", "B/16", ...) with optional field overrides.
+
+    `attention_impl` defaults to "auto", resolved here for `platform` ("cpu", "gpu", "tpu"; None:
+    JAX's default backend): the model holds "explicit" on CPU, "fused" elsewhere.
+    """
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown model option(s) {', '.join(unknown)}; valid options: "
@@ -442,7 +449,9 @@ def create_model(
     for key in ("stem_channels", "stem_strides", "resnet_layers"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(int(c) for c in kwargs[key])
+    kwargs.setdefault("attention_impl", "auto")
     _validate(kwargs)
+    kwargs["attention_impl"] = resolve_attention_impl(kwargs["attention_impl"], platform)
     return VisionTransformer(**kwargs)
 
 
@@ -491,16 +500,21 @@ def _validate(kw: dict[str, Any]) -> None:
 
 
 def model_from_config(
-    model_config: Mapping[str, Any], *, num_classes: int, image_size: int | tuple[int, int]
+    model_config: Mapping[str, Any], *, num_classes: int, image_size: int | tuple[int, int],
+    platform: str | None = None,
 ) -> VisionTransformer:
-    """Build the model a run's `config.model` describes: {"variant": "Ti/4", **overrides}."""
+    """Build the model a run's `config.model` describes: {"variant": "Ti/4", **overrides}.
+
+    `platform` is where it will run (None: JAX's default backend); it decides attention "auto".
+    """
     options = {k: v for k, v in dict(model_config).items() if v is not None}
     if "dtype" in options:
         options["dtype"] = jnp.dtype(options["dtype"])
     if "variant" not in options:
         raise ValueError("config.model needs a 'variant' such as 'Ti/16' or 'S/4'")
     variant = options.pop("variant")
-    return create_model(variant, num_classes=num_classes, image_size=image_size, **options)
+    return create_model(variant, num_classes=num_classes, image_size=image_size,
+                        platform=platform, **options)
 
 
 def init_params(model: VisionTransformer, rng: Array, batch_size: int = 1) -> Any:
