@@ -43,8 +43,7 @@ def images() -> np.ndarray:
         pytest.skip(f"shipped CIFAR-10 not found at {DATA_DIR}")
     config = data.default_config()
     config.data_dir = DATA_DIR
-    batch = next(data.eval_iterator(config, "test[:12]", batch_size=12, num_devices=1,
-                                    normalize=False))
+    batch = next(data.eval_iterator(config, "test[:12]", batch_size=12, num_devices=1))
     assert batch["image"].dtype == np.uint8
     return batch["image"][0]
 

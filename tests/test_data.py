@@ -1,13 +1,16 @@
 """Tests for vit.data: TFDS (mocked and the shipped CIFAR-10), image folders, sharding, errors."""
 
 import json
+import time
 
+import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit import data
+from vit import data, preprocess
 from vit.data import DataError, DatasetInfo
 
 CIFAR_DIR = "/work/shared/data/tfds"
@@ -60,17 +63,34 @@ def _folder_cfg(root, **kw):
 
 
 def _ids(images):
-    """Recovers the per-image value k from flat images normalised to [-1, 1]."""
-    return np.round((images[..., 0, 0, 0].reshape(-1) + 1) * 127.5 / 10).astype(int)
+    """Recovers the per-image value k from flat uint8 images of value 10 k."""
+    return np.round(images[..., 0, 0, 0].reshape(-1) / 10).astype(int)
 
 
 # --------------------------------------------------------------- real CIFAR-10
 def test_cifar_train_batches_shapes_dtypes():
     batch = next(data.train_iterator(_cifar(), num_devices=2))
-    assert batch["image"].shape == (2, 16, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (2, 16, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (2, 16) and batch["label"].dtype == np.int32
-    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert batch["image"].max() > 200  # pixels, normalised later on the device
     assert set(np.unique(batch["label"])) <= set(range(10))
+
+
+@pytest.mark.parametrize("kind", sorted(preprocess.NORMALIZATIONS))
+def test_uint8_batches_normalised_on_device_are_the_old_host_batches(kind):
+    """Train and eval batches cross as uint8; the steps' on-device normalisation (jit, pmap)
+    gives bit for bit the float32 batches the pipeline yielded when it normalised in tf.data."""
+    c = _cifar(batch_size=16, eval_batch_size=16)
+    c.pp.update(dict(normalize=kind, randaugment_num_ops=1))
+    step = jax.pmap(lambda x: preprocess.normalize_on_device(x, kind))
+    for it in (data.train_iterator(c, num_devices=1), data.eval_iterator(c, num_devices=1)):
+        images = next(it)["image"]
+        assert images.dtype == np.uint8 and images.shape == (1, 16, 32, 32, 3)
+        old = next(tf.data.Dataset.from_tensors(images).map(  # the old _to_device_batch
+            lambda x: preprocess.normalize(x, kind)).as_numpy_iterator())
+        new = np.asarray(step(images))
+        assert new.dtype == np.float32
+        np.testing.assert_array_equal(new.view(np.uint32), old.view(np.uint32))
 
 
 def test_cifar_eval_matches_raw_tfds_pixels():
@@ -82,9 +102,8 @@ def test_cifar_eval_matches_raw_tfds_pixels():
     labels = np.concatenate([b["label"][0] for b in batches])
     mask = np.concatenate([b["mask"][0] for b in batches])
     assert mask.sum() == 100 and len(mask) == 128 and not mask[100:].any()
-    np.testing.assert_allclose(
-        images[:100], np.stack([r["image"] for r in raw]) / 127.5 - 1, atol=1e-6
-    )
+    assert images.dtype == np.uint8 and not images[100:].any()  # padding: zeros
+    np.testing.assert_array_equal(images[:100], np.stack([r["image"] for r in raw]))
     np.testing.assert_array_equal(labels[:100], [r["label"] for r in raw])
 
 
@@ -182,19 +201,98 @@ def test_folder_sliced_split(folder):
     assert data.split_size(_folder_cfg(folder), "train[:50%]") == 6
 
 
-def test_corrupt_image_named_or_skipped(tmp_path):
-    for cls in ("a", "b"):
-        (tmp_path / "train" / cls).mkdir(parents=True)
-        for i in range(3):
-            path = tmp_path / "train" / cls / f"{i}.png"
-            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
-    (tmp_path / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    c = _folder_cfg(tmp_path, eval_split="train", eval_batch_size=8)
-    with pytest.raises(DataError, match="broken.jpg"):
-        list(data.eval_iterator(c, num_devices=1))
-    c.skip_corrupt = True
-    batches = list(data.eval_iterator(c, num_devices=1))
-    assert sum(int(b["mask"].sum()) for b in batches) == 6
+# --------------------------------------------------------------- epoch boundaries
+def _epochs_one_after_another(order, buffer, seed, start, count):
+    """Positions start.. of the reference stream: epoch e is the records alone shuffled with
+    seed + e, and epochs follow each other (what train_iterator did with a flat_map)."""
+    n, first = len(order), start // len(order)
+    out = []
+    for e in range(first, first + count // n + 2):
+        perm = tf.data.Dataset.range(n).shuffle(
+            buffer, seed=seed + e, reshuffle_each_iteration=False
+        )
+        out += [order[i] for i in perm.as_numpy_iterator()]
+    return out[start % n : start % n + count]
+
+
+@pytest.mark.parametrize("start_step", [0, 1, 3, 12])  # 12 x 5 = 60: epoch 5 starts exactly
+def test_train_order_is_epochs_shuffled_one_after_another(folder, start_step):
+    """Over 3+ epochs, from step 0, resumed mid-epoch or exactly at an epoch boundary, the train
+    stream is each epoch shuffled alone with seed + epoch, epochs concatenated."""
+    c = _folder_cfg(folder, seed=3, batch_size=5, shuffle_buffer=5, eval_split="train")
+    batches = list(data.eval_iterator(c, num_devices=1))  # the records in source order
+    mask = np.concatenate([b["mask"].reshape(-1) for b in batches])
+    ids = np.concatenate([_ids(b["image"]) for b in batches])[mask]
+    labels = np.concatenate([b["label"].reshape(-1) for b in batches])[mask]
+    order = [(int(i), int(y)) for i, y in zip(ids, labels, strict=True)]
+    assert len(order) == 12
+    it = data.train_iterator(c, start_step=start_step, num_devices=1)
+    got = []
+    for _ in range(8):  # 40 examples: more than 3 epochs of 12, batches crossing the boundaries
+        b = next(it)
+        pairs = zip(_ids(b["image"]), b["label"].reshape(-1), strict=True)
+        got += [(int(i), int(y)) for i, y in pairs]
+    seed = (3 * 1_000_003 + 0) * 1_000_003  # the (seed, process 0) shuffle seed; epoch e adds e
+    assert got == _epochs_one_after_another(order, 5, seed, start_step * 5, 40)
+
+
+def _range_epochs(n, buffer, start, count, dropped=()):
+    """The reference stream over records 0..n-1 (less `dropped`), seed 0 + epoch."""
+    kept = [i for i in range(n) if i not in dropped]
+    return _epochs_one_after_another(kept, buffer, 0, start, count)
+
+
+def test_shuffled_epochs_from_any_start_equal_the_reference():
+    """Resumed at chunk edges, mid-chunk, at and just after epoch boundaries (n=200 records,
+    chunks of data._CHUNK), the record stream is the epochs shuffled one after another."""
+    n, buffer = 200, 50
+    records = tf.data.Dataset.range(n)
+    for start in (0, 1, 63, 64, 65, 199, 200, 201, 450):
+        ds = data._shuffled_epochs(records, n, buffer, seed=0, start=start).take(500)
+        assert list(ds.as_numpy_iterator()) == _range_epochs(n, buffer, start, 500), start
+
+
+def test_shuffled_epochs_keep_their_turns_when_records_are_dropped():
+    """A record that fails to read and is skipped (skip_corrupt) leaves its epoch one short:
+    the epochs still follow each other, each a shuffle of the readable records."""
+    n, buffer = 193, 50  # 193 = 3 chunks of 64 + 1: without record 7, one chunk fewer
+
+    def fail_on_7(x):
+        with tf.control_dependencies([tf.debugging.assert_none_equal(x, tf.constant(7, tf.int64))]):
+            return tf.identity(x)
+
+    records = tf.data.Dataset.range(n).map(fail_on_7).ignore_errors()
+    ds = data._shuffled_epochs(records, n, buffer, seed=0, start=0).take(4 * (n - 1))
+    assert list(ds.as_numpy_iterator()) == _range_epochs(n, buffer, 0, 4 * (n - 1), {7})
+
+
+def test_next_epoch_fills_its_shuffle_buffer_while_this_one_is_read():
+    """One record before an epoch boundary, the next epoch's shuffle buffer is already full:
+    its records were read while this epoch was consumed (a flat_map of epochs reads none yet),
+    and no more than two epochs' buffers and a chunk each were read ahead."""
+    reads = []
+
+    def read(x):
+        reads.append(int(x))
+        return x
+
+    n, buffer = 200, 50
+    records = tf.data.Dataset.range(n).map(
+        lambda x: tf.ensure_shape(tf.py_function(read, [x], tf.int64), [])
+    )
+    options = tf.data.Options()  # no read-ahead by tf.data beyond the pipeline's own
+    options.autotune.enabled = False
+    options.experimental_optimization.inject_prefetch = False
+    ds = data._shuffled_epochs(records, n, buffer, seed=0, start=0).with_options(options)
+    it = ds.as_numpy_iterator()
+    got = [next(it) for _ in range(n - 1)]
+    deadline = time.monotonic() + 5
+    while len(reads) < n + buffer and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert n + buffer <= len(reads) <= n + 2 * (buffer + data._CHUNK)
+    got += [next(it) for _ in range(2 * n + 1)]
+    assert got == _range_epochs(n, buffer, 0, 3 * n)
 
 
 # --------------------------------------------------------------- one-line errors
@@ -253,7 +351,7 @@ def test_cifar_class_subset_relabels_counts_and_evals_each_once():
     labels = np.concatenate([b["label"].reshape(-1) for b in batches])[mask]
     images = np.concatenate([b["image"].reshape(-1, 32, 32, 3) for b in batches])[mask]
     np.testing.assert_array_equal(labels, [y for _, y in kept])
-    np.testing.assert_allclose(images, np.stack([im for im, _ in kept]) / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(images, np.stack([im for im, _ in kept]))
     train = data.train_iterator(c, num_devices=1)
     seen = np.concatenate([next(train)["label"].reshape(-1) for _ in range(10)])
     assert set(seen) == {0, 1, 2}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -14,11 +15,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import vit
-from vit import data
+from vit import config_schema, data, parallel, preprocess, trainer
 from vit.checkpoint import Checkpointer, CheckpointError
 
 # Not `from vit import evaluate`: vit exports the function `evaluate` under that name.
-from vit.evaluate import EvalError, _eval_step, evaluate_checkpoint
+from vit.evaluate import EvalError, _eval_step, evaluate, evaluate_checkpoint, evaluate_variants
 
 MODEL = dict(variant="Ti/4", width=32, depth=1, num_heads=2, mlp_dim=64)
 MOCK_EXAMPLES = 1001  # odd: the last batch is padded on any device count
@@ -53,13 +54,15 @@ def save_tiny_checkpoint(workdir: str, config, *, ema: bool = False, step: int =
 
 
 def reference_logits(model, params, config, split=None):
-    """Logits and labels from a plain model.apply over the same preprocessed images."""
+    """Logits and labels from a plain model.apply over the same preprocessed images, normalised
+    on the host (`preprocess.normalize`, as the pipeline did before it yielded uint8)."""
     images, labels = [], []
     for batch in data.eval_iterator(config, split, num_devices=1):
         mask = batch["mask"][0]
         images.append(batch["image"][0][mask])
         labels.append(batch["label"][0][mask])
     images, labels = np.concatenate(images), np.concatenate(labels)
+    images = preprocess.normalize(images, config.pp.normalize).numpy()
     logits = np.concatenate([np.asarray(model.apply({"params": params}, images[i:i + 256]))
                              for i in range(0, len(images), 256)])
     return logits, labels
@@ -145,7 +148,62 @@ def test_ema_params_are_used_when_asked(mock_run):
 def test_eval_step_is_cached_per_model(mock_run):
     model = mock_run["model"]
     same = vit.model_from_config(MODEL, num_classes=10, image_size=32)
-    assert _eval_step(model) is _eval_step(same)
+    assert _eval_step(model, "minus_one_to_one") is _eval_step(same, "minus_one_to_one")
+
+
+def _counting_eval_iterator(monkeypatch) -> list:
+    """Counts the calls of data.eval_iterator (each one is a pass over the split)."""
+    calls, original = [], data.eval_iterator
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data, "eval_iterator", counting)
+    return calls
+
+
+def _assert_same_result(a, b) -> None:
+    """Every metric equal, bit for bit (images_per_s aside: a timing)."""
+    assert (a.top1, a.top5, a.loss, a.num_examples) == (b.top1, b.top5, b.loss, b.num_examples)
+    assert a.confusion_matrix == b.confusion_matrix and a.per_class.keys() == b.per_class.keys()
+    np.testing.assert_array_equal(list(a.per_class.values()), list(b.per_class.values()))
+    assert a.ece == b.ece and a.calibration == b.calibration and a.tta == b.tta
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_variants_in_one_pass_equal_separate_evaluations(mock_run, monkeypatch, tta):
+    model, config, params = mock_run["model"], mock_run["config"], mock_run["params"]
+    variants = {"eval": params, "eval_ema": jax.tree_util.tree_map(lambda x: 0.5 * x, params)}
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        separate = {name: evaluate(model, p, config, tta=tta) for name, p in variants.items()}
+        calls = _counting_eval_iterator(monkeypatch)
+        together = evaluate_variants(model, variants, config, tta=tta)
+    assert len(calls) == 1 and list(together) == ["eval", "eval_ema"]
+    for name in variants:
+        _assert_same_result(together[name], separate[name])
+    assert together["eval"].top1 != together["eval_ema"].top1  # two different models
+    if tta == "none":  # evaluate is the one-variant case (mock_run's result: evaluate_checkpoint)
+        _assert_same_result(separate["eval"], mock_run["result"])
+    with pytest.raises(EvalError, match="no parameter sets"):
+        evaluate_variants(model, {}, config)
+
+
+def test_trainer_evaluates_params_and_ema_in_one_pass(mock_run, monkeypatch):
+    model, params = mock_run["model"], mock_run["params"]
+    config = config_schema.default_config()
+    config.update(mock_run["config"].to_dict())
+    ema = jax.tree_util.tree_map(lambda x: 0.5 * x, params)
+    state = types.SimpleNamespace(params=parallel.replicate(params),
+                                  ema_params=parallel.replicate(ema))
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        expected = {name: evaluate(model, p, config)
+                    for name, p in (("eval", params), ("eval_ema", ema))}
+        calls = _counting_eval_iterator(monkeypatch)
+        scalars = trainer._evaluate(model, state, config, 5)
+    assert len(calls) == 1
+    assert scalars == {f"{name}/{key}": getattr(result, key) for name, result in expected.items()
+                       for key in ("top1", "top5", "loss")}
 
 
 def test_class_count_mismatch_is_one_clear_line(mock_run):

@@ -179,8 +179,8 @@ def test_export_checks_on_the_runs_evaluation_images_by_default(tmp_path, capsys
               data_dir=str(tmp_path / "tfds"))
         loaded = load_inference_model(str(tmp_path / "run"))
         images, what = check_images(loaded, None)
-        first = next(data.eval_iterator(loaded.config, batch_size=8, num_devices=1,
-                                        normalize=False))["image"][0][:7]
+        first = next(data.eval_iterator(loaded.config, batch_size=8,
+                                        num_devices=1))["image"][0][:7]
         code = cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format",
                          "stablehlo", "--out", str(tmp_path / "e"), "--no-speed"])
     assert what == "7 images of cifar10 test" and len(images) == 7

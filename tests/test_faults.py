@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vit import checkpoint, data, nonfinite, optim, parallel, trainer
+from vit import checkpoint, data, nonfinite, optim, parallel, preprocess, trainer
 from vit.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,15 +319,20 @@ def test_resume_does_not_read_init_from_again_and_restores_the_sigterm_handler(f
 def nan_batches(train_iterator, steps: set[int], process: int | None = None):
     """`train_iterator` (data's) with the batches of `steps` all NaN, on `process` only if given.
 
+    uint8 holds no NaN, so every batch comes as float32 model inputs (the train step takes a
+    float batch as normalised already): the same floats the step makes of the uint8 pixels
+    (`preprocess.normalization_table`), and one program on every process.
     `_DRIVER` imports it, so it must stay importable without pytest's fixtures.
     """
 
     def iterator(config, start_step=0, **kwargs):
+        table = preprocess.normalization_table(config.pp.normalize)
         for step, batch in enumerate(train_iterator(config, start_step=start_step, **kwargs),
                                      start_step + 1):
+            image = table[batch["image"], np.arange(3)]
             if step in steps and process in (None, jax.process_index()):
-                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-            yield batch
+                image = np.full_like(image, np.nan)
+            yield dict(batch, image=image)
 
     return iterator
 

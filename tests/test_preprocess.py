@@ -1,5 +1,6 @@
 """Tests for vit.preprocess and vit.randaugment: geometry, flips, normalisation, decoding."""
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,6 +8,7 @@ from PIL import Image
 
 from vit import data
 from vit.preprocess import (
+    NORMALIZATIONS,
     DataError,
     decode,
     decode_image_file,
@@ -15,6 +17,7 @@ from vit.preprocess import (
     flip,
     inception_crop,
     normalize,
+    normalize_on_device,
     pad_crop,
 )
 from vit.randaugment import OPS, randaugment
@@ -78,6 +81,30 @@ def test_normalize_ranges():
     np.testing.assert_allclose(normalize(x, "imagenet").numpy()[0, 0], -0.485 / 0.229, rtol=1e-6)
     with pytest.raises(DataError, match="pp.normalize='nope'"):
         normalize(x, "nope")
+
+
+@pytest.mark.parametrize("kind", sorted(NORMALIZATIONS))
+def test_normalize_on_device_is_the_host_normalize_bit_for_bit(kind):
+    """Every uint8 value in every channel (so every batch): jitted on-device normalisation gives
+    the float32 bits of the host's, also inside tf.data as the pipeline ran it."""
+    pixels = np.stack([np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1),
+                       np.repeat(np.arange(255, -1, -1, dtype=np.uint8)[:, None], 3, 1)])
+    host = normalize(pixels, kind).numpy()
+    in_tf_data = next(tf.data.Dataset.from_tensors(pixels).map(
+        lambda x: normalize(x, kind)).as_numpy_iterator())
+    device = np.asarray(jax.jit(normalize_on_device, static_argnums=1)(pixels, kind))
+    assert device.dtype == np.float32 and device.shape == pixels.shape
+    np.testing.assert_array_equal(device.view(np.uint32), host.view(np.uint32))
+    np.testing.assert_array_equal(device.view(np.uint32), in_tf_data.view(np.uint32))
+
+
+def test_normalize_on_device_passes_floats_and_refuses_other_integers():
+    floats = np.zeros((2, 4, 4, 3), np.float32)
+    assert normalize_on_device(floats, "imagenet") is floats
+    with pytest.raises(DataError, match="needs uint8"):
+        normalize_on_device(np.zeros((2, 4, 4, 3), np.int32), "imagenet")
+    with pytest.raises(DataError, match="pp.normalize='nope'"):
+        normalize_on_device(np.zeros((2, 4, 4, 3), np.uint8), "nope")
 
 
 def test_eval_image_resize_and_centre_crop():

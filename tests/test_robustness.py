@@ -68,7 +68,7 @@ def test_the_report_ands_independent_per_eps_attacks_in_order_of_eps(run):
     params = parallel.replicate(loaded.params)
     survived = {label: 0 for label, _ in EPS}
     raw = dict(survived)
-    for batch in data.eval_iterator(run["config"], normalize=False):
+    for batch in data.eval_iterator(run["config"]):
         robust = batch["mask"].copy()
         for label, eps in sorted(EPS, key=lambda x: x[1]):
             flags = np.asarray(step(params, batch["image"], batch["label"], np.float32(eps)))
@@ -122,7 +122,7 @@ def test_a_prepared_cifar10_corrupted_directory_is_chosen_and_counted(run, tmp_p
     root = tmp_path / "tfds"
     root.mkdir()
     (root / "cifar10").symlink_to(os.path.join(CIFAR_DIR, "cifar10"))
-    batch = next(data.eval_iterator(run["config"], batch_size=64, num_devices=1, normalize=False))
+    batch = next(data.eval_iterator(run["config"], batch_size=64, num_devices=1))
     mask = batch["mask"][0]
     images, labels = batch["image"][0][mask], batch["label"][0][mask]
     assert len(images) == EXAMPLES

@@ -19,7 +19,7 @@ from flax import traverse_util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from vit import checkpoint, config_schema, optim, parallel, trainer
+from vit import checkpoint, config_schema, data, optim, parallel, preprocess, trainer
 from vit.model import init_params, model_from_config
 from vit.preemption import EXIT_PREEMPTED
 
@@ -249,6 +249,43 @@ def test_gradient_accumulation_matches_one_big_batch():
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]),
                     jax.tree_util.tree_leaves(results[1][0]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("adv", ["none", "fgsm"])
+def test_train_step_on_uint8_batches_equals_the_old_host_normalised_path(adv):
+    """data.train_iterator yields uint8 pixels and the step normalises them on the device: three
+    steps give bit for bit the state and metrics of three steps fed the float32 batches the host
+    pipeline used to yield (preprocess.normalize), mixup / cutmix on the normalised floats and
+    adversarial training included."""
+    config = config_schema.default_config()
+    config.update(data_dir=DATA_DIR, train_split="train[:64]", shuffle_buffer=64, batch_size=8,
+                  total_steps=10, warmup_steps=0, schedule="constant", lr=1e-2,
+                  label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9)
+    config.pp.normalize = "cifar10"
+    config.adv_train.method = adv
+    model = model_from_config({"variant": "Ti/8", "width": 32, "depth": 1, "num_heads": 2,
+                               "mlp_dim": 64}, num_classes=10, image_size=32)
+    params = init_params(model, jax.random.PRNGKey(0))
+    tx = optim.make_optimizer(config, params)
+    start = trainer.create_train_state(params, tx, jax.random.PRNGKey(1), use_ema=True)
+    it = data.train_iterator(config, num_devices=jax.local_device_count())
+    pixels = [next(it) for _ in range(3)]
+    assert all(b["image"].dtype == np.uint8 for b in pixels)
+    floats = [dict(b, image=preprocess.normalize(b["image"], "cifar10").numpy()) for b in pixels]
+    step = jax.pmap(trainer.make_train_step(model, tx, config, 10), axis_name=parallel.AXIS)
+
+    def run(batches):
+        state, history = parallel.replicate(start), []
+        for batch in batches:
+            state, metrics = step(state, parallel.shard(batch))
+            history.append(jax.device_get(metrics))
+        return jax.device_get(parallel.unreplicate(state)), history
+
+    (new, new_metrics), (old, old_metrics) = run(pixels), run(floats)
+    for a, b in zip(jax.tree_util.tree_leaves((new, new_metrics)),
+                    jax.tree_util.tree_leaves((old, old_metrics)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(new.params["head"]["kernel"], start.params["head"]["kernel"])
 
 
 def test_resume_is_exact_with_conv_stem_and_token_dropping(tmp_path):

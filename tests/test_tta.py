@@ -12,7 +12,7 @@ from PIL import Image
 from test_evaluate import MODEL, save_tiny_checkpoint, tiny_config
 
 import vit
-from vit import cli, config_schema, data, parallel, trainer
+from vit import cli, config_schema, data, parallel, preprocess, trainer
 from vit.evaluate import EvalError, evaluate, evaluate_checkpoint
 from vit.metrics import MetricWriter
 
@@ -20,13 +20,14 @@ EXAMPLES, EVAL_BATCH = 37, 16  # 37 = 2 x 16 + 5: the last batch is mostly paddi
 
 
 def _masked_images(config) -> tuple[np.ndarray, np.ndarray]:
-    """The split's preprocessed images and labels, padding dropped."""
+    """The split's preprocessed images (normalised on the host) and labels, padding dropped."""
     images, labels = [], []
     for batch in data.eval_iterator(config, num_devices=1):
         mask = batch["mask"][0]
         images.append(batch["image"][0][mask])
         labels.append(batch["label"][0][mask])
-    return np.concatenate(images), np.concatenate(labels)
+    images = preprocess.normalize(np.concatenate(images), config.pp.normalize).numpy()
+    return images, np.concatenate(labels)
 
 
 def _flip_reference(model, params, config) -> dict:

@@ -2,9 +2,12 @@
 
 The model runs on all local devices with `jax.pmap`; every device returns per-example results
 and the host reduces them in numpy with the padding mask, so each example of the split counts
-exactly once and the counts are exact on any number of devices. Test-time augmentation
-(`tta="flip"`) averages the softmax probabilities of each image and its horizontal flip. The
-expected calibration error (vit/calibration.py) comes with every result.
+exactly once and the counts are exact on any number of devices. Images cross to the devices as
+uint8 and are normalised there. `evaluate_variants` evaluates several parameter sets (the
+trainer's plain and EMA parameters) in one pass over the data, each on the same on-device
+batch. Test-time augmentation (`tta="flip"`) averages the softmax probabilities of each image
+and its horizontal flip. The expected calibration error (vit/calibration.py) comes with every
+result.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit import calibration, data, parallel
+from vit import calibration, data, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.model import VisionTransformer, model_from_config
 
@@ -108,15 +111,18 @@ def check_tta(tta: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(model: VisionTransformer, tta: str = "none") -> Callable:
+def _eval_step(model: VisionTransformer, normalization: str, tta: str = "none") -> Callable:
     """The pmapped per-device step for `model`: per-example loss, prediction, top-5 hit and
     confidence (the predicted class's probability).
 
-    With tta="flip" the class probabilities are the mean of those of the image and of its
-    horizontal flip; prediction, top-5 and the loss (-log p[label]) all use that mean.
+    Images are uint8 pixels, normalised on the device as `normalization` (a
+    preprocess.NORMALIZATIONS name) says. With tta="flip" the class probabilities are the mean
+    of those of the image and of its horizontal flip; prediction, top-5 and the loss
+    (-log p[label]) all use that mean.
     """
 
     def step(params: PyTree, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        images = preprocess.normalize_on_device(images, normalization)
         logits = model.apply({"params": params}, images, train=False)
         log_probs = jax.nn.log_softmax(logits)
         scores = logits  # ranks classes like log_probs
@@ -161,37 +167,66 @@ def evaluate(
     `tta` is a test-time augmentation of TTA_MODES: "flip" averages the softmax of each image
     and of its horizontal flip (twice the compute); padding stays masked out either way.
     """
+    return evaluate_variants(model, {"": params}, config, split=split, batch_size=batch_size,
+                             replicated=replicated, tta=tta)[""]
+
+
+def evaluate_variants(
+    model: VisionTransformer, variants: Mapping[str, PyTree],
+    config: ml_collections.ConfigDict, *, split: str | None = None,
+    batch_size: int | None = None, replicated: bool = False, tta: str = "none",
+) -> dict[str, EvalResult]:
+    """`evaluate` for several parameter sets of `model` (e.g. {"eval": p, "eval_ema": e}) in
+    one pass over the split: each batch crosses to the devices once and every variant's step
+    runs on it. Each result equals that of `evaluate` with its parameters alone; images_per_s
+    is the pass's examples over its time (all variants together).
+    """
     check_tta(tta)
+    if not variants:
+        raise EvalError("evaluate_variants got no parameter sets; pass {name: params, ...}")
     info = data.dataset_info(config)
     _check_classes(model, info)
-    step = _eval_step(model, tta)
-    device_params = params if replicated else parallel.replicate(params)
+    step = _eval_step(model, config.pp.normalize, tta)
+    device_params = {name: params if replicated else parallel.replicate(params)
+                     for name, params in variants.items()}
     n = model.num_classes
-    confusion = np.zeros((n, n), np.int64)
-    loss_sum, top5_hits = 0.0, 0
-    calibration_sums = np.zeros((3, calibration.NUM_BINS))
+    sums = {name: {"confusion": np.zeros((n, n), np.int64),
+                   "calibration": np.zeros((3, calibration.NUM_BINS)),
+                   "sums": np.zeros(2, np.float64)}  # loss sum, top-5 hits
+            for name in variants}
     pending = []
     start = time.perf_counter()
     for batch in data.eval_iterator(config, split, batch_size=batch_size):
         on_device = parallel.shard({"image": batch["image"], "label": batch["label"]})
-        pending.append((step(device_params, on_device["image"], on_device["label"]),
-                        batch["label"], batch["mask"]))
-    for out, labels, mask in pending:
-        out = jax.device_get(out)
-        np.add.at(confusion, (labels[mask], out["pred"][mask]), 1)
-        loss_sum += float(np.sum(out["loss"][mask], dtype=np.float64))
-        top5_hits += int(np.sum(out["top5"][mask]))
-        calibration_sums += calibration.bin_sums(out["conf"][mask],
-                                                 out["pred"][mask] == labels[mask])
-    totals = sum_over_processes({"confusion": confusion, "calibration": calibration_sums,
-                                 "sums": np.array([loss_sum, top5_hits], np.float64)})
-    confusion, calibration_sums = totals["confusion"], totals["calibration"]
-    loss_sum, top5_hits = float(totals["sums"][0]), int(totals["sums"][1])
+        outs = {name: step(params, on_device["image"], on_device["label"])
+                for name, params in device_params.items()}
+        pending.append((outs, batch["label"], batch["mask"]))
+    for outs, labels, mask in pending:
+        for name, out in jax.device_get(outs).items():
+            _add_batch(sums[name], out, labels, mask)
+    totals = sum_over_processes({f"{name}/{key}": value for name, variant in sums.items()
+                                 for key, value in variant.items()})
     elapsed = time.perf_counter() - start
-    result = _result(confusion, loss_sum, top5_hits, info.class_names, elapsed, tta)
-    result.ece = calibration.expected_calibration_error(calibration_sums)
-    result.calibration = calibration_sums.tolist()
-    return result
+    results = {}
+    for name in variants:
+        confusion, calibration_sums = totals[f"{name}/confusion"], totals[f"{name}/calibration"]
+        loss_sum, top5_hits = totals[f"{name}/sums"]
+        result = _result(confusion, float(loss_sum), int(top5_hits), info.class_names, elapsed,
+                         tta)
+        result.ece = calibration.expected_calibration_error(calibration_sums)
+        result.calibration = calibration_sums.tolist()
+        results[name] = result
+    return results
+
+
+def _add_batch(sums: dict[str, np.ndarray], out: dict[str, np.ndarray], labels: np.ndarray,
+               mask: np.ndarray) -> None:
+    """Adds one batch's step output (padding masked out) to a variant's host sums."""
+    pred = out["pred"][mask]
+    np.add.at(sums["confusion"], (labels[mask], pred), 1)
+    sums["sums"][0] += float(np.sum(out["loss"][mask], dtype=np.float64))
+    sums["sums"][1] += int(np.sum(out["top5"][mask]))
+    sums["calibration"] += calibration.bin_sums(out["conf"][mask], pred == labels[mask])
 
 
 def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,

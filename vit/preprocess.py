@@ -1,13 +1,17 @@
 """Image ops for the input pipeline: decode, resize, crop, inception crop, flip, normalise.
 
 Per-example ops work on one uint8 HWC image and take a stateless seed (a [2] int tensor), so a
-pipeline is a deterministic function of its seeds. Normalisation runs on whole batches.
+pipeline is a deterministic function of its seeds. Normalisation runs on whole batches: on the
+host (`normalize`, TF) or on the device (`normalize_on_device`, JAX, the same floats bit for bit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -168,6 +172,31 @@ def normalize(images: tf.Tensor, kind: str) -> tf.Tensor:
         raise DataError(f"pp.normalize={kind!r} is unknown; use one of {sorted(NORMALIZATIONS)}")
     mean, std = (tf.constant(v, tf.float32) for v in NORMALIZATIONS[kind])
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=len(NORMALIZATIONS))
+def normalization_table(kind: str) -> np.ndarray:
+    """float32 [256, 3]: what `normalize` makes of each uint8 value in each channel."""
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    table = normalize(values, kind).numpy()
+    table.flags.writeable = False
+    return table
+
+
+def normalize_on_device(images: jax.Array, kind: str) -> jax.Array:
+    """uint8 images [..., 3] -> float32 model inputs in JAX, bit for bit what `normalize` gives.
+
+    A lookup in `normalization_table`: XLA turns `x / c` into `x * (1 / c)`, so recomputing the
+    formula under jit would differ in the last bit. Floating-point images are taken as model
+    inputs already and returned unchanged (tests feed NaN batches that way).
+    """
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    if images.dtype != jnp.uint8:
+        raise DataError(f"normalize_on_device needs uint8 (or already normalised float) images, "
+                        f"got {images.dtype}; pass the pixels the input pipeline yields")
+    table = jnp.asarray(normalization_table(kind))
+    return table[images.astype(jnp.int32), jnp.arange(3)]
 
 
 def eval_crop(image: tf.Tensor, config) -> tf.Tensor:

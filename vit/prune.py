@@ -140,7 +140,7 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
              lr: float = 1e-4) -> PyTree:
     """`steps` of AdamW (peak `lr`, `finetune_schedule`) on the run's training data, all patch
     tokens kept (no PatchDropout), pruned entries (masks == 0) held at exactly zero."""
-    from vit import data
+    from vit import data, preprocess
     from vit.mix import smooth_labels
 
     model = model.clone(token_keep_ratio=1.0)
@@ -151,6 +151,8 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
 
     @jax.jit
     def step(params, opt_state, images, labels, rng):
+        images = preprocess.normalize_on_device(images, config.pp.normalize)  # uint8 batches
+
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
             return optax.softmax_cross_entropy(logits, smooth_labels(labels, classes,

@@ -21,10 +21,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vit import attention_maps, data
+from vit import attention_maps, data, preprocess
 from vit.evaluate import EvalResult
 from vit.model import VisionTransformer
-from vit.preprocess import NORMALIZATIONS
 
 METRICS_JSON = "metrics.json"
 CONFUSION_PNG, PER_CLASS_PNG = "confusion_matrix.png", "per_class_accuracy.png"
@@ -134,11 +133,10 @@ def eval_examples(config: Any, count: int) -> tuple[np.ndarray, np.ndarray, np.n
     devices, processes = jax.local_device_count(), jax.process_count()
     batch_size = devices * processes * math.ceil(count / devices)
     batch = next(iter(data.eval_iterator(config, batch_size=batch_size)))
-    images = batch["image"].reshape(-1, *batch["image"].shape[2:])
+    pictures = batch["image"].reshape(-1, *batch["image"].shape[2:])  # uint8
     labels, mask = batch["label"].reshape(-1), batch["mask"].reshape(-1)
-    images, labels = images[mask][:count], labels[mask][:count]
-    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[config.pp.normalize])
-    pictures = np.clip(np.round((images * std + mean) * 255.0), 0, 255).astype(np.uint8)
+    pictures, labels = pictures[mask][:count], labels[mask][:count]
+    images = np.asarray(preprocess.normalize_on_device(jnp.asarray(pictures), config.pp.normalize))
     return images, pictures, labels
 
 

@@ -35,7 +35,6 @@ import numpy as np
 from vit import adversarial, calibration, corruptions, data, parallel
 from vit.checkpoint import load_checkpoint
 from vit.evaluate import InferenceModel, _eval_step, load_inference_model, sum_over_processes
-from vit.preprocess import NORMALIZATIONS
 
 log = logging.getLogger(__name__)
 SOURCES = ("auto", "generate", "tfds")
@@ -174,12 +173,9 @@ class _Model:
 
     def correct(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(correct, confidence) per example of uint8 images [devices, per_device, H, W, 3]."""
-        mean, std = (np.asarray(v, np.float32)
-                     for v in NORMALIZATIONS[self.loaded.config.pp.normalize])
-        inputs = (images.astype(np.float32) / np.float32(255.0) - mean) / std  # as data.py
-        batch = parallel.shard({"image": inputs, "label": labels})
-        out = jax.device_get(_eval_step(self.loaded.model)(self.device_params, batch["image"],
-                                                           batch["label"]))
+        batch = parallel.shard({"image": images, "label": labels})  # normalised on the devices
+        step = _eval_step(self.loaded.model, self.loaded.config.pp.normalize)
+        out = jax.device_get(step(self.device_params, batch["image"], batch["label"]))
         return out["pred"] == labels, out["conf"]
 
 
@@ -266,7 +262,7 @@ def robustness_report(
     order = sorted(range(len(eps)), key=lambda i: eps[i][1])
     step = (adversarial.make_attack_step(main.model, config.pp.normalize, attack, norm, steps)
             if attack is not None else None)
-    for batch in data.eval_iterator(config, split, batch_size=batch_size, normalize=False):
+    for batch in data.eval_iterator(config, split, batch_size=batch_size):
         images, labels, mask = batch["image"], batch["label"], batch["mask"]
         sums["examples"] += mask.sum()
         for m, model in enumerate(models):
@@ -303,8 +299,7 @@ def _count_prepared(config: Any, split: str, batch_size: int | None, models: lis
             prepared = config.copy_and_resolve_references()
             prepared.dataset = f"cifar10_corrupted/{corruptions.TFDS_NAMES.get(name, name)}_" \
                                f"{severity}"
-            for batch in data.eval_iterator(prepared, split, batch_size=batch_size,
-                                            normalize=False):
+            for batch in data.eval_iterator(prepared, split, batch_size=batch_size):
                 for m, model in enumerate(models):
                     hits = model.correct(batch["image"], batch["label"])[0] & batch["mask"]
                     sums["corrupt"][m, c, s] += hits.sum()

@@ -31,6 +31,7 @@ from vit import (
     nonfinite,
     optim,
     parallel,
+    preprocess,
     wandb_logger,
 )
 from vit.config_schema import validate_config
@@ -79,7 +80,11 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def make_train_step(
     model: VisionTransformer, tx: optax.GradientTransformation, config: Any, num_classes: int
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The per-device step (pmap it with axis_name=parallel.AXIS): mix, grad, pmean, update."""
+    """The per-device step (pmap it with axis_name=parallel.AXIS): mix, grad, pmean, update.
+
+    batch["image"] holds uint8 pixels as data.train_iterator yields them, normalised here on
+    the device (config.pp.normalize); a float batch is taken as model inputs already.
+    """
     schedule = optim.learning_rate_schedule(config)
     skip_cap = int(config.get("skip_nonfinite") or 0)  # tx must be wrapped to match: see train()
     ema_decay = optim.ema_decay(config)
@@ -114,8 +119,9 @@ def make_train_step(
         mix_rng, dropout_rng = jax.random.split(rng)
         labels = batch["label"]
         targets = mix.smooth_labels(labels, num_classes, float(config.label_smoothing))
-        images, targets = mix.mixup_cutmix(
-            mix_rng, batch["image"], targets, mixup_alpha=float(config.mixup_alpha),
+        images = preprocess.normalize_on_device(batch["image"], config.pp.normalize)
+        images, targets = mix.mixup_cutmix(  # on the normalised floats
+            mix_rng, images, targets, mixup_alpha=float(config.mixup_alpha),
             cutmix_alpha=float(config.cutmix_alpha))
         if adv.method != "none":  # adversarial training: the batch is perturbed, see adv_train
             images = adversarial.perturb_for_training(
@@ -294,16 +300,16 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
 
 def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: int,
               writer: metrics.MetricWriter | None = None) -> dict[str, float]:
-    """Evaluate the current (and EMA) parameters on config.eval_split; log (and write) them."""
-    from vit.evaluate import evaluate
+    """Evaluate the current (and EMA) parameters on config.eval_split, in one pass over the data;
+    log (and write) them."""
+    from vit.evaluate import evaluate_variants
 
     variants = {"eval": rstate.params}
     if rstate.ema_params is not None:
         variants["eval_ema"] = rstate.ema_params
-    scalars, results = {}, {}
-    for prefix, params in variants.items():
-        result = results[prefix] = evaluate(model, params, config, replicated=True,
-                                            tta=config.eval_tta)
+    results = evaluate_variants(model, variants, config, replicated=True, tta=config.eval_tta)
+    scalars = {}
+    for prefix, result in results.items():
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
     if writer is not None:
