@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from machine import cpu_description
-from model_throughput import _median_seconds, make_train_step
+from model_throughput import make_train_step
+from timing import median_seconds
 
 import vit
 
@@ -54,10 +55,10 @@ def measure(options: dict, batch: int, steps: int) -> dict[str, float]:
 
     for _ in range(10):  # compile, then let the host heap reach its steady size
         run_train()
-    train_s = _median_seconds(run_train, steps)
+    train_s = median_seconds(run_train, steps)
     infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
     infer(state[0], images).block_until_ready()
-    infer_s = _median_seconds(lambda: infer(state[0], images).block_until_ready(), steps)
+    infer_s = median_seconds(lambda: infer(state[0], images).block_until_ready(), steps)
     return {"params": vit.count_params(model), "train_images_per_s": round(batch / train_s, 1),
             "infer_images_per_s": round(batch / infer_s, 1)}
 

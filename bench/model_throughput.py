@@ -13,28 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from machine import cpu_description
+from timing import median_seconds
 
 import vit
 from vit import matmul as vit_matmul
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of `fn()` (which must block until done) over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
@@ -43,7 +32,7 @@ def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "flo
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     mm = jax.jit(lambda a, b: vit_matmul.matmul(a, b, matmul_dtype, jnp.float32))
     mm(a, b).block_until_ready()
-    return 2 * n**3 / _median_seconds(lambda: mm(a, b).block_until_ready(), repeats) / 1e9
+    return 2 * n**3 / median_seconds(lambda: mm(a, b).block_until_ready(), repeats) / 1e9
 
 
 def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformation) -> Callable:
@@ -96,12 +85,12 @@ def main() -> None:
     for _ in range(3):  # the first steps grow the host heap to its steady size
         run_train()
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    train_s = _median_seconds(run_train, args.steps)
+    train_s = median_seconds(run_train, args.steps)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
 
     infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
     infer(state[0], images).block_until_ready()
-    infer_s = _median_seconds(lambda: infer(state[0], images).block_until_ready(), args.steps)
+    infer_s = median_seconds(lambda: infer(state[0], images).block_until_ready(), args.steps)
 
     peak = matmul_peak_gflops(matmul_dtype=args.matmul_dtype)
     achieved = flops / train_s / 1e9

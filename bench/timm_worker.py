@@ -13,14 +13,10 @@ Run: `.peer/bin/python bench/timm_worker.py train float32 --batch 128 --size 32 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +48,7 @@ def _load_torchvision_ops() -> bool:
 
 TORCHVISION_OPS = _load_torchvision_ops()
 import timm  # noqa: E402  (after the torchvision ops are in place)
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls (CPU torch is synchronous)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds, worker_arguments  # noqa: E402
 
 
 def _autocast(dtype: str) -> contextlib.AbstractContextManager:
@@ -92,7 +79,7 @@ def train_images_per_s(model: torch.nn.Module, dtype: str, batch: int, size: int
 
     for _ in range(warmup):
         run()
-    return batch / _median_seconds(run, steps)
+    return batch / median_seconds(run, steps)
 
 
 def infer_images_per_s(model: torch.nn.Module, dtype: str, batch: int, size: int, steps: int,
@@ -107,7 +94,7 @@ def infer_images_per_s(model: torch.nn.Module, dtype: str, batch: int, size: int
 
     for _ in range(warmup):
         run()
-    return batch / _median_seconds(run, steps)
+    return batch / median_seconds(run, steps)
 
 
 def matmul_gflops(n: int, dtype: str, repeats: int) -> float:
@@ -119,7 +106,7 @@ def matmul_gflops(n: int, dtype: str, repeats: int) -> float:
             torch.matmul(a, b)
 
     run()
-    return 2 * n**3 / _median_seconds(run, repeats) / 1e9
+    return 2 * n**3 / median_seconds(run, repeats) / 1e9
 
 
 def environment() -> dict[str, object]:
@@ -134,14 +121,7 @@ def environment() -> dict[str, object]:
 
 def main() -> None:
     """Measure one workload and print one JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("workload", choices=("train", "infer", "matmul"))
-    parser.add_argument("dtype", choices=("float32", "bfloat16"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=32, help="image side, or matmul n")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    a = parser.parse_args()
+    a = worker_arguments(__doc__)
     if a.workload == "matmul":
         result = {"value": matmul_gflops(a.size, a.dtype, a.steps), "unit": "GFLOP/s"}
     else:

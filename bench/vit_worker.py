@@ -8,7 +8,6 @@ Run: `python bench/vit_worker.py train float32 --batch 128 --size 32 --steps 10 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -16,7 +15,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from model_throughput import _median_seconds, make_train_step, matmul_peak_gflops
+from model_throughput import make_train_step, matmul_peak_gflops
+from timing import median_seconds, worker_arguments
 
 import vit
 
@@ -42,7 +42,7 @@ def train_images_per_s(model: vit.VisionTransformer, batch: int, steps: int,
 
     for _ in range(1 + warmup):  # compile, then let the host heap reach its steady size
         run()
-    return batch / _median_seconds(run, steps)
+    return batch / median_seconds(run, steps)
 
 
 def infer_images_per_s(model: vit.VisionTransformer, batch: int, steps: int,
@@ -53,7 +53,7 @@ def infer_images_per_s(model: vit.VisionTransformer, batch: int, steps: int,
     infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
     for _ in range(1 + warmup):
         infer(params, images).block_until_ready()
-    return batch / _median_seconds(lambda: infer(params, images).block_until_ready(), steps)
+    return batch / median_seconds(lambda: infer(params, images).block_until_ready(), steps)
 
 
 def environment() -> dict[str, object]:
@@ -81,14 +81,7 @@ def measure(workload: str, dtype: str, batch: int, size: int, steps: int,
 
 def main() -> None:
     """Measure one workload and print one JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("workload", choices=("train", "infer", "matmul"))
-    parser.add_argument("dtype", choices=("float32", "bfloat16"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=32, help="image side, or matmul n")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
+    args = worker_arguments(__doc__)
     result = measure(args.workload, args.dtype, args.batch, args.size, args.steps, args.warmup)
     print(json.dumps({**result, "env": environment()}))
 
