@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from vit.optim import learning_rate_schedule
 from vit.weight_formats import flatten_params
 
 PyTree = Any
@@ -130,8 +131,6 @@ def removed_fraction(params: PyTree, original: PyTree) -> float:
 def finetune_schedule(lr: float, steps: int) -> optax.Schedule:
     """The trainer's warmup + cosine schedule for a `steps`-step fine-tune at peak `lr`: linear
     warmup over the first tenth of the steps, then a cosine decay to 0 at t = `steps`."""
-    from vit.optim import learning_rate_schedule
-
     return learning_rate_schedule({"lr": lr, "warmup_steps": steps // 10, "total_steps": steps,
                                    "schedule": "cosine", "min_lr_ratio": 0.0})
 
