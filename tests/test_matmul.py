@@ -1,5 +1,6 @@
-"""bfloat16-operand matmuls (vit/matmul.py): exact values, gradients, and the model option."""
+"""Dense matmuls (vit/matmul.py): bfloat16 operands, flat weight gradients, the model option."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,34 @@ def test_float32_matmul_dtype_is_the_plain_product():
     w = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
     np.testing.assert_array_equal(np.asarray(matmul.matmul(x, w, "float32", jnp.float32)),
                                   np.asarray(x @ w))
-    assert matmul.dense_dot_general("float32") is None
+
+
+@pytest.mark.parametrize("matmul_dtype", matmul.MATMUL_DTYPES)
+def test_matmul_keeps_leading_dims_and_its_gradients_transpose_nothing(matmul_dtype):
+    # x [batch, tokens, K]: run flat, the weight gradient is one dot over one contracting
+    # dimension, which XLA:CPU computes without first transposing an operand in memory.
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 16))
+    w = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+    y = matmul.matmul(x, w, matmul_dtype, jnp.float32)
+    assert y.shape == (4, 5, 8)
+    tol = 0 if matmul_dtype == "float32" else 5e-2
+    np.testing.assert_allclose(np.asarray(y), np.asarray(jnp.einsum("btk,kn->btn", x, w)),
+                               rtol=tol, atol=tol)
+    grads = jax.jit(jax.grad(lambda x, w: (matmul.matmul(x, w, matmul_dtype, jnp.float32)
+                                           ** 2).sum(), argnums=(0, 1)))
+    hlo = grads.lower(x, w).compile().as_text()
+    assert " transpose(" not in hlo and " copy(" not in hlo
+
+
+def test_dense_dot_general_is_the_flat_matmul():
+    dense = nn.Dense(8, dot_general=matmul.dense_dot_general("float32"))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16))
+    params = dense.init(jax.random.PRNGKey(1), x)
+    expected = x @ params["params"]["kernel"] + params["params"]["bias"]
+    np.testing.assert_allclose(np.asarray(dense.apply(params, x)), np.asarray(expected),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown matmul_dtype"):
+        matmul.dense_dot_general("float16")
 
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, classifier="map")

@@ -7,6 +7,12 @@ mixed precision as PyTorch's autocast does it. Asking XLA for a float32 result m
 CPUs with AMX (Intel Sapphire Rapids and later) a bfloat16 x bfloat16 -> float32 dot runs on
 the AMX tiles, about 4x a float32 dot (1,100 vs 250 GFLOP/s at [4096, 128] x [128, 384] on the
 2-core Xeon measured here), while a bfloat16 -> bfloat16 dot is slower than float32.
+
+Every dense matmul, in either dtype, runs on its input flattened to [tokens, K]: the weight
+gradient is then one [tokens, K]^T [tokens, N] dot over a single contracting dimension. Left at
+[batch, tokens, K], autodiff contracts two dimensions at once and XLA:CPU transposes an
+operand in memory first, which cost the Ti/4 training step a quarter of its time (README,
+*Speed on CPU: flat matmuls*).
 """
 
 from __future__ import annotations
@@ -61,16 +67,18 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def matmul(x: Array, w: Array, matmul_dtype: str, out_dtype: Any) -> Array:
-    """x [..., K] @ w [K, N] in `out_dtype`, with operands in `matmul_dtype`."""
+    """x [..., K] @ w [K, N] in `out_dtype`, with operands in `matmul_dtype`, on x as [-1, K]."""
+    flat = x.reshape(-1, x.shape[-1])
     if matmul_dtype == "bfloat16":
-        return bf16_matmul(x, w).astype(out_dtype)
-    return x.astype(out_dtype) @ w.astype(out_dtype)
+        y = bf16_matmul(flat, w).astype(out_dtype)
+    else:
+        y = flat.astype(out_dtype) @ w.astype(out_dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def dense_dot_general(matmul_dtype: str) -> Any:
-    """A `dot_general` for `flax.linen.Dense` using `matmul_dtype` operands; None for float32."""
-    if matmul_dtype == "float32":
-        return None
+    """A `dot_general` for `flax.linen.Dense`: `matmul`, with `matmul_dtype` operands."""
+    check_matmul_dtype(matmul_dtype)
 
     def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
                     preferred_element_type: Any = None, **_: Any) -> Array:
