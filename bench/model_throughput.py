@@ -50,25 +50,33 @@ def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformati
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def main() -> None:
-    """Measure and print one JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The flags that pick the measured step: variant, image size, batch, steps, matmul dtype."""
     parser.add_argument("--variant", default="Ti/4")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
-    args = parser.parse_args()
 
+
+def step_inputs(args: argparse.Namespace) -> tuple:
+    """(model, tx, params, opt_state, images, labels, rng) for the step the flags pick."""
     model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
                              matmul_dtype=args.matmul_dtype)
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
-    opt_state = tx.init(params)
     images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.image_size,
                                                        args.image_size, 3))
     labels = jnp.arange(args.batch) % 10
-    rng = jax.random.PRNGKey(2)
+    return model, tx, params, tx.init(params), images, labels, jax.random.PRNGKey(2)
+
+
+def main() -> None:
+    """Measure and print one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_step_arguments(parser, steps=10)
+    args = parser.parse_args()
+    model, tx, params, opt_state, images, labels, rng = step_inputs(args)
 
     step = make_train_step(model, tx)
     start = time.perf_counter()

@@ -22,13 +22,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import optax
 from machine import cpu_description
-from model_throughput import make_train_step
-
-import vit
-from vit import matmul as vit_matmul
+from model_throughput import add_step_arguments, make_train_step, step_inputs
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) (\w+)\((.*)$", re.M)
 _COMPUTATION = re.compile(r"^%(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", re.M | re.S)
@@ -79,22 +74,12 @@ def profile(compiled, state: list, batch_args: tuple, steps: int) -> tuple[list,
 def main() -> None:
     """Profile the step and print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", default="Ti/4")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
+    add_step_arguments(parser, steps=3)
     parser.add_argument("--top", type=int, default=15, help="how many ops to list")
-    parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
     args = parser.parse_args()
 
-    model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
-                             matmul_dtype=args.matmul_dtype)
-    params = vit.init_params(model, jax.random.PRNGKey(0))
-    tx = optax.adamw(1e-3, weight_decay=1e-4)
-    images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.image_size,
-                                                       args.image_size, 3))
-    batch_args = (images, jnp.arange(args.batch) % 10, jax.random.PRNGKey(2))
-    state = [params, tx.init(params)]
+    model, tx, params, opt_state, *batch_args = step_inputs(args)
+    state = [params, opt_state]
     compiled = make_train_step(model, tx).lower(*state, *batch_args).compile()
     for _ in range(3):  # the host heap reaches its steady size
         state[0], state[1], loss = compiled(*state, *batch_args)
