@@ -7,8 +7,9 @@ AVX-512 and AMX; "AMD EPYC": family 25, AVX2 and AVX-512).
   short       `make train`: the time-to-accuracy recipe cut to ~7 minutes of training.
                   python train.py --config=configs/cifar10.py:short --workdir=runs/cifar10-short
               Plain patchify stem, float32, 3,600 steps keeping half the patch tokens, no crop.
-              Measured (`make train` from a fresh clone, Intel Xeon): 65.3% top-1, 97.3% top-5
-              in 7.3 minutes (the conv stem's 2,700 steps: 64.4% in 6.7 minutes there).
+              Measured (`make train` from a fresh clone, Intel Xeon): 65.3% top-1, 97.2% top-5
+              in 6.8 minutes, setup included (the conv stem's 2,700 steps: 64.4% in 6.7 minutes
+              there).
   hour        the plain patchify ViT (4 blocks of width 128, 4 heads, GAP head, sin-cos posemb,
               0.68 M params) with bfloat16 matmul operands (float32 sums), 42,000 steps of batch
               64 keeping half the patch tokens, crop + flip, label smoothing 0.1, AdamW lr 1e-3,
