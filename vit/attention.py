@@ -3,9 +3,10 @@
 Parameters: `{query,key,value}/{kernel [width, heads, head_dim], bias [heads, head_dim]}` and
 `out/{kernel [heads, head_dim, width], bias [width]}`, as the public vit_jax checkpoints.
 
-`impl` picks how attention is computed: "explicit" (softmax of q.k in einsums; the only one that
-returns the weights or applies attention dropout) or "fused" (`jax.nn.dot_product_attention`,
-which selects fused kernels such as cuDNN flash attention on GPU). The user-facing default
+`impl` picks how attention is computed: "explicit" (softmax of q.k in einsums on heads-first
+[B, heads, T, dim] operands; the only one that returns the weights or applies attention
+dropout) or "fused" (`jax.nn.dot_product_attention`, which selects fused kernels such as cuDNN
+flash attention on GPU). The user-facing default
 "auto" is decided once, where the model is built (`vit.create_model` calls
 `resolve_attention_impl`): explicit on CPU, where XLA:CPU runs it faster, else fused. The module
 never looks at the backend. A boolean `mask` broadcastable to [batch, heads, queries, keys]
@@ -68,8 +69,9 @@ class _DenseGeneralParams(nn.Module):
 
 
 def _heads_first(x: Array) -> Array:
-    """[B, T, heads, dim] -> [B, heads, T, dim]: batched matmuls over (batch, head) run on
-    contiguous [T, dim] blocks; XLA:CPU ran them 2-3x slower with heads in the middle."""
+    """Swap the token and head axes, [B, T, heads, dim] <-> [B, heads, T, dim]: batched matmuls
+    over (batch, head) then run on contiguous [T, dim] blocks; XLA:CPU ran them 2-3x slower
+    with the heads in the middle (README, *Speed on CPU: heads-first attention*)."""
     return x.transpose(0, 2, 1, 3)
 
 
