@@ -6,11 +6,11 @@ Parameters: `{query,key,value}/{kernel [width, heads, head_dim], bias [heads, he
 `impl` picks how attention is computed: "explicit" (softmax of q.k in einsums on heads-first
 [B, heads, T, dim] operands; the only one that returns the weights or applies attention
 dropout) or "fused" (`jax.nn.dot_product_attention`, which selects fused kernels such as cuDNN
-flash attention on GPU). The user-facing default
-"auto" is decided once, where the model is built (`vit.create_model` calls
-`resolve_attention_impl`): explicit on CPU, where XLA:CPU runs it faster, else fused. The module
-never looks at the backend. A boolean `mask` broadcastable to [batch, heads, queries, keys]
-(True = attend) is honoured by both: masked keys get exactly zero weight.
+flash attention on GPU). The user-facing default "auto" is decided once, where the model is
+built (`vit.create_model` calls `resolve_attention_impl`): explicit on CPU, where XLA:CPU runs
+it faster, else fused. The module never looks at the backend. A boolean `mask` broadcastable
+to [batch, heads, queries, keys] (True = attend) is honoured by both: masked keys get exactly
+zero weight.
 """
 
 from __future__ import annotations
