@@ -1,5 +1,6 @@
 """Tests for vit.checkpoint: exact resume, retention, template-free loading, errors."""
 
+import asyncio
 import errno
 import os
 import shutil
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint._src.path import atomicity, temporary_paths
 
 from vit import checkpoint, optim
 
@@ -208,6 +209,26 @@ def test_a_failed_save_names_its_step_once_and_the_earlier_one_restores(tmp_path
     _assert_tree_equal(reopened.restore(_state(ema=False, steps=0)), saved)
     reopened.close()
     assert sorted(os.listdir(directory)) == ["2"]  # the half-written step 3 was cleaned up
+
+
+def test_opening_a_directory_removes_half_written_steps_before_it_returns(tmp_path, monkeypatch):
+    saved, meta = _state(ema=False), dict(config={}, dataset_info={})
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(2, saved, **meta)
+    ckpt.close()
+    directory = tmp_path / "checkpoints"
+    (directory / "3.orbax-checkpoint-tmp" / "state").mkdir(parents=True)  # a killed save
+    real = temporary_paths.cleanup_temporary_paths
+
+    async def slow(*args, **kwargs):  # orbax runs it in a background thread
+        await asyncio.sleep(0.5)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow)
+    reopened = checkpoint.Checkpointer(str(tmp_path))
+    assert sorted(os.listdir(directory)) == ["2"]
+    assert reopened.latest_step() == 2
+    reopened.close()
 
 
 def test_saving_a_step_the_directory_already_holds_is_one_line_and_keeps_it(tmp_path):

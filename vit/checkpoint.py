@@ -72,6 +72,10 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                            _METADATA: ocp.JsonCheckpointHandler()})
+        # Orbax removes half-written steps in a background thread that only its next save
+        # awaits; waiting here means an opened directory holds finished steps only, and no
+        # cleanup thread outlives a Checkpointer that is closed without saving.
+        self._manager._maybe_await_cleanup_tmp_directory()
         self._started: list[int] = []  # saves begun since the last wait()
         self._failed = False  # a failed save was reported: close() does not report it again
         if not _open_checkpointers:
