@@ -1,0 +1,143 @@
+"""Images/s and model FLOPs utilisation (MFU) of a config's real training step on this machine.
+
+Runs the trainer's own step (vit/trainer.py: `make_train_step` pmapped over every local device
+with the trainer's axis name and donated state, AdamW or the config's optimizer, EMA, mixup,
+bfloat16 compute where the config asks for it) on a fixed random uint8 batch, `--steps` timed
+steps after compiling and `--warmup` untimed ones, and prints one JSON line.
+
+Model FLOPs per image are counted on the model's jaxpr (vit/flops.py: its matmuls and
+convolutions, 3x the training forward pass), so MFU = model FLOPs per second over the peak,
+whatever XLA fuses or rematerialises. The peak: `--peak-tflops` (per device) if given; else a
+GPU's or TPU's dense bfloat16 peak from the table below by `device_kind`; on a CPU, the 4096^2
+matmul measured in this process in the step's operand dtype (bfloat16 x bfloat16 -> float32
+when the config computes in bfloat16), which all cores of the one CPU device share.
+
+On a GPU (the issue's check: B/16 in bfloat16, target MFU >= 0.5):
+    python bench/train_mfu.py configs/imagenet.py:B/16 --per_device_batch 256
+On this CPU: python bench/train_mfu.py configs/cifar10.py:Ti/4 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_description  # noqa: E402
+from model_throughput import matmul_peak_gflops  # noqa: E402
+from timing import median_seconds  # noqa: E402
+from train_memory import load_config, num_classes_of  # noqa: E402
+
+from vit import flops, nonfinite, optim, parallel, trainer  # noqa: E402
+from vit.model import init_params, model_from_config  # noqa: E402
+
+# Dense bfloat16 TFLOP/s per device, from the vendors' data sheets (no sparsity). The first
+# entry whose key is in jax's `device_kind` applies, so longer names come first.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v6 lite", 918.0),
+)
+TARGET_MFU = 0.5
+
+
+def _computes_in_bfloat16(config: Any) -> bool:
+    return "bfloat16" in (str(config.model.get("dtype")), str(config.model.get("matmul_dtype")))
+
+
+def device_peak_tflops(device: Any, config: Any, given: float | None = None) -> tuple[float, str]:
+    """(peak TFLOP/s of one device, where the figure comes from) for the step `config` runs."""
+    if given is not None:
+        return given, "--peak-tflops"
+    if device.platform == "cpu":
+        dtype = "bfloat16" if _computes_in_bfloat16(config) else "float32"
+        return matmul_peak_gflops(matmul_dtype=dtype) / 1e3, f"measured 4096^2 {dtype} matmul"
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key in device.device_kind:
+            return peak, f"data sheet, dense bfloat16, {key}"
+    raise ValueError(f"no bfloat16 peak known for {device.device_kind!r}: pass --peak-tflops")
+
+
+def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10,
+            warmup: int = 2, peak_tflops: float | None = None) -> dict[str, Any]:
+    """Time `config`'s training step on every local device; images/s, TFLOP/s and MFU."""
+    devices = jax.local_devices()
+    n = len(devices)
+    per_device = per_device_batch or config.batch_size // n
+    if per_device < 1 or per_device % int(config.grad_accum_steps):
+        raise ValueError(f"per-device batch {per_device} must be a positive multiple of "
+                         f"grad_accum_steps={config.grad_accum_steps}: pass --per_device_batch")
+    classes = num_classes_of(config)
+    model = model_from_config(config.model, num_classes=classes, image_size=config.image_size)
+    key = jax.random.PRNGKey(0)
+    params = init_params(model, key)
+    tx = nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
+                                  int(config.skip_nonfinite))
+    state = parallel.replicate(trainer.create_train_state(
+        params, tx, key, use_ema=optim.ema_decay(config) is not None))
+    rng = np.random.default_rng(0)
+    size = config.image_size
+    batch = parallel.shard({
+        "image": rng.integers(0, 256, (n, per_device, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, classes, (n, per_device), dtype=np.int32)})
+    step = jax.pmap(trainer.make_train_step(model, tx, config, classes),
+                    axis_name=parallel.AXIS, donate_argnums=(0,))
+    holder = [state]
+
+    def run() -> None:
+        holder[0], metrics = step(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    start = time.perf_counter()
+    run()  # compiles
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        run()
+    step_s = median_seconds(run, steps)
+    images_per_s = n * per_device / step_s
+    flops_per_image = flops.train_flops_per_image(model)
+    achieved = flops_per_image * images_per_s / 1e12
+    peak, source = device_peak_tflops(devices[0], config, peak_tflops)
+    # One CPU device already uses every core: its measured peak is the whole machine's.
+    total_peak = peak if devices[0].platform == "cpu" else peak * n
+    return {
+        "variant": config.model.variant, "image_size": size, "dtype": str(config.model.dtype),
+        "matmul_dtype": str(config.model.get("matmul_dtype", "float32")),
+        "attention_impl": model.attention_impl, "grad_accum_steps": int(config.grad_accum_steps),
+        "platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": n,
+        "per_device_batch": per_device, "compile_s": round(compile_s, 1),
+        "step_ms": round(step_s * 1e3, 2), "images_per_s": round(images_per_s, 2),
+        "model_flops_per_image": flops_per_image,
+        "achieved_tflops_per_s": round(achieved, 4),
+        "peak_tflops_per_s": round(total_peak, 4), "peak_source": source,
+        "mfu": round(achieved / total_peak, 4), "target_mfu": TARGET_MFU,
+    }
+
+
+def main() -> None:
+    """Parse the command line, measure, print one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="config file and variant, e.g. configs/imagenet.py:B/16")
+    parser.add_argument("--per_device_batch", type=int, default=None,
+                        help="images per device per step (default: batch_size / devices)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="one device's peak TFLOP/s (default: data sheet, or measured on CPU)")
+    args = parser.parse_args()
+    result = measure(load_config(args.config), per_device_batch=args.per_device_batch,
+                     steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+    print(json.dumps({"bench": "train_mfu", "config": args.config, **result,
+                      "machine": cpu_description(), "jax": jax.__version__}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""bench/train_mfu.py: the trainer's step timed, its model FLOPs, the peak it is held against."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import pytest
+from test_flops import _vit_forward_by_hand
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from train_memory import load_config  # noqa: E402
+from train_mfu import device_peak_tflops, measure  # noqa: E402
+
+
+def test_smoke_step_reports_model_flops_and_mfu_against_the_given_peak():
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    result = measure(config, per_device_batch=8, steps=2, warmup=0, peak_tflops=2.0)
+    n = jax.local_device_count()
+    # configs/smoke.py: Ti/8 at 32 px, width 32, depth 2, MLP 64, 10 classes, no token dropping
+    assert result["model_flops_per_image"] == 3 * _vit_forward_by_hand(17, 16, 8, 32, 2, 64, 10)
+    assert result["devices"] == n and result["per_device_batch"] == 8
+    assert result["images_per_s"] == pytest.approx(8 * n / (result["step_ms"] / 1e3), rel=1e-3)
+    achieved = result["model_flops_per_image"] * result["images_per_s"] / 1e12
+    assert result["achieved_tflops_per_s"] == pytest.approx(achieved, rel=1e-3, abs=1e-4)
+    assert result["peak_source"] == "--peak-tflops" and result["peak_tflops_per_s"] == 2.0
+    assert result["mfu"] == pytest.approx(result["achieved_tflops_per_s"] / 2.0, abs=1e-4)
+    assert result["platform"] == "cpu" and result["target_mfu"] == 0.5
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_refused():
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    config.grad_accum_steps = 4
+    with pytest.raises(ValueError, match="per-device batch 6 must be a positive multiple of "
+                                         "grad_accum_steps=4"):
+        measure(config, per_device_batch=6, steps=1)
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+    ("TPU v5 lite", 197.0), ("TPU v5", 459.0)])
+def test_accelerator_peaks_come_from_the_data_sheet_table(kind, peak):
+    gpu = SimpleNamespace(platform="gpu", device_kind=kind)
+    got, source = device_peak_tflops(gpu, config=None)
+    assert got == peak and source.startswith("data sheet")
+
+
+def test_an_unknown_accelerator_asks_for_its_peak():
+    gpu = SimpleNamespace(platform="gpu", device_kind="Mystery Accelerator 9000")
+    with pytest.raises(ValueError, match="no bfloat16 peak known for 'Mystery Accelerator "
+                                         "9000': pass --peak-tflops"):
+        device_peak_tflops(gpu, config=None)
+
+
+def test_on_the_cpu_the_peak_is_a_matmul_measured_in_the_step_operand_dtype():
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    peak, source = device_peak_tflops(jax.devices("cpu")[0], config)
+    assert peak > 0 and source == "measured 4096^2 float32 matmul"
