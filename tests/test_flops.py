@@ -54,6 +54,8 @@ def test_a_vit_forward_and_train_step_match_the_hand_count():
     assert flops.train_flops_per_image(model) == 3 * by_hand
     fused = vit.create_model("Ti/8", attention_impl="fused", **kw)
     assert flops.forward_flops_per_image(fused) == by_hand  # counted as the explicit kernel
+    bf16 = vit.create_model("Ti/8", matmul_dtype="bfloat16", **kw)  # matmuls in a custom_vjp
+    assert flops.forward_flops_per_image(bf16) == by_hand
 
 
 def test_token_dropping_counts_the_kept_tokens_in_training_only():
