@@ -7,7 +7,7 @@ steps after compiling and `--warmup` untimed ones, and prints one JSON line.
 
 Model FLOPs per image are counted on the model's jaxpr (vit/flops.py: its matmuls and
 convolutions, 3x the training forward pass), so MFU = model FLOPs per second over the peak,
-whatever XLA fuses or rematerialises. The peak: `--peak-tflops` (per device) if given; else a
+whatever XLA fuses or rematerialises. The peak: `--peak_tflops` (per device) if given; else a
 GPU's or TPU's dense bfloat16 peak from the table below by `device_kind`; on a CPU, the 4096^2
 matmul measured in this process in the step's operand dtype (bfloat16 x bfloat16 -> float32
 when the config computes in bfloat16), which all cores of the one CPU device share.
@@ -56,14 +56,14 @@ def _computes_in_bfloat16(config: Any) -> bool:
 def device_peak_tflops(device: Any, config: Any, given: float | None = None) -> tuple[float, str]:
     """(peak TFLOP/s of one device, where the figure comes from) for the step `config` runs."""
     if given is not None:
-        return given, "--peak-tflops"
+        return given, "--peak_tflops"
     if device.platform == "cpu":
         dtype = "bfloat16" if _computes_in_bfloat16(config) else "float32"
         return matmul_peak_gflops(matmul_dtype=dtype) / 1e3, f"measured 4096^2 {dtype} matmul"
     for key, peak in BF16_PEAK_TFLOPS:
         if key in device.device_kind:
             return peak, f"data sheet, dense bfloat16, {key}"
-    raise ValueError(f"no bfloat16 peak known for {device.device_kind!r}: pass --peak-tflops")
+    raise ValueError(f"no bfloat16 peak known for {device.device_kind!r}: pass --peak_tflops")
 
 
 def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10,
@@ -114,11 +114,10 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
         "attention_impl": model.attention_impl, "grad_accum_steps": int(config.grad_accum_steps),
         "platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": n,
         "per_device_batch": per_device, "compile_s": round(compile_s, 1),
-        "step_ms": round(step_s * 1e3, 2), "images_per_s": round(images_per_s, 2),
-        "model_flops_per_image": flops_per_image,
-        "achieved_tflops_per_s": round(achieved, 4),
-        "peak_tflops_per_s": round(total_peak, 4), "peak_source": source,
-        "mfu": round(achieved / total_peak, 4), "target_mfu": TARGET_MFU,
+        "step_ms": step_s * 1e3, "images_per_s": images_per_s,
+        "model_flops_per_image": flops_per_image, "achieved_tflops_per_s": achieved,
+        "peak_tflops_per_s": total_peak, "peak_source": source,
+        "mfu": achieved / total_peak, "target_mfu": TARGET_MFU,
     }
 
 
@@ -130,7 +129,7 @@ def main() -> None:
                         help="images per device per step (default: batch_size / devices)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak_tflops", type=float, default=None,
                         help="one device's peak TFLOP/s (default: data sheet, or measured on CPU)")
     args = parser.parse_args()
     result = measure(load_config(args.config), per_device_batch=args.per_device_batch,
