@@ -7,10 +7,11 @@ steps after compiling and `--warmup` untimed ones, and prints one JSON line.
 
 Model FLOPs per image are counted on the model's jaxpr (vit/flops.py: its matmuls and
 convolutions, 3x the training forward pass), so MFU = model FLOPs per second over the peak,
-whatever XLA fuses or rematerialises. The peak: `--peak_tflops` (per device) if given; else a
-GPU's or TPU's dense bfloat16 peak from the table below by `device_kind`; on a CPU, the 4096^2
-matmul measured in this process in the step's operand dtype (bfloat16 x bfloat16 -> float32
-when the config computes in bfloat16), which all cores of the one CPU device share.
+whatever XLA fuses or rematerialises. The peak: `--peak_tflops` if given (per accelerator; on a
+CPU, the machine's); else a GPU's or TPU's dense bfloat16 peak from the table below by
+`device_kind`, times the devices; on a CPU, the 4096^2 matmul measured in this process in the
+step's operand dtype (bfloat16 x bfloat16 -> float32 when the config computes in bfloat16): the
+machine's, which every CPU device shares.
 
 On a GPU (the issue's check: B/16 in bfloat16, target MFU >= 0.5):
     python bench/train_mfu.py configs/imagenet.py:B/16 --per_device_batch 256
@@ -130,7 +131,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="one device's peak TFLOP/s (default: data sheet, or measured on CPU)")
+                        help="one accelerator's peak TFLOP/s, on a CPU the whole machine's "
+                        "(default: data sheet; measured on a CPU)")
     args = parser.parse_args()
     result = measure(load_config(args.config), per_device_batch=args.per_device_batch,
                      steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)

@@ -1,5 +1,8 @@
 """bench/train_mfu.py: the trainer's step timed, its model FLOPs, the peak it is held against."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,3 +62,18 @@ def test_on_the_cpu_the_peak_is_a_matmul_measured_in_the_step_operand_dtype():
     config = load_config(str(ROOT / "configs" / "smoke.py"))
     peak, source = device_peak_tflops(jax.devices("cpu")[0], config)
     assert peak > 0 and source == "measured 4096^2 float32 matmul"
+
+
+def test_the_command_line_runs_the_step_on_every_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_mfu.py"), str(ROOT / "configs" / "smoke.py"),
+         "--steps", "1", "--warmup", "0", "--peak_tflops", "1"],
+        env=env, capture_output=True, text=True, timeout=300, check=True)
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["bench"] == "train_mfu" and line["devices"] == 2
+    assert line["per_device_batch"] == 16  # configs/smoke.py: batch 32 over 2 devices
+    assert line["images_per_s"] == pytest.approx(32 / (line["step_ms"] / 1e3), rel=1e-9)
+    assert line["peak_tflops_per_s"] == 1.0  # a CPU's measured or given peak is the machine's
+    assert line["mfu"] == pytest.approx(line["achieved_tflops_per_s"], rel=1e-9)
