@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_description  # noqa: E402
 
-from vit import nonfinite, optim, parallel, trainer  # noqa: E402
+from vit import parallel, trainer  # noqa: E402
 from vit.model import init_params, model_from_config  # noqa: E402
 
 GIB = 2**30
@@ -123,10 +123,8 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
                               platform=platform)
     key = jax.random.PRNGKey(0)
     params = jax.eval_shape(functools.partial(init_params, model), key)
-    tx = nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
-                                  int(config.skip_nonfinite))
-    use_ema = optim.ema_decay(config) is not None
-    state = jax.eval_shape(lambda p, r: trainer.create_train_state(p, tx, r, use_ema), params, key)
+    tx = trainer.train_optimizer(config, params)
+    state = jax.eval_shape(lambda p, r: trainer.fresh_state(config, p, tx, r), params, key)
     size = config.image_size
     batch = {"image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), image_dtype),
              "label": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)}

@@ -37,7 +37,7 @@ from model_throughput import matmul_peak_gflops  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from train_memory import load_config, num_classes_of  # noqa: E402
 
-from vit import flops, nonfinite, optim, parallel, trainer  # noqa: E402
+from vit import flops, parallel, trainer  # noqa: E402
 from vit.model import init_params, model_from_config  # noqa: E402
 
 # Dense bfloat16 TFLOP/s per device, from the vendors' data sheets (no sparsity). The first
@@ -80,10 +80,8 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
     model = model_from_config(config.model, num_classes=classes, image_size=config.image_size)
     key = jax.random.PRNGKey(0)
     params = init_params(model, key)
-    tx = nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
-                                  int(config.skip_nonfinite))
-    state = parallel.replicate(trainer.create_train_state(
-        params, tx, key, use_ema=optim.ema_decay(config) is not None))
+    tx = trainer.train_optimizer(config, params)
+    state = parallel.replicate(trainer.fresh_state(config, params, tx, key))
     rng = np.random.default_rng(0)
     size = config.image_size
     batch = parallel.shard({

@@ -86,7 +86,7 @@ def make_train_step(
     the device (config.pp.normalize); a float batch is taken as model inputs already.
     """
     schedule = optim.learning_rate_schedule(config)
-    skip_cap = int(config.get("skip_nonfinite") or 0)  # tx must be wrapped to match: see train()
+    skip_cap = int(config.get("skip_nonfinite") or 0)  # tx: see train_optimizer
     ema_decay = optim.ema_decay(config)
     accum = int(config.grad_accum_steps)
     adv = config.get("adv_train") or adversarial.default_config()
@@ -161,6 +161,18 @@ def build_model(config: Any, info: data.DatasetInfo) -> VisionTransformer:
                              image_size=config.image_size)
 
 
+def train_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
+    """The run's optimizer, wrapped for `config.skip_nonfinite` as `make_train_step` expects."""
+    return nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
+                                    int(config.skip_nonfinite))
+
+
+def fresh_state(config: Any, params: PyTree, tx: optax.GradientTransformation,
+                rng: jax.Array) -> TrainState:
+    """The step-0 state of a run: `params`, `tx`'s state, and EMA parameters if the config asks."""
+    return create_train_state(params, tx, rng, use_ema=optim.ema_decay(config) is not None)
+
+
 def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
                    read_init_from: bool = True) -> PyTree:
     """Fresh parameters, or `config.init_from` weights adapted to `model` (fine-tuning).
@@ -221,9 +233,8 @@ def _start_state(config: Any, model: VisionTransformer, ckpt: checkpoint.Checkpo
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     latest = ckpt.latest_step()
     params = initial_params(config, model, init_rng, read_init_from=latest is None)
-    tx = nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
-                                  int(config.skip_nonfinite))
-    state = create_train_state(params, tx, state_rng, use_ema=optim.ema_decay(config) is not None)
+    tx = train_optimizer(config, params)
+    state = fresh_state(config, params, tx, state_rng)
     if latest is None:
         return state, tx
     changes = config_changes.check_resume(
