@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax_cache
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -108,6 +109,7 @@ main(["train.py", *sys.argv[3:]])
 
 def _env(devices: int = 1) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(jax_cache.CACHE_ENV)
     env.update(TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return env

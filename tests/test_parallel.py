@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax_cache
 import pytest
 
 from vit import parallel
@@ -71,6 +72,7 @@ def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(jax_cache.CACHE_ENV)
     return env
 
 
