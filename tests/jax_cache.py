@@ -15,7 +15,6 @@ import tempfile
 CACHE_ENV = {
     "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "vit-tests-jax-cache"),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.3",  # the big programs, not eager ops
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30),
 }
 
