@@ -180,8 +180,9 @@ config.coordinator_address, config.num_processes, config.process_id = "{addr}", 
 result = trainer.train(config, "{workdir}")
 flat = traverse_util.flatten_dict(result.state.params, sep="/")
 digest = hashlib.sha256(b"".join(np.asarray(flat[k]).tobytes() for k in sorted(flat)))
-print("RESULT", jax.process_count(), jax.device_count(), digest.hexdigest(),
-      round(result.metrics["eval/top1"], 6))
+# One write per line: Gloo's C++ logging shares stdout and lands between separate writes.
+sys.stdout.write(f"RESULT {{jax.process_count()}} {{jax.device_count()}} {{digest.hexdigest()}} "
+                 f"{{round(result.metrics['eval/top1'], 6)}}\\n")
 """
 
 

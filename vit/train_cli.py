@@ -62,13 +62,14 @@ def _run(argv: list[str]) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    # Each line in one write: in a multi-host run Gloo's C++ logging shares stdout, and with
+    # unbuffered output it would land between print's separate writes of a line and its newline.
     if result.preempted:  # a distinct status, so that a scheduler requeues the job
-        print(f"preempted at step {int(result.state.step)}: checkpoint saved; rerun the same "
-              f"command to resume (exit status {EXIT_PREEMPTED})")
+        sys.stdout.write(f"preempted at step {int(result.state.step)}: checkpoint saved; rerun "
+                         f"the same command to resume (exit status {EXIT_PREEMPTED})\n")
         sys.exit(EXIT_PREEMPTED)
-    for key in sorted(result.metrics):
-        if key.startswith("eval"):
-            print(f"{key}: {result.metrics[key]:.4f}")
+    sys.stdout.write("".join(f"{key}: {result.metrics[key]:.4f}\n"
+                             for key in sorted(result.metrics) if key.startswith("eval")))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
