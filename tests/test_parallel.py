@@ -63,10 +63,9 @@ WORKER = textwrap.dedent("""
     x = parallel.shard({"x": np.array([[1.0 + 2 * pid], [2.0 + 2 * pid]])})["x"]
     y = jax.pmap(lambda v: jax.lax.psum(v, parallel.AXIS), axis_name=parallel.AXIS)(x)
     parallel.sync_global_devices("done")
-    # The result goes to its own file: Gloo's C++ logging shares stdout and can split a line.
-    with open(sys.argv[3], "w") as f:
-        print(jax.process_count(), jax.device_count(), parallel.unreplicate(y)[0],
-              parallel.per_device_batch(8), file=f)
+    # One write per line: Gloo's C++ logging shares stdout and lands between separate writes.
+    sys.stdout.write(f"RESULT {jax.process_count()} {jax.device_count()} "
+                     f"{parallel.unreplicate(y)[0]} {parallel.per_device_batch(8)}\\n")
 """)
 
 
@@ -85,13 +84,11 @@ def test_four_device_plumbing():
     assert out.stdout.strip().endswith("OK")
 
 
-def test_two_processes_psum_over_all_devices(tmp_path):
+def test_two_processes_psum_over_all_devices():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result_files = [tmp_path / f"result_{i}.txt" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i),
-                               str(result_files[i])],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i)],
                               env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     try:
@@ -99,10 +96,11 @@ def test_two_processes_psum_over_all_devices(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, (stdout, stderr), result in zip(procs, results, result_files, strict=True):
-        assert p.returncode == 0 and result.exists(), stdout + stderr[-3000:]
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0 and "RESULT" in stdout, stdout + stderr[-3000:]
         # 2 processes, 4 devices, psum of 1+2+3+4, per-device batch 8 / 4.
-        assert result.read_text().strip() == "2 4 10.0 2"
+        lines = [line.strip() for line in stdout.splitlines() if "RESULT" in line]
+        assert lines == ["RESULT 2 4 10.0 2"], stdout
 
 
 def test_initialize_distributed_rejects_partial_arguments(monkeypatch):
