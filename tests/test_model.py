@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import vit
-from vit.model import posemb_sincos_2d
+from vit.encoder import posemb_sincos_2d
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 
@@ -213,7 +213,7 @@ def test_wrong_input_size_names_the_fix():
 
 
 def test_explicit_attention_equals_jax_dot_product_attention():
-    from vit.model import attention_weights
+    from vit.attention import attention_weights
 
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 9, 3, 8)) for i in range(3))
     explicit = jnp.einsum("bhqk,bkhd->bqhd", attention_weights(q, k), v)

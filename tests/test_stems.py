@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import vit
-from vit import stems
+from vit import encoder, stems
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 
@@ -108,7 +108,7 @@ def test_conv_stem_strides_place_the_downsampling():
 
 def test_keep_random_tokens_keeps_prefix_and_order():
     x = jnp.arange(2 * 9 * 1, dtype=jnp.float32).reshape(2, 9, 1)  # 1 prefix + 8 patches
-    out = vit.model.keep_random_tokens(x, 1, 0.5, jax.random.PRNGKey(3))
+    out = encoder.keep_random_tokens(x, 1, 0.5, jax.random.PRNGKey(3))
     assert out.shape == (2, 5, 1)
     np.testing.assert_array_equal(out[:, 0, 0], x[:, 0, 0])
     for b in range(2):

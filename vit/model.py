@@ -1,7 +1,8 @@
 """The Vision Transformer family as flax.linen modules.
 
 Follows "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021) and the big_vision / vit_jax
-variants. Parameter names match the public vit_jax checkpoints one to one:
+variants; the encoder blocks, position embeddings and MAP head are in vit/encoder.py. Parameter
+names match the public vit_jax checkpoints one to one:
 
     embedding/{kernel,bias}                          patch embedding (conv, kernel = stride = patch)
     stem/{conv_i,norm_i}                             stem="conv" only: 3x3 convs before a 1x1
@@ -32,236 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit import int8, matmul, resnet, stems
-from vit.attention import (  # noqa: F401  (attention_weights: public here too)
-    ATTENTION_IMPLS,
-    MultiHeadDotProductAttention,
-    attention_weights,
-    resolve_attention_impl,
-)
+from vit.attention import ATTENTION_IMPLS, resolve_attention_impl
+from vit.encoder import Encoder, MAPHead, dense_layer, static_tokens
 
 Dtype = Any
 Array = jax.Array
 
 CLASSIFIERS = ("token", "gap", "map")
 POSEMB_KINDS = ("learn", "sincos2d")
-
-_xavier = nn.initializers.xavier_uniform()
-_bias_init = nn.initializers.normal(stddev=1e-6)
-
-
-def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding of shape [1, h * w, width] (MoCo v3 / big_vision)."""
-    if width % 4:
-        raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
-    y, x = np.mgrid[:h, :w]
-    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
-    y = y.reshape(-1)[:, None] * omega[None, :]
-    x = x.reshape(-1)[:, None] * omega[None, :]
-    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-    return pe[None].astype(np.float32)
-
-
-class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU -> dropout -> Dense -> dropout."""
-
-    mlp_dim: int
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    gelu_approximate: bool = True
-    quant: str = "none"  # | "int8": int8 kernels (vit/int8.py)
-    matmul_dtype: str = "float32"  # | "bfloat16": operands of the two matmuls (vit/matmul.py)
-
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        width = x.shape[-1]
-        dense = lambda n, name: _dense(n, self.dtype, self.quant, name, self.matmul_dtype,
-                                       kernel_init=_xavier, bias_init=_bias_init)
-        x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        x = dense(width, "Dense_1")(x)
-        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-
-
-def _dense(features: int, dtype: Dtype, quant: str, name: str, matmul_dtype: str = "float32",
-           **inits: Any) -> nn.Module:
-    """nn.Dense with `matmul_dtype` operands, or for quant="int8" its int8 counterpart (same
-    name, int8 kernel + scale)."""
-    if quant == "int8":
-        return int8.Int8Dense(features, dtype, name=name)
-    return nn.Dense(features, dtype=dtype, name=name,
-                    dot_general=matmul.dense_dot_general(matmul_dtype), **inits)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per example with probability `rate`."""
-
-    rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        if self.rate == 0.0 or deterministic:
-            return x
-        keep = 1.0 - self.rate
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
-
-    mlp_dim: int
-    num_heads: int
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    gelu_approximate: bool = True
-    attention_impl: str = "explicit"
-    quant: str = "none"
-    matmul_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(
-        self, x: Array, *, mask: Array | None = None, deterministic: bool = True,
-        return_weights: bool = False,
-    ) -> tuple[Array, Array | None]:
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
-        y, weights = MultiHeadDotProductAttention(
-            self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
-            self.quant, matmul_dtype=self.matmul_dtype, name="MultiHeadDotProductAttention_1",
-        )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
-                     self.quant, self.matmul_dtype, name="MlpBlock_3")(
-            y, deterministic=deterministic)
-        return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
-
-
-def random_keep_indices(rng: Array, batch: int, num_patches: int, keep_ratio: float) -> Array:
-    """PatchDropout's choice: [batch, keep] sorted indices of the patches each image keeps."""
-    keep = max(1, int(round(num_patches * keep_ratio)))
-    scores = jax.random.uniform(rng, (batch, num_patches))
-    return jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1)
-
-
-def keep_random_tokens(x: Array, num_prefix: int, keep_ratio: float, rng: Array) -> Array:
-    """PatchDropout: keep the prefix tokens and a random `keep_ratio` of each image's patches.
-
-    The kept patches stay in their original order; at least one is always kept.
-    """
-    idx = random_keep_indices(rng, x.shape[0], x.shape[1] - num_prefix, keep_ratio)
-    return _keep_patches(x, num_prefix, idx)
-
-
-def _keep_patches(x: Array, num_prefix: int, idx: Array) -> Array:
-    """The prefix tokens of x [B, T, D] followed by the patches at `idx` [B, keep]."""
-    kept = jnp.take_along_axis(x[:, num_prefix:], idx[:, :, None], axis=1)
-    return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
-
-
-def _tokens(x: Array, start: int, stop: int | None = None) -> Array:
-    """x[:, start:stop] as a static slice: exports with a symbolic batch need no gather."""
-    return jax.lax.slice_in_dim(x, start, stop, axis=1)
-
-
-class LearnedPositionEmbedding(nn.Module):
-    """A learned position embedding of shape [1, tokens, width], initialised N(0, 0.02)."""
-
-    @nn.compact
-    def __call__(self, shape: tuple[int, int]) -> Array:
-        return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *shape))
-
-
-class Encoder(nn.Module):
-    """Position embedding, the stack of encoder blocks and the final LayerNorm."""
-
-    depth: int
-    mlp_dim: int
-    num_heads: int
-    posemb: str = "learn"
-    grid: tuple[int, int] = (14, 14)
-    num_prefix_tokens: int = 1
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    gelu_approximate: bool = True
-    token_keep_ratio: float = 1.0
-    num_registers: int = 0
-    attention_impl: str = "explicit"
-    quant: str = "none"
-    matmul_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(
-        self, x: Array, *, token_mask: Array | None = None, deterministic: bool = True,
-        return_weights: bool = False,
-    ) -> tuple[Array, list[Array], Array | None]:
-        """Encode x [B, prefix + patches, width] -> (x with registers after the prefix tokens,
-        per-layer attention weights, the patch mask [B, patches kept] or None)."""
-        width, n_pre = x.shape[-1], self.num_prefix_tokens
-        if self.posemb == "learn":
-            pe = LearnedPositionEmbedding(name="posembed_input")(x.shape[1:])
-        else:
-            pe = posemb_sincos_2d(*self.grid, width)
-            pe = np.pad(pe, ((0, 0), (n_pre, 0), (0, 0)))
-        x = (x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
-        if self.token_keep_ratio < 1.0 and not deterministic:
-            idx = random_keep_indices(self.make_rng("dropout"), x.shape[0], x.shape[1] - n_pre,
-                                      self.token_keep_ratio)
-            x = _keep_patches(x, n_pre, idx)
-            if token_mask is not None:
-                token_mask = jnp.take_along_axis(token_mask, idx, axis=1)
-        if self.num_registers:  # after the position embedding: registers have no position
-            reg = self.param("registers", nn.initializers.normal(stddev=0.02),
-                             (1, self.num_registers, width))
-            reg = jnp.tile(reg.astype(x.dtype), (x.shape[0], 1, 1))
-            x = jnp.concatenate([_tokens(x, 0, n_pre), reg, _tokens(x, n_pre)], axis=1)
-        mask = None
-        if token_mask is not None:  # [B, 1 (heads), 1 (queries), keys]; prefix tokens always on
-            prefix = jnp.ones((x.shape[0], n_pre + self.num_registers), bool)
-            mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        maps = []
-        for i in range(self.depth):
-            # Stochastic depth grows linearly with depth, as in DeiT / timm.
-            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x, w = Encoder1DBlock(
-                self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                rate, self.dtype, self.gelu_approximate, self.attention_impl, self.quant,
-                self.matmul_dtype, name=f"encoderblock_{i}",
-            )(x, mask=mask, deterministic=deterministic, return_weights=return_weights)
-            maps.append(w)
-        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask
-
-
-class MAPHead(nn.Module):
-    """Multi-head attention pooling: a learned probe attends over the tokens, then an MLP."""
-
-    num_heads: int
-    mlp_dim: int
-    dtype: Dtype = jnp.float32
-    attention_impl: str = "explicit"
-    quant: str = "none"
-    matmul_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
-        width = x.shape[-1]
-        probe = self.param("probe", _xavier, (1, 1, width))
-        probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
-        y, w = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                            impl=self.attention_impl, quant=self.quant,
-                                            matmul_dtype=self.matmul_dtype,
-                                            name="MultiHeadDotProductAttention_0")(
-            probe, x, mask=mask)
-        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, quant=self.quant,
-                         matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
-            nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
-        return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w
 
 
 class VisionTransformer(nn.Module):
@@ -356,7 +135,7 @@ class VisionTransformer(nn.Module):
             self.attention_impl, self.quant, self.matmul_dtype, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
-        patches = _tokens(x, num_prefix + self.num_registers)
+        patches = static_tokens(x, num_prefix + self.num_registers)
         if self.classifier == "token":
             x = jax.lax.index_in_dim(x, 0, axis=1, keepdims=False)
         elif self.classifier == "gap":
@@ -371,9 +150,9 @@ class VisionTransformer(nn.Module):
                            self.quant, self.matmul_dtype, name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
-            x = nn.tanh(_dense(self.representation_size, self.dtype, self.quant, "pre_logits",
+            x = nn.tanh(dense_layer(self.representation_size, self.dtype, self.quant, "pre_logits",
                                self.matmul_dtype)(x))
-        logits = _dense(
+        logits = dense_layer(
             self.num_classes, self.dtype, self.quant, "head", self.matmul_dtype,
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.constant(self.head_bias_init),

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from vit import preprocess
+from vit.encoder import posemb_sincos_2d
 from vit.evaluate import InferenceModel
-from vit.model import posemb_sincos_2d
 from vit.weight_formats import flatten_params
 
 OPSET = 20

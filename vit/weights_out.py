@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vit.model import posemb_sincos_2d
+from vit.encoder import posemb_sincos_2d
 from vit.preprocess import NORMALIZATIONS
 from vit.weight_formats import POSEMB, WeightsError, flatten_params
 
