@@ -13,8 +13,10 @@ from vit.config_schema import default_config, model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The smoke config; `arg` is unused."""
-    del arg
+    """The smoke config; it has no variants, so `arg` must be empty."""
+    if arg:
+        raise ValueError(f"unknown smoke variant {arg!r}: configs/smoke.py has none; use "
+                         "--config=configs/smoke.py")
     c = default_config()
     c.dataset = "cifar10"
     c.train_split = "train[:512]"

@@ -90,7 +90,8 @@ def test_single_gpu_fine_tune_at_384_px_accumulates_gradients():
     assert _config("finetune", "L/16-cifar10").grad_accum_steps == 1  # not measured: the default
 
 
-@pytest.mark.parametrize("name,variant", [("cifar10", "B/99"), ("imagenet", "L/16")])
+@pytest.mark.parametrize("name,variant", [("cifar10", "B/99"), ("imagenet", "L/16"),
+                                          ("finetune", "B/16-imagenet"), ("smoke", "big")])
 def test_unknown_variant_is_a_clear_error(name, variant):
     with pytest.raises(ValueError, match=f"unknown {name} variant"):
         _config(name, variant)

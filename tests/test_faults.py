@@ -233,6 +233,23 @@ def test_missing_config_file_is_one_line(tmp_path):
                                 "--config=configs/cifar10.py:short")
 
 
+@pytest.mark.parametrize("flag,expected", [
+    ("--config=configs/cifar10.py:nope", "error: unknown cifar10 variant 'nope': use short, hour, "
+     "hour-f32, hour-conv, Ti/4 or S/4"),
+    ("--config=configs/smoke.py:big", "error: unknown smoke variant 'big': configs/smoke.py has "
+     "none; use --config=configs/smoke.py"),
+    ("--config.lr=fast", "error: flag --config.lr=fast: could not convert string to float: "
+     "'fast'; see the config file for the valid keys"),
+])
+def test_bad_config_variant_or_override_is_one_line(flag, expected, tmp_path):
+    args = [flag] if flag.startswith("--config=") else ["--config=configs/smoke.py", flag]
+    run = subprocess.run([sys.executable, TRAIN, *args, f"--workdir={tmp_path / 'run'}"],
+                         env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert _error_line(run) == expected
+    assert not (tmp_path / "run").exists()
+
+
 def test_failed_save_is_one_line_and_the_previous_checkpoint_stays(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
     run = _train(workdir, "--config.total_steps=12", fault=("full", 12))

@@ -87,6 +87,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
             sys.exit(2)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(err).__name__
+        if reason.startswith("ValueError: "):  # the config file's own check names its fix
+            print(f"error: {reason.removeprefix('ValueError: ')}", file=sys.stderr)
+            sys.exit(2)
     except (AttributeError, KeyError) as err:  # ml_collections: an override of an unknown key
         text = str(err)
         key = re.search(r"'(\w+)\\?'", text)
