@@ -132,6 +132,12 @@ def test_missing_and_empty_paths(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.load_checkpoint(str(tmp_path))
     assert "no checkpoints in" in _one_line(info)
+    weights = tmp_path / "model.npz"
+    np.savez(weights, w=np.zeros(2))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_checkpoint(str(weights))
+    assert _one_line(info).startswith(f"{weights} is a file, not a checkpoint: ")
+    assert f"vit convert {weights} DST" in str(info.value)
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     assert ckpt.latest_step() is None
     with pytest.raises(checkpoint.CheckpointError, match="available steps: none"):

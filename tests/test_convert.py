@@ -109,3 +109,22 @@ def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):
     path, notes = convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "c"))
     assert load_inference_model(path).model.num_heads == 2
     assert not any("heads assumed" in n for n in notes)
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("model.npz", b"not a zip archive", "ValueError: "),
+    ("model.safetensors", b"\xff" * 16, "SafetensorError: "),
+    ("model.npz", b"", "EOFError: No data left in file"),
+])
+def test_damaged_weight_file_is_one_line_and_writes_nothing(tmp_path, capsys, name, content,
+                                                            reason):
+    src = tmp_path / name
+    src.write_bytes(content)
+    assert cli.main(["convert", str(src), str(tmp_path / "out")]) == cli.USAGE_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    suffix = name.rpartition(".")[2]
+    assert err.startswith(f"error: cannot read '{src}' as a .{suffix} weight file ({reason}")
+    assert err.endswith("): the file is damaged or not what its name says; download or write it "
+                        "again")
+    assert not (tmp_path / "out").exists()

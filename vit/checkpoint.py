@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit.error_text import first_line
+
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
 _STATE, _METADATA = "state", "metadata"
@@ -129,8 +131,9 @@ class Checkpointer:
             fix = f"make {self.directory} writable by this user"
         else:
             fix = "free disk space or make the directory writable"
+        reason = first_line(cause, with_type=True, limit=200)
         return CheckpointError(
-            f"cannot save {which} to {self.directory} ({_reason(cause)}): {fix}, then rerun the "
+            f"cannot save {which} to {self.directory} ({reason}): {fix}, then rerun the "
             f"same command to resume from {f'step {kept[-1]}' if kept else 'the start'} (the "
             "checkpoints already saved are kept)")
 
@@ -223,12 +226,6 @@ class CheckpointContents:
         return self.ema_params
 
 
-def _reason(err: BaseException) -> str:
-    """`Type: first line of the message`, at most 200 characters of it."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
-
-
 def _finalized_steps(directory: Path) -> list[int]:
     """The steps with a complete (renamed) directory under `directory`, ascending."""
     if not directory.is_dir():
@@ -262,7 +259,8 @@ def _damaged(directory: Path, step: int, err: BaseException, *, resume: bool = T
         then = "to start the run again from step 0"
     else:
         then = f"to resume from step {earlier[-1]}" if resume else f"to read step {earlier[-1]}"
-    return (f"the checkpoint of step {step} at {path} is damaged ({_reason(err)}): move it out "
+    reason = first_line(err, with_type=True, limit=200)
+    return (f"the checkpoint of step {step} at {path} is damaged ({reason}): move it out "
             f"of the way (mv {path} {aside}) {then}")
 
 
@@ -272,6 +270,11 @@ def _locate(path: str, step: int | None) -> tuple[Path, int]:
     if not root.exists():
         raise CheckpointError(f"checkpoint path {root} does not exist: pass a workdir, its "
                               f"{CHECKPOINT_DIR}/ directory or one step directory")
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is a file, not a checkpoint: pass a workdir, its "
+                              f"{CHECKPOINT_DIR}/ directory or one step directory; to use a "
+                              ".npz, .safetensors or .pth file, convert it first (vit convert "
+                              f"{root} DST) and pass DST")
     if (root / CHECKPOINT_DIR).is_dir():
         root = root / CHECKPOINT_DIR
     elif root.name.isdigit() and (root / _STATE).exists():

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from vit import ship_cli
 from vit.checkpoint import CheckpointError
+from vit.error_text import first_line
 from vit.preprocess import DataError
 from vit.weight_formats import WeightsError
 
@@ -225,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except _USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return USAGE_ERROR
 
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit import preprocess
+from vit.error_text import first_line
 from vit.evaluate import InferenceModel, load_inference_model
 
 FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
@@ -132,7 +133,7 @@ def eval_split_images(config: Any, count: int = NUM_CHECK_IMAGES
         records = open_source(config).read(config.eval_split).take(count)
         images = [np.asarray(preprocess.decode(r["encoded"])) for r in records]
     except (DataError, tf.errors.OpError, OSError) as err:
-        return [], str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return [], first_line(err)
     if not images:
         return [], f"split {config.eval_split!r} of {config.dataset!r} is empty"
     return images, f"{len(images)} images of {config.dataset} {config.eval_split}"

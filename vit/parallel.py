@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vit.error_text import first_line
+
 AXIS = "batch"
 
 PyTree = Any
@@ -108,9 +110,8 @@ def initialize_distributed(
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ParallelError(
-            f"jax.distributed.initialize failed ({first_line}); check the coordinator address "
+            f"jax.distributed.initialize failed ({first_line(err)}); check the coordinator address "
             f"{coordinator_address!r}, num_processes={num_processes!r}, "
             f"process_id={process_id!r}") from None
 

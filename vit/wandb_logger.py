@@ -25,6 +25,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vit.error_text import first_line
+
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("online", "offline", "disabled")
 log = logging.getLogger(__name__)
@@ -101,8 +103,7 @@ class WandbLogger:
                 resume="allow", config=config.to_dict(), allow_val_change=True,
                 settings=settings)
         except Exception as err:  # wandb raises many types (login, network, usage)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise WandbError(f"cannot start the W&B run {self.run_id} ({reason}); run "
+            raise WandbError(f"cannot start the W&B run {self.run_id} ({first_line(err)}); run "
                              "`wandb login`, or set config.wandb.mode='offline'") from None
         self._first_new_step = int(self._run.step or 0)  # a resumed online run has history
         where = self._run.dir if self._run.offline or self._run.disabled else self._run.url

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from vit.error_text import first_line
+
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 POSEMB = "Transformer/posembed_input/pos_embedding"
 
@@ -271,15 +273,19 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
     if os.path.isdir(path):
         return _read_checkpoint(path, use_ema)
     suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".npz":
-        state = _read_npz(path)
-    elif suffix == ".safetensors":
-        state = _read_safetensors(path)
-    elif suffix in TORCH_SUFFIXES:
-        state = _read_torch(path)
-    else:
+    readers = {".npz": _read_npz, ".safetensors": _read_safetensors,
+               **{s: _read_torch for s in TORCH_SUFFIXES}}
+    if suffix not in readers:
         raise WeightsError(f"unsupported weight file {path!r}: use .npz, .safetensors, "
                            ".bin/.pth/.pt, or a checkpoint directory")
+    try:
+        state = readers[suffix](path)
+    except WeightsError:
+        raise
+    except Exception as err:  # numpy, safetensors and torch each raise their own types
+        raise WeightsError(f"cannot read {path!r} as a {suffix} weight file "
+                           f"({first_line(err, with_type=True, limit=160)}): the file is damaged "
+                           "or not what its name says; download or write it again") from None
     if use_ema:
         raise WeightsError(f"use_ema applies to checkpoint directories only, not to {path!r}")
     return to_vit_naming(state)

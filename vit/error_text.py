@@ -1,0 +1,16 @@
+"""One-line error text: what a user sees of an exception raised deep inside a library."""
+
+from __future__ import annotations
+
+
+def first_line(err: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """The first line of `err`'s message, cut to its first sentences within `limit` characters
+    (if given) and prefixed by its type name when `with_type`; its type name when it is empty."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    if limit is not None and len(line) > limit:
+        cut = line.rfind(". ", 0, limit)
+        line = line[:cut + 1] if cut > 0 else line[:limit - 3] + "..."
+    return f"{type(err).__name__}: {line}" if with_type else line
