@@ -312,6 +312,17 @@ def test_bad_split_lists_the_fix():
         data.split_size(_cifar(), "trian")
 
 
+@pytest.mark.parametrize("key,split", [("eval_split", "test[:0]"), ("train_split", "train[5:5]")])
+def test_empty_split_is_found_at_start_up(key, split):
+    c = _cifar()
+    c[key] = split
+    with pytest.raises(DataError) as info:
+        data.dataset_info(c)
+    assert str(info.value) == (f"split {split!r} of 'cifar10' holds no examples: set "
+                               f"config.{key} to a split or slice with some, e.g. 'test' or "
+                               "'train[:90%]'")
+
+
 def test_batch_not_divisible_by_devices():
     with pytest.raises(DataError, match="batch_size=32 is not divisible.*multiple of 3"):
         data.train_iterator(_cifar(), num_devices=3)

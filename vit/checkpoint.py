@@ -64,6 +64,10 @@ class Checkpointer:
         if save_every is not None and save_every < 1:
             raise CheckpointError(f"save_every must be >= 1 or None, got {save_every}")
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        for path in (self.directory.parent, self.directory):
+            if path.exists() and not path.is_dir():
+                raise CheckpointError(f"{path} is a file, not a directory: pass a workdir "
+                                      "that is a directory or does not exist yet")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_every or 1,
             cleanup_tmp_directories=True,

@@ -96,8 +96,13 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     """
     src = open_source(config)
     sizes = dict(src.split_sizes)
-    for split in (config.train_split, config.eval_split):
+    for key in ("train_split", "eval_split"):
+        split = config[key]
         sizes.setdefault(split, src.size(split))
+        if sizes[split] == 0:  # found at start-up, not at the first evaluation
+            raise DataError(f"split {split!r} of {src.name!r} holds no examples: set "
+                            f"config.{key} to a split or slice with some, e.g. 'test' or "
+                            "'train[:90%]'")
     size = config.image_size
     return DatasetInfo(src.name, len(src.class_names), src.class_names, (size, size, 3), sizes)
 
