@@ -24,6 +24,7 @@ from timing import median_seconds
 
 import vit
 from vit import matmul as vit_matmul
+from vit.encoder import REMAT_POLICIES
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
@@ -57,12 +58,13 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
+    parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
 
 
 def step_inputs(args: argparse.Namespace) -> tuple:
     """(model, tx, params, opt_state, images, labels, rng) for the step the flags pick."""
     model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
-                             matmul_dtype=args.matmul_dtype)
+                             matmul_dtype=args.matmul_dtype, remat=args.remat)
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
     images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.image_size,
@@ -105,6 +107,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "model_throughput", "variant": args.variant, "image_size": args.image_size,
         "batch": args.batch, "dtype": "float32", "matmul_dtype": args.matmul_dtype,
+        "remat": args.remat,
         "devices": str(jax.devices()[0].platform), **cpu_description(),
         "compile_s": round(compile_s, 2),
         "train_images_per_s": round(args.batch / train_s, 1),

@@ -24,6 +24,7 @@ The all-reduce buffers of a real multi-device pmean are absent (one device here)
 Run (nice it: compiling B/16 at 384 px takes minutes on a 2-core CPU):
     python bench/train_memory.py configs/imagenet.py:B/16 --devices 8
     python bench/train_memory.py configs/finetune.py:B/16-cifar10 --devices 1
+    python bench/train_memory.py configs/imagenet.py:B/16 --devices 8 --remat block
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
     param_count = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     return {
         "variant": config.model.variant, "image_size": size, "dtype": str(config.model.dtype),
+        "remat": model.remat,
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(params)}),
         "attention_impl": model.attention_impl, "platform_modelled": platform,
         "image_dtype": image_dtype, "global_batch": per_device_batch * devices, "devices": devices,
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--grad_accum_steps", type=int, default=None,
                         help="override the config's micro-batches per step")
     parser.add_argument("--dtype", default=None, help="override config.model.dtype (compute)")
+    parser.add_argument("--remat", default=None,
+                        help="override config.model.remat: none, block or dots")
     parser.add_argument("--num_classes", type=int, default=None)
     parser.add_argument("--platform", default="gpu", help="where the model is meant to run")
     parser.add_argument("--image_dtype", default="uint8", help="the batch's pixels")
@@ -175,6 +179,8 @@ def main() -> None:
         config.grad_accum_steps = args.grad_accum_steps
     if args.dtype is not None:
         config.model.dtype = args.dtype
+    if args.remat is not None:
+        config.model.remat = args.remat
     result = measure(config, devices=args.devices, per_device_batch=args.per_device_batch,
                      num_classes=args.num_classes, platform=args.platform,
                      image_dtype=args.image_dtype)

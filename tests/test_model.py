@@ -126,6 +126,32 @@ def test_every_parameter_gets_a_nonzero_gradient(classifier):
     assert not zero, f"parameters without gradient: {zero}"
 
 
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_keeps_the_parameters_and_gives_the_same_loss_and_gradients(remat):
+    # Dropout, stochastic depth and token dropping draw inside or before the recomputed blocks:
+    # the recomputation must draw the same numbers.
+    kw = dict(dropout_rate=0.1, drop_path_rate=0.2, token_keep_ratio=0.5, classifier="map")
+    plain, rematted = _tiny(**kw), _tiny(remat=remat, **kw)
+    params = _randomise_head(vit.init_params(plain, jax.random.PRNGKey(0)))
+    assert (jax.tree_util.tree_structure(vit.init_params(rematted, jax.random.PRNGKey(0)))
+            == jax.tree_util.tree_structure(params))
+    labels = jnp.array([1, 3])
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, _images(), train=True,
+                             rngs={"dropout": jax.random.PRNGKey(4)})
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    want = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+    got = jax.jit(jax.value_and_grad(lambda p: loss(rematted, p)))(params)
+    np.testing.assert_array_equal(got[0], want[0])
+    for g, w in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1]),
+                    strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert np.any(np.asarray(want[1]["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+                             ["kernel"]))
+
+
 def test_attention_weights_are_returned_and_match_the_fused_path():
     model = _tiny()
     params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
@@ -197,6 +223,8 @@ def test_sincos_posemb_values():
         (lambda: vit.create_model("B/16", image_size=100), "not divisible by the patch size"),
         (lambda: vit.create_model("B/16", posemb="rope"), "unknown posemb 'rope'"),
         (lambda: vit.create_model("B/16", dropout_rate=1.5), "dropout_rate must be in"),
+        (lambda: vit.create_model("B/16", remat="full"),
+         "unknown remat 'full'; use one of ('none', 'block', 'dots')"),
     ],
 )
 def test_bad_options_fail_with_a_clear_message(call, message):

@@ -27,7 +27,7 @@ HARMLESS_KEYS = frozenset({
     "init_from", "init_keep_head", "init_keep_pre_logits", "init_posemb_method",
     "init_resize_patch", "distributed", "coordinator_address", "num_processes", "process_id",
     "eval_images", "wandb.enabled", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags",
-    "wandb.mode",
+    "wandb.mode", "model.remat",
 })
 HARMLESS_PREFIXES = ("wandb.",)  # experiment tracking
 _ABSENT = "<absent>"

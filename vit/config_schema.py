@@ -53,6 +53,8 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.attention_impl = "auto"  # | "explicit" | "fused"; "auto" is decided when the model is
     # built, from the platform it runs on: explicit on CPU, fused on GPU / TPU (vit/attention.py)
     m.quant = "none"  # | "int8": written by `vit quantize` (vit/quantize.py), not for training
+    m.remat = "none"  # | "block" | "dots": recompute encoder activations in the backward pass
+    # to save memory (vit/encoder.py REMAT_POLICIES); the same parameters and gradients
     m.update(overrides)
     return m
 

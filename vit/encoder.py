@@ -19,6 +19,15 @@ from vit.attention import MultiHeadDotProductAttention
 Dtype = Any
 Array = jax.Array
 
+# Activation rematerialisation of each encoder block in the backward pass ("none": keep all).
+# "block" keeps only each block's input and recomputes the rest; "dots" also keeps the outputs of
+# matmuls without batch dimensions (the dense layers), recomputing norms, GELU and attention.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 _xavier = nn.initializers.xavier_uniform()
 _bias_init = nn.initializers.normal(stddev=1e-6)
 
@@ -97,9 +106,10 @@ class Encoder1DBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, *, mask: Array | None = None, deterministic: bool = True,
+        self, x: Array, mask: Array | None = None, deterministic: bool = True,
         return_weights: bool = False,
     ) -> tuple[Array, Array | None]:
+        # Positional flags: nn.remat (REMAT_POLICIES) marks them static by position.
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
@@ -168,6 +178,7 @@ class Encoder(nn.Module):
     attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
+    remat: str = "none"  # a key of REMAT_POLICIES
 
     @nn.compact
     def __call__(
@@ -200,15 +211,19 @@ class Encoder(nn.Module):
             prefix = jnp.ones((x.shape[0], n_pre + self.num_registers), bool)
             mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        block = Encoder1DBlock
+        if self.remat != "none":  # the same parameter names: a lifted transform adds no scope
+            block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat],
+                             static_argnums=(3, 4))  # deterministic, return_weights (self is 0)
         maps = []
         for i in range(self.depth):
             # Stochastic depth grows linearly with depth, as in DeiT / timm.
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x, w = Encoder1DBlock(
+            x, w = block(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
                 rate, self.dtype, self.gelu_approximate, self.attention_impl, self.quant,
                 self.matmul_dtype, name=f"encoderblock_{i}",
-            )(x, mask=mask, deterministic=deterministic, return_weights=return_weights)
+            )(x, mask, deterministic, return_weights)
             maps.append(w)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask
 

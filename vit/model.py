@@ -34,7 +34,7 @@ import numpy as np
 
 from vit import int8, matmul, resnet, stems
 from vit.attention import ATTENTION_IMPLS, resolve_attention_impl
-from vit.encoder import Encoder, MAPHead, dense_layer, static_tokens
+from vit.encoder import REMAT_POLICIES, Encoder, MAPHead, dense_layer, static_tokens
 
 Dtype = Any
 Array = jax.Array
@@ -87,6 +87,9 @@ class VisionTransformer(nn.Module):
     # | "bfloat16": bfloat16 operands, float32 accumulation in dense and attention-projection
     # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
     matmul_dtype: str = "float32"
+    # "block" | "dots": recompute each encoder block's activations in the backward pass instead
+    # of keeping them (less memory, about a third more compute; vit/encoder.py REMAT_POLICIES)
+    remat: str = "none"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -132,7 +135,7 @@ class VisionTransformer(nn.Module):
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
             self.gelu_approximate, self.token_keep_ratio, self.num_registers,
-            self.attention_impl, self.quant, self.matmul_dtype, name="Transformer",
+            self.attention_impl, self.quant, self.matmul_dtype, self.remat, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         patches = static_tokens(x, num_prefix + self.num_registers)
@@ -267,6 +270,8 @@ def _validate(kw: dict[str, Any]) -> None:
     if kw["quant"] not in int8.QUANT_MODES:
         raise ValueError(f"unknown quant {kw['quant']!r}; use one of {int8.QUANT_MODES}")
     matmul.check_matmul_dtype(kw["matmul_dtype"])
+    if kw["remat"] not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
     if kw["num_registers"] < 0:
         raise ValueError(f"num_registers must be >= 0, got {kw['num_registers']}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:
