@@ -2,14 +2,14 @@
 
 Builds the model, optimizer and TrainState as vit/trainer.py does (`trainer.build_model`'s
 `model_from_config`, `optim.make_optimizer` wrapped by `nonfinite.wrap_optimizer`,
-`trainer.create_train_state`, `trainer.make_train_step` pmapped with the trainer's axis name and
-donated state), but from abstract shapes (`jax.eval_shape`, `jax.ShapeDtypeStruct`): nothing is
+`train_step.create_train_state`, `train_step.make_train_step` pmapped with the trainer's axis name
+and donated state), but from abstract shapes (`jax.eval_shape`, `jax.ShapeDtypeStruct`): nothing is
 initialised, no data is read, nothing runs. The step is lowered and compiled for one device with
 the per-device batch of `--devices` devices; `compiled.memory_analysis()` gives its argument,
 output, aliased (donated), temporary and generated-code bytes, and the exact parameter,
 optimizer-state and EMA bytes come from the abstract state. `saved_activation_bytes` is what one
-micro-batch's forward pass keeps for the backward pass, traced (jax.vjp residuals, in the
-program's own dtypes, on no backend). Prints one JSON line.
+micro-batch's forward pass keeps for the backward pass, traced (jax.vjp residuals, in the program's
+own dtypes, on no backend). Prints one JSON line.
 
 The figures are XLA:CPU's buffer assignment on this machine: an estimate of a GPU's, not a GPU
 measurement. XLA:GPU fuses and schedules differently. XLA:CPU computes most bfloat16 operations
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_description  # noqa: E402
 
-from vit import parallel, trainer  # noqa: E402
+from vit import parallel, train_step  # noqa: E402
 from vit.model import init_params, model_from_config  # noqa: E402
 
 GIB = 2**30
@@ -124,12 +124,12 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
                               platform=platform)
     key = jax.random.PRNGKey(0)
     params = jax.eval_shape(functools.partial(init_params, model), key)
-    tx = trainer.train_optimizer(config, params)
-    state = jax.eval_shape(lambda p, r: trainer.fresh_state(config, p, tx, r), params, key)
+    tx = train_step.train_optimizer(config, params)
+    state = jax.eval_shape(lambda p, r: train_step.fresh_state(config, p, tx, r), params, key)
     size = config.image_size
     batch = {"image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), image_dtype),
              "label": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)}
-    step = jax.pmap(trainer.make_train_step(model, tx, config, classes),
+    step = jax.pmap(train_step.make_train_step(model, tx, config, classes),
                     axis_name=parallel.AXIS, donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step.lower(_with_device_axis(state), _with_device_axis(batch)).compile()

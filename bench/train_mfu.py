@@ -1,6 +1,6 @@
 """Images/s and model FLOPs utilisation (MFU) of a config's real training step on this machine.
 
-Runs the trainer's own step (vit/trainer.py: `make_train_step` pmapped over every local device
+Runs the trainer's own step (vit/train_step.py: `make_train_step` pmapped over every local device
 with the trainer's axis name and donated state, AdamW or the config's optimizer, EMA, mixup,
 bfloat16 compute where the config asks for it) on a fixed random uint8 batch, `--steps` timed
 steps after compiling and `--warmup` untimed ones, and prints one JSON line.
@@ -37,7 +37,7 @@ from model_throughput import matmul_peak_gflops  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from train_memory import load_config, num_classes_of  # noqa: E402
 
-from vit import flops, parallel, trainer  # noqa: E402
+from vit import flops, parallel, train_step  # noqa: E402
 from vit.model import init_params, model_from_config  # noqa: E402
 
 # Dense bfloat16 TFLOP/s per device, from the vendors' data sheets (no sparsity). The first
@@ -80,14 +80,14 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
     model = model_from_config(config.model, num_classes=classes, image_size=config.image_size)
     key = jax.random.PRNGKey(0)
     params = init_params(model, key)
-    tx = trainer.train_optimizer(config, params)
-    state = parallel.replicate(trainer.fresh_state(config, params, tx, key))
+    tx = train_step.train_optimizer(config, params)
+    state = parallel.replicate(train_step.fresh_state(config, params, tx, key))
     rng = np.random.default_rng(0)
     size = config.image_size
     batch = parallel.shard({
         "image": rng.integers(0, 256, (n, per_device, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, classes, (n, per_device), dtype=np.int32)})
-    step = jax.pmap(trainer.make_train_step(model, tx, config, classes),
+    step = jax.pmap(train_step.make_train_step(model, tx, config, classes),
                     axis_name=parallel.AXIS, donate_argnums=(0,))
     holder = [state]
 

@@ -30,7 +30,7 @@ import ml_collections
 from jax import lax
 
 from vit import parallel
-from vit.preprocess import NORMALIZATIONS
+from vit.data_options import NORMALIZATIONS
 
 PyTree = Any
 ATTACKS = ("fgsm", "pgd")

@@ -1,7 +1,7 @@
 """The keys a run config may hold, their defaults, and the start-up check for unknown keys.
 
 A run config is one flat `ml_collections.ConfigDict` made of three groups, each documented where
-it is read: the data keys (`vit.data.default_config`, with `pp` from `vit.preprocess`), the
+it is read: the data keys (`vit.data_options.default_config`, with `pp`), the
 optimiser keys (`vit.optim.default_config`) and the trainer keys below. `model` holds the
 variant string and any `vit.create_model` overrides, checked when the model is built.
 """
@@ -13,8 +13,9 @@ from typing import Any
 
 import ml_collections
 
-from vit import adversarial, data, optim, wandb_logger
-from vit.evaluate import TTA_MODES
+from vit import adversarial, data_options, optim, wandb_logger
+
+TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
 
 
 class ConfigError(ValueError):
@@ -91,7 +92,7 @@ def trainer_config() -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
     """A complete run config with every key at its default; config files start from this."""
-    c = data.default_config()
+    c = data_options.default_config()
     c.update(optim.default_config())
     c.update(trainer_config())
     return c

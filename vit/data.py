@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from vit import preprocess as pp_ops
-from vit.preprocess import DataError
+from vit.data_options import DataError, default_config  # noqa: F401  (data.default_config)
 from vit.sources import FOLDER_PREFIX, IMAGE_EXTENSIONS, Source, open_source
 
 __all__ = [
@@ -30,27 +30,6 @@ __all__ = [
 
 # Functions given to tf.data here are plain TF ops, so they skip AutoGraph (do_not_convert): it
 # would re-read their source and warn "could not transform" when the file changed since import.
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The data keys of a run config with their defaults (a config starts from this)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.dataset = "cifar10"  # TFDS name, or "folder:/path/root"
-    c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR
-    c.manual_dir = ml_collections.FieldReference(None, field_type=str)  # e.g. ImageNet tars
-    c.download = False
-    c.train_split = "train"
-    c.eval_split = "test"
-    c.image_size = 32
-    c.batch_size = 128  # global, across all processes and devices
-    c.eval_batch_size = 256  # global
-    c.shuffle_buffer = 50_000
-    c.skip_corrupt = False
-    # Class subset: label ids to keep (list or tuple), relabelled 0..k-1 in this order; None = all.
-    c.classes = ml_collections.FieldReference(None, field_type=tuple)
-    c.pp = pp_ops.default_options()  # documented in vit/preprocess.py
-    return c
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,11 +27,11 @@ from jax.experimental import multihost_utils
 
 from vit import calibration, data, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
+from vit.config_schema import TTA_MODES
 from vit.model import VisionTransformer, model_from_config
 
 PyTree = Any
 TOP_K = 5
-TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
 
 
 class EvalError(ValueError):

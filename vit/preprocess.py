@@ -2,76 +2,33 @@
 
 Per-example ops work on one uint8 HWC image and take a stateless seed (a [2] int tensor), so a
 pipeline is a deterministic function of its seeds. Normalisation runs on whole batches: on the
-host (`normalize`, TF) or on the device (`normalize_on_device`, JAX, the same floats bit for bit).
+host (`normalize`, TF) or on the device (`normalize_on_device`, JAX, the same floats bit for bit;
+vit/normalization.py). The `pp` options and their check live in vit/data_options.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from vit.data_options import (  # noqa: F401  (the pp options are part of this module's API)
+    NORMALIZATIONS,
+    TRAIN_CROPS,
+    DataError,
+    default_options,
+    validate_options,
+)
+from vit.normalization import normalization_table, normalize_on_device  # noqa: F401
 from vit.randaugment import randaugment
 
 # TensorFlow must never take accelerator memory from JAX; it only feeds the input pipeline.
 with contextlib.suppress(RuntimeError):  # raised only once TF has initialised its devices
     tf.config.set_visible_devices([], "GPU")
 
-TRAIN_CROPS = ("pad_crop", "inception", "resize")
-NORMALIZATIONS = {
-    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
 INCEPTION_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
-
-
-class DataError(ValueError):
-    """Bad input data or data configuration; the message names the bad value and the fix."""
-
-
-def default_options() -> ml_collections.ConfigDict:
-    """The `pp` block of a config: preprocessing options with their defaults."""
-    pp = ml_collections.ConfigDict()
-    pp.train_crop = "pad_crop"  # "pad_crop" | "inception" (random-resized) | "resize"
-    pp.crop_padding = 4  # pad_crop: zero padding on each side
-    pp.inception_area_min = 0.08  # inception: range of the crop's share of the image area
-    pp.inception_area_max = 1.0
-    pp.flip = True  # random horizontal flip
-    pp.randaugment_num_ops = 0  # 0 = off
-    pp.randaugment_magnitude = 9  # 0..10
-    pp.normalize = "minus_one_to_one"  # | "imagenet" | "cifar10" (mean/std)
-    pp.eval_resize = ml_collections.FieldReference(None, field_type=int)  # None: plain resize
-    return pp
-
-
-def validate_options(pp) -> None:
-    """Raises a one-line DataError for an unknown `pp` key or value."""
-    known = default_options()
-    unknown = sorted(set(pp.keys()) - set(known.keys()))
-    if unknown:
-        raise DataError(f"unknown pp option(s) {unknown}; known: {sorted(known.keys())}")
-    if pp.train_crop not in TRAIN_CROPS:
-        raise DataError(f"pp.train_crop={pp.train_crop!r} is unknown; use one of {TRAIN_CROPS}")
-    if pp.normalize not in NORMALIZATIONS:
-        raise DataError(
-            f"pp.normalize={pp.normalize!r} is unknown; use one of {sorted(NORMALIZATIONS)}"
-        )
-    if not 0 <= pp.randaugment_magnitude <= 10:
-        raise DataError(
-            f"pp.randaugment_magnitude={pp.randaugment_magnitude} is out of range; use 0..10"
-        )
-    if not 0 < pp.inception_area_min <= pp.inception_area_max <= 1:
-        raise DataError(
-            f"pp.inception_area_min/max={pp.inception_area_min}/"
-            f"{pp.inception_area_max}: need 0 < min <= max <= 1"
-        )
 
 
 def decode_image_file(path: str) -> np.ndarray:
@@ -172,31 +129,6 @@ def normalize(images: tf.Tensor, kind: str) -> tf.Tensor:
         raise DataError(f"pp.normalize={kind!r} is unknown; use one of {sorted(NORMALIZATIONS)}")
     mean, std = (tf.constant(v, tf.float32) for v in NORMALIZATIONS[kind])
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
-
-
-@functools.lru_cache(maxsize=len(NORMALIZATIONS))
-def normalization_table(kind: str) -> np.ndarray:
-    """float32 [256, 3]: what `normalize` makes of each uint8 value in each channel."""
-    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-    table = normalize(values, kind).numpy()
-    table.flags.writeable = False
-    return table
-
-
-def normalize_on_device(images: jax.Array, kind: str) -> jax.Array:
-    """uint8 images [..., 3] -> float32 model inputs in JAX, bit for bit what `normalize` gives.
-
-    A lookup in `normalization_table`: XLA turns `x / c` into `x * (1 / c)`, so recomputing the
-    formula under jit would differ in the last bit. Floating-point images are taken as model
-    inputs already and returned unchanged (tests feed NaN batches that way).
-    """
-    if jnp.issubdtype(images.dtype, jnp.floating):
-        return images
-    if images.dtype != jnp.uint8:
-        raise DataError(f"normalize_on_device needs uint8 (or already normalised float) images, "
-                        f"got {images.dtype}; pass the pixels the input pipeline yields")
-    table = jnp.asarray(normalization_table(kind))
-    return table[images.astype(jnp.int32), jnp.arange(3)]
 
 
 def eval_crop(image: tf.Tensor, config) -> tf.Tensor:

@@ -12,26 +12,18 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import optax
-from jax import lax
 
 from vit import (
-    adversarial,
     checkpoint,
     config_changes,
     data,
     metrics,
-    mix,
     nonfinite,
-    optim,
     parallel,
-    preprocess,
     wandb_logger,
 )
 from vit.config_schema import validate_config
@@ -39,22 +31,18 @@ from vit.console import is_verbose
 from vit.model import VisionTransformer, init_params, model_from_config
 from vit.nonfinite import NonFiniteLossError
 from vit.preemption import PreemptionWatch
+from vit.train_step import (
+    TrainState,
+    create_train_state,
+    fresh_state,
+    make_train_step,
+    train_optimizer,
+)
 
 PyTree = Any
 log = logging.getLogger(__name__)
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainState", "build_model", "create_train_state",
-           "initial_params", "make_train_step", "train"]
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a checkpoint holds: resuming restores exactly this."""
-
-    step: jax.Array
-    params: PyTree
-    opt_state: PyTree
-    ema_params: PyTree | None
-    rng: jax.Array
+           "fresh_state", "initial_params", "make_train_step", "train", "train_optimizer"]
 
 
 @dataclasses.dataclass
@@ -66,111 +54,10 @@ class TrainResult:
     preempted: bool = False
 
 
-def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
-                       use_ema: bool) -> TrainState:
-    """A step-0 state around `params`."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params if use_ema else None, rng=rng)
-
-
-def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def make_train_step(
-    model: VisionTransformer, tx: optax.GradientTransformation, config: Any, num_classes: int
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The per-device step (pmap it with axis_name=parallel.AXIS): mix, grad, pmean, update.
-
-    batch["image"] holds uint8 pixels as data.train_iterator yields them, normalised here on
-    the device (config.pp.normalize); a float batch is taken as model inputs already.
-    """
-    schedule = optim.learning_rate_schedule(config)
-    skip_cap = int(config.get("skip_nonfinite") or 0)  # tx: see train_optimizer
-    ema_decay = optim.ema_decay(config)
-    accum = int(config.grad_accum_steps)
-    adv = config.get("adv_train") or adversarial.default_config()
-
-    def grads_of(params, images, targets, rng):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            return _cross_entropy(logits, targets), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, logits, grads
-
-    def accumulated_grads(params, images, targets, rng):
-        """Splits the per-device batch into `accum` micro-batches and averages their grads."""
-        split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-        micro = (split(images), split(targets), jax.random.split(rng, accum))
-
-        def body(carry, xs):
-            loss, logits, grads = grads_of(params, *xs)
-            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), logits
-
-        zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
-        (loss, grads), logits = lax.scan(body, zeros, micro)
-        grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
-        return loss / accum, logits.reshape(-1, logits.shape[-1]), grads
-
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
-        mix_rng, dropout_rng = jax.random.split(rng)
-        labels = batch["label"]
-        targets = mix.smooth_labels(labels, num_classes, float(config.label_smoothing))
-        images = preprocess.normalize_on_device(batch["image"], config.pp.normalize)
-        images, targets = mix.mixup_cutmix(  # on the normalised floats
-            mix_rng, images, targets, mixup_alpha=float(config.mixup_alpha),
-            cutmix_alpha=float(config.cutmix_alpha))
-        if adv.method != "none":  # adversarial training: the batch is perturbed, see adv_train
-            images = adversarial.perturb_for_training(
-                adv, config.pp.normalize, lambda x: model.apply(
-                    {"params": state.params}, x, train=True, rngs={"dropout": dropout_rng}),
-                images, targets, jax.random.fold_in(rng, 1))
-        if accum > 1:
-            loss, logits, grads = accumulated_grads(state.params, images, targets, dropout_rng)
-        else:
-            loss, logits, grads = grads_of(state.params, images, targets, dropout_rng)
-        grads = lax.pmean(grads, parallel.AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = nonfinite.guard(opt_state, skip_cap, optax.apply_updates(state.params, updates),
-                                 state.params)
-        ema = state.ema_params
-        if ema is not None:
-            ema = nonfinite.guard(opt_state, skip_cap, optim.ema_update(
-                ema, params, optim.ema_decay_at(state.step, ema_decay)), ema)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema)
-        step_metrics = {
-            "loss": loss,
-            # Against the mixed targets' argmax: under mixup / cutmix, the dominant label.
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
-            "grad_norm": optax.global_norm(grads),
-            "lr": schedule(state.step),
-            **nonfinite.skip_metrics(opt_state, skip_cap),
-        }
-        return new_state, lax.pmean(step_metrics, parallel.AXIS)
-
-    return step
-
-
 def build_model(config: Any, info: data.DatasetInfo) -> VisionTransformer:
     """The model a run's config describes, sized for the dataset's classes."""
     return model_from_config(config.model, num_classes=info.num_classes,
                              image_size=config.image_size)
-
-
-def train_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
-    """The run's optimizer, wrapped for `config.skip_nonfinite` as `make_train_step` expects."""
-    return nonfinite.wrap_optimizer(optim.make_optimizer(config, params),
-                                    int(config.skip_nonfinite))
-
-
-def fresh_state(config: Any, params: PyTree, tx: optax.GradientTransformation,
-                rng: jax.Array) -> TrainState:
-    """The step-0 state of a run: `params`, `tx`'s state, and EMA parameters if the config asks."""
-    return create_train_state(params, tx, rng, use_ema=optim.ema_decay(config) is not None)
 
 
 def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,

@@ -1,0 +1,80 @@
+"""The data keys of a run config and the preprocessing options (`pp`): defaults and checks.
+
+No TensorFlow here: a config is built and checked, and the train step normalises its pixels
+(vit/normalization.py), where only JAX is installed (an accelerator image, say); the input
+pipeline that reads these keys is vit/data.py and vit/preprocess.py.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TRAIN_CROPS = ("pad_crop", "inception", "resize")
+NORMALIZATIONS = {
+    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+class DataError(ValueError):
+    """Bad input data or data configuration; the message names the bad value and the fix."""
+
+
+def default_options() -> ml_collections.ConfigDict:
+    """The `pp` block of a config: preprocessing options with their defaults."""
+    pp = ml_collections.ConfigDict()
+    pp.train_crop = "pad_crop"  # "pad_crop" | "inception" (random-resized) | "resize"
+    pp.crop_padding = 4  # pad_crop: zero padding on each side
+    pp.inception_area_min = 0.08  # inception: range of the crop's share of the image area
+    pp.inception_area_max = 1.0
+    pp.flip = True  # random horizontal flip
+    pp.randaugment_num_ops = 0  # 0 = off
+    pp.randaugment_magnitude = 9  # 0..10
+    pp.normalize = "minus_one_to_one"  # | "imagenet" | "cifar10" (mean/std)
+    pp.eval_resize = ml_collections.FieldReference(None, field_type=int)  # None: plain resize
+    return pp
+
+
+def validate_options(pp) -> None:
+    """Raises a one-line DataError for an unknown `pp` key or value."""
+    known = default_options()
+    unknown = sorted(set(pp.keys()) - set(known.keys()))
+    if unknown:
+        raise DataError(f"unknown pp option(s) {unknown}; known: {sorted(known.keys())}")
+    if pp.train_crop not in TRAIN_CROPS:
+        raise DataError(f"pp.train_crop={pp.train_crop!r} is unknown; use one of {TRAIN_CROPS}")
+    if pp.normalize not in NORMALIZATIONS:
+        raise DataError(
+            f"pp.normalize={pp.normalize!r} is unknown; use one of {sorted(NORMALIZATIONS)}"
+        )
+    if not 0 <= pp.randaugment_magnitude <= 10:
+        raise DataError(
+            f"pp.randaugment_magnitude={pp.randaugment_magnitude} is out of range; use 0..10"
+        )
+    if not 0 < pp.inception_area_min <= pp.inception_area_max <= 1:
+        raise DataError(
+            f"pp.inception_area_min/max={pp.inception_area_min}/"
+            f"{pp.inception_area_max}: need 0 < min <= max <= 1"
+        )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The data keys of a run config with their defaults (a config starts from this)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = "cifar10"  # TFDS name, or "folder:/path/root"
+    c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR
+    c.manual_dir = ml_collections.FieldReference(None, field_type=str)  # e.g. ImageNet tars
+    c.download = False
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 32
+    c.batch_size = 128  # global, across all processes and devices
+    c.eval_batch_size = 256  # global
+    c.shuffle_buffer = 50_000
+    c.skip_corrupt = False
+    # Class subset: label ids to keep (list or tuple), relabelled 0..k-1 in this order; None = all.
+    c.classes = ml_collections.FieldReference(None, field_type=tuple)
+    c.pp = default_options()  # the preprocessing options above
+    return c
