@@ -58,7 +58,7 @@ class MlpBlock(nn.Module):
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
         dense = lambda n, name: dense_layer(n, self.dtype, self.quant, name, self.matmul_dtype,
-                                       kernel_init=_xavier, bias_init=_bias_init)
+                                            kernel_init=_xavier, bias_init=_bias_init)
         x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = dense(width, "Dense_1")(x)

@@ -272,6 +272,8 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
                                 ".bin/.pth file or checkpoint directory")
     if os.path.isdir(path):
         return _read_checkpoint(path, use_ema)
+    if use_ema:
+        raise WeightsError(f"use_ema applies to checkpoint directories only, not to {path!r}")
     suffix = os.path.splitext(path)[1].lower()
     readers = {".npz": _read_npz, ".safetensors": _read_safetensors,
                **{s: _read_torch for s in TORCH_SUFFIXES}}
@@ -286,6 +288,4 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
         raise WeightsError(f"cannot read {path!r} as a {suffix} weight file "
                            f"({first_line(err, with_type=True, limit=160)}): the file is damaged "
                            "or not what its name says; download or write it again") from None
-    if use_ema:
-        raise WeightsError(f"use_ema applies to checkpoint directories only, not to {path!r}")
     return to_vit_naming(state)
