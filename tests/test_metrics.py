@@ -184,3 +184,16 @@ def test_progress_prints_lines_when_not_a_tty():
     assert lines[-1] == ("step 10/10  [####################] 100%  8.0 img/s  ETA 0:00:00  "
                          "loss 0.1")
     assert "\r" not in stream.getvalue()
+
+
+def test_read_jsonl_skips_a_cut_last_line_and_strict_names_a_bad_middle_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1.0}\n\n{"no_step": 2}\n'
+                    '{"step": 3, "a": 3.0}\n{"step": 4, "a')
+    expected = [{"step": 1, "a": 1.0}, {"step": 3, "a": 3.0}]
+    assert metrics.read_jsonl(path) == expected
+    assert metrics.read_jsonl(path, strict=True) == expected  # only the last line is cut
+    path.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
+    assert metrics.read_jsonl(path) == [{"step": 1}, {"step": 3}]
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        metrics.read_jsonl(path, strict=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vit.preprocess import NORMALIZATIONS
+from vit.data_options import NORMALIZATIONS
 from vit.weight_formats import POSEMB, Weights, WeightsError, read_weights
 
 GELUS = ("erf", "tanh")

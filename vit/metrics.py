@@ -131,17 +131,23 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a killed run is skipped."""
-    records = []
+def read_jsonl(path: str | Path, strict: bool = False) -> list[dict]:
+    """The step records of a metrics.jsonl; a line cut short by a killed run is skipped.
+
+    strict=True raises ValueError for a line that is not JSON anywhere but at the end.
+    """
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
+        lines = [line for line in f if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if strict and number < len(lines):  # only the last line may be cut short
+                raise ValueError(f"{path} line {number} is not JSON") from None
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import json
 import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from vit.metrics import JSONL_FILE, TENSORBOARD_DIR
+from vit.metrics import JSONL_FILE, TENSORBOARD_DIR, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +57,10 @@ def _read_jsonl(workdir: str) -> list[dict]:
     path = os.path.join(workdir, JSONL_FILE)
     if not os.path.isfile(path):
         raise PlotError(f"no {JSONL_FILE} in {workdir!r}: is it a workdir of `vit train`?")
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):  # only the last line may be cut short by a killed run
-                raise PlotError(f"{path} line {number} is not JSON") from None
-    return records
+    try:
+        return read_jsonl(path, strict=True)
+    except ValueError as e:
+        raise PlotError(str(e)) from None
 
 
 def _event_times(workdir: str) -> dict[tuple[int, str], collections.deque[float]]:
@@ -124,7 +117,7 @@ def _curve(points: list[tuple[int, float, float | None]], start: float | None) -
 
 def load_run(workdir: str) -> RunCurves:
     """Read the train loss and eval top-1 (plain and EMA) curves of one training workdir."""
-    records = [r for r in _read_jsonl(workdir) if isinstance(r, dict) and "step" in r]
+    records = _read_jsonl(workdir)
     times = _record_times(workdir, records)
     known = [t for t in times if t is not None]
     start = min(known) if known else None

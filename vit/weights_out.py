@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from vit.data_options import NORMALIZATIONS
 from vit.encoder import posemb_sincos_2d
-from vit.preprocess import NORMALIZATIONS
 from vit.weight_formats import POSEMB, WeightsError, flatten_params
 
 TARGETS = ("timm", "hf", "npz")
