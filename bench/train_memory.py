@@ -11,14 +11,15 @@ optimizer-state and EMA bytes come from the abstract state. `saved_activation_by
 micro-batch's forward pass keeps for the backward pass, traced (jax.vjp residuals, in the program's
 own dtypes, on no backend). Prints one JSON line.
 
-The figures are XLA:CPU's buffer assignment on this machine: an estimate of a GPU's, not a GPU
-measurement. XLA:GPU fuses and schedules differently. XLA:CPU computes most bfloat16 operations
-in float32, so a bfloat16 config's buffers come out about as large as in float32 here (B/16 at
-384 px, 64 images: 70.2 GiB bfloat16, 70.1 GiB float32) while the traced saved activations
-shrink by a third (44.4 GiB, 69.3 GiB): for bfloat16 the figure is an upper bound. Attention is
-modelled as the GPU runs it ("auto" resolved for `--platform gpu`: the fused
-`jax.nn.dot_product_attention`), but off a GPU that lowers to the plain softmax, which keeps the
-[heads, tokens, tokens] probabilities cuDNN's flash attention does not: another upper bound.
+Run on a GPU, the figures are XLA:GPU's own buffer assignment (B/16 at 384 px, micro-batch 32, on an
+H200 with XLA's fused attention: 17.4 GiB, 7.8 GiB with `--remat block`). On a CPU they are
+XLA:CPU's: an estimate of a GPU's, not a GPU measurement. XLA:GPU fuses and schedules differently.
+XLA:CPU computes most bfloat16 operations in float32, so a bfloat16 config's buffers come out about
+as large as in float32 here (B/16 at 384 px, 64 images: 70.2 GiB bfloat16, 70.1 GiB float32) while
+the traced saved activations shrink by a third (44.4 GiB, 69.3 GiB): for bfloat16 the figure is an
+upper bound. Attention is modelled as the GPU runs it ("auto" resolved for `--platform gpu`), but
+off a GPU cuDNN's kernel cannot compile and XLA's `jax.nn.dot_product_attention` stands in: it keeps
+the [heads, tokens, tokens] probabilities cuDNN's flash attention does not, another upper bound.
 The all-reduce buffers of a real multi-device pmean are absent (one device here).
 
 Run (nice it: compiling B/16 at 384 px takes minutes on a 2-core CPU):
@@ -122,6 +123,8 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
     classes = num_classes or num_classes_of(config)
     model = model_from_config(config.model, num_classes=classes, image_size=config.image_size,
                               platform=platform)
+    if model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        model = model.clone(attention_impl="fused")  # cuDNN's kernel compiles on a GPU only
     key = jax.random.PRNGKey(0)
     params = jax.eval_shape(functools.partial(init_params, model), key)
     tx = train_step.train_optimizer(config, params)
@@ -154,7 +157,9 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
         "peak_bytes": peak, "peak_gib": round(peak / GIB, 2),
         "saved_activation_bytes": saved_activation_bytes(model, params, per_device_batch // accum),
         "compile_s": round(compile_s, 1),
-        "estimate": "XLA:CPU buffer assignment of the per-device step, not a GPU measurement",
+        "estimate": (f"XLA:{jax.default_backend().upper()} buffer assignment of the per-device "
+                     "step" + ("" if jax.default_backend() == platform else
+                               f", not a {platform.upper()} measurement")),
     }
 
 

@@ -21,6 +21,7 @@ On this CPU: python bench/train_mfu.py configs/cifar10.py:Ti/4 --steps 5
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -105,6 +106,7 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
     flops_per_image = flops.train_flops_per_image(model)
     achieved = flops_per_image * images_per_s / 1e12
     peak, source = device_peak_tflops(devices[0], config, peak_tflops)
+    memory = devices[0].memory_stats() or {}  # None on a CPU
     # One CPU device already uses every core: its measured peak is the whole machine's.
     total_peak = peak if devices[0].platform == "cpu" else peak * n
     return {
@@ -117,7 +119,27 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
         "model_flops_per_image": flops_per_image, "achieved_tflops_per_s": achieved,
         "peak_tflops_per_s": total_peak, "peak_source": source,
         "mfu": achieved / total_peak, "target_mfu": TARGET_MFU,
+        "peak_device_gib": (round(memory["peak_bytes_in_use"] / 2**30, 2)
+                            if "peak_bytes_in_use" in memory else None),
     }
+
+
+def override(config: Any, item: str) -> None:
+    """Set the dotted config key of a "key=value" string, e.g. "model.remat=block"."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. model.remat=block")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"--set {item!r}: the config has no key {key!r}")
+    node[leaf] = value
 
 
 def main() -> None:
@@ -128,13 +150,19 @@ def main() -> None:
                         help="images per device per step (default: batch_size / devices)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. model.attention_impl=explicit "
+                        "(repeatable; the value is read as a Python literal, else a string)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="one accelerator's peak TFLOP/s, on a CPU the whole machine's "
                         "(default: data sheet; measured on a CPU)")
     args = parser.parse_args()
-    result = measure(load_config(args.config), per_device_batch=args.per_device_batch,
+    config = load_config(args.config)
+    for item in args.set:
+        override(config, item)
+    result = measure(config, per_device_batch=args.per_device_batch,
                      steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
-    print(json.dumps({"bench": "train_mfu", "config": args.config, **result,
+    print(json.dumps({"bench": "train_mfu", "config": args.config, "set": args.set, **result,
                       "machine": cpu_description(), "jax": jax.__version__}))
 
 

@@ -8,9 +8,12 @@ import pytest
 
 import vit
 from vit import attention_maps, pretrained
+from vit.checkpoint import load_checkpoint
+from vit.evaluate import load_inference_model
 from vit.attention import (
     MultiHeadDotProductAttention,
     attention_weights,
+    attention_impl_here,
     resolve_attention_impl,
 )
 
@@ -106,15 +109,29 @@ def test_masked_patches_cannot_change_the_output(impl, classifier):
     assert not np.allclose(a, model.apply({"params": params}, changed), atol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "platform,expected",
-    [("cpu", "explicit"), ("gpu", "fused"), ("tpu", "fused"), ("GPU", "fused")])
-def test_auto_resolves_from_the_platform_without_needing_that_device(platform, expected):
-    assert resolve_attention_impl("auto", platform) == expected
+@pytest.mark.parametrize("platform,dtype,head_dim,expected", [
+    ("cpu", jnp.bfloat16, 64, "explicit"), ("gpu", jnp.bfloat16, 64, "cudnn"),
+    ("GPU", "float16", 128, "cudnn"), ("gpu", jnp.float32, 64, "explicit"),
+    ("gpu", jnp.bfloat16, 12, "explicit"), ("gpu", jnp.bfloat16, 160, "explicit"),
+    ("tpu", jnp.bfloat16, 64, "fused"), ("tpu", jnp.float32, 64, "fused")])
+def test_auto_resolves_from_platform_dtype_and_head_size_without_that_device(
+        platform, dtype, head_dim, expected):
+    assert resolve_attention_impl("auto", platform, dtype=dtype, head_dim=head_dim) == expected
     for concrete in ("explicit", "fused"):  # a concrete choice is kept on every platform
-        assert resolve_attention_impl(concrete, platform) == concrete
+        kept = resolve_attention_impl(concrete, platform, dtype=dtype, head_dim=head_dim)
+        assert kept == concrete
     with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
         resolve_attention_impl("flash", platform)
+
+
+def test_cudnn_is_refused_where_it_cannot_run_with_the_fix_named():
+    assert resolve_attention_impl("cudnn", "gpu", dtype=jnp.bfloat16, head_dim=64) == "cudnn"
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs, not on 'cpu': use 'auto'"):
+        resolve_attention_impl("cudnn", "cpu", dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="not float32 with heads of 64: set model.dtype=bfloat16"):
+        resolve_attention_impl("cudnn", "gpu", dtype=jnp.float32, head_dim=64)
+    with pytest.raises(ValueError, match="not bfloat16 with heads of 12"):
+        resolve_attention_impl("cudnn", "gpu", dtype=jnp.bfloat16, head_dim=12)
 
 
 def test_auto_on_this_machine_follows_jax_default_backend():
@@ -138,6 +155,23 @@ def test_modules_run_the_kernel_they_are_given_and_never_look_at_the_backend(mon
     assert len(calls) == 1
     _, weights = fused.apply(params, x, return_weights=True)  # the weights force explicit
     assert len(calls) == 1 and weights.shape == (2, 2, 5, 5)
+
+
+def test_the_cudnn_kernel_asks_jax_for_cudnn_and_fused_for_xla(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    params = MultiHeadDotProductAttention(num_heads=2).init(jax.random.PRNGKey(1), x)
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        asked.append(implementation)  # cuDNN's kernel cannot run here: XLA's computes the same
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    outputs = {impl: MultiHeadDotProductAttention(num_heads=2, impl=impl).apply(params, x)[0]
+               for impl in ("fused", "cudnn", "explicit")}
+    assert asked == [None, "cudnn"]
+    np.testing.assert_allclose(outputs["cudnn"], outputs["explicit"], atol=1e-5)
 
 
 def test_unresolved_auto_in_a_module_names_the_fix():
@@ -248,3 +282,18 @@ def test_explicit_attention_batches_its_matmuls_over_leading_batch_and_head_dims
     assert len(dots) == (6 if grad else 2)
     for _contract, (lhs_batch, rhs_batch) in dots:
         assert tuple(lhs_batch) == (0, 1) and tuple(rhs_batch) == (0, 1)
+
+
+def test_a_checkpoint_trained_with_cudnn_loads_for_inference_off_a_gpu(tmp_path):
+    from tiny_checkpoints import SMALL, write
+
+    model, params = write(str(tmp_path / "run"), SMALL)
+    contents = load_checkpoint(str(tmp_path / "run"))
+    contents.config["model"]["attention_impl"] = "cudnn"  # as a GPU run saved it
+    loaded = load_inference_model(contents)
+    assert loaded.model.attention_impl == "explicit"  # "auto" on this CPU
+    x = jnp.ones((1, 16, 16, 3))
+    np.testing.assert_allclose(loaded.model.apply({"params": loaded.params}, x),
+                               model.apply({"params": params}, x), atol=1e-6)
+    assert attention_impl_here("cudnn", "gpu") == "cudnn"
+    assert attention_impl_here("fused", "cpu") == "fused"

@@ -168,13 +168,16 @@ def test_create_model_resolves_auto_attention_once_for_the_target_platform():
     expected = "explicit" if jax.default_backend() == "cpu" else "fused"
     assert _tiny().attention_impl == expected  # "auto", the default, is resolved here
     assert _tiny(attention_impl="auto", platform="cpu").attention_impl == "explicit"
-    assert _tiny(platform="gpu").attention_impl == "fused"
+    assert _tiny(platform="gpu").attention_impl == "explicit"  # float32: no cuDNN flash kernel
+    assert _tiny(platform="gpu", dtype=jnp.bfloat16).attention_impl == "cudnn"  # heads of 16
+    odd_heads = _tiny(platform="gpu", dtype="bfloat16", width=40, num_heads=4)  # heads of 10
+    assert odd_heads.attention_impl == "explicit"
     assert _tiny(platform="tpu").attention_impl == "fused"
     assert _tiny(attention_impl="explicit", platform="gpu").attention_impl == "explicit"
     config = {"variant": "Ti/4", **TINY, "attention_impl": "auto"}
-    built = vit.model_from_config(config, num_classes=10, image_size=16, platform="gpu")
+    built = vit.model_from_config(config, num_classes=10, image_size=16, platform="tpu")
     assert built.attention_impl == "fused"
-    # Built for a GPU, the model still runs here: jax.nn.dot_product_attention has an XLA path.
+    # Built for a TPU, the model still runs here: jax.nn.dot_product_attention has an XLA path.
     params = vit.init_params(built, jax.random.PRNGKey(0))
     assert built.apply({"params": params}, _images()).shape == (2, 10)
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from train_memory import load_config  # noqa: E402
-from train_mfu import device_peak_tflops, measure  # noqa: E402
+from train_mfu import device_peak_tflops, measure, override  # noqa: E402
 
 
 def test_smoke_step_reports_model_flops_and_mfu_against_the_given_peak():
@@ -69,11 +69,25 @@ def test_the_command_line_runs_the_step_on_every_device():
            "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_mfu.py"), str(ROOT / "configs" / "smoke.py"),
-         "--steps", "1", "--warmup", "0", "--peak_tflops", "1"],
+         "--steps", "1", "--warmup", "0", "--peak_tflops", "1",
+         "--set", "model.attention_impl=fused", "--set", "model.remat=block"],
         env=env, capture_output=True, text=True, timeout=300, check=True)
     line = json.loads(done.stdout.strip().splitlines()[-1])
     assert line["bench"] == "train_mfu" and line["devices"] == 2
+    assert line["attention_impl"] == "fused" and line["set"][1] == "model.remat=block"
     assert line["per_device_batch"] == 16  # configs/smoke.py: batch 32 over 2 devices
     assert line["images_per_s"] == pytest.approx(32 / (line["step_ms"] / 1e3), rel=1e-9)
     assert line["peak_tflops_per_s"] == 1.0  # a CPU's measured or given peak is the machine's
     assert line["mfu"] == pytest.approx(line["achieved_tflops_per_s"], rel=1e-9)
+
+
+def test_set_overrides_a_dotted_key_as_a_literal_and_refuses_unknown_keys():
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    override(config, "model.remat=block")
+    override(config, "mixup_alpha=0.5")
+    override(config, "grad_accum_steps=2")
+    assert (config.model.remat, config.mixup_alpha, config.grad_accum_steps) == ("block", 0.5, 2)
+    with pytest.raises(ValueError, match="the config has no key 'model.remats'"):
+        override(config, "model.remats=block")
+    with pytest.raises(ValueError, match="write KEY=VALUE"):
+        override(config, "model.remat")

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from vit import calibration, data, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.config_schema import TTA_MODES
-from vit.model import VisionTransformer, model_from_config
+from vit.model import VisionTransformer, saved_model_from_config
 
 PyTree = Any
 TOP_K = 5
@@ -98,8 +98,8 @@ def load_inference_model(
     params = contents.chosen_params(use_ema)
     config = ml_collections.ConfigDict(contents.config)
     info = data.DatasetInfo.from_dict(contents.dataset_info)
-    model = model_from_config(config.model.to_dict(), num_classes=info.num_classes,
-                              image_size=config.image_size)
+    model = saved_model_from_config(config.model.to_dict(), num_classes=info.num_classes,
+                                    image_size=config.image_size)
     return InferenceModel(model, params, config, info, contents.step)
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit import int8, matmul, resnet, stems
-from vit.attention import ATTENTION_IMPLS, resolve_attention_impl
+from vit.attention import ATTENTION_IMPLS, attention_impl_here, resolve_attention_impl
 from vit.encoder import REMAT_POLICIES, Encoder, MAPHead, dense_layer, static_tokens
 
 Dtype = Any
@@ -216,7 +216,8 @@ def create_model(
     """Build a ViT from a variant string ("Ti/16", "B/16", ...) with optional field overrides.
 
     `attention_impl` defaults to "auto", resolved here for `platform` ("cpu", "gpu", "tpu"; None:
-    JAX's default backend): the model holds "explicit" on CPU, "fused" elsewhere.
+    JAX's default backend) and the compute dtype: the model holds "explicit" on CPU, "cudnn" on a
+    GPU computing in bfloat16 / float16 (else "explicit"), "fused" on TPU.
     """
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
@@ -233,7 +234,10 @@ def create_model(
             kwargs[key] = tuple(int(c) for c in kwargs[key])
     kwargs.setdefault("attention_impl", "auto")
     _validate(kwargs)
-    kwargs["attention_impl"] = resolve_attention_impl(kwargs["attention_impl"], platform)
+    kwargs["attention_impl"] = resolve_attention_impl(
+        kwargs["attention_impl"], platform,
+        dtype=kwargs.get("dtype", VisionTransformer.__dataclass_fields__["dtype"].default),
+        head_dim=kwargs["width"] // kwargs["num_heads"])
     return VisionTransformer(**kwargs)
 
 
@@ -311,3 +315,13 @@ def count_params(model: VisionTransformer) -> int:
     """Number of parameters, computed from shapes alone with `jax.eval_shape` (no memory)."""
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def saved_model_from_config(
+    model_config: Mapping[str, Any], *, num_classes: int, image_size: int | tuple[int, int],
+) -> VisionTransformer:
+    """`model_from_config` for a checkpoint's saved `config.model`, to run here: a model trained
+    with attention "cudnn" on a GPU runs "auto" elsewhere (`attention.attention_impl_here`)."""
+    options = dict(model_config)
+    options["attention_impl"] = attention_impl_here(options.get("attention_impl") or "auto")
+    return model_from_config(options, num_classes=num_classes, image_size=image_size)

@@ -179,7 +179,7 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
     import ml_collections
 
     from vit.checkpoint import Checkpointer, load_checkpoint
-    from vit.model import model_from_config
+    from vit.model import saved_model_from_config
 
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
@@ -198,9 +198,9 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
         mlp_dim = int(flatten_params(params)[
             "Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"].shape[0])
     if finetune_steps:
-        model = model_from_config(config.model.to_dict(),
-                                  num_classes=int(contents.dataset_info["num_classes"]),
-                                  image_size=config.image_size)
+        model = saved_model_from_config(config.model.to_dict(),
+                                        num_classes=int(contents.dataset_info["num_classes"]),
+                                        image_size=config.image_size)
         params = finetune(model, params, masks, config, finetune_steps, lr=lr)
     checkpointer = Checkpointer(dst)
     checkpointer.save(contents.step, {"step": contents.step, "params": params},
