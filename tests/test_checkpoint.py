@@ -138,12 +138,13 @@ def test_missing_and_empty_paths(tmp_path):
         checkpoint.load_checkpoint(str(weights))
     assert _one_line(info).startswith(f"{weights} is a file, not a checkpoint: ")
     assert f"vit convert {weights} DST" in str(info.value)
-    for workdir in (weights, tmp_path / "w"):  # the workdir, or its checkpoints/, is a file
+    # The workdir, its checkpoints/, or a folder above the workdir is a file.
+    for workdir in (weights, tmp_path / "w", weights / "run" / "deeper"):
         (tmp_path / "w").mkdir(exist_ok=True)
         (tmp_path / "w" / "checkpoints").touch()
         with pytest.raises(checkpoint.CheckpointError) as info:
             checkpoint.Checkpointer(str(workdir))
-        bad = weights if workdir == weights else workdir / "checkpoints"
+        bad = tmp_path / "w" / "checkpoints" if workdir == tmp_path / "w" else weights
         assert _one_line(info) == (f"{bad} is a file, not a directory: pass a workdir that is a "
                                    "directory or does not exist yet")
     ckpt = checkpoint.Checkpointer(str(tmp_path))

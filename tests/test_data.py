@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -399,3 +400,41 @@ def test_folder_class_subset(folder):
 def test_bad_class_ids(classes, match):
     with pytest.raises(DataError, match=match):
         data.dataset_info(_cifar(classes=classes))
+
+
+def _cifar_with_train_shard_cut(tmp_path, keep_bytes: int) -> str:
+    """A copy of the shipped CIFAR-10 whose train shard keeps only its first `keep_bytes`."""
+    source = Path(CIFAR_DIR) / "cifar10" / "3.0.2"
+    copy = tmp_path / "cifar10" / "3.0.2"
+    copy.mkdir(parents=True)
+    for path in source.iterdir():
+        if "train.tfrecord" in path.name:
+            with path.open("rb") as whole:
+                (copy / path.name).write_bytes(whole.read(keep_bytes))
+        else:
+            (copy / path.name).symlink_to(path)
+    return str(tmp_path)
+
+
+def test_a_damaged_shard_with_skip_corrupt_trains_on_what_reads_and_never_hangs(tmp_path):
+    """A truncated TFRecord shard: TFDS's cardinality check would fail on every read after it,
+    so skip_corrupt reads without it, trains on the records before the damage (here about 400
+    of 50,000), across epoch boundaries, and when nothing reads says so in one line."""
+    cut = _cifar_with_train_shard_cut(tmp_path / "cut", 1 << 20)
+    config = _cifar(data_dir=cut, train_split="train", skip_corrupt=True, shuffle_buffer=512)
+    it = data.train_iterator(config, num_devices=1)
+    labels = np.concatenate([next(it)["label"].ravel() for _ in range(30)])  # > 2 epochs
+    assert len(labels) == 960 and len(set(labels.tolist())) == 10
+
+    empty = _cifar_with_train_shard_cut(tmp_path / "empty", 100)
+    started = time.monotonic()
+    with pytest.raises(DataError) as info:
+        next(data.train_iterator(_cifar(data_dir=empty, train_split="train", skip_corrupt=True),
+                                 num_devices=1))
+    assert str(info.value) == (
+        "no readable example in split 'train' of 'cifar10' (process 0 of 1): skip_corrupt=True "
+        "skips unreadable examples, but every one is; check or replace the data files")
+    assert time.monotonic() - started < 60
+    with pytest.raises(DataError, match="unreadable example in 'cifar10' split 'train' .*; set "
+                                        "skip_corrupt=True to skip such examples"):
+        next(data.train_iterator(_cifar(data_dir=empty, train_split="train"), num_devices=1))

@@ -47,6 +47,7 @@ SMOKE = f"--config={ROOT}/configs/smoke.py"  # 8 steps, checkpoints at 4 and 8
 #            to (EACCES);
 #   nan      process 1's training batch of step AT is all NaN (see nan_batches);
 #   sigterm  SIGTERM to this process after the first batch of the evaluation after step AT;
+#   evalfail the evaluation after step AT raises DataError, as an unreadable eval split would;
 #   slow     each training batch after the first comes AT ms late, and "fault: batch N" is
 #            printed as batch N is asked for (batch 2: step 1, the first compile, is done).
 _DRIVER = f"""
@@ -90,6 +91,15 @@ if mode == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer._evaluate, data.eval_iterator = evaluate_noting_the_step, eval_batches
+if mode == "evalfail":
+    evaluate = trainer._evaluate
+
+    def failing_evaluate(model, rstate, config, step, *args):
+        if step == at:
+            raise data.DataError(f"fault: the eval split is unreadable after step {{at}}")
+        return evaluate(model, rstate, config, step, *args)
+
+    trainer._evaluate = failing_evaluate
 if mode == "slow":
     import time
     train_iterator = data.train_iterator
@@ -233,6 +243,67 @@ def test_missing_config_file_is_one_line(tmp_path):
                                 "--config=configs/cifar10.py:short")
 
 
+@pytest.mark.parametrize("source,expected", [
+    ("def get_config(:\n", "error: config file {path}, line 1: invalid syntax; fix the file"),
+    ("def get_config(variant=None):\n    return undefined_name\n",
+     "error: config file {path} failed to load: NameError: name 'undefined_name' is not defined"),
+    ("x = 1\n", "error: config file {path} has no get_config(): define get_config(variant=None) "
+     "returning the run's ConfigDict, as configs/*.py do"),
+])
+def test_a_config_file_that_does_not_load_is_one_line(source, expected, tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    run = subprocess.run([sys.executable, TRAIN, f"--config={path}",
+                          f"--workdir={tmp_path / 'run'}"], env=_env(), capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert _error_line(run) == expected.format(path=path)
+    assert not (tmp_path / "run").exists()
+
+
+def _per_device_32() -> int:
+    return 32 // jax.device_count()
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("model.dtype", "float17", "unknown model dtype 'float17'; use one of float32, bfloat16, "
+     "float16"),
+    ("model.num_heads", 0, "model num_heads must be >= 1, got 0"),
+    ("model.variant", "Ti/0", "unknown ViT variant 'Ti/0'"),
+    ("image_size", 0, "config.image_size must be positive, got 0"),
+    ("pp.eval_resize", 16, "config.pp.eval_resize=16 is smaller than image_size=32; the central "
+     "crop needs eval_resize >= image_size"),
+    ("pp.crop_padding", -1, "pp.crop_padding=-1 is negative; use 0 or more (0 = off)"),
+    ("pp.randaugment_num_ops", -2, "pp.randaugment_num_ops=-2 is negative"),
+    ("batch_size", 0, "config.batch_size must be >= 1, got 0"),
+    ("eval_batch_size", -64, "config.eval_batch_size must be >= 1, got -64"),
+    ("grad_accum_steps", 3, "config.grad_accum_steps=3 does not divide the per-device batch of "
+     "{per_device} (config.batch_size=32 over"),
+    ("model.quant", "int8", "config.model.quant='int8' is for inference (`vit quantize` writes "
+     "it): train with quant='none', then quantize the trained checkpoint"),
+])
+def test_a_bad_config_value_fails_at_start_up_in_one_line_writing_nothing(key, value, expected,
+                                                                          tmp_path):
+    config = _smoke_config(8)
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(ValueError) as info:
+        trainer.train(config, str(tmp_path / "run"))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(expected.format(per_device=_per_device_32()))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    run = _train(tmp_path / "notes.txt" / "run")
+    assert _error_line(run) == (f"error: {tmp_path / 'notes.txt'} is a file, not a directory: "
+                                "pass a workdir that is a directory or does not exist yet")
+
+
 @pytest.mark.parametrize("flag,expected", [
     ("--config=configs/cifar10.py:nope", "error: unknown cifar10 variant 'nope': use short, hour, "
      "hour-f32, hour-conv, Ti/4 or S/4"),
@@ -312,6 +383,19 @@ def test_sigterm_during_an_evaluation_saves_that_step_and_resumes_exactly(finish
     assert _logged_steps(tmp_path) == [2, 4, 6, 8]
     _assert_same(_params(tmp_path), _params(finished[0]))
     assert _eval_lines(resumed.stdout) == _eval_lines(finished[1].stdout)
+
+
+def test_a_failed_evaluation_loses_no_training_and_the_rerun_resumes_exactly(finished,
+                                                                            tmp_path):
+    failed = _train(tmp_path, "--config.eval_every=4", fault=("evalfail", 4))
+    assert _error_line(failed) == "error: fault: the eval split is unreadable after step 4"
+    assert _steps(tmp_path) == ["4"]  # saved before the evaluation that failed
+    assert checkpoint.load_checkpoint(str(tmp_path)).step == 4
+    resumed = _train(tmp_path, "--config.eval_every=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path.absolute()}/checkpoints at step 4\n" in resumed.stderr
+    assert _steps(tmp_path) == ["4", "8"]
+    _assert_same(_params(tmp_path), _params(finished[0]))
 
 
 def _smoke_config(total_steps: int, **overrides):

@@ -116,5 +116,7 @@ def test_initialize_distributed_rejects_partial_arguments(monkeypatch):
 def test_per_device_batch_single_process():
     n = parallel.jax.local_device_count()
     assert parallel.per_device_batch(3 * n) == 3
-    with pytest.raises(parallel.ParallelError, match="batch size 0"):
+    with pytest.raises(parallel.ParallelError, match="^batch size must be >= 1, got 0$"):
         parallel.per_device_batch(0)
+    with pytest.raises(parallel.ParallelError, match="^config.batch_size must be >= 1, got -32$"):
+        parallel.per_device_batch(-32, "config.batch_size")

@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,21 @@ def _not_an_orbax_error(record: logging.LogRecord) -> bool:
 _open_checkpointers: list[Checkpointer] = []  # while any is open, the filter above is on
 
 
+def _check_creatable(directory: Path) -> None:
+    """A CheckpointError unless `directory` is a directory or can be made: its nearest existing
+    ancestor is a directory this process may write to."""
+    for path in (directory, *directory.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a directory: pass a workdir that is a "
+                                  "directory or does not exist yet")
+        if path != directory and not os.access(path, os.W_OK | os.X_OK):
+            raise CheckpointError(f"cannot create {directory}: {path} is not writable; pass a "
+                                  "workdir you can write to")
+        return
+
+
 class Checkpointer:
     """Saves the train state every `save_every` steps in <workdir>/checkpoints, keeps a few."""
 
@@ -64,20 +80,21 @@ class Checkpointer:
         if save_every is not None and save_every < 1:
             raise CheckpointError(f"save_every must be >= 1 or None, got {save_every}")
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
-        for path in (self.directory.parent, self.directory):
-            if path.exists() and not path.is_dir():
-                raise CheckpointError(f"{path} is a file, not a directory: pass a workdir "
-                                      "that is a directory or does not exist yet")
+        _check_creatable(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_every or 1,
             cleanup_tmp_directories=True,
             # The step directory is made inside save(): a failure to make it (no permission)
             # raises there, instead of leaving orbax's writer threads waiting for it for minutes.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                           _METADATA: ocp.JsonCheckpointHandler()})
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                               _METADATA: ocp.JsonCheckpointHandler()})
+        except OSError as err:
+            raise CheckpointError(f"cannot create {self.directory}: {err.strerror or err}; pass "
+                                  "a workdir you can write to") from None
         # Orbax removes half-written steps in a background thread that only its next save
         # awaits; waiting here means an opened directory holds finished steps only, and no
         # cleanup thread outlives a Checkpointer that is closed without saving.

@@ -118,8 +118,26 @@ def validate_config(config: Any) -> None:
         close = difflib.get_close_matches(name.rsplit(".", 1)[-1], valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown config key {name!r}{hint}; valid keys: {', '.join(valid)}")
+    missing = [key for key in ("model", "pp") if key not in config]
+    if missing:
+        raise ConfigError(f"the config has no {missing[0]!r} block: build it from "
+                          "vit.config_schema.default_config() (as configs/*.py do)")
+    data_options.validate_options(config.pp)  # a DataError (ValueError) naming the key
     if "variant" not in config.model:
         raise ConfigError("config.model.variant is missing: set it to e.g. 'Ti/4' or 'S/16'")
+    if str(config.model.get("quant", "none")) != "none":
+        raise ConfigError(f"config.model.quant={config.model.quant!r} is for inference (`vit "
+                          "quantize` writes it): train with quant='none', then quantize the "
+                          "trained checkpoint")
+    sizes = config.image_size if isinstance(config.image_size, (tuple, list)) else [
+        config.image_size]
+    if min(int(s) for s in sizes) < 1:
+        raise ConfigError(f"config.image_size must be positive, got {config.image_size}")
+    eval_resize = config.get("pp", {}).get("eval_resize")
+    if eval_resize is not None and int(eval_resize) < max(int(s) for s in sizes):
+        raise ConfigError(f"config.pp.eval_resize={eval_resize} is smaller than image_size="
+                          f"{config.image_size}; the central crop needs eval_resize >= "
+                          "image_size (or None to resize straight to image_size)")
     for key in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")

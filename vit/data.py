@@ -151,6 +151,23 @@ def _raise_for_bad_file(src: Source, split: str) -> None:
         pp_ops.decode_image_file(path.decode())
 
 
+def _require_a_readable_example(src: Source, split: str, process_index: int,
+                                process_count: int) -> None:
+    """With skip_corrupt, a DataError unless this process's part of `split` holds an example
+    that reads and decodes: skipping every one would otherwise wait for a batch forever."""
+
+    @tf.autograph.experimental.do_not_convert
+    def decoded_shape(record: dict) -> tf.Tensor:
+        return tf.shape(pp_ops.decode(record["encoded"]))
+
+    readable = src.read(split, process_index, process_count).map(decoded_shape)
+    if not list(readable.ignore_errors().take(1).as_numpy_iterator()):
+        raise DataError(
+            f"no readable example in split {split!r} of {src.name!r} (process {process_index} of "
+            f"{process_count}): skip_corrupt=True skips unreadable examples, but every one is; "
+            "check or replace the data files")
+
+
 _CHUNK = 64  # records an epoch stream hands on at a time: one hand-over between threads each
 
 
@@ -222,6 +239,7 @@ def train_iterator(
     src = open_source(config)
     records = src.read(config.train_split, process_index, process_count)
     if config.get("skip_corrupt"):  # unreadable records go before they are chunked
+        _require_a_readable_example(src, config.train_split, process_index, process_count)
         records = records.ignore_errors(log_warning=True)
     n = src.part_size(config.train_split, process_index, process_count)
     if n <= 0:
@@ -318,6 +336,7 @@ def eval_iterator(
     ds = src.read(split, process_index, process_count)
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if config.get("skip_corrupt"):
+        _require_a_readable_example(src, split, process_index, process_count)
         ds = ds.ignore_errors(log_warning=True)
     size = config.image_size
     padding = {

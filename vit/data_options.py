@@ -48,6 +48,9 @@ def validate_options(pp) -> None:
         raise DataError(
             f"pp.normalize={pp.normalize!r} is unknown; use one of {sorted(NORMALIZATIONS)}"
         )
+    for key in ("crop_padding", "randaugment_num_ops"):
+        if int(pp[key]) < 0:
+            raise DataError(f"pp.{key}={pp[key]} is negative; use 0 or more (0 = off)")
     if not 0 <= pp.randaugment_magnitude <= 10:
         raise DataError(
             f"pp.randaugment_magnitude={pp.randaugment_magnitude} is out of range; use 0..10"

@@ -241,9 +241,32 @@ def create_model(
     return VisionTransformer(**kwargs)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(value: Any) -> jnp.dtype:
+    """`value` ("bfloat16", jnp.float32, ...) as a dtype the model computes in; ValueError naming
+    the choices otherwise."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown model dtype {getattr(value, '__name__', value)!r}; use one of "
+                         f"{', '.join(COMPUTE_DTYPES)}")
+    return dtype
+
+
 def _validate(kw: dict[str, Any]) -> None:
     defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
     kw = {**defaults, **kw}
+    for key in ("width", "depth", "num_heads", "mlp_dim"):
+        if int(kw[key]) < 1:
+            raise ValueError(f"model {key} must be >= 1, got {kw[key]}")
+    for key in ("image_size", "patch_size"):
+        if min(kw[key]) < 1:
+            raise ValueError(f"{key} must be positive, got {kw[key]}")
+    compute_dtype(kw["dtype"])
     if kw["classifier"] not in CLASSIFIERS:
         raise ValueError(f"unknown classifier {kw['classifier']!r}; use one of {CLASSIFIERS}")
     if kw["posemb"] not in POSEMB_KINDS:
@@ -297,7 +320,7 @@ def model_from_config(
     """
     options = {k: v for k, v in dict(model_config).items() if v is not None}
     if "dtype" in options:
-        options["dtype"] = jnp.dtype(options["dtype"])
+        options["dtype"] = compute_dtype(options["dtype"])
     if "variant" not in options:
         raise ValueError("config.model needs a 'variant' such as 'Ti/16' or 'S/4'")
     variant = options.pop("variant")

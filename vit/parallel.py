@@ -116,13 +116,18 @@ def initialize_distributed(
             f"process_id={process_id!r}") from None
 
 
-def per_device_batch(global_batch: int) -> int:
-    """The batch each device sees: global_batch / (process_count * local_device_count)."""
+def per_device_batch(global_batch: int, name: str = "batch size") -> int:
+    """The batch each device sees: global_batch / (process_count * local_device_count).
+
+    `name` is how errors call the batch, e.g. "config.batch_size".
+    """
     processes, local = jax.process_count(), jax.local_device_count()
     devices = processes * local
-    if global_batch < 1 or global_batch % devices:
+    if global_batch < 1:
+        raise ParallelError(f"{name} must be >= 1, got {global_batch}")
+    if global_batch % devices:
         raise ParallelError(
-            f"batch size {global_batch} is not divisible by the {devices} devices "
+            f"{name} {global_batch} is not divisible by the {devices} devices "
             f"({processes} process(es) x {local} local): use a multiple of {devices}, "
             f"e.g. {max(devices, global_batch // devices * devices)}")
     return global_batch // devices

@@ -101,10 +101,17 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
     def to_record(example: dict) -> dict:
         return {"encoded": example[image_key], "label": tf.cast(example[label_key], tf.int64)}
 
-    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    # With skip_corrupt, no cardinality assertion: after a damaged shard it fails on every
+    # later read, so ignore_errors would skip forever. Sizes come from the asserted reader.
+    skip_corrupt = bool(config.get("skip_corrupt"))
+
+    def read(split, process_index: int = 0, process_count: int = 1, *,
+             asserted: bool = not skip_corrupt) -> tf.data.Dataset:
         sub = tfds.even_splits(split, n=process_count)[process_index]
+        read_config = tfds.ReadConfig(assert_cardinality=asserted)
         try:
-            ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders)
+            ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders,
+                                    read_config=read_config)
         except AssertionError:
             raise DataError(
                 f"dataset {name!r} is not prepared in {builder.data_dir_root}; set data_dir or "
@@ -121,7 +128,7 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
         try:
             return builder.info.splits[split].num_examples
         except (KeyError, ValueError):
-            return int(read(split).cardinality())  # no metadata (e.g. mocked data): count
+            return int(read(split, asserted=True).cardinality())  # no metadata (mocked data)
 
     def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         batches = read(split, process_index, process_count).map(_label).batch(8192)
@@ -136,7 +143,7 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
         size,
         is_folder=False,
         labels=labels,
-        part_size=_cardinality(read),
+        part_size=_cardinality(functools.partial(read, asserted=True)),
     )
 
 

@@ -9,6 +9,8 @@ import logging
 import os
 import re
 import sys
+import traceback
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -90,13 +92,51 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if reason.startswith("ValueError: "):  # the config file's own check names its fix
             print(f"error: {reason.removeprefix('ValueError: ')}", file=sys.stderr)
             sys.exit(2)
+    except SyntaxError as err:
+        print(f"error: config file {err.filename}, line {err.lineno}: {err.msg}; fix the file",
+              file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as err:  # ml_collections: an override of an unknown key
         text = str(err)
+        if "has no attribute 'get_config'" in text or _raised_in_config_file(err, argv):
+            _config_file_failed(err, argv)
         key = re.search(r"'(\w+)\\?'", text)
         hint = re.search(r'Did you mean "(\w+)"', text)
         reason = (f"unknown config key {key.group(1) if key else text!r}"
                   + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+    except Exception as err:
+        if not _raised_in_config_file(err, argv):
+            raise
+        _config_file_failed(err, argv)
     print(f"error: {reason}; see the config file for the valid keys", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_file(argv: list[str]) -> str | None:
+    """The file of the --config=FILE[:variant] argument, if any."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=").partition(":")[0]
+    return None
+
+
+def _raised_in_config_file(err: BaseException, argv: list[str]) -> bool:
+    """Whether `err` came out of the code of the --config file (its get_config, say)."""
+    path = _config_file(argv)
+    frames = traceback.extract_tb(err.__traceback__)
+    return path is not None and any(os.path.samefile(f.filename, path) for f in frames
+                                    if os.path.exists(f.filename) and os.path.exists(path))
+
+
+def _config_file_failed(err: BaseException, argv: list[str]) -> NoReturn:
+    """Exit 2 with one line naming the --config file and what its code raised."""
+    path = _config_file(argv)
+    if "has no attribute 'get_config'" in str(err):
+        print(f"error: config file {path} has no get_config(): define get_config(variant=None) "
+              "returning the run's ConfigDict, as configs/*.py do", file=sys.stderr)
+    else:
+        print(f"error: config file {path} failed to load: {type(err).__name__}: {err}",
+              file=sys.stderr)
     sys.exit(2)
 
 

@@ -26,7 +26,7 @@ from vit import (
     parallel,
     wandb_logger,
 )
-from vit.config_schema import validate_config
+from vit.config_schema import ConfigError, validate_config
 from vit.console import is_verbose
 from vit.model import VisionTransformer, init_params, model_from_config
 from vit.nonfinite import NonFiniteLossError
@@ -95,8 +95,13 @@ def train(config: Any, workdir: str) -> TrainResult:
     if config.distributed:
         parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                         config.process_id)
-    parallel.per_device_batch(config.batch_size)
-    parallel.per_device_batch(config.eval_batch_size)
+    per_device = parallel.per_device_batch(config.batch_size, "config.batch_size")
+    parallel.per_device_batch(config.eval_batch_size, "config.eval_batch_size")
+    if per_device % int(config.grad_accum_steps):
+        raise ConfigError(
+            f"config.grad_accum_steps={config.grad_accum_steps} does not divide the per-device "
+            f"batch of {per_device} (config.batch_size={config.batch_size} over "
+            f"{jax.device_count()} device(s)): use a divisor of {per_device}")
     info = data.dataset_info(config)
     model = build_model(config, info)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
@@ -179,17 +184,20 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
                 progress.update(step, loss=scalars.get("train/loss", float("nan")))
                 final.update(scalars)
                 window_start, window_steps = time.perf_counter(), 0
+            # Saved before evaluating: an evaluation that fails loses no training.
+            saved = False
+            if step % config.checkpoint_every == 0 or is_last:
+                saved = ckpt.save(step, host_state(step), force=is_last, **meta)
             if (config.eval_every and step % config.eval_every == 0) or is_last:
                 final.update(_evaluate(model, rstate, config, step, writer))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if watch.reached(step) and not is_last:  # every process, every step
-                ckpt.save(step, host_state(step), force=True, **meta)
+                if not saved:
+                    ckpt.save(step, host_state(step), force=True, **meta)
                 preempted = True
                 log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
                             step, ckpt.directory)
                 break
-            if step % config.checkpoint_every == 0 or is_last:
-                ckpt.save(step, host_state(step), force=is_last, **meta)
     finally:
         progress.close()
         writer.close()
