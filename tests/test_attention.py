@@ -8,14 +8,14 @@ import pytest
 
 import vit
 from vit import attention_maps, pretrained
-from vit.checkpoint import load_checkpoint
-from vit.evaluate import load_inference_model
 from vit.attention import (
     MultiHeadDotProductAttention,
-    attention_weights,
     attention_impl_here,
+    attention_weights,
     resolve_attention_impl,
 )
+from vit.checkpoint import load_checkpoint
+from vit.evaluate import load_inference_model
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 

@@ -348,6 +348,27 @@ def test_folder_errors(tmp_path):
         data.dataset_info(_folder_cfg(tmp_path))
 
 
+def test_folder_files_the_pipeline_cannot_decode_are_named_or_skipped(tmp_path):
+    """A TIFF named .png (PIL reads it, TensorFlow's decoder does not) and random bytes: named
+    in one line, or skipped with skip_corrupt, leaving exactly the good images."""
+    for split, cls, value in (("train", "cat", 10), ("train", "dog", 20), ("test", "cat", 10)):
+        (tmp_path / split / cls).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / split / cls / "c.png")
+    tiff = tmp_path / "train" / "cat" / "a_tiff.png"
+    Image.fromarray(np.full((8, 8, 3), 30, np.uint8)).save(tiff, format="TIFF")
+    (tmp_path / "train" / "dog" / "b_random.png").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError) as info:
+        next(data.train_iterator(_folder_cfg(tmp_path, batch_size=2), num_devices=1))
+    message = str(info.value)
+    assert message.startswith(f"image file {str(tiff)!r} is TIFF, which the input pipeline "
+                              "cannot decode (Unknown image file format. One of JPEG")
+    assert message.endswith("): convert it or remove it") and "\n" not in message
+    skipping = _folder_cfg(tmp_path, batch_size=2, skip_corrupt=True)
+    assert data.dataset_info(skipping).split_sizes["train"] == 2
+    batch = next(data.train_iterator(skipping, num_devices=1))
+    assert sorted(_ids(batch["image"]).tolist()) == [1, 2]
+
+
 # --------------------------------------------------------------- class subset
 def test_cifar_class_subset_relabels_counts_and_evals_each_once():
     c = _cifar(classes=[9, 5, 0], eval_split="test[:200]", train_split="train[:300]")

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from vit import preprocess as pp_ops
 from vit.data_options import DataError, default_config  # noqa: F401  (data.default_config)
+from vit.error_text import tensorflow_message
 from vit.sources import FOLDER_PREFIX, IMAGE_EXTENSIONS, Source, open_source
 
 __all__ = [
@@ -135,7 +136,7 @@ def _numpy(ds: tf.data.Dataset, src: Source, split: str) -> Iterator[dict[str, n
                 _raise_for_bad_file(src, split)
             raise DataError(
                 f"unreadable example in {src.name!r} split {split!r} "
-                f"({e.message.splitlines()[0]}); set skip_corrupt=True to skip such examples"
+                f"({tensorflow_message(e.message)}); set skip_corrupt=True to skip such examples"
             ) from None
         yield batch
 
@@ -146,9 +147,10 @@ def _path(record: dict) -> tf.Tensor:
 
 
 def _raise_for_bad_file(src: Source, split: str) -> None:
-    """Decodes every file of a folder split with PIL: a DataError names the first bad one."""
+    """Decodes every file of a folder split as the pipeline does: a DataError names the first
+    bad one."""
     for path in src.read(split).map(_path).as_numpy_iterator():
-        pp_ops.decode_image_file(path.decode())
+        pp_ops.check_pipeline_decodes(path.decode())
 
 
 def _require_a_readable_example(src: Source, split: str, process_index: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def first_line(err: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
     """The first line of `err`'s message, cut to its first sentences within `limit` characters
@@ -14,3 +16,14 @@ def first_line(err: BaseException, *, with_type: bool = False, limit: int | None
         cut = line.rfind(". ", 0, limit)
         line = line[:cut + 1] if cut > 0 else line[:limit - 3] + "..."
     return f"{type(err).__name__}: {line}" if with_type else line
+
+
+_TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
+_TF_OP = re.compile(r"\s*\[\[\{\{node [^]]*\]\]|\s*\[Op:[^\]]*\].*$")
+
+
+def tensorflow_message(message: str) -> str:
+    """The first line of a TensorFlow op error's message without TF's node and op annotations
+    ("{{function_node ...}}", "[Op:DecodeImage] name: ")."""
+    lines = [line for line in message.strip().splitlines() if line.strip()] or [""]
+    return _TF_OP.sub("", _TF_NODE.sub("", lines[0])).strip()

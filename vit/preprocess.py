@@ -21,6 +21,7 @@ from vit.data_options import (  # noqa: F401  (the pp options are part of this m
     default_options,
     validate_options,
 )
+from vit.error_text import tensorflow_message
 from vit.normalization import normalization_table, normalize_on_device  # noqa: F401
 from vit.randaugment import randaugment
 
@@ -42,6 +43,19 @@ def decode_image_file(path: str) -> np.ndarray:
         raise DataError(
             f"corrupt or unreadable image file {path!r} ({e}); remove or replace it"
         ) from None
+
+
+def check_pipeline_decodes(path: str) -> None:
+    """A DataError naming `path` unless the input pipeline's decoder (`decode`) reads it; the
+    reason from PIL when PIL cannot read it either."""
+    try:
+        decode(tf.io.read_file(path))
+    except tf.errors.OpError as err:
+        decode_image_file(path)  # raises with PIL's reason when PIL fails too
+        with Image.open(path) as im:
+            kind = im.format
+        raise DataError(f"image file {path!r} is {kind}, which the input pipeline cannot decode "
+                        f"({tensorflow_message(err.message)}): convert it or remove it") from None
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:

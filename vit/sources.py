@@ -162,7 +162,7 @@ def _images_in(directory: str) -> list[str]:
 
 def _is_readable(path: str) -> bool:
     try:
-        pp_ops.decode_image_file(path)
+        pp_ops.check_pipeline_decodes(path)
         return True
     except DataError:
         return False
