@@ -147,6 +147,26 @@ def test_decode_image_file_roundtrip_and_errors(tmp_path):
         decode_image_file(str(tmp_path / "missing.png"))
 
 
+def test_a_16_bit_png_decodes_as_the_training_pipeline_decodes_it(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grayscale to white; the high byte is kept instead,
+    exactly what TensorFlow's decoder (the training pipeline's) gives."""
+    path = tmp_path / "g16.png"
+    Image.fromarray(np.array([[0, 255, 256, 1000, 32768, 65535]], np.uint16)).save(path)
+    decoded = decode_image_file(str(path))
+    np.testing.assert_array_equal(decoded[0, :, 0], [0, 0, 1, 3, 128, 255])
+    np.testing.assert_array_equal(decoded, decode(tf.io.read_file(str(path))).numpy())
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(IMAGE).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24 x 40 is over twice this
+    with pytest.raises(DataError) as info:
+        decode_image_file(str(path))
+    assert str(info.value).startswith(f"image file {str(path)!r} is too large to decode safely (")
+    assert str(info.value).endswith("raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted")
+
+
 @pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
 def test_each_randaugment_op_keeps_shape_and_range(op):
     out = op(tf.constant(IMAGE, tf.float32), tf.constant(5.0))

@@ -36,9 +36,17 @@ def decode_image_file(path: str) -> np.ndarray:
     """Reads an image file into a uint8 [H, W, 3] RGB array; DataError naming a bad file."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16") or im.mode == "I":
+                # 16-bit grayscale: PIL's convert("RGB") clips it (all but the darkest white);
+                # keep the high byte, as TensorFlow's decoder does.
+                gray = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"image file {path!r} does not exist; check the path") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image file {path!r} is too large to decode safely ({e}); resize it, or "
+                        "raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"corrupt or unreadable image file {path!r} ({e}); remove or replace it"
