@@ -153,3 +153,46 @@ def test_train_forwards_its_flags(monkeypatch):
     monkeypatch.setattr("vit.train_cli", fake, raising=False)
     assert cli.main(["train", "--config=configs/smoke.py", "--workdir=/tmp/w"]) == 0
     assert seen == [["vit train", "--config=configs/smoke.py", "--workdir=/tmp/w"]]
+
+
+def test_output_paths_are_checked_before_any_work(run, capsys, tmp_path, monkeypatch):
+    """A --json that is a directory, an --out under a file, an output workdir holding another
+    run's checkpoints: one line, exit 2, and the evaluation / export / fine-tuning never starts."""
+    for module, name in (("vit.evaluate", "evaluate_checkpoint"), ("vit.export", "export"),
+                         ("vit.prune", "prune_checkpoint"),
+                         ("vit.quantize", "quantize_checkpoint")):
+        monkeypatch.setattr(importlib.import_module(module), name,
+                            lambda *a, **k: pytest.fail("work began"))
+    (tmp_path / "file.txt").write_text("x")
+    workdir = str(run / "run")
+    cases = [
+        (["eval", "--workdir", workdir, "--json", str(tmp_path)],
+         f"--json {tmp_path} is a directory; give a file name in it, e.g. {tmp_path / 'out.json'}"),
+        (["eval", "--workdir", workdir, "--plots", str(tmp_path / "file.txt")],
+         f"--plots {tmp_path / 'file.txt'} is a file; give a directory"),
+        (["eval", "--workdir", workdir, "--reliability", str(tmp_path / "file.txt" / "r.png")],
+         f"--reliability {tmp_path / 'file.txt' / 'r.png'}: {tmp_path / 'file.txt'} is a file, "
+         "not a directory; give a path under a directory"),
+        (["export", "--checkpoint", workdir, "--format", "saved_model", "--out",
+          str(tmp_path / "file.txt")],
+         f"--out {tmp_path / 'file.txt'} is a file; give a directory"),
+        (["quantize", "--checkpoint", workdir, "--out", workdir],
+         f"--out {workdir} already holds checkpoints (steps ["),
+        (["prune", "--checkpoint", workdir, "--out", workdir, "--sparsity", "0.5",
+          "--finetune-steps", "3"], f"--out {workdir} already holds checkpoints (steps ["),
+        (["convert", str(tmp_path / "w.npz"), workdir], f"DST {workdir} already holds checkpoints"),
+    ]
+    for argv, expected in cases:
+        assert cli.main(argv) == 2, argv
+        assert _one_error_line(capsys.readouterr().err).startswith(f"error: {expected}"), argv
+
+
+def test_missing_output_folders_are_made_and_a_bare_reliability_name_gets_png(run, capsys,
+                                                                               tmp_path):
+    deep = tmp_path / "a" / "b"
+    with tfds.testing.mock_data(num_examples=101):
+        code = cli.main(["eval", "--workdir", str(run / "run"), "--json",
+                         str(deep / "m.json"), "--reliability", str(deep / "rel")])
+    assert code == 0
+    assert f"wrote {deep / 'rel.png'}\n" in capsys.readouterr().out
+    assert sorted(p.name for p in deep.iterdir()) == ["m.json", "rel.png"]

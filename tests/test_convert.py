@@ -1,6 +1,7 @@
 """Tests for vit.convert and vit.weights_out: weights in exactly, weights out, round trips."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +69,15 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     assert set(got) == set(want)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    before = (tmp_path / "out" / "config.json").read_text()
+    with pytest.raises(ValueError) as info:  # a second export does not overwrite the first
+        export_weights(str(tmp_path / "ours"), target, str(tmp_path / "out"))
+    assert str(info.value).startswith(f"{tmp_path / 'out'} already holds model.safetensors, "
+                                      f"config.json")
+    assert (tmp_path / "out" / "config.json").read_text() == before
 
 
 @pytest.mark.parametrize("target,model", [

@@ -8,7 +8,11 @@ split up: ECE = sum over bins of |correct_sum - confidence_sum| / total (Guo et 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from vit.output_paths import make_parent
 
 NUM_BINS = 15
 COUNT, CONFIDENCE, CORRECT = 0, 1, 2  # rows of the bin sums
@@ -44,7 +48,8 @@ def ece(confidence: np.ndarray, correct: np.ndarray, num_bins: int = NUM_BINS) -
 
 
 def reliability_diagram(sums: np.ndarray, path: str, title: str = "") -> str:
-    """Draw accuracy vs confidence per bin (with the diagonal and the ECE) to a PNG; its path."""
+    """Draw accuracy vs confidence per bin (with the diagonal and the ECE) to a PNG; its path
+    (".png" added when `path` has no extension)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -73,5 +78,7 @@ def reliability_diagram(sums: np.ndarray, path: str, title: str = "") -> str:
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("share")
     bottom.set_xlim(0, 1)
-    fig.savefig(path)
+    if not os.path.splitext(path)[1]:
+        path += ".png"  # what savefig writes for a name without an extension
+    fig.savefig(make_parent(path))
     return path

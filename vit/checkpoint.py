@@ -17,7 +17,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit.error_text import first_line
+from vit.output_paths import blocking_ancestor
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -59,18 +59,16 @@ _open_checkpointers: list[Checkpointer] = []  # while any is open, the filter ab
 
 
 def _check_creatable(directory: Path) -> None:
-    """A CheckpointError unless `directory` is a directory or can be made: its nearest existing
-    ancestor is a directory this process may write to."""
-    for path in (directory, *directory.parents):
-        if not path.exists():
-            continue
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file, not a directory: pass a workdir that is a "
-                                  "directory or does not exist yet")
-        if path != directory and not os.access(path, os.W_OK | os.X_OK):
-            raise CheckpointError(f"cannot create {directory}: {path} is not writable; pass a "
-                                  "workdir you can write to")
+    """A CheckpointError unless `directory` is a directory or can be made."""
+    blocked = blocking_ancestor(directory)
+    if blocked is None:
         return
+    path, why = blocked
+    if why == "file":
+        raise CheckpointError(f"{path} is a file, not a directory: pass a workdir that is a "
+                              "directory or does not exist yet")
+    raise CheckpointError(f"cannot create {directory}: {path} is not writable; pass a workdir "
+                          "you can write to")
 
 
 class Checkpointer:

@@ -10,7 +10,6 @@ line `error: ...` on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,29 +17,34 @@ from collections.abc import Sequence
 from vit import ship_cli
 from vit.checkpoint import CheckpointError
 from vit.error_text import first_line
+from vit.output_paths import check_directory, check_file, write_json
 from vit.preprocess import DataError
 from vit.weight_formats import WeightsError
 
 USAGE_ERROR, INPUT_ERROR = 2, 1
-_USER_ERRORS = (DataError, CheckpointError, WeightsError, ValueError, FileNotFoundError)
+_USER_ERRORS = (DataError, CheckpointError, WeightsError, ValueError, OSError)
 
 
-def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The sub-command's output paths, checked before its work (vit/output_paths.py)."""
+    for option in ("json", "reliability"):
+        if getattr(args, option, None):
+            check_file(getattr(args, option), f"--{option}")
+    if getattr(args, "plots", None):
+        check_directory(args.plots, "--plots")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from vit.evaluate import evaluate_checkpoint
 
+    _check_outputs(args)
     result = evaluate_checkpoint(
         args.checkpoint or args.workdir, split=args.split, dataset=args.dataset,
         data_dir=args.data_dir, use_ema=args.ema, batch_size=args.batch_size, step=args.step,
         tta=args.tta)
     print(result.summary())
     if args.json:
-        _write_json(args.json, result.to_dict())
+        write_json(args.json, result.to_dict())
     if args.plots:
         from vit.reports import write_report
 
@@ -56,6 +60,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
     from vit import robustness
     from vit.calibration import reliability_diagram
 
+    _check_outputs(args)
     report = robustness.robustness_report(
         args.checkpoint, split=args.split,
         corruption_names=robustness.parse_corruptions(args.corruptions),
@@ -66,7 +71,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, use_ema=args.ema)
     print(report.summary())
     if args.json:
-        _write_json(args.json, report.to_dict())
+        write_json(args.json, report.to_dict())
     if args.reliability:
         print(f"wrote {reliability_diagram(report.calibration, args.reliability)}")
     return 0
@@ -81,11 +86,12 @@ def _report_errors(errors: list[tuple[str, str]]) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     from vit.predict import predict
 
+    _check_outputs(args)
     result = predict(args.checkpoint, args.inputs, top_k=args.top_k, use_ema=args.ema)
     if result.predictions:
         print(result.summary())
     if args.json:
-        _write_json(args.json, result.to_dict())
+        write_json(args.json, result.to_dict())
     return _report_errors(result.errors)
 
 
@@ -105,6 +111,7 @@ def _run_attention(args: argparse.Namespace) -> int:
     from vit.evaluate import load_inference_model
     from vit.predict import expand_paths, model_inputs, read_images
 
+    check_directory(args.out, "--out")
     loaded = load_inference_model(args.checkpoint, use_ema=args.ema)
     files, errors = expand_paths(args.inputs)
     files, images, unreadable = read_images(files)
@@ -121,6 +128,7 @@ def _run_attention(args: argparse.Namespace) -> int:
 def _run_plot(args: argparse.Namespace) -> int:
     from vit.plot import plot_runs
 
+    check_file(args.out, "--out")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     path = plot_runs(args.workdirs, args.out, labels=labels)
     print(f"wrote {path} ({len(args.workdirs)} run{'s' if len(args.workdirs) > 1 else ''})")

@@ -207,17 +207,37 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     return str(checkpointer.directory / "0"), notes
 
 
+EXPORTED_FILES = {"timm": ("model.safetensors", "config.json"),
+                  "hf": ("model.safetensors", "config.json", "preprocessor_config.json"),
+                  "npz": ("model.npz", "config.json")}
+
+
+def _save_safetensors(state: dict, path: Path) -> Path:
+    """safetensors' save_file, with the permissions of any file this process makes (it writes
+    0600)."""
+    from safetensors.numpy import save_file
+
+    save_file(state, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def export_weights(checkpoint: str, target: str, out_dir: str, *, use_ema: bool = False
                    ) -> list[str]:
     """Write a checkpoint's params for timm, HF or as a vit_jax .npz in `out_dir`; the paths."""
     import jax
-    from safetensors.numpy import save_file
 
     from vit import weights_out
     from vit.evaluate import load_inference_model
 
     if target not in weights_out.TARGETS:
         raise ValueError(f"unknown --to {target!r}; use one of {', '.join(weights_out.TARGETS)}")
+    there = [name for name in EXPORTED_FILES[target] if (Path(out_dir) / name).exists()]
+    if there:
+        raise ValueError(f"{out_dir} already holds {', '.join(there)}; write the --to {target} "
+                         "files to a new directory, or remove them first")
     loaded = load_inference_model(checkpoint, use_ema=use_ema)
     if any(np.asarray(v).dtype == np.int8 for v in jax.tree_util.tree_leaves(loaded.params)):
         raise WeightsError("this checkpoint holds int8-quantised weights: convert the float "
@@ -228,13 +248,11 @@ def export_weights(checkpoint: str, target: str, out_dir: str, *, use_ema: bool 
     files: dict[str, dict] = {}
     if target == "timm":
         state, files["config.json"] = weights_out.to_timm(loaded.params, loaded.model, names, kind)
-        save_file(state, str(out / "model.safetensors"))
-        written = [out / "model.safetensors"]
+        written = [_save_safetensors(state, out / "model.safetensors")]
     elif target == "hf":
         state, files["config.json"], files["preprocessor_config.json"] = weights_out.to_hf(
             loaded.params, loaded.model, names, kind)
-        save_file(state, str(out / "model.safetensors"))
-        written = [out / "model.safetensors"]
+        written = [_save_safetensors(state, out / "model.safetensors")]
     else:
         arrays, files["config.json"] = weights_out.to_npz(loaded.params, loaded.config.to_dict(),
                                                           names)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vit.metrics import JSONL_FILE, TENSORBOARD_DIR, read_jsonl
+from vit.output_paths import make_parent
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,6 @@ def plot_runs(workdirs: Sequence[str], out_png: str,
         if not run.has_wall_clock:
             log.warning("%s: no wall-clock times in %s; drawn against steps only", label,
                         run.workdir)
-    parent = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(parent, exist_ok=True)
-    fig.savefig(out_png, format="png")
+    fig.savefig(make_parent(out_png), format="png")
     return out_png
 

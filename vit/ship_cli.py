@@ -7,19 +7,15 @@ vit/prune.py) and prints its summary; `vit.cli` adds these sub-commands to its p
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-
-def _write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+from vit.output_paths import check_directory, check_file, check_new_workdir, write_json
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from vit import convert
 
+    (check_directory if args.to else check_new_workdir)(args.dst, "DST")
     if args.to:
         for path in convert.export_weights(args.src, args.to, args.dst, use_ema=args.ema):
             print(f"wrote {path}")
@@ -36,17 +32,21 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from vit.export import export
 
+    check_directory(args.out, "--out")
+    if args.json:
+        check_file(args.json, "--json")
     result = export(args.checkpoint, args.format, args.out, images=args.images,
                     use_ema=args.ema, measure_speed=not args.no_speed)
     print(result.summary())
     if args.json:
-        _write_json(args.json, result.to_dict())
+        write_json(args.json, result.to_dict())
     return 0
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from vit.quantize import quantize_checkpoint
 
+    check_new_workdir(args.out, "--out")
     print(quantize_checkpoint(args.checkpoint, args.out, use_ema=args.ema).summary())
     return 0
 
@@ -54,6 +54,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 def _run_prune(args: argparse.Namespace) -> int:
     from vit.prune import prune_checkpoint
 
+    check_new_workdir(args.out, "--out")
     result = prune_checkpoint(args.checkpoint, args.out, method=args.method,
                               sparsity=args.sparsity, finetune_steps=args.finetune_steps,
                               lr=args.lr, use_ema=args.ema)

@@ -1,0 +1,85 @@
+"""Where the command line writes, checked before any work is done: one line naming the fix.
+
+A mistyped `--json` (a directory), an `--out` under a file, or an output workdir that already
+holds another run's checkpoints would otherwise fail only after the evaluation, export or
+fine-tuning had run, with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message names the path and the fix."""
+
+
+def blocking_ancestor(directory: Path) -> tuple[Path, str] | None:
+    """(path, "file" or "unwritable") when `directory` cannot be made: its nearest existing
+    ancestor (itself included) is a file, or a directory this process may not write to;
+    None when `directory` exists as a directory or can be made."""
+    for path in (directory, *directory.parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            return path, "file"
+        if path != directory and not os.access(path, os.W_OK | os.X_OK):
+            return path, "unwritable"
+        return None
+    return None
+
+
+def _check_folder(folder: Path, option: str, given: str) -> None:
+    blocked = blocking_ancestor(folder)
+    if blocked is None:
+        return
+    path, why = blocked
+    if why == "file":
+        raise OutputPathError(f"{option} {given}: {path} is a file, not a directory; give a path "
+                              "under a directory")
+    raise OutputPathError(f"{option} {given}: cannot write in {path}; give a path you can write to")
+
+
+def check_file(given: str, option: str) -> None:
+    """OutputPathError unless a file can be written at `given` (its folder may be made)."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        raise OutputPathError(f"{option} {given} is a directory; give a file name in it, e.g. "
+                              f"{path / ('out' + (path.suffix or '.json'))}")
+    _check_folder(path.absolute().parent, option, given)
+
+
+def check_directory(given: str, option: str) -> None:
+    """OutputPathError unless `given` is a directory or can be made."""
+    path = Path(given).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {given} is a file; give a directory")
+    _check_folder(path, option, given)
+
+
+def check_new_workdir(given: str, option: str) -> None:
+    """`check_directory`, and OutputPathError when `given` already holds checkpoints (another
+    run's, or an earlier output): a new checkpoint there would mix with them."""
+    check_directory(given, option)
+    checkpoints = Path(given).expanduser() / "checkpoints"
+    steps = sorted(int(p.name) for p in checkpoints.iterdir()
+                   if p.name.isdigit()) if checkpoints.is_dir() else []
+    if steps:
+        raise OutputPathError(f"{option} {given} already holds checkpoints (steps {steps}); write "
+                              f"to a new directory, or remove {checkpoints} first")
+
+
+def make_parent(path: str) -> str:
+    """Create the folder `path` is to be written in, if missing; `path`."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    os.makedirs(parent, exist_ok=True)
+    return path
+
+
+def write_json(path: str, payload: dict) -> None:
+    """`payload` as indented JSON at `path`, its folder made if missing."""
+    with open(make_parent(path), "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
