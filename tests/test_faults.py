@@ -279,6 +279,8 @@ def _per_device_32() -> int:
     ("eval_batch_size", -64, "config.eval_batch_size must be >= 1, got -64"),
     ("grad_accum_steps", 3, "config.grad_accum_steps=3 does not divide the per-device batch of "
      "{per_device} (config.batch_size=32 over"),
+    ("label_smoothing", 2.0, "config.label_smoothing must be in [0, 1), got 2.0"),
+    ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
     ("model.quant", "int8", "config.model.quant='int8' is for inference (`vit quantize` writes "
      "it): train with quant='none', then quantize the trained checkpoint"),
 ])
@@ -612,7 +614,7 @@ def test_nan_in_one_of_two_processes_stops_both_at_one_step_with_one_message(pai
     """Only process 1's batch of step 6 is NaN; the loss and gradients are averaged over both."""
     lines = [_error_line(run) for run in _run_pair(tmp_path, fault=("nan", 6))]
     assert lines == 2 * [
-        "error: loss became nan at step 6: lower the learning rate (lr) or enable gradient "
-        "clipping (grad_clip_norm); the last good checkpoint is kept"]
+        "error: loss became nan at step 6: lower the learning rate (lr) or the gradient-clipping "
+        "norm (grad_clip_norm); the last good checkpoint is kept"]
     assert _steps(tmp_path) == ["4"]  # nothing saved after the NaN: step 8 was not
     _assert_same(_params(tmp_path), _params(pair_reference[0], 4))

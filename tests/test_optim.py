@@ -73,6 +73,10 @@ def test_cosine_quarter_point_and_no_warmup():
     (dict(layer_decay=1.5), ["layer_decay", "1.5"]),
     (dict(trainable="body"), ["'body'", "all, head"]),
     (dict(ema_decay=1.0), ["ema_decay", "[0, 1)"]),
+    (dict(lr=float("inf")), ["lr must be a finite number > 0", "inf"]),
+    (dict(weight_decay=float("nan")), ["weight_decay must be a finite number >= 0", "nan"]),
+    (dict(grad_clip_norm=float("inf")), ["grad_clip_norm", "0 or None: no clipping", "inf"]),
+    (dict(grad_clip_norm=-1.0), ["grad_clip_norm", "-1.0"]),
 ])
 def test_bad_values_raise_one_line(overrides, words, small_params):
     with pytest.raises(optim.OptimizerConfigError) as info:
@@ -153,8 +157,8 @@ def test_ema_after_first_step_is_mostly_the_new_params():
 
 def test_clipping_bounds_the_update(small_params):
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e3), small_params)
-    for clip, expected in ((0.5, 0.5), (None, 1e3 * np.sqrt(sum(p.size for p in
-                                                                 _flat(grads).values())))):
+    unclipped = 1e3 * np.sqrt(sum(p.size for p in _flat(grads).values()))
+    for clip, expected in ((0.5, 0.5), (None, unclipped), (0.0, unclipped)):
         config = _config(optimizer="sgd", momentum=0.0, grad_clip_norm=clip)
         tx = optim.make_optimizer(config, small_params)
         updates, _ = jax.jit(tx.update)(grads, tx.init(small_params), small_params)

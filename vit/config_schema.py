@@ -123,6 +123,9 @@ def validate_config(config: Any) -> None:
         raise ConfigError(f"the config has no {missing[0]!r} block: build it from "
                           "vit.config_schema.default_config() (as configs/*.py do)")
     data_options.validate_options(config.pp)  # a DataError (ValueError) naming the key
+    optim.check_config(config)
+    if not 0.0 <= float(config.label_smoothing) < 1.0:
+        raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if "variant" not in config.model:
         raise ConfigError("config.model.variant is missing: set it to e.g. 'Ti/4' or 'S/16'")
     if str(config.model.get("quant", "none")) != "none":

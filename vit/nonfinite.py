@@ -59,7 +59,7 @@ def skip_metrics(opt_state: PyTree, cap: int) -> dict[str, jax.Array]:
 def error(what: str, step: int) -> NonFiniteLossError:
     """The one-line error for a non-finite value first seen at `step`."""
     return NonFiniteLossError(
-        f"{what} at step {step}: lower the learning rate (lr) or enable gradient clipping "
+        f"{what} at step {step}: lower the learning rate (lr) or the gradient-clipping norm "
         "(grad_clip_norm); the last good checkpoint is kept")
 
 

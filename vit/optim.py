@@ -16,6 +16,7 @@ step t, so that short runs do not evaluate mostly their initial weights.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -52,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
         b2=0.999,
         momentum=0.9,
         nesterov=False,
-        grad_clip_norm=1.0,
+        grad_clip_norm=1.0,  # 0 or None: no clipping (0 is what a command line can set)
         schedule="cosine",
         warmup_steps=0,
         total_steps=1000,
@@ -77,15 +78,17 @@ def _options(config: Any) -> ml_collections.ConfigDict:
         raise OptimizerConfigError(
             f"warmup_steps={opts.warmup_steps} must be in [0, total_steps={opts.total_steps}]: "
             "lower warmup_steps or raise total_steps")
-    if not opts.lr > 0:
-        raise OptimizerConfigError(f"lr must be > 0, got {opts.lr}")
+    if not 0 < opts.lr < math.inf:
+        raise OptimizerConfigError(f"lr must be a finite number > 0, got {opts.lr}")
     if not 0.0 <= opts.min_lr_ratio <= 1.0:
         raise OptimizerConfigError(f"min_lr_ratio must be in [0, 1], got {opts.min_lr_ratio}")
-    if opts.weight_decay < 0:
-        raise OptimizerConfigError(f"weight_decay must be >= 0, got {opts.weight_decay}")
-    if opts.grad_clip_norm is not None and not opts.grad_clip_norm > 0:
+    if not 0 <= opts.weight_decay < math.inf:
+        raise OptimizerConfigError(f"weight_decay must be a finite number >= 0, got "
+                                   f"{opts.weight_decay}")
+    if opts.grad_clip_norm is not None and not 0 <= opts.grad_clip_norm < math.inf:
         raise OptimizerConfigError(
-            f"grad_clip_norm must be > 0 or None (no clipping), got {opts.grad_clip_norm}")
+            f"grad_clip_norm must be a finite number >= 0 (0 or None: no clipping), got "
+            f"{opts.grad_clip_norm}")
     if opts.layer_decay is not None and not 0.0 < opts.layer_decay <= 1.0:
         raise OptimizerConfigError(
             f"layer_decay must be in (0, 1] or None (off), got {opts.layer_decay}")
@@ -93,6 +96,11 @@ def _options(config: Any) -> ml_collections.ConfigDict:
         raise OptimizerConfigError(
             f"ema_decay must be in [0, 1) or None (no EMA), got {opts.ema_decay}")
     return opts
+
+
+def check_config(config: Any) -> None:
+    """Raise a one-line OptimizerConfigError for a bad optimiser or schedule key of `config`."""
+    _options(config)
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -194,7 +202,7 @@ def make_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
     """The full optax chain for `config`; `params` fixes the layer-decay depth and head labels."""
     opts = _options(config)
     chain = []
-    if opts.grad_clip_norm is not None:
+    if opts.grad_clip_norm:  # 0 and None turn clipping off
         chain.append(optax.clip_by_global_norm(opts.grad_clip_norm))
     chain.append(_base_optimizer(opts))
     if opts.layer_decay is not None and opts.layer_decay != 1.0:
