@@ -196,3 +196,10 @@ def test_missing_output_folders_are_made_and_a_bare_reliability_name_gets_png(ru
     assert code == 0
     assert f"wrote {deep / 'rel.png'}\n" in capsys.readouterr().out
     assert sorted(p.name for p in deep.iterdir()) == ["m.json", "rel.png"]
+
+
+def test_attention_output_names_never_collide():
+    files = ["x/a.png", "y/a.jpg", "a_2.png", "b.png", "z/a.jpeg"]
+    stems = cli._unique_stems(files)
+    assert stems == ["a", "a_2", "a_2_2", "b", "a_3"]
+    assert len(set(stems)) == len(files)

@@ -50,8 +50,10 @@ def test_stablehlo_matches_and_loads_without_model_code(recipe, tmp_path):
     _, images, _ = read_images(files)
     got = np.asarray(load_stablehlo(tmp_path)(model_inputs(images, loaded.config)))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-    meta = json.loads((tmp_path / "export.json").read_text())
+    meta = json.loads((tmp_path / "export.json").read_text())["stablehlo"]
     assert meta["normalize"] == "cifar10" and meta["class_names"][0] == "c0"
+    assert meta["check"]["images_per_s"] is None  # not measured: null, not NaN
+    assert "speed not measured" in result.summary()
 
 
 def test_saved_model_serving_takes_uint8_of_any_size_and_batch(recipe, tmp_path):
@@ -186,7 +188,7 @@ def test_export_checks_on_the_runs_evaluation_images_by_default(tmp_path, capsys
     assert what == "7 images of cifar10 test" and len(images) == 7
     np.testing.assert_array_equal(crops(images, loaded.config), first)
     assert code == 0 and "on 7 images of cifar10 test" in capsys.readouterr().out
-    check = json.loads((tmp_path / "e" / "export.json").read_text())["check"]
+    check = json.loads((tmp_path / "e" / "export.json").read_text())["stablehlo"]["check"]
     assert check["verified_on"] == "7 images of cifar10 test" and check["max_abs_diff"] <= 1e-4
 
 
@@ -196,3 +198,15 @@ def test_export_falls_back_to_synthetic_images_and_says_why(recipe):
     assert what.startswith("7 synthetic images (no evaluation images: unknown dataset 'tiny'")
     assert len(images) == 7 and {im.shape for im in images} == {(16, 16, 3), (25, 19, 3),
                                                                  (32, 16, 3)}
+
+
+def test_a_second_format_adds_its_entry_to_export_json_and_keeps_the_first(tmp_path):
+    from vit.export import _record_export
+
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({"format": "stablehlo", "step": 1}))  # an older flat file
+    _record_export(path, "stablehlo", {"step": 2})
+    _record_export(path, "saved_model", {"step": 3})
+    _record_export(path, "stablehlo", {"step": 4})
+    assert json.loads(path.read_text()) == {"stablehlo": {"step": 4}, "saved_model": {"step": 3}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]

@@ -96,11 +96,18 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _unique_stems(files: Sequence[str]) -> list[str]:
-    stems, seen = [], {}
+    """Output names for `files`: each file's stem, with _2, _3, ... added where it would repeat
+    a name already given (a.png and a.jpg; a.png, a.jpg and a_2.png)."""
+    stems: list[str] = []
+    taken: set[str] = set()
     for path in files:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        stem = candidate = os.path.splitext(os.path.basename(path))[0]
+        number = 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{stem}_{number}"
+        taken.add(candidate)
+        stems.append(candidate)
     return stems
 
 

@@ -27,7 +27,8 @@ What each format takes:
   logits, probabilities), checked with onnxruntime; needs the `onnx` extra. Not for MAP
   heads, ResNet hybrids or int8 checkpoints (refused with one line before anything is written).
 
-Each directory also gets `export.json`: the format, input contract, class names and check.
+Each directory also gets `export.json`: for each format exported there, its input contract,
+class names and check ({format: {...}}).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class ExportResult:
     path: str
     size_bytes: int
     max_abs_diff: float
-    images_per_s: float
-    reference_images_per_s: float
+    images_per_s: float | None  # None: not measured (measure_speed=False, --no-speed)
+    reference_images_per_s: float | None
     verified_on: str
 
     def to_dict(self) -> dict:
@@ -83,9 +84,11 @@ class ExportResult:
 
     def summary(self) -> str:
         """One line: format, path, size, difference and speed."""
+        speed = ("speed not measured" if self.images_per_s is None else
+                 f"{self.images_per_s:.1f} images/s (JAX: {self.reference_images_per_s:.1f})")
         return (f"{self.format}: {self.path} ({self.size_bytes / 2**20:.2f} MiB), max |logit diff| "
                 f"{self.max_abs_diff:.2e} at batch sizes {VERIFY_BATCHES} on {self.verified_on}, "
-                f"{self.images_per_s:.1f} images/s (JAX: {self.reference_images_per_s:.1f})")
+                f"{speed}")
 
 
 def _require(module: str, fmt: str) -> Any:
@@ -405,7 +408,7 @@ def export(
             raise ExportError(f"the {fmt} export differs from the model by {diff:.3g} "
                               f"(> {tolerance}) in its logits on {verified_on}, so it was not "
                               f"written to {out}; report the model config that caused it")
-        speed = ref_speed = float("nan")
+        speed = ref_speed = None
         if measure_speed:
             batch = _batch_of(crops(pictures, loaded.config), SPEED_BATCH)
             speed = _speed(run, batch)
@@ -420,5 +423,21 @@ def export(
             "normalize": loaded.config.pp.normalize, "eval_resize": loaded.config.pp.eval_resize,
             "class_names": list(loaded.info.class_names), "step": loaded.step,
             "check": result.to_dict()}
-    (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _record_export(out / "export.json", fmt, meta)
     return result
+
+
+def _record_export(path: Path, fmt: str, meta: dict) -> None:
+    """Set `fmt`'s entry of the {format: metadata} file `path`, keeping the other formats'."""
+    exports = {}
+    if path.exists():
+        try:
+            exports = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            exports = {}
+        if not isinstance(exports, dict) or "format" in exports:  # not a {format: ...} file
+            exports = {}
+    exports[fmt] = meta
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(json.dumps(exports, indent=2) + "\n")
+    os.replace(staged, path)
