@@ -203,3 +203,16 @@ def test_attention_output_names_never_collide():
     stems = cli._unique_stems(files)
     assert stems == ["a", "a_2", "a_2_2", "b", "a_3"]
     assert len(set(stems)) == len(files)
+
+
+def test_eval_on_another_dataset_needs_only_the_split_it_reads(run, capsys, tmp_path):
+    """A CIFAR-10 run evaluated on an image folder that has only a `val` split: the run's
+    train split ('train') is not looked for there."""
+    for label in range(10):
+        (tmp_path / "val" / f"c{label}").mkdir(parents=True)
+        pixels = np.full((32, 32, 3), 20 * label, np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "val" / f"c{label}" / "0.png")
+    code = cli.main(["eval", "--workdir", str(run / "run"), "--dataset", f"folder:{tmp_path}",
+                     "--split", "val"])
+    assert code == 0, capsys.readouterr().err
+    assert "examples 10" in capsys.readouterr().out

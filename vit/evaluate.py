@@ -184,6 +184,9 @@ def evaluate_variants(
     check_tta(tta)
     if not variants:
         raise EvalError("evaluate_variants got no parameter sets; pass {name: params, ...}")
+    # Only the evaluated split is checked: a run's train_split need not exist in another dataset.
+    config = config.copy_and_resolve_references()
+    config.train_split = config.eval_split = split or config.eval_split
     info = data.dataset_info(config)
     _check_classes(model, info)
     step = _eval_step(model, config.pp.normalize, tta)
