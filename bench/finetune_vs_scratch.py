@@ -66,6 +66,7 @@ def main(argv: list[str]) -> None:
 
         scratch = ft.copy_and_resolve_references()
         scratch.init_from = None
+        scratch.init_required = False  # from scratch on purpose
         out["scratch_same_recipe_top1"], out["scratch_same_recipe_s"] = timed_run(
             scratch, f"{root}/scratch")
 

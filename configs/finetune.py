@@ -80,6 +80,7 @@ def _sgd_recipe(c: ml_collections.ConfigDict, lr: float, total: int, warmup: int
     c.total_steps = total
     c.warmup_steps = warmup
     c.init_keep_head = False  # a new, zero-initialised head for the new classes
+    c.init_required = True  # without --init_from this would train from scratch
 
 
 def _paper_recipe(model: str, dataset: str, image_size: int) -> ml_collections.ConfigDict:

@@ -299,6 +299,17 @@ def test_a_bad_config_value_fails_at_start_up_in_one_line_writing_nothing(key, v
     assert not (tmp_path / "run").exists()
 
 
+def test_a_fine_tuning_config_without_init_from_refuses_to_train_from_scratch(tmp_path):
+    config = _smoke_config(8, init_required=True)
+    with pytest.raises(ValueError) as info:
+        trainer.train(config, str(tmp_path / "run"))
+    assert str(info.value) == (
+        "this config fine-tunes (init_required=True) but no init_from was given: pass "
+        "--init_from=WEIGHTS (a workdir, checkpoint, .npz or .safetensors), or "
+        "--config.init_required=False to train from scratch")
+    assert not list((tmp_path / "run").rglob("*/[0-9]*"))  # no step saved
+
+
 def test_a_workdir_under_a_file_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     run = _train(tmp_path / "notes.txt" / "run")

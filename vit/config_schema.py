@@ -79,6 +79,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.adv_train = adversarial.default_config()  # adversarial training, vit/adversarial.py
     c.skip_nonfinite = 0  # skip up to N non-finite updates in a row (vit/nonfinite.py); 0: stop
     c.init_from = _optional(str)  # fine-tune from a workdir, orbax checkpoint, .npz, .safetensors
+    c.init_required = False  # a fine-tuning config: refuse to start from scratch without init_from
     c.init_keep_head = _optional(bool)  # None: keep the head iff its shape fits
     c.init_keep_pre_logits = True
     c.init_posemb_method = "bilinear"  # or "bicubic": position-embedding resampling

@@ -124,6 +124,10 @@ def _start_state(config: Any, model: VisionTransformer, ckpt: checkpoint.Checkpo
     """The optimizer and the step-0 state, or the state of the workdir's latest checkpoint."""
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     latest = ckpt.latest_step()
+    if latest is None and config.get("init_required") and not config.init_from:
+        raise ConfigError("this config fine-tunes (init_required=True) but no init_from was "
+                          "given: pass --init_from=WEIGHTS (a workdir, checkpoint, .npz or "
+                          ".safetensors), or --config.init_required=False to train from scratch")
     params = initial_params(config, model, init_rng, read_init_from=latest is None)
     tx = train_optimizer(config, params)
     state = fresh_state(config, params, tx, state_rng)
