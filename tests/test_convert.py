@@ -138,3 +138,30 @@ def test_damaged_weight_file_is_one_line_and_writes_nothing(tmp_path, capsys, na
     assert err.endswith("): the file is damaged or not what its name says; download or write it "
                         "again")
     assert not (tmp_path / "out").exists()
+
+
+def test_what_a_sidecar_config_cannot_mean_is_refused_in_one_line(tmp_path):
+    """A config.json that is not JSON, a non-GELU activation, a normalisation this toolkit does
+    not know: each is one WeightsError, never a silent guess."""
+    src, _, _ = _source(tmp_path, "timm_vit_tiny")
+    config = tmp_path / "src" / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(WeightsError, match=r"config.json beside the weights cannot be read as "
+                                           r"JSON \(.*\): it says how to rebuild the model"):
+        convert_weights(src, str(tmp_path / "a"))
+    config.write_text(json.dumps({"model_type": "vit", "hidden_act": "relu"}))
+    with pytest.raises(WeightsError, match="config.json's hidden_act is 'relu': this toolkit's "
+                                           "ViT computes GELU"):
+        convert_weights(src, str(tmp_path / "b"))
+    timm_cfg = {"model_args": {"num_heads": 3},
+                "pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}}
+    config.write_text(json.dumps(timm_cfg))
+    with pytest.raises(WeightsError) as info:
+        convert_weights(src, str(tmp_path / "c"))
+    assert str(info.value) == (
+        "the file's input normalisation (mean [0.1, 0.2, 0.3], std [0.4, 0.5, 0.6]) is none of "
+        "minus_one_to_one, imagenet, cifar10: pass --normalize NAME to convert with that one "
+        "instead")
+    path, _ = convert_weights(src, str(tmp_path / "d"), normalize="imagenet")  # the user chose
+    assert load_inference_model(path).config.pp.normalize == "imagenet"
+    assert not any((tmp_path / name).exists() for name in "abc")

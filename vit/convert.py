@@ -31,11 +31,44 @@ def _sidecars(src: str) -> tuple[dict, dict]:
     folder = Path(src) if os.path.isdir(src) else Path(src).parent
     found = []
     for name in ("config.json", "preprocessor_config.json"):
-        try:
-            found.append(json.loads((folder / name).read_text()))
-        except (OSError, ValueError):
+        path = folder / name
+        if not path.is_file():
             found.append({})
+            continue
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"{path} beside the weights cannot be read as JSON ({err}): it "
+                               "says how to rebuild the model; fix it, or move it away to "
+                               "convert without it") from None
+        if not isinstance(found[-1], dict):
+            raise WeightsError(f"{path} beside the weights is not a JSON object: fix it, or "
+                               "move it away to convert without it")
     return found[0], found[1]
+
+
+_ERF_ACTS = ("gelu", "gelu_python", "gelu_erf")
+
+
+def _gelu_kind(activation: Any, where: str) -> str:
+    """"tanh" or "erf" for a timm / HF activation name (None: the default, erf GELU);
+    WeightsError for any other activation, which this toolkit's MLP does not compute."""
+    if activation in _TANH_ACTS:
+        return "tanh"
+    if activation is None or activation in _ERF_ACTS:
+        return "erf"
+    raise WeightsError(f"{where} is {activation!r}: this toolkit's ViT computes GELU (erf or "
+                       "tanh) in its MLP, so these weights cannot be converted to the same model")
+
+
+def _stated_normalization(mean: Any, std: Any) -> str:
+    """The NORMALIZATIONS name of a file's stated mean / std; WeightsError when none fits."""
+    name = _normalization_name(mean, std)
+    if name is None:
+        raise WeightsError(f"the file's input normalisation (mean {list(mean)}, std {list(std)}) "
+                           f"is none of {', '.join(NORMALIZATIONS)}: pass --normalize NAME to "
+                           "convert with that one instead")
+    return name
 
 
 def _normalization_name(mean: Any, std: Any) -> str | None:
@@ -45,27 +78,33 @@ def _normalization_name(mean: Any, std: Any) -> str | None:
     return None
 
 
-def _what_the_file_says(config: dict, preprocessor: dict) -> dict:
-    """GELU, heads, normalisation and this toolkit's model config found in sidecar JSON."""
+def _what_the_file_says(config: dict, preprocessor: dict, normalize: str | None = None) -> dict:
+    """GELU, heads, normalisation and this toolkit's model config found in sidecar JSON.
+
+    A stated normalisation this toolkit does not know is an error unless `normalize` (the
+    caller's choice) is given.
+    """
     said: dict[str, Any] = {}
+    mean_std = None
     if "vit" in config:  # written by `vit convert --to npz`
         said.update(config["vit"])
     elif config.get("model_type") == "vit":  # HuggingFace
-        said["gelu"] = "tanh" if config.get("hidden_act") in _TANH_ACTS else "erf"
+        said["gelu"] = _gelu_kind(config.get("hidden_act"), "config.json's hidden_act")
         said["num_heads"] = config.get("num_attention_heads")
         labels = config.get("id2label") or {}
         said["class_names"] = [labels[k] for k in sorted(labels, key=int)] or None
         if preprocessor.get("image_mean"):
-            said["normalize"] = _normalization_name(preprocessor["image_mean"],
-                                                    preprocessor["image_std"])
+            mean_std = preprocessor["image_mean"], preprocessor["image_std"]
     elif "model_args" in config:  # timm's Hub config.json
         args = config["model_args"]
-        said["gelu"] = "tanh" if args.get("act_layer") in _TANH_ACTS else "erf"
+        said["gelu"] = _gelu_kind(args.get("act_layer"), "config.json's model_args.act_layer")
         said["num_heads"] = args.get("num_heads")
         cfg = config.get("pretrained_cfg", {})
         said["class_names"] = cfg.get("label_names")
         if cfg.get("mean"):
-            said["normalize"] = _normalization_name(cfg["mean"], cfg["std"])
+            mean_std = cfg["mean"], cfg["std"]
+    if mean_std is not None and normalize is None:
+        said["normalize"] = _stated_normalization(*mean_std)
     return {k: v for k, v in said.items() if v is not None}
 
 
@@ -164,7 +203,7 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
         raise ValueError(f"unknown normalize {normalize!r}; use one of "
                          f"{', '.join(NORMALIZATIONS)}")
     weights = read_weights(src)
-    said = _what_the_file_says(*_sidecars(src))
+    said = _what_the_file_says(*_sidecars(src), normalize=normalize)
     notes = list(weights.notes)
     if "model" in said:  # our own config.json: the model exactly as it was
         model_config = dict(said["model"])
