@@ -260,9 +260,11 @@ def compute_dtype(value: Any) -> jnp.dtype:
 def _validate(kw: dict[str, Any]) -> None:
     defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
     kw = {**defaults, **kw}
-    for key in ("width", "depth", "num_heads", "mlp_dim"):
+    for key in ("width", "num_heads", "mlp_dim"):
         if int(kw[key]) < 1:
             raise ValueError(f"model {key} must be >= 1, got {kw[key]}")
+    if int(kw["depth"]) < 0:  # 0: embedding and head alone, as a probe
+        raise ValueError(f"model depth must be >= 0, got {kw['depth']}")
     for key in ("image_size", "patch_size"):
         if min(kw[key]) < 1:
             raise ValueError(f"{key} must be positive, got {kw[key]}")
