@@ -310,6 +310,14 @@ def test_a_fine_tuning_config_without_init_from_refuses_to_train_from_scratch(tm
     assert not list((tmp_path / "run").rglob("*/[0-9]*"))  # no step saved
 
 
+def test_an_empty_step_directory_is_one_line_without_orbax_warnings(tmp_path):
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    run = _train(tmp_path)
+    assert _error_line(run).startswith(f"error: the checkpoint of step 4 at "
+                                       f"{tmp_path.absolute() / 'checkpoints' / '4'} is damaged")
+    assert "Metadata file does not exist" not in run.stderr  # orbax's own warning, filtered
+
+
 def test_a_workdir_under_a_file_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     run = _train(tmp_path / "notes.txt" / "run")

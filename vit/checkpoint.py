@@ -46,12 +46,13 @@ def _abstract(tree: PyTree) -> PyTree:
 
 
 def _not_an_orbax_error(record: logging.LogRecord) -> bool:
-    """Drops orbax's ERROR records (with tracebacks) unless absl logs at INFO (`--verbose`).
+    """Drops orbax's WARNING and ERROR records (tracebacks, "Metadata file does not exist")
+    unless absl logs at INFO (`--verbose`).
 
     While a Checkpointer is open, every orbax failure reaches the caller as one CheckpointError
     line; orbax's background threads would also log it with a traceback first.
     """
-    return (record.levelno < logging.ERROR or "orbax" not in record.pathname
+    return (record.levelno < logging.WARNING or "orbax" not in record.pathname
             or logging.getLogger("absl").isEnabledFor(logging.INFO))
 
 
@@ -85,23 +86,34 @@ class Checkpointer:
             # The step directory is made inside save(): a failure to make it (no permission)
             # raises there, instead of leaving orbax's writer threads waiting for it for minutes.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        if not _open_checkpointers:  # on before orbax reads the directory, which can warn
+            logging.getLogger("absl").addFilter(_not_an_orbax_error)
+        _open_checkpointers.append(self)
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory, options=options,
                 item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                                _METADATA: ocp.JsonCheckpointHandler()})
         except OSError as err:
+            self._forget()
             raise CheckpointError(f"cannot create {self.directory}: {err.strerror or err}; pass "
                                   "a workdir you can write to") from None
+        except Exception:
+            self._forget()
+            raise
         # Orbax removes half-written steps in a background thread that only its next save
         # awaits; waiting here means an opened directory holds finished steps only, and no
         # cleanup thread outlives a Checkpointer that is closed without saving.
         self._manager._maybe_await_cleanup_tmp_directory()
         self._started: list[int] = []  # saves begun since the last wait()
         self._failed = False  # a failed save was reported: close() does not report it again
-        if not _open_checkpointers:
-            logging.getLogger("absl").addFilter(_not_an_orbax_error)
-        _open_checkpointers.append(self)
+
+    def _forget(self) -> None:
+        """Leave the open Checkpointers; the last one out turns orbax's log filter off."""
+        if self in _open_checkpointers:
+            _open_checkpointers.remove(self)
+            if not _open_checkpointers:
+                logging.getLogger("absl").removeFilter(_not_an_orbax_error)
 
     def save(self, step: int, state: PyTree, *, config: dict, dataset_info: dict,
              force: bool = False) -> bool:
@@ -219,10 +231,7 @@ class Checkpointer:
         finally:
             with contextlib.suppress(Exception):  # a failed save was reported by wait()
                 self._manager.close()
-            if self in _open_checkpointers:
-                _open_checkpointers.remove(self)
-                if not _open_checkpointers:
-                    logging.getLogger("absl").removeFilter(_not_an_orbax_error)
+            self._forget()
 
 
 @dataclasses.dataclass
