@@ -194,6 +194,8 @@ def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
                                                   "impulse_noise", "fog")
     assert parse_corruptions("none") == () and len(parse_corruptions("all")) == 15
     assert parse_eps("2/255,0.1") == (("2/255", 2 / 255), ("0.1", 0.1))
+    with pytest.raises(RobustnessError, match="severity 0 in '0-5' is the clean images"):
+        parse_severities("0-5")
     for bad in (lambda: parse_severities("1-7"), lambda: parse_eps("8/0"),
                 lambda: parse_corruptions("rain")):
         with pytest.raises(RobustnessError):

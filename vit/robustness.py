@@ -47,7 +47,8 @@ class RobustnessError(ValueError):
 
 # ----------------------------------------------------------------------------- option parsing
 def parse_severities(text: str) -> tuple[int, ...]:
-    """"1-5" -> (1, 2, 3, 4, 5); "1,3,5" -> (1, 3, 5); severities are 0 (clean) to 5."""
+    """"1-5" -> (1, 2, 3, 4, 5); "1,3,5" -> (1, 3, 5); severities are 1 to 5 (0 would be the
+    clean images, which the report gives on their own line, not inside the corruption means)."""
     try:
         if "-" in text:
             low, high = (int(x) for x in text.split("-"))
@@ -56,9 +57,13 @@ def parse_severities(text: str) -> tuple[int, ...]:
             values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         values = ()
-    if not values or any(v not in range(6) for v in values):
+    if 0 in values:
+        raise RobustnessError(f"severity 0 in {text!r} is the clean images, whose accuracy the "
+                              "report always gives; counted as a corruption it would inflate "
+                              "the means and mCE: use severities 1 to 5, e.g. 1-5")
+    if not values or any(v not in range(1, 6) for v in values):
         raise RobustnessError(f"bad severities {text!r}; use a range like 1-5 or a list like "
-                              "1,3,5 of values 0 to 5")
+                              "1,3,5 of values 1 to 5")
     return values
 
 
