@@ -216,3 +216,33 @@ def test_eval_on_another_dataset_needs_only_the_split_it_reads(run, capsys, tmp_
                      "--split", "val"])
     assert code == 0, capsys.readouterr().err
     assert "examples 10" in capsys.readouterr().out
+
+
+def test_a_broken_link_among_the_inputs_is_named_and_the_rest_predicted(run, capsys, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((run / "a.png").read_bytes())
+    (folder / "gone.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "also.png").symlink_to(tmp_path / "missing2.png")
+    code = cli.main(["predict", "--checkpoint", str(run / "run"), str(folder),
+                     str(tmp_path / "also.png")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.startswith(f"{folder / 'a.png'}: ")
+    assert captured.err.splitlines() == [
+        f"error: {str(folder / 'gone.png')!r} is a link to {str(tmp_path / 'missing.png')!r}, "
+        "which does not exist; fix or remove it",
+        f"error: {str(tmp_path / 'also.png')!r} is a link to {str(tmp_path / 'missing2.png')!r}, "
+        "which does not exist; fix or remove it"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--workdir", "w", "--batch-size", "0"], ["predict", "--checkpoint", "w", "x.png",
+                                                     "--top-k", "-1"],
+    ["prune", "--checkpoint", "w", "--out", "o", "--sparsity", "0.5", "--finetune-steps", "-3"]])
+def test_counts_below_their_range_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "must be a positive integer" in line or "must be 0 or more, got -3" in line

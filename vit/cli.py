@@ -151,6 +151,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vit", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="also print TensorFlow / absl "
@@ -167,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="TFDS data directory for --dataset")
     ev.add_argument("--split", help="split to evaluate (default: the run's eval_split)")
     ev.add_argument("--ema", action="store_true", help="use the EMA params")
-    ev.add_argument("--batch-size", type=int, help="global eval batch size")
+    ev.add_argument("--batch-size", type=positive_int, help="global eval batch size")
     ev.add_argument("--tta", choices=("none", "flip"), default="none",
                     help="test-time augmentation: flip = mean softmax of image and mirror image")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
@@ -191,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="corrupted images: a prepared cifar10_corrupted if found, else made")
     rb.add_argument("--seed", type=int, default=0, help="seed of the generated corruptions")
     rb.add_argument("--data-dir", help="TFDS data directory")
-    rb.add_argument("--batch-size", type=int, help="global batch size")
+    rb.add_argument("--batch-size", type=positive_int, help="global batch size")
     rb.add_argument("--ema", action="store_true", help="use the EMA params")
     rb.add_argument("--json", help="also write the report to this JSON file")
     rb.add_argument("--reliability", metavar="PNG", help="also draw the reliability diagram")
@@ -200,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files or directories of images")
     pr.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    pr.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    pr.add_argument("--top-k", type=positive_int, default=5, help="classes to show per image")
     pr.add_argument("--ema", action="store_true", help="use the EMA params")
     pr.add_argument("--json", help="also write the predictions to this JSON file")
     pr.set_defaults(run=_run_predict)

@@ -48,6 +48,10 @@ class PredictResult:
             for p in self.predictions)
 
 
+def _broken_link(path: str) -> str:
+    return f"{path!r} is a link to {os.readlink(path)!r}, which does not exist; fix or remove it"
+
+
 def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files named directly, plus the image files directly inside named directories.
 
@@ -56,16 +60,20 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
     files, errors = [], []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.lower().endswith(IMAGE_EXTENSIONS)
-                           and os.path.isfile(os.path.join(path, f)))
-            if not found:
+            named = sorted(os.path.join(path, f) for f in os.listdir(path)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = [f for f in named if os.path.isfile(f)]
+            errors += [(f, _broken_link(f)) for f in named
+                       if os.path.islink(f) and not os.path.exists(f)]
+            if not named:
                 errors.append((path, f"directory {path!r} holds no "
                                      f"{'/'.join(IMAGE_EXTENSIONS)} files; pass image files or "
                                      "a directory that has some"))
             files += found
         elif os.path.exists(path):
             files.append(path)
+        elif os.path.islink(path):
+            errors.append((path, _broken_link(path)))
         else:
             errors.append((path, f"{path!r} does not exist; check the path"))
     return files, errors

@@ -62,6 +62,14 @@ def _run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def add_commands(sub: Any) -> None:
     """Add convert, export, quantize and prune to `sub` (argparse sub-parsers)."""
     from vit.convert import GELUS
@@ -108,7 +116,8 @@ def add_commands(sub: Any) -> None:
     pn.add_argument("--out", required=True, help="output workdir for the pruned checkpoint")
     pn.add_argument("--method", choices=METHODS, default="structured")
     pn.add_argument("--sparsity", type=float, required=True, help="share removed, e.g. 0.5")
-    pn.add_argument("--finetune-steps", type=int, default=0, help="steps of fine-tuning after")
+    pn.add_argument("--finetune-steps", type=non_negative_int, default=0,
+                    help="steps of fine-tuning after")
     pn.add_argument("--lr", type=float, default=1e-4, help="peak fine-tuning learning rate "
                     "(warmup over the first tenth of the steps, then cosine decay)")
     pn.add_argument("--ema", action="store_true", help="prune the EMA params")
