@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The issue's accelerator checks in one run on a GPU machine, each line of JSON into $OUT (or
 # ./gpu_checks): the bfloat16 B/16 train step's images/s and MFU with each attention kernel
-# ("auto" = cudnn there, explicit, XLA's fused), and XLA:GPU's memory for B/16 at 384 px with and without `--remat block`.
+# ("auto" = cudnn there, explicit, XLA's fused; "auto" also traced: its kernels' time by category,
+# and the trace kept under $out/trace_b16_auto), and XLA:GPU's memory for B/16 at 384 px with and without `--remat block`.
 # Usage: bash bench/gpu_checks.sh   (JAX with CUDA, flax, optax and ml_collections importable)
 set -u
 out=${OUT:-gpu_checks}
@@ -28,7 +29,7 @@ print(json.dumps({"bench": "matmul_bf16_8192", "tflops_median": 2 * n**3 / best[
                   "device_kind": jax.devices()[0].device_kind}))
 PY
 run() { local name=$1; shift; echo "== $name"; timeout 150 "$py" "$@" 2>"$out/$name.err" | tee "$out/$name.json"; tail -3 "$out/$name.err"; }
-run mfu_b16_auto bench/train_mfu.py configs/imagenet.py:B/16 --per_device_batch 256 --steps 15
+run mfu_b16_auto bench/train_mfu.py configs/imagenet.py:B/16 --per_device_batch 256 --steps 15 --profile "$out/trace_b16_auto"
 run mem_b16_384_remat bench/train_memory.py configs/finetune.py:B/16-cifar10 --devices 1 --remat block
 run mfu_b16_explicit bench/train_mfu.py configs/imagenet.py:B/16 --per_device_batch 256 --steps 15 --set model.attention_impl=explicit
 run mem_b16_384 bench/train_memory.py configs/finetune.py:B/16-cifar10 --devices 1

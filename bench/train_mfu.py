@@ -16,6 +16,11 @@ machine's, which every CPU device shares.
 On a GPU (the issue's check: B/16 in bfloat16, target MFU >= 0.5):
     python bench/train_mfu.py configs/imagenet.py:B/16 --per_device_batch 256
 On this CPU: python bench/train_mfu.py configs/cifar10.py:Ti/4 --steps 5
+
+`--profile DIR` then traces `--profile_steps` more steps with the JAX profiler, keeps the trace
+in DIR (for TensorBoard's profile plugin, or to read again later) and adds the step's op time
+by category (matmuls, attention, elementwise; forward, backward, optimizer) and its top ops to
+the line: bench/op_profile.py's summary, here on a GPU's kernels as well as on XLA:CPU's thunks.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_description  # noqa: E402
 from model_throughput import matmul_peak_gflops  # noqa: E402
+from op_profile import categories, summary, traced  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from train_memory import load_config, num_classes_of  # noqa: E402
 
@@ -69,8 +75,10 @@ def device_peak_tflops(device: Any, config: Any, given: float | None = None) -> 
 
 
 def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10,
-            warmup: int = 2, peak_tflops: float | None = None) -> dict[str, Any]:
-    """Time `config`'s training step on every local device; images/s, TFLOP/s and MFU."""
+            warmup: int = 2, peak_tflops: float | None = None, profile_dir: str | None = None,
+            profile_steps: int = 3) -> dict[str, Any]:
+    """Time `config`'s training step on every local device; images/s, TFLOP/s and MFU (and,
+    with `profile_dir`, a traced profile of `profile_steps` more steps kept there)."""
     devices = jax.local_devices()
     n = len(devices)
     per_device = per_device_batch or config.batch_size // n
@@ -88,20 +96,23 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
     batch = parallel.shard({
         "image": rng.integers(0, 256, (n, per_device, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, classes, (n, per_device), dtype=np.int32)})
+    start = time.perf_counter()
     step = jax.pmap(train_step.make_train_step(model, tx, config, classes),
-                    axis_name=parallel.AXIS, donate_argnums=(0,))
+                    axis_name=parallel.AXIS, donate_argnums=(0,)).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
     holder = [state]
 
     def run() -> None:
         holder[0], metrics = step(holder[0], batch)
         jax.block_until_ready(metrics["loss"])
 
-    start = time.perf_counter()
-    run()  # compiles
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup):
+    for _ in range(warmup + 1):
         run()
     step_s = median_seconds(run, steps)
+    profile = None
+    if profile_dir is not None:
+        events, wall_s = traced(run, profile_steps, profile_dir)
+        profile = summary(events, categories(step.as_text()), profile_steps, wall_s)
     images_per_s = n * per_device / step_s
     flops_per_image = flops.train_flops_per_image(model)
     achieved = flops_per_image * images_per_s / 1e12
@@ -121,6 +132,7 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
         "mfu": achieved / total_peak, "target_mfu": TARGET_MFU,
         "peak_device_gib": (round(memory["peak_bytes_in_use"] / 2**30, 2)
                             if "peak_bytes_in_use" in memory else None),
+        **({"profile": profile} if profile is not None else {}),
     }
 
 
@@ -156,12 +168,17 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="one accelerator's peak TFLOP/s, on a CPU the whole machine's "
                         "(default: data sheet; measured on a CPU)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also trace --profile_steps steps into DIR and add their op "
+                        "profile to the line")
+    parser.add_argument("--profile_steps", type=int, default=3, help="steps traced by --profile")
     args = parser.parse_args()
     config = load_config(args.config)
     for item in args.set:
         override(config, item)
     result = measure(config, per_device_batch=args.per_device_batch,
-                     steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+                     steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
+                     profile_dir=args.profile, profile_steps=args.profile_steps)
     print(json.dumps({"bench": "train_mfu", "config": args.config, "set": args.set, **result,
                       "machine": cpu_description(), "jax": jax.__version__}))
 

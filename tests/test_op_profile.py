@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +51,50 @@ def test_profile_records_the_steps_thunks():
     assert all(ns >= 0 for _, ns in matched)
     assert {kinds[name][0] for name, _ in matched} & {"forward dense matmul",
                                                       "backward dense matmul"}
+
+
+# Four instructions as XLA:GPU prints them: a cuBLAS matmul, a batched one, cuDNN's fused
+# attention and a cuDNN convolution (abridged: only the fields the categories read).
+_GPU_HLO = (Path(__file__).parent / "fixtures" / "gpu_step_excerpt.hlo").read_text()
+
+
+def test_gpu_library_calls_are_sorted_by_their_target_and_dimensions():
+    kinds = op_profile.categories(_GPU_HLO)
+    assert kinds["custom-call.1"] == ("forward dense matmul",
+                                      "VisionTransformer/Transformer/encoderblock_*/MlpBlock_3/"
+                                      "Dense_0/dot_general")
+    assert kinds["custom-call.2"][0] == "backward attention matmul"
+    assert kinds["custom-call.3"][0] == "forward attention kernel"
+    assert kinds["custom-call.4"] == ("forward convolution",
+                                      "VisionTransformer/embedding/conv_general_dilated")
+
+
+def _event(name, ns, **stats):
+    return SimpleNamespace(name=name, duration_ns=ns, stats=list(stats.items()))
+
+
+def _plane(name, **lines):
+    return SimpleNamespace(name=name, lines=[SimpleNamespace(name=line, events=events)
+                                             for line, events in lines.items()])
+
+
+def test_a_gpu_trace_counts_the_kernels_on_its_streams_once_by_their_hlo_op():
+    host = _plane("/host:CPU", launcher=[_event("launch", 5, hlo_op="custom-call.1")])
+    gpu = _plane("/device:GPU:0", **{
+        "Stream #13(Compute)": [_event("sm90_xmma_gemm_bf16", 700, hlo_op="custom-call.1"),
+                                _event("loop_add_fusion", 30)],
+        "XLA Ops": [_event("custom-call.1", 700)]})
+    events = op_profile.op_events(SimpleNamespace(planes=[host, gpu]))
+    assert events == [("custom-call.1", 700), ("loop_add_fusion", 30)]
+    summary = op_profile.summary(events, op_profile.categories(_GPU_HLO), steps=2, wall_s=0.001)
+    assert summary["share_by_category"] == {"forward dense matmul": 1.0}
+    assert summary["op_ms_per_step"] == 0.0 and summary["unmatched_ms_per_step"] == 0.0
+    assert summary["top_unmatched_ms"] == {}
+
+
+def test_a_cpu_trace_counts_the_host_thunks_by_their_hlo_op():
+    host = _plane("/host:CPU", python=[_event("PjitFunction(step)", 900)],
+                  worker=[_event("ynn_fusion", 400, hlo_op="fusion.2", hlo_module="jit_step"),
+                          _event("end: ynn_fusion", 1)])
+    events = op_profile.op_events(SimpleNamespace(planes=[host]))
+    assert events == [("fusion.2", 400)]

@@ -33,6 +33,22 @@ def test_smoke_step_reports_model_flops_and_mfu_against_the_given_peak():
     assert result["platform"] == "cpu" and result["target_mfu"] == 0.5
 
 
+def test_profile_keeps_the_trace_and_sorts_the_steps_op_time_into_categories(tmp_path):
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    result = measure(config, per_device_batch=8, steps=1, warmup=0, peak_tflops=2.0,
+                     profile_dir=str(tmp_path), profile_steps=2)
+    profile = result["profile"]
+    assert list(tmp_path.rglob("*.xplane.pb"))
+    shares = profile["share_by_category"]
+    for category in ("forward dense matmul", "backward dense matmul", "forward convolution",
+                     "forward elementwise", "optimizer elementwise"):
+        assert category in shares, sorted(shares)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.01)
+    assert profile["op_ms_per_step"] > 0 and profile["wall_ms_per_step"] > 0
+    assert profile["unmatched_ms_per_step"] == pytest.approx(0.0, abs=0.05)
+    assert any("Transformer/encoderblock_*/" in op for op in profile["top_ops_ms"])
+
+
 def test_a_batch_that_does_not_split_into_micro_batches_is_refused():
     config = load_config(str(ROOT / "configs" / "smoke.py"))
     config.grad_accum_steps = 4
