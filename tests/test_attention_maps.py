@@ -88,10 +88,30 @@ def test_prefix_token_count_follows_classifier():
 
 def test_rollout_of_model_has_grid_shape_and_sums_to_one(token_model, token_weights):
     model, _ = token_model
-    maps = am.rollout(token_weights, num_prefix_tokens=1)
+    maps = am.rollout(token_weights, num_prefix_tokens=1, class_token=True)
     assert maps.shape == (3, 64)
     np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
     assert am.to_grid(maps, model.grid).shape == (3, 8, 8)
+
+
+def test_token_layout_names_the_query_so_registers_are_never_read_as_a_class_token():
+    t = 5  # one register, then 4 patches; the register looks only at patch 2
+    a = np.eye(t)
+    a[0] = np.eye(t)[3]
+    weights = _stack([a], depth=1)
+    gap = vit.create_model("Ti/4", classifier="gap", num_registers=1, **TINY)
+    assert am.token_layout(gap) == {"num_prefix_tokens": 1, "class_token": False}
+    assert am.token_layout(vit.create_model("Ti/4", num_registers=2, **TINY)) == {
+        "num_prefix_tokens": 3, "class_token": True}
+    # the patches' mean row: patches 1..4 attend to themselves, renormalised over the patches
+    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1, class_token=False)[0],
+                               [0.25, 0.25, 0.25, 0.25], atol=1e-6)
+    for maps in (am.rollout, am.layer_maps):
+        with pytest.raises(ValueError, match="with 1 prefix tokens, say whether the first is a "
+                                             "class token: class_token=True"):
+            maps(weights, num_prefix_tokens=1)
+    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=0)[0],
+                               [0.1, 0.2, 0.2, 0.3, 0.2], atol=1e-6)
 
 
 def test_gap_model_has_no_class_token(images):
@@ -109,10 +129,11 @@ def test_rollout_equals_closed_form_for_identical_layers(num_prefix_tokens):
     t, depth = 1 + 4, 3
     a1, a2 = _stochastic(rng, t), _stochastic(rng, t)
     weights = _stack([a1, a2], depth, batch=2)
-    got = am.rollout(weights, num_prefix_tokens=num_prefix_tokens)
+    layout = dict(num_prefix_tokens=num_prefix_tokens, class_token=num_prefix_tokens == 1)
+    got = am.rollout(weights, **layout)
     expected = _closed_form((a1 + a2) / 2, depth, num_prefix_tokens)
     np.testing.assert_allclose(got, np.stack([expected, expected]), atol=1e-6)
-    one_head = am.rollout(weights, num_prefix_tokens=num_prefix_tokens, head=1)
+    one_head = am.rollout(weights, **layout, head=1)
     np.testing.assert_allclose(one_head[0], _closed_form(a2, depth, num_prefix_tokens), atol=1e-6)
 
 
@@ -122,8 +143,8 @@ def test_rollout_multiplies_later_layers_on_the_left():
     weights = np.stack([a1, a2])[:, None, None]  # layer 0 = a1, layer 1 = a2
     hat = lambda a: (0.5 * a + 0.5 * np.eye(5)) / (0.5 * a + 0.5 * np.eye(5)).sum(1, keepdims=True)
     row = (hat(a2) @ hat(a1))[0, 1:]
-    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1)[0], row / row.sum(),
-                               atol=1e-6)
+    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1, class_token=True)[0],
+                               row / row.sum(), atol=1e-6)
 
 
 def test_rollout_token_and_gap_read_different_rows():
@@ -131,7 +152,8 @@ def test_rollout_token_and_gap_read_different_rows():
     a = np.eye(t)
     a[0] = np.eye(t)[3]  # the class token looks only at patch 2; every other token at itself
     weights = _stack([a], depth=1)
-    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1)[0], [0, 0, 1, 0])
+    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1, class_token=True)[0],
+                               [0, 0, 1, 0])
     # Without a class token the same matrix averages all 5 rows over 5 "patches".
     gap = am.rollout(weights, num_prefix_tokens=0)[0]
     np.testing.assert_allclose(gap, [0.1, 0.2, 0.2, 0.3, 0.2], atol=1e-6)
@@ -139,19 +161,19 @@ def test_rollout_token_and_gap_read_different_rows():
 
 def test_rollout_is_uniform_when_nothing_reaches_the_patches():
     weights = _stack([np.eye(5)], depth=2)
-    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1)[0], 0.25)
+    np.testing.assert_allclose(am.rollout(weights, num_prefix_tokens=1, class_token=True)[0], 0.25)
 
 
 def test_layer_maps_are_class_token_rows_of_each_layer():
     rng = np.random.default_rng(1)
     per_layer = [[_stochastic(rng, 5), _stochastic(rng, 5)] for _ in range(3)]
     weights = np.stack([np.stack(h) for h in per_layer])[:, None]  # [3, 1, 2, 5, 5]
-    maps = am.layer_maps(weights, num_prefix_tokens=1)
+    maps = am.layer_maps(weights, num_prefix_tokens=1, class_token=True)
     assert maps.shape == (3, 1, 4)
     for i, (h0, h1) in enumerate(per_layer):
         row = ((h0 + h1) / 2)[0, 1:]
         np.testing.assert_allclose(maps[i, 0], row / row.sum(), atol=1e-6)
-    one = am.layer_maps(weights, num_prefix_tokens=1, layer=2, head=0)
+    one = am.layer_maps(weights, num_prefix_tokens=1, class_token=True, layer=2, head=0)
     assert one.shape == (1, 1, 4)
     np.testing.assert_allclose(one[0, 0], per_layer[2][0][0, 1:] / per_layer[2][0][0, 1:].sum(),
                                atol=1e-6)
@@ -174,7 +196,7 @@ def test_layer_maps_reject_bad_indices(kwargs, message):
 
 def test_rollout_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"must be \[depth, B, heads, T, T\]"):
-        am.rollout(np.ones((2, 5, 5)), num_prefix_tokens=1)
+        am.rollout(np.ones((2, 5, 5)), num_prefix_tokens=1, class_token=True)
 
 
 def test_to_grid_and_upsample():
@@ -194,7 +216,7 @@ def test_writer_writes_pngs_and_npy(tmp_path, token_model, token_weights):
     model, _ = token_model
     image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     paths = am.write_attention_outputs(image, token_weights[:, 0], str(tmp_path), "cat",
-                                       grid=model.grid, num_prefix_tokens=1)
+                                       grid=model.grid, num_prefix_tokens=1, class_token=True)
     names = sorted(os.path.basename(p) for p in paths)
     assert names == sorted(f"cat_{s}" for s in ("image.png", "rollout.png", "layers.png",
                                                   "attention.npy", "rollout.npy", "layers.npy"))
@@ -216,16 +238,17 @@ def test_writer_one_layer_and_head(tmp_path, token_model, token_weights):
     model, _ = token_model
     image = np.zeros((32, 32, 3), np.uint8)
     am.write_attention_outputs(image, token_weights[:, 1], str(tmp_path), "x", grid=model.grid,
-                               num_prefix_tokens=1, layer=1, head=0, scale=2)
+                               num_prefix_tokens=1, class_token=True, layer=1, head=0, scale=2)
     assert Image.open(tmp_path / "x_image.png").size == (64, 64)
     assert Image.open(tmp_path / "x_layers.png").size == tuple(
         round(i * am.LAYER_GRID_DPI) for i in am.PANEL_INCHES)
-    expected = am.layer_maps(token_weights[:, 1:2], num_prefix_tokens=1, layer=1, head=0)
+    expected = am.layer_maps(token_weights[:, 1:2], num_prefix_tokens=1, class_token=True,
+                             layer=1, head=0)
     np.testing.assert_allclose(np.load(tmp_path / "x_layers.npy"), am.to_grid(expected[:, 0],
                                                                               model.grid))
     with pytest.raises(ValueError, match="uint8 RGB image"):
         am.write_attention_outputs(image.astype(np.float32), token_weights[:, 0], str(tmp_path),
-                                   "y", grid=model.grid, num_prefix_tokens=1)
+                                   "y", grid=model.grid, num_prefix_tokens=1, class_token=True)
 
 
 def test_write_attention_batch(tmp_path, token_model, images):

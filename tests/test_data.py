@@ -2,6 +2,7 @@
 
 import json
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -11,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit import data, preprocess
+from vit import data, preprocess, sources
 from vit.data import DataError, DatasetInfo
 
 CIFAR_DIR = "/work/shared/data/tfds"
@@ -359,7 +360,18 @@ def test_folder_files_the_pipeline_cannot_decode_are_named_or_skipped(tmp_path):
     (tmp_path / "train" / "dog" / "b_random.png").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError) as info:
         next(data.train_iterator(_folder_cfg(tmp_path, batch_size=2), num_devices=1))
-    message = str(info.value)
+    message = str(info.value)  # the first bad file in the split's (shuffled) order
+    random_file = tmp_path / "train" / "dog" / "b_random.png"
+    if str(random_file) in message:
+        assert message.startswith(f"corrupt or unreadable image file {str(random_file)!r} ")
+        assert message.endswith("); remove or replace it") and "\n" not in message
+        random_file.unlink()
+        batches = data.train_iterator(_folder_cfg(tmp_path, batch_size=2), num_devices=1)
+        with pytest.raises(DataError) as info:
+            for _ in range(3):  # an epoch of 3 files: the TIFF is in the first two batches
+                next(batches)
+        message = str(info.value)
+        Path(random_file).write_bytes(bytes(range(256)) * 4)
     assert message.startswith(f"image file {str(tiff)!r} is TIFF, which the input pipeline "
                               "cannot decode (Unknown image file format. One of JPEG")
     assert message.endswith("): convert it or remove it") and "\n" not in message
@@ -400,6 +412,100 @@ def test_class_subset_processes_uneven_parts_still_exact():
         counts.append(sum(int(b["mask"].sum()) for b in batches))
         assert all((b["label"][b["mask"]] == 0).all() for b in batches)
     assert sum(counts) == total and len(set(counts)) > 1
+
+
+def test_a_joined_split_over_three_processes_counts_every_example_once():
+    """even_splits cuts each part of "a+b" on its own: the parts hold 51, 50 and 49 examples,
+    more than ceil(150 / 3) on process 0, and none may be dropped."""
+    c = _cifar(eval_batch_size=30)
+    split = "train[:100]+test[:50]"
+    assert [data.split_size(c, split)] == [150]
+    seen = 0
+    for p in range(3):
+        batches = list(data.eval_iterator(c, split, num_devices=1, process_index=p,
+                                          process_count=3))
+        assert len(batches) == data.num_eval_batches(c, split, process_count=3) == 6
+        seen += sum(int(b["mask"].sum()) for b in batches)
+    assert seen == 150
+
+
+def test_more_processes_than_examples_give_the_extra_ones_masked_batches():
+    c = _cifar(eval_batch_size=8)
+    counts = [sum(int(b["mask"].sum()) for b in data.eval_iterator(
+        c, "test[:3]", num_devices=1, process_index=p, process_count=4)) for p in range(4)]
+    assert counts == [1, 1, 1, 0]
+
+
+def test_folder_splits_are_shuffled_once_so_slices_and_parts_mix_the_classes(tmp_path):
+    for cls in ("a", "b", "c", "d"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / cls /
+                                                               f"{i}.png")
+    c = _folder_cfg(tmp_path)
+    src = sources.open_source(c)
+    head, tail = src.labels("train[:75%]"), src.labels("train[75%:]")
+    assert len(head) == 30 and len(tail) == 10
+    assert len(set(tail.tolist())) >= 3 and set(head.tolist()) == {0, 1, 2, 3}
+    assert all(len(set(src.labels("train", p, 2).tolist())) == 4 for p in range(2))
+    np.testing.assert_array_equal(src.labels("train"), sources.open_source(c).labels("train"))
+
+
+def test_a_folder_scan_sees_files_and_classes_added_later(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / cls / "0.png")
+    c = _folder_cfg(tmp_path, eval_split="train")
+    assert data.dataset_info(c).split_sizes == {"train": 2}
+    (tmp_path / "train" / "c").mkdir()
+    for name in ("0.png", "1.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "c" / name)
+    info = data.dataset_info(c)
+    assert info.class_names == ("a", "b", "c") and info.split_sizes == {"train": 4}
+
+
+def test_a_link_to_nothing_in_a_folder_is_named_or_skipped(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "a" / "0.png")
+    (tmp_path / "train" / "a" / "1.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "train" / "a" / "dir.jpg").mkdir()  # a folder named like an image: not a file
+    with pytest.raises(DataError, match=r"image file '.*1\.png' is a link to nothing; fix or "
+                                        "remove the link, or set skip_corrupt=True to skip it"):
+        data.dataset_info(_folder_cfg(tmp_path, eval_split="train"))
+    skipping = _folder_cfg(tmp_path, skip_corrupt=True, eval_split="train")
+    assert data.dataset_info(skipping).split_sizes == {"train": 1}
+
+
+def test_a_file_removed_after_the_scan_is_one_line(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "a" / f"{i}.png")
+    c = _folder_cfg(tmp_path)
+    src = sources.open_source(c)
+    (tmp_path / "train" / "a" / "2.png").unlink()
+    ds = src.read("train").map(lambda r: r["label"])
+    with pytest.raises(DataError, match=r"an image file of .* split 'train' could not be read "
+                                        r"\(.*2\.png.*\); restore or remove it"):
+        data._raise_for_bad_file(src, "train")
+    del ds
+
+
+def test_a_dataset_without_image_and_class_label_is_one_line():
+    builder = types.SimpleNamespace(name="div2k", info=types.SimpleNamespace(
+        supervised_keys=("lr", "hr"),
+        features=tfds.features.FeaturesDict({"lr": tfds.features.Image(),
+                                             "hr": tfds.features.Image()})))
+    with pytest.raises(DataError, match=r"dataset 'div2k' is not an image-classification dataset "
+                                        r"\(features: lr, hr; one image and one class label"):
+        sources._classification_features(builder)
+    captions = types.SimpleNamespace(name="celeb_a", info=types.SimpleNamespace(
+        supervised_keys=None, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(), "landmarks": tfds.features.Tensor(
+                shape=(2,), dtype=np.int64)})))
+    with pytest.raises(DataError, match="'celeb_a' is not an image-classification dataset"):
+        sources._classification_features(captions)
+    cifar = tfds.builder("cifar10", data_dir=CIFAR_DIR)
+    assert sources._classification_features(cifar)[:2] == ("image", "label")
 
 
 def test_folder_class_subset(folder):

@@ -280,6 +280,8 @@ def _per_device_32() -> int:
     ("grad_accum_steps", 3, "config.grad_accum_steps=3 does not divide the per-device batch of "
      "{per_device} (config.batch_size=32 over"),
     ("label_smoothing", 2.0, "config.label_smoothing must be in [0, 1), got 2.0"),
+    ("seed", 2**40, "config.seed must be an integer in [0, 2**31), got 1099511627776"),
+    ("seed", -1, "config.seed must be an integer in [0, 2**31), got -1"),
     ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
     ("model.quant", "int8", "config.model.quant='int8' is for inference (`vit quantize` writes "
      "it): train with quant='none', then quantize the trained checkpoint"),

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vit import data
+from vit import data, preprocess
 from vit.preprocess import (
     NORMALIZATIONS,
     DataError,
@@ -155,6 +155,19 @@ def test_a_16_bit_png_decodes_as_the_training_pipeline_decodes_it(tmp_path):
     decoded = decode_image_file(str(path))
     np.testing.assert_array_equal(decoded[0, :, 0], [0, 0, 1, 3, 128, 255])
     np.testing.assert_array_equal(decoded, decode(tf.io.read_file(str(path))).numpy())
+
+
+def test_a_jpeg_file_decodes_to_the_pixels_the_input_pipeline_sees(tmp_path):
+    """PIL's accurate IDCT and TensorFlow's fast one differ by a few levels: predictions must
+    see evaluation's pixels."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(path, quality=90)
+    with Image.open(path) as im:
+        by_pil = np.asarray(im.convert("RGB"))
+    pipeline = preprocess.decode(tf.io.read_file(str(path))).numpy()
+    assert (by_pil != pipeline).any()  # the two decoders disagree on this file
+    np.testing.assert_array_equal(preprocess.decode_image_file(str(path)), pipeline)
 
 
 def test_a_decompression_bomb_is_one_line(tmp_path, monkeypatch):

@@ -39,6 +39,13 @@ def prefix_token_count(model: VisionTransformer) -> int:
     return (1 if model.classifier == "token" else 0) + model.num_registers
 
 
+def token_layout(model: VisionTransformer) -> dict[str, int | bool]:
+    """`rollout` / `layer_maps` keywords for `model`: its prefix token count and whether the
+    first of them is a class token (`rollout(w, **token_layout(model))`)."""
+    return {"num_prefix_tokens": prefix_token_count(model),
+            "class_token": model.classifier == "token"}
+
+
 @functools.lru_cache(maxsize=4)
 def _attention_fn(model: VisionTransformer) -> Callable[[object, jax.Array], jax.Array]:
     """The jitted map (params, images) -> stacked attention weights, compiled once per model."""
@@ -74,7 +81,7 @@ def _check_weights(weights: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
                          f"{weights.shape}; pass the output of attention_weights()")
     if not 0 <= num_prefix_tokens < weights.shape[-1]:
         raise ValueError(f"num_prefix_tokens={num_prefix_tokens} does not fit "
-                         f"{weights.shape[-1]} tokens; use prefix_token_count(model)")
+                         f"{weights.shape[-1]} tokens; use token_layout(model)")
     return weights
 
 
@@ -91,11 +98,12 @@ def _select_heads(weights: np.ndarray, head: int | None) -> np.ndarray:
 
 
 def _query(num_tokens: int, num_prefix_tokens: int, class_token: bool | None) -> np.ndarray:
-    """Whose attention a map shows: the class token, or every patch token equally.
-
-    `class_token=None` means the prefix is just a class token when there is one (no registers).
-    """
-    if num_prefix_tokens if class_token is None else class_token:
+    """Whose attention a map shows: the class token, or every patch token equally."""
+    if class_token is None and num_prefix_tokens:
+        raise ValueError(f"with {num_prefix_tokens} prefix tokens, say whether the first is a "
+                         "class token: class_token=True (classifier 'token') or False (gap / "
+                         "map with registers); token_layout(model) gives both keywords")
+    if class_token:
         return np.eye(num_tokens)[0]
     query = np.zeros(num_tokens)
     query[num_prefix_tokens:] = 1.0 / (num_tokens - num_prefix_tokens)
@@ -117,8 +125,9 @@ def rollout(
 ) -> np.ndarray:
     """Attention rollout over all layers, [B, patches]; each map sums to 1.
 
-    Uses the mean over heads, or only `head`. Read from the class token when there is one
-    (`class_token`; None: iff there are prefix tokens), else averaged over the patch tokens.
+    Uses the mean over heads, or only `head`. Read from the class token (`class_token=True`),
+    else averaged over the patch tokens; with prefix tokens `class_token` must be given
+    (`**token_layout(model)` gives both keywords).
     """
     weights = _check_weights(weights, num_prefix_tokens)
     attn = _select_heads(weights, head)
@@ -262,6 +271,5 @@ def write_attention_batch(
     for i, stem in enumerate(stems):
         paths += write_attention_outputs(
             images_uint8[i], weights[:, i], out_dir, stem, grid=model.grid,
-            num_prefix_tokens=prefix_token_count(model), layer=layer, head=head,
-            class_token=model.classifier == "token")
+            layer=layer, head=head, **token_layout(model))
     return paths

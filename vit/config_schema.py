@@ -153,6 +153,9 @@ def validate_config(config: Any) -> None:
     if config.eval_tta not in TTA_MODES:
         raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use one of "
                           f"{', '.join(TTA_MODES)}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or \
+            not 0 <= config.seed < 2**31:
+        raise ConfigError(f"config.seed must be an integer in [0, 2**31), got {config.seed!r}")
     if int(config.skip_nonfinite) < 0:
         raise ConfigError(f"config.skip_nonfinite must be >= 0 (0 = stop at the first non-finite "
                           f"loss), got {config.skip_nonfinite}")

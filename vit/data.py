@@ -149,7 +149,15 @@ def _path(record: dict) -> tf.Tensor:
 def _raise_for_bad_file(src: Source, split: str) -> None:
     """Decodes every file of a folder split as the pipeline does: a DataError names the first
     bad one."""
-    for path in src.read(split).map(_path).as_numpy_iterator():
+    paths = src.read(split).map(_path).as_numpy_iterator()
+    while True:
+        try:
+            path = next(paths)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:  # the file went away after the folder was scanned
+            raise DataError(f"an image file of {src.name!r} split {split!r} could not be read "
+                            f"({tensorflow_message(e.message)}); restore or remove it") from None
         pp_ops.check_pipeline_decodes(path.decode())
 
 
@@ -251,7 +259,7 @@ def train_iterator(
         )
     start = start_step * batch
     buffer = max(1, min(config.shuffle_buffer, n))
-    seed = (config.seed * 1_000_003 + process_index) * 1_000_003
+    seed = (config.seed * 1_000_003 + process_index) * 1_000_003 % 2**62  # + epoch: an int64
 
     @tf.autograph.experimental.do_not_convert
     def augment(pos: tf.Tensor, record: dict) -> dict:
@@ -291,9 +299,9 @@ def num_eval_batches(
         )
     split = split or config.eval_split
     src = open_source(config)
-    if config.get("classes") is None:
-        largest_part = math.ceil(src.size(split) / process_count)
-    else:  # filtering after the even split leaves the parts uneven: count each one
+    if process_count == 1:
+        largest_part = src.size(split)
+    else:  # parts of a "+"-joined split, or of a class subset, differ by more than one: count
         largest_part = max(src.part_size(split, i, process_count) for i in range(process_count))
     return math.ceil(largest_part / batch)
 

@@ -33,7 +33,31 @@ INCEPTION_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def decode_image_file(path: str) -> np.ndarray:
-    """Reads an image file into a uint8 [H, W, 3] RGB array; DataError naming a bad file."""
+    """Reads an image file into a uint8 [H, W, 3] RGB array; DataError naming a bad file.
+
+    The pixels are the input pipeline's (`decode`: TensorFlow's decoder, whose JPEG IDCT differs
+    from PIL's by a few levels), so a file predicted on is what evaluation would see; formats
+    only PIL reads (TIFF, WebP, ...) are decoded by PIL.
+    """
+    try:
+        with Image.open(path) as im:  # checks the file and its size before decoding anything
+            im.size  # noqa: B018
+    except FileNotFoundError:
+        raise DataError(f"image file {path!r} does not exist; check the path") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image file {path!r} is too large to decode safely ({e}); resize it, or "
+                        "raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            f"corrupt or unreadable image file {path!r} ({e}); remove or replace it"
+        ) from None
+    try:
+        return decode(tf.io.read_file(path)).numpy()
+    except tf.errors.OpError:
+        return _decode_with_pil(path)
+
+
+def _decode_with_pil(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I;16") or im.mode == "I":
@@ -42,11 +66,6 @@ def decode_image_file(path: str) -> np.ndarray:
                 gray = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
                 return np.repeat(gray[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"image file {path!r} does not exist; check the path") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image file {path!r} is too large to decode safely ({e}); resize it, or "
-                        "raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"corrupt or unreadable image file {path!r} ({e}); remove or replace it"

@@ -153,8 +153,7 @@ def attention_example(model: VisionTransformer, params: Any, images: np.ndarray,
     logits, weights = _logits_and_attention(model)(params, jnp.asarray(images))
     predicted = np.asarray(jnp.argmax(logits, axis=-1))
     maps = attention_maps.to_grid(attention_maps.rollout(
-        np.asarray(weights, np.float32), num_prefix_tokens=attention_maps.prefix_token_count(model),
-        class_token=model.classifier == "token"), model.grid)
+        np.asarray(weights, np.float32), **attention_maps.token_layout(model)), model.grid)
     scale = attention_maps.display_scale(pictures.shape[1:3])
     fig = Figure(figsize=(2.2 * len(images), 4.6), dpi=DPI, layout="constrained")
     _canvas(fig)

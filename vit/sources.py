@@ -73,6 +73,21 @@ def _label(record: dict) -> tf.Tensor:
     return record["label"]
 
 
+def _classification_features(builder: tfds.core.DatasetBuilder) -> tuple[str, str, tuple]:
+    """(image key, label key, class names) of an image-classification dataset; a DataError
+    naming the dataset's features for any other kind (detection, captions, super-resolution)."""
+    features = builder.info.features
+    keys = builder.info.supervised_keys or ("image", "label")
+    if (len(keys) == 2 and all(isinstance(k, str) and k in features for k in keys)
+            and isinstance(features[keys[0]], tfds.features.Image)
+            and isinstance(features[keys[1]], tfds.features.ClassLabel)):
+        return keys[0], keys[1], tuple(features[keys[1]].names)
+    raise DataError(
+        f"dataset {builder.name!r} is not an image-classification dataset (features: "
+        f"{', '.join(features.keys())}; one image and one class label are needed); use another "
+        "TFDS dataset or an image folder (dataset='folder:/path/root')")
+
+
 def _tfds_source(config: ml_collections.ConfigDict) -> Source:
     data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or None
     name = config.dataset
@@ -91,9 +106,7 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
             )
         except Exception as e:  # noqa: BLE001 - any failure becomes one line for the user
             raise DataError(f"could not prepare {name!r}: {str(e).splitlines()[0]}") from None
-    features = builder.info.features
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    class_names = tuple(features[label_key].names)
+    image_key, label_key, class_names = _classification_features(builder)
     decoders = {image_key: tfds.decode.SkipDecoding()}
     small = (builder.info.dataset_size or 0) < _CACHE_BYTES
 
@@ -120,6 +133,9 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
             ) from None
         except ValueError as e:
             reason = str(e).splitlines()[-1]
+            if process_index > 0 and "corresponds to no data" in reason:
+                # fewer examples than processes: this process's part is empty, not the split
+                return read(split, 0, process_count, asserted=asserted).take(0)
             raise DataError(f"bad split {split!r} for {name!r}: {reason}") from None
         ds = ds.map(to_record)
         return ds.cache() if small else ds
@@ -153,11 +169,22 @@ def _read_file(path: tf.Tensor, label: tf.Tensor) -> dict:
     return {"encoded": tf.io.read_file(path), "label": label, "path": path}
 
 
-def _images_in(directory: str) -> list[str]:
-    return sorted(
-        os.path.join(directory, f) for f in os.listdir(directory)
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )  # fmt: skip
+def _images_in(directory: str, skip_corrupt: bool) -> list[str]:
+    """The image files of a class folder, sorted; a link to nothing is a DataError naming it
+    (skipped with a warning under skip_corrupt)."""
+    found = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or os.path.isdir(path):
+            continue
+        if not os.path.isfile(path):
+            if not skip_corrupt:
+                raise DataError(f"image file {path!r} is a link to nothing; fix or remove the "
+                                "link, or set skip_corrupt=True to skip it")
+            logging.warning("skipping %s: a link to nothing", path)
+            continue
+        found.append(path)
+    return found
 
 
 def _is_readable(path: str) -> bool:
@@ -168,11 +195,31 @@ def _is_readable(path: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=8)
 def _scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
-    """Lists root/<split>/<class>/ images: (sorted class names, {split: [(path, label), ...]})."""
+    """Lists root/<split>/<class>/ images: (sorted class names, {split: [(path, label), ...]}).
+
+    Each split's files come in one fixed shuffled order (seed 0), as TFDS stores a prepared
+    split, so slices such as "train[:98%]" and the processes' parts mix the classes. The scan
+    is cached until a folder's modification time changes (a file or class added or removed).
+    """
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist; use dataset='folder:/path/root'")
+    return _scan_folder_once(root, skip_corrupt, _folder_times(root))
+
+
+def _folder_times(root: str) -> tuple[int, ...]:
+    """Modification times of root, its split folders and their class folders."""
+    times = [os.stat(root).st_mtime_ns]
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir():
+            times.append(entry.stat().st_mtime_ns)
+            times += [c.stat().st_mtime_ns for c in sorted(os.scandir(entry.path),
+                                                           key=lambda e: e.name) if c.is_dir()]
+    return tuple(times)
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_folder_once(root: str, skip_corrupt: bool, _times: tuple) -> tuple[tuple[str, ...], dict]:
     splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not splits:
         raise DataError(
@@ -194,7 +241,7 @@ def _scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
             )
         files[s] = []
         for c in class_dirs[s]:
-            images = _images_in(os.path.join(root, s, c))
+            images = _images_in(os.path.join(root, s, c), skip_corrupt)
             if not images:
                 raise DataError(
                     f"class folder {os.path.join(root, s, c)!r} holds no "
@@ -208,6 +255,8 @@ def _scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
             if not all(ok):
                 logging.warning("skipping %d corrupt image files in %s", ok.count(False), s)
             files[s] = [f for f, good in zip(files[s], ok, strict=True) if good]
+    for s in splits:
+        np.random.default_rng(0).shuffle(files[s])
     return class_names, files
 
 
