@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import vit
 from vit import config_schema, data, parallel, preprocess, trainer
@@ -211,6 +212,64 @@ def test_class_count_mismatch_is_one_clear_line(mock_run):
         evaluate_checkpoint(mock_run["workdir"], dataset="cifar100")
     message = str(err.value)
     assert "100 classes" in message and "head has 10" in message and "\n" not in message
+
+
+def _always_first_class_checkpoint(workdir: str, class_names: tuple[str, ...]) -> None:
+    """A tiny checkpoint whose head always predicts its first class, named as given."""
+    config = tiny_config("", dataset="cifar10")
+    model = vit.model_from_config(config.model.to_dict(), num_classes=len(class_names),
+                                  image_size=config.image_size)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    bias = np.zeros(len(class_names), np.float32)
+    bias[0] = 10.0
+    params = dict(params, head={"kernel": np.zeros_like(params["head"]["kernel"]), "bias": bias})
+    info = data.DatasetInfo("cifar10", len(class_names), class_names, (32, 32, 3), {"test": 1})
+    ckpt = Checkpointer(workdir)
+    ckpt.save(1, {"step": 1, "params": params}, config=config.to_dict(),
+              dataset_info=info.to_dict(), force=True)
+    ckpt.close()
+
+
+def _folder(root, counts: dict[str, int]) -> str:
+    for name, n in counts.items():
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+                root / "test" / name / f"{i}.png")
+    return f"folder:{root}"
+
+
+def test_another_dataset_is_matched_to_the_head_by_class_name(tmp_path):
+    """The head's classes are (dog, cat); a folder lists them sorted (cat = 0, dog = 1)."""
+    _always_first_class_checkpoint(str(tmp_path / "run"), ("dog", "cat"))
+    folder = _folder(tmp_path / "pets", {"cat": 2, "dog": 3})
+    by_name = evaluate_checkpoint(str(tmp_path / "run"), dataset=folder, split="test")
+    assert by_name.per_class == {"dog": 1.0, "cat": 0.0} and by_name.top1 == 3 / 5
+    assert by_name.confusion_matrix == [[3, 0], [2, 0]]
+    by_id = evaluate_checkpoint(str(tmp_path / "run"), dataset=folder, split="test",
+                                match_classes="order")
+    assert by_id.top1 == 2 / 5  # label 0 is "cat" in the folder: the head's "dog" predicted
+    other = _folder(tmp_path / "wild", {"cat": 1, "fox": 1})
+    with pytest.raises(EvalError, match=r"dataset 'folder:.*wild' has no class named dog \(the "
+                                        r"checkpoint's classes\); evaluate on a dataset with"):
+        evaluate_checkpoint(str(tmp_path / "run"), dataset=other, split="test")
+    with pytest.raises(EvalError, match="unknown match_classes='id'; use one of names, order"):
+        evaluate_checkpoint(str(tmp_path / "run"), match_classes="id")
+
+
+@pytest.mark.parametrize("split,expected", [
+    ("test[:0]", "split 'test[:0]' of 'cifar10' holds no examples; evaluate a split or slice "
+     "with some (--split)"),
+    ("test[5:2]", "bad split 'test[5:2]' for 'cifar10': the slice ends before it starts"),
+])
+def test_an_empty_or_reversed_split_names_the_split(tmp_path, split, expected):
+    if not os.path.isdir(os.path.join(CIFAR_DIR, "cifar10")):
+        pytest.skip(f"shipped CIFAR-10 not found at {CIFAR_DIR}")
+    config = tiny_config(CIFAR_DIR, eval_split="test[:20]")
+    save_tiny_checkpoint(str(tmp_path / "run"), config)
+    with pytest.raises(ValueError) as err:
+        evaluate_checkpoint(str(tmp_path / "run"), split=split)
+    assert str(err.value).startswith(expected)
 
 
 def test_missing_checkpoint_and_missing_ema(tmp_path, mock_run):

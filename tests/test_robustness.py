@@ -9,12 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from test_evaluate import CIFAR_DIR, save_tiny_checkpoint, tiny_config
 
-from vit import adversarial, cli, data, parallel, robustness
+from vit import adversarial, cli, data, parallel, preprocess, robustness
 from vit.checkpoint import load_checkpoint
-from vit.corruptions import TFDS_NAMES, corrupt_batch
+from vit.corruptions import TFDS_NAMES, corrupt, corrupt_batch, psnr
 from vit.evaluate import evaluate_checkpoint, load_inference_model
 from vit.robustness import RobustnessError, parse_corruptions, parse_eps, parse_severities
 
@@ -155,6 +156,22 @@ def test_a_prepared_cifar10_corrupted_directory_is_chosen_and_counted(run, tmp_p
         robustness.robustness_report(run["workdir"], source="tfds", **partial)
 
 
+def test_generated_corruptions_hit_each_image_at_its_own_size_before_the_resize(run):
+    """A 64 px model on 32 px CIFAR images: the images are corrupted at 32 px, then resized,
+    as the prepared cifar10_corrupted images are; corrupting after the resize is much milder."""
+    config = run["config"].copy_and_resolve_references()
+    config.image_size = 64
+    corrupting = robustness._corrupting("defocus_blur", 5, seed=0)
+    got = next(data.eval_iterator(config, batch_size=8, num_devices=1, before_crop=corrupting))
+    native = next(data.eval_iterator(run["config"], batch_size=8, num_devices=1))
+    expected = np.stack([preprocess.eval_crop(tf.constant(corrupt(im, "defocus_blur", 5)),
+                                              config).numpy() for im in native["image"][0]])
+    np.testing.assert_array_equal(got["image"][0], expected)
+    resized = next(data.eval_iterator(config, batch_size=8, num_devices=1))["image"][0]
+    after = corrupt_batch(resized, "defocus_blur", 5)
+    assert psnr(after, resized) > psnr(expected, resized) + 6  # 64 px blurred: 4x less error
+
+
 def test_two_devices_give_the_same_counts(run, tmp_path):
     out = tmp_path / "two.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -194,6 +211,11 @@ def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
                                                   "impulse_noise", "fog")
     assert parse_corruptions("none") == () and len(parse_corruptions("all")) == 15
     assert parse_eps("2/255,0.1") == (("2/255", 2 / 255), ("0.1", 0.1))
+    assert parse_eps("0.5,3", "l2") == (("0.5", 0.5), ("3", 3.0))  # L2: the whole image's norm
+    with pytest.raises(RobustnessError, match="bad epsilon '3'; use values in"):
+        parse_eps("0.5,3")
+    with pytest.raises(RobustnessError, match="bad epsilon '-1'; an L2 radius is a number >= 0"):
+        parse_eps("-1", "l2")
     with pytest.raises(RobustnessError, match="severity 0 in '0-5' is the clean images"):
         parse_severities("0-5")
     for bad in (lambda: parse_severities("1-7"), lambda: parse_eps("8/0"),

@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from vit import ship_cli
 from vit.checkpoint import CheckpointError
 from vit.error_text import first_line
+from vit.nonfinite import NonFiniteLossError
 from vit.output_paths import check_directory, check_file, write_json
 from vit.preprocess import DataError
 from vit.weight_formats import WeightsError
 
 USAGE_ERROR, INPUT_ERROR = 2, 1
-_USER_ERRORS = (DataError, CheckpointError, WeightsError, ValueError, OSError)
+_USER_ERRORS = (DataError, CheckpointError, WeightsError, ValueError, OSError,
+                NonFiniteLossError)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -41,7 +43,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.checkpoint or args.workdir, split=args.split, dataset=args.dataset,
         data_dir=args.data_dir, use_ema=args.ema, batch_size=args.batch_size, step=args.step,
-        tta=args.tta)
+        tta=args.tta, match_classes=args.match_classes)
     print(result.summary())
     if args.json:
         write_json(args.json, result.to_dict())
@@ -66,7 +68,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
         corruption_names=robustness.parse_corruptions(args.corruptions),
         severities=robustness.parse_severities(args.severities),
         attack=None if args.attack == "none" else args.attack,
-        eps=robustness.parse_eps(args.eps), steps=args.steps, norm=args.norm,
+        eps=robustness.parse_eps(args.eps, args.norm), steps=args.steps, norm=args.norm,
         baseline=args.baseline, batch_size=args.batch_size, seed=args.seed, source=args.source,
         data_dir=args.data_dir, use_ema=args.ema)
     print(report.summary())
@@ -173,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ev.add_argument("--dataset", help="another dataset with the same classes (TFDS or folder:)")
     ev.add_argument("--data-dir", help="TFDS data directory for --dataset")
+    ev.add_argument("--match-classes", choices=("names", "order"), default="names",
+                    help="on --dataset, match its classes to the checkpoint's by name "
+                    "(relabelled into the head's order) or take its label ids as they are")
     ev.add_argument("--split", help="split to evaluate (default: the run's eval_split)")
     ev.add_argument("--ema", action="store_true", help="use the EMA params")
     ev.add_argument("--batch-size", type=positive_int, help="global eval batch size")
@@ -191,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="all, none, families (noise,blur,weather,digital) or names")
     rb.add_argument("--severities", default="1-5", help="e.g. 1-5 or 1,3,5 (0: none)")
     rb.add_argument("--attack", choices=("fgsm", "pgd", "none"), default="pgd")
-    rb.add_argument("--eps", default="2/255,4/255,8/255", help="attack radii, pixels in [0, 1]")
+    rb.add_argument("--eps", default="2/255,4/255,8/255",
+                    help="attack radii, pixels in [0, 1] (L-inf at most 1; L2 any size)")
     rb.add_argument("--steps", type=int, default=10, help="PGD steps")
     rb.add_argument("--norm", choices=("linf", "l2"), default="linf")
     rb.add_argument("--baseline", help="checkpoint the corruption errors are relative to (mCE)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -314,12 +314,15 @@ def eval_iterator(
     num_devices: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    before_crop: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over a split: {"image", "label", "mask": bool [dev, per_dev]}; padding masked out.
 
     Split defaults to config.eval_split, batch_size to config.eval_batch_size (global).
     "image" is the uint8 evaluation crop [dev, per_dev, H, W, 3] (padding: zeros); the eval
     step normalises it on the device with config.pp.normalize (preprocess.normalize_on_device).
+    `before_crop` maps each decoded uint8 [h, w, 3] image at its own size before the crop
+    (robustness corrupts images there).
     """
     pp_ops.validate_options(config.pp)
     split = split or config.eval_split
@@ -333,8 +336,9 @@ def eval_iterator(
 
     @tf.autograph.experimental.do_not_convert
     def crop(record: dict) -> dict:
+        image = pp_ops.decode(record["encoded"])
         return {
-            "image": pp_ops.eval_crop(pp_ops.decode(record["encoded"]), config),
+            "image": pp_ops.eval_crop(before_crop(image) if before_crop else image, config),
             "label": tf.cast(record["label"], tf.int32),
             "mask": tf.constant(True),
         }

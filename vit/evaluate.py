@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -187,6 +188,9 @@ def evaluate_variants(
     # Only the evaluated split is checked: a run's train_split need not exist in another dataset.
     config = config.copy_and_resolve_references()
     config.train_split = config.eval_split = split or config.eval_split
+    if data.split_size(config, config.eval_split) <= 0:
+        raise EvalError(f"split {config.eval_split!r} of {config.dataset!r} holds no examples; "
+                        "evaluate a split or slice with some (--split), e.g. 'test'")
     info = data.dataset_info(config)
     _check_classes(model, info)
     step = _eval_step(model, config.pp.normalize, tta)
@@ -247,22 +251,64 @@ def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,
         confusion_matrix=confusion.tolist(), images_per_s=total / max(elapsed, 1e-9), tta=tta)
 
 
+MATCH_CLASSES = ("names", "order")
+_GENERIC_NAME = re.compile(r"(class_)?\d+")
+
+
+def _has_real_names(names: tuple[str, ...]) -> bool:
+    return not all(_GENERIC_NAME.fullmatch(str(n)) for n in names)
+
+
+def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
+                          wanted: tuple[str, ...]) -> list[int] | None:
+    """The label ids of `wanted` (a checkpoint's class names, in its head's order) in
+    config.dataset, for config.classes; None when they already line up or a side has no names.
+
+    An EvalError names the classes the dataset lacks.
+    """
+    full = config.copy_and_resolve_references()
+    full.classes = None
+    full.train_split = full.eval_split = split
+    names = data.dataset_info(full).class_names
+    if tuple(names) == tuple(wanted) or not (_has_real_names(names) and _has_real_names(wanted)):
+        return None
+    if set(names) != set(wanted) and len(names) != len(wanted):
+        return None  # evaluate's class-count check names the mismatch
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise EvalError(f"dataset {config.dataset!r} has no class named {shown} (the checkpoint's "
+                        f"classes); evaluate on a dataset with the checkpoint's class names, or "
+                        "pass match_classes='order' (--match-classes order) to compare label ids")
+    return [names.index(name) for name in wanted]
+
+
 def evaluate_checkpoint(
     path: str, *, split: str | None = None, dataset: str | None = None,
     data_dir: str | None = None, use_ema: bool = False, batch_size: int | None = None,
-    step: int | None = None, tta: str = "none",
+    step: int | None = None, tta: str = "none", match_classes: str = "names",
 ) -> EvalResult:
     """Evaluate a checkpoint (workdir, checkpoints dir or step dir) on its own or another dataset.
 
     By default the dataset, split and preprocessing are those the checkpoint was trained with;
-    `tta` is passed on to `evaluate` ("none" or "flip").
+    `tta` is passed on to `evaluate` ("none" or "flip"). On another `dataset`, classes are
+    matched by name (`match_classes="names"`: the dataset's labels are renumbered into the
+    head's order, and a class it lacks is an error) or taken by label id ("order").
     """
     check_tta(tta)  # before loading anything
+    if match_classes not in MATCH_CLASSES:
+        raise EvalError(f"unknown match_classes={match_classes!r}; use one of "
+                        f"{', '.join(MATCH_CLASSES)}")
     loaded = load_inference_model(load_checkpoint(path, step), use_ema=use_ema)
     overrides: Mapping[str, Any] = {"dataset": dataset, "data_dir": data_dir}
     config = loaded.config
     for key, value in overrides.items():
         if value is not None:
             config[key] = value
+    if dataset is not None and match_classes == "names":
+        by_name = match_classes_by_name(config, split or config.eval_split,
+                                        tuple(loaded.info.class_names))
+        if by_name is not None:
+            config.classes = by_name
     return evaluate(loaded.model, loaded.params, config, split=split, batch_size=batch_size,
                     tta=tta)

@@ -1,14 +1,17 @@
 """How robust is a checkpoint: common corruptions, adversarial attacks and calibration, one report.
 
-`robustness_report(checkpoint, ...)` makes one pass over the evaluation split (the checkpoint's
-own dataset and evaluation crop) and, per batch of uint8 pixels, measures
+`robustness_report(checkpoint, ...)` reads the evaluation split (the checkpoint's own dataset
+and evaluation crop) and, per batch of uint8 pixels, measures
 - the clean accuracy and the expected calibration error (vit/calibration.py);
 - the accuracy under each corruption of vit/corruptions.py at each severity, generated on the fly
-  with a fixed seed, or read from a prepared TFDS `cifar10_corrupted` directory when there is one
-  (`source="auto"`); the mean corruption accuracy and per-family means; with a baseline
-  checkpoint, the corruption error CE_c = sum_s E_{s,c} / sum_s E^baseline_{s,c} and its mean
-  over corruptions, mCE (and the relative mCE, which first subtracts the clean errors), as
-  defined by Hendrycks & Dietterich (2019);
+  with a fixed seed (each image corrupted at its own size, before the evaluation resize and crop,
+  one pass over the split per corruption and severity), or read from a prepared TFDS
+  `cifar10_corrupted` directory when there is one (`source="auto"`); the two agree at any model
+  resolution, since the prepared images were corrupted at 32 px too; the mean corruption
+  accuracy and per-family means; with a baseline checkpoint, the corruption error
+  CE_c = sum_s E_{s,c} / sum_s E^baseline_{s,c} and its mean over corruptions, mCE (and the
+  relative mCE, which first subtracts the clean errors), as defined by Hendrycks & Dietterich
+  (2019);
 - the robust accuracy under a white-box attack (vit/adversarial.py) for each epsilon. An example
   counts as robust at eps only if it is classified correctly clean and under the attacks at every
   listed eps' <= eps (a perturbation found in a smaller ball lies in the larger one), so robust
@@ -26,11 +29,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import tensorflow as tf
 
 from vit import adversarial, calibration, corruptions, data, parallel
 from vit.checkpoint import load_checkpoint
@@ -87,15 +91,19 @@ def parse_corruptions(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def parse_eps(text: str) -> tuple[tuple[str, float], ...]:
-    """"2/255,4/255,0.03" -> (("2/255", 0.00784...), ...): labels and values, pixels in [0, 1]."""
+def parse_eps(text: str, norm: str = "linf") -> tuple[tuple[str, float], ...]:
+    """"2/255,4/255,0.03" -> (("2/255", 0.00784...), ...): labels and values, pixels in [0, 1];
+    an L-inf radius is at most 1 (a pixel's range), an L2 radius any size (the whole image's)."""
     out = []
     for part in (x.strip() for x in text.split(",") if x.strip()):
         try:
             value = float(fractions.Fraction(part))
         except (ValueError, ZeroDivisionError):
             value = -1.0
-        if not 0 <= value <= 1:
+        if norm == "l2" and not 0 <= value < math.inf:
+            raise RobustnessError(f"bad epsilon {part!r}; an L2 radius is a number >= 0 over the "
+                                  "whole image in [0, 1] pixels, such as 0.5 or 3, comma-separated")
+        if norm != "l2" and not 0 <= value <= 1:
             raise RobustnessError(f"bad epsilon {part!r}; use values in [0, 1] such as 8/255 or "
                                   "0.03, comma-separated")
         out.append((part, value))
@@ -259,7 +267,6 @@ def robustness_report(
                 f"{main.info.num_classes}; use a baseline trained on the same data and size")
         models.append(_Model(other, parallel.replicate(other.params)))
     chosen = _choose_source(source, config, corruption_names, severities)
-    generated = corruption_names if chosen == "generate" else ()
     shape = (len(models), len(corruption_names), len(severities))
     sums = {"clean": np.zeros(len(models)), "corrupt": np.zeros(shape),
             "attack": np.zeros(len(eps)), "calibration": np.zeros((3, calibration.NUM_BINS)),
@@ -276,12 +283,6 @@ def robustness_report(
             if m == 0:
                 clean_correct = correct
                 sums["calibration"] += calibration.bin_sums(confidence[mask], correct[mask])
-        for c, name in enumerate(generated):
-            for s, severity in enumerate(severities):
-                corrupted = images.copy()
-                corrupted[mask] = corruptions.corrupt_batch(images[mask], name, severity, seed)
-                for m, model in enumerate(models):
-                    sums["corrupt"][m, c, s] += (model.correct(corrupted, labels)[0] & mask).sum()
         if step is not None:
             robust = clean_correct.copy()
             on_device = parallel.shard({"image": images, "label": labels})
@@ -291,9 +292,12 @@ def robustness_report(
                 sums["attack"][i] += (robust & mask).sum()
     if chosen == "tfds":
         _count_prepared(config, split, batch_size, models, corruption_names, severities, sums)
+    elif chosen == "generate":
+        _count_generated(config, split, batch_size, models, corruption_names, severities, seed,
+                         sums)
     sums = sum_over_processes(sums)
     return _report(checkpoint, baseline, split, chosen, corruption_names, severities, attack,
-                   norm, steps, eps, seed, sums, time.perf_counter() - start)
+                   norm, steps, eps, seed, sums, time.perf_counter() - start, config.dataset)
 
 
 def _count_prepared(config: Any, split: str, batch_size: int | None, models: list[_Model],
@@ -310,10 +314,36 @@ def _count_prepared(config: Any, split: str, batch_size: int | None, models: lis
                     sums["corrupt"][m, c, s] += hits.sum()
 
 
+def _corrupting(name: str, severity: int, seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The tf.data map corrupting one decoded image at its own size."""
+    def corrupt(image: tf.Tensor) -> tf.Tensor:
+        out = tf.numpy_function(lambda x: corruptions.corrupt(x, name, severity, seed), [image],
+                                tf.uint8, stateful=False)
+        out.set_shape(image.shape)
+        return out
+
+    return corrupt
+
+
+def _count_generated(config: Any, split: str, batch_size: int | None, models: list[_Model],
+                     names: Sequence[str], severities: Sequence[int], seed: int,
+                     sums: dict) -> None:
+    """Count correct predictions on images corrupted at their own size, before the evaluation
+    resize and crop (as the prepared cifar10_corrupted images were), one pass per corruption
+    and severity."""
+    for c, name in enumerate(names):
+        for s, severity in enumerate(severities):
+            for batch in data.eval_iterator(config, split, batch_size=batch_size,
+                                            before_crop=_corrupting(name, severity, seed)):
+                for m, model in enumerate(models):
+                    hits = model.correct(batch["image"], batch["label"])[0] & batch["mask"]
+                    sums["corrupt"][m, c, s] += hits.sum()
+
+
 def _report(checkpoint: str, baseline: str | None, split: str, source: str,
             names: Sequence[str], severities: Sequence[int], attack: str | None, norm: str,
             steps: int, eps: Sequence[tuple[str, float]], seed: int, sums: dict,
-            seconds: float) -> RobustnessReport:
+            seconds: float, dataset: str) -> RobustnessReport:
     total = float(sums["examples"])
     if total == 0:
         raise RobustnessError(f"split {split!r} holds no examples; choose a non-empty split")
@@ -331,6 +361,10 @@ def _report(checkpoint: str, baseline: str | None, split: str, source: str,
                      "motion blur")
         if "frost" in names:
             notes.append(corruptions.FROST_NOTE)
+        if not dataset.startswith("cifar"):
+            notes.append(f"the CIFAR-10-C parameters are set for 32x32 images; {dataset!r}'s "
+                         "images were corrupted at their own size before the evaluation crop, "
+                         "so the severities are not ImageNet-C's")
     report_baseline = None
     if baseline is not None and names:
         error, base_error = 1 - accuracy[0], 1 - accuracy[1]

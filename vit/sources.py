@@ -125,7 +125,11 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
         try:
             ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders,
                                     read_config=read_config)
-        except AssertionError:
+        except AssertionError as e:
+            if builder.is_prepared():  # TFDS asserts on a reversed or empty slice too
+                reason = str(e) or "an empty or reversed slice"
+                raise DataError(f"bad split {split!r} for {name!r}: {reason}; use a slice such "
+                                "as test[:1000]") from None
             raise DataError(
                 f"dataset {name!r} is not prepared in {builder.data_dir_root}; set data_dir or "
                 f"TFDS_DATA_DIR to where it is, or run `tfds build {name} --data_dir=DIR` "
@@ -142,9 +146,13 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
 
     def size(split: str) -> int:
         try:
-            return builder.info.splits[split].num_examples
+            n = builder.info.splits[split].num_examples
         except (KeyError, ValueError):
             return int(read(split, asserted=True).cardinality())  # no metadata (mocked data)
+        if n < 0:
+            raise DataError(f"bad split {split!r} for {name!r}: the slice ends before it starts; "
+                            "use a slice such as test[:1000]")
+        return n
 
     def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         batches = read(split, process_index, process_count).map(_label).batch(8192)
