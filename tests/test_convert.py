@@ -108,6 +108,7 @@ def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "o"), "--to", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "conv stem" in err[0] and "GAP" in err[0]
+    assert not (tmp_path / "o").exists()  # refused before any folder was made
 
 
 def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):
@@ -165,3 +166,197 @@ def test_what_a_sidecar_config_cannot_mean_is_refused_in_one_line(tmp_path):
     path, _ = convert_weights(src, str(tmp_path / "d"), normalize="imagenet")  # the user chose
     assert load_inference_model(path).config.pp.normalize == "imagenet"
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def _same_model(before, after) -> None:
+    """`after` (a loaded checkpoint) computes exactly what `before` does, with the same params."""
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(after.model.apply({"params": after.params}, x)),
+        np.asarray(before.model.apply({"params": before.params}, x)))
+    got, want = flatten_params(after.params), flatten_params(before.params)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+
+
+@pytest.mark.parametrize("model", [dict(PLAIN, gelu_approximate=False), RECIPE],
+                         ids=["erf-gelu", "convstem-sincos"])
+def test_a_checkpoint_converts_with_its_own_run_config(tmp_path, model):
+    """GELU, normalisation, eval_resize and class names come from the run, not from guesses;
+    conv-stem and sin-cos checkpoints (nothing to infer them from) convert too."""
+    write(str(tmp_path / "run"), model, normalize="imagenet", pp={"eval_resize": 20})
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    before, after = (load_inference_model(str(tmp_path / n)) for n in ("run", "back"))
+    _same_model(before, after)
+    assert after.config.model.to_dict() == before.config.model.to_dict()
+    assert after.model.gelu_approximate == model.get("gelu_approximate", True)
+    assert after.config.pp.normalize == "imagenet" and after.config.pp.eval_resize == 20
+    assert after.info.class_names == ("c0", "c1", "c2", "c3", "c4")
+
+
+def test_an_int8_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    from vit.quantize import quantize_checkpoint
+
+    write(str(tmp_path / "run"), PLAIN)
+    quantize_checkpoint(str(tmp_path / "run"), str(tmp_path / "int8"))
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "int8"), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'int8'} holds int8-quantised weights, which convert "
+                   "cannot rebuild as a float model: convert the float checkpoint it was "
+                   "quantised from"]
+    assert not (tmp_path / "back").exists()
+
+
+def _cudnn_checkpoint(tmp_path) -> str:
+    """A checkpoint whose run config says attention_impl "cudnn" (as a GPU run writes)."""
+    from vit.checkpoint import Checkpointer, load_checkpoint
+
+    write(str(tmp_path / "cpu"), PLAIN)
+    contents = load_checkpoint(str(tmp_path / "cpu"))
+    contents.config["model"]["attention_impl"] = "cudnn"
+    ckpt = Checkpointer(str(tmp_path / "gpu"))
+    ckpt.save(3, {"step": 3, "params": contents.params}, config=contents.config,
+              dataset_info=contents.dataset_info, force=True)
+    ckpt.close()
+    return str(tmp_path / "gpu")
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "npz"])
+def test_a_cudnn_run_converts_on_a_cpu(tmp_path, source):
+    src = _cudnn_checkpoint(tmp_path)
+    if source == "npz":
+        export_weights(src, "npz", str(tmp_path / "out"))
+        src = str(tmp_path / "out" / "model.npz")
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["vit"]["model"][
+            "attention_impl"] == "cudnn"
+    path, _ = convert_weights(src, str(tmp_path / "back"))
+    after = load_inference_model(path)
+    assert after.config.model.attention_impl == "cudnn" and after.model.attention_impl == "explicit"
+    _same_model(load_inference_model(str(tmp_path / "cpu")), after)
+
+
+@pytest.mark.parametrize("target", ["timm", "hf", "npz"])
+@pytest.mark.parametrize("eval_resize", [20, None])
+def test_eval_resize_goes_out_and_comes_back(tmp_path, target, eval_resize):
+    """timm: crop_pct = size / eval_resize, crop_mode "center" ("squash" for a plain resize);
+    HF: BitImageProcessor resizing the shorter side, then a central crop."""
+    write(str(tmp_path / "run"), PLAIN, pp={"eval_resize": eval_resize})
+    files = export_weights(str(tmp_path / "run"), target, str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    if target == "timm":
+        crop = {k: config["pretrained_cfg"][k] for k in ("crop_pct", "crop_mode")}
+        assert crop == ({"crop_pct": 0.8, "crop_mode": "center"} if eval_resize else
+                        {"crop_pct": 1.0, "crop_mode": "squash"})
+    if target == "hf":
+        pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+        if eval_resize:
+            assert pre["image_processor_type"] == "BitImageProcessor"
+            assert pre["size"] == {"shortest_edge": 20} and pre["do_center_crop"] is True
+            assert pre["crop_size"] == {"height": 16, "width": 16}
+        else:
+            assert pre["image_processor_type"] == "ViTImageProcessor"
+            assert pre["size"] == {"height": 16, "width": 16} and "do_center_crop" not in pre
+    path, _ = convert_weights(files[0], str(tmp_path / "back"))
+    assert load_inference_model(path).config.pp.eval_resize == eval_resize
+
+
+def test_timm_hub_crop_pct_becomes_eval_resize(tmp_path):
+    src, _, _ = _source(tmp_path, "timm_vit_tiny")  # 64 px
+    cfg = {"model_args": {"num_heads": 3}, "pretrained_cfg": {"crop_pct": 0.9}}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    path, _ = convert_weights(src, str(tmp_path / "a"))
+    assert load_inference_model(path).config.pp.eval_resize == 71  # timm: floor(64 / 0.9)
+
+
+@pytest.mark.parametrize("target", ["timm", "hf"])
+def test_a_depth_0_model_round_trips(tmp_path, target):
+    write(str(tmp_path / "run"), dict(PLAIN, depth=0), normalize="imagenet")
+    files = export_weights(str(tmp_path / "run"), target, str(tmp_path / "out"))
+    path, _ = convert_weights(files[0], str(tmp_path / "back"))
+    before, after = load_inference_model(str(tmp_path / "run")), load_inference_model(path)
+    _same_model(before, after)
+    assert (after.model.depth, after.model.num_heads, after.model.mlp_dim) == (0, 2, 64)
+
+
+def _npz(tmp_path, drop: str = "", **arrays) -> str:
+    """A bare vit_jax .npz of a tiny model, without `drop`, with `arrays` replacing its own."""
+    write(str(tmp_path / "run"), PLAIN)
+    export_weights(str(tmp_path / "run"), "npz", str(tmp_path / "out"))
+    (tmp_path / "out" / "config.json").unlink()
+    path = tmp_path / "out" / "model.npz"
+    with np.load(path) as f:
+        state = {k: f[k] for k in f.files if k != drop}
+    np.savez(path, **{**state, **arrays})
+    return str(path)
+
+
+def _scanned(tmp_path) -> str:
+    """A big_vision *scanned* checkpoint: one Transformer/encoderblock/... stacked over layers."""
+    state = {"params/embedding/kernel": np.zeros((4, 4, 3, 32), np.float32),
+             "params/head/kernel": np.zeros((32, 5), np.float32),
+             "params/Transformer/encoderblock/LayerNorm_0/scale": np.ones((2, 32), np.float32)}
+    np.savez(tmp_path / "scanned.npz", **state)
+    return str(tmp_path / "scanned.npz")
+
+
+def _with_config(tmp_path, edit) -> str:
+    """A .npz with the config.json `--to npz` writes, changed by `edit`."""
+    write(str(tmp_path / "run"), PLAIN)
+    export_weights(str(tmp_path / "run"), "npz", str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    edit(config["vit"])
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "out" / "model.npz")
+
+
+def _timm_mean_only(tmp_path) -> str:
+    src, _, _ = _source(tmp_path, "timm_vit_tiny")
+    config = {"model_args": {"num_heads": 3}, "pretrained_cfg": {"mean": [0.5, 0.5, 0.5]}}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    return src
+
+
+MLP = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+
+
+@pytest.mark.parametrize("make,message", [
+    (_scanned, "these are scanned big_vision weights (Transformer/encoderblock/... stacked over "
+               "the layers): unscan them first"),
+    (lambda p: _npz(p, drop=MLP), f"the weights have no {MLP}, so the model cannot be inferred"),
+    (lambda p: _npz(p, **{"embedding/kernel": np.zeros((48, 32), np.float32)}),
+     "embedding/kernel has shape (48, 32), not [patch, patch, channels, width]"),
+    (lambda p: _with_config(p, lambda c: c["model"].pop("variant")),
+     'the "vit" entry of config.json beside the weights has no model.variant'),
+    (lambda p: _with_config(p, lambda c: c.pop("image_size")),
+     'the "vit" entry of config.json beside the weights has no image_size'),
+    (_timm_mean_only, "config.json's pretrained_cfg gives mean but no std, so the input "
+                      "normalisation is unknown; add it, or pass --normalize NAME"),
+], ids=["scanned", "no-mlp-kernel", "2d-embedding", "no-variant", "no-image-size", "no-std"])
+def test_weights_that_cannot_be_mapped_are_one_line(tmp_path, capsys, make, message):
+    src = make(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["convert", src, str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "back").exists()
+
+
+def test_a_failed_write_leaves_no_folder_and_no_partial_files(tmp_path, monkeypatch):
+    from vit import convert
+
+    write(str(tmp_path / "run"), PLAIN)
+
+    def disk_full(state, path):
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "_save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_weights(str(tmp_path / "run"), "hf", str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "there"))
+    assert list((tmp_path / "there").iterdir()) == []  # kept, and as empty as it was

@@ -56,6 +56,23 @@ def test_stablehlo_matches_and_loads_without_model_code(recipe, tmp_path):
     assert "speed not measured" in result.summary()
 
 
+def test_a_bfloat16_model_exports_as_its_float32_model(tmp_path):
+    """dtype="bfloat16" (activations in bf16): the export and its check both run in float32."""
+    model, params = write(str(tmp_path / "run"), dict(PLAIN, dtype="bfloat16"))
+    files = image_files(tmp_path / "images")
+    result = export(str(tmp_path / "run"), "stablehlo", tmp_path / "out", images=files,
+                    measure_speed=False)
+    assert result.max_abs_diff <= 1e-4
+    loaded = load_inference_model(str(tmp_path / "run"))
+    _, images, _ = read_images(files)
+    x = model_inputs(images, loaded.config)
+    got = np.asarray(load_stablehlo(tmp_path / "out")(x))
+    float32 = model.clone(dtype=jax.numpy.float32).apply({"params": params}, x)
+    np.testing.assert_allclose(got, float32, atol=1e-5, rtol=0)
+    bf16 = np.asarray(model.apply({"params": params}, x), np.float32)
+    assert np.abs(bf16 - float32).max() > 1e-3  # the bfloat16 model itself is another model
+
+
 def test_saved_model_serving_takes_uint8_of_any_size_and_batch(recipe, tmp_path):
     import tensorflow as tf
 
@@ -85,7 +102,9 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
     dict(RECIPE, stem_norm="layernorm"),
     RECIPE,
     dict(PLAIN, matmul_dtype="bfloat16"),
-], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls"])
+    dict(PLAIN, dtype="bfloat16"),
+], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls",
+        "bf16-dtype"])
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)
@@ -158,8 +177,9 @@ def test_a_wrong_export_fails_in_one_line_and_leaves_the_directory_as_it_was(
                         err[0]), err[0]
     assert _files_in(out) == before  # the earlier, verified export is untouched; no leftovers
     with pytest.raises(ExportError, match="differs from the model"):
-        export(str(run), "stablehlo", tmp_path / "fresh", images=files, measure_speed=False)
-    assert _files_in(tmp_path / "fresh") == {}
+        export(str(run), "stablehlo", tmp_path / "fresh" / "out", images=files,
+               measure_speed=False)
+    assert not (tmp_path / "fresh").exists()  # the folders this call made are gone again
 
 
 def test_a_writer_that_crashes_leaves_nothing_behind(recipe, tmp_path, monkeypatch):
@@ -172,7 +192,7 @@ def test_a_writer_that_crashes_leaves_nothing_behind(recipe, tmp_path, monkeypat
     monkeypatch.setitem(export_module._WRITERS, "stablehlo", crash_half_way)
     with pytest.raises(RuntimeError, match="disk full"):
         export(str(run), "stablehlo", tmp_path / "out", images=files, measure_speed=False)
-    assert _files_in(tmp_path / "out") == {}
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_checks_on_the_runs_evaluation_images_by_default(tmp_path, capsys):

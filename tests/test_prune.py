@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from tiny_checkpoints import RECIPE, write
+from tiny_checkpoints import PLAIN, RECIPE, write
 
 from vit import cli
 from vit.checkpoint import load_checkpoint
@@ -112,3 +112,46 @@ def test_finetune_schedule_warms_up_then_decays_towards_zero():
     assert float(lr(55)) == pytest.approx(1e-3)
     assert 0 < float(lr(99)) < 2e-3 * (1 - np.cos(np.pi / 90))
     assert float(finetune_schedule(1e-3, 1)(0)) == pytest.approx(1e-3)  # too short to warm up
+
+
+@pytest.mark.parametrize("method,model,message", [
+    ("structured", dict(PLAIN, classifier="map"),
+     "structured pruning cuts config.model.mlp_dim, which the MAP head's MLP "
+     "(MAPHead_0/MlpBlock_0) shares with the encoder, so the pruned model could not be built; "
+     "prune a MAP-head model with --method magnitude"),
+    ("structured", dict(PLAIN, depth=0), "the model has no encoder blocks (depth 0), so there "
+     "are no attention heads or MLP channels to prune; prune a model with depth >= 1"),
+    ("magnitude", dict(PLAIN, depth=0), "the model has no encoder blocks (depth 0)"),
+], ids=["map-structured", "depth0-structured", "depth0-magnitude"])
+def test_what_pruning_cannot_do_is_one_line_and_writes_nothing(tmp_path, capsys, method, model,
+                                                               message):
+    write(str(tmp_path / "run"), model)
+    code = cli.main(["prune", "--checkpoint", str(tmp_path / "run"), "--out",
+                     str(tmp_path / "out"), "--method", method, "--sparsity", "0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_magnitude_pruning_of_a_map_model_loads_and_exports(tmp_path):
+    write(str(tmp_path / "run"), dict(PLAIN, classifier="map"))
+    result = prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), method="magnitude",
+                              sparsity=0.5)
+    loaded = load_inference_model(str(tmp_path / "out"))
+    assert result.mlp_dim == 64 and loaded.model.classifier == "map"
+    assert loaded.model.apply({"params": loaded.params},
+                              np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 5)
+
+
+def test_a_finetune_that_diverges_writes_nothing(tmp_path, capsys):
+    with tfds.testing.mock_data(num_examples=16):
+        write(str(tmp_path / "run"), PLAIN, num_classes=10, image_size=32, dataset="cifar10",
+              data_dir=str(tmp_path / "tfds"), batch_size=8)
+        code = cli.main(["prune", "--checkpoint", str(tmp_path / "run"), "--out",
+                         str(tmp_path / "out"), "--method", "magnitude", "--sparsity", "0.5",
+                         "--finetune-steps", "2", "--lr", "1e38"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        "error: the params became non-finite in the 2 --finetune-steps, so nothing was written "
+        f"to {tmp_path / 'out'}: lower --lr (now 1e+38)"]
+    assert not (tmp_path / "out").exists()

@@ -6,8 +6,11 @@ array shapes, its GELU is the source's (exact erf for timm and HF, tanh for vit_
 input normalisation is recorded as the run's `pp.normalize`. What the arrays cannot tell comes
 from a `config.json` beside the file when there is one (HF's, timm's Hub config, or the one
 `--to npz` writes), else from the caller (`gelu`, `normalize`, `num_heads`), else a stated
-default. Out (`export_weights`): a checkpoint to timm / HF safetensors or a vit_jax .npz, each
-with its config.json (`vit.weights_out`); converting that back gives the same params.
+default. A checkpoint of this toolkit keeps its run's own config (model, image size,
+normalisation, evaluation resize, class names); an int8 one is refused. Out
+(`export_weights`): a checkpoint to timm / HF safetensors or a vit_jax .npz, each with its
+config.json (`vit.weights_out`); converting that back gives the same params and eval resize.
+Weights that cannot be mapped are one WeightsError line naming the missing array or format.
 """
 
 from __future__ import annotations
@@ -19,101 +22,34 @@ from typing import Any
 
 import numpy as np
 
+from vit import weight_sidecars
 from vit.data_options import NORMALIZATIONS
-from vit.weight_formats import POSEMB, Weights, WeightsError, read_weights
-
-GELUS = ("erf", "tanh")
-_TANH_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
+from vit.weight_formats import POSEMB, Weights, WeightsError, flatten_params, read_weights
 
 
-def _sidecars(src: str) -> tuple[dict, dict]:
-    """(config.json, preprocessor_config.json) beside a weight file; {} where absent."""
-    folder = Path(src) if os.path.isdir(src) else Path(src).parent
-    found = []
-    for name in ("config.json", "preprocessor_config.json"):
-        path = folder / name
-        if not path.is_file():
-            found.append({})
-            continue
-        try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as err:
-            raise WeightsError(f"{path} beside the weights cannot be read as JSON ({err}): it "
-                               "says how to rebuild the model; fix it, or move it away to "
-                               "convert without it") from None
-        if not isinstance(found[-1], dict):
-            raise WeightsError(f"{path} beside the weights is not a JSON object: fix it, or "
-                               "move it away to convert without it")
-    return found[0], found[1]
+def _need(weights: Weights, key: str) -> np.ndarray:
+    """weights[key]; WeightsError naming the missing array."""
+    if key not in weights:
+        raise WeightsError(f"the weights have no {key}, so the model cannot be inferred: the "
+                           "file is incomplete or not a ViT of vit_jax / timm / HF layout")
+    return weights[key]
 
 
-_ERF_ACTS = ("gelu", "gelu_python", "gelu_erf")
-
-
-def _gelu_kind(activation: Any, where: str) -> str:
-    """"tanh" or "erf" for a timm / HF activation name (None: the default, erf GELU);
-    WeightsError for any other activation, which this toolkit's MLP does not compute."""
-    if activation in _TANH_ACTS:
-        return "tanh"
-    if activation is None or activation in _ERF_ACTS:
-        return "erf"
-    raise WeightsError(f"{where} is {activation!r}: this toolkit's ViT computes GELU (erf or "
-                       "tanh) in its MLP, so these weights cannot be converted to the same model")
-
-
-def _stated_normalization(mean: Any, std: Any) -> str:
-    """The NORMALIZATIONS name of a file's stated mean / std; WeightsError when none fits."""
-    name = _normalization_name(mean, std)
-    if name is None:
-        raise WeightsError(f"the file's input normalisation (mean {list(mean)}, std {list(std)}) "
-                           f"is none of {', '.join(NORMALIZATIONS)}: pass --normalize NAME to "
-                           "convert with that one instead")
-    return name
-
-
-def _normalization_name(mean: Any, std: Any) -> str | None:
-    for name, (m, s) in NORMALIZATIONS.items():
-        if np.allclose(m, mean, atol=1e-3) and np.allclose(s, std, atol=1e-3):
-            return name
+def _attention_query(weights: Weights) -> np.ndarray | None:
+    """The first attention's query kernel (block 0, else the MAP head's); None without one."""
+    for attention in ("Transformer/encoderblock_0/MultiHeadDotProductAttention_1",
+                      "MAPHead_0/MultiHeadDotProductAttention_0"):
+        if any(k.startswith(attention + "/") for k in weights):
+            return _need(weights, attention + "/query/kernel")
     return None
-
-
-def _what_the_file_says(config: dict, preprocessor: dict, normalize: str | None = None) -> dict:
-    """GELU, heads, normalisation and this toolkit's model config found in sidecar JSON.
-
-    A stated normalisation this toolkit does not know is an error unless `normalize` (the
-    caller's choice) is given.
-    """
-    said: dict[str, Any] = {}
-    mean_std = None
-    if "vit" in config:  # written by `vit convert --to npz`
-        said.update(config["vit"])
-    elif config.get("model_type") == "vit":  # HuggingFace
-        said["gelu"] = _gelu_kind(config.get("hidden_act"), "config.json's hidden_act")
-        said["num_heads"] = config.get("num_attention_heads")
-        labels = config.get("id2label") or {}
-        said["class_names"] = [labels[k] for k in sorted(labels, key=int)] or None
-        if preprocessor.get("image_mean"):
-            mean_std = preprocessor["image_mean"], preprocessor["image_std"]
-    elif "model_args" in config:  # timm's Hub config.json
-        args = config["model_args"]
-        said["gelu"] = _gelu_kind(args.get("act_layer"), "config.json's model_args.act_layer")
-        said["num_heads"] = args.get("num_heads")
-        cfg = config.get("pretrained_cfg", {})
-        said["class_names"] = cfg.get("label_names")
-        if cfg.get("mean"):
-            mean_std = cfg["mean"], cfg["std"]
-    if mean_std is not None and normalize is None:
-        said["normalize"] = _stated_normalization(*mean_std)
-    return {k: v for k, v in said.items() if v is not None}
 
 
 def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, str | None]:
     """Heads from the per-head kernel shape [D, heads, head_dim], else given, else guessed."""
     from vit.model import VARIANTS
 
-    query = weights["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
-    if query.ndim == 3:
+    query = _attention_query(weights)
+    if query is not None and query.ndim == 3:
         if num_heads and num_heads != query.shape[1]:
             raise WeightsError(f"--num-heads {num_heads} contradicts the weights, whose "
                                f"attention kernels hold {query.shape[1]} heads; drop --num-heads")
@@ -123,6 +59,8 @@ def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, st
     # timm / HF fuse or flatten the heads ([D, D]): the file cannot tell them apart.
     heads = next((v["num_heads"] for v in VARIANTS.values() if v["width"] == width),
                  width // 64 if width % 64 == 0 else None)
+    if query is None:  # no attention at all (depth 0): the heads change nothing
+        return heads or 1, None
     if heads is None:
         raise WeightsError(f"cannot tell the number of heads of width-{width} weights; "
                            "pass --num-heads")
@@ -130,9 +68,28 @@ def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, st
                    "file does not say: pass --num-heads if that is wrong")
 
 
-def infer_architecture(weights: Weights, num_heads: int | None = None
-                       ) -> tuple[str, dict, list[str]]:
-    """(variant, create_model overrides, notes) that rebuild the model `weights` came from."""
+def _mlp_dim(weights: Weights, width: int, stated: int | None) -> int:
+    """The MLP's hidden size from block 0 (else the MAP head's MLP), else stated, else 4 x width
+    (no MLP in the weights at all: it changes nothing)."""
+    for mlp in ("Transformer/encoderblock_0/MlpBlock_3", "MAPHead_0/MlpBlock_0"):
+        if any(k.startswith(mlp + "/") for k in weights):
+            return int(_need(weights, mlp + "/Dense_0/kernel").shape[-1])
+    return int(stated or 4 * width)
+
+
+def _patch_and_width(weights: Weights) -> tuple[int, int]:
+    """(patch size, width) of a conv patch embedding [patch, patch, channels, width]."""
+    kernel = weights["embedding/kernel"]
+    if kernel.ndim != 4:
+        raise WeightsError(f"embedding/kernel has shape {tuple(kernel.shape)}, not [patch, patch, "
+                           "channels, width]: only convolutional patch embeddings can be converted")
+    return int(kernel.shape[0]), int(kernel.shape[3])
+
+
+def infer_architecture(weights: Weights, num_heads: int | None = None,
+                       mlp_dim: int | None = None) -> tuple[str, dict, list[str]]:
+    """(variant, create_model overrides, notes) that rebuild the model `weights` came from;
+    `mlp_dim` is used only when the weights hold no MLP (depth 0)."""
     if "embedding/kernel" not in weights or "head/kernel" not in weights:
         raise WeightsError("the weights have no embedding/kernel or head/kernel, so the model "
                            "cannot be inferred; fine-tune from them with configs/finetune.py")
@@ -140,14 +97,13 @@ def infer_architecture(weights: Weights, num_heads: int | None = None
         raise WeightsError("conv-stem and hybrid weights do not tell their strides and norms: "
                            "convert a file written by `vit convert --to npz` (it has a "
                            "config.json), or fine-tune from them with configs/finetune.py")
-    patch, _, _, width = weights["embedding/kernel"].shape
+    patch, width = _patch_and_width(weights)
     depth = len({k.split("/")[1] for k in weights if k.startswith("Transformer/encoderblock_")})
-    heads, note = _heads(weights, int(width), num_heads)
-    block = "Transformer/encoderblock_0/"
+    heads, note = _heads(weights, width, num_heads)
     classifier = ("token" if "cls" in weights else
                   "map" if any(k.startswith("MAPHead_0/") for k in weights) else "gap")
-    overrides = dict(width=int(width), depth=depth, num_heads=heads,
-                     mlp_dim=int(weights[block + "MlpBlock_3/Dense_0/kernel"].shape[1]),
+    overrides = dict(width=width, depth=depth, num_heads=heads,
+                     mlp_dim=_mlp_dim(weights, width, mlp_dim),
                      classifier=classifier, posemb="learn" if POSEMB in weights else "sincos2d")
     if "pre_logits/kernel" in weights:
         overrides["representation_size"] = int(weights["pre_logits/kernel"].shape[1])
@@ -181,51 +137,94 @@ def _class_names(path: str | None, said: list[str] | None, num_classes: int) -> 
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
-                    class_names_file: str | None = None, normalize: str | None = None,
-                    gelu: str | None = None) -> tuple[str, list[str]]:
-    """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
+def _own_checkpoint(src: str) -> tuple[Weights, dict]:
+    """(params, what its run config says) of this toolkit's checkpoint `src`: the model config,
+    image size, normalisation, evaluation resize and class names, all as the run had them."""
+    from vit.checkpoint import load_checkpoint
 
-    `gelu` ("erf" | "tanh") and `normalize` (a `preprocess.NORMALIZATIONS` name) override what
-    the file and its config.json say; defaults: the source's GELU (erf for timm / HF, tanh for
-    vit_jax), "minus_one_to_one" normalisation (timm's DeiT-style models need "imagenet").
-    """
-    import jax
+    contents = load_checkpoint(src)
+    model = dict(contents.config.get("model") or {})
+    if model.get("quant", "none") != "none":
+        raise WeightsError(f"{src} holds {model['quant']}-quantised weights, which convert "
+                           "cannot rebuild as a float model: convert the float checkpoint it was "
+                           "quantised from")
+    arrays = {k: np.asarray(v) for k, v in flatten_params(contents.params).items()}
+    weights = Weights(arrays, "checkpoint",
+                      [f"loaded params of step {contents.step} from {src}"])
+    pp = contents.config.get("pp") or {}
+    said = {"model": model, "image_size": contents.config.get("image_size"),
+            "normalize": pp.get("normalize"), "eval_resize": pp.get("eval_resize"),
+            "class_names": contents.dataset_info.get("class_names")}
+    weight_sidecars.check_own_model(said, f"the run config of {src}",
+                                    "convert a checkpoint written by vit train")
+    return weights, {k: v for k, v in said.items() if v is not None}
 
-    from vit import data
-    from vit.checkpoint import Checkpointer
-    from vit.model import init_params, model_from_config
-    from vit.pretrained import adapt_params
 
-    if gelu is not None and gelu not in GELUS:
-        raise ValueError(f"unknown gelu {gelu!r}; use one of {', '.join(GELUS)}")
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalize {normalize!r}; use one of "
-                         f"{', '.join(NORMALIZATIONS)}")
-    weights = read_weights(src)
-    said = _what_the_file_says(*_sidecars(src), normalize=normalize)
-    notes = list(weights.notes)
-    if "model" in said:  # our own config.json: the model exactly as it was
-        model_config = dict(said["model"])
+def _read_source(src: str, normalize: str | None) -> tuple[Weights, dict]:
+    """(weights, what the source says of its model): a checkpoint's own run config, else the
+    config.json / preprocessor_config.json beside a weight file."""
+    if os.path.isdir(src):
+        return _own_checkpoint(src)
+    said = weight_sidecars.what_the_file_says(*weight_sidecars.read_sidecars(src),
+                                              normalize=normalize)
+    return read_weights(src), said
+
+
+def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str | None
+                  ) -> tuple[str, dict, int, list[str]]:
+    """(variant, model overrides, image size, notes): as the source's own config says, else
+    inferred from the arrays and the sidecar JSON."""
+    notes: list[str] = []
+    if "model" in said:  # our own config: the model exactly as it was
+        model_config = {k: v for k, v in said["model"].items() if v is not None}
         variant = model_config.pop("variant")
-        model_config = {k: v for k, v in model_config.items() if v is not None}
         image_size = int(said["image_size"])
     else:
-        variant, model_config, arch_notes = infer_architecture(
-            weights, num_heads or said.get("num_heads"))
-        notes += arch_notes
+        variant, model_config, notes = infer_architecture(
+            weights, num_heads or said.get("num_heads"), said.get("mlp_dim"))
         image_size = _image_size(weights, int(variant.split("/")[1]), model_config["classifier"])
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
         model_config["gelu_approximate"] = (gelu or said.get("gelu", default_gelu)) == "tanh"
     if gelu is not None:
         model_config["gelu_approximate"] = gelu == "tanh"
+    return variant, model_config, image_size, notes
+
+
+def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
+                    class_names_file: str | None = None, normalize: str | None = None,
+                    gelu: str | None = None) -> tuple[str, list[str]]:
+    """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
+
+    A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
+    evaluation resize and class names. `gelu` ("erf" | "tanh") and `normalize` (a
+    `preprocess.NORMALIZATIONS` name) override what the source says; defaults: the source's
+    GELU (erf for timm / HF, tanh for vit_jax), "minus_one_to_one" normalisation (timm's
+    DeiT-style models need "imagenet").
+    """
+    import jax
+
+    from vit import data
+    from vit.checkpoint import Checkpointer
+    from vit.model import init_params, saved_model_from_config
+    from vit.pretrained import adapt_params
+
+    if gelu is not None and gelu not in weight_sidecars.GELUS:
+        raise ValueError(f"unknown gelu {gelu!r}; use one of {', '.join(weight_sidecars.GELUS)}")
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; use one of "
+                         f"{', '.join(NORMALIZATIONS)}")
+    weights, said = _read_source(src, normalize)
+    variant, model_config, image_size, arch_notes = _model_config(weights, said, num_heads, gelu)
+    eval_resize, resize_notes = weight_sidecars.stated_eval_resize(said, image_size)
+    notes = list(weights.notes) + arch_notes + resize_notes
     if normalize is None and "normalize" not in said:
         notes.append("input normalisation assumed minus_one_to_one (0.5 / 0.5): the file does "
                      "not say; pass --normalize imagenet for DeiT-style timm models")
     normalize = normalize or said.get("normalize", "minus_one_to_one")
-    num_classes = int(weights["head/kernel"].shape[-1])
-    model = model_from_config({"variant": variant, **model_config}, num_classes=num_classes,
-                              image_size=image_size)
+    num_classes = int(_need(weights, "head/kernel").shape[-1])
+    # A model trained with attention "cudnn" on a GPU converts (and runs) anywhere.
+    model = saved_model_from_config({"variant": variant, **model_config},
+                                    num_classes=num_classes, image_size=image_size)
     params, adapt_notes = adapt_params(weights, init_params(model, jax.random.PRNGKey(0)), model,
                                        keep_head=True)
     notes += [n for n in adapt_notes if n not in notes]
@@ -234,8 +233,7 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     config.dataset = os.path.basename(os.path.normpath(src))
     config.image_size = image_size
     config.pp.normalize = normalize
-    if said.get("eval_resize") is not None:
-        config.pp.eval_resize = int(said["eval_resize"])
+    config.pp.eval_resize = eval_resize
     config.model = {"variant": variant, **model_config}
     info = data.DatasetInfo(config.dataset, num_classes, tuple(names),
                             (image_size, image_size, 3), {})
@@ -263,13 +261,47 @@ def _save_safetensors(state: dict, path: Path) -> Path:
     return path
 
 
+def _out_files(loaded: Any, target: str) -> dict[str, Any]:
+    """{file name: arrays or JSON payload} of `loaded` for `--to target`, all in memory."""
+    from vit import weights_out
+
+    names, kind = list(loaded.info.class_names), loaded.config.pp.normalize
+    resize = loaded.config.pp.get("eval_resize")
+    if target == "timm":
+        state, config = weights_out.to_timm(loaded.params, loaded.model, names, kind, resize)
+        return {"model.safetensors": state, "config.json": config}
+    if target == "hf":
+        state, config, preprocessor = weights_out.to_hf(loaded.params, loaded.model, names,
+                                                        kind, resize)
+        return {"model.safetensors": state, "config.json": config,
+                "preprocessor_config.json": preprocessor}
+    arrays, config = weights_out.to_npz(loaded.params, loaded.config.to_dict(), names)
+    return {"model.npz": arrays, "config.json": config}
+
+
+def _write_out_file(name: str, payload: Any, path: Path) -> None:
+    """One `--to` file at `path`: safetensors, .npz or JSON by `name`."""
+    if name.endswith(".safetensors"):
+        _save_safetensors(payload, path)
+    elif name.endswith(".npz"):
+        with open(path, "wb") as f:  # a file object: np.savez would add .npz to a name
+            np.savez(f, **payload)
+    else:
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def export_weights(checkpoint: str, target: str, out_dir: str, *, use_ema: bool = False
                    ) -> list[str]:
-    """Write a checkpoint's params for timm, HF or as a vit_jax .npz in `out_dir`; the paths."""
+    """Write a checkpoint's params for timm, HF or as a vit_jax .npz in `out_dir`; the paths.
+
+    Each file is written under a temporary name and renamed once all are written, the weights
+    last: a failure leaves `out_dir` as it was (a directory this call made is removed again).
+    """
     import jax
 
     from vit import weights_out
     from vit.evaluate import load_inference_model
+    from vit.output_paths import new_directory
 
     if target not in weights_out.TARGETS:
         raise ValueError(f"unknown --to {target!r}; use one of {', '.join(weights_out.TARGETS)}")
@@ -281,24 +313,17 @@ def export_weights(checkpoint: str, target: str, out_dir: str, *, use_ema: bool 
     if any(np.asarray(v).dtype == np.int8 for v in jax.tree_util.tree_leaves(loaded.params)):
         raise WeightsError("this checkpoint holds int8-quantised weights: convert the float "
                            "checkpoint it was quantised from")
-    names, kind = list(loaded.info.class_names), loaded.config.pp.normalize
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict] = {}
-    if target == "timm":
-        state, files["config.json"] = weights_out.to_timm(loaded.params, loaded.model, names, kind)
-        written = [_save_safetensors(state, out / "model.safetensors")]
-    elif target == "hf":
-        state, files["config.json"], files["preprocessor_config.json"] = weights_out.to_hf(
-            loaded.params, loaded.model, names, kind)
-        written = [_save_safetensors(state, out / "model.safetensors")]
-    else:
-        arrays, files["config.json"] = weights_out.to_npz(loaded.params, loaded.config.to_dict(),
-                                                          names)
-        np.savez(out / "model.npz", **arrays)
-        written = [out / "model.npz"]
-    for name, payload in files.items():
-        (out / name).write_text(json.dumps(payload, indent=2) + "\n")
-        written.append(out / name)
+    files = _out_files(loaded, target)  # refusals (timm / HF: plain ViTs only) come here
+    order = sorted(files, key=lambda name: name.endswith((".safetensors", ".npz")))
+    with new_directory(out_dir) as out:
+        staged = {name: out / f".{name}.partial" for name in order}
+        try:
+            for name in order:
+                _write_out_file(name, files[name], staged[name])
+            for name in order:  # the JSON first: weights never stand without their config
+                os.replace(staged[name], out / name)
+        finally:
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+    written = [out / name for name in EXPORTED_FILES[target]]
     return [str(p) for p in written]
-

@@ -8,7 +8,7 @@ images, which `verified_on` then says, with the reason. The artefact is written 
 directory inside `out_dir` and moved into place only once it passed: a difference above
 `TOLERANCE` (float32; `INT8_TOLERANCE` for an int8 checkpoint) raises `ExportError`, and that
 or any other failure while writing leaves `out_dir` as it was (an earlier export there is kept,
-nothing half-written is added).
+nothing half-written is added, and a directory this call made is removed again).
 What each format takes:
 
 - `stablehlo`: `model.stablehlo`, a serialized `jax.export.Exported` with a symbolic batch
@@ -50,6 +50,7 @@ import numpy as np
 from vit import preprocess
 from vit.error_text import first_line
 from vit.evaluate import InferenceModel, load_inference_model
+from vit.output_paths import new_directory
 
 FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
 TOLERANCE = 1e-4
@@ -116,10 +117,11 @@ def size_on_disk(path: str | os.PathLike[str]) -> int:
 def logits_fn(loaded: InferenceModel) -> Callable[[Any, jax.Array], jax.Array]:
     """(params, float32 images) -> logits in float32 with a portable attention kernel.
 
-    A model trained with bfloat16 matmuls (`matmul_dtype`) is exported in float32: ONNX, TFLite
-    and most runtimes have no bfloat16 x bfloat16 -> float32 matmul.
+    A model trained in bfloat16 (`dtype`) or with bfloat16 matmuls (`matmul_dtype`) is exported
+    in float32: ONNX, TFLite and most runtimes have no bfloat16 x bfloat16 -> float32 matmul.
     """
-    model = loaded.model.clone(attention_impl="explicit", matmul_dtype="float32")
+    model = loaded.model.clone(attention_impl="explicit", matmul_dtype="float32",
+                               dtype=jnp.float32)
     return lambda params, images: model.apply({"params": params}, images, train=False)
 
 
@@ -398,26 +400,27 @@ def export(
     fn = jax.jit(logits_fn(loaded))
     reference = np.asarray(fn(loaded.params, model_inputs(pictures, loaded.config)))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{fmt}-staging-", dir=out))
-    try:
-        staged, run = _WRITERS[fmt](loaded, staging)
-        diff = _max_diff(fmt, run, staging, loaded, pictures, reference)
-        tolerance = TOLERANCE if loaded.model.quant == "none" else INT8_TOLERANCE
-        if not diff <= tolerance:
-            raise ExportError(f"the {fmt} export differs from the model by {diff:.3g} "
-                              f"(> {tolerance}) in its logits on {verified_on}, so it was not "
-                              f"written to {out}; report the model config that caused it")
-        speed = ref_speed = None
-        if measure_speed:
-            batch = _batch_of(crops(pictures, loaded.config), SPEED_BATCH)
-            speed = _speed(run, batch)
-            kind, params = loaded.config.pp.normalize, jax.device_put(loaded.params)
-            ref_speed = _speed(lambda p: fn(params, preprocess.normalize_on_device(p, kind)), batch)
-        path = out / staged.name
-        _move_into_place(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with new_directory(out):  # a failure removes the folders this call made
+        staging = Path(tempfile.mkdtemp(prefix=f".{fmt}-staging-", dir=out))
+        try:
+            staged, run = _WRITERS[fmt](loaded, staging)
+            diff = _max_diff(fmt, run, staging, loaded, pictures, reference)
+            tolerance = TOLERANCE if loaded.model.quant == "none" else INT8_TOLERANCE
+            if not diff <= tolerance:
+                raise ExportError(f"the {fmt} export differs from the model by {diff:.3g} "
+                                  f"(> {tolerance}) in its logits on {verified_on}, so it was "
+                                  f"not written to {out}; report the model config that caused it")
+            speed = ref_speed = None
+            if measure_speed:
+                batch = _batch_of(crops(pictures, loaded.config), SPEED_BATCH)
+                speed = _speed(run, batch)
+                kind, params = loaded.config.pp.normalize, jax.device_put(loaded.params)
+                ref_speed = _speed(lambda p: fn(params, preprocess.normalize_on_device(p, kind)),
+                                   batch)
+            path = out / staged.name
+            _move_into_place(staged, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     result = ExportResult(fmt, str(path), size_on_disk(path), diff, speed, ref_speed, verified_on)
     meta = {"format": fmt, "input": _INPUTS[fmt], "image_size": loaded.config.image_size,
             "normalize": loaded.config.pp.normalize, "eval_resize": loaded.config.pp.eval_resize,

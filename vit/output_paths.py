@@ -7,8 +7,10 @@ fine-tuning had run, with a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -69,6 +71,24 @@ def check_new_workdir(given: str, option: str) -> None:
     if steps:
         raise OutputPathError(f"{option} {given} already holds checkpoints (steps {steps}); write "
                               f"to a new directory, or remove {checkpoints} first")
+
+
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Make directory `path` (and missing parents) for the body; if the body raises, remove the
+    directories this call made, where they are empty again, so a failure leaves no new folder."""
+    path = Path(path).expanduser()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (someone else wrote there): keep it and those above
+                break
+        raise
 
 
 def make_parent(path: str) -> str:

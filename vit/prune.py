@@ -17,7 +17,12 @@ entries held at exactly zero: their gradients are masked before clipping and Ada
 neither move nor use up the clipping norm, and the params are masked again after each update.
 Dropout and stochastic depth stay as the run trained (it is training), but PatchDropout
 (`token_keep_ratio`) is off: it is a throughput device for long runs from scratch, and over a
-short recovery it only trains the model on half the tokens it will be evaluated on.
+short recovery it only trains the model on half the tokens it will be evaluated on. Params that
+became non-finite in it are a NonFiniteLossError, and nothing is written.
+
+Refused with one line before anything is written: `structured` on a MAP-head model (the head's
+MLP shares config.model.mlp_dim with the encoder, and the config has one MLP width, so the cut
+model could not be built; `magnitude` prunes it), and either method on a depth-0 model.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from vit.nonfinite import NonFiniteLossError
 from vit.optim import learning_rate_schedule
 from vit.weight_formats import flatten_params
 
@@ -58,7 +64,11 @@ class PruneResult:
 
 
 def _blocks(flat: dict[str, np.ndarray]) -> list[str]:
+    """The encoder blocks' name prefixes; ValueError for a model without any (depth 0)."""
     depth = len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")})
+    if not depth:
+        raise ValueError("the model has no encoder blocks (depth 0), so there are no attention "
+                         "heads or MLP channels to prune; prune a model with depth >= 1")
     return [f"Transformer/encoderblock_{i}/" for i in range(depth)]
 
 
@@ -109,6 +119,7 @@ def prune_structured(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree, i
 def prune_magnitude(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree]:
     """(params with the smallest |w| of every attention / MLP kernel zeroed, their masks)."""
     flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    _blocks(flat)  # a depth-0 model has nothing to prune
     prunable = [k for k in flat if _prunable(k)]
     values = np.concatenate([np.abs(flat[k]).ravel() for k in prunable])
     count = int(round(sparsity * values.size))
@@ -190,6 +201,10 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
     if contents.config.get("model", {}).get("quant", "none") != "none":
         raise ValueError("prune the float checkpoint, then quantize the pruned one")
     config = ml_collections.ConfigDict(contents.config)
+    if method == "structured" and "MAPHead_0" in original:
+        raise ValueError("structured pruning cuts config.model.mlp_dim, which the MAP head's MLP "
+                         "(MAPHead_0/MlpBlock_0) shares with the encoder, so the pruned model "
+                         "could not be built; prune a MAP-head model with --method magnitude")
     if method == "structured":
         params, masks, mlp_dim = prune_structured(original, sparsity)
         config.model.mlp_dim = mlp_dim
@@ -202,6 +217,10 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
                                         num_classes=int(contents.dataset_info["num_classes"]),
                                         image_size=config.image_size)
         params = finetune(model, params, masks, config, finetune_steps, lr=lr)
+        if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)):
+            raise NonFiniteLossError(
+                f"the params became non-finite in the {finetune_steps} --finetune-steps, so "
+                f"nothing was written to {dst}: lower --lr (now {lr:g})")
     checkpointer = Checkpointer(dst)
     checkpointer.save(contents.step, {"step": contents.step, "params": params},
                       config=config.to_dict(), dataset_info=contents.dataset_info, force=True)

@@ -72,10 +72,10 @@ def non_negative_int(text: str) -> int:
 
 def add_commands(sub: Any) -> None:
     """Add convert, export, quantize and prune to `sub` (argparse sub-parsers)."""
-    from vit.convert import GELUS
     from vit.export import FORMATS
     from vit.preprocess import NORMALIZATIONS
     from vit.prune import METHODS
+    from vit.weight_sidecars import GELUS
     from vit.weights_out import TARGETS
 
     cv = sub.add_parser("convert", help="weights in (timm / HF / .npz -> checkpoint) or out (--to)")

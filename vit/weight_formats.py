@@ -257,6 +257,11 @@ def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
         return _rename(_strip_prefix(state, "vit."), _HF_RULES, "hf", _HF_DROPPED)
     if any(k.startswith("params/") for k in state):
         state = {k.removeprefix("params/"): v for k, v in state.items() if k.startswith("params/")}
+    if any(k.startswith("Transformer/encoderblock/") for k in state):
+        raise WeightsError("these are scanned big_vision weights (Transformer/encoderblock/... "
+                           "stacked over the layers): unscan them first, one "
+                           "Transformer/encoderblock_{i}/... per layer (big_vision's "
+                           "scan=False layout), and save that .npz")
     return _from_per_type_names(state)
 
 

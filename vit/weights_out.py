@@ -13,6 +13,12 @@ that says what the arrays cannot: sizes, heads, GELU, classifier, input normalis
 - vit_jax / big_vision `.npz`: the params flattened with "/" (the public checkpoints' layout);
   the config.json then carries this toolkit's own model config, for any architecture.
 
+The timm and HF configs state the run's evaluation resize: without `pp.eval_resize` a plain
+resize to the model's size (timm `crop_mode="squash"`, `crop_pct=1`; HF `ViTImageProcessor`),
+with it the shorter side resized to eval_resize and the centre cropped (timm
+`crop_mode="center"`, `crop_pct` = size / eval_resize; HF `BitImageProcessor` with
+`shortest_edge` and `crop_size`).
+
 timm and HF hold plain patchify ViTs only: a conv stem, ResNet trunk, registers, MAP head or
 pre-logits layer raises WeightsError naming `--to npz`, which holds everything. A sin-cos
 position embedding is written as a learned one with the same values (same outputs).
@@ -20,6 +26,7 @@ position embedding is written as a learned one with the same values (same output
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -76,9 +83,27 @@ def _normalization(kind: str) -> dict[str, list[float]]:
     return {"mean": list(mean), "std": list(std)}
 
 
-def to_timm(params: Any, model: Any, class_names: list[str], normalize: str
-            ) -> tuple[dict[str, np.ndarray], dict]:
-    """(timm state dict, timm config.json) of a plain patchify ViT."""
+def _crop_pct(size: int, eval_resize: int) -> float:
+    """timm's crop_pct for a resize of the shorter side to `eval_resize` and a central crop of
+    `size`: size / eval_resize, nudged down where needed so timm's floor(size / crop_pct) is
+    `eval_resize` again."""
+    pct = size / eval_resize
+    while math.floor(size / pct) < eval_resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
+def _timm_crop(size: int, eval_resize: int | None) -> dict[str, Any]:
+    """timm's eval crop settings: "squash" (a plain resize) without eval_resize, else "center"."""
+    if eval_resize is None:
+        return {"crop_pct": 1.0, "crop_mode": "squash"}
+    return {"crop_pct": _crop_pct(size, eval_resize), "crop_mode": "center"}
+
+
+def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
+            eval_resize: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(timm state dict, timm config.json) of a plain patchify ViT; `eval_resize` is the run's
+    pp.eval_resize (None: images resized straight to the model's size)."""
     _plain_vit_only(model, "timm")
     p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     state = {"pos_embed": _posemb(p, model),
@@ -111,14 +136,16 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str
     config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,
               "num_features": model.width, "global_pool": pool, "model_args": args,
               "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation":
-                                 "bilinear", "crop_pct": 1.0, "num_classes": model.num_classes,
+                                 "bilinear", **_timm_crop(model.image_size[0], eval_resize),
+                                 "num_classes": model.num_classes,
                                  "label_names": list(class_names), **_normalization(normalize)}}
     return _f32(state), config
 
 
-def to_hf(params: Any, model: Any, class_names: list[str], normalize: str
-          ) -> tuple[dict[str, np.ndarray], dict, dict]:
-    """(HF state dict, config.json, preprocessor_config.json) of a class-token ViT."""
+def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
+          eval_resize: int | None = None) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """(HF state dict, config.json, preprocessor_config.json) of a class-token ViT; with
+    `eval_resize`, the shorter side resized to it and the centre cropped (BitImageProcessor)."""
     _plain_vit_only(model, "hf")
     p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     state = {"vit.embeddings.cls_token": p["cls"],
@@ -147,12 +174,23 @@ def to_hf(params: Any, model: Any, class_names: list[str], normalize: str
               "patch_size": model.patch_size[0], "num_channels": 3, "qkv_bias": True,
               "id2label": {str(i): n for i, n in enumerate(class_names)},
               "label2id": {n: i for i, n in enumerate(class_names)}}
+    return _f32(state), config, _hf_preprocessor(model, normalize, eval_resize)
+
+
+def _hf_preprocessor(model: Any, normalize: str, eval_resize: int | None) -> dict:
+    """preprocessor_config.json: a plain resize (ViTImageProcessor), or with `eval_resize` the
+    shorter side resized to it and a central crop (BitImageProcessor; ViT's has no crop)."""
+    height, width = model.image_size
     norm = _normalization(normalize)
-    preprocessor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
-                    "size": {"height": model.image_size[0], "width": model.image_size[1]},
-                    "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
-                    "do_normalize": True, "image_mean": norm["mean"], "image_std": norm["std"]}
-    return _f32(state), config, preprocessor
+    resize: dict[str, Any] = {"image_processor_type": "ViTImageProcessor",
+                              "size": {"height": height, "width": width}}
+    if eval_resize is not None:
+        resize = {"image_processor_type": "BitImageProcessor",
+                  "size": {"shortest_edge": eval_resize}, "do_center_crop": True,
+                  "crop_size": {"height": height, "width": width}, "do_convert_rgb": True}
+    return {**resize, "do_resize": True, "resample": 2, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": norm["mean"],
+            "image_std": norm["std"]}
 
 
 def to_npz(params: Any, run_config: dict, class_names: list[str]

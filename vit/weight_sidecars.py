@@ -1,0 +1,163 @@
+"""What the JSON beside a weight file says of its model: GELU, heads, MLP size, normalisation,
+evaluation crop and class names, from HF's, timm's Hub or this toolkit's own config.json.
+
+`vit.convert` asks these readers what the arrays cannot tell. Unreadable or self-contradicting
+JSON is a one-line WeightsError naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit.data_options import NORMALIZATIONS
+from vit.weight_formats import WeightsError
+
+GELUS = ("erf", "tanh")
+_TANH_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
+
+
+def read_sidecars(src: str) -> tuple[dict, dict]:
+    """(config.json, preprocessor_config.json) beside a weight file; {} where absent."""
+    folder = Path(src) if os.path.isdir(src) else Path(src).parent
+    found = []
+    for name in ("config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            found.append({})
+            continue
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"{path} beside the weights cannot be read as JSON ({err}): it "
+                               "says how to rebuild the model; fix it, or move it away to "
+                               "convert without it") from None
+        if not isinstance(found[-1], dict):
+            raise WeightsError(f"{path} beside the weights is not a JSON object: fix it, or "
+                               "move it away to convert without it")
+    return found[0], found[1]
+
+
+_ERF_ACTS = ("gelu", "gelu_python", "gelu_erf")
+
+
+def _gelu_kind(activation: Any, where: str) -> str:
+    """"tanh" or "erf" for a timm / HF activation name (None: the default, erf GELU);
+    WeightsError for any other activation, which this toolkit's MLP does not compute."""
+    if activation in _TANH_ACTS:
+        return "tanh"
+    if activation is None or activation in _ERF_ACTS:
+        return "erf"
+    raise WeightsError(f"{where} is {activation!r}: this toolkit's ViT computes GELU (erf or "
+                       "tanh) in its MLP, so these weights cannot be converted to the same model")
+
+
+def _stated_normalization(mean: Any, std: Any) -> str:
+    """The NORMALIZATIONS name of a file's stated mean / std; WeightsError when none fits."""
+    name = _normalization_name(mean, std)
+    if name is None:
+        raise WeightsError(f"the file's input normalisation (mean {list(mean)}, std {list(std)}) "
+                           f"is none of {', '.join(NORMALIZATIONS)}: pass --normalize NAME to "
+                           "convert with that one instead")
+    return name
+
+
+def _normalization_name(mean: Any, std: Any) -> str | None:
+    for name, (m, s) in NORMALIZATIONS.items():
+        if np.allclose(m, mean, atol=1e-3) and np.allclose(s, std, atol=1e-3):
+            return name
+    return None
+
+
+def _mean_std(cfg: dict, keys: tuple[str, str], where: str) -> tuple[Any, Any] | None:
+    """(mean, std) stated in `cfg` under `keys`, None when neither is; WeightsError for one."""
+    mean, std = (cfg.get(k) for k in keys)
+    if not mean and not std:
+        return None
+    if not mean or not std:
+        missing, given = (keys[0], keys[1]) if not mean else (keys[1], keys[0])
+        raise WeightsError(f"{where} gives {given} but no {missing}, so the input normalisation "
+                           "is unknown; add it, or pass --normalize NAME")
+    return mean, std
+
+
+def check_own_model(said: Any, where: str, fix: str) -> dict:
+    """This toolkit's own {model, image_size, ...} (a run config, or the "vit" entry of the
+    config.json `--to npz` writes), checked for what rebuilding the model needs."""
+    model = said.get("model") if isinstance(said, dict) else None
+    missing = ("an object" if not isinstance(said, dict)
+               else "model" if not isinstance(model, dict)
+               else "model.variant" if "variant" not in model
+               else "image_size" if said.get("image_size") is None else None)
+    if missing:
+        raise WeightsError(f"{where} has no {missing}, so the model cannot be rebuilt: {fix}")
+    return said
+
+
+def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None = None) -> dict:
+    """GELU, heads, MLP size, normalisation, evaluation crop and this toolkit's model config
+    found in sidecar JSON.
+
+    A stated normalisation this toolkit does not know is an error unless `normalize` (the
+    caller's choice) is given.
+    """
+    said: dict[str, Any] = {}
+    mean_std = None
+    if "vit" in config:  # written by `vit convert --to npz`
+        said.update(check_own_model(config["vit"], "the \"vit\" entry of config.json beside the "
+                               "weights", "fix it, or move it away to convert without it"))
+    elif config.get("model_type") == "vit":  # HuggingFace
+        said["gelu"] = _gelu_kind(config.get("hidden_act"), "config.json's hidden_act")
+        said["num_heads"] = config.get("num_attention_heads")
+        said["mlp_dim"] = config.get("intermediate_size")
+        labels = config.get("id2label") or {}
+        said["class_names"] = [labels[k] for k in sorted(labels, key=int)] or None
+        mean_std = _mean_std(preprocessor, ("image_mean", "image_std"),
+                             "preprocessor_config.json")
+        size = preprocessor.get("size") or {}
+        if preprocessor.get("do_center_crop") and isinstance(size, dict):
+            said["eval_resize"] = size.get("shortest_edge")
+    elif "model_args" in config:  # timm's Hub config.json
+        args = config["model_args"]
+        said["gelu"] = _gelu_kind(args.get("act_layer"), "config.json's model_args.act_layer")
+        said["num_heads"] = args.get("num_heads")
+        if args.get("mlp_ratio") and args.get("embed_dim"):
+            said["mlp_dim"] = round(args["mlp_ratio"] * args["embed_dim"])
+        cfg = config.get("pretrained_cfg", {})
+        said["class_names"] = cfg.get("label_names")
+        mean_std = _mean_std(cfg, ("mean", "std"), "config.json's pretrained_cfg")
+        said["timm_crop"] = (cfg["crop_pct"], cfg.get("crop_mode")) if cfg.get("crop_pct") else None
+    if mean_std is not None and normalize is None:
+        said["normalize"] = _stated_normalization(*mean_std)
+    return {k: v for k, v in said.items() if v is not None}
+
+
+def _timm_eval_resize(crop: tuple[float, str | None], size: int) -> tuple[int | None, str | None]:
+    """(pp.eval_resize, note) for timm's eval crop (crop_pct, crop_mode) at image size `size`:
+    "center" (the default) resizes the shorter side to floor(size / crop_pct), as timm does."""
+    pct, mode = crop
+    if mode in (None, "center"):
+        return math.floor(size / pct), None
+    if mode == "squash" and pct == 1.0:
+        return None, None
+    return None, (f"timm's crop_mode {mode!r} at crop_pct {pct} has no counterpart here: "
+                  "evaluation resizes straight to the image size")
+
+
+def stated_eval_resize(said: dict, image_size: int) -> tuple[int | None, list[str]]:
+    """The stated pp.eval_resize (our own, HF's shortest_edge or timm's crop) and notes."""
+    notes = []
+    resize = said.get("eval_resize")
+    if "timm_crop" in said:
+        resize, note = _timm_eval_resize(said["timm_crop"], image_size)
+        notes += [note] if note else []
+    if resize is not None and int(resize) < image_size:
+        notes.append(f"the file's evaluation resize {resize} is below the image size "
+                     f"{image_size}: evaluation resizes straight to the image size")
+        resize = None
+    return (None if resize is None else int(resize)), notes
