@@ -269,6 +269,10 @@ def _per_device_32() -> int:
     ("model.dtype", "float17", "unknown model dtype 'float17'; use one of float32, bfloat16, "
      "float16"),
     ("model.num_heads", 0, "model num_heads must be >= 1, got 0"),
+    ("model.representation_size", 0, "model representation_size must be >= 1 or None (no "
+     "pre-logits layer), got 0"),
+    ("model.stem_channels", (), "model stem_channels must be positive conv widths, e.g. (32, "
+     "64), or None for the default ones, got ()"),
     ("model.variant", "Ti/0", "unknown ViT variant 'Ti/0'"),
     ("image_size", 0, "config.image_size must be positive, got 0"),
     ("pp.eval_resize", 16, "config.pp.eval_resize=16 is smaller than image_size=32; the central "
@@ -281,6 +285,8 @@ def _per_device_32() -> int:
      "{per_device} (config.batch_size=32 over"),
     ("label_smoothing", 2.0, "config.label_smoothing must be in [0, 1), got 2.0"),
     ("seed", 2**40, "config.seed must be an integer in [0, 2**31), got 1099511627776"),
+    ("mixup_alpha", -1.0, "config.mixup_alpha must be a finite number >= 0 (0 = off), got -1.0"),
+    ("b2", 1.0, "b2 must be in [0, 1), got 1.0"),
     ("seed", -1, "config.seed must be an integer in [0, 2**31), got -1"),
     ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
     ("model.quant", "int8", "config.model.quant='int8' is for inference (`vit quantize` writes "
@@ -298,6 +304,15 @@ def test_a_bad_config_value_fails_at_start_up_in_one_line_writing_nothing(key, v
         trainer.train(config, str(tmp_path / "run"))
     message = str(info.value)
     assert "\n" not in message and message.startswith(expected.format(per_device=_per_device_32()))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_model_option_on_the_command_line_is_one_line_writing_nothing(tmp_path):
+    run = subprocess.run([sys.executable, TRAIN, SMOKE, f"--workdir={tmp_path / 'run'}",
+                          "--config.model.representation_size=0"], env=_env(),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert _error_line(run) == ("error: model representation_size must be >= 1 or None (no "
+                                "pre-logits layer), got 0")
     assert not (tmp_path / "run").exists()
 
 
@@ -495,7 +510,7 @@ def test_more_non_finite_updates_than_the_cap_stop_the_run(tmp_path, monkeypatch
 
 
 def test_skipped_update_leaves_params_and_optimizer_state_unchanged():
-    config = _smoke_config(8, skip_nonfinite=1, ema_decay=0.9)
+    config = _smoke_config(8, skip_nonfinite=1, ema_decay=0.9, warmup_steps=2)
     info = data.DatasetInfo("cifar10", 10, tuple("0123456789"), (32, 32, 3), {})
     model = trainer.build_model(config, info)
     params = trainer.initial_params(config, model, jax.random.PRNGKey(0))
@@ -515,6 +530,12 @@ def test_skipped_update_leaves_params_and_optimizer_state_unchanged():
                     jax.tree_util.tree_leaves(state.opt_state.inner_state), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (int(new.opt_state.notfinite_count), int(new.opt_state.total_notfinite)) == (1, 1)
+    # The next, finite update is the optimizer's first: it applies (and logs) lr(0), not lr(1).
+    batch["image"] = np.zeros_like(batch["image"])
+    _, metrics = step(parallel.replicate(new), parallel.shard(batch))
+    schedule = optim.learning_rate_schedule(config)
+    assert float(schedule(0)) != float(schedule(1))
+    assert float(metrics["lr"][0]) == pytest.approx(float(schedule(0)))
 
 
 # --- two processes on 127.0.0.1, SIGTERM to one of them -------------------------------------

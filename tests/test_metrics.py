@@ -99,13 +99,16 @@ def test_resume_drops_the_steps_past_the_checkpoint_from_both_files(tmp_path):
 
 def test_fresh_start_clears_files_left_before_any_checkpoint(tmp_path):
     first = metrics.MetricWriter(str(tmp_path), start_step=0)
+    first.write_config(0, {"lr": 1.0})
     first.write_scalars(1, {"loss": 3.0})
     first.close()
     second = metrics.MetricWriter(str(tmp_path), start_step=0)
+    second.write_config(0, {"lr": 2.0})
     second.write_scalars(1, {"loss": 2.0})
     second.close()
     assert _jsonl(tmp_path) == [{"step": 1, "loss": 2.0}]
-    assert event_steps(tmp_path / "tensorboard") == {"loss": [1]}
+    steps = event_steps(tmp_path / "tensorboard")
+    assert steps.pop("loss") == [1] and list(steps.values()) == [[0]]  # the config text once
 
 
 def test_without_start_step_the_files_are_appended(tmp_path):
@@ -197,3 +200,19 @@ def test_read_jsonl_skips_a_cut_last_line_and_strict_names_a_bad_middle_line(tmp
     assert metrics.read_jsonl(path) == [{"step": 1}, {"step": 3}]
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
         metrics.read_jsonl(path, strict=True)
+
+
+def test_train_window_leaves_evaluations_out_of_the_throughput():
+    now = [0.0]
+    window = metrics.TrainWindow(clock=lambda: now[0])
+    for _ in range(4):  # four steps of 1 s, an evaluation of 100 s after the third
+        now[0] += 1.0
+        window.steps += 1
+        if window.steps == 3:
+            with window.excluded():
+                now[0] += 100.0
+    assert window.rates(batch_size=8) == {"images_per_s": 8.0, "step_time_s": 1.0}
+    window.reset()
+    now[0] += 2.0
+    window.steps += 1
+    assert window.rates(batch_size=8) == {"images_per_s": 4.0, "step_time_s": 2.0}

@@ -222,3 +222,23 @@ def test_layer_decay_puts_the_conv_stem_in_the_input_layer():
     mult = _flat(optim.layer_decay_multipliers(params, 0.5))
     assert mult["stem/conv_0/kernel"] == mult["embedding/kernel"] == 0.5 ** 3
     assert _flat(optim.weight_decay_mask(params))["stem/conv_1/kernel"] is True
+
+
+def test_layer_decay_puts_registers_with_the_class_token():
+    model = vit.create_model("Ti/4", num_classes=3, image_size=16, width=32, depth=2, mlp_dim=64,
+                             num_heads=2, num_registers=2)
+    params = jax.eval_shape(lambda: vit.init_params(model, jax.random.PRNGKey(0)))
+    mult = _flat(optim.layer_decay_multipliers(params, 0.5))
+    assert mult["Transformer/registers"] == mult["cls"] == 0.5 ** 3
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("b1", 1.0, "b1 must be in [0, 1), got 1.0 (at 1 Adam's bias correction divides by zero)"),
+    ("b2", 1.0, "b2 must be in [0, 1), got 1.0"),
+    ("b2", -0.1, "b2 must be in [0, 1), got -0.1"),
+    ("momentum", -0.5, "momentum must be in [0, 1) (0 = none), got -0.5"),
+])
+def test_adam_betas_and_momentum_out_of_range_are_one_line(key, value, expected):
+    with pytest.raises(optim.OptimizerConfigError) as err:
+        optim.check_config(_config(**{key: value}))
+    assert str(err.value).startswith(expected)

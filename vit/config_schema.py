@@ -9,6 +9,7 @@ variant string and any `vit.create_model` overrides, checked when the model is b
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import ml_collections
@@ -125,6 +126,10 @@ def validate_config(config: Any) -> None:
                           "vit.config_schema.default_config() (as configs/*.py do)")
     data_options.validate_options(config.pp)  # a DataError (ValueError) naming the key
     optim.check_config(config)
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if not 0.0 <= float(config[key]) < math.inf:
+            raise ConfigError(f"config.{key} must be a finite number >= 0 (0 = off), got "
+                              f"{config[key]}")
     if not 0.0 <= float(config.label_smoothing) < 1.0:
         raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if "variant" not in config.model:

@@ -248,6 +248,8 @@ def train_iterator(
     batch = _local_batch(config.batch_size, num_devices, process_count, "batch_size")
     src = open_source(config)
     records = src.read(config.train_split, process_index, process_count)
+    if src.fits_in_memory:  # read once, then every epoch from memory
+        records = records.cache()
     if config.get("skip_corrupt"):  # unreadable records go before they are chunked
         _require_a_readable_example(src, config.train_split, process_index, process_count)
         records = records.ignore_errors(log_warning=True)
@@ -358,6 +360,8 @@ def eval_iterator(
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
     }
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(total)
+    # One element past `total` (always padding, dropped by the batching): the split is read to
+    # its end, so a cached source completes its cache instead of discarding it with a warning.
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(total + 1)
     ds = ds.batch(batch, drop_remainder=True).map(to_device)
     return _numpy(ds, src, split)

@@ -10,13 +10,14 @@ its last checkpoint, are dropped from both files first, so every step appears on
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -58,8 +59,9 @@ class MetricWriter:
             root = Path(workdir)
             root.mkdir(parents=True, exist_ok=True)
             if start_step is not None:
-                prune_jsonl(root / JSONL_FILE, start_step)
-                prune_event_files(root / TENSORBOARD_DIR, start_step)
+                keep = start_step if start_step > 0 else -1  # a fresh run keeps step 0's too
+                prune_jsonl(root / JSONL_FILE, keep)
+                prune_event_files(root / TENSORBOARD_DIR, keep)
             self._events = tf.summary.create_file_writer(str(root / TENSORBOARD_DIR))
             self._jsonl = (root / JSONL_FILE).open("a", encoding="utf-8")
 
@@ -209,6 +211,33 @@ def format_duration(seconds: float) -> str:
     """Seconds as H:MM:SS."""
     seconds = max(int(round(seconds)), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainWindow:
+    """Steps and training seconds since the last log, evaluations left out of the time."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self.steps, self._start, self._excluded = 0, self._clock(), 0.0
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Leave the time spent inside out of the window (an evaluation)."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._excluded += self._clock() - start
+
+    def rates(self, batch_size: int) -> dict[str, float]:
+        """{"images_per_s", "step_time_s"} over the window's training time."""
+        seconds = max(self._clock() - self._start - self._excluded, 1e-9)
+        return {"images_per_s": self.steps * batch_size / seconds,
+                "step_time_s": seconds / max(self.steps, 1)}
 
 
 class ProgressBar:

@@ -48,6 +48,12 @@ def guard(opt_state: PyTree, cap: int, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new, old)
 
 
+def applied_updates(opt_state: PyTree, cap: int, step: jax.Array) -> jax.Array:
+    """Updates applied before `step`: the count the optimizer's schedule is at (skipped updates
+    roll it back, so it runs behind the step by the number skipped)."""
+    return step - opt_state.total_notfinite if cap else step
+
+
 def skip_metrics(opt_state: PyTree, cap: int) -> dict[str, jax.Array]:
     """The skip counters as step metrics (none when skipping is off)."""
     if not cap:

@@ -89,6 +89,12 @@ def _options(config: Any) -> ml_collections.ConfigDict:
         raise OptimizerConfigError(
             f"grad_clip_norm must be a finite number >= 0 (0 or None: no clipping), got "
             f"{opts.grad_clip_norm}")
+    for key in ("b1", "b2", "momentum"):
+        if not 0.0 <= opts[key] < 1.0:
+            raise OptimizerConfigError(f"{key} must be in [0, 1), got {opts[key]} (at 1 Adam's "
+                                       "bias correction divides by zero)" if key != "momentum"
+                                       else f"momentum must be in [0, 1) (0 = none), got "
+                                       f"{opts.momentum}")
     if opts.layer_decay is not None and not 0.0 < opts.layer_decay <= 1.0:
         raise OptimizerConfigError(
             f"layer_decay must be in (0, 1] or None (off), got {opts.layer_decay}")
@@ -154,7 +160,8 @@ def _depth(params: PyTree) -> int:
 
 
 def _layer_multiplier(names: tuple[str, ...], depth: int, layer_decay: float) -> float:
-    if names[0] in _EMBED_GROUPS or _TRUNK_STAGE.fullmatch(names[0]) or "posembed_input" in names:
+    if (names[0] in _EMBED_GROUPS or _TRUNK_STAGE.fullmatch(names[0])
+            or "posembed_input" in names or names[-1] == "registers"):
         return layer_decay ** (depth + 1)
     if names[0] == "Transformer" and names[1].startswith("encoderblock_"):
         return layer_decay ** (depth - int(names[1].removeprefix("encoderblock_")))

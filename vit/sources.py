@@ -29,7 +29,7 @@ __all__ = ["FOLDER_PREFIX", "IMAGE_EXTENSIONS", "Source", "open_source"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FOLDER_PREFIX = "folder:"
-_CACHE_BYTES = 2 << 30  # TFDS datasets smaller than this keep their encoded records in memory
+_CACHE_BYTES = 2 << 30  # TFDS datasets smaller than this fit in memory (training caches them)
 
 # Functions given to tf.data here are plain TF ops, so they skip AutoGraph (do_not_convert): it
 # would re-read their source and warn "could not transform" when the file changed since import.
@@ -47,6 +47,8 @@ class Source:
     is_folder: bool
     labels: Callable[..., np.ndarray]  # like read, but only the labels, images not decoded
     part_size: Callable[[str, int, int], int]  # examples read by process i of n from a split
+    # Small enough to keep its encoded records in memory: training caches them over its epochs.
+    fits_in_memory: bool = False
 
 
 def open_source(config: ml_collections.ConfigDict) -> Source:
@@ -121,7 +123,8 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
     def read(split, process_index: int = 0, process_count: int = 1, *,
              asserted: bool = not skip_corrupt) -> tf.data.Dataset:
         sub = tfds.even_splits(split, n=process_count)[process_index]
-        read_config = tfds.ReadConfig(assert_cardinality=asserted)
+        # No autocache: TFDS would cache every small read, and warn when one is read in part.
+        read_config = tfds.ReadConfig(assert_cardinality=asserted, try_autocache=False)
         try:
             ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders,
                                     read_config=read_config)
@@ -141,8 +144,7 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
                 # fewer examples than processes: this process's part is empty, not the split
                 return read(split, 0, process_count, asserted=asserted).take(0)
             raise DataError(f"bad split {split!r} for {name!r}: {reason}") from None
-        ds = ds.map(to_record)
-        return ds.cache() if small else ds
+        return ds.map(to_record)
 
     def size(split: str) -> int:
         try:
@@ -168,6 +170,7 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
         is_folder=False,
         labels=labels,
         part_size=_cardinality(functools.partial(read, asserted=True)),
+        fits_in_memory=small,
     )
 
 
@@ -373,4 +376,5 @@ def _class_subset(src: Source, classes: tuple[int, ...], key: tuple) -> Source:
         is_folder=src.is_folder,
         labels=labels,
         part_size=part_size,
+        fits_in_memory=src.fits_in_memory,
     )

@@ -115,7 +115,7 @@ def make_train_step(
             # Against the mixed targets' argmax: under mixup / cutmix, the dominant label.
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
             "grad_norm": optax.global_norm(grads),
-            "lr": schedule(state.step),
+            "lr": schedule(nonfinite.applied_updates(state.opt_state, skip_cap, state.step)),
             **nonfinite.skip_metrics(opt_state, skip_cap),
         }
         return new_state, lax.pmean(step_metrics, parallel.AXIS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 from typing import Any
 
 import jax
@@ -159,7 +158,7 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     rstate = parallel.replicate(state)
     recent = nonfinite.StepMetrics(int(config.skip_nonfinite))
     final: dict[str, float] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window = metrics.TrainWindow()
 
     def host_state(step: int) -> TrainState:
         recent.check()  # never keep parameters that produced a non-finite loss
@@ -175,26 +174,25 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
         for step in range(start + 1, total + 1):  # noqa: B007 (step is used after the loop)
             rstate, step_metrics = train_step(rstate, next(batches))
             recent.add(step, step_metrics)
-            window_steps += 1
+            window.steps += 1
             is_last = step == total
             if step % config.log_every == 0 or is_last:
                 scalars = recent.window_means()
-                elapsed = time.perf_counter() - window_start
-                scalars["images_per_s"] = window_steps * config.batch_size / elapsed
-                scalars["step_time_s"] = elapsed / window_steps
+                scalars.update(window.rates(config.batch_size))
                 scalars = {f"train/{k}": v for k, v in scalars.items()}
                 writer.write_scalars(step, scalars)
                 writer.flush()
-                progress.update(step, loss=scalars.get("train/loss", float("nan")))
+                progress.update(step, loss=scalars.get("train/loss", float("nan")),
+                                lr=scalars.get("train/lr", float("nan")))
                 final.update(scalars)
-                window_start, window_steps = time.perf_counter(), 0
+                window.reset()
             # Saved before evaluating: an evaluation that fails loses no training.
             saved = False
             if step % config.checkpoint_every == 0 or is_last:
                 saved = ckpt.save(step, host_state(step), force=is_last, **meta)
             if (config.eval_every and step % config.eval_every == 0) or is_last:
-                final.update(_evaluate(model, rstate, config, step, writer))
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                with window.excluded():  # evaluation time is not training throughput
+                    final.update(_evaluate(model, rstate, config, step, writer))
             if watch.reached(step) and not is_last:  # every process, every step
                 if not saved:
                     ckpt.save(step, host_state(step), force=True, **meta)
