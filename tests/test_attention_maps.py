@@ -258,3 +258,24 @@ def test_write_attention_batch(tmp_path, token_model, images):
     assert len(paths) == 12 and all(os.path.isfile(p) for p in paths)
     with pytest.raises(ValueError, match="pass one of each per image"):
         am.write_attention_batch(model, params, images[:2], shown, str(tmp_path), ["a"])
+
+
+def test_depth_0_rolls_out_to_uniform_maps_and_draws_nothing(tmp_path, images):
+    model = vit.create_model("Ti/4", **{**TINY, "depth": 0})
+    params = _init(model, 0)
+    weights = am.attention_weights(model, params, images)
+    assert weights.shape == (0, 3, 2, 65, 65)
+    # Zero layers: the rollout is the query's own row, which puts nothing on the patches.
+    np.testing.assert_array_equal(am.rollout(weights, **am.token_layout(model)),
+                                  np.full((3, 64), 1 / 64, np.float32))
+    assert am.layer_maps(weights, **am.token_layout(model)).shape == (0, 3, 64)
+    with pytest.raises(ValueError) as err:
+        am.layer_maps(weights, layer=0, **am.token_layout(model))
+    assert str(err.value) == ("layer=0 is out of range; the model has no layers (depth 0): "
+                              "leave layer unset")
+    shown = np.zeros((3, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError) as err:
+        am.write_attention_batch(model, params, images, shown, str(tmp_path / "out"), "abc")
+    assert str(err.value) == ("the model has no encoder blocks (depth 0), so no attention to "
+                              "draw: use a checkpoint of a model with depth >= 1")
+    assert not (tmp_path / "out").exists()

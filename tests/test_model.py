@@ -249,3 +249,81 @@ def test_explicit_attention_equals_jax_dot_product_attention():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 9, 3, 8)) for i in range(3))
     explicit = jnp.einsum("bhqk,bkhd->bqhd", attention_weights(q, k), v)
     np.testing.assert_allclose(explicit, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(representation_size=0),
+         "model representation_size must be >= 1 or None (no pre-logits layer), got 0"),
+        (dict(representation_size=-3),
+         "model representation_size must be >= 1 or None (no pre-logits layer), got -3"),
+        (dict(stem="conv", stem_channels=(0, 32)), "model stem_channels must be positive conv "
+         "widths, e.g. (32, 64), or None for the default ones, got (0, 32)"),
+        (dict(stem="conv", stem_channels=()), "model stem_channels must be positive conv "
+         "widths, e.g. (32, 64), or None for the default ones, got ()"),
+        (dict(stem_channels=(8.5, 16)),
+         "model stem_channels must be a tuple of ints, e.g. (32, 64), got (8.5, 16)"),
+        (dict(num_registers=1.5), "model num_registers must be an integer >= 0, got 1.5"),
+        (dict(num_classes=10.0), "model num_classes must be an integer >= 1, got 10.0"),
+        (dict(num_classes=0), "model num_classes must be >= 1, got 0"),
+        (dict(width=True), "model width must be an integer >= 1, got True"),
+        (dict(image_size="32"), "image_size must be an int or a pair of ints (rows, cols), got "
+         "'32': pass e.g. image_size=32 or image_size=(32, 48)"),
+        (dict(image_size=(32,)), "image_size must be an int or a pair of ints (rows, cols), got "
+         "(32,): pass e.g. image_size=32 or image_size=(32, 48)"),
+        (dict(patch_size=(4, 4, 4)), "patch_size must be an int or a pair of ints (rows, cols), "
+         "got (4, 4, 4): pass e.g. patch_size=32 or patch_size=(32, 48)"),
+        (dict(posemb="sincos2d", width=4, num_heads=1), "posemb='sincos2d' needs a width "
+         "divisible by 4 and >= 8, got width 4: use such a width, or posemb='learn'"),
+        (dict(posemb="sincos2d", width=30), "posemb='sincos2d' needs a width divisible by 4 "
+         "and >= 8, got width 30: use such a width, or posemb='learn'"),
+    ],
+)
+def test_bad_numbers_and_sizes_fail_at_create_model_in_one_line(options, message):
+    kwargs = {"num_classes": 10, "image_size": 16, **TINY, **options}
+    with pytest.raises(ValueError) as err:
+        vit.create_model("Ti/4", **kwargs)
+    assert str(err.value) == message
+
+
+def test_rectangular_sizes_may_be_lists_and_positive_options_build():
+    model = vit.create_model("Ti/4", num_classes=np.int64(3), image_size=[16, 24],
+                             representation_size=8, num_registers=np.int32(1), **TINY)
+    assert (model.image_size, model.grid, model.num_registers) == ((16, 24), (4, 6), 1)
+    sincos = vit.create_model("Ti/4", num_classes=3, image_size=16, posemb="sincos2d",
+                              **{**TINY, "width": 8, "num_heads": 1})
+    params = vit.init_params(sincos, jax.random.PRNGKey(0))
+    assert np.isfinite(np.asarray(sincos.apply({"params": params}, _images()))).all()
+
+
+def _map_probe(gelu_approximate: bool):
+    """A depth-0 MAP classifier: the MAP head's MLP holds the model's only GELU."""
+    return _tiny(depth=0, classifier="map", gelu_approximate=gelu_approximate)
+
+
+def test_map_head_computes_the_models_gelu():
+    tanh, exact = _map_probe(True), _map_probe(False)
+    params = _randomise_head(vit.init_params(tanh, jax.random.PRNGKey(0)))
+    names = flax.traverse_util.flatten_dict(params, sep="/")
+    assert names.keys() == flax.traverse_util.flatten_dict(
+        vit.init_params(exact, jax.random.PRNGKey(0)), sep="/").keys()
+    x = _images()
+    out_tanh, state = tanh.apply({"params": params}, x, capture_intermediates=True,
+                                 mutable=["intermediates"])
+    out_exact = exact.apply({"params": params}, x)
+    # Everything up to the MLP's first dense layer is the same; after it only linear maps.
+    hidden = state["intermediates"]["MAPHead_0"]["MlpBlock_0"]["Dense_0"]["__call__"][0]
+    mlp_out = names["MAPHead_0/MlpBlock_0/Dense_1/kernel"]
+    gap = (jax.nn.gelu(hidden, approximate=False) - jax.nn.gelu(hidden, approximate=True))
+    expected = out_tanh + (gap[:, 0] @ mlp_out) @ names["head/kernel"]
+    assert np.abs(np.asarray(out_exact - out_tanh)).max() > 1e-3  # 100x the tolerance below
+    np.testing.assert_allclose(out_exact, expected, atol=1e-5)
+
+
+def test_depth_0_returns_an_empty_attention_stack():
+    model = _tiny(depth=0, num_registers=2)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    logits, attention = model.apply({"params": params}, _images(3), return_attention=True)
+    assert logits.shape == (3, 10)
+    assert attention.shape == (0, 3, 2, 19, 19) and attention.dtype == jnp.float32

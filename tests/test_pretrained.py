@@ -364,3 +364,100 @@ def test_posemb_without_class_position_gets_zeros(timm_file):
     pe = params["Transformer"]["posembed_input"]["pos_embedding"]
     np.testing.assert_array_equal(pe[:, 0], 0)
     np.testing.assert_array_equal(pe[:, 1:], state["pos_embed"][:, 1:])
+
+
+# --- the source grid, not the shape, decides resampling -----------------------------------------
+
+SMALL = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+
+
+def small(image_size, **kw) -> vit.VisionTransformer:
+    return vit.create_model("Ti/4", num_classes=3, image_size=image_size, **SMALL, **kw)
+
+
+def random_params(model, seed: int = 1) -> dict:
+    return vit.init_params(model, jax.random.PRNGKey(seed))
+
+
+def posemb_of(params) -> np.ndarray:
+    return np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+
+
+def save_checkpoint(workdir: Path, model, params, image_size) -> None:
+    """A checkpoint of this toolkit whose run config says the model and image size."""
+    from vit.checkpoint import Checkpointer
+
+    config = {"model": {"variant": "Ti/4", **SMALL}, "image_size": image_size}
+    ckpt = Checkpointer(str(workdir))
+    ckpt.save(2, {"step": 2, "params": params}, config=config, dataset_info={}, force=True)
+    ckpt.close()
+
+
+def test_a_square_grid_is_resampled_into_a_rectangle_of_as_many_tokens():
+    source = random_params(small(32))  # 8x8 patches: 1 + 64 tokens
+    model = small((16, 64))  # 4x16 patches: also 1 + 64 tokens
+    params, notes = adapt_params(source, init(model), model)
+    assert "posemb resampled 8x8 -> 4x16 (bilinear)" in notes
+    np.testing.assert_array_equal(posemb_of(params),
+                                  resample_posemb(posemb_of(source), (4, 16), num_prefix_tokens=1))
+    assert np.abs(posemb_of(params) - posemb_of(source)).max() > 0.01  # not copied verbatim
+
+
+def test_a_rectangular_checkpoint_carries_its_grid(tmp_path):
+    wide, tall = small((32, 48)), small((48, 32))  # 8x12 and 12x8 patches: 1 + 96 tokens each
+    source = random_params(wide)
+    expected = resample_posemb(posemb_of(source), (12, 8), num_prefix_tokens=1, old_grid=(8, 12))
+    save_checkpoint(tmp_path / "run", wide, source, [32, 48])
+    assert read_weights(tmp_path / "run").grid == (8, 12)
+    params, notes = load_pretrained(tmp_path / "run", tall, init(tall))
+    assert "posemb resampled 8x12 -> 12x8 (bilinear)" in notes
+    np.testing.assert_array_equal(posemb_of(params), expected)
+    same, notes = load_pretrained(tmp_path / "run", wide, init(wide))
+    np.testing.assert_array_equal(posemb_of(same), posemb_of(source))
+    assert not any("posemb" in note for note in notes)
+    # Bare arrays do not say their grid: a non-square token count needs old_grid.
+    with pytest.raises(WeightsError, match=r"^cannot tell the patch grid of a position embedding "
+                                           r"of 96 patch tokens \(not a square\): pass "
+                                           r"old_grid=\(rows, cols\)"):
+        adapt_params(source, init(tall), tall)
+    params, _ = adapt_params(source, init(tall), tall, old_grid=(8, 12))
+    np.testing.assert_array_equal(posemb_of(params), expected)
+    # `vit convert --to npz` writes the run config beside the arrays: the grid is read from it.
+    flat = traverse_util.flatten_dict(source, sep="/")
+    np.savez(tmp_path / "model.npz", **flat)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"vit": {"model": {"variant": "Ti/4", **SMALL}, "image_size": [32, 48]}}))
+    params, _ = load_pretrained(tmp_path / "model.npz", tall, init(tall))
+    np.testing.assert_array_equal(posemb_of(params), expected)
+    # `vit convert` rebuilds square-image models only: one line, not a traceback.
+    from vit.convert import convert_weights
+
+    with pytest.raises(WeightsError, match=r"^convert rebuilds models of square images, but the "
+                                           r"source was trained on image_size=\[32, 48\]"):
+        convert_weights(str(tmp_path / "run"), str(tmp_path / "converted"))
+
+
+def test_a_rectangular_checkpoint_fine_tunes_into_a_square_model_via_init_from(tmp_path):
+    from vit import trainer
+    from vit.config_schema import default_config
+
+    wide = small((32, 48))
+    source = random_params(wide)
+    save_checkpoint(tmp_path / "run", wide, source, [32, 48])
+    config = default_config()
+    config.init_from = str(tmp_path / "run")
+    square = small(32)
+    params = trainer.initial_params(config, square, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(
+        posemb_of(params),
+        resample_posemb(posemb_of(source), (8, 8), num_prefix_tokens=1, old_grid=(8, 12)))
+    block = ("Transformer", "encoderblock_0", "MlpBlock_3", "Dense_0", "kernel")
+    kernel = lambda p: np.asarray(traverse_util.flatten_dict(p)[block])
+    np.testing.assert_array_equal(kernel(params), kernel(source))
+
+
+def test_a_said_grid_that_does_not_fit_the_posemb_is_one_line():
+    model = small(32)
+    with pytest.raises(WeightsError, match=r"^a position embedding of 65 tokens does not fit the "
+                                           r"patch grid 4x4 it was said to have"):
+        adapt_params(random_params(model), init(model), model, old_grid=(4, 4))

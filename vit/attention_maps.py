@@ -86,6 +86,9 @@ def _check_weights(weights: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
 
 
 def _check_index(name: str, value: int | None, size: int) -> None:
+    if value is not None and size == 0:
+        raise ValueError(f"{name}={value} is out of range; the model has no {name}s (depth 0): "
+                         f"leave {name} unset")
     if value is not None and not 0 <= value < size:
         raise ValueError(f"{name}={value} is out of range; the model has {size} {name}s "
                          f"(0 to {size - 1})")
@@ -127,7 +130,8 @@ def rollout(
 
     Uses the mean over heads, or only `head`. Read from the class token (`class_token=True`),
     else averaged over the patch tokens; with prefix tokens `class_token` must be given
-    (`**token_layout(model)` gives both keywords).
+    (`**token_layout(model)` gives both keywords). Zero layers (depth 0) roll out to the query's
+    own row: uniform over the patches.
     """
     weights = _check_weights(weights, num_prefix_tokens)
     attn = _select_heads(weights, head)
@@ -145,7 +149,8 @@ def layer_maps(
     weights: np.ndarray, *, num_prefix_tokens: int, layer: int | None = None,
     head: int | None = None, class_token: bool | None = None,
 ) -> np.ndarray:
-    """Per-layer attention maps, [depth (or 1 with `layer`), B, patches]; each sums to 1.
+    """Per-layer attention maps, [depth (or 1 with `layer`), B, patches]; each sums to 1
+    (depth 0: an empty [0, B, patches] array).
 
     The class token's attention row (or the mean row without a class token) of the mean over
     heads, or of one `head`.
@@ -231,6 +236,9 @@ def write_attention_outputs(
     if weights.ndim != 5:
         raise ValueError(f"weights_for_image must be [depth, heads, T, T], got shape "
                          f"{np.shape(weights_for_image)}; index one image: weights[:, i]")
+    if not len(weights):
+        raise ValueError("the model has no encoder blocks (depth 0), so no attention to draw: "
+                         "use a checkpoint of a model with depth >= 1")
     roll = to_grid(rollout(weights, num_prefix_tokens=num_prefix_tokens,
                            class_token=class_token)[0], grid)
     layers = to_grid(layer_maps(weights, num_prefix_tokens=num_prefix_tokens, layer=layer,

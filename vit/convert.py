@@ -24,7 +24,14 @@ import numpy as np
 
 from vit import weight_sidecars
 from vit.data_options import NORMALIZATIONS
-from vit.weight_formats import POSEMB, Weights, WeightsError, flatten_params, read_weights
+from vit.weight_formats import (
+    POSEMB,
+    Weights,
+    WeightsError,
+    flatten_params,
+    read_weights,
+    run_grid,
+)
 
 
 def _need(weights: Weights, key: str) -> np.ndarray:
@@ -150,7 +157,8 @@ def _own_checkpoint(src: str) -> tuple[Weights, dict]:
                            "quantised from")
     arrays = {k: np.asarray(v) for k, v in flatten_params(contents.params).items()}
     weights = Weights(arrays, "checkpoint",
-                      [f"loaded params of step {contents.step} from {src}"])
+                      [f"loaded params of step {contents.step} from {src}"],
+                      grid=run_grid(contents.config))
     pp = contents.config.get("pp") or {}
     said = {"model": model, "image_size": contents.config.get("image_size"),
             "normalize": pp.get("normalize"), "eval_resize": pp.get("eval_resize"),
@@ -178,7 +186,11 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
     if "model" in said:  # our own config: the model exactly as it was
         model_config = {k: v for k, v in said["model"].items() if v is not None}
         variant = model_config.pop("variant")
-        image_size = int(said["image_size"])
+        image_size = said["image_size"]
+        if not isinstance(image_size, int):
+            raise WeightsError(f"convert rebuilds models of square images, but the source was "
+                               f"trained on image_size={image_size}: fine-tune from it with "
+                               "configs/finetune.py instead")
     else:
         variant, model_config, notes = infer_architecture(
             weights, num_heads or said.get("num_heads"), said.get("mlp_dim"))

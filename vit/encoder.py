@@ -34,8 +34,9 @@ _bias_init = nn.initializers.normal(stddev=1e-6)
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding of shape [1, h * w, width] (MoCo v3 / big_vision)."""
-    if width % 4:
-        raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
+    if width % 4 or width < 8:
+        raise ValueError(f"sincos2d position embedding needs a width divisible by 4 and >= 8, "
+                         f"got {width}")
     y, x = np.mgrid[:h, :w]
     omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
     y = y.reshape(-1)[:, None] * omega[None, :]
@@ -237,6 +238,7 @@ class MAPHead(nn.Module):
     attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
+    gelu_approximate: bool = True  # the MLP's GELU: tanh, or exact (the model's option)
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -248,7 +250,7 @@ class MAPHead(nn.Module):
                                             matmul_dtype=self.matmul_dtype,
                                             name="MultiHeadDotProductAttention_0")(
             probe, x, mask=mask)
-        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, quant=self.quant,
-                         matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
+        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate,
+                         quant=self.quant, matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
             nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w

@@ -24,7 +24,7 @@ names match the public vit_jax checkpoints one to one:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -48,9 +48,9 @@ class VisionTransformer(nn.Module):
 
     Call with images [B, H, W, C]; `train=True` enables dropout and stochastic depth (needs a
     "dropout" rng); `return_attention=True` also returns the attention weights of every layer,
-    stacked as [depth, B, heads, tokens, tokens], tokens ordered (class token, registers,
-    patches). `token_mask` [B, grid rows * cols] (True = real patch) hides padded patches: no
-    token attends to them and the GAP / MAP heads ignore them.
+    stacked as [depth, B, heads, tokens, tokens] (depth 0: an empty [0, B, ...] array), tokens
+    ordered (class token, registers, patches). `token_mask` [B, grid rows * cols] (True = real
+    patch) hides padded patches: no token attends to them and the GAP / MAP heads ignore them.
     """
 
     num_classes: int
@@ -138,6 +138,7 @@ class VisionTransformer(nn.Module):
             self.attention_impl, self.quant, self.matmul_dtype, self.remat, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
+        x_tokens = x.shape[1]  # prefix, registers and the patches kept
         patches = static_tokens(x, num_prefix + self.num_registers)
         if self.classifier == "token":
             x = jax.lax.index_in_dim(x, 0, axis=1, keepdims=False)
@@ -150,7 +151,8 @@ class VisionTransformer(nn.Module):
         else:
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                           self.quant, self.matmul_dtype, name="MAPHead_0")(patches, mask)
+                           self.quant, self.matmul_dtype, self.gelu_approximate,
+                           name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
             x = nn.tanh(dense_layer(self.representation_size, self.dtype, self.quant, "pre_logits",
@@ -161,8 +163,13 @@ class VisionTransformer(nn.Module):
             bias_init=nn.initializers.constant(self.head_bias_init),
         )(x).astype(jnp.float32)
         if return_attention:
-            return logits, jnp.stack(maps)
+            return logits, _stack_attention(maps, (b, self.num_heads, x_tokens, x_tokens))
         return logits
+
+
+def _stack_attention(maps: list[Array], shape: tuple[int, ...]) -> Array:
+    """Per-layer attention weights as [depth, B, heads, T, T]; [0, B, heads, T, T] at depth 0."""
+    return jnp.stack(maps) if maps else jnp.zeros((0, *shape), jnp.float32)
 
 
 # width, depth, mlp_dim, num_heads: ViT paper (B, L, H), DeiT (Ti, S), big_vision (M, g, G, e).
@@ -180,8 +187,40 @@ VARIANTS: dict[str, dict[str, int]] = {
 _FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__ if f not in ("parent", "name"))
 
 
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int | np.integer) else (int(v[0]), int(v[1]))
+def _is_int(value: Any) -> bool:
+    """True for a Python or NumPy integer (bool is not one)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _pair(value: Any, name: str = "image_size") -> tuple[int, int]:
+    """An int or a pair of ints as (rows, cols); ValueError naming `name` for anything else."""
+    if _is_int(value):
+        return (int(value), int(value))
+    if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+            and len(value) == 2 and all(_is_int(v) for v in value)):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}: "
+                     f"pass e.g. {name}=32 or {name}=(32, 48)")
+
+
+def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    """A sequence of ints as a tuple; ValueError naming `name` for anything else."""
+    if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+            and all(_is_int(v) for v in value)):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"model {name} must be a tuple of ints, e.g. (32, 64), got {value!r}")
+
+
+def grid_from_config(model_config: Mapping[str, Any] | None, image_size: Any
+                     ) -> tuple[int, int] | None:
+    """The patch grid (rows, cols) a run config's `model` and `image_size` give; None when they
+    do not say (no variant, no image size)."""
+    try:
+        patch = model_config.get("patch_size") or parse_variant(model_config["variant"])[1]
+        (ih, iw), (ph, pw) = _pair(image_size), _pair(patch, "patch_size")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return (ih // ph, iw // pw) if min(ih, iw, ph, pw) > 0 else None
 
 
 def parse_variant(variant: str) -> tuple[dict[str, Any], tuple[int, int]]:
@@ -227,11 +266,11 @@ def create_model(
     kwargs: dict[str, Any] = dict(sizes, patch_size=patch, num_classes=num_classes,
                                   image_size=image_size)
     kwargs.update(overrides)
-    kwargs["patch_size"] = _pair(kwargs["patch_size"])
-    kwargs["image_size"] = _pair(kwargs["image_size"])
+    kwargs["patch_size"] = _pair(kwargs["patch_size"], "patch_size")
+    kwargs["image_size"] = _pair(kwargs["image_size"], "image_size")
     for key in ("stem_channels", "stem_strides", "resnet_layers"):
         if kwargs.get(key) is not None:
-            kwargs[key] = tuple(int(c) for c in kwargs[key])
+            kwargs[key] = _int_tuple(kwargs[key], key)
     kwargs.setdefault("attention_impl", "auto")
     _validate(kwargs)
     kwargs["attention_impl"] = resolve_attention_impl(
@@ -257,14 +296,28 @@ def compute_dtype(value: Any) -> jnp.dtype:
     return dtype
 
 
+def _check_int(key: str, value: Any, low: int, allowed: str = "") -> None:
+    """ValueError unless `value` is an int >= `low`; `allowed` names other accepted values."""
+    if not _is_int(value):
+        raise ValueError(f"model {key} must be an integer >= {low}{allowed}, got {value!r}")
+    if value < low:
+        raise ValueError(f"model {key} must be >= {low}{allowed}, got {value}")
+
+
 def _validate(kw: dict[str, Any]) -> None:
     defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
     kw = {**defaults, **kw}
-    for key in ("width", "num_heads", "mlp_dim"):
-        if int(kw[key]) < 1:
-            raise ValueError(f"model {key} must be >= 1, got {kw[key]}")
-    if int(kw["depth"]) < 0:  # 0: embedding and head alone, as a probe
-        raise ValueError(f"model depth must be >= 0, got {kw['depth']}")
+    # depth 0: embedding and head alone, as a probe
+    for key, low in (("width", 1), ("num_heads", 1), ("mlp_dim", 1), ("depth", 0),
+                     ("num_classes", 1), ("num_registers", 0), ("resnet_width", 1)):
+        _check_int(key, kw[key], low)
+    if kw["representation_size"] is not None:
+        _check_int("representation_size", kw["representation_size"], 1,
+                   " or None (no pre-logits layer)")
+    if kw["stem_channels"] is not None and (not kw["stem_channels"]
+                                            or min(kw["stem_channels"]) < 1):
+        raise ValueError(f"model stem_channels must be positive conv widths, e.g. (32, 64), or "
+                         f"None for the default ones, got {kw['stem_channels']}")
     for key in ("image_size", "patch_size"):
         if min(kw[key]) < 1:
             raise ValueError(f"{key} must be positive, got {kw[key]}")
@@ -278,10 +331,15 @@ def _validate(kw: dict[str, Any]) -> None:
         raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}")
     if kw["width"] % kw["num_heads"]:
         raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}")
+    if kw["posemb"] == "sincos2d" and (kw["width"] % 4 or kw["width"] < 8):
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4 and >= 8, got width "
+                         f"{kw['width']}: use such a width, or posemb='learn'")
     if kw["stem"] not in stems.STEMS:
         raise ValueError(f"unknown stem {kw['stem']!r}; use one of {stems.STEMS}")
     if kw["stem"] == "conv":
-        channels = kw["stem_channels"] or stems.default_stem_channels(kw["width"], kw["patch_size"])
+        channels = kw["stem_channels"]
+        if channels is None:
+            channels = stems.default_stem_channels(kw["width"], kw["patch_size"])
         stems.conv_strides(len(channels), kw["patch_size"], kw["stem_strides"])
     if kw["resnet_layers"] is not None:
         if kw["stem"] != "patchify":
@@ -301,12 +359,8 @@ def _validate(kw: dict[str, Any]) -> None:
     matmul.check_matmul_dtype(kw["matmul_dtype"])
     if kw["remat"] not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
-    if kw["num_registers"] < 0:
-        raise ValueError(f"num_registers must be >= 0, got {kw['num_registers']}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:
         raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
-    if kw["num_classes"] < 1:
-        raise ValueError(f"num_classes must be positive, got {kw['num_classes']}")
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
         if not 0.0 <= kw[rate] < 1.0:
             raise ValueError(f"{rate} must be in [0, 1), got {kw[rate]}")

@@ -107,22 +107,45 @@ def _as_matrix_layout(name: str, value: np.ndarray, target: np.ndarray) -> np.nd
     return value
 
 
+def _source_grid(value: np.ndarray, has_cls: bool, old_grid: tuple[int, int] | None
+                 ) -> tuple[tuple[int, int], int]:
+    """(patch grid, prefix tokens) of a loaded [1, T, D] position embedding: `old_grid` when
+    known (this toolkit's checkpoints say it), else the square the token count makes."""
+    tokens = value.shape[1]
+    if old_grid is not None:
+        old_grid = (int(old_grid[0]), int(old_grid[1]))
+        prefix = tokens - old_grid[0] * old_grid[1]
+        if prefix not in (0, 1):
+            raise WeightsError(f"a position embedding of {tokens} tokens does not fit the patch "
+                               f"grid {old_grid[0]}x{old_grid[1]} it was said to have (plus at "
+                               "most a class token): pass the weights' own grid as old_grid")
+        return old_grid, prefix
+    prefix = 1 if has_cls else 0
+    if _grid_of(tokens - prefix) is None and _grid_of(tokens):
+        prefix = 0  # e.g. timm's no_embed_class models: the class token had no posemb
+    grid = _grid_of(tokens - prefix)
+    if grid is None:
+        raise WeightsError(f"cannot tell the patch grid of a position embedding of "
+                           f"{tokens - prefix} patch tokens (not a square): pass "
+                           "old_grid=(rows, cols) to adapt_params / load_pretrained")
+    return grid, prefix
+
+
 def _adapt_posemb(value: np.ndarray, target: np.ndarray, model: Any, has_cls: bool,
-                  method: str) -> tuple[np.ndarray, list[str]]:
+                  method: str, old_grid: tuple[int, int] | None) -> tuple[np.ndarray, list[str]]:
+    """The loaded position embedding on the model's grid and prefix tokens, and notes."""
     prefix = 1 if getattr(model, "classifier", "token") == "token" else 0
-    src_prefix = 1 if has_cls else 0
-    if _grid_of(value.shape[1] - src_prefix) is None and _grid_of(value.shape[1]):
-        src_prefix = 0  # e.g. timm's no_embed_class models: the class token had no posemb
-    old = _grid_of(value.shape[1] - src_prefix)
-    notes = []
-    if old is None:
-        raise WeightsError(f"cannot infer the patch grid of a position embedding shaped "
-                           f"{value.shape}: resample it with resample_posemb(old_grid=...) first")
+    old, src_prefix = _source_grid(value, has_cls, old_grid)
     new_grid = tuple(model.grid)
-    grid = resample_posemb(value, new_grid, num_prefix_tokens=src_prefix, method=method)
+    notes = []
+    grid = resample_posemb(value, new_grid, num_prefix_tokens=src_prefix, old_grid=old,
+                           method=method)
     if old != new_grid:
         notes.append(f"posemb resampled {old[0]}x{old[1]} -> {new_grid[0]}x{new_grid[1]} "
                      f"({method})")
+        if old_grid is None and new_grid[0] != new_grid[1]:
+            notes.append(f"posemb grid {old[0]}x{old[1]} assumed (the weights do not say): pass "
+                         "old_grid=(rows, cols) if they were trained on another")
     grid = grid[:, src_prefix:]
     if prefix == src_prefix:
         head = value[:, :prefix]
@@ -150,13 +173,16 @@ def adapt_params(
     loaded: Mapping[str, Any], target: Mapping[str, Any], model: Any, *,
     keep_head: bool | None = None, keep_pre_logits: bool = True,
     posemb_method: str = "bilinear", resize_patch: bool = False,
+    old_grid: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Map `loaded` weights (flat or nested) onto `target`, the model's freshly initialised params.
 
     Returns params shaped like `target` and notes on what was adapted. `keep_head=None` keeps the
     head iff its shapes match; `keep_pre_logits=False` re-initialises a pre-logits layer (build
-    the model without representation_size to drop it). Raises WeightsError naming every
-    parameter that cannot be adapted.
+    the model without representation_size to drop it). The position embedding is resampled
+    unless its patch grid is `model.grid`: `old_grid`, else `loaded.grid` (this toolkit's
+    checkpoints record it), else the square its token count makes. Raises WeightsError naming
+    every parameter that cannot be adapted.
     """
     src = {k: np.asarray(v) for k, v in flatten_params(loaded).items()}
     tgt = flatten_params(target)
@@ -187,8 +213,9 @@ def adapt_params(
                 missing.append(f"{name} {init.shape}")
             continue
         value = _as_matrix_layout(name, src[name], init)
-        if name == POSEMB and value.shape != init.shape and value.ndim == 3:
-            value, posemb_notes = _adapt_posemb(value, init, model, "cls" in src, posemb_method)
+        if name == POSEMB and value.ndim == 3:  # the grid, not the shape: 8x8 != 4x16
+            value, posemb_notes = _adapt_posemb(value, init, model, "cls" in src, posemb_method,
+                                                old_grid or getattr(loaded, "grid", None))
             notes.extend(posemb_notes)
         if (name == EMBEDDING and resize_patch and value.shape[2:] == init.shape[2:]
                 and value.shape[:2] != init.shape[:2]):

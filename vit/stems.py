@@ -72,7 +72,8 @@ class ConvStem(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        channels = tuple(self.channels or default_stem_channels(self.width, self.patch_size))
+        channels = (default_stem_channels(self.width, self.patch_size) if self.channels is None
+                    else tuple(self.channels))
         strides = conv_strides(len(channels), self.patch_size, self.strides)
         x = images.astype(self.dtype)
         for i, (c, stride) in enumerate(zip(channels, strides, strict=True)):

@@ -12,6 +12,7 @@ trunk names (`conv_root`, `block{i}/unit{j}/...`, see vit/resnet.py) need no ren
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -31,13 +32,35 @@ class WeightsError(ValueError):
 
 
 class Weights(dict):
-    """A flat {"a/b/c": array} dict that also records its source format and reading notes."""
+    """A flat {"a/b/c": array} dict that also records its source format, reading notes and,
+    where known, the patch grid (rows, cols) its position embedding was trained on."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str,
-                 notes: list[str] | None = None):
+                 notes: list[str] | None = None, grid: tuple[int, int] | None = None):
         super().__init__(arrays)
         self.source = source
         self.notes = list(notes or [])
+        self.grid = grid
+
+
+def run_grid(run_config: Any) -> tuple[int, int] | None:
+    """The patch grid of this toolkit's run config ({model, image_size, ...}); None if unsaid."""
+    from vit.model import grid_from_config
+
+    if not isinstance(run_config, Mapping):
+        return None
+    return grid_from_config(run_config.get("model"), run_config.get("image_size"))
+
+
+def _sidecar_grid(path: str) -> tuple[int, int] | None:
+    """The grid in the config.json `vit convert --to npz` writes beside `path`; None if none."""
+    sidecar = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(sidecar) as f:
+            said = json.load(f)
+    except (OSError, ValueError):
+        return None  # no config.json of this toolkit: the grid is guessed from the arrays
+    return run_grid(said.get("vit")) if isinstance(said, dict) else None
 
 
 def flatten_params(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,7 +107,8 @@ def _read_checkpoint(path: str, use_ema: bool) -> Weights:
     params = contents.chosen_params(use_ema)
     arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     which = "EMA params" if use_ema else "params"
-    return Weights(arrays, "checkpoint", [f"loaded {which} of step {contents.step} from {path}"])
+    return Weights(arrays, "checkpoint", [f"loaded {which} of step {contents.step} from {path}"],
+                   grid=run_grid(contents.config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,4 +317,6 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
         raise WeightsError(f"cannot read {path!r} as a {suffix} weight file "
                            f"({first_line(err, with_type=True, limit=160)}): the file is damaged "
                            "or not what its name says; download or write it again") from None
-    return to_vit_naming(state)
+    weights = to_vit_naming(state)
+    weights.grid = _sidecar_grid(path)
+    return weights
