@@ -248,17 +248,17 @@ def train_iterator(
     batch = _local_batch(config.batch_size, num_devices, process_count, "batch_size")
     src = open_source(config)
     records = src.read(config.train_split, process_index, process_count)
-    if src.fits_in_memory:  # read once, then every epoch from memory
-        records = records.cache()
-    if config.get("skip_corrupt"):  # unreadable records go before they are chunked
-        _require_a_readable_example(src, config.train_split, process_index, process_count)
-        records = records.ignore_errors(log_warning=True)
     n = src.part_size(config.train_split, process_index, process_count)
     if n <= 0:
         raise DataError(
             f"split {config.train_split!r} of {src.name!r} has no examples for "
             f"process {process_index} of {process_count}; use a larger split"
         )
+    if src.fits_in_memory and int(config.get("total_steps", 0)) * batch > n:
+        records = records.cache()  # read once, then every later epoch from memory
+    if config.get("skip_corrupt"):  # unreadable records go before they are chunked
+        _require_a_readable_example(src, config.train_split, process_index, process_count)
+        records = records.ignore_errors(log_warning=True)
     start = start_step * batch
     buffer = max(1, min(config.shuffle_buffer, n))
     seed = (config.seed * 1_000_003 + process_index) * 1_000_003 % 2**62  # + epoch: an int64
