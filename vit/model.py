@@ -24,7 +24,7 @@ names match the public vit_jax checkpoints one to one:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -32,16 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import int8, matmul, resnet, stems
-from vit.attention import ATTENTION_IMPLS, attention_impl_here, resolve_attention_impl
-from vit.encoder import REMAT_POLICIES, Encoder, MAPHead, dense_layer, static_tokens
+from vit import resnet, stems
+from vit.attention import attention_impl_here, resolve_attention_impl
+from vit.encoder import Encoder, MAPHead, dense_layer, static_tokens
+from vit.model_options import compute_dtype, int_tuple, pair, validate
 
 Dtype = Any
 Array = jax.Array
-
-CLASSIFIERS = ("token", "gap", "map")
-POSEMB_KINDS = ("learn", "sincos2d")
-
 
 class VisionTransformer(nn.Module):
     """ViT: patchify, prepend a class token (optional), encode, pool, classify.
@@ -187,37 +184,13 @@ VARIANTS: dict[str, dict[str, int]] = {
 _FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__ if f not in ("parent", "name"))
 
 
-def _is_int(value: Any) -> bool:
-    """True for a Python or NumPy integer (bool is not one)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _pair(value: Any, name: str = "image_size") -> tuple[int, int]:
-    """An int or a pair of ints as (rows, cols); ValueError naming `name` for anything else."""
-    if _is_int(value):
-        return (int(value), int(value))
-    if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
-            and len(value) == 2 and all(_is_int(v) for v in value)):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}: "
-                     f"pass e.g. {name}=32 or {name}=(32, 48)")
-
-
-def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
-    """A sequence of ints as a tuple; ValueError naming `name` for anything else."""
-    if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
-            and all(_is_int(v) for v in value)):
-        return tuple(int(v) for v in value)
-    raise ValueError(f"model {name} must be a tuple of ints, e.g. (32, 64), got {value!r}")
-
-
 def grid_from_config(model_config: Mapping[str, Any] | None, image_size: Any
                      ) -> tuple[int, int] | None:
     """The patch grid (rows, cols) a run config's `model` and `image_size` give; None when they
     do not say (no variant, no image size)."""
     try:
         patch = model_config.get("patch_size") or parse_variant(model_config["variant"])[1]
-        (ih, iw), (ph, pw) = _pair(image_size), _pair(patch, "patch_size")
+        (ih, iw), (ph, pw) = pair(image_size), pair(patch, "patch_size")
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
     return (ih // ph, iw // pw) if min(ih, iw, ph, pw) > 0 else None
@@ -266,104 +239,18 @@ def create_model(
     kwargs: dict[str, Any] = dict(sizes, patch_size=patch, num_classes=num_classes,
                                   image_size=image_size)
     kwargs.update(overrides)
-    kwargs["patch_size"] = _pair(kwargs["patch_size"], "patch_size")
-    kwargs["image_size"] = _pair(kwargs["image_size"], "image_size")
+    kwargs["patch_size"] = pair(kwargs["patch_size"], "patch_size")
+    kwargs["image_size"] = pair(kwargs["image_size"], "image_size")
     for key in ("stem_channels", "stem_strides", "resnet_layers"):
         if kwargs.get(key) is not None:
-            kwargs[key] = _int_tuple(kwargs[key], key)
+            kwargs[key] = int_tuple(kwargs[key], key)
     kwargs.setdefault("attention_impl", "auto")
-    _validate(kwargs)
+    validate(kwargs, {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS})
     kwargs["attention_impl"] = resolve_attention_impl(
         kwargs["attention_impl"], platform,
         dtype=kwargs.get("dtype", VisionTransformer.__dataclass_fields__["dtype"].default),
         head_dim=kwargs["width"] // kwargs["num_heads"])
     return VisionTransformer(**kwargs)
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def compute_dtype(value: Any) -> jnp.dtype:
-    """`value` ("bfloat16", jnp.float32, ...) as a dtype the model computes in; ValueError naming
-    the choices otherwise."""
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype is None or dtype.name not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown model dtype {getattr(value, '__name__', value)!r}; use one of "
-                         f"{', '.join(COMPUTE_DTYPES)}")
-    return dtype
-
-
-def _check_int(key: str, value: Any, low: int, allowed: str = "") -> None:
-    """ValueError unless `value` is an int >= `low`; `allowed` names other accepted values."""
-    if not _is_int(value):
-        raise ValueError(f"model {key} must be an integer >= {low}{allowed}, got {value!r}")
-    if value < low:
-        raise ValueError(f"model {key} must be >= {low}{allowed}, got {value}")
-
-
-def _validate(kw: dict[str, Any]) -> None:
-    defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
-    kw = {**defaults, **kw}
-    # depth 0: embedding and head alone, as a probe
-    for key, low in (("width", 1), ("num_heads", 1), ("mlp_dim", 1), ("depth", 0),
-                     ("num_classes", 1), ("num_registers", 0), ("resnet_width", 1)):
-        _check_int(key, kw[key], low)
-    if kw["representation_size"] is not None:
-        _check_int("representation_size", kw["representation_size"], 1,
-                   " or None (no pre-logits layer)")
-    if kw["stem_channels"] is not None and (not kw["stem_channels"]
-                                            or min(kw["stem_channels"]) < 1):
-        raise ValueError(f"model stem_channels must be positive conv widths, e.g. (32, 64), or "
-                         f"None for the default ones, got {kw['stem_channels']}")
-    for key in ("image_size", "patch_size"):
-        if min(kw[key]) < 1:
-            raise ValueError(f"{key} must be positive, got {kw[key]}")
-    compute_dtype(kw["dtype"])
-    if kw["classifier"] not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {kw['classifier']!r}; use one of {CLASSIFIERS}")
-    if kw["posemb"] not in POSEMB_KINDS:
-        raise ValueError(f"unknown posemb {kw['posemb']!r}; use one of {POSEMB_KINDS}")
-    (ih, iw), (ph, pw) = kw["image_size"], kw["patch_size"]
-    if ih % ph or iw % pw:
-        raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}")
-    if kw["width"] % kw["num_heads"]:
-        raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}")
-    if kw["posemb"] == "sincos2d" and (kw["width"] % 4 or kw["width"] < 8):
-        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4 and >= 8, got width "
-                         f"{kw['width']}: use such a width, or posemb='learn'")
-    if kw["stem"] not in stems.STEMS:
-        raise ValueError(f"unknown stem {kw['stem']!r}; use one of {stems.STEMS}")
-    if kw["stem"] == "conv":
-        channels = kw["stem_channels"]
-        if channels is None:
-            channels = stems.default_stem_channels(kw["width"], kw["patch_size"])
-        stems.conv_strides(len(channels), kw["patch_size"], kw["stem_strides"])
-    if kw["resnet_layers"] is not None:
-        if kw["stem"] != "patchify":
-            raise ValueError(f"a ResNet hybrid (resnet_layers={kw['resnet_layers']}) patchifies "
-                             f"its trunk's features: use stem='patchify', not {kw['stem']!r}")
-        resnet.embedding_kernel(kw["resnet_layers"], kw["resnet_width"], kw["patch_size"])
-    if kw["resnet_numerics"] not in resnet.NUMERICS:
-        raise ValueError(f"unknown resnet_numerics {kw['resnet_numerics']!r}; use one of "
-                         f"{resnet.NUMERICS}")
-    if kw["stem_norm"] not in stems.STEM_NORMS:
-        raise ValueError(f"unknown stem_norm {kw['stem_norm']!r}; use one of {stems.STEM_NORMS}")
-    if kw["attention_impl"] not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {kw['attention_impl']!r}; use one of "
-                         f"{ATTENTION_IMPLS}")
-    if kw["quant"] not in int8.QUANT_MODES:
-        raise ValueError(f"unknown quant {kw['quant']!r}; use one of {int8.QUANT_MODES}")
-    matmul.check_matmul_dtype(kw["matmul_dtype"])
-    if kw["remat"] not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
-    if not 0.0 < kw["token_keep_ratio"] <= 1.0:
-        raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
-    for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
-        if not 0.0 <= kw[rate] < 1.0:
-            raise ValueError(f"{rate} must be in [0, 1), got {kw[rate]}")
 
 
 def model_from_config(

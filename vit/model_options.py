@@ -1,0 +1,131 @@
+"""The Vision Transformer's options checked: one ValueError line naming a bad option and its fix.
+
+`vit.model.create_model` runs `validate` on every option before a module is built, so a bad
+value fails where it is given, not deep inside Flax or XLA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from vit import int8, matmul, resnet, stems
+from vit.attention import ATTENTION_IMPLS
+from vit.encoder import REMAT_POLICIES
+
+CLASSIFIERS = ("token", "gap", "map")
+POSEMB_KINDS = ("learn", "sincos2d")
+
+
+def _is_int(value: Any) -> bool:
+    """True for a Python or NumPy integer (bool is not one)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def pair(value: Any, name: str = "image_size") -> tuple[int, int]:
+    """An int or a pair of ints as (rows, cols); ValueError naming `name` for anything else."""
+    if _is_int(value):
+        return (int(value), int(value))
+    if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+            and len(value) == 2 and all(_is_int(v) for v in value)):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}: "
+                     f"pass e.g. {name}=32 or {name}=(32, 48)")
+
+
+def int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    """A sequence of ints as a tuple; ValueError naming `name` for anything else."""
+    if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+            and all(_is_int(v) for v in value)):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"model {name} must be a tuple of ints, e.g. (32, 64), got {value!r}")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(value: Any) -> jnp.dtype:
+    """`value` ("bfloat16", jnp.float32, ...) as a dtype the model computes in; ValueError naming
+    the choices otherwise."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown model dtype {getattr(value, '__name__', value)!r}; use one of "
+                         f"{', '.join(COMPUTE_DTYPES)}")
+    return dtype
+
+
+def check_int(key: str, value: Any, low: int, allowed: str = "") -> None:
+    """ValueError unless `value` is an int >= `low`; `allowed` names other accepted values."""
+    if not _is_int(value):
+        raise ValueError(f"model {key} must be an integer >= {low}{allowed}, got {value!r}")
+    if value < low:
+        raise ValueError(f"model {key} must be >= {low}{allowed}, got {value}")
+
+
+def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """ValueError, in one line naming the option and the fix, for any bad model option in `kw`
+    (the model's `defaults` fill in the rest)."""
+    kw = {**defaults, **kw}
+    # depth 0: embedding and head alone, as a probe
+    for key, low in (("width", 1), ("num_heads", 1), ("mlp_dim", 1), ("depth", 0),
+                     ("num_classes", 1), ("num_registers", 0), ("resnet_width", 1)):
+        check_int(key, kw[key], low)
+    if kw["representation_size"] is not None:
+        check_int("representation_size", kw["representation_size"], 1,
+                   " or None (no pre-logits layer)")
+    if kw["stem_channels"] is not None and (not kw["stem_channels"]
+                                            or min(kw["stem_channels"]) < 1):
+        raise ValueError(f"model stem_channels must be positive conv widths, e.g. (32, 64), or "
+                         f"None for the default ones, got {kw['stem_channels']}")
+    for key in ("image_size", "patch_size"):
+        if min(kw[key]) < 1:
+            raise ValueError(f"{key} must be positive, got {kw[key]}")
+    compute_dtype(kw["dtype"])
+    if kw["classifier"] not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {kw['classifier']!r}; use one of {CLASSIFIERS}")
+    if kw["posemb"] not in POSEMB_KINDS:
+        raise ValueError(f"unknown posemb {kw['posemb']!r}; use one of {POSEMB_KINDS}")
+    (ih, iw), (ph, pw) = kw["image_size"], kw["patch_size"]
+    if ih % ph or iw % pw:
+        raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}")
+    if kw["width"] % kw["num_heads"]:
+        raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}")
+    if kw["posemb"] == "sincos2d" and (kw["width"] % 4 or kw["width"] < 8):
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4 and >= 8, got width "
+                         f"{kw['width']}: use such a width, or posemb='learn'")
+    if kw["stem"] not in stems.STEMS:
+        raise ValueError(f"unknown stem {kw['stem']!r}; use one of {stems.STEMS}")
+    if kw["stem"] == "conv":
+        channels = kw["stem_channels"]
+        if channels is None:
+            channels = stems.default_stem_channels(kw["width"], kw["patch_size"])
+        stems.conv_strides(len(channels), kw["patch_size"], kw["stem_strides"])
+    if kw["resnet_layers"] is not None:
+        if kw["stem"] != "patchify":
+            raise ValueError(f"a ResNet hybrid (resnet_layers={kw['resnet_layers']}) patchifies "
+                             f"its trunk's features: use stem='patchify', not {kw['stem']!r}")
+        resnet.embedding_kernel(kw["resnet_layers"], kw["resnet_width"], kw["patch_size"])
+    if kw["resnet_numerics"] not in resnet.NUMERICS:
+        raise ValueError(f"unknown resnet_numerics {kw['resnet_numerics']!r}; use one of "
+                         f"{resnet.NUMERICS}")
+    if kw["stem_norm"] not in stems.STEM_NORMS:
+        raise ValueError(f"unknown stem_norm {kw['stem_norm']!r}; use one of {stems.STEM_NORMS}")
+    if kw["attention_impl"] not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {kw['attention_impl']!r}; use one of "
+                         f"{ATTENTION_IMPLS}")
+    if kw["quant"] not in int8.QUANT_MODES:
+        raise ValueError(f"unknown quant {kw['quant']!r}; use one of {int8.QUANT_MODES}")
+    matmul.check_matmul_dtype(kw["matmul_dtype"])
+    if kw["remat"] not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
+    if not 0.0 < kw["token_keep_ratio"] <= 1.0:
+        raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
+    for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+        if not 0.0 <= kw[rate] < 1.0:
+            raise ValueError(f"{rate} must be in [0, 1), got {kw[rate]}")
