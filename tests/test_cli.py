@@ -246,3 +246,12 @@ def test_counts_below_their_range_are_usage_errors(argv, capsys):
     assert info.value.code == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "must be a positive integer" in line or "must be 0 or more, got -3" in line
+
+
+def test_json_outputs_are_strict_json_with_null_for_nan_and_inf(tmp_path):
+    from vit.output_paths import write_json
+
+    path = tmp_path / "out" / "metrics.json"
+    write_json(str(path), {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()

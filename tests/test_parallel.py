@@ -103,6 +103,13 @@ def test_two_processes_psum_over_all_devices():
         assert lines == ["RESULT 2 4 10.0 2"], stdout
 
 
+@pytest.mark.parametrize("address", ["nohost", "host:", ":1234", "127.0.0.1:abc"])
+def test_a_coordinator_address_that_is_not_host_port_is_one_line(address):
+    with pytest.raises(parallel.ParallelError, match=f"coordinator address {address!r} is not "
+                                                     r"host:port \(e.g. 10.0.0.1:1234\)"):
+        parallel.initialize_distributed(address, 2, 0)
+
+
 def test_initialize_distributed_rejects_partial_arguments(monkeypatch):
     with pytest.raises(parallel.ParallelError, match="pass all three or none"):
         parallel.initialize_distributed("127.0.0.1:1234", num_processes=2)

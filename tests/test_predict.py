@@ -77,17 +77,28 @@ def test_bad_inputs_are_named_and_the_rest_still_predicted(run, tmp_path):
     text.write_text("hello")
     empty = tmp_path / "empty"
     empty.mkdir()
+    folders_only = tmp_path / "folders_only"
+    (folders_only / "sub.png").mkdir(parents=True)  # named like an image, but a folder
     missing = str(tmp_path / "missing.png")
-    inputs = [str(corrupt), run["files"][0], str(text), str(empty), missing]
+    inputs = [str(corrupt), run["files"][0], str(text), str(empty), str(folders_only), missing]
     result = predict(run["workdir"], inputs)
     assert [p["file"] for p in result.predictions] == [run["files"][0]]
     bad = dict(result.errors)
-    assert set(bad) == {str(corrupt), str(text), str(empty), missing}
+    assert set(bad) == {str(corrupt), str(text), str(empty), str(folders_only), missing}
     assert all("\n" not in m for m in bad.values())
     assert "corrupt" in bad[str(corrupt)] and "holds no" in bad[str(empty)]
+    assert "holds no" in bad[str(folders_only)]
     assert "does not exist" in bad[missing]
 
 
 def test_top_k_must_be_positive(run):
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         predict(run["workdir"], run["files"], top_k=0)
+
+
+def test_a_model_with_non_finite_parameters_is_one_line(run, tmp_path):
+    contents = load_checkpoint(run["workdir"])
+    contents.params["head"]["bias"] = np.full_like(contents.params["head"]["bias"], np.nan)
+    with pytest.raises(ValueError, match=r"the model gives non-finite probabilities for .*: its "
+                                         "parameters hold NaN or inf"):
+        predict(contents, run["files"])

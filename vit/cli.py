@@ -137,7 +137,7 @@ def _run_attention(args: argparse.Namespace) -> int:
 def _run_plot(args: argparse.Namespace) -> int:
     from vit.plot import plot_runs
 
-    check_file(args.out, "--out")
+    check_file(args.out, "--out", ".png")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     path = plot_runs(args.workdirs, args.out, labels=labels)
     print(f"wrote {path} ({len(args.workdirs)} run{'s' if len(args.workdirs) > 1 else ''})")

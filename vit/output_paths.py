@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class OutputPathError(ValueError):
@@ -44,12 +46,13 @@ def _check_folder(folder: Path, option: str, given: str) -> None:
     raise OutputPathError(f"{option} {given}: cannot write in {path}; give a path you can write to")
 
 
-def check_file(given: str, option: str) -> None:
-    """OutputPathError unless a file can be written at `given` (its folder may be made)."""
+def check_file(given: str, option: str, suffix: str = ".json") -> None:
+    """OutputPathError unless a file can be written at `given` (its folder may be made);
+    `suffix` is the kind of file the example names."""
     path = Path(given).expanduser()
     if path.is_dir():
         raise OutputPathError(f"{option} {given} is a directory; give a file name in it, e.g. "
-                              f"{path / ('out' + (path.suffix or '.json'))}")
+                              f"{path / ('out' + suffix)}")
     _check_folder(path.absolute().parent, option, given)
 
 
@@ -98,8 +101,20 @@ def make_parent(path: str) -> str:
     return path
 
 
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def write_json(path: str, payload: dict) -> None:
-    """`payload` as indented JSON at `path`, its folder made if missing."""
+    """`payload` as indented strict JSON at `path` (NaN and inf as null), its folder made if
+    missing."""
     with open(make_parent(path), "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(_finite_or_none(payload), f, indent=2, allow_nan=False)
         f.write("\n")

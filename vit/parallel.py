@@ -107,6 +107,10 @@ def initialize_distributed(
             coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
             num_processes = int(os.environ["JAX_NUM_PROCESSES"])
             process_id = int(os.environ["JAX_PROCESS_ID"])
+    host, colon, port = str(coordinator_address or "").rpartition(":")
+    if coordinator_address is not None and not (colon and host and port.isdigit()):
+        raise ParallelError(f"coordinator address {coordinator_address!r} is not host:port "
+                            "(e.g. 10.0.0.1:1234): give the coordinator's host and a free port")
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as err:

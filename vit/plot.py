@@ -54,7 +54,8 @@ class RunCurves:
 
 def _read_jsonl(workdir: str) -> list[dict]:
     if not os.path.isdir(workdir):
-        raise PlotError(f"workdir {workdir!r} does not exist")
+        raise PlotError(f"workdir {workdir!r} is a file, not a workdir of `vit train`"
+                        if os.path.exists(workdir) else f"workdir {workdir!r} does not exist")
     path = os.path.join(workdir, JSONL_FILE)
     if not os.path.isfile(path):
         raise PlotError(f"no {JSONL_FILE} in {workdir!r}: is it a workdir of `vit train`?")

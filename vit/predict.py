@@ -65,7 +65,7 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
             found = [f for f in named if os.path.isfile(f)]
             errors += [(f, _broken_link(f)) for f in named
                        if os.path.islink(f) and not os.path.exists(f)]
-            if not named:
+            if not found and not any(os.path.islink(f) for f in named):
                 errors.append((path, f"directory {path!r} holds no "
                                      f"{'/'.join(IMAGE_EXTENSIONS)} files; pass image files or "
                                      "a directory that has some"))
@@ -128,6 +128,10 @@ def predict(
     if not files:
         return PredictResult([], errors)
     probs = probabilities(loaded.model, loaded.params, model_inputs(images, loaded.config))
+    if not np.isfinite(probs).all():
+        raise ValueError(f"the model gives non-finite probabilities for {files[0]!r} and others: "
+                         "its parameters hold NaN or inf; use a checkpoint from before they "
+                         "diverged")
     k = min(top_k, loaded.model.num_classes)
     best = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     names = loaded.info.class_names
