@@ -204,6 +204,39 @@ def test_two_processes_train_together_and_agree(tmp_path):
     assert checkpoint.load_checkpoint(str(tmp_path)).step == 6
 
 
+_MISMATCH_DRIVER = """
+import sys
+sys.argv = sys.argv[:1]
+from configs.smoke import get_config
+from vit import parallel, trainer
+config = get_config()
+config.total_steps = {steps}
+config.distributed = True
+config.coordinator_address, config.num_processes, config.process_id = "{addr}", 2, {pid}
+try:
+    trainer.train(config, "{workdir}")
+except parallel.ParallelError as err:
+    sys.stdout.write(f"ERROR {{err}}\\n")
+"""
+
+
+def test_two_processes_with_different_configs_stop_at_start_in_one_line(tmp_path):
+    """Different total_steps used to hang both processes at the shorter run's end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _MISMATCH_DRIVER.format(addr=addr, pid=pid, workdir=tmp_path,
+                                                       steps=4 + 4 * pid)],
+        env=_env(devices=1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for pid in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for out in outputs:
+        assert ("ERROR process 1's config differs from process 0's: start every process with "
+                "the same config file and --config flags") in out, out[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     failed = _run(tmp_path, "--config.lr=1e38", "--config.warmup_steps=4",
                   "--config.schedule=constant",

@@ -9,6 +9,7 @@ variant string and any `vit.create_model` overrides, checked when the model is b
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from typing import Any
 
@@ -170,3 +171,13 @@ def validate_config(config: Any) -> None:
     if int(config.eval_every) < 0:
         raise ConfigError(f"config.eval_every must be >= 0 (0 = only at the end), "
                           f"got {config.eval_every}")
+
+
+_PER_PROCESS_KEYS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def run_fingerprint(config: Any) -> str:
+    """The config as canonical JSON without the keys that differ by process (process_id, ...):
+    equal on every process of one run."""
+    values = {k: v for k, v in config.to_dict().items() if k not in _PER_PROCESS_KEYS}
+    return json.dumps(values, sort_keys=True, default=str)

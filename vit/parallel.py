@@ -7,6 +7,7 @@ NamedSharding over a 1-D mesh of the local devices (the layout pmap itself produ
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -141,3 +142,16 @@ def sync_global_devices(name: str) -> None:
     """Barrier: wait until every process reaches this point (no-op on a single host)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def require_same_on_every_process(what: str, text: str) -> None:
+    """ParallelError on every process, naming the first whose `text` (e.g. its run config)
+    differs from process 0's; collectives would otherwise wait for each other forever."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))
+    differ = [i for i, row in enumerate(every) if not np.array_equal(row, every[0])]
+    if differ:
+        raise ParallelError(f"process {differ[0]}'s {what} differs from process 0's: start every "
+                            "process with the same config file and --config flags")

@@ -25,7 +25,7 @@ from vit import (
     parallel,
     wandb_logger,
 )
-from vit.config_schema import ConfigError, validate_config
+from vit.config_schema import ConfigError, run_fingerprint, validate_config
 from vit.console import is_verbose
 from vit.model import VisionTransformer, init_params, model_from_config
 from vit.nonfinite import NonFiniteLossError
@@ -94,6 +94,7 @@ def train(config: Any, workdir: str) -> TrainResult:
     if config.distributed:
         parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                         config.process_id)
+        parallel.require_same_on_every_process("config", run_fingerprint(config))
     per_device = parallel.per_device_batch(config.batch_size, "config.batch_size")
     parallel.per_device_batch(config.eval_batch_size, "config.eval_batch_size")
     if per_device % int(config.grad_accum_steps):
