@@ -360,8 +360,6 @@ def eval_iterator(
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
     }
-    # One element past `total` (always padding, dropped by the batching): the split is read to
-    # its end, so a cached source completes its cache instead of discarding it with a warning.
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(total + 1)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(total)
     ds = ds.batch(batch, drop_remainder=True).map(to_device)
     return _numpy(ds, src, split)

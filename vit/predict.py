@@ -63,9 +63,9 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
             named = sorted(os.path.join(path, f) for f in os.listdir(path)
                            if f.lower().endswith(IMAGE_EXTENSIONS))
             found = [f for f in named if os.path.isfile(f)]
-            errors += [(f, _broken_link(f)) for f in named
-                       if os.path.islink(f) and not os.path.exists(f)]
-            if not found and not any(os.path.islink(f) for f in named):
+            broken = [f for f in named if os.path.islink(f) and not os.path.exists(f)]
+            errors += [(f, _broken_link(f)) for f in broken]
+            if not found and not broken:
                 errors.append((path, f"directory {path!r} holds no "
                                      f"{'/'.join(IMAGE_EXTENSIONS)} files; pass image files or "
                                      "a directory that has some"))
