@@ -109,6 +109,34 @@ def test_masked_patches_cannot_change_the_output(impl, classifier):
     assert not np.allclose(a, model.apply({"params": params}, changed), atol=1e-3)
 
 
+@pytest.mark.parametrize("stem", [
+    dict(stem="conv"), dict(stem="conv", stem_norm="groupnorm"),
+    dict(stem="conv", stem_channels=(8, 16, 16), stem_strides=(1, 2, 2)),
+    dict(resnet_layers=(), resnet_width=32)])
+def test_masked_patches_cannot_change_the_output_through_a_conv_stem(stem):
+    """Conv windows and GroupNorm statistics cross patch borders: the masked pixels are zeroed."""
+    model = _model(classifier="gap", **stem)
+    params = _random_params(model)
+    images = _images()
+    mask = jnp.ones((2, 16), bool).at[:, 15].set(False)  # the bottom-right patch: rows, cols 12-15
+    changed = images.at[:, 12:, 12:].set(9.0)
+    a = model.apply({"params": params}, images, token_mask=mask)
+    np.testing.assert_allclose(a, model.apply({"params": params}, changed, token_mask=mask),
+                               atol=1e-5)
+    assert not np.allclose(a, model.apply({"params": params}, changed), atol=1e-3)
+
+
+def test_zero_masked_patches_zeroes_exactly_the_masked_tiles():
+    images = jnp.arange(2 * 4 * 6 * 1, dtype=jnp.float32).reshape(2, 4, 6, 1) + 1
+    mask = jnp.array([[True, False, True, True, True, False], [False] + [True] * 5])
+    out = np.asarray(vit.model.zero_masked_patches(images, mask, (2, 3)))  # 2x2-pixel tiles
+    expected = np.asarray(images).copy()
+    expected[0, 0:2, 2:4] = 0
+    expected[0, 2:4, 4:6] = 0
+    expected[1, 0:2, 0:2] = 0
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("platform,dtype,head_dim,expected", [
     ("cpu", jnp.bfloat16, 64, "explicit"), ("gpu", jnp.bfloat16, 64, "cudnn"),
     ("GPU", "float16", 128, "cudnn"), ("gpu", jnp.float32, 64, "explicit"),

@@ -464,6 +464,25 @@ def test_a_folder_scan_sees_files_and_classes_added_later(tmp_path):
     assert info.class_names == ("a", "b", "c") and info.split_sizes == {"train": 4}
 
 
+def test_a_class_subset_of_a_folder_counts_files_added_later(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "test" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "test" / cls / "0.png")
+    c = _folder_cfg(tmp_path, eval_split="test", eval_batch_size=4)
+    c.classes = (1,)
+    assert sum(int(b["mask"].sum()) for b in data.eval_iterator(c)) == 1
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "test" / "b" / "1.png")
+    assert sum(int(b["mask"].sum()) for b in data.eval_iterator(c)) == 2
+
+
+def test_a_folder_dataset_without_a_path_is_one_line():
+    c = data.default_config()
+    c.dataset = "folder:"
+    with pytest.raises(DataError, match="dataset='folder:' names no folder; use "
+                                        "dataset='folder:/path/root'"):
+        data.dataset_info(c)
+
+
 def test_a_link_to_nothing_in_a_folder_is_named_or_skipped(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "a" / "0.png")

@@ -278,6 +278,15 @@ def test_explicit_attention_equals_jax_dot_product_attention():
          "divisible by 4 and >= 8, got width 4: use such a width, or posemb='learn'"),
         (dict(posemb="sincos2d", width=30), "posemb='sincos2d' needs a width divisible by 4 "
          "and >= 8, got width 30: use such a width, or posemb='learn'"),
+        (dict(token_keep_ratio="0.5"), "model token_keep_ratio must be a number, got '0.5'"),
+        (dict(dropout_rate=None), "model dropout_rate must be a number, got None"),
+        (dict(head_bias_init="a"), "model head_bias_init must be a number, got 'a'"),
+        (dict(gelu_approximate="False"), "model gelu_approximate must be True (tanh GELU) or "
+         "False (exact erf), got 'False'"),
+        (dict(stem_strides=(1, 1)), "model stem_strides shapes the conv stem, but "
+         "stem='patchify': set stem='conv', or leave stem_strides unset"),
+        (dict(platform="typo"), "unknown platform 'typo'; use one of cpu, gpu, tpu (or None for "
+         "JAX's default backend)"),
     ],
 )
 def test_bad_numbers_and_sizes_fail_at_create_model_in_one_line(options, message):

@@ -47,6 +47,17 @@ def test_counts_every_example_once_and_clean_matches_vit_eval(run):
     assert 0 < report.clean_accuracy < 1
 
 
+def test_the_python_api_takes_attack_none_and_radii_as_numbers(run):
+    report = robustness.robustness_report(run["workdir"], corruption_names=(), attack="none",
+                                          eps=[0.0, 16 / 255])
+    assert report.attack is None
+    numbers = robustness.robustness_report(run["workdir"], corruption_names=(), attack="fgsm",
+                                           eps=[0.0, 16 / 255, ("2/255", 2 / 255)])
+    assert numbers.attack["accuracy"]["0.0"] == numbers.clean_accuracy
+    assert numbers.attack["accuracy"][repr(16 / 255)] == run["fgsm"].attack["accuracy"]["16/255"]
+    assert numbers.attack["eps"]["2/255"] == 2 / 255
+
+
 def test_eps_zero_gives_the_clean_accuracy_exactly(run):
     for report in (run["pgd"], run["fgsm"]):
         assert report.attack["accuracy"]["0"] == report.clean_accuracy
@@ -225,6 +236,11 @@ def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
     with pytest.raises(RobustnessError, match="no prepared cifar10_corrupted"):
         robustness.robustness_report(run["workdir"], corruption_names=("fog",), severities=(1,),
                                      attack=None, source="tfds")
+    with pytest.raises(RobustnessError, match="a baseline is what the corruption errors are "
+                                              "relative to"):
+        robustness.robustness_report(run["workdir"], corruption_names=(), baseline="elsewhere")
+    with pytest.raises(RobustnessError, match="bad epsilon '2.0'; use values in"):
+        robustness.robustness_report(run["workdir"], eps=[2.0])
     code = cli.main(["robustness", "--checkpoint", run["workdir"], "--eps", "x"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (

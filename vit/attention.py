@@ -109,6 +109,20 @@ def cudnn_supports(dtype: Any, head_dim: int) -> bool:
     return jnp.dtype(dtype) in _HALF_DTYPES and head_dim % 8 == 0 and 0 < head_dim <= 128
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def _platform(platform: str | None) -> str:
+    """`platform` ("cpu", "gpu" or "tpu"; "cuda" / "rocm" mean "gpu"; None: JAX's default
+    backend), lower-cased; ValueError for anything else."""
+    name = str(jax.default_backend() if platform is None else platform).lower()
+    name = "gpu" if name in ("cuda", "rocm") else name
+    if name not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)} "
+                         "(or None for JAX's default backend)")
+    return name
+
+
 def resolve_attention_impl(impl: str, platform: str | None = None, *, dtype: Any = jnp.float32,
                            head_dim: int = 64) -> str:
     """The kernel ("explicit", "fused" or "cudnn") that `impl` means on `platform` ("cpu", "gpu",
@@ -120,7 +134,7 @@ def resolve_attention_impl(impl: str, platform: str | None = None, *, dtype: Any
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; use one of {ATTENTION_IMPLS}")
-    platform = (jax.default_backend() if platform is None else platform).lower()
+    platform = _platform(platform)
     if impl == "cudnn":
         if platform != "gpu":
             raise ValueError(f"attention_impl 'cudnn' (cuDNN flash attention) runs on NVIDIA GPUs, "
@@ -141,7 +155,7 @@ def resolve_attention_impl(impl: str, platform: str | None = None, *, dtype: Any
 def attention_impl_here(impl: str, platform: str | None = None) -> str:
     """`impl` as a saved model runs on `platform` (None: JAX's default backend): a model trained
     with "cudnn" runs "auto" off a GPU (the same attention, another kernel); else `impl`."""
-    platform = (jax.default_backend() if platform is None else platform).lower()
+    platform = _platform(platform)
     return "auto" if impl == "cudnn" and platform != "gpu" else impl
 
 

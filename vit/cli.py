@@ -194,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("--split", help="split (default: the run's eval_split), e.g. test[:1000]")
     rb.add_argument("--corruptions", default="all",
                     help="all, none, families (noise,blur,weather,digital) or names")
-    rb.add_argument("--severities", default="1-5", help="e.g. 1-5 or 1,3,5 (0: none)")
+    rb.add_argument("--severities", default="1-5",
+                    help="e.g. 1-5 or 1,3,5 (1 mildest, 5 strongest)")
     rb.add_argument("--attack", choices=("fgsm", "pgd", "none"), default="pgd")
     rb.add_argument("--eps", default="2/255,4/255,8/255",
                     help="attack radii, pixels in [0, 1] (L-inf at most 1; L2 any size)")

@@ -125,7 +125,7 @@ def validate_config(config: Any) -> None:
     if missing:
         raise ConfigError(f"the config has no {missing[0]!r} block: build it from "
                           "vit.config_schema.default_config() (as configs/*.py do)")
-    data_options.validate_options(config.pp)  # a DataError (ValueError) naming the key
+    data_options.validate_data_keys(config)  # a DataError (ValueError) naming the key
     optim.check_config(config)
     for key in ("mixup_alpha", "cutmix_alpha"):
         if not 0.0 <= float(config[key]) < math.inf:
@@ -139,12 +139,8 @@ def validate_config(config: Any) -> None:
         raise ConfigError(f"config.model.quant={config.model.quant!r} is for inference (`vit "
                           "quantize` writes it): train with quant='none', then quantize the "
                           "trained checkpoint")
-    sizes = config.image_size if isinstance(config.image_size, (tuple, list)) else [
-        config.image_size]
-    if min(int(s) for s in sizes) < 1:
-        raise ConfigError(f"config.image_size must be positive, got {config.image_size}")
     eval_resize = config.get("pp", {}).get("eval_resize")
-    if eval_resize is not None and int(eval_resize) < max(int(s) for s in sizes):
+    if eval_resize is not None and int(eval_resize) < config.image_size:
         raise ConfigError(f"config.pp.eval_resize={eval_resize} is smaller than image_size="
                           f"{config.image_size}; the central crop needs eval_resize >= "
                           "image_size (or None to resize straight to image_size)")
@@ -159,9 +155,6 @@ def validate_config(config: Any) -> None:
     if config.eval_tta not in TTA_MODES:
         raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use one of "
                           f"{', '.join(TTA_MODES)}")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or \
-            not 0 <= config.seed < 2**31:
-        raise ConfigError(f"config.seed must be an integer in [0, 2**31), got {config.seed!r}")
     if int(config.skip_nonfinite) < 0:
         raise ConfigError(f"config.skip_nonfinite must be >= 0 (0 = stop at the first non-finite "
                           f"loss), got {config.skip_nonfinite}")

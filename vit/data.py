@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from vit import preprocess as pp_ops
-from vit.data_options import DataError, default_config  # noqa: F401  (data.default_config)
+from vit.data_options import DataError, default_config, validate_data_keys  # noqa: F401
 from vit.error_text import tensorflow_message
 from vit.sources import FOLDER_PREFIX, IMAGE_EXTENSIONS, Source, open_source
 
@@ -243,7 +243,7 @@ def train_iterator(
     yields from step N. Each epoch is shuffled with a seed of (seed, process, epoch); the next
     epoch's shuffle buffer fills while this one is read, so epoch boundaries do not stall.
     """
-    pp_ops.validate_options(config.pp)
+    validate_data_keys(config)
     num_devices, process_index, process_count = _topology(num_devices, process_index, process_count)
     batch = _local_batch(config.batch_size, num_devices, process_count, "batch_size")
     src = open_source(config)
@@ -326,7 +326,7 @@ def eval_iterator(
     `before_crop` maps each decoded uint8 [h, w, 3] image at its own size before the crop
     (robustness corrupts images there).
     """
-    pp_ops.validate_options(config.pp)
+    validate_data_keys(config)
     split = split or config.eval_split
     batch_size = batch_size or config.eval_batch_size
     num_devices, process_index, process_count = _topology(num_devices, process_index, process_count)

@@ -36,6 +36,18 @@ def default_options() -> ml_collections.ConfigDict:
     return pp
 
 
+def validate_data_keys(config) -> None:
+    """Raises a one-line DataError for a bad `pp` option, `image_size` or `seed` of `config`."""
+    validate_options(config.pp)
+    size = config.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DataError(f"config.image_size must be positive, got {size!r}: the pipelines make "
+                        "square images of that many pixels a side")
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise DataError(f"config.seed must be an integer in [0, 2**31), got {seed!r}")
+
+
 def validate_options(pp) -> None:
     """Raises a one-line DataError for an unknown `pp` key or value."""
     known = default_options()

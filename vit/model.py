@@ -47,7 +47,8 @@ class VisionTransformer(nn.Module):
     "dropout" rng); `return_attention=True` also returns the attention weights of every layer,
     stacked as [depth, B, heads, tokens, tokens] (depth 0: an empty [0, B, ...] array), tokens
     ordered (class token, registers, patches). `token_mask` [B, grid rows * cols] (True = real
-    patch) hides padded patches: no token attends to them and the GAP / MAP heads ignore them.
+    patch) hides padded patches: no token attends to them and the GAP / MAP heads ignore them;
+    a conv stem or ResNet trunk, whose windows cross patch borders, sees their pixels as zeros.
     """
 
     num_classes: int
@@ -104,7 +105,15 @@ class VisionTransformer(nn.Module):
                 f"{images.shape[1]}x{images.shape[2]}: pass image_size= to create_model, or "
                 "resize the input")
         deterministic = not train
+        b = images.shape[0]
+        rows, cols = self.grid
+        if token_mask is not None and tuple(token_mask.shape) != (b, rows * cols):
+            raise ValueError(f"token_mask must be [batch, patches] = [{b}, {rows * cols}], got "
+                             f"{tuple(token_mask.shape)}")
         x = images.astype(self.dtype)
+        if token_mask is not None and (self.stem == "conv" or self.resnet_layers is not None):
+            # Their convolutions and GroupNorm reach across patch borders: masked pixels are 0.
+            x = zero_masked_patches(x, token_mask, (rows, cols))
         kernel = self.patch_size
         if self.resnet_layers is not None:  # a hybrid: patchify the trunk's feature map
             x = resnet.resnet_trunk(x, self.resnet_layers, self.resnet_width,
@@ -119,9 +128,6 @@ class VisionTransformer(nn.Module):
                     name="embedding")(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
-        if token_mask is not None and tuple(token_mask.shape) != (b, h * w):
-            raise ValueError(f"token_mask must be [batch, patches] = [{b}, {h * w}], got "
-                             f"{tuple(token_mask.shape)}")
         num_prefix = 0
         if self.classifier == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
@@ -162,6 +168,16 @@ class VisionTransformer(nn.Module):
         if return_attention:
             return logits, _stack_attention(maps, (b, self.num_heads, x_tokens, x_tokens))
         return logits
+
+
+def zero_masked_patches(images: Array, token_mask: Array, grid: tuple[int, int]) -> Array:
+    """`images` [B, H, W, C] with the pixels of each patch that `token_mask` [B, rows * cols]
+    marks False set to zero."""
+    b, height, width, channels = images.shape
+    rows, cols = grid
+    keep = token_mask.astype(bool).reshape(b, rows, 1, cols, 1, 1)
+    tiles = images.reshape(b, rows, height // rows, cols, width // cols, channels)
+    return jnp.where(keep, tiles, jnp.zeros((), images.dtype)).reshape(images.shape)
 
 
 def _stack_attention(maps: list[Array], shape: tuple[int, ...]) -> Array:

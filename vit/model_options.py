@@ -25,6 +25,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _is_real(value: Any) -> bool:
+    """True for a Python or NumPy int or float (bool is not one)."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_)
+
+
 def pair(value: Any, name: str = "image_size") -> tuple[int, int]:
     """An int or a pair of ints as (rows, cols); ValueError naming `name` for anything else."""
     if _is_int(value):
@@ -124,6 +130,17 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     matmul.check_matmul_dtype(kw["matmul_dtype"])
     if kw["remat"] not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
+    for key in ("token_keep_ratio", "dropout_rate", "attention_dropout_rate", "drop_path_rate",
+                "head_bias_init"):
+        if not _is_real(kw[key]):
+            raise ValueError(f"model {key} must be a number, got {kw[key]!r}")
+    if not isinstance(kw["gelu_approximate"], bool | np.bool_):
+        raise ValueError(f"model gelu_approximate must be True (tanh GELU) or False (exact erf), "
+                         f"got {kw['gelu_approximate']!r}")
+    for key in ("stem_channels", "stem_strides"):
+        if kw[key] is not None and kw["stem"] != "conv":
+            raise ValueError(f"model {key} shapes the conv stem, but stem={kw['stem']!r}: set "
+                             f"stem='conv', or leave {key} unset")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:
         raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):

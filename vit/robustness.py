@@ -222,11 +222,24 @@ def _choose_source(source: str, config: Any, names: Sequence[str],
     return "tfds" if source == "tfds" or (source == "auto" and present) else "generate"
 
 
+def _eps_pairs(eps: str | Sequence[float | tuple[str, float]], norm: str
+               ) -> tuple[tuple[str, float], ...]:
+    """`eps` as `parse_eps` pairs: a string is parsed, radii are labelled by their value."""
+    if isinstance(eps, str):
+        return parse_eps(eps, norm)
+    if isinstance(eps, int | float):
+        eps = [eps]
+    labels = [e[0] if isinstance(e, tuple) else repr(float(e)) for e in eps]
+    values = [e[1] if isinstance(e, tuple) else e for e in eps]
+    checked = parse_eps(",".join(repr(float(v)) for v in values), norm)
+    return tuple((label, value) for label, (_, value) in zip(labels, checked, strict=True))
+
+
 def robustness_report(
     checkpoint: str, *, split: str | None = None,
     corruption_names: Sequence[str] = corruptions.CORRUPTIONS,
     severities: Sequence[int] = corruptions.SEVERITIES, attack: str | None = "pgd",
-    eps: Sequence[tuple[str, float]] = parse_eps(DEFAULT_EPS), steps: int = 10,
+    eps: str | Sequence[float | tuple[str, float]] = DEFAULT_EPS, steps: int = 10,
     norm: str = "linf", baseline: str | None = None, batch_size: int | None = None,
     seed: int = 0, source: str = "auto", data_dir: str | None = None, use_ema: bool = False,
 ) -> RobustnessReport:
@@ -243,10 +256,17 @@ def robustness_report(
     Corrupted images come from `source`: "generate" (on the fly, with `seed`), "tfds" (the
     prepared configs `cifar10_corrupted/<tfds name>_<severity>` under the data directory, read
     with the same split) or "auto" (tfds when the dataset is cifar10 and every requested
-    corruption and severity is prepared there, else generate).
+    corruption and severity is prepared there, else generate). `attack` None or "none": no
+    attack; `eps` a string as `parse_eps` reads it, or radii (floats or (label, value) pairs).
     """
+    attack = None if attack == "none" else attack
+    eps = _eps_pairs(eps, norm)
     if attack is not None:
         adversarial.check_attack(attack, norm, steps)
+    if baseline is not None and not (corruption_names and severities):
+        raise RobustnessError("a baseline is what the corruption errors are relative to (mCE), "
+                              "and no corruption is asked for: drop the baseline, or ask for "
+                              "corruptions")
     for name in corruption_names:
         for severity in severities:
             corruptions.check(name, severity)

@@ -62,6 +62,8 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
         return src
     data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
     key = (config.dataset, data_dir, bool(config.get("skip_corrupt")))
+    if src.is_folder:  # its counts change with its files, as the scan does
+        key += (_folder_times(_folder_root(config.dataset)),)
     return _class_subset(src, _check_classes(classes, src), key)
 
 
@@ -271,8 +273,16 @@ def _scan_folder_once(root: str, skip_corrupt: bool, _times: tuple) -> tuple[tup
     return class_names, files
 
 
+def _folder_root(dataset: str) -> str:
+    """The absolute root folder of a "folder:/root" dataset; a DataError for an empty path."""
+    path = dataset[len(FOLDER_PREFIX):]
+    if not path.strip():
+        raise DataError(f"dataset={dataset!r} names no folder; use dataset='folder:/path/root'")
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def _folder_source(config: ml_collections.ConfigDict) -> Source:
-    root = os.path.abspath(os.path.expanduser(config.dataset[len(FOLDER_PREFIX) :]))
+    root = _folder_root(config.dataset)
     class_names, files = _scan_folder(root, bool(config.get("skip_corrupt")))
     sizes = {s: len(f) for s, f in files.items()}
 
