@@ -181,10 +181,24 @@ def test_output_paths_are_checked_before_any_work(run, capsys, tmp_path, monkeyp
         (["prune", "--checkpoint", workdir, "--out", workdir, "--sparsity", "0.5",
           "--finetune-steps", "3"], f"--out {workdir} already holds checkpoints (steps ["),
         (["convert", str(tmp_path / "w.npz"), workdir], f"DST {workdir} already holds checkpoints"),
+        (["eval", "--workdir", workdir, "--reliability", str(tmp_path / "r.xyz")],
+         f"--reliability {tmp_path / 'r.xyz'}: matplotlib cannot write .xyz files; use .png, "
+         ".pdf, .svg or .jpg"),
+        (["plot", workdir, "--out", str(tmp_path / "c.docx")],
+         f"--out {tmp_path / 'c.docx'}: matplotlib cannot write .docx files"),
     ]
     for argv, expected in cases:
         assert cli.main(argv) == 2, argv
         assert _one_error_line(capsys.readouterr().err).startswith(f"error: {expected}"), argv
+
+
+def test_a_closed_pipe_ends_quietly_as_a_pipe_tool_does(monkeypatch, capsys):
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_run_eval", reader_gone)
+    assert cli.main(["eval", "--workdir", "anything"]) == cli.SIGPIPE_STATUS == 141
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_output_folders_are_made_and_a_bare_reliability_name_gets_png(run, capsys,

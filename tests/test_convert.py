@@ -195,6 +195,56 @@ def test_a_checkpoint_converts_with_its_own_run_config(tmp_path, model):
     assert after.info.class_names == ("c0", "c1", "c2", "c3", "c4")
 
 
+def test_a_converted_checkpoint_keeps_its_dataset_and_a_weight_file_names_none(tmp_path,
+                                                                               capsys):
+    write(str(tmp_path / "run"), PLAIN, classes=[4, 1, 0, 2, 3], eval_split="test[:7]")
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    back = load_inference_model(str(tmp_path / "back"))
+    assert back.config.dataset == "tiny" and back.config.eval_split == "test[:7]"
+    assert list(back.config.classes) == [4, 1, 0, 2, 3]
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "npz"), "--to", "npz"]) == 0
+    os.remove(tmp_path / "npz" / "config.json")  # a bare weight file: nothing says its data
+    assert cli.main(["convert", str(tmp_path / "npz" / "model.npz"), str(tmp_path / "bare"),
+                     "--num-heads", "2"]) == 0
+    capsys.readouterr()
+    assert load_inference_model(str(tmp_path / "bare")).config.dataset == ""
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "bare")]) != 0
+    assert capsys.readouterr().err.strip() == (
+        "error: this run names no dataset (weights converted from a file have none): pass "
+        "--dataset NAME to vit eval, or set config.dataset")
+
+
+def test_convert_ema_and_flags_that_do_nothing(tmp_path, capsys):
+    import jax
+
+    from vit.checkpoint import Checkpointer, load_checkpoint
+
+    write(str(tmp_path / "run"), PLAIN)
+    contents = load_checkpoint(str(tmp_path / "run"))
+    ema = jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, contents.params)
+    ckpt = Checkpointer(str(tmp_path / "ema"))
+    ckpt.save(3, {"step": 3, "params": contents.params, "ema_params": ema},
+              config=contents.config, dataset_info=contents.dataset_info, force=True)
+    ckpt.close()
+    assert cli.main(["convert", str(tmp_path / "ema"), str(tmp_path / "e"), "--ema"]) == 0
+    got = flatten_params(load_inference_model(str(tmp_path / "e")).params)
+    for name, value in flatten_params(ema).items():
+        np.testing.assert_array_equal(np.asarray(got[name]), value, name)
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "x"), "--ema"]) == 2
+    assert "holds no EMA parameters (its run had ema_decay=None); drop --ema" in \
+        capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "t"), "--to", "npz",
+                     "--gelu", "erf", "--normalize", "imagenet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --normalize, --gelu describe weights read in, but --to writes the checkpoint's "
+        "own model, classes and preprocessing: drop them")
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "h"), "--num-heads",
+                     "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --num-heads must be >= 1, got 0"
+    assert not any((tmp_path / n).exists() for n in ("x", "t", "h"))
+
+
 def test_an_int8_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     from vit.quantize import quantize_checkpoint
 

@@ -145,6 +145,16 @@ def test_mock_eval_counts_every_example_once(devices):
     assert info.num_classes == 100 and info.split_sizes["test"] == 1001
 
 
+@pytest.mark.parametrize("devices,per_device", [(1, 7), (2, 4), (4, 2)])
+def test_an_eval_batch_larger_than_the_split_is_cut_to_it(devices, per_device):
+    """Not padded up to 100,000 images: the split, rounded up to the devices."""
+    c = _config(dataset="cifar100", eval_split="test", eval_batch_size=100_000, image_size=8)
+    with tfds.testing.mock_data(num_examples=7):
+        batches = list(data.eval_iterator(c, num_devices=devices))
+    assert [b["image"].shape for b in batches] == [(devices, per_device, 8, 8, 3)]
+    assert int(batches[0]["mask"].sum()) == 7
+
+
 def test_mock_train_inception_randaugment_shapes():
     c = _config(dataset="cifar100", batch_size=8, image_size=24, shuffle_buffer=16)
     c.pp.update(dict(train_crop="inception", randaugment_num_ops=2, normalize="imagenet"))
@@ -473,6 +483,26 @@ def test_a_class_subset_of_a_folder_counts_files_added_later(tmp_path):
     assert sum(int(b["mask"].sum()) for b in data.eval_iterator(c)) == 1
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "test" / "b" / "1.png")
     assert sum(int(b["mask"].sum()) for b in data.eval_iterator(c)) == 2
+
+
+@pytest.mark.parametrize("name,message", [
+    ("cifar10:9.9.9", "dataset 'cifar10:9.9.9' cannot be built: Dataset cifar10 cannot be loaded "
+     "at version 9.9.9, only: 3.0.2; fix the name, config or version"),
+    ("a b", "dataset 'a b' is neither a TFDS name (name[/config][:version], e.g. 'cifar10' or "
+     "'cifar10:3.0.2') nor an image folder ('folder:/path/root')"),
+])
+def test_a_tfds_name_that_cannot_be_built_is_one_line(name, message):
+    c = _config(dataset=name, data_dir=CIFAR_DIR)
+    with pytest.raises(DataError) as err:
+        data.dataset_info(c)
+    assert str(err.value) == message
+
+
+def test_a_folder_dataset_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "e.json").write_text("{}")
+    c = _folder_cfg(tmp_path / "e.json")
+    with pytest.raises(DataError, match="image folder '.*e.json' is a file, not a folder"):
+        data.dataset_info(c)
 
 
 def test_a_folder_dataset_without_a_path_is_one_line():

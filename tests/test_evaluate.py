@@ -214,9 +214,12 @@ def test_class_count_mismatch_is_one_clear_line(mock_run):
     assert "100 classes" in message and "head has 10" in message and "\n" not in message
 
 
-def _always_first_class_checkpoint(workdir: str, class_names: tuple[str, ...]) -> None:
-    """A tiny checkpoint whose head always predicts its first class, named as given."""
+def _always_first_class_checkpoint(workdir: str, class_names: tuple[str, ...],
+                                   classes: tuple[int, ...] | None = None) -> None:
+    """A tiny checkpoint whose head always predicts its first class, named as given (trained,
+    it says, on cifar10's label ids `classes`)."""
     config = tiny_config("", dataset="cifar10")
+    config.classes = classes
     model = vit.model_from_config(config.model.to_dict(), num_classes=len(class_names),
                                   image_size=config.image_size)
     params = vit.init_params(model, jax.random.PRNGKey(0))
@@ -255,6 +258,20 @@ def test_another_dataset_is_matched_to_the_head_by_class_name(tmp_path):
         evaluate_checkpoint(str(tmp_path / "run"), dataset=other, split="test")
     with pytest.raises(EvalError, match="unknown match_classes='id'; use one of names, order"):
         evaluate_checkpoint(str(tmp_path / "run"), match_classes="id")
+
+
+def test_a_class_subset_run_is_matched_by_name_on_a_dataset_with_more_classes(tmp_path):
+    """Trained on cifar10's dog (5) and cat (3): the run's label ids mean nothing in a folder,
+    whose extra class is left out."""
+    _always_first_class_checkpoint(str(tmp_path / "run"), ("dog", "cat"), classes=(5, 3))
+    folder = _folder(tmp_path / "zoo", {"cat": 2, "dog": 3, "emu": 4})
+    result = evaluate_checkpoint(str(tmp_path / "run"), dataset=folder, split="test")
+    assert result.num_examples == 5 and result.top1 == 3 / 5
+    assert result.per_class == {"dog": 1.0, "cat": 0.0}
+    two = _folder(tmp_path / "pets", {"cat": 2, "dog": 3})
+    by_id = evaluate_checkpoint(str(tmp_path / "run"), dataset=two, split="test",
+                                match_classes="order")
+    assert by_id.num_examples == 5 and by_id.top1 == 2 / 5
 
 
 @pytest.mark.parametrize("split,expected", [

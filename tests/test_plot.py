@@ -71,6 +71,14 @@ def test_vit_plot_writes_a_png_for_new_and_old_runs(run, tmp_path, capsys):
     assert loss.values.tolist() == [2.3, 2.2, 2.1, 2.0]  # the resumed step 30 wins
 
 
+def test_vit_plot_writes_the_format_its_extension_names(run, tmp_path, capsys):
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "c.svg")]) == 0
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "bare")]) == 0
+    assert f"wrote {tmp_path / 'bare.png'} (1 run)" in capsys.readouterr().out
+    _check_png(tmp_path / "bare.png")
+
+
 def test_a_time_key_in_the_records_gives_minutes(tmp_path):
     workdir = _write_jsonl(tmp_path / "timed", [
         {"step": 1, "train/loss": 2.0, "time": 1000.0},

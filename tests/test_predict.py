@@ -70,6 +70,18 @@ def test_accepts_loaded_contents_and_caps_top_k(run):
     assert sum(prob for _, prob in result.predictions[0]["top_k"]) == pytest.approx(1.0, 1e-5)
 
 
+def test_one_path_and_path_objects_are_taken_as_paths(run):
+    """A string is one path, not a list of one-letter paths (".", "/", ... would be found)."""
+    import pathlib
+
+    one = predict(run["workdir"], run["files"][0])
+    objects = predict(pathlib.Path(run["workdir"]), [pathlib.Path(run["files"][0])])
+    assert one.errors == objects.errors == []
+    assert [p["file"] for p in one.predictions] == [p["file"] for p in objects.predictions] \
+        == run["files"][:1]
+    assert one.predictions[0]["top_k"] == objects.predictions[0]["top_k"]
+
+
 def test_bad_inputs_are_named_and_the_rest_still_predicted(run, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8 not really a jpeg")

@@ -10,6 +10,7 @@ line `error: ...` on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -18,20 +19,22 @@ from vit import ship_cli
 from vit.checkpoint import CheckpointError
 from vit.error_text import first_line
 from vit.nonfinite import NonFiniteLossError
-from vit.output_paths import check_directory, check_file, write_json
+from vit.output_paths import check_directory, check_figure_file, check_file, write_json
 from vit.preprocess import DataError
 from vit.weight_formats import WeightsError
 
 USAGE_ERROR, INPUT_ERROR = 2, 1
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 _USER_ERRORS = (DataError, CheckpointError, WeightsError, ValueError, OSError,
                 NonFiniteLossError)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """The sub-command's output paths, checked before its work (vit/output_paths.py)."""
-    for option in ("json", "reliability"):
-        if getattr(args, option, None):
-            check_file(getattr(args, option), f"--{option}")
+    if getattr(args, "json", None):
+        check_file(args.json, "--json")
+    if getattr(args, "reliability", None):
+        check_figure_file(args.reliability, "--reliability")
     if getattr(args, "plots", None):
         check_directory(args.plots, "--plots")
 
@@ -137,7 +140,7 @@ def _run_attention(args: argparse.Namespace) -> int:
 def _run_plot(args: argparse.Namespace) -> int:
     from vit.plot import plot_runs
 
-    check_file(args.out, "--out", ".png")
+    check_figure_file(args.out, "--out")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     path = plot_runs(args.workdirs, args.out, labels=labels)
     print(f"wrote {path} ({len(args.workdirs)} run{'s' if len(args.workdirs) > 1 else ''})")
@@ -255,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader stopped early (`vit eval ... | head -1`)
+        # Python's own flush at exit must not fail on the closed pipe again; a captured stdout
+        # has no descriptor to replace.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
     except _USER_ERRORS as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return USAGE_ERROR

@@ -144,18 +144,28 @@ def _class_names(path: str | None, said: list[str] | None, num_classes: int) -> 
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def _own_checkpoint(src: str) -> tuple[Weights, dict]:
-    """(params, what its run config says) of this toolkit's checkpoint `src`: the model config,
-    image size, normalisation, evaluation resize and class names, all as the run had them."""
+# The run-config keys saying what a checkpoint's classes are: a converted checkpoint keeps them.
+_DATA_KEYS = ("dataset", "data_dir", "classes", "train_split", "eval_split")
+
+
+def _own_checkpoint(src: str, use_ema: bool) -> tuple[Weights, dict]:
+    """(params, or its EMA params; what its run config says) of this toolkit's checkpoint `src`:
+    the model config, image size, normalisation, evaluation resize, dataset and class names."""
     from vit.checkpoint import load_checkpoint
 
     contents = load_checkpoint(src)
+    params = contents.params
+    if use_ema:
+        if contents.ema_params is None:
+            raise WeightsError(f"{src} holds no EMA parameters (its run had ema_decay=None); "
+                               "drop --ema")
+        params = contents.ema_params
     model = dict(contents.config.get("model") or {})
     if model.get("quant", "none") != "none":
         raise WeightsError(f"{src} holds {model['quant']}-quantised weights, which convert "
                            "cannot rebuild as a float model: convert the float checkpoint it was "
                            "quantised from")
-    arrays = {k: np.asarray(v) for k, v in flatten_params(contents.params).items()}
+    arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     weights = Weights(arrays, "checkpoint",
                       [f"loaded params of step {contents.step} from {src}"],
                       grid=run_grid(contents.config))
@@ -165,14 +175,18 @@ def _own_checkpoint(src: str) -> tuple[Weights, dict]:
             "class_names": contents.dataset_info.get("class_names")}
     weight_sidecars.check_own_model(said, f"the run config of {src}",
                                     "convert a checkpoint written by vit train")
+    said["data"] = {key: contents.config[key] for key in _DATA_KEYS if key in contents.config}
     return weights, {k: v for k, v in said.items() if v is not None}
 
 
-def _read_source(src: str, normalize: str | None) -> tuple[Weights, dict]:
+def _read_source(src: str, normalize: str | None, use_ema: bool) -> tuple[Weights, dict]:
     """(weights, what the source says of its model): a checkpoint's own run config, else the
     config.json / preprocessor_config.json beside a weight file."""
     if os.path.isdir(src):
-        return _own_checkpoint(src)
+        return _own_checkpoint(src, use_ema)
+    if use_ema:
+        raise WeightsError(f"{src} is a weight file, which holds one set of parameters: drop "
+                           "--ema (it picks a checkpoint's EMA parameters)")
     said = weight_sidecars.what_the_file_says(*weight_sidecars.read_sidecars(src),
                                               normalize=normalize)
     return read_weights(src), said
@@ -204,7 +218,7 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
 
 def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
                     class_names_file: str | None = None, normalize: str | None = None,
-                    gelu: str | None = None) -> tuple[str, list[str]]:
+                    gelu: str | None = None, use_ema: bool = False) -> tuple[str, list[str]]:
     """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
 
     A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
@@ -225,7 +239,7 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     if normalize is not None and normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; use one of "
                          f"{', '.join(NORMALIZATIONS)}")
-    weights, said = _read_source(src, normalize)
+    weights, said = _read_source(src, normalize, use_ema)
     variant, model_config, image_size, arch_notes = _model_config(weights, said, num_heads, gelu)
     eval_resize, resize_notes = weight_sidecars.stated_eval_resize(said, image_size)
     notes = list(weights.notes) + arch_notes + resize_notes
@@ -242,12 +256,13 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     notes += [n for n in adapt_notes if n not in notes]
     names = _class_names(class_names_file, said.get("class_names"), num_classes)
     config = data.default_config()
-    config.dataset = os.path.basename(os.path.normpath(src))
+    config.dataset = ""  # weights from a file name no dataset: `vit eval --dataset` says which
+    config.update(said.get("data", {}))
     config.image_size = image_size
     config.pp.normalize = normalize
     config.pp.eval_resize = eval_resize
     config.model = {"variant": variant, **model_config}
-    info = data.DatasetInfo(config.dataset, num_classes, tuple(names),
+    info = data.DatasetInfo(config.dataset or os.path.basename(src), num_classes, tuple(names),
                             (image_size, image_size, 3), {})
     checkpointer = Checkpointer(dst)
     checkpointer.save(0, {"step": 0, "params": params}, config=config.to_dict(),

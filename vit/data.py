@@ -300,12 +300,15 @@ def num_eval_batches(
             f"than the {process_count} processes; increase it"
         )
     split = split or config.eval_split
-    src = open_source(config)
+    return math.ceil(_largest_part(open_source(config), split, process_count) / batch)
+
+
+def _largest_part(src: Source, split: str, process_count: int) -> int:
+    """Examples in the largest process's part of `split`."""
     if process_count == 1:
-        largest_part = src.size(split)
-    else:  # parts of a "+"-joined split, or of a class subset, differ by more than one: count
-        largest_part = max(src.part_size(split, i, process_count) for i in range(process_count))
-    return math.ceil(largest_part / batch)
+        return src.size(split)
+    # parts of a "+"-joined split, or of a class subset, differ by more than one: count them
+    return max(src.part_size(split, i, process_count) for i in range(process_count))
 
 
 def eval_iterator(
@@ -332,6 +335,9 @@ def eval_iterator(
     num_devices, process_index, process_count = _topology(num_devices, process_index, process_count)
     batch = _local_batch(batch_size, num_devices, process_count, "eval_batch_size")
     src = open_source(config)
+    # A batch larger than the split is cut to the split (rounded up to the devices), not padded.
+    batch = min(batch, max(1, math.ceil(_largest_part(src, split, process_count) / num_devices))
+                * num_devices)
     total = batch * num_eval_batches(
         config, split, batch_size=batch_size, process_count=process_count
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -85,10 +86,11 @@ class InferenceModel:
 
 
 def load_inference_model(
-    checkpoint: str | CheckpointContents, *, use_ema: bool = False
+    checkpoint: str | os.PathLike | CheckpointContents, *, use_ema: bool = False
 ) -> InferenceModel:
     """Rebuild the model a checkpoint (path or loaded contents) was trained as, with its params."""
-    contents = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    contents = (load_checkpoint(os.fspath(checkpoint))
+                if isinstance(checkpoint, str | os.PathLike) else checkpoint)
     for key in ("model", "image_size", "dataset"):
         if key not in contents.config:
             raise CheckpointError(f"checkpoint of step {contents.step} has no config[{key!r}]; "
@@ -264,7 +266,8 @@ def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
     """The label ids of `wanted` (a checkpoint's class names, in its head's order) in
     config.dataset, for config.classes; None when they already line up or a side has no names.
 
-    An EvalError names the classes the dataset lacks.
+    A dataset with more classes gives those of the head (its other examples are left out); an
+    EvalError names the classes the dataset lacks.
     """
     full = config.copy_and_resolve_references()
     full.classes = None
@@ -272,8 +275,6 @@ def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
     names = data.dataset_info(full).class_names
     if tuple(names) == tuple(wanted) or not (_has_real_names(names) and _has_real_names(wanted)):
         return None
-    if set(names) != set(wanted) and len(names) != len(wanted):
-        return None  # evaluate's class-count check names the mismatch
     missing = [name for name in wanted if name not in names]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -305,6 +306,8 @@ def evaluate_checkpoint(
     for key, value in overrides.items():
         if value is not None:
             config[key] = value
+    if dataset is not None:  # the run's class subset named label ids of its own dataset
+        config.classes = None
     if dataset is not None and match_classes == "names":
         by_name = match_classes_by_name(config, split or config.eval_split,
                                         tuple(loaded.info.class_names))

@@ -56,6 +56,18 @@ def check_file(given: str, option: str, suffix: str = ".json") -> None:
     _check_folder(path.absolute().parent, option, given)
 
 
+def check_figure_file(given: str, option: str) -> None:
+    """`check_file` for a figure: also an OutputPathError for an extension matplotlib cannot
+    write (none: ".png" is added)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    check_file(given, option, ".png")
+    ext = Path(given).suffix.lower().lstrip(".")
+    if ext and ext not in FigureCanvasBase.get_supported_filetypes():
+        raise OutputPathError(f"{option} {given}: matplotlib cannot write .{ext} files; use "
+                              ".png, .pdf, .svg or .jpg")
+
+
 def check_directory(given: str, option: str) -> None:
     """OutputPathError unless `given` is a directory or can be made."""
     path = Path(given).expanduser().absolute()

@@ -144,7 +144,8 @@ def _default_labels(workdirs: Sequence[str]) -> list[str]:
 
 def plot_runs(workdirs: Sequence[str], out_png: str,
               labels: Sequence[str] | None = None) -> str:
-    """Draw eval top-1 and train loss against minutes and steps for `workdirs`; returns the PNG."""
+    """Draw eval top-1 and train loss against minutes and steps for `workdirs`; the figure's path
+    (".png" added to a name without an extension, else the format the extension names)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -197,6 +198,8 @@ def plot_runs(workdirs: Sequence[str], out_png: str,
         if not run.has_wall_clock:
             log.warning("%s: no wall-clock times in %s; drawn against steps only", label,
                         run.workdir)
-    fig.savefig(make_parent(out_png), format="png")
+    if not os.path.splitext(out_png)[1]:
+        out_png += ".png"  # else the format its extension names
+    fig.savefig(make_parent(out_png))
     return out_png
 

@@ -115,14 +115,17 @@ def probabilities(model: VisionTransformer, params, inputs: np.ndarray) -> np.nd
 
 
 def predict(
-    checkpoint_or_contents: str | CheckpointContents, paths: list[str], *, top_k: int = 5,
+    checkpoint_or_contents: str | os.PathLike | CheckpointContents,
+    paths: str | os.PathLike | Sequence[str | os.PathLike], *, top_k: int = 5,
     use_ema: bool = False,
 ) -> PredictResult:
-    """Top-k (class name, probability) for every image file in `paths` (files or directories)."""
+    """Top-k (class name, probability) for every image file in `paths` (files or directories;
+    one path alone, or a list)."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     loaded = load_inference_model(checkpoint_or_contents, use_ema=use_ema)
-    files, errors = expand_paths(paths)
+    one = isinstance(paths, str | os.PathLike)
+    files, errors = expand_paths([os.fspath(p) for p in ([paths] if one else paths)])
     files, images, unreadable = read_images(files)
     errors += unreadable
     if not files:

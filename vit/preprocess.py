@@ -32,6 +32,9 @@ with contextlib.suppress(RuntimeError):  # raised only once TF has initialised i
 INCEPTION_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
 
 
+_TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what PIL calls the formats TensorFlow decodes
+
+
 def decode_image_file(path: str) -> np.ndarray:
     """Reads an image file into a uint8 [H, W, 3] RGB array; DataError naming a bad file.
 
@@ -41,7 +44,8 @@ def decode_image_file(path: str) -> np.ndarray:
     """
     try:
         with Image.open(path) as im:  # checks the file and its size before decoding anything
-            im.size  # noqa: B018
+            kind = im.format
+            im.load()  # a truncated or corrupt file fails here, not noisily in TensorFlow
     except FileNotFoundError:
         raise DataError(f"image file {path!r} does not exist; check the path") from None
     except Image.DecompressionBombError as e:
@@ -51,6 +55,8 @@ def decode_image_file(path: str) -> np.ndarray:
         raise DataError(
             f"corrupt or unreadable image file {path!r} ({e}); remove or replace it"
         ) from None
+    if kind not in _TF_FORMATS:
+        return _decode_with_pil(path)
     try:
         return decode(tf.io.read_file(path)).numpy()
     except tf.errors.OpError:

@@ -250,7 +250,8 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
         return
     fix = "build the model with the weights' variant (width, depth, heads, mlp_dim, classifier)"
     if any(m.startswith(EMBEDDING) for m in mismatched) and not resize_patch:
-        fix += ", or pass resize_patch=True for a new patch size"
+        fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
+                "training: --config.init_resize_patch=True)")
     raise WeightsError(f"weights do not fit the model: {'; '.join(parts)}; {fix}")
 
 

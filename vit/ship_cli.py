@@ -16,13 +16,22 @@ def _run_convert(args: argparse.Namespace) -> int:
     from vit import convert
 
     (check_directory if args.to else check_new_workdir)(args.dst, "DST")
+    if args.num_heads is not None and args.num_heads < 1:
+        raise ValueError(f"--num-heads must be >= 1, got {args.num_heads}")
     if args.to:
+        reading = [flag for flag, value in (("--num-heads", args.num_heads),
+                                            ("--class-names", args.class_names),
+                                            ("--normalize", args.normalize),
+                                            ("--gelu", args.gelu)) if value is not None]
+        if reading:
+            raise ValueError(f"{', '.join(reading)} describe weights read in, but --to writes "
+                             "the checkpoint's own model, classes and preprocessing: drop them")
         for path in convert.export_weights(args.src, args.to, args.dst, use_ema=args.ema):
             print(f"wrote {path}")
         return 0
     path, notes = convert.convert_weights(
         args.src, args.dst, num_heads=args.num_heads, class_names_file=args.class_names,
-        normalize=args.normalize, gelu=args.gelu)
+        normalize=args.normalize, gelu=args.gelu, use_ema=args.ema)
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {path}; evaluate it with: vit eval --checkpoint {path} --dataset NAME")
@@ -90,7 +99,8 @@ def add_commands(sub: Any) -> None:
                     help="the source's input normalisation (default: its config, else 0.5/0.5)")
     cv.add_argument("--gelu", choices=GELUS,
                     help="the source's GELU (default: erf for timm / HF, tanh for vit_jax)")
-    cv.add_argument("--ema", action="store_true", help="with --to: use the EMA params")
+    cv.add_argument("--ema", action="store_true",
+                    help="a checkpoint's EMA params (SRC a checkpoint with EMA)")
     cv.set_defaults(run=_run_convert)
 
     ex = sub.add_parser("export", help="StableHLO / SavedModel / TFLite / ONNX, verified")

@@ -53,6 +53,9 @@ class Source:
 
 def open_source(config: ml_collections.ConfigDict) -> Source:
     """The Source of config.dataset (TFDS name or "folder:/root"), reduced to config.classes."""
+    if not config.dataset:
+        raise DataError("this run names no dataset (weights converted from a file have none): "
+                        "pass --dataset NAME to vit eval, or set config.dataset")
     if config.dataset.startswith(FOLDER_PREFIX):
         src = _folder_source(config)
     else:
@@ -92,6 +95,16 @@ def _classification_features(builder: tfds.core.DatasetBuilder) -> tuple[str, st
         "TFDS dataset or an image folder (dataset='folder:/path/root')")
 
 
+def _builder_error(name: str, err: Exception) -> str:
+    """One line for what tfds.builder says of a dataset string it cannot build."""
+    text = str(err)
+    if text.startswith("Parsing builder name string"):
+        return (f"dataset {name!r} is neither a TFDS name (name[/config][:version], e.g. "
+                "'cifar10' or 'cifar10:3.0.2') nor an image folder ('folder:/path/root')")
+    detail = text.split('": ', 1)[-1].split(" Here are ", 1)[0].splitlines()[0].rstrip(". ")
+    return f"dataset {name!r} cannot be built: {detail}; fix the name, config or version"
+
+
 def _tfds_source(config: ml_collections.ConfigDict) -> Source:
     data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or None
     name = config.dataset
@@ -102,6 +115,8 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
         hint = " or ".join(repr(c) for c in close)
         hint = f"did you mean {hint}?" if close else "see tfds.list_builders() for names"
         raise DataError(f"unknown dataset {name!r}; {hint}") from None
+    except (AssertionError, ValueError) as err:  # a bad version, config or name string
+        raise DataError(_builder_error(name, err)) from None
     if config.get("download") and not builder.is_prepared():
         manual = config.get("manual_dir")
         try:
@@ -136,9 +151,10 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
                 raise DataError(f"bad split {split!r} for {name!r}: {reason}; use a slice such "
                                 "as test[:1000]") from None
             raise DataError(
-                f"dataset {name!r} is not prepared in {builder.data_dir_root}; set data_dir or "
-                f"TFDS_DATA_DIR to where it is, or run `tfds build {name} --data_dir=DIR` "
-                "(imagenet2012: put its tar files in manual_dir) or set download=True"
+                f"dataset {name!r} is not prepared in {builder.data_dir_root}; point data_dir "
+                f"(vit: --data-dir, train.py: --config.data_dir) or TFDS_DATA_DIR at it, or run "
+                f"`tfds build {name} --data_dir=DIR` (imagenet2012: put its tar files in "
+                "manual_dir), or let train.py prepare it with --config.download=True"
             ) from None
         except ValueError as e:
             reason = str(e).splitlines()[-1]
@@ -215,6 +231,9 @@ def _scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
     split, so slices such as "train[:98%]" and the processes' parts mix the classes. The scan
     is cached until a folder's modification time changes (a file or class added or removed).
     """
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} is a file, not a folder; use "
+                        "dataset='folder:/path/root' with root/<split>/<class>/ image folders")
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist; use dataset='folder:/path/root'")
     return _scan_folder_once(root, skip_corrupt, _folder_times(root))
