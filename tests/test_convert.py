@@ -211,7 +211,30 @@ def test_a_converted_checkpoint_keeps_its_dataset_and_a_weight_file_names_none(t
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "bare")]) != 0
     assert capsys.readouterr().err.strip() == (
         "error: this run names no dataset (weights converted from a file have none): pass "
-        "--dataset NAME to vit eval, or set config.dataset")
+        "--dataset NAME (vit eval, vit prune), or set config.dataset")
+
+
+def test_a_hub_folder_converts_as_its_weight_file(tmp_path):
+    """The folder HF's from_pretrained takes: model.safetensors beside config.json."""
+    write(str(tmp_path / "run"), PLAIN)
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "hub"), "--to", "hf"]) == 0
+    assert cli.main(["convert", str(tmp_path / "hub"), str(tmp_path / "back")]) == 0
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_logits(str(tmp_path / "back"), x),
+                               _logits(str(tmp_path / "run"), x), atol=1e-5)
+
+
+def test_a_checkpoint_of_rectangular_images_is_one_line_where_it_is_loaded(tmp_path):
+    import dataclasses
+
+    from vit.checkpoint import CheckpointError, load_checkpoint
+
+    write(str(tmp_path / "run"), PLAIN)
+    contents = load_checkpoint(str(tmp_path / "run"))
+    wide = dataclasses.replace(contents, config={**contents.config, "image_size": [16, 24]})
+    with pytest.raises(CheckpointError, match=r"takes \[16, 24\] images; evaluation, prediction "
+                                              "and export take square ones"):
+        load_inference_model(wide)
 
 
 def test_convert_ema_and_flags_that_do_nothing(tmp_path, capsys):

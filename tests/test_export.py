@@ -86,6 +86,19 @@ def test_saved_model_serving_takes_uint8_of_any_size_and_batch(recipe, tmp_path)
     np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-5)
 
 
+def test_a_model_with_eval_resize_exports_to_every_format(tmp_path):
+    """The batch check feeds evaluation crops to `pixels`, not to `serving_default`, which
+    would resize and crop them a second time."""
+    write(str(tmp_path / "run"), PLAIN, pp={"eval_resize": 20})
+    files = image_files(tmp_path / "images")
+    for fmt in ("saved_model", "stablehlo", "tflite", *(("onnx",) if HAS_ONNX else ())):
+        result = export(str(tmp_path / "run"), fmt, tmp_path / "out", images=files,
+                        measure_speed=False)
+        assert result.max_abs_diff <= 1e-4, fmt
+    meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert meta["saved_model"]["checkpoint"] == str(tmp_path / "run")
+
+
 def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
     run, files = recipe
     result = export(str(run), "tflite", tmp_path, images=files, measure_speed=False)

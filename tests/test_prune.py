@@ -139,8 +139,40 @@ def test_magnitude_pruning_of_a_map_model_loads_and_exports(tmp_path):
                               sparsity=0.5)
     loaded = load_inference_model(str(tmp_path / "out"))
     assert result.mlp_dim == 64 and loaded.model.classifier == "map"
+    head = [np.asarray(v) for k, v in flatten_params(loaded.params).items()
+            if k.startswith("MAPHead_0/") and k.endswith("/kernel")
+            and ("MlpBlock_0" in k or "MultiHeadDotProductAttention_0" in k)]
+    assert len(head) == 6  # the head's query, key, value, out and its MLP's two kernels
+    zeros = sum(int((x == 0).sum()) for x in head) / sum(x.size for x in head)
+    assert 0.2 < zeros < 0.8  # pruned with the encoder's kernels, by one global threshold
     assert loaded.model.apply({"params": loaded.params},
                               np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("sparsity,heads_cut,channels_kept", [
+    (0.125, 1, 56), (0.375, 2, 40), (0.5, 2, 32), (0.625, 3, 24)])
+def test_structured_counts_round_halves_up(run, sparsity, heads_cut, channels_kept):
+    """4 heads, 64 channels: 0.125 x 4 = 0.5 heads is one head (Python's round gave 0)."""
+    _, _, params = run
+    pruned, _, mlp_dim = prune_structured(params, sparsity)
+    value = np.asarray(flatten_params(pruned)[ATTN + "value/kernel"])
+    assert sum(not np.any(value[:, h]) for h in range(4)) == heads_cut
+    assert mlp_dim == channels_kept
+
+
+@pytest.mark.parametrize("sparsity,message", [
+    (0.9, "sparsity 0.9 would remove all 4 attention heads of each block; use a sparsity below "
+     "0.875"),
+    (0.875, "sparsity 0.875 would remove all 4 attention heads"),
+])
+def test_structured_pruning_that_removes_everything_is_refused(run, tmp_path, capsys, sparsity,
+                                                                message):
+    root, _, _ = run
+    code = cli.main(["prune", "--checkpoint", str(root / "run"), "--out", str(tmp_path / "out"),
+                     "--sparsity", str(sparsity)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_finetune_that_diverges_writes_nothing(tmp_path, capsys):

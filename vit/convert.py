@@ -179,11 +179,27 @@ def _own_checkpoint(src: str, use_ema: bool) -> tuple[Weights, dict]:
     return weights, {k: v for k, v in said.items() if v is not None}
 
 
+# What a Hub folder (HF's from_pretrained, timm's) holds its weights in, most preferred first.
+_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.npz")
+
+
+def _weight_file_in(folder: str) -> str | None:
+    """The weight file of a Hub-style folder (model.safetensors beside its config.json, ...);
+    None for anything else, such as this toolkit's workdirs and checkpoints."""
+    for name in _HUB_WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
 def _read_source(src: str, normalize: str | None, use_ema: bool) -> tuple[Weights, dict]:
     """(weights, what the source says of its model): a checkpoint's own run config, else the
     config.json / preprocessor_config.json beside a weight file."""
     if os.path.isdir(src):
-        return _own_checkpoint(src, use_ema)
+        inside = _weight_file_in(src)
+        if inside is None:
+            return _own_checkpoint(src, use_ema)
+        src = inside
     if use_ema:
         raise WeightsError(f"{src} is a weight file, which holds one set of parameters: drop "
                            "--ema (it picks a checkpoint's EMA parameters)")

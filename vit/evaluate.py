@@ -98,6 +98,11 @@ def load_inference_model(
     if not contents.dataset_info:
         raise CheckpointError(f"checkpoint of step {contents.step} has no dataset_info; "
                               "it was not written by `vit train` or `vit convert`")
+    size = contents.config["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise CheckpointError(f"checkpoint of step {contents.step} takes {size} images; "
+                              "evaluation, prediction and export take square ones (image_size "
+                              "an int): fine-tune it at a square size with configs/finetune.py")
     params = contents.chosen_params(use_ema)
     config = ml_collections.ConfigDict(contents.config)
     info = data.DatasetInfo.from_dict(contents.dataset_info)

@@ -28,6 +28,7 @@ model could not be built; `magnitude` prunes it), and either method on a depth-0
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -87,7 +88,19 @@ def mlp_scores(flat: dict[str, np.ndarray], block: str) -> np.ndarray:
 
 
 def _prunable(name: str) -> bool:
-    return name.endswith("/kernel") and ("/" + _ATTN + "/" in name or "/MlpBlock_3/" in name)
+    """Attention and MLP kernels: the encoder blocks' and a MAP head's."""
+    return name.endswith("/kernel") and ("/MultiHeadDotProductAttention_" in name
+                                         or "/MlpBlock_" in name)
+
+
+def _cut(sparsity: float, n: int, what: str) -> int:
+    """How many of a block's `n` heads or channels `sparsity` removes (halves round up); a
+    ValueError when that is all of them."""
+    count = math.floor(sparsity * n + 0.5)
+    if count >= n:
+        raise ValueError(f"sparsity {sparsity:g} would remove all {n} {what} of each block; use "
+                         f"a sparsity below {(n - 0.5) / n:.3g}")
+    return count
 
 
 def prune_structured(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree, int]:
@@ -97,15 +110,15 @@ def prune_structured(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree, i
     mlp_dim = None
     for block in _blocks(flat):
         scores = head_scores(flat, block)
-        gone = np.argsort(scores, kind="stable")[:int(round(sparsity * len(scores)))]
+        gone = np.argsort(scores, kind="stable")[:_cut(sparsity, len(scores), "attention heads")]
         for name in ("query", "key", "value"):
             for leaf in ("kernel", "bias"):
                 key = f"{block}{_ATTN}/{name}/{leaf}"
                 masks[key][..., gone, :] = 0  # kernel [D, H, d], bias [H, d]
         masks[f"{block}{_ATTN}/out/kernel"][gone] = 0
         scores = mlp_scores(flat, block)
-        keep = np.sort(np.argsort(-scores, kind="stable")[:len(scores) - int(round(
-            sparsity * len(scores)))])
+        cut = _cut(sparsity, len(scores), "MLP channels")
+        keep = np.sort(np.argsort(-scores, kind="stable")[:len(scores) - cut])
         mlp_dim = len(keep)
         for key, axis in (("Dense_0/kernel", 1), ("Dense_0/bias", 0), ("Dense_1/kernel", 0)):
             key = f"{block}MlpBlock_3/{key}"
@@ -122,7 +135,7 @@ def prune_magnitude(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree]:
     _blocks(flat)  # a depth-0 model has nothing to prune
     prunable = [k for k in flat if _prunable(k)]
     values = np.concatenate([np.abs(flat[k]).ravel() for k in prunable])
-    count = int(round(sparsity * values.size))
+    count = math.floor(sparsity * values.size + 0.5)
     threshold = np.partition(values, count - 1)[count - 1] if count else -1.0
     masks = {k: (np.abs(v) > threshold).astype(v.dtype) if k in prunable else np.ones_like(v)
              for k, v in flat.items()}
@@ -184,9 +197,11 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
 
 
 def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
-                     finetune_steps: int = 0, lr: float = 1e-4, use_ema: bool = False
-                     ) -> PruneResult:
-    """Prune checkpoint `src` into workdir `dst` (optionally fine-tuned); see the module doc."""
+                     finetune_steps: int = 0, lr: float = 1e-4, use_ema: bool = False,
+                     dataset: str | None = None, data_dir: str | None = None) -> PruneResult:
+    """Prune checkpoint `src` into workdir `dst` (optionally fine-tuned on its run's dataset, or
+    on `dataset` read from `data_dir`: weights converted from a file name none); see the module
+    doc."""
     import ml_collections
 
     from vit.checkpoint import Checkpointer, load_checkpoint
@@ -201,6 +216,9 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
     if contents.config.get("model", {}).get("quant", "none") != "none":
         raise ValueError("prune the float checkpoint, then quantize the pruned one")
     config = ml_collections.ConfigDict(contents.config)
+    for key, value in (("dataset", dataset), ("data_dir", data_dir)):
+        if value is not None:
+            config[key] = value
     if method == "structured" and "MAPHead_0" in original:
         raise ValueError("structured pruning cuts config.model.mlp_dim, which the MAP head's MLP "
                          "(MAPHead_0/MlpBlock_0) shares with the encoder, so the pruned model "

@@ -66,7 +66,8 @@ def _run_prune(args: argparse.Namespace) -> int:
     check_new_workdir(args.out, "--out")
     result = prune_checkpoint(args.checkpoint, args.out, method=args.method,
                               sparsity=args.sparsity, finetune_steps=args.finetune_steps,
-                              lr=args.lr, use_ema=args.ema)
+                              lr=args.lr, use_ema=args.ema, dataset=args.dataset,
+                              data_dir=args.data_dir)
     print(result.summary())
     return 0
 
@@ -131,4 +132,7 @@ def add_commands(sub: Any) -> None:
     pn.add_argument("--lr", type=float, default=1e-4, help="peak fine-tuning learning rate "
                     "(warmup over the first tenth of the steps, then cosine decay)")
     pn.add_argument("--ema", action="store_true", help="prune the EMA params")
+    pn.add_argument("--dataset", help="fine-tune on this TFDS name or folder:/path (default: "
+                    "the run's own; weights converted from a file have none)")
+    pn.add_argument("--data-dir", help="TFDS data directory")
     pn.set_defaults(run=_run_prune)
