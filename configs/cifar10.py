@@ -85,7 +85,8 @@ def _fast(stem: str, total_steps: int, batch_size: int = 64) -> ml_collections.C
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    """The CIFAR-10 config for `variant`: short (default), hour, hour-f32, hour-conv, Ti/4, S/4."""
+    """The CIFAR-10 config for `variant`: short (default), short-proxy, hour, hour-f32,
+    hour-conv, Ti/4, S/4 or ablation-base."""
     variant = variant or "short"
     if variant == "short":
         # Half the patch tokens dropped in training (PatchDropout): 1.8x the steps in the same
@@ -136,8 +137,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 2_000
         return c
     if variant not in ("Ti/4", "S/4"):
-        raise ValueError(f"unknown cifar10 variant {variant!r}: use short, hour, hour-f32, "
-                         "hour-conv, Ti/4 or S/4")
+        raise ValueError(f"unknown cifar10 variant {variant!r}: use short, short-proxy, hour, "
+                         "hour-f32, hour-conv, Ti/4, S/4 or ablation-base")
     epoch = _TRAIN_IMAGES // 128
     c = _base()
     c.model = model_config(variant, drop_path_rate=0.1, dtype="bfloat16")  # float32 params

@@ -4,6 +4,7 @@ import asyncio
 import errno
 import os
 import shutil
+import sys
 
 import flax
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorstore
 from orbax.checkpoint._src.path import atomicity, temporary_paths
 
 from vit import checkpoint, optim
@@ -224,6 +226,69 @@ def test_a_failed_save_names_its_step_once_and_the_earlier_one_restores(tmp_path
     _assert_tree_equal(reopened.restore(_state(ema=False, steps=0)), saved)
     reopened.close()
     assert sorted(os.listdir(directory)) == ["2"]  # the half-written step 3 was cleaned up
+
+
+# The error tensorstore raises when a write of a save finds the disk full (from a real one).
+_TENSORSTORE_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "params.w11/0.0" in OCDBT database at local file '
+    '"{0}/state.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "{0}/d/fca0": Failed to '
+    "write 2167952 bytes to file 4: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_reported_by_tensorstore_gets_the_disk_full_line_and_no_noise(
+        tmp_path, monkeypatch):
+    """One tensorstore write fails, another is still in flight: it completes after orbax's
+    event loop has closed, and its callback's "Event loop is closed" is not reported."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    checkpoint.drop_closed_loop_tracebacks()  # as train.py and the vit command do
+    in_flight = []
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def faulty(self):
+        if self.get_final().name == "2":
+            loop = asyncio.get_running_loop()
+            promise, future = tensorstore.Promise.new()
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(lambda: None))
+            in_flight.append(promise)
+            raise ValueError(_TENSORSTORE_FULL.format(self.get()))
+        return await real(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", faulty)
+    saved, meta = _state(ema=False), dict(config={}, dataset_info={})
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    assert ckpt.save(1, saved, **meta) and ckpt.save(2, saved, **meta)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        ckpt.wait()
+    ckpt.close()
+    directory = tmp_path.absolute() / "checkpoints"
+    assert _one_line(info) == (
+        f"cannot save step 2 to {directory} (OSError: [Errno 28] No space left on device): "
+        f"free disk space where {directory} is, then rerun the same command to resume from "
+        "step 1 (the checkpoints already saved are kept)")
+    in_flight[0].set_result(None)  # its callback runs here, after the loop closed
+    other = RuntimeError("something else")
+
+    class Broken:
+        def __del__(self):
+            raise other
+
+    Broken()  # collected at once: Python reports what its __del__ raised
+    assert [args.exc_value for args in unraisable] == [other]  # other reports pass on
+
+
+def test_an_existing_checkpoints_directory_that_is_read_only_is_one_line(tmp_path,
+                                                                         monkeypatch):
+    directory = (tmp_path / "checkpoints").absolute()
+    directory.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if mode & os.W_OK and os.path.abspath(path) == str(directory)
+        else real(path, mode, **kw)))  # as on a read-only file system, where root cannot write
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.Checkpointer(str(tmp_path))
+    assert _one_line(info) == (f"cannot write in {directory} (read-only, or not this user's): "
+                               "make it writable, or pass another workdir")
 
 
 def test_opening_a_directory_removes_half_written_steps_before_it_returns(tmp_path, monkeypatch):

@@ -49,6 +49,25 @@ def test_a_state_changing_key_fails_in_one_line_and_harmless_ones_pass():
                                        where="x") == {"total_steps": (8, 12)}
 
 
+def test_only_the_keys_that_change_the_state_are_named():
+    stored, new = {"ema_decay": None, "lr": 0.001}, {"ema_decay": 0.9, "lr": 0.003}
+    tried = []
+
+    def structure_with(key, value):  # what the new config builds with `key` set to `value`
+        tried.append((key, value))
+        config = dict(new, **{key: value})
+        return config_changes.structure(_state(ema=config["ema_decay"] is not None))
+
+    with pytest.raises(config_changes.ConfigChangeError) as info:
+        config_changes.check_resume(stored, new, config_changes.structure(_state(ema=False)),
+                                    config_changes.structure(_state()), where="w/checkpoints/8",
+                                    structure_with=structure_with)
+    assert str(info.value) == ("the config changes the train state saved in w/checkpoints/8: "
+                               "ema_decay null -> 0.9; resume with the stored values, or train "
+                               "in a new --workdir")
+    assert tried == [("ema_decay", None), ("lr", 0.001)]
+
+
 def test_ema_or_skip_on_off_changes_the_structure():
     base = config_changes.structure(_state())
     assert config_changes.structure(_state(ema=False)) != base

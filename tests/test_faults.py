@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vit import checkpoint, data, nonfinite, optim, parallel, preprocess, trainer
-from vit.preemption import EXIT_PREEMPTED
+from vit import checkpoint, data, metrics, nonfinite, optim, parallel, preprocess, trainer
+from vit.preemption import EXIT_PREEMPTED, START_UP_LINE, PreemptionWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("smoke_config", ROOT / "configs" / "smoke.py")
@@ -43,6 +43,12 @@ SMOKE = f"--config={ROOT}/configs/smoke.py"  # 8 steps, checkpoints at 4 and 8
 #   kill     SIGKILL in the last act of AT's save, orbax's rename of the finished temporary
 #            directory (nothing runs after it);
 #   full     that rename fails as on a full disk (ENOSPC);
+#   tsfull   that rename fails with the ValueError tensorstore raises when a write of the save
+#            finds the disk full, while another tensorstore write is still in flight: it
+#            completes (at exit) after orbax's event loop has closed, as on a real full disk;
+#   jsonlfull  writing step AT's line of metrics.jsonl fails as on a full disk (ENOSPC);
+#   startterm  SIGTERM to this process in the dataset scan (before any state exists);
+#   initterm   SIGTERM to this process while the parameters are initialised (a fresh run);
 #   denied   making AT's temporary directory fails as in a directory this user may not write
 #            to (EACCES);
 #   nan      process 1's training batch of step AT is all NaN (see nan_batches);
@@ -51,13 +57,23 @@ SMOKE = f"--config={ROOT}/configs/smoke.py"  # 8 steps, checkpoints at 4 and 8
 #   slow     each training batch after the first comes AT ms late, and "fault: batch N" is
 #            printed as batch N is asked for (batch 2: step 1, the first compile, is done).
 _DRIVER = f"""
-import errno, os, signal, sys
+import asyncio, atexit, errno, os, signal, sys
 sys.path.insert(0, {str(ROOT / "tests")!r})
+import tensorstore
 from orbax.checkpoint._src.path import atomicity
-from vit import data, trainer
+from vit import data, metrics, trainer
 mode, at = sys.argv[1], int(sys.argv[2])
 paths = atomicity.AtomicRenameTemporaryPath
 create, finalize = paths.create, paths.finalize
+TENSORSTORE_FULL = ('RESOURCE_EXHAUSTED: Error writing "params.head.kernel/0.0" in OCDBT '
+                    'database at local file "{{0}}/": Failed writing: "{{0}}/d/0": Failed to '
+                    "write 2167952 bytes to file 4: No space left on device [os_error_code='28']")
+
+def write_in_flight():
+    loop = asyncio.get_running_loop()
+    promise, future = tensorstore.Promise.new()
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(lambda: None))
+    atexit.register(promise.set_result, None)
 
 async def faulty_create(self):
     if mode == "denied" and self.get_final().name == str(at):
@@ -70,9 +86,31 @@ async def faulty_finalize(self):
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "full":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if mode == "tsfull":
+            write_in_flight()
+            raise ValueError(TENSORSTORE_FULL.format(self.get()))
     return await finalize(self)
 
 paths.create, paths.finalize = faulty_create, faulty_finalize
+if mode == "jsonlfull":
+    write_jsonl = metrics.MetricWriter._write_jsonl
+
+    def full_jsonl(self, step, values):
+        if step == at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._jsonl.name)
+        return write_jsonl(self, step, values)
+
+    metrics.MetricWriter._write_jsonl = full_jsonl
+if mode in ("startterm", "initterm"):
+    module, name = (data, "dataset_info") if mode == "startterm" else (trainer, "initial_params")
+    real = getattr(module, name)
+
+    def signalled(*args, **kwargs):
+        print(f"fault: SIGTERM in {{name}}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    setattr(module, name, signalled)
 if mode == "nan":
     from test_faults import nan_batches
     data.train_iterator = nan_batches(data.train_iterator, {{at}}, process=1)
@@ -223,6 +261,15 @@ def test_damaged_latest_checkpoint_is_one_line_and_the_earlier_one_stays(finishe
     assert checkpoint.load_checkpoint(str(workdir)).step == 4
 
 
+def test_a_changed_lr_beside_a_state_changing_key_is_not_named(finished, tmp_path):
+    workdir = _copy(finished, tmp_path)
+    run = _train(workdir, "--config.lr=3e-3", "--config.ema_decay=0.9")
+    assert _error_line(run) == (
+        f"error: the config changes the train state saved in {workdir.absolute()}/checkpoints/8: "
+        "ema_decay null -> 0.9; resume with the stored values, or train in a new --workdir")
+    assert _steps(workdir) == ["4", "8"]
+
+
 def test_changed_model_is_one_line_naming_the_keys(finished, tmp_path):
     workdir = _copy(finished, tmp_path)
     run = _train(workdir, "--config.model.width=64", "--config.total_steps=12")
@@ -289,6 +336,8 @@ def _per_device_32() -> int:
     ("b2", 1.0, "b2 must be in [0, 1), got 1.0"),
     ("seed", -1, "config.seed must be an integer in [0, 2**31), got -1"),
     ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
+    ("shuffle_buffer", -5, "config.shuffle_buffer must be an integer >= 1 (1 = no shuffling), "
+     "got -5"),
     ("model.quant", "int8", "config.model.quant='int8' is for inference (`vit quantize` writes "
      "it): train with quant='none', then quantize the trained checkpoint"),
 ])
@@ -343,8 +392,8 @@ def test_a_workdir_under_a_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("flag,expected", [
-    ("--config=configs/cifar10.py:nope", "error: unknown cifar10 variant 'nope': use short, hour, "
-     "hour-f32, hour-conv, Ti/4 or S/4"),
+    ("--config=configs/cifar10.py:nope", "error: unknown cifar10 variant 'nope': use short, "
+     "short-proxy, hour, hour-f32, hour-conv, Ti/4, S/4 or ablation-base"),
     ("--config=configs/smoke.py:big", "error: unknown smoke variant 'big': configs/smoke.py has "
      "none; use --config=configs/smoke.py"),
     ("--config.lr=fast", "error: flag --config.lr=fast: could not convert string to float: "
@@ -354,6 +403,24 @@ def test_bad_config_variant_or_override_is_one_line(flag, expected, tmp_path):
     args = [flag] if flag.startswith("--config=") else ["--config=configs/smoke.py", flag]
     run = subprocess.run([sys.executable, TRAIN, *args, f"--workdir={tmp_path / 'run'}"],
                          env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert _error_line(run) == expected
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config=configs/smoke.py", "--wandbb"], "error: unknown flag --wandbb (did you mean "
+     "--wandb?); run with --helpfull for the flags"),
+    (["--config=configs/smoke.py", "--workdir="], "error: --workdir is required: pass "
+     "--workdir=DIR, the run's directory"),
+    ([], "error: --config is required: pass a config file and its variant, e.g. "
+     "--config=configs/cifar10.py:short"),
+])
+def test_a_bad_flag_of_train_py_is_one_line_without_the_config_file_hint(args, expected,
+                                                                         tmp_path):
+    workdir = [] if "--workdir=" in args else [f"--workdir={tmp_path / 'run'}"]
+    run = subprocess.run([sys.executable, TRAIN, *workdir, *args], env=_env(),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2
     assert _error_line(run) == expected
     assert not (tmp_path / "run").exists()
@@ -370,6 +437,88 @@ def test_failed_save_is_one_line_and_the_previous_checkpoint_stays(finished, tmp
     assert _steps(workdir) == ["12.orbax-checkpoint-tmp", "4", "8"]  # written, not renamed
     assert checkpoint.load_checkpoint(str(workdir)).step == 8
     _assert_same(_params(workdir), _params(finished[0]))
+
+
+def test_a_full_disk_reported_by_tensorstore_is_the_disk_full_line_alone(tmp_path):
+    run = _train(tmp_path, fault=("tsfull", 8))
+    directory = tmp_path.absolute() / "checkpoints"
+    # _error_line also checks that the write in flight printed no "Event loop is closed".
+    assert _error_line(run) == (
+        f"error: cannot save step 8 to {directory} (OSError: [Errno 28] No space left on "
+        f"device): free disk space where {directory} is, then rerun the same command to resume "
+        "from step 4 (the checkpoints already saved are kept)")
+    assert _steps(tmp_path) == ["4", "8.orbax-checkpoint-tmp"]
+
+
+def test_a_full_disk_under_metrics_jsonl_is_one_line(tmp_path):
+    run = _train(tmp_path, fault=("jsonlfull", 8))
+    assert _error_line(run) == (
+        f"error: cannot use {tmp_path / 'metrics.jsonl'} (OSError: [Errno 28] No space left on "
+        "device): check that the path exists and is writable and that its disk has space, then "
+        "rerun the same command")
+    assert _steps(tmp_path) == ["4"]
+
+
+def _tree(workdir: Path) -> dict[str, bytes | None]:
+    """Every path under `workdir` with its bytes (None for a directory)."""
+    return {str(p.relative_to(workdir)): None if p.is_dir() else p.read_bytes()
+            for p in workdir.rglob("*")}
+
+
+def _read_only(monkeypatch, path: Path) -> None:
+    """os.access answers for `path` as on a read-only file system (where root cannot write
+    either); a chmod would not stop root, who runs these tests in some places."""
+    real = os.access
+
+    def access(target, mode, **kwargs):
+        if mode & os.W_OK and Path(target).absolute() == path.absolute():
+            return False
+        return real(target, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize("blocked", ["jsonl_dir", "tensorboard_file", "read_only_workdir",
+                                     "read_only_checkpoints"])
+def test_an_output_path_that_cannot_be_written_fails_at_start_up_writing_nothing(
+        blocked, finished, tmp_path, monkeypatch):
+    workdir = _copy(finished, tmp_path).absolute()
+    fix = "move it out of the way, or pass another workdir"
+    read_only = "(read-only, or not this user's): make it writable, or pass another workdir"
+    if blocked == "jsonl_dir":
+        shutil.rmtree(workdir / "checkpoints")
+        (workdir / "metrics.jsonl").unlink()
+        (workdir / "metrics.jsonl").mkdir()
+        expected = f"{workdir}/metrics.jsonl is a directory, not the run's metrics file: {fix}"
+    elif blocked == "tensorboard_file":
+        shutil.rmtree(workdir / "checkpoints")
+        shutil.rmtree(workdir / "tensorboard")
+        (workdir / "tensorboard").write_text("notes")
+        expected = (f"{workdir}/tensorboard is a file, not the run's TensorBoard directory: "
+                    f"{fix}")
+    else:
+        where = workdir if blocked == "read_only_workdir" else workdir / "checkpoints"
+        _read_only(monkeypatch, where)
+        expected = f"cannot write in {where} {read_only}"
+    before = _tree(workdir)
+    with pytest.raises(ValueError) as info:
+        trainer.train(_smoke_config(12), str(workdir))
+    assert str(info.value) == expected
+    assert _tree(workdir) == before  # no checkpoints/ made, metrics.jsonl not rewritten
+
+
+@pytest.mark.parametrize("mode,where", [("startterm", "dataset_info"),
+                                        ("initterm", "initial_params")])
+def test_sigterm_during_start_up_exits_75_in_one_line_leaving_no_file(mode, where, tmp_path):
+    workdir = tmp_path / "run"
+    run = _train(workdir, fault=(mode, 0))
+    assert run.returncode == EXIT_PREEMPTED, run.stderr[-3000:]
+    assert f"fault: SIGTERM in {where}\n" in run.stderr
+    assert "Traceback" not in run.stderr and "error:" not in run.stderr, run.stderr[-3000:]
+    assert run.stdout.splitlines() == [START_UP_LINE]
+    # Before the dataset scan ends nothing is made; later, only the empty checkpoints/.
+    assert (_tree(workdir) if workdir.exists() else None) == (
+        None if mode == "startterm" else {"checkpoints": None})
 
 
 def test_permission_denied_on_a_mid_run_save_stops_there_and_the_earlier_ones_stay(finished,
@@ -455,6 +604,27 @@ def test_resume_does_not_read_init_from_again_and_restores_the_sigterm_handler(f
     result = trainer.train(_smoke_config(8, init_from=str(source)), workdir)
     assert int(result.state.step) == 8 and not result.preempted
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_resume_between_two_log_steps_logs_what_an_uninterrupted_run_logs(tmp_path,
+                                                                           monkeypatch):
+    """Logged every 4 steps, stopped (and saved) at step 6: the resumed run's step-8 window
+    covers steps 5 to 8, as the uninterrupted run's does, and logs the same values."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer.train(_smoke_config(8, checkpoint_every=2), str(straight))
+    with monkeypatch.context() as patch:
+        patch.setattr(PreemptionWatch, "reached", lambda self, step: step == 6)
+        stopped = trainer.train(_smoke_config(8, checkpoint_every=2), str(resumed))
+    assert stopped.preempted and int(stopped.state.step) == 6
+    trainer.train(_smoke_config(8, checkpoint_every=2), str(resumed))
+
+    def logged(workdir: Path) -> list[dict]:  # the throughput is the time's, not the run's
+        return [{k: v for k, v in r.items() if k not in ("train/images_per_s",
+                                                          "train/step_time_s")}
+                for r in metrics.read_jsonl(workdir / "metrics.jsonl")]
+
+    assert [r["step"] for r in logged(resumed)] == [4, 8]
+    assert logged(resumed) == logged(straight)
 
 
 def nan_batches(train_iterator, steps: set[int], process: int | None = None):

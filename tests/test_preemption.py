@@ -7,7 +7,15 @@ import os
 import signal
 import threading
 
-from vit.preemption import EXIT_PREEMPTED, PreemptionWatch
+import pytest
+
+from vit.preemption import (
+    EXIT_PREEMPTED,
+    START_UP_LINE,
+    PreemptedAtStartUp,
+    PreemptionWatch,
+    stop_at_start_up,
+)
 
 
 def test_one_process_records_sigterm_and_restores_the_previous_handler():
@@ -53,3 +61,21 @@ def test_outside_the_main_thread_nothing_is_installed():
 
 def test_preempted_exit_status_is_ex_tempfail_not_an_error_status():
     assert EXIT_PREEMPTED == 75 and EXIT_PREEMPTED not in (0, 1, 2)
+
+
+def test_sigterm_at_start_up_raises_past_except_exception_and_the_watch_takes_over():
+    original = signal.signal(signal.SIGTERM, stop_at_start_up)
+    try:
+        with pytest.raises(PreemptedAtStartUp):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except Exception:  # what library code on the way may do: it must not stop it
+                pytest.fail("caught as an error")
+        with PreemptionWatch(distributed=False) as watch:  # from here on: recorded, not raised
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert watch.signalled
+        assert signal.getsignal(signal.SIGTERM) is stop_at_start_up
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert START_UP_LINE == ("preempted during start-up, before the first step: nothing to save; "
+                             "rerun the same command (exit status 75)")

@@ -3,6 +3,7 @@ multi-host, exact resume after SIGTERM / SIGKILL, NaN handling, TensorBoard even
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from flax import traverse_util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from vit import checkpoint, config_schema, data, optim, parallel, preprocess, trainer
+from vit import checkpoint, config_schema, data, metrics, optim, parallel, preprocess, trainer
 from vit.model import init_params, model_from_config
 from vit.preemption import EXIT_PREEMPTED
 
@@ -335,3 +336,37 @@ def test_resume_is_exact_with_conv_stem_and_token_dropping(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     _assert_same_params(_params(resumed), _params(straight))
     assert _eval_lines(resumed)[-1] == _eval_lines(straight)[-1]
+
+
+def _smoke_config():
+    spec = importlib.util.spec_from_file_location("smoke_config", ROOT / "configs" / "smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data_dir = DATA_DIR
+    return config
+
+
+def test_progress_is_offered_every_step_and_lr_is_the_rate_of_the_logged_step(tmp_path,
+                                                                               monkeypatch):
+    """The bar decides when to print (every 10 s in a log file), so the loop offers it every
+    step, with the loss and lr last logged; train/lr is the rate the logged step applied, not
+    the window's mean."""
+    offered = []
+
+    class Recording(metrics.ProgressBar):
+        def update(self, step: int, **fields: float) -> None:
+            offered.append((step, fields))
+
+    monkeypatch.setattr(metrics, "ProgressBar", Recording)
+    config = _smoke_config()  # 8 steps, logged every 4
+    trainer.train(config, str(tmp_path))
+    # Compiled, as the train step runs it (op by op, jnp.cos rounds differently).
+    schedule = jax.jit(optim.learning_rate_schedule(config))
+    records = {r["step"]: r for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")}
+    # The update that ends at step 4 is the one taken from state.step 3: schedule(3).
+    assert [records[4]["train/lr"], records[8]["train/lr"]] == [
+        float(schedule(np.int32(3))), float(schedule(np.int32(7)))]
+    shown = {s: {"loss": records[s]["train/loss"], "lr": records[s]["train/lr"]} for s in (4, 8)}
+    assert offered == ([(s, {}) for s in (1, 2, 3)] + [(s, shown[4]) for s in (4, 5, 6, 7)]
+                       + [(8, shown[8])])

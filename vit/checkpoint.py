@@ -7,7 +7,9 @@ mid-save keeps its last good checkpoint; the next `Checkpointer` deletes the hal
 Every failure (a save that cannot write, a finalized step whose files are damaged) is one
 `CheckpointError` line naming the step, the path and the fix; nothing is deleted on an error.
 A background save that fails is reported at the next `save`, `wait` or `close`, naming the step
-that failed (not the one being saved), and reported once.
+that failed (not the one being saved), and reported once. Tensorstore's errors (a ValueError such
+as "RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']") are read as the OSError
+they carry, so a full disk gets the disk-full fix.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import dataclasses
 import errno
 import json
 import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +65,36 @@ def _not_an_orbax_error(record: logging.LogRecord) -> bool:
 _open_checkpointers: list[Checkpointer] = []  # while any is open, the filter above is on
 
 
+def _drop_closed_loop_noise(previous: Any) -> Any:
+    """An unraisable-exception hook that drops "Event loop is closed" and passes the rest on.
+
+    When one tensorstore write of a save fails, orbax's event loop closes while the other
+    writes are in flight; as each finishes, tensorstore's callback finds the loop closed and
+    Python prints a traceback for it. The failure itself reaches the caller as one line.
+    """
+
+    def hook(unraisable: Any) -> None:
+        noise = (isinstance(unraisable.exc_value, RuntimeError)
+                 and str(unraisable.exc_value) == "Event loop is closed")
+        if not noise or logging.getLogger("absl").isEnabledFor(logging.INFO):
+            previous(unraisable)
+
+    hook.vit_closed_loop_filter = True
+    return hook
+
+
+def drop_closed_loop_tracebacks() -> None:
+    """Install `_drop_closed_loop_noise` as the process's unraisable-exception hook, once, for
+    the entry points that save checkpoints (tensorstore's writes outlive a manager)."""
+    if not getattr(sys.unraisablehook, "vit_closed_loop_filter", False):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+
+
 def _check_creatable(directory: Path) -> None:
-    """A CheckpointError unless `directory` is a directory or can be made."""
+    """A CheckpointError unless `directory` is a writable directory or can be made."""
+    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write in {directory} (read-only, or not this user's): "
+                              "make it writable, or pass another workdir")
     blocked = blocking_ancestor(directory)
     if blocked is None:
         return
@@ -116,10 +150,11 @@ class Checkpointer:
                 logging.getLogger("absl").removeFilter(_not_an_orbax_error)
 
     def save(self, step: int, state: PyTree, *, config: dict, dataset_info: dict,
-             force: bool = False) -> bool:
+             force: bool = False, extra: Mapping[str, Any] | None = None) -> bool:
         """Save `state` at `step` if it is due (or `force`); True when a save was started.
 
-        The write finishes in the background; a failure (here or in `wait` / `close`) raises
+        `extra` adds JSON keys to the metadata beside config and dataset_info. The write
+        finishes in the background; a failure (here or in `wait` / `close`) raises
         CheckpointError and leaves the earlier checkpoints as they were.
         """
         if int(step) in _finalized_steps(self.directory):
@@ -127,7 +162,7 @@ class Checkpointer:
                 f"cannot save step {step} to {self.directory}: it already holds a checkpoint of "
                 f"step {step}; write to another directory, or remove {self.directory / str(step)}"
                 " to replace it")
-        metadata = _jsonable({"config": config, "dataset_info": dataset_info})
+        metadata = _jsonable({**(extra or {}), "config": config, "dataset_info": dataset_info})
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                      _METADATA: ocp.args.JsonSave(metadata)})
         try:
@@ -262,12 +297,31 @@ def _finalized_steps(directory: Path) -> list[int]:
                   if p.name.isdigit() and (p / _STATE).exists())
 
 
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+def _tensorstore_os_error(err: BaseException) -> OSError | None:
+    """The OSError a tensorstore ValueError reports ("... [os_error_code='28']"), if any."""
+    text = str(err)
+    code = _TENSORSTORE_ERRNO.search(text)
+    if code:
+        number = int(code.group(1))
+    elif "RESOURCE_EXHAUSTED" in text or "No space left on device" in text:
+        number = errno.ENOSPC
+    else:
+        return None
+    return OSError(number, os.strerror(number))
+
+
 def _os_error(err: BaseException | None) -> OSError | None:
-    """The first OSError with an errno in `err`'s chain of causes (orbax may wrap it)."""
+    """The first OSError with an errno in `err`'s chain of causes (orbax may wrap it), or the
+    one a tensorstore ValueError in the chain reports."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, OSError) and err.errno is not None:
             return err
+        if isinstance(err, ValueError) and (reported := _tensorstore_os_error(err)):
+            return reported
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -256,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_cli.main(["vit train", *argv[1:]])
         return 0
     args = _parser().parse_args(argv)
+    from vit.checkpoint import drop_closed_loop_tracebacks
+
+    drop_closed_loop_tracebacks()  # convert, quantize and prune save checkpoints
     try:
         return args.run(args)
     except BrokenPipeError:  # the reader stopped early (`vit eval ... | head -1`)

@@ -4,7 +4,9 @@ A workdir's checkpoints carry the run config they were written with. On resume t
 compares it with the new config and the saved train-state structure (every array's path, shape
 and dtype) with the one the new config builds:
 - the structures differ (a model shape, the optimizer, EMA on/off, the trainable set,
-  `skip_nonfinite` on/off...): `ConfigChangeError`, one line naming the changed keys;
+  `skip_nonfinite` on/off...): `ConfigChangeError`, one line naming the changed keys that
+  shape the state (given a way to build the structure, a key whose stored value alone builds
+  another structure; other changes, say `lr`, are left out);
 - they match: every changed key is allowed and returned, so the trainer can log it.
   `is_harmless` keys (length, logging, evaluation, checkpoint cadence, multi-host address,
   fine-tuning source, experiment tracking) are what a resume is expected to change; any other
@@ -14,6 +16,7 @@ and dtype) with the one the new config builds:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -87,17 +90,35 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _shapes_state(key: str, stored: Any, built: dict,
+                  structure_with: Callable[[str, Any], dict]) -> bool:
+    """Whether setting `key` back to its stored value changes the structure the config builds;
+    True also when that cannot be built (the key is named rather than hidden)."""
+    if stored == _ABSENT:
+        return True
+    try:
+        return structure_with(key, stored) != built
+    except Exception:  # any error building it: keep the key in the message
+        return True
+
+
 def check_resume(stored_config: dict, new_config: dict, saved: dict, built: dict,
-                 where: str) -> dict[str, tuple[Any, Any]]:
+                 where: str, structure_with: Callable[[str, Any], dict] | None = None
+                 ) -> dict[str, tuple[Any, Any]]:
     """The config changes, after checking the saved structure equals the built one.
 
     `saved` / `built` are `structure(...)` of the checkpoint and of the new run's state;
-    `where` names the checkpoint in the error. Raises ConfigChangeError (one line) on a mismatch.
+    `where` names the checkpoint in the error; `structure_with(key, value)`, if given, is the
+    structure the new config builds with one key set to `value`, so the error names only the
+    keys that change the state. Raises ConfigChangeError (one line) on a mismatch.
     """
     changes = changed_keys(stored_config, new_config)
     if saved == built:
         return changes
     culprits = {k: v for k, v in changes.items() if not is_harmless(k)}
+    if structure_with is not None:
+        culprits = {k: v for k, v in culprits.items()
+                    if _shapes_state(k, v[0], built, structure_with)} or culprits
     fix = "resume with the stored values, or train in a new --workdir"
     if culprits:
         named = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in

@@ -37,7 +37,8 @@ def default_options() -> ml_collections.ConfigDict:
 
 
 def validate_data_keys(config) -> None:
-    """Raises a one-line DataError for a bad `pp` option, `image_size` or `seed` of `config`."""
+    """Raises a one-line DataError for a bad `pp` option, `image_size`, `seed` or
+    `shuffle_buffer` of `config`."""
     validate_options(config.pp)
     size = config.image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -46,6 +47,10 @@ def validate_data_keys(config) -> None:
     seed = config.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise DataError(f"config.seed must be an integer in [0, 2**31), got {seed!r}")
+    buffer = config.get("shuffle_buffer", 1)  # an evaluation-only config may lack it
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise DataError(f"config.shuffle_buffer must be an integer >= 1 (1 = no shuffling), got "
+                        f"{buffer!r}")
 
 
 def validate_options(pp) -> None:

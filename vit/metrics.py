@@ -26,9 +26,27 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 
+from vit.output_paths import OutputPathError
+
 TENSORBOARD_DIR = "tensorboard"
 JSONL_FILE = "metrics.jsonl"
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
+
+
+def check_output_paths(workdir: str) -> None:
+    """OutputPathError unless the run's metrics.jsonl and tensorboard/ can be written in
+    `workdir` (each may be missing); checked at start-up, before anything is written."""
+    root = Path(workdir).absolute()
+    jsonl, events = root / JSONL_FILE, root / TENSORBOARD_DIR
+    fix = "move it out of the way, or pass another workdir"
+    if jsonl.is_dir():
+        raise OutputPathError(f"{jsonl} is a directory, not the run's metrics file: {fix}")
+    if events.exists() and not events.is_dir():
+        raise OutputPathError(f"{events} is a file, not the run's TensorBoard directory: {fix}")
+    for path in (root, events):
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise OutputPathError(f"cannot write in {path} (read-only, or not this user's): "
+                                  "make it writable, or pass another workdir")
 
 
 class Tracker(Protocol):

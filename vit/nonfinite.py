@@ -76,13 +76,20 @@ def check_finite_params(params: PyTree, step: int) -> None:
 
 
 class StepMetrics:
-    """Device metrics of recent steps, fetched to the host (and checked) only when asked."""
+    """Device metrics of recent steps, fetched to the host (and checked) only when asked.
+
+    The applied steps since the last `window_means` are summed in step order; `window_state`
+    and `restore_window` carry that partial window through a checkpoint, so a run resumed
+    between two log steps logs the same values as one that never stopped.
+    """
 
     def __init__(self, skip_cap: int = 0) -> None:
         self.skip_cap = skip_cap
         self.skipped = 0  # non-finite updates skipped so far (the run's total when resumed)
         self._pending: list[tuple[int, dict]] = []
-        self._fetched: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._last: dict[str, float] = {}  # the latest applied step's values
 
     def add(self, step: int, device_metrics: dict) -> None:
         """Keep one step's (replicated) device metrics without waiting for them."""
@@ -104,14 +111,34 @@ class StepMetrics:
                 continue
             if not np.isfinite(host["loss"]):
                 raise error(f"loss became {host['loss']}", step)
-            self._fetched.append(host)
+            self._accumulate(host)
+
+    def _accumulate(self, host: dict[str, float]) -> None:
+        for key, value in host.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        self._last = host
 
     def window_means(self) -> dict[str, float]:
-        """Check, then average every metric over the applied steps since the last call."""
+        """Check, then every metric's mean over the applied steps since the last call; `lr` is
+        the rate of the window's last applied step, the one the optimizer used last."""
         self.check()
-        keys = self._fetched[0] if self._fetched else {}
-        means = {k: float(np.mean([m[k] for m in self._fetched])) for k in keys}
+        means = {k: total / self._count for k, total in self._sums.items()}
+        if "lr" in self._last:
+            means["lr"] = self._last["lr"]
         if self.skip_cap:
             means[_SKIPPED] = float(self.skipped)
-        self._fetched = []
+        self.restore_window(None)
         return means
+
+    def window_state(self) -> dict[str, Any]:
+        """The checked steps since the last `window_means`, as JSON for a checkpoint."""
+        self.check()
+        return {"count": self._count, "sums": dict(self._sums), "last": dict(self._last)}
+
+    def restore_window(self, saved: dict[str, Any] | None) -> None:
+        """Continue the window `window_state` returned (None: start an empty one)."""
+        saved = saved or {}
+        self._count = int(saved.get("count", 0))
+        self._sums = {k: float(v) for k, v in saved.get("sums", {}).items()}
+        self._last = {k: float(v) for k, v in saved.get("last", {}).items()}

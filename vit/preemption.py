@@ -13,6 +13,10 @@ Two ways to learn of the signal, chosen by whether the run is distributed:
 - one process: a plain Python SIGTERM handler that records the signal, installed on entering
   the watch and replaced by the previous handler on leaving it (so a notebook that called
   `train()` dies on SIGTERM again afterwards).
+
+Before the watch is entered (flag parsing, config checks, the dataset scan, the model build)
+there is no state to save: `train.py` (vit/train_cli.py) installs `stop_at_start_up`, which
+ends the run at once with `START_UP_LINE` and `EXIT_PREEMPTED`; those steps write no file.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from types import TracebackType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, NoReturn
 
 import jax
 from jax.experimental import multihost_utils
@@ -31,6 +35,18 @@ log = logging.getLogger(__name__)
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". A preempted run
 # saved its state and exits with it; errors exit with 1 (2 for bad flags), success with 0.
 EXIT_PREEMPTED = 75
+START_UP_LINE = ("preempted during start-up, before the first step: nothing to save; rerun the "
+                 f"same command (exit status {EXIT_PREEMPTED})")
+
+
+class PreemptedAtStartUp(BaseException):
+    """SIGTERM before training began. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way turns it into an error."""
+
+
+def stop_at_start_up(signum: int, frame: FrameType | None) -> NoReturn:
+    """A SIGTERM handler for start-up: raise PreemptedAtStartUp where the program is."""
+    raise PreemptedAtStartUp
 
 
 class PreemptionWatch:

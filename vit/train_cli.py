@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from typing import NoReturn
@@ -16,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vit import console
-from vit.preemption import EXIT_PREEMPTED
+from vit.preemption import EXIT_PREEMPTED, START_UP_LINE, PreemptedAtStartUp, stop_at_start_up
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,7 +37,8 @@ _WANDB = flags.DEFINE_bool("wandb", None, "Log to Weights & Biases (same as "
                            "--config.wandb.enabled; needs the wandb extra).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Also print TensorFlow / absl start-up lines and "
                              "INFO logs (or set VIT_VERBOSE=1).")
-flags.register_validator("workdir", lambda v: bool(v), "--workdir is required")
+flags.register_validator("workdir", lambda v: bool(v),
+                         "--workdir is required: pass --workdir=DIR, the run's directory")
 flags.mark_flag_as_required("config")
 
 
@@ -58,20 +60,36 @@ def _run(argv: list[str]) -> None:
     console.set_verbose(_VERBOSE.value)  # quiet: absl at WARNING (orbax logs saves at INFO)
     logging.getLogger("vit").setLevel(logging.INFO)
     try:
-        result = train(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        try:
+            result = train(config, _WORKDIR.value)
+        finally:  # the outcome is decided: a SIGTERM from here on does not change what is said
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except (ValueError, OSError, RuntimeError) as err:  # FileNotFoundError is an OSError
         if os.environ.get("VIT_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(1)
     # Each line in one write: in a multi-host run Gloo's C++ logging shares stdout, and with
     # unbuffered output it would land between print's separate writes of a line and its newline.
+    if result.before_first_step:
+        sys.stdout.write(START_UP_LINE + "\n")
+        sys.exit(EXIT_PREEMPTED)
     if result.preempted:  # a distinct status, so that a scheduler requeues the job
         sys.stdout.write(f"preempted at step {int(result.state.step)}: checkpoint saved; rerun "
                          f"the same command to resume (exit status {EXIT_PREEMPTED})\n")
         sys.exit(EXIT_PREEMPTED)
     sys.stdout.write("".join(f"{key}: {result.metrics[key]:.4f}\n"
                              for key in sorted(result.metrics) if key.startswith("eval")))
+
+
+def _one_line(err: Exception) -> str:
+    """The error line for `err`; an OSError names its path, its reason and what to check."""
+    if not isinstance(err, OSError) or err.strerror is None:
+        return str(err)
+    where = f" {err.filename}" if err.filename else ""
+    return (f"cannot use{where} ({type(err).__name__}: [Errno {err.errno}] {err.strerror}): "
+            "check that the path exists and is writable and that its disk has space, then "
+            "rerun the same command")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -92,6 +110,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if reason.startswith("ValueError: "):  # the config file's own check names its fix
             print(f"error: {reason.removeprefix('ValueError: ')}", file=sys.stderr)
             sys.exit(2)
+        if _names_no_config_key(reason):  # train.py's own flags, a missing --config
+            print(f"error: {_flag_error(reason)}", file=sys.stderr)
+            sys.exit(2)
     except SyntaxError as err:
         print(f"error: config file {err.filename}, line {err.lineno}: {err.msg}; fix the file",
               file=sys.stderr)
@@ -110,6 +131,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _config_file_failed(err, argv)
     print(f"error: {reason}; see the config file for the valid keys", file=sys.stderr)
     sys.exit(2)
+
+
+def _names_no_config_key(reason: str) -> bool:
+    """Whether absl's message is about a flag other than --config.* (or --config missing)."""
+    flag = re.match(r"flag --([\w.]+)=", reason)
+    return (reason.startswith("Unknown command line flag")
+            or (flag is not None and not flag.group(1).startswith("config"))
+            or reason.startswith("flag --config=None:"))
+
+
+def _flag_error(reason: str) -> str:
+    """absl's message for a bad flag that is not a --config.* override, with its fix."""
+    unknown = re.match(r"Unknown command line flag '([\w-]+)'(?:\. Did you mean: ([\w, ]+?) \?)?",
+                       reason)
+    if unknown:
+        close = [f"--{name.strip()}" for name in (unknown.group(2) or "").split(",") if name]
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"unknown flag --{unknown.group(1)}{hint}; run with --helpfull for the flags"
+    if reason.startswith("flag --config=None:"):
+        return ("--config is required: pass a config file and its variant, e.g. "
+                "--config=configs/cifar10.py:short")
+    return re.sub(r"^flag --(\w+)=[^:]*: (?=--\1\b)", "", reason)  # the text names the flag
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -149,6 +192,15 @@ def _underscored(arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse absl flags from `argv` (default sys.argv) and train."""
+    """Parse absl flags from `argv` (default sys.argv) and train; a SIGTERM before training
+    begins exits EXIT_PREEMPTED with one line, as one during training does after its save."""
+    signal.signal(signal.SIGTERM, stop_at_start_up)
+    from vit.checkpoint import drop_closed_loop_tracebacks
+
+    drop_closed_loop_tracebacks()
     argv = [_underscored(a) for a in (sys.argv if argv is None else argv)]
-    app.run(_run, argv=argv, flags_parser=_parse_flags)
+    try:
+        app.run(_run, argv=argv, flags_parser=_parse_flags)
+    except PreemptedAtStartUp:
+        sys.stdout.write(START_UP_LINE + "\n")
+        sys.exit(EXIT_PREEMPTED)

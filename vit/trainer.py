@@ -8,9 +8,11 @@ losses) are listed in the README's fault table.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,13 +46,20 @@ __all__ = ["NonFiniteLossError", "TrainResult", "TrainState", "build_model", "cr
            "fresh_state", "initial_params", "make_train_step", "train", "train_optimizer"]
 
 
+_LOG_WINDOW = "log_window"  # checkpoint metadata: the metrics logged since the last log step
+
+
 @dataclasses.dataclass
 class TrainResult:
-    """What a finished (or preempted) run returns: final metrics and the host train state."""
+    """What a finished (or preempted) run returns: final metrics and the host train state.
+
+    `before_first_step`: SIGTERM came during start-up, so the run stopped without a step.
+    """
 
     metrics: dict[str, float]
     state: TrainState
     preempted: bool = False
+    before_first_step: bool = False
 
 
 def build_model(config: Any, info: data.DatasetInfo) -> VisionTransformer:
@@ -85,8 +94,10 @@ def train(config: Any, workdir: str) -> TrainResult:
     A resume restores the latest checkpoint after checking it against `config`
     (vit/config_changes.py) and does not read `init_from` again; a finished run is evaluated
     again. SIGTERM (agreed across processes when distributed, vit/preemption.py) saves the step
-    reached and returns `preempted=True`; the SIGTERM handler in place before the call is in
-    place after it.
+    reached and returns `preempted=True`; one during the restore returns `before_first_step=True`
+    too, before any step, having nothing new to save. One during the config checks, the dataset
+    scan or the model build goes to the SIGTERM handler in place before the call (train.py's
+    ends the run at once), which is in place again after the call.
     """
     validate_config(config)
     if wandb_logger.enabled(config):
@@ -102,25 +113,29 @@ def train(config: Any, workdir: str) -> TrainResult:
             f"config.grad_accum_steps={config.grad_accum_steps} does not divide the per-device "
             f"batch of {per_device} (config.batch_size={config.batch_size} over "
             f"{jax.device_count()} device(s)): use a divisor of {per_device}")
+    if jax.process_index() == 0:  # the process that writes metrics, before anything is written
+        metrics.check_output_paths(workdir)
     info = data.dataset_info(config)
     model = build_model(config, info)
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                   save_every=config.checkpoint_every)
-    try:  # also on errors: finish the saves in flight and stop orbax's threads
-        with PreemptionWatch(bool(config.distributed)) as watch:
-            state, tx = _start_state(config, model, ckpt)
+    with PreemptionWatch(bool(config.distributed)) as watch:
+        ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                       save_every=config.checkpoint_every)
+        try:  # also on errors: finish the saves in flight and stop orbax's threads
+            state, tx = _start_state(config, model, info, ckpt)
+            if watch.signalled:  # SIGTERM during start-up: no step taken, nothing new to save
+                return TrainResult({}, state, preempted=True, before_first_step=True)
             if int(state.step) >= int(config.total_steps):
                 log.info("%s holds a finished run (step %d, total_steps %d): evaluating it",
                          workdir, int(state.step), int(config.total_steps))
                 scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
                 return TrainResult(scalars, state)
             return _loop(config, workdir, model, info, tx, state, ckpt, watch)
-    finally:
-        ckpt.close()
+        finally:
+            ckpt.close()
 
 
-def _start_state(config: Any, model: VisionTransformer, ckpt: checkpoint.Checkpointer
-                 ) -> tuple[TrainState, optax.GradientTransformation]:
+def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
+                 ckpt: checkpoint.Checkpointer) -> tuple[TrainState, optax.GradientTransformation]:
     """The optimizer and the step-0 state, or the state of the workdir's latest checkpoint."""
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     latest = ckpt.latest_step()
@@ -136,13 +151,37 @@ def _start_state(config: Any, model: VisionTransformer, ckpt: checkpoint.Checkpo
     changes = config_changes.check_resume(
         ckpt.metadata(latest).get("config", {}), config.to_dict(),
         config_changes.structure(ckpt.saved_structure(latest)), config_changes.structure(state),
-        where=str(ckpt.directory / str(latest)))
+        where=str(ckpt.directory / str(latest)), structure_with=_structure_with(config, info))
     for key, (old, new) in changes.items():
         level = logging.INFO if config_changes.is_harmless(key) else logging.WARNING
         log.log(level, "config.%s changed since the checkpoint: %s -> %s", key, old, new)
     state = ckpt.restore(state, latest)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     return state, tx
+
+
+def _structure_with(config: Any, info: data.DatasetInfo) -> Callable[[str, Any], dict]:
+    """(dotted key, value) -> the train-state structure `config` builds with that one value;
+    shapes only (jax.eval_shape), nothing is initialised."""
+
+    def build(key: str, value: Any) -> dict:
+        changed = copy.deepcopy(config)
+        *parents, leaf = key.split(".")
+        node = changed
+        for name in parents:
+            node = node[name]
+        with changed.unlocked(), changed.ignore_type():
+            node[leaf] = value
+        model = build_model(changed, info)
+
+        def make() -> TrainState:
+            params = init_params(model, jax.random.PRNGKey(0))
+            return fresh_state(changed, params, train_optimizer(changed, params),
+                               jax.random.PRNGKey(0))
+
+        return config_changes.structure(jax.eval_shape(make))
+
+    return build
 
 
 def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
@@ -158,7 +197,10 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     batches = parallel.prefetch_to_device(data.train_iterator(config, start_step=start))
     rstate = parallel.replicate(state)
     recent = nonfinite.StepMetrics(int(config.skip_nonfinite))
+    if start:  # the steps between the checkpoint's last log step and itself
+        recent.restore_window(ckpt.metadata(start).get(_LOG_WINDOW))
     final: dict[str, float] = {}
+    shown: dict[str, float] = {}  # the progress line's loss and lr: the latest logged ones
     window = metrics.TrainWindow()
 
     def host_state(step: int) -> TrainState:
@@ -166,6 +208,11 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
         state = parallel.unreplicate(rstate)  # already host numpy
         nonfinite.check_finite_params(state.params, step)
         return state
+
+    def save(step: int, force: bool) -> bool:
+        state = host_state(step)
+        return ckpt.save(step, state, force=force, extra={_LOG_WINDOW: recent.window_state()},
+                         **meta)
 
     preempted = False
     watch.start(start)
@@ -183,20 +230,21 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
                 scalars = {f"train/{k}": v for k, v in scalars.items()}
                 writer.write_scalars(step, scalars)
                 writer.flush()
-                progress.update(step, loss=scalars.get("train/loss", float("nan")),
-                                lr=scalars.get("train/lr", float("nan")))
+                shown = {k: scalars[f"train/{k}"] for k in ("loss", "lr")
+                         if f"train/{k}" in scalars}
                 final.update(scalars)
                 window.reset()
+            progress.update(step, **shown)  # every step: it prints when its interval is up
             # Saved before evaluating: an evaluation that fails loses no training.
             saved = False
             if step % config.checkpoint_every == 0 or is_last:
-                saved = ckpt.save(step, host_state(step), force=is_last, **meta)
+                saved = save(step, force=is_last)
             if (config.eval_every and step % config.eval_every == 0) or is_last:
                 with window.excluded():  # evaluation time is not training throughput
                     final.update(_evaluate(model, rstate, config, step, writer))
             if watch.reached(step) and not is_last:  # every process, every step
                 if not saved:
-                    ckpt.save(step, host_state(step), force=True, **meta)
+                    save(step, force=True)
                 preempted = True
                 log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
                             step, ckpt.directory)
