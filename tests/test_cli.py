@@ -145,6 +145,16 @@ def test_convert_missing_source_is_one_line(tmp_path, capsys):
     assert "no weights at" in _one_error_line(capsys.readouterr().err)
 
 
+def test_train_help_lists_the_training_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert out.startswith("usage: vit train --config=FILE[:VARIANT] --workdir=DIR")
+    for flag in ("--config:", "--workdir:", "--init_from:", "--[no]multihost:", "--[no]wandb:"):
+        assert flag in out, flag
+
+
 def test_train_forwards_its_flags(monkeypatch):
     seen = []
     fake = types.ModuleType("vit.train_cli")

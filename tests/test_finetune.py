@@ -127,3 +127,13 @@ def test_layer_decay_scales_updates_by_depth(source, tmp_path):
     block = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
     top = np.abs(params[block] - src[block]).max()
     assert embed / top == pytest.approx(0.25, rel=0.05)
+
+
+def test_weights_that_do_not_fit_leave_no_workdir_behind(source, tmp_path):
+    """The init_from failure comes after the checkpoints folder was opened: it is removed."""
+    src_dir, _ = source
+    config = _smoke(init_from=str(src_dir), total_steps=2)
+    config.model.width = 64
+    with pytest.raises(ValueError, match="weights do not fit the model"):
+        trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

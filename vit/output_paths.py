@@ -93,17 +93,28 @@ def new_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Make directory `path` (and missing parents) for the body; if the body raises, remove the
     directories this call made, where they are empty again, so a failure leaves no new folder."""
     path = Path(path).expanduser()
-    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    made = missing_folders(path)
     path.mkdir(parents=True, exist_ok=True)
     try:
         yield path
     except BaseException:
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (someone else wrote there): keep it and those above
-                break
+        remove_empty(made)
         raise
+
+
+def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first."""
+    path = Path(path).expanduser().absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: what a failed call made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there) or gone: keep those above
+            break
 
 
 def make_parent(path: str) -> str:

@@ -191,6 +191,15 @@ def _underscored(arg: str) -> str:
     return name[:2] + name[2:].replace("-", "_") + sep + value
 
 
+def _help(program: str) -> str:
+    """The training command's usage and its own flags (absl's --help lists only a script's)."""
+    flags_help = FLAGS.module_help(sys.modules[__name__]).split("\n", 2)[-1]  # no module line
+    return (f"usage: {program} --config=FILE[:VARIANT] --workdir=DIR [--config.KEY=VALUE ...] "
+            "[flags]\n\nTrain a ViT (e.g. --config=configs/cifar10.py:short); any config key "
+            "can be set with --config.KEY=VALUE (the config file lists them).\n\nflags:\n"
+            f"{flags_help}\n\nabsl, JAX and TensorFlow flags: --helpfull\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse absl flags from `argv` (default sys.argv) and train; a SIGTERM before training
     begins exits EXIT_PREEMPTED with one line, as one during training does after its save."""
@@ -199,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
 
     drop_closed_loop_tracebacks()
     argv = [_underscored(a) for a in (sys.argv if argv is None else argv)]
+    if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
+        sys.stdout.write(_help(argv[0]))
+        sys.exit(0)
     try:
         app.run(_run, argv=argv, flags_parser=_parse_flags)
     except PreemptedAtStartUp:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from vit.config_schema import ConfigError, run_fingerprint, validate_config
 from vit.console import is_verbose
 from vit.model import VisionTransformer, init_params, model_from_config
 from vit.nonfinite import NonFiniteLossError
+from vit.output_paths import missing_folders, remove_empty
 from vit.preemption import PreemptionWatch
 from vit.train_step import (
     TrainState,
@@ -117,21 +119,32 @@ def train(config: Any, workdir: str) -> TrainResult:
         metrics.check_output_paths(workdir)
     info = data.dataset_info(config)
     model = build_model(config, info)
-    with PreemptionWatch(bool(config.distributed)) as watch:
-        ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                       save_every=config.checkpoint_every)
-        try:  # also on errors: finish the saves in flight and stop orbax's threads
-            state, tx = _start_state(config, model, info, ckpt)
-            if watch.signalled:  # SIGTERM during start-up: no step taken, nothing new to save
-                return TrainResult({}, state, preempted=True, before_first_step=True)
-            if int(state.step) >= int(config.total_steps):
-                log.info("%s holds a finished run (step %d, total_steps %d): evaluating it",
-                         workdir, int(state.step), int(config.total_steps))
-                scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
-                return TrainResult(scalars, state)
-            return _loop(config, workdir, model, info, tx, state, ckpt, watch)
-        finally:
-            ckpt.close()
+    made = missing_folders(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
+    try:
+        with PreemptionWatch(bool(config.distributed)) as watch:
+            return _train_watched(config, workdir, model, info, watch)
+    except BaseException:  # a bad init_from, say: no empty folder left where nothing was written
+        remove_empty(made)
+        raise
+
+
+def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
+                   watch: PreemptionWatch) -> TrainResult:
+    """`train` once the SIGTERM watch is on: open the checkpoints, restore or start, train."""
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                   save_every=config.checkpoint_every)
+    try:  # also on errors: finish the saves in flight and stop orbax's threads
+        state, tx = _start_state(config, model, info, ckpt)
+        if watch.signalled:  # SIGTERM during start-up: no step taken, nothing new to save
+            return TrainResult({}, state, preempted=True, before_first_step=True)
+        if int(state.step) >= int(config.total_steps):
+            log.info("%s holds a finished run (step %d, total_steps %d): evaluating it",
+                     workdir, int(state.step), int(config.total_steps))
+            scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
+            return TrainResult(scalars, state)
+        return _loop(config, workdir, model, info, tx, state, ckpt, watch)
+    finally:
+        ckpt.close()
 
 
 def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
