@@ -335,6 +335,8 @@ def _per_device_32() -> int:
     ("mixup_alpha", -1.0, "config.mixup_alpha must be a finite number >= 0 (0 = off), got -1.0"),
     ("b2", 1.0, "b2 must be in [0, 1), got 1.0"),
     ("seed", -1, "config.seed must be an integer in [0, 2**31), got -1"),
+    ("process_id", 1, "process_id set, but the run is not multi-host: add --multihost "
+     "(config.distributed=True) to join the other processes, or drop them to train alone"),
     ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
     ("shuffle_buffer", -5, "config.shuffle_buffer must be an integer >= 1 (1 = no shuffling), "
      "got -5"),

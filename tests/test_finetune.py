@@ -137,3 +137,14 @@ def test_weights_that_do_not_fit_leave_no_workdir_behind(source, tmp_path):
     with pytest.raises(ValueError, match="weights do not fit the model"):
         trainer.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_head_only_fine_tune_refuses_a_fresh_pre_logits_layer(source, tmp_path):
+    """It would stay at its random initialisation, frozen with the encoder."""
+    src_dir, _ = source
+    config = _smoke(init_from=str(src_dir), trainable="head", total_steps=2)
+    config.model.representation_size = 16
+    with pytest.raises(ValueError, match="trainable='head' trains the head alone, but the "
+                                         "pre_logits layer is freshly initialised"):
+        trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -242,3 +242,12 @@ def test_adam_betas_and_momentum_out_of_range_are_one_line(key, value, expected)
     with pytest.raises(optim.OptimizerConfigError) as err:
         optim.check_config(_config(**{key: value}))
     assert str(err.value).startswith(expected)
+
+
+def test_ema_keeps_a_parameter_that_did_not_move_exactly():
+    """decay * e + (1 - decay) * e is not e in floating point; e + (1 - decay) * (p - e) is."""
+    values = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    for decay in (0.1, 0.9, 0.9999):
+        np.testing.assert_array_equal(optim.ema_update(values, values, decay), values)
+    moved = np.asarray(optim.ema_update(np.zeros(3, np.float32), np.ones(3, np.float32), 0.75))
+    np.testing.assert_allclose(moved, 0.25, rtol=1e-7)

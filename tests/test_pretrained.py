@@ -295,6 +295,17 @@ def test_new_patch_size_needs_resize_patch(timm_file):
     assert params["embedding"]["kernel"].shape == (8, 8, 3, 192)
 
 
+def test_another_width_does_not_suggest_a_patch_resize(timm_file):
+    model = vit.create_model("Ti/16", num_classes=1000, image_size=32, depth=2, width=96,
+                             num_heads=3, mlp_dim=384)
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(timm_file, model, init(model))
+    message = str(err.value)
+    assert "embedding/kernel weights (16, 16, 3, 192) vs model (16, 16, 3, 96)" in message
+    assert "resize" not in message and message.endswith(
+        "build the model with the weights' variant (width, depth, heads, mlp_dim, classifier)")
+
+
 # --- position-embedding resampling and PI-resize ----------------------------------------------
 
 

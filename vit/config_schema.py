@@ -155,6 +155,12 @@ def validate_config(config: Any) -> None:
     if config.eval_tta not in TTA_MODES:
         raise ConfigError(f"config.eval_tta={config.eval_tta!r} is unknown; use one of "
                           f"{', '.join(TTA_MODES)}")
+    given = [key for key in ("coordinator_address", "num_processes", "process_id")
+             if config.get(key) is not None]
+    if given and not config.get("distributed"):
+        raise ConfigError(f"{', '.join(given)} set, but the run is not multi-host: add "
+                          "--multihost (config.distributed=True) to join the other processes, or "
+                          "drop them to train alone")
     if int(config.skip_nonfinite) < 0:
         raise ConfigError(f"config.skip_nonfinite must be >= 0 (0 = stop at the first non-finite "
                           f"loss), got {config.skip_nonfinite}")

@@ -225,8 +225,10 @@ def make_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
 
 
 def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
-    """Exponential moving average step: decay * ema + (1 - decay) * params."""
-    return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+    """Exponential moving average step: decay * ema + (1 - decay) * params, computed as
+    ema + (1 - decay) * (params - ema), so a parameter that did not move keeps its EMA exactly
+    (a frozen one under trainable='head', say)."""
+    return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
 
 
 def ema_decay_at(step: jax.Array | int, decay: float) -> jax.Array:

@@ -189,6 +189,7 @@ def adapt_params(
     notes = list(getattr(loaded, "notes", []))
     out: dict[str, Any] = {}
     mismatched, missing = [], []
+    new_patch = False  # the embedding differs in its patch size, which resize_patch adapts
     reinit = {"head/": keep_head is False, "pre_logits/": not keep_pre_logits}
     if keep_head is None:
         reinit["head/"] = any(k.startswith("head/") and (k not in src or src[k].shape != v.shape)
@@ -224,6 +225,7 @@ def adapt_params(
             value = resize_patch_kernel(value, init.shape[:2])
         if value.shape != init.shape:
             mismatched.append(f"{name} weights {src[name].shape} vs model {init.shape}")
+            new_patch = new_patch or (name == EMBEDDING and value.shape[:2] != init.shape[:2])
             continue
         if value.dtype != init.dtype and f"cast {value.dtype}" not in " ".join(notes):
             notes.append(f"weights cast {value.dtype} -> {init.dtype}")
@@ -237,19 +239,19 @@ def adapt_params(
                 notes.append(f"{group} dropped (not in the model)")
         else:
             unexpected.append(f"{name} {src[name].shape}")
-    _raise_if_unmapped(mismatched, missing, unexpected, resize_patch)
+    _raise_if_unmapped(mismatched, missing, unexpected, new_patch)
     return traverse_util.unflatten_dict(out, sep="/"), notes
 
 
 def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: list[str],
-                       resize_patch: bool) -> None:
+                       new_patch: bool) -> None:
     parts = [f"{label}: {', '.join(items)}" for label, items in
              (("shape mismatch", mismatched), ("missing from the weights", missing),
               ("not in the model", unexpected)) if items]
     if not parts:
         return
     fix = "build the model with the weights' variant (width, depth, heads, mlp_dim, classifier)"
-    if any(m.startswith(EMBEDDING) for m in mismatched) and not resize_patch:
+    if new_patch:
         fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
                 "training: --config.init_resize_patch=True)")
     raise WeightsError(f"weights do not fit the model: {'; '.join(parts)}; {fix}")

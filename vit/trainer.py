@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from vit import (
@@ -81,10 +82,19 @@ def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
         return params
     from vit import pretrained  # only fine-tuning needs the weight readers
 
+    fresh = params
     params, notes = pretrained.load_pretrained(
         config.init_from, model, params, keep_head=config.init_keep_head,
         keep_pre_logits=config.init_keep_pre_logits,
         posemb_method=config.init_posemb_method, resize_patch=config.init_resize_patch)
+    if config.get("trainable") == "head" and "pre_logits" in params and all(
+            np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params["pre_logits"]),
+                                                 jax.tree_util.tree_leaves(fresh["pre_logits"]),
+                                                 strict=True)):
+        raise ConfigError("trainable='head' trains the head alone, but the pre_logits layer is "
+                          "freshly initialised, so it would stay random: keep the source's "
+                          "(--config.init_keep_pre_logits=True), build the model without it (no "
+                          "model.representation_size), or set trainable=all")
     for note in notes:
         log.info("init_from %s: %s", config.init_from, note)
     return params
