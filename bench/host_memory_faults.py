@@ -10,6 +10,7 @@ retained heap needs none once it has grown. This was an assertion of tests/test_
 until it moved here: a performance figure, not a unit test.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -44,6 +45,7 @@ def probe(mode: str) -> dict:
 
 def main() -> None:
     """Print the minor page faults per call in both modes."""
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help
     retained, system = probe("retain"), probe("system")
     print(json.dumps({
         "calls": 40, "retained_applied": retained["retained"],

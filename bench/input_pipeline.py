@@ -7,6 +7,7 @@ with RandAugment(2, 9) added, and 224 px Inception crop + flip from a folder of 
 written to a temporary directory.
 """
 
+import argparse
 import json
 import os
 import tempfile
@@ -46,6 +47,7 @@ def write_jpegs(root: str, n: int = 256) -> None:
 
 def main() -> None:
     """Runs the three measurements and prints the JSON line."""
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help
     cifar = data.default_config()
     cifar.update(dict(data_dir=CIFAR_DIR, batch_size=BATCH))
     result = {"batch_size": BATCH, "cpu_count": os.cpu_count()}

@@ -179,7 +179,12 @@ def main() -> None:
     parser.add_argument("--platform", default="gpu", help="where the model is meant to run")
     parser.add_argument("--image_dtype", default="uint8", help="the batch's pixels")
     args = parser.parse_args()
-    config = load_config(args.config)
+    if args.per_device_batch is not None and args.per_device_batch < 1:
+        parser.error(f"--per_device_batch must be >= 1, got {args.per_device_batch}")
+    try:  # a missing or failing config file, an unknown variant or key: one line
+        config = load_config(args.config)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        parser.error(f"{args.config}: {err}")
     if args.grad_accum_steps is not None:
         config.grad_accum_steps = args.grad_accum_steps
     if args.dtype is not None:

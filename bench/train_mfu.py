@@ -173,9 +173,14 @@ def main() -> None:
                         "profile to the line")
     parser.add_argument("--profile_steps", type=int, default=3, help="steps traced by --profile")
     args = parser.parse_args()
-    config = load_config(args.config)
-    for item in args.set:
-        override(config, item)
+    if args.per_device_batch is not None and args.per_device_batch < 1:
+        parser.error(f"--per_device_batch must be >= 1, got {args.per_device_batch}")
+    try:  # a missing or failing config file, an unknown variant or key: one line
+        config = load_config(args.config)
+        for item in args.set:
+            override(config, item)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        parser.error(f"{args.config}: {err}")
     result = measure(config, per_device_batch=args.per_device_batch,
                      steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
                      profile_dir=args.profile, profile_steps=args.profile_steps)

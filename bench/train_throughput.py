@@ -9,6 +9,7 @@ Run: `TFDS_DATA_DIR=../shared/data/tfds python bench/train_throughput.py`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -70,6 +71,7 @@ def end_to_end_images_per_s(workdir: str) -> float:
 
 def main() -> None:
     """Measure both and print one JSON line."""
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help
     bare = bare_images_per_s()
     with tempfile.TemporaryDirectory() as workdir:
         e2e = end_to_end_images_per_s(workdir)

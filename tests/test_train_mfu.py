@@ -107,3 +107,19 @@ def test_set_overrides_a_dotted_key_as_a_literal_and_refuses_unknown_keys():
         override(config, "model.remats=block")
     with pytest.raises(ValueError, match="write KEY=VALUE"):
         override(config, "model.remat")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["configs/smoke.py", "--set", "model.nope=1"],
+     "train_mfu.py: error: configs/smoke.py: --set 'model.nope=1': the config has no key "
+     "'model.nope'"),
+    (["configs/smoke.py", "--per_device_batch", "0"],
+     "train_mfu.py: error: --per_device_batch must be >= 1, got 0"),
+    (["configs/nope.py"], "train_mfu.py: error: configs/nope.py: [Errno 2] No such file"),
+])
+def test_bad_command_lines_are_one_line(args, message):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_mfu.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in done.stderr
