@@ -832,3 +832,18 @@ def test_nan_in_one_of_two_processes_stops_both_at_one_step_with_one_message(pai
         "norm (grad_clip_norm); the last good checkpoint is kept"]
     assert _steps(tmp_path) == ["4"]  # nothing saved after the NaN: step 8 was not
     _assert_same(_params(tmp_path), _params(pair_reference[0], 4))
+
+
+def test_an_optional_key_is_set_back_to_none_from_the_command_line(tmp_path):
+    """absl would parse "None" as the key's type (a float for ema_decay); train.py sets it."""
+    run = _train(tmp_path, "--config.ema_decay=0.5", "--config.total_steps=2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert checkpoint.load_checkpoint(str(tmp_path)).ema_params is not None
+    off = _train(tmp_path / "off", "--config.ema_decay=None", "--config.total_steps=2")
+    assert off.returncode == 0, off.stderr[-2000:]
+    contents = checkpoint.load_checkpoint(str(tmp_path / "off"))
+    assert contents.ema_params is None and contents.config["ema_decay"] is None
+    bad = _train(tmp_path / "bad", "--config.model.nope=None")
+    assert _error_line(bad).startswith("error: flag --config.model.nope=None: the config has no "
+                                       "key 'model.nope'")
+    assert not (tmp_path / "bad").exists()

@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import traceback
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -42,13 +42,15 @@ flags.register_validator("workdir", lambda v: bool(v),
 flags.mark_flag_as_required("config")
 
 
-def _run(argv: list[str]) -> None:
+def _run(argv: list[str], none_keys: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from vit.trainer import train  # after flag parsing: importing TF and JAX takes seconds
 
     config = _CONFIG.value
     with config.unlocked():
+        for key in none_keys:
+            _set_to_none(config, key)
         for key, value in (("init_from", _INIT_FROM.value), ("distributed", _MULTIHOST.value),
                            ("coordinator_address", _COORDINATOR.value),
                            ("num_processes", _NUM_PROCESSES.value),
@@ -80,6 +82,32 @@ def _run(argv: list[str]) -> None:
         sys.exit(EXIT_PREEMPTED)
     sys.stdout.write("".join(f"{key}: {result.metrics[key]:.4f}\n"
                              for key in sorted(result.metrics) if key.startswith("eval")))
+
+
+def _take_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its --config.KEY=None overrides, those KEYs): absl parses the value as the
+    key's type (a float cannot be "None"), so these are set after parsing."""
+    rest, keys = [], []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if sep and value == "None" and name.startswith("--config."):
+            keys.append(name.removeprefix("--config."))
+        else:
+            rest.append(arg)
+    return rest, keys
+
+
+def _set_to_none(config: Any, key: str) -> None:
+    """config[key] = None for a dotted key; one line (exit 2) for a key the config lacks."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node.get(name) if hasattr(node, "get") else None
+    if not hasattr(node, "keys") or leaf not in node:
+        print(f"error: flag --config.{key}=None: the config has no key {key!r}; see the config "
+              "file for the valid keys", file=sys.stderr)
+        sys.exit(2)
+    node[leaf] = None
 
 
 def _one_line(err: Exception) -> str:
@@ -211,8 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
         sys.stdout.write(_help(argv[0]))
         sys.exit(0)
+    argv, none_keys = _take_none_overrides(argv)
+    # ml_collections finds the --config.* overrides in sys.argv itself: drop them there too.
+    sys.argv = [a for a in sys.argv if _take_none_overrides([a])[0]]
     try:
-        app.run(_run, argv=argv, flags_parser=_parse_flags)
+        app.run(lambda rest: _run(rest, none_keys), argv=argv, flags_parser=_parse_flags)
     except PreemptedAtStartUp:
         sys.stdout.write(START_UP_LINE + "\n")
         sys.exit(EXIT_PREEMPTED)
