@@ -148,3 +148,33 @@ def test_a_head_only_fine_tune_refuses_a_fresh_pre_logits_layer(source, tmp_path
                                          "pre_logits layer is freshly initialised"):
         trainer.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_head_of_other_classes_is_re_initialised_even_when_its_shape_fits(source, tmp_path):
+    """The source's head scores airplane, automobile, bird; a run on cat, deer, dog starts a
+    fresh head (same shape), unless init_keep_head=True; the same classes keep it."""
+    src_dir, src = source
+    heads = {}
+    for name, classes, keep in (("other", [3, 4, 5], None), ("kept", [3, 4, 5], True),
+                                ("same", [0, 1, 2], None)):
+        config = _smoke(classes=classes, init_from=str(src_dir), init_keep_head=keep)
+        model, fresh = _fresh_init(config, num_classes=3)
+        params = trainer.initial_params(config, model, jax.random.split(
+            jax.random.PRNGKey(config.seed))[0], class_names=tuple(
+                ("airplane", "automobile", "bird", "cat", "deer", "dog")[c] for c in classes))
+        heads[name] = _flat(params)["head/kernel"]
+    np.testing.assert_array_equal(heads["other"], _flat(fresh)["head/kernel"])
+    np.testing.assert_array_equal(heads["kept"], src["head/kernel"])
+    np.testing.assert_array_equal(heads["same"], src["head/kernel"])
+
+
+def test_weights_learned_on_another_normalisation_are_named(source):
+    src_dir, _ = source
+    model, fresh = _fresh_init(_smoke(), num_classes=3)
+    _, notes = pretrained.load_pretrained(str(src_dir), model, fresh, normalize="cifar10")
+    assert ("the weights learned on inputs normalised as 'minus_one_to_one' and this run "
+            "normalises as 'cifar10': set pp.normalize=minus_one_to_one to feed them what they "
+            "learned on") in notes
+    _, same = pretrained.load_pretrained(str(src_dir), model, fresh,
+                                         normalize="minus_one_to_one")
+    assert not any("normalised as" in note for note in same)

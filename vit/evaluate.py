@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,6 +30,7 @@ from vit import calibration, data, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.config_schema import TTA_MODES
 from vit.model import VisionTransformer, saved_model_from_config
+from vit.weight_formats import has_real_class_names
 
 PyTree = Any
 TOP_K = 5
@@ -259,11 +259,6 @@ def _result(confusion: np.ndarray, loss_sum: float, top5_hits: int,
 
 
 MATCH_CLASSES = ("names", "order")
-_GENERIC_NAME = re.compile(r"(class_)?\d+")
-
-
-def _has_real_names(names: tuple[str, ...]) -> bool:
-    return not all(_GENERIC_NAME.fullmatch(str(n)) for n in names)
 
 
 def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
@@ -278,7 +273,8 @@ def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
     full.classes = None
     full.train_split = full.eval_split = split
     names = data.dataset_info(full).class_names
-    if tuple(names) == tuple(wanted) or not (_has_real_names(names) and _has_real_names(wanted)):
+    if tuple(names) == tuple(wanted) or not (has_real_class_names(names)
+                                             and has_real_class_names(wanted)):
         return None
     missing = [name for name in wanted if name not in names]
     if missing:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vit.weight_formats import POSEMB, Weights, WeightsError, flatten_params, read_weights
+from vit.weight_formats import (
+    POSEMB,
+    Weights,
+    WeightsError,
+    flatten_params,
+    has_real_class_names,
+    read_weights,
+)
 
 __all__ = ["Weights", "WeightsError", "adapt_params", "load_pretrained", "read_weights",
            "resample_posemb", "resize_patch_kernel"]
@@ -158,6 +165,11 @@ def _adapt_posemb(value: np.ndarray, target: np.ndarray, model: Any, has_cls: bo
     return np.concatenate([head, grid], axis=1), notes
 
 
+def _few(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` names, and "..." if there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def _head_notes(loaded: Mapping[str, np.ndarray], target: Mapping[str, Any]) -> str:
     new = target["head/kernel"].shape[-1]
     if "head/kernel" in loaded:
@@ -173,12 +185,16 @@ def adapt_params(
     loaded: Mapping[str, Any], target: Mapping[str, Any], model: Any, *,
     keep_head: bool | None = None, keep_pre_logits: bool = True,
     posemb_method: str = "bilinear", resize_patch: bool = False,
-    old_grid: tuple[int, int] | None = None,
+    old_grid: tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
+    normalize: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Map `loaded` weights (flat or nested) onto `target`, the model's freshly initialised params.
 
     Returns params shaped like `target` and notes on what was adapted. `keep_head=None` keeps the
-    head iff its shapes match; `keep_pre_logits=False` re-initialises a pre-logits layer (build
+    head iff its shapes match and, where both name them, its classes are `class_names` (the
+    run's; `loaded.class_names` the weights'), and a note says when the run's input
+    `normalize` is not the one the weights learned on; `keep_pre_logits=False` re-initialises a
+    pre-logits layer (build
     the model without representation_size to drop it). The position embedding is resampled
     unless its patch grid is `model.grid`: `old_grid`, else `loaded.grid` (this toolkit's
     checkpoints record it), else the square its token count makes. Raises WeightsError naming
@@ -191,15 +207,31 @@ def adapt_params(
     mismatched, missing = [], []
     new_patch = False  # the embedding differs in its patch size, which resize_patch adapts
     reinit = {"head/": keep_head is False, "pre_logits/": not keep_pre_logits}
+    learned_on = getattr(loaded, "normalize", None)
+    if learned_on and normalize and learned_on != normalize:
+        notes.append(f"the weights learned on inputs normalised as {learned_on!r} and this run "
+                     f"normalises as {normalize!r}: set pp.normalize={learned_on} to feed them "
+                     "what they learned on")
+    theirs = getattr(loaded, "class_names", None)
+    other_classes = bool(theirs and class_names and tuple(theirs) != tuple(class_names)
+                         and has_real_class_names(theirs) and has_real_class_names(class_names))
     if keep_head is None:
-        reinit["head/"] = any(k.startswith("head/") and (k not in src or src[k].shape != v.shape)
-                              for k, v in tgt.items())
+        reinit["head/"] = other_classes or any(
+            k.startswith("head/") and (k not in src or src[k].shape != v.shape)
+            for k, v in tgt.items())
+    same_shape = "head/kernel" in src and src["head/kernel"].shape == tgt["head/kernel"].shape
     if "pre_logits/kernel" in tgt and "pre_logits/kernel" not in src:
         reinit["pre_logits/"] = True
     for group, on in reinit.items():
-        if on and any(k.startswith(group) for k in tgt):
-            notes.append(_head_notes(src, tgt) if group == "head/"
-                         else "pre_logits re-initialised")
+        if not on or not any(k.startswith(group) for k in tgt):
+            continue
+        if group == "pre_logits/":
+            notes.append("pre_logits re-initialised")
+        elif keep_head is None and other_classes and same_shape:
+            notes.append(f"head re-initialised: the weights' classes ({_few(theirs)}) are not "
+                         f"this run's ({_few(class_names)}); init_keep_head=True keeps it")
+        else:
+            notes.append(_head_notes(src, tgt))
 
     for name, init in tgt.items():
         init = np.asarray(init)

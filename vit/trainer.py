@@ -72,8 +72,10 @@ def build_model(config: Any, info: data.DatasetInfo) -> VisionTransformer:
 
 
 def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
-                   read_init_from: bool = True) -> PyTree:
-    """Fresh parameters, or `config.init_from` weights adapted to `model` (fine-tuning).
+                   read_init_from: bool = True,
+                   class_names: tuple[str, ...] | None = None) -> PyTree:
+    """Fresh parameters, or `config.init_from` weights adapted to `model` (fine-tuning; a head
+    trained on other `class_names` than the run's is re-initialised unless init_keep_head).
 
     `read_init_from=False` skips `init_from`: a resumed run's weights come from its checkpoint.
     """
@@ -86,7 +88,8 @@ def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
     params, notes = pretrained.load_pretrained(
         config.init_from, model, params, keep_head=config.init_keep_head,
         keep_pre_logits=config.init_keep_pre_logits,
-        posemb_method=config.init_posemb_method, resize_patch=config.init_resize_patch)
+        posemb_method=config.init_posemb_method, resize_patch=config.init_resize_patch,
+        class_names=class_names, normalize=config.pp.normalize)
     if config.get("trainable") == "head" and "pre_logits" in params and all(
             np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params["pre_logits"]),
                                                  jax.tree_util.tree_leaves(fresh["pre_logits"]),
@@ -96,7 +99,8 @@ def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
                           "(--config.init_keep_pre_logits=True), build the model without it (no "
                           "model.representation_size), or set trainable=all")
     for note in notes:
-        log.info("init_from %s: %s", config.init_from, note)
+        level = logging.WARNING if note.startswith("the weights learned on") else logging.INFO
+        log.log(level, "init_from %s: %s", config.init_from, note)
     return params
 
 
@@ -166,7 +170,8 @@ def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
         raise ConfigError("this config fine-tunes (init_required=True) but no init_from was "
                           "given: pass --init_from=WEIGHTS (a workdir, checkpoint, .npz or "
                           ".safetensors), or --config.init_required=False to train from scratch")
-    params = initial_params(config, model, init_rng, read_init_from=latest is None)
+    params = initial_params(config, model, init_rng, read_init_from=latest is None,
+                            class_names=info.class_names)
     tx = train_optimizer(config, params)
     state = fresh_state(config, params, tx, state_rng)
     if latest is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,16 +31,28 @@ class WeightsError(ValueError):
     """Weights that cannot be read or mapped onto the model; the message names them and the fix."""
 
 
+_GENERIC_CLASS_NAME = re.compile(r"(class_)?\d+")
+
+
+def has_real_class_names(names: Sequence[str]) -> bool:
+    """Whether `names` say something: not all placeholders such as "class_3" or "3"."""
+    return not all(_GENERIC_CLASS_NAME.fullmatch(str(n)) for n in names)
+
+
 class Weights(dict):
     """A flat {"a/b/c": array} dict that also records its source format, reading notes and,
-    where known, the patch grid (rows, cols) its position embedding was trained on."""
+    where known, the patch grid (rows, cols) its position embedding was trained on, the class
+    names of its head and the input normalisation (a `pp.normalize` name) it was trained with."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str,
-                 notes: list[str] | None = None, grid: tuple[int, int] | None = None):
+                 notes: list[str] | None = None, grid: tuple[int, int] | None = None,
+                 class_names: tuple[str, ...] | None = None, normalize: str | None = None):
         super().__init__(arrays)
         self.source = source
         self.notes = list(notes or [])
         self.grid = grid
+        self.class_names = class_names
+        self.normalize = normalize
 
 
 def run_grid(run_config: Any) -> tuple[int, int] | None:
@@ -108,7 +120,9 @@ def _read_checkpoint(path: str, use_ema: bool) -> Weights:
     arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     which = "EMA params" if use_ema else "params"
     return Weights(arrays, "checkpoint", [f"loaded {which} of step {contents.step} from {path}"],
-                   grid=run_grid(contents.config))
+                   grid=run_grid(contents.config),
+                   class_names=tuple(contents.dataset_info.get("class_names") or ()) or None,
+                   normalize=(contents.config.get("pp") or {}).get("normalize"))
 
 
 # ---------------------------------------------------------------------------------------------
