@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit.error_text import first_line
-from vit.output_paths import blocking_ancestor
+from vit.output_paths import blocking_ancestor, require_writable_run_folder
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -92,9 +92,7 @@ def drop_closed_loop_tracebacks() -> None:
 
 def _check_creatable(directory: Path) -> None:
     """A CheckpointError unless `directory` is a writable directory or can be made."""
-    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write in {directory} (read-only, or not this user's): "
-                              "make it writable, or pass another workdir")
+    require_writable_run_folder(directory, CheckpointError)
     blocked = blocking_ancestor(directory)
     if blocked is None:
         return

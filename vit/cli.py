@@ -70,7 +70,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
         args.checkpoint, split=args.split,
         corruption_names=robustness.parse_corruptions(args.corruptions),
         severities=robustness.parse_severities(args.severities),
-        attack=None if args.attack == "none" else args.attack,
+        attack=args.attack,
         eps=robustness.parse_eps(args.eps, args.norm), steps=args.steps, norm=args.norm,
         baseline=args.baseline, batch_size=args.batch_size, seed=args.seed, source=args.source,
         data_dir=args.data_dir, use_ema=args.ema)

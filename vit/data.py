@@ -335,12 +335,11 @@ def eval_iterator(
     num_devices, process_index, process_count = _topology(num_devices, process_index, process_count)
     batch = _local_batch(batch_size, num_devices, process_count, "eval_batch_size")
     src = open_source(config)
+    largest = _largest_part(src, split, process_count)
+    batches = math.ceil(largest / batch)  # what num_eval_batches counts
     # A batch larger than the split is cut to the split (rounded up to the devices), not padded.
-    batch = min(batch, max(1, math.ceil(_largest_part(src, split, process_count) / num_devices))
-                * num_devices)
-    total = batch * num_eval_batches(
-        config, split, batch_size=batch_size, process_count=process_count
-    )
+    batch = min(batch, max(1, math.ceil(largest / num_devices)) * num_devices)
+    total = batch * batches
 
     @tf.autograph.experimental.do_not_convert
     def crop(record: dict) -> dict:

@@ -26,7 +26,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 
-from vit.output_paths import OutputPathError
+from vit.output_paths import OutputPathError, require_writable_run_folder
 
 TENSORBOARD_DIR = "tensorboard"
 JSONL_FILE = "metrics.jsonl"
@@ -44,9 +44,7 @@ def check_output_paths(workdir: str) -> None:
     if events.exists() and not events.is_dir():
         raise OutputPathError(f"{events} is a file, not the run's TensorBoard directory: {fix}")
     for path in (root, events):
-        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-            raise OutputPathError(f"cannot write in {path} (read-only, or not this user's): "
-                                  "make it writable, or pass another workdir")
+        require_writable_run_folder(path)
 
 
 class Tracker(Protocol):

@@ -35,6 +35,15 @@ def blocking_ancestor(directory: Path) -> tuple[Path, str] | None:
     return None
 
 
+def require_writable_run_folder(directory: Path, error: type[Exception] = OutputPathError
+                                ) -> None:
+    """`error` naming the fix when `directory`, a folder of a run, exists but this process may
+    not write in it (a read-only file system, another user's)."""
+    if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        raise error(f"cannot write in {directory} (read-only, or not this user's): make it "
+                    "writable, or pass another workdir")
+
+
 def _check_folder(folder: Path, option: str, given: str) -> None:
     blocked = blocking_ancestor(folder)
     if blocked is None:

@@ -93,10 +93,15 @@ def _prunable(name: str) -> bool:
                                          or "/MlpBlock_" in name)
 
 
+def _count(sparsity: float, n: int) -> int:
+    """How many of `n` items `sparsity` removes, halves rounded up."""
+    return math.floor(sparsity * n + 0.5)
+
+
 def _cut(sparsity: float, n: int, what: str) -> int:
-    """How many of a block's `n` heads or channels `sparsity` removes (halves round up); a
-    ValueError when that is all of them."""
-    count = math.floor(sparsity * n + 0.5)
+    """How many of a block's `n` heads or channels `sparsity` removes; a ValueError when that is
+    all of them."""
+    count = _count(sparsity, n)
     if count >= n:
         raise ValueError(f"sparsity {sparsity:g} would remove all {n} {what} of each block; use "
                          f"a sparsity below {(n - 0.5) / n:.3g}")
@@ -135,7 +140,7 @@ def prune_magnitude(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree]:
     _blocks(flat)  # a depth-0 model has nothing to prune
     prunable = [k for k in flat if _prunable(k)]
     values = np.concatenate([np.abs(flat[k]).ravel() for k in prunable])
-    count = math.floor(sparsity * values.size + 0.5)
+    count = _count(sparsity, values.size)
     threshold = np.partition(values, count - 1)[count - 1] if count else -1.0
     masks = {k: (np.abs(v) > threshold).astype(v.dtype) if k in prunable else np.ones_like(v)
              for k, v in flat.items()}

@@ -84,17 +84,13 @@ def _run(argv: list[str], none_keys: list[str]) -> None:
                              for key in sorted(result.metrics) if key.startswith("eval")))
 
 
-def _take_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without its --config.KEY=None overrides, those KEYs): absl parses the value as the
-    key's type (a float cannot be "None"), so these are set after parsing."""
-    rest, keys = [], []
-    for arg in argv:
-        name, sep, value = arg.partition("=")
-        if sep and value == "None" and name.startswith("--config."):
-            keys.append(name.removeprefix("--config."))
-        else:
-            rest.append(arg)
-    return rest, keys
+def _none_override(arg: str) -> str | None:
+    """KEY of a --config.KEY=None argument, else None: absl parses the value as the key's type
+    (a float cannot be "None"), so these are set after parsing."""
+    name, sep, value = arg.partition("=")
+    if sep and value == "None" and name.startswith("--config."):
+        return name.removeprefix("--config.")
+    return None
 
 
 def _set_to_none(config: Any, key: str) -> None:
@@ -239,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
         sys.stdout.write(_help(argv[0]))
         sys.exit(0)
-    argv, none_keys = _take_none_overrides(argv)
+    none_keys = [key for key in map(_none_override, argv) if key is not None]
     # ml_collections finds the --config.* overrides in sys.argv itself: drop them there too.
-    sys.argv = [a for a in sys.argv if _take_none_overrides([a])[0]]
+    argv = [a for a in argv if _none_override(a) is None]
+    sys.argv = [a for a in sys.argv if _none_override(a) is None]
     try:
         app.run(lambda rest: _run(rest, none_keys), argv=argv, flags_parser=_parse_flags)
     except PreemptedAtStartUp:
