@@ -129,8 +129,7 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
     params = jax.eval_shape(functools.partial(init_params, model), key)
     tx = train_step.train_optimizer(config, params)
     state = jax.eval_shape(lambda p, r: train_step.fresh_state(config, p, tx, r), params, key)
-    size = config.image_size
-    batch = {"image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), image_dtype),
+    batch = {"image": jax.ShapeDtypeStruct((per_device_batch, *model.image_size, 3), image_dtype),
              "label": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)}
     step = jax.pmap(train_step.make_train_step(model, tx, config, classes),
                     axis_name=parallel.AXIS, donate_argnums=(0,))
@@ -144,7 +143,8 @@ def measure(config: Any, *, devices: int = 8, per_device_batch: int | None = Non
             + fields["generated_code"])
     param_count = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     return {
-        "variant": config.model.variant, "image_size": size, "dtype": str(config.model.dtype),
+        "variant": config.model.variant, "image_size": config.image_size,
+        "dtype": str(config.model.dtype),
         "remat": model.remat,
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(params)}),
         "attention_impl": model.attention_impl, "platform_modelled": platform,

@@ -92,9 +92,8 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
     tx = train_step.train_optimizer(config, params)
     state = parallel.replicate(train_step.fresh_state(config, params, tx, key))
     rng = np.random.default_rng(0)
-    size = config.image_size
     batch = parallel.shard({
-        "image": rng.integers(0, 256, (n, per_device, size, size, 3), dtype=np.uint8),
+        "image": rng.integers(0, 256, (n, per_device, *model.image_size, 3), dtype=np.uint8),
         "label": rng.integers(0, classes, (n, per_device), dtype=np.int32)})
     start = time.perf_counter()
     step = jax.pmap(train_step.make_train_step(model, tx, config, classes),
@@ -121,7 +120,8 @@ def measure(config: Any, *, per_device_batch: int | None = None, steps: int = 10
     # One CPU device already uses every core: its measured peak is the whole machine's.
     total_peak = peak if devices[0].platform == "cpu" else peak * n
     return {
-        "variant": config.model.variant, "image_size": size, "dtype": str(config.model.dtype),
+        "variant": config.model.variant, "image_size": config.image_size,
+        "dtype": str(config.model.dtype),
         "matmul_dtype": str(config.model.get("matmul_dtype", "float32")),
         "attention_impl": model.attention_impl, "grad_accum_steps": int(config.grad_accum_steps),
         "platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": n,

@@ -63,7 +63,8 @@ def end_to_end_images_per_s(workdir: str) -> float:
     c.update(batch_size=BATCH, eval_batch_size=BATCH, eval_split="test[:128]", total_steps=STEPS,
              warmup_steps=2, log_every=WINDOW, checkpoint_every=WINDOW)
     c.pp.train_crop, c.pp.flip = "pad_crop", True
-    trainer.train(c, workdir)
+    if trainer.train(c, workdir).preempted:
+        sys.exit("train_throughput.py: error: stopped by a signal before its last step; rerun it")
     lines = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     windows = [x["train/images_per_s"] for x in lines if "train/images_per_s" in x]
     return statistics.median(windows[1:])

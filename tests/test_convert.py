@@ -168,9 +168,11 @@ def test_what_a_sidecar_config_cannot_mean_is_refused_in_one_line(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-def _same_model(before, after) -> None:
-    """`after` (a loaded checkpoint) computes exactly what `before` does, with the same params."""
-    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+def _same_model(before, after, x: np.ndarray | None = None) -> None:
+    """`after` (a loaded checkpoint) computes exactly what `before` does on `x` (default: two
+    16x16 images), with the same params."""
+    if x is None:
+        x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
     np.testing.assert_array_equal(
         np.asarray(after.model.apply({"params": after.params}, x)),
         np.asarray(before.model.apply({"params": before.params}, x)))
@@ -224,17 +226,99 @@ def test_a_hub_folder_converts_as_its_weight_file(tmp_path):
                                _logits(str(tmp_path / "run"), x), atol=1e-5)
 
 
-def test_a_checkpoint_of_rectangular_images_is_one_line_where_it_is_loaded(tmp_path):
-    import dataclasses
+WIDE = (16, 24)  # 4x6 patches of Ti/4
 
-    from vit.checkpoint import CheckpointError, load_checkpoint
 
+def _wide_images(count: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((count, *WIDE, 3)).astype(np.float32)
+
+
+def test_a_checkpoint_of_rectangular_images_loads_and_converts(tmp_path):
+    """A run of 16x24 images loads at its size and converts into the same model, kept at it."""
+    model, params = write(str(tmp_path / "run"), PLAIN, image_size=WIDE, pp={"eval_resize": 20})
+    loaded = load_inference_model(str(tmp_path / "run"))
+    x = _wide_images()
+    assert tuple(loaded.model.image_size) == WIDE and tuple(loaded.model.grid) == (4, 6)
+    np.testing.assert_array_equal(_logits(str(tmp_path / "run"), x),
+                                  np.asarray(model.apply({"params": params}, x)))
+    path, _ = convert_weights(str(tmp_path / "run"), str(tmp_path / "back"))
+    after = load_inference_model(path)
+    assert list(after.config.image_size) == [16, 24] and after.config.pp.eval_resize == 20
+    assert tuple(after.info.image_shape) == (16, 24, 3)
+    np.testing.assert_array_equal(_logits(path, x), _logits(str(tmp_path / "run"), x))
+
+
+@pytest.mark.parametrize("target,model", [("timm", PLAIN), ("timm", dict(PLAIN, classifier="gap")),
+                                          ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2))])
+def test_a_rectangular_model_goes_out_and_comes_back(tmp_path, target, model):
+    """timm's img_size and HF's image_size state [rows, cols] (input_size [3, rows, cols]), and
+    the crop the eval resize makes; converting the files back gives the same model."""
+    write(str(tmp_path / "run"), model, image_size=WIDE, pp={"eval_resize": 20})
+    files = export_weights(str(tmp_path / "run"), target, str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    if target == "timm":
+        assert config["model_args"]["img_size"] == [16, 24]
+        assert config["pretrained_cfg"]["input_size"] == [3, 16, 24]
+        assert config["pretrained_cfg"]["crop_pct"] == 0.8  # the shorter side 16 / 20
+    if target == "hf":
+        pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+        assert config["image_size"] == [16, 24] and pre["size"] == {"shortest_edge": 20}
+        assert pre["crop_size"] == {"height": 16, "width": 24}
+    if target == "npz":
+        assert config["vit"]["image_size"] == [16, 24]
+    path, notes = convert_weights(files[0], str(tmp_path / "back"))
+    before, after = load_inference_model(str(tmp_path / "run")), load_inference_model(path)
+    assert list(after.config.image_size) == [16, 24] and after.config.pp.eval_resize == 20
+    assert not any("posemb" in note for note in notes)
+    _same_model(before, after, _wide_images())
+
+
+def test_timms_input_size_states_the_grid_where_model_args_do_not(tmp_path):
+    write(str(tmp_path / "run"), PLAIN, image_size=WIDE)
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["model_args"]["img_size"]  # pretrained_cfg.input_size [3, 16, 24] remains
+    config_path.write_text(json.dumps(config))
+    path, _ = convert_weights(str(tmp_path / "out" / "model.safetensors"), str(tmp_path / "back"))
+    _same_model(load_inference_model(str(tmp_path / "run")), load_inference_model(path),
+                _wide_images())
+
+
+def test_a_square_model_still_states_an_int_size(tmp_path):
     write(str(tmp_path / "run"), PLAIN)
-    contents = load_checkpoint(str(tmp_path / "run"))
-    wide = dataclasses.replace(contents, config={**contents.config, "image_size": [16, 24]})
-    with pytest.raises(CheckpointError, match=r"takes \[16, 24\] images; evaluation, prediction "
-                                              "and export take square ones"):
-        load_inference_model(wide)
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "timm"))
+    export_weights(str(tmp_path / "run"), "hf", str(tmp_path / "hf"))
+    timm = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert timm["model_args"]["img_size"] == 16
+    assert timm["pretrained_cfg"]["input_size"] == [3, 16, 16]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_size"] == 16
+    path, _ = convert_weights(str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "back"))
+    assert load_inference_model(path).config.image_size == 16
+
+
+def test_a_stated_size_that_contradicts_the_position_embedding_is_one_line(tmp_path, capsys):
+    """The token count of a rectangle says nothing of its rows without a stated size; a stated
+    size whose grid does not hold the tokens is refused, never guessed around."""
+    write(str(tmp_path / "run"), PLAIN, image_size=WIDE)
+    export_weights(str(tmp_path / "run"), "hf", str(tmp_path / "out"))
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "image_size": 16}))
+    src = str(tmp_path / "out" / "model.safetensors")
+    capsys.readouterr()
+    assert cli.main(["convert", src, str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: config.json beside the weights states image size 16, a 4x4 grid of 4-pixel "
+        "patches, but the position embedding has 24 patch tokens: fix its image size, or move "
+        "it away to convert without it"]
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "image_size"}))
+    assert cli.main(["convert", src, str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the position embedding has 24 patch tokens, not a square grid, and no "
+        "config.json beside the weights states the image size: add the one it was written "
+        "with, or fine-tune from these weights with configs/finetune.py"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_convert_ema_and_flags_that_do_nothing(tmp_path, capsys):

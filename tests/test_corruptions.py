@@ -1,5 +1,6 @@
 """vit.corruptions: published parameters, identity at severity 0, monotone damage, determinism."""
 
+import math
 import os
 
 import numpy as np
@@ -166,6 +167,40 @@ def test_the_same_seed_gives_the_same_images_in_any_batch(images):
         assert first.dtype == np.uint8 and first.shape == images.shape
     other = corrupt_batch(images, "gaussian_noise", 3, seed=8)
     assert not np.array_equal(other, corrupt_batch(images, "gaussian_noise", 3, seed=7))
+
+
+RECTANGLES = {shape: np.random.default_rng(3).integers(0, 256, (*shape, 3), dtype=np.uint8)
+              for shape in ((24, 40), (40, 24))}
+
+
+@pytest.mark.parametrize("shape", sorted(RECTANGLES))
+def test_every_corruption_keeps_a_rectangular_image_shape(shape):
+    image = RECTANGLES[shape]
+    for name in CORRUPTIONS:
+        for severity in corruptions.SEVERITIES:
+            out = corrupt(image, name, severity, seed=1)
+            assert out.dtype == np.uint8 and out.shape == image.shape, (name, severity)
+            assert psnr(out, image) < math.inf, (name, severity)  # it did corrupt the image
+        np.testing.assert_array_equal(corrupt(image, name, 5, seed=1), out, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["defocus_blur", "zoom_blur", "pixelate"])
+def test_a_corruption_without_randomness_of_a_transposed_image_is_the_transposed_one(name):
+    """Height and width are never mixed up: off by at most one level (rounding order)."""
+    image = RECTANGLES[(24, 40)]
+    for severity in (1, 5):
+        out = corrupt(image, name, severity).astype(int)
+        of_transposed = corrupt(image.transpose(1, 0, 2), name, severity).astype(int)
+        assert np.abs(of_transposed.transpose(1, 0, 2) - out).max() <= 1, (name, severity)
+
+
+def test_the_plasma_map_of_a_rectangle_is_a_window_of_the_square_one():
+    """fog's and frost's haze: a 24 x 40 image gets the top-left window of a 64 x 64 map, a
+    32 x 32 image the 32 x 32 map itself."""
+    for shape, side in (((24, 40), 64), ((40, 24), 64), ((32, 32), 32)):
+        got = corruptions._plasma_like(np.zeros((*shape, 3)), 2.0, np.random.default_rng(5))
+        square = corruptions._plasma(side, 2.0, np.random.default_rng(5))
+        np.testing.assert_array_equal(got, square[: shape[0], : shape[1]])
 
 
 def test_bad_names_severities_and_images_are_one_line_errors():

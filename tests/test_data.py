@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit import data, preprocess, sources
+from vit import config_schema, data, preprocess, sources
 from vit.data import DataError, DatasetInfo
 
 CIFAR_DIR = "/work/shared/data/tfds"
@@ -161,6 +161,31 @@ def test_mock_train_inception_randaugment_shapes():
     with tfds.testing.mock_data(num_examples=20):
         batch = next(data.train_iterator(c, num_devices=2))
     assert batch["image"].shape == (2, 4, 24, 24, 3) and batch["label"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("train_crop", ["pad_crop", "inception"])
+@pytest.mark.parametrize("image_size", [(24, 40), [40, 24]])
+def test_mock_train_and_eval_batches_are_height_by_width(image_size, train_crop):
+    """Mocked 32 x 32 images: train batches, eval batches (eval_resize and plain, padded with
+    zeros) and dataset_info's image_shape are [H, W, 3]; eval images are eval_crop's."""
+    c = _config(dataset="cifar100", batch_size=8, eval_batch_size=8, eval_split="test",
+                image_size=image_size, shuffle_buffer=16)
+    c.pp.update(dict(train_crop=train_crop, randaugment_num_ops=1))
+    height, width = image_size
+    with tfds.testing.mock_data(num_examples=11):
+        train = next(data.train_iterator(c, num_devices=2))
+        assert data.dataset_info(c).image_shape == (height, width, 3)
+        raw = [r["image"] for r in tfds.as_numpy(tfds.load("cifar100", split="test"))]
+        for eval_resize in (None, 36):
+            c.pp.eval_resize = eval_resize
+            batches = list(data.eval_iterator(c, num_devices=2))
+            assert [b["image"].shape for b in batches] == [(2, 4, height, width, 3)] * 2
+            images = np.concatenate([b["image"].reshape(-1, height, width, 3) for b in batches])
+            mask = np.concatenate([b["mask"].reshape(-1) for b in batches])
+            assert mask.sum() == 11 and not images[~mask].any()
+            want = [preprocess.eval_crop(tf.constant(image), c).numpy() for image in raw]
+            np.testing.assert_array_equal(images[mask], np.stack(want))
+    assert train["image"].shape == (2, 4, height, width, 3) and train["image"].dtype == np.uint8
 
 
 # --------------------------------------------------------------- image folders
@@ -345,6 +370,39 @@ def test_unknown_pp_option():
     c.pp.flipp = True
     with pytest.raises(DataError, match="unknown pp option"):
         data.train_iterator(c, num_devices=1)
+
+
+@pytest.mark.parametrize("image_size,message", [
+    ((0, 32), "config.image_size must be positive, got (0, 32): use e.g. 32 or (32, 48)"),
+    (0, "config.image_size must be positive, got 0: use e.g. 32 or (32, 48)"),
+    ((32,), "config.image_size must be an int or a pair of ints (height, width), got (32,): "
+     "use e.g. 32 or (32, 48)"),
+    ("32", "config.image_size must be an int or a pair of ints (height, width), got '32': "),
+    ((32.0, 32), "config.image_size must be an int or a pair of ints (height, width), got "
+     "(32.0, 32): "),
+    (True, "config.image_size must be an int or a pair of ints (height, width), got True: "),
+])
+def test_a_bad_image_size_is_one_line(image_size, message):
+    with pytest.raises(DataError) as info:
+        data.validate_data_keys(_config(image_size=image_size))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("image_size", [32, (32, 48), [48, 32], np.int64(32), (np.int64(8), 16)])
+def test_image_size_is_an_int_or_a_height_width_pair(image_size):
+    c = config_schema.default_config()
+    c.image_size = image_size  # as a config file sets it
+    config_schema.validate_config(c)
+
+
+def test_eval_resize_is_checked_against_the_shorter_side():
+    c = config_schema.default_config()
+    c.image_size, c.pp.eval_resize = (40, 24), 23
+    with pytest.raises(DataError, match=r"eval_resize=23 is smaller than image_size=\(40, 24\); "
+                       r"the central crop needs eval_resize >= image_size \(its shorter side: 24"):
+        config_schema.validate_config(c)
+    c.pp.eval_resize = 24
+    config_schema.validate_config(c)
 
 
 def test_folder_errors(tmp_path):

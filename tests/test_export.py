@@ -243,3 +243,68 @@ def test_a_second_format_adds_its_entry_to_export_json_and_keeps_the_first(tmp_p
     _record_export(path, "stablehlo", {"step": 4})
     assert json.loads(path.read_text()) == {"stablehlo": {"step": 4}, "saved_model": {"step": 3}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
+
+
+WIDE = (16, 24)  # 4x6 patches of Ti/4
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A conv-stem GAP sin-cos checkpoint with a register of 16x24 images (eval_resize 20), and
+    three image files."""
+    root = tmp_path_factory.mktemp("wide")
+    write(str(root / "run"), dict(RECIPE, depth=1, num_registers=1), image_size=WIDE,
+          pp={"eval_resize": 20})
+    return root / "run", image_files(root / "images")
+
+
+def _onnx_logits(path, pixels: np.ndarray) -> tuple[np.ndarray, list]:
+    """(logits of model.onnx on uint8 `pixels`, the dims of its input)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"pixels": pixels})[0], session.get_inputs()[0].shape
+
+
+def test_a_model_of_rectangular_images_exports_to_every_format(wide, tmp_path):
+    """Each artefact takes [N, 16, 24, 3] (stablehlo floats, the others uint8 pixels) and
+    gives the JAX model's logits on the same 16x24 crops; export.json says [16, 24]."""
+    import tensorflow as tf
+
+    run, files = wide
+    loaded, images, want = _reference(run, files)
+    pixels = crops(images, loaded.config)
+    assert pixels.shape == (3, *WIDE, 3)
+    out = tmp_path / "out"
+    for fmt in ("stablehlo", "saved_model", "tflite", *(("onnx",) if HAS_ONNX else ())):
+        result = export(str(run), fmt, out, images=files, measure_speed=False)
+        assert result.max_abs_diff <= 1e-4, fmt
+    got = load_stablehlo(out)(model_inputs(images, loaded.config))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    saved = tf.saved_model.load(str(out / "saved_model")).signatures
+    assert saved["pixels"].structured_input_signature[1]["pixels"].shape.as_list() == [
+        None, *WIDE, 3]
+    for i, image in enumerate(images):  # serving_default crops each file itself
+        got = saved["serving_default"](images=tf.constant(image[None]))["logits"].numpy()
+        np.testing.assert_allclose(got, want[i:i + 1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(tflite_runner(out / "model.tflite")(pixels), want, atol=1e-4,
+                               rtol=0)
+    meta = json.loads((out / "export.json").read_text())
+    if HAS_ONNX:
+        got, dims = _onnx_logits(out / "model.onnx", pixels)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        assert dims == ["N", *WIDE, 3]
+    assert [m["image_size"] for m in meta.values()] == [[16, 24]] * (4 if HAS_ONNX else 3)
+
+
+def test_a_rectangular_model_checks_on_synthetic_images_of_its_shape(wide):
+    run, _ = wide
+    images, what = check_images(load_inference_model(str(run)), None)
+    assert what.startswith("7 synthetic images")
+    assert {im.shape for im in images} == {(16, 24, 3), (25, 27, 3), (32, 24, 3)}
+
+
+def test_a_square_model_still_records_an_int_image_size(recipe, tmp_path):
+    run, files = recipe
+    export(str(run), "stablehlo", tmp_path, images=files, measure_speed=False)
+    assert json.loads((tmp_path / "export.json").read_text())["stablehlo"]["image_size"] == 16

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from vit.mix import mixup_cutmix, smooth_labels
+from vit.model_options import pair
 
 
 def _batch(b=8, size=8, classes=5):
-    images = jnp.stack([jnp.full((size, size, 3), float(i)) for i in range(b)])
+    """b flat images, image i of value i, of `size` (a side or (H, W)); one-hot targets."""
+    images = jnp.stack([jnp.full((*pair(size), 3), float(i)) for i in range(b)])
     targets = smooth_labels(jnp.arange(b) % classes, classes, 0.0)
     return images, targets
 
@@ -49,6 +51,28 @@ def test_cutmix_lambda_is_pasted_area(seed):
     assert set(np.unique(out_i[0])) <= {0.0, 7.0}
     np.testing.assert_allclose(out_t[0], (1 - pasted) * targets[0] + pasted * targets[7], atol=1e-6)
     np.testing.assert_allclose(out_t.sum(-1), np.ones(8), rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("seed", range(4))
+def test_cutmix_on_rectangles_pastes_a_box_of_the_image_shape_weighted_by_its_area(seed, size):
+    """The box is rows x columns, each side sqrt(1 - lambda) of the image's (less where the
+    image border cuts it), and the targets mix by the pasted share of the pixels."""
+    images, targets = _batch(size=size)
+    key = jax.random.key(seed)
+    out_i, out_t = mixup_cutmix(key, images, targets, mixup_alpha=0.0, cutmix_alpha=1.0)
+    assert out_i.shape == images.shape
+    pasted = np.asarray(out_i[0, :, :, 0] == 7.0)
+    rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+    assert rows.size and cols.size  # these seeds paste something
+    np.testing.assert_array_equal(pasted, np.outer(pasted.any(1), pasted.any(0)))  # one box
+    assert np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
+    cut = np.sqrt(1 - float(jax.random.beta(jax.random.split(key, 4)[2], 1.0, 1.0)))
+    for found, whole in ((rows, size[0]), (cols, size[1])):
+        inside = found[0] > 0 and found[-1] < whole - 1
+        assert len(found) == round(cut * whole) if inside else len(found) <= round(cut * whole)
+    share = pasted.mean()
+    np.testing.assert_allclose(out_t[0], (1 - share) * targets[0] + share * targets[7], atol=1e-6)
 
 
 def test_switch_chooses_both_and_is_jittable():

@@ -9,6 +9,7 @@ from PIL import Image
 from vit import data, preprocess
 from vit.preprocess import (
     NORMALIZATIONS,
+    TRAIN_CROPS,
     DataError,
     decode,
     decode_image_file,
@@ -130,6 +131,107 @@ def test_eval_image_at_native_size_is_exact_normalisation():
 def test_eval_image_rejects_wrong_dtype():
     with pytest.raises(DataError, match="uint8"):
         eval_image(IMAGE.astype(np.float32), data.default_config())
+
+
+def _eval_config(image_size, eval_resize=None):
+    c = data.default_config()
+    c.image_size = image_size
+    c.pp.eval_resize = eval_resize
+    return c
+
+
+@pytest.mark.parametrize("image_shape,image_size,resized,corner", [
+    ((60, 80), (24, 40), (38, 50), (7, 5)),  # box 30 x 50: scale max(30/60, 50/80) = 0.625
+    ((80, 60), (40, 24), (50, 38), (5, 7)),  # the same, transposed
+    ((60, 80), (40, 24), (50, 67), (5, 21)),  # box 50 x 30: scale max(50/60, 30/80) = 5/6
+])
+def test_rectangular_eval_crop_is_the_centre_of_the_resize_covering_the_box(
+        image_shape, image_size, resized, corner):
+    """eval_resize=30 on (H, W): the image, aspect kept, covers a box of (H, W)'s shape with
+    shorter side 30 (rounded half to even: 37.5 -> 38), then its central [H, W] window."""
+    image = tf.constant(RNG.integers(0, 256, (*image_shape, 3), dtype=np.uint8))
+    out = preprocess.eval_crop(image, _eval_config(image_size, 30)).numpy()
+    (top, left), (height, width) = corner, image_size
+    want = preprocess.resize(image, *resized).numpy()[top : top + height, left : left + width]
+    assert out.shape == (height, width, 3)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_rectangular_eval_crop_without_eval_resize_is_a_plain_resize():
+    out = preprocess.eval_crop(tf.constant(IMAGE), _eval_config((40, 24))).numpy()
+    np.testing.assert_array_equal(out, preprocess.resize(tf.constant(IMAGE), 40, 24).numpy())
+    np.testing.assert_array_equal(eval_image(IMAGE, _eval_config([24, 40])).numpy(),  # untouched
+                                  normalize(tf.constant(IMAGE), "minus_one_to_one").numpy())
+
+
+def test_eval_resize_below_the_shorter_side_is_one_line():
+    with pytest.raises(DataError) as info:
+        eval_image(IMAGE, _eval_config((24, 40), 23))
+    assert str(info.value) == (
+        "config.pp.eval_resize=23 is smaller than image_size=(24, 40); the central crop needs "
+        "eval_resize >= image_size (its shorter side: 24), or None to resize straight to "
+        "image_size")
+    assert eval_image(IMAGE, _eval_config((24, 40), 24)).shape == (24, 40, 3)
+
+
+def _old_square_eval_crop(image: tf.Tensor, size: int, eval_resize: int) -> tf.Tensor:
+    """eval_crop of an int image_size before rectangles: the shorter side resized to
+    eval_resize, then the central [size, size] window."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = eval_resize / tf.reduce_min(shape)
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    out = tf.image.resize(image, tf.maximum(new, eval_resize), method="bilinear", antialias=True)
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    top, left = (tf.shape(out)[0] - size) // 2, (tf.shape(out)[1] - size) // 2
+    return out[top : top + size, left : left + size]
+
+
+ODD_SHAPES = [(1, 7), (7, 1), (31, 33), (33, 31), (97, 211), (375, 500), (481, 640), (17, 1023)]
+
+
+@pytest.mark.parametrize("size,eval_resize", [(32, 32), (32, 36), (7, 9), (224, 256)])
+def test_square_eval_crop_is_the_old_shorter_side_resize_bit_for_bit(size, eval_resize):
+    """Eagerly and inside tf.data (as the eval pipeline runs it), on odd shapes."""
+    images = [RNG.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in ODD_SHAPES]
+    config = _eval_config(size, eval_resize)
+
+    def both(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return preprocess.eval_crop(image, config), _old_square_eval_crop(image, size, eval_resize)
+
+    spec = tf.TensorSpec([None, None, 3], tf.uint8)
+    in_tf_data = tf.data.Dataset.from_generator(lambda: images, output_signature=spec).map(both)
+    eager = (both(tf.constant(image)) for image in images)
+    for shape, pairs in zip(ODD_SHAPES, zip(eager, in_tf_data, strict=True), strict=True):
+        for new, old in pairs:
+            assert new.shape == (size, size, 3)
+            np.testing.assert_array_equal(new.numpy(), old.numpy(), err_msg=str(shape))
+
+
+@pytest.mark.parametrize("image_size", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("train_crop", TRAIN_CROPS)
+def test_train_image_is_height_by_width_for_every_train_crop(train_crop, image_size):
+    """From PNG and JPEG bytes of a 24 x 40 image; "resize" keeps an image of the right shape
+    and resizes the other, "pad_crop" takes a window of that padded by 4."""
+    c = data.default_config()
+    c.image_size = image_size
+    c.pp.update(dict(train_crop=train_crop, flip=False))
+    height, width = image_size
+    for encode in (tf.io.encode_png, tf.io.encode_jpeg):
+        out = preprocess.train_image(encode(tf.constant(IMAGE)), _seed(1), c)
+        assert out.shape == (height, width, 3) and out.numpy().shape == (height, width, 3)
+    png = preprocess.train_image(tf.io.encode_png(tf.constant(IMAGE)), _seed(1), c).numpy()
+    resized = preprocess.resize(tf.constant(IMAGE), height, width).numpy()
+    if image_size == IMAGE.shape[:2]:
+        resized = IMAGE
+    if train_crop == "resize":
+        np.testing.assert_array_equal(png, resized)
+    elif train_crop == "pad_crop":
+        padded = np.pad(resized, [(4, 4), (4, 4), (0, 0)])
+        assert any(np.array_equal(padded[y : y + height, x : x + width], png)
+                   for y in range(9) for x in range(9))
+    c.pp.update(dict(flip=True, randaugment_num_ops=2))
+    augmented = preprocess.train_image(tf.io.encode_png(tf.constant(IMAGE)), _seed(2), c)
+    assert augmented.shape == (height, width, 3) and augmented.dtype == tf.uint8
 
 
 def test_decode_image_file_roundtrip_and_errors(tmp_path):

@@ -432,12 +432,15 @@ def test_a_rectangular_checkpoint_carries_its_grid(tmp_path):
         {"vit": {"model": {"variant": "Ti/4", **SMALL}, "image_size": [32, 48]}}))
     params, _ = load_pretrained(tmp_path / "model.npz", tall, init(tall))
     np.testing.assert_array_equal(posemb_of(params), expected)
-    # `vit convert` rebuilds square-image models only: one line, not a traceback.
+    # `vit convert` rebuilds the model at the image size its run config states.
     from vit.convert import convert_weights
+    from vit.evaluate import load_inference_model
 
-    with pytest.raises(WeightsError, match=r"^convert rebuilds models of square images, but the "
-                                           r"source was trained on image_size=\[32, 48\]"):
-        convert_weights(str(tmp_path / "run"), str(tmp_path / "converted"))
+    path, _ = convert_weights(str(tmp_path / "run"), str(tmp_path / "converted"))
+    converted = load_inference_model(path)
+    x = np.random.default_rng(0).standard_normal((2, 32, 48, 3)).astype(np.float32)
+    np.testing.assert_array_equal(logits(converted.model, converted.params, x),
+                                  logits(wide, source, x))
 
 
 def test_a_rectangular_checkpoint_fine_tunes_into_a_square_model_via_init_from(tmp_path):

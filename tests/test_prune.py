@@ -11,6 +11,7 @@ from vit.checkpoint import load_checkpoint
 from vit.evaluate import load_inference_model
 from vit.model import model_from_config
 from vit.prune import (
+    METHODS,
     finetune,
     finetune_schedule,
     head_scores,
@@ -187,3 +188,20 @@ def test_a_finetune_that_diverges_writes_nothing(tmp_path, capsys):
         "error: the params became non-finite in the 2 --finetune-steps, so nothing was written "
         f"to {tmp_path / 'out'}: lower --lr (now 1e+38)"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_rectangular_checkpoint_prunes_and_fine_tunes(tmp_path, method):
+    """32x48 images: the pruned (and briefly fine-tuned) checkpoint loads at its size and gives
+    [N, classes] logits."""
+    with tfds.testing.mock_data(num_examples=16):
+        write(str(tmp_path / "run"), dict(RECIPE, num_heads=4), num_classes=10,
+              image_size=(32, 48), dataset="cifar10", data_dir=str(tmp_path / "tfds"),
+              batch_size=8)
+        result = prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), method=method,
+                                  sparsity=0.5, finetune_steps=1)
+    loaded = load_inference_model(str(tmp_path / "out"))
+    assert tuple(loaded.model.image_size) == (32, 48) and loaded.model.mlp_dim == result.mlp_dim
+    assert result.mlp_dim == (32 if method == "structured" else 64)
+    logits = loaded.model.apply({"params": loaded.params}, np.zeros((2, 32, 48, 3), np.float32))
+    assert logits.shape == (2, 10) and np.isfinite(logits).all()

@@ -9,7 +9,7 @@ from tiny_checkpoints import RECIPE, image_files, write
 
 from vit import cli, int8
 from vit.evaluate import load_inference_model
-from vit.export import crops, export
+from vit.export import crops, export, load_stablehlo
 from vit.predict import model_inputs, read_images
 from vit.quantize import quantize_checkpoint, quantize_params
 from vit.weight_formats import flatten_params
@@ -56,15 +56,22 @@ def test_every_dense_and_attention_kernel_is_int8(quantized):
         quantize_params(load_inference_model(str(root / "int8")).params)
 
 
-def test_int8_checkpoint_predicts_like_float_and_exports(quantized, tmp_path, capsys):
-    root, _ = quantized
-    files = image_files(tmp_path / "images", 3)
-    _, images, _ = read_images(files)
+def _float_and_int8_logits(root, images) -> dict[str, np.ndarray]:
+    """Logits of the checkpoints root/float and root/int8 on `images`, preprocessed as each
+    checkpoint's config says."""
     out = {}
     for name in ("float", "int8"):
         loaded = load_inference_model(str(root / name))
         x = model_inputs(images, loaded.config)
         out[name] = np.asarray(loaded.model.apply({"params": loaded.params}, x))
+    return out
+
+
+def test_int8_checkpoint_predicts_like_float_and_exports(quantized, tmp_path, capsys):
+    root, _ = quantized
+    files = image_files(tmp_path / "images", 3)
+    _, images, _ = read_images(files)
+    out = _float_and_int8_logits(root, images)
     spread = np.max(np.abs(out["float"]))
     assert np.max(np.abs(out["int8"] - out["float"])) < 0.05 * spread
     assert cli.main(["predict", "--checkpoint", str(root / "int8"), *files]) == 0
@@ -129,3 +136,23 @@ def test_int8_export_to_a_format_without_int8_matmuls_is_refused_in_one_line(
     assert code == 2 and len(err) == 1, err
     assert "int8" in err[0] and "--format saved_model or stablehlo" in err[0]
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_rectangular_checkpoint_quantizes_predicts_and_exports(tmp_path):
+    """16x24 images: the int8 model gives [N, classes] close to the float one, and its
+    stablehlo export (checked at batch 1 and 7 on 16x24 crops) gives the int8 model's logits."""
+    write(str(tmp_path / "float"), dict(RECIPE, depth=1), image_size=(16, 24))
+    result = quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / "int8"))
+    assert result.num_kernels == 4 + 2 + 1
+    files = image_files(tmp_path / "images", 3)
+    _, images, _ = read_images(files)
+    out = _float_and_int8_logits(tmp_path, images)
+    assert out["int8"].shape == out["float"].shape == (3, 5)
+    assert np.max(np.abs(out["int8"] - out["float"])) < 0.05 * np.max(np.abs(out["float"]))
+    exported = export(str(tmp_path / "int8"), "stablehlo", tmp_path / "hlo", images=files,
+                      measure_speed=False)
+    assert exported.max_abs_diff <= 1e-4
+    x = model_inputs(images, load_inference_model(str(tmp_path / "int8")).config)
+    assert x.shape == (3, 16, 24, 3)
+    got = load_stablehlo(tmp_path / "hlo")(x)
+    np.testing.assert_allclose(np.asarray(got), out["int8"], atol=1e-4, rtol=0)

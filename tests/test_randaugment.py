@@ -105,8 +105,7 @@ EXACT = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(EXACT))
-def test_op_matches_pil_exactly(images, name):
+def _check_exact(name, images):
     op, reference, magnitudes = EXACT[name]
     for m in magnitudes:
         for image in images:
@@ -114,11 +113,16 @@ def test_op_matches_pil_exactly(images, name):
             np.testing.assert_array_equal(_run(op, image, m), want, err_msg=f"{name} M={m}")
 
 
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_op_matches_pil_exactly(images, name):
+    _check_exact(name, images)
+
+
 def _differing_pixels(a, b):
     return np.any(a != b, axis=-1)
 
 
-def test_rotate_matches_pil(images):
+def _check_rotate(images):
     # Same centre ((W - 1) / 2, (H - 1) / 2 in pixel indices), direction and nearest sampling;
     # TF computes the sample positions in float32 and PIL in float64, so the rare position
     # within ~1e-5 of a pixel boundary can round to the neighbour: none at 32 and 64 px,
@@ -130,8 +134,11 @@ def test_rotate_matches_pil(images):
             assert differ.mean() <= (0 if image.shape[0] <= 64 else 1e-3), (m, image.shape)
 
 
-@pytest.mark.parametrize("axis", ["x", "y"])
-def test_shear_matches_pil(images, axis):
+def test_rotate_matches_pil(images):
+    _check_rotate(images)
+
+
+def _check_shear(axis, images):
     # TF maps output pixel indices to input indices; PIL maps pixel centres (index + 0.5), so
     # PIL's equivalent of big_vision's shear s has offset -s/2. Nearest sampling then agrees
     # except on the rows (ShearX) or columns (ShearY) t where s * t is exactly k + 0.5: TF
@@ -148,7 +155,13 @@ def test_shear_matches_pil(images, axis):
             assert ties.all(), (axis, m, image.shape, lines[~ties])
 
 
-def test_cutout_square_and_size(images):
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_shear_matches_pil(images, axis):
+    _check_shear(axis, images)
+
+
+def _check_cutout(images):
+    """A grey square, 2 * 40 M / 10 px at 224 px scaled by the shorter side, at the centre."""
     for image in images:
         h, w = image.shape[:2]
         for m in (0, 5, 10):
@@ -157,11 +170,28 @@ def test_cutout_square_and_size(images):
             cy, cx = h // 2, w // 2  # seed=None: centred
             want[max(cy - pad, 0) : cy + pad, max(cx - pad, 0) : cx + pad] = 128
             np.testing.assert_array_equal(_run(ra._cutout, image, m), want)
+
+
+def test_cutout_square_and_size(images):
+    _check_cutout(images)
     big = images[-1]  # 224 px: big_vision's 2 * 40 = 80 px square at M=10, fully inside
     assert np.all(_run(ra._cutout, big, 10)[72:152, 72:152] == 128)
     seeded = [_run(ra._cutout, big, 10, tf.constant([3, i])) for i in range(4)]
     assert all(np.sum(np.all(out == 128, axis=-1)) > 0 for out in seeded)
     assert len({out.tobytes() for out in seeded}) == 4  # the centre follows the seed
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_geometric_ops_match_pil_on_rectangular_images(shape):
+    """Rotation about the centre, shears, translations scaled by their own side (X by the width,
+    Y by the height) and cutout sized by the shorter side, on noise of that shape."""
+    images = [np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)]
+    for name in ("translate_x", "translate_y"):
+        _check_exact(name, images)
+    _check_rotate(images)
+    for axis in ("x", "y"):
+        _check_shear(axis, images)
+    _check_cutout(images)
 
 
 def test_solarize_magnitude_10_is_identity_and_0_inverts(images):

@@ -13,6 +13,7 @@ from PIL import Image
 from vit import data
 from vit.checkpoint import Checkpointer
 from vit.model import init_params, model_from_config
+from vit.model_options import pair
 
 SMALL = dict(variant="Ti/4", width=32, depth=2, num_heads=2, mlp_dim=64)
 PLAIN = dict(SMALL, classifier="token", posemb="learn")
@@ -21,9 +22,11 @@ RECIPE = dict(SMALL, stem="conv", stem_norm="groupnorm", classifier="gap", posem
               token_keep_ratio=0.5)
 
 
-def write(workdir: str, model: dict, *, num_classes: int = 5, image_size: int = 16,
-          normalize: str = "cifar10", seed: int = 0, **config_overrides) -> tuple:
-    """Save a random checkpoint of `model` (a config.model dict); returns (model, params)."""
+def write(workdir: str, model: dict, *, num_classes: int = 5,
+          image_size: int | tuple[int, int] = 16, normalize: str = "cifar10", seed: int = 0,
+          **config_overrides) -> tuple:
+    """Save a random checkpoint of `model` (a config.model dict) of `image_size` (an int, or
+    (rows, cols) for rectangular images); returns (model, params)."""
     config = data.default_config()
     config.dataset = "tiny"
     config.image_size = image_size
@@ -40,7 +43,7 @@ def write(workdir: str, model: dict, *, num_classes: int = 5, image_size: int = 
     names = tuple(f"c{i}" for i in range(num_classes))
     if config.dataset == "cifar10":
         names = data.dataset_info(config).class_names
-    info = data.DatasetInfo(config.dataset, num_classes, names, (image_size, image_size, 3), {})
+    info = data.DatasetInfo(config.dataset, num_classes, names, (*pair(image_size), 3), {})
     ckpt = Checkpointer(workdir)
     ckpt.save(3, {"step": 3, "params": params}, config=config.to_dict(),
               dataset_info=info.to_dict(), force=True)

@@ -125,7 +125,7 @@ def validate_config(config: Any) -> None:
     if missing:
         raise ConfigError(f"the config has no {missing[0]!r} block: build it from "
                           "vit.config_schema.default_config() (as configs/*.py do)")
-    data_options.validate_data_keys(config)  # a DataError (ValueError) naming the key
+    data_options.validate_data_keys(config)  # a DataError (ValueError); pp.eval_resize too
     optim.check_config(config)
     for key in ("mixup_alpha", "cutmix_alpha"):
         if not 0.0 <= float(config[key]) < math.inf:
@@ -139,11 +139,6 @@ def validate_config(config: Any) -> None:
         raise ConfigError(f"config.model.quant={config.model.quant!r} is for inference (`vit "
                           "quantize` writes it): train with quant='none', then quantize the "
                           "trained checkpoint")
-    eval_resize = config.get("pp", {}).get("eval_resize")
-    if eval_resize is not None and int(eval_resize) < config.image_size:
-        raise ConfigError(f"config.pp.eval_resize={eval_resize} is smaller than image_size="
-                          f"{config.image_size}; the central crop needs eval_resize >= "
-                          "image_size (or None to resize straight to image_size)")
     for key in ("log_every", "checkpoint_every", "grad_accum_steps", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")

@@ -7,7 +7,9 @@ input normalisation is recorded as the run's `pp.normalize`. What the arrays can
 from a `config.json` beside the file when there is one (HF's, timm's Hub config, or the one
 `--to npz` writes), else from the caller (`gelu`, `normalize`, `num_heads`), else a stated
 default. A checkpoint of this toolkit keeps its run's own config (model, image size,
-normalisation, evaluation resize, class names); an int8 one is refused. Out
+normalisation, evaluation resize, class names); an int8 one is refused. The image size may be
+rectangular where the source states it (the run config, or the config.json beside a file);
+otherwise the square the position embedding's token count makes. Out
 (`export_weights`): a checkpoint to timm / HF safetensors or a vit_jax .npz, each with its
 config.json (`vit.weights_out`); converting that back gives the same params and eval resize.
 Weights that cannot be mapped are one WeightsError line naming the missing array or format.
@@ -24,6 +26,7 @@ import numpy as np
 
 from vit import weight_sidecars
 from vit.data_options import NORMALIZATIONS
+from vit.model_options import pair
 from vit.weight_formats import (
     POSEMB,
     Weights,
@@ -119,16 +122,31 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     return f"Ti/{patch}", overrides, [note] if note else []
 
 
-def _image_size(weights: Weights, patch: int, classifier: str) -> int:
+def _grid(weights: Weights, classifier: str, stated: Any, patch: int) -> tuple[int, int]:
+    """The patch grid of the learned position embedding: the stated image size's (its grid must
+    hold the embedding's patch tokens), else the square its token count makes."""
     if POSEMB not in weights:
         raise WeightsError("weights without a learned position embedding do not tell the image "
                            "size; fine-tune from them with configs/finetune.py instead")
     tokens = weights[POSEMB].shape[1] - (classifier == "token")
+    if stated is not None:
+        try:
+            rows, cols = (side // patch for side in pair(stated))
+        except ValueError as err:
+            raise WeightsError(f"config.json beside the weights: {err}") from None
+        if rows * cols != tokens:
+            raise WeightsError(f"config.json beside the weights states image size {stated}, a "
+                               f"{rows}x{cols} grid of {patch}-pixel patches, but the position "
+                               f"embedding has {tokens} patch tokens: fix its image size, or "
+                               "move it away to convert without it")
+        return rows, cols
     side = round(tokens ** 0.5)
     if side * side != tokens:
         raise WeightsError(f"the position embedding has {tokens} patch tokens, not a square "
-                           "grid; fine-tune from these weights with configs/finetune.py")
-    return side * patch
+                           "grid, and no config.json beside the weights states the image size: "
+                           "add the one it was written with, or fine-tune from these weights "
+                           "with configs/finetune.py")
+    return side, side
 
 
 def _class_names(path: str | None, said: list[str] | None, num_classes: int) -> list[str]:
@@ -209,22 +227,21 @@ def _read_source(src: str, normalize: str | None, use_ema: bool) -> tuple[Weight
 
 
 def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str | None
-                  ) -> tuple[str, dict, int, list[str]]:
-    """(variant, model overrides, image size, notes): as the source's own config says, else
-    inferred from the arrays and the sidecar JSON."""
+                  ) -> tuple[str, dict, tuple[int, int], list[str]]:
+    """(variant, model overrides, image size (rows, cols), notes): as the source's own config
+    says, else inferred from the arrays and the sidecar JSON (whose stated image size sets the
+    position embedding's grid, which `weights.grid` then records)."""
     notes: list[str] = []
     if "model" in said:  # our own config: the model exactly as it was
         model_config = {k: v for k, v in said["model"].items() if v is not None}
         variant = model_config.pop("variant")
-        image_size = said["image_size"]
-        if not isinstance(image_size, int):
-            raise WeightsError(f"convert rebuilds models of square images, but the source was "
-                               f"trained on image_size={image_size}: fine-tune from it with "
-                               "configs/finetune.py instead")
+        image_size = pair(said["image_size"])
     else:
         variant, model_config, notes = infer_architecture(
             weights, num_heads or said.get("num_heads"), said.get("mlp_dim"))
-        image_size = _image_size(weights, int(variant.split("/")[1]), model_config["classifier"])
+        patch = int(variant.split("/")[1])
+        weights.grid = _grid(weights, model_config["classifier"], said.get("image_size"), patch)
+        image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
         model_config["gelu_approximate"] = (gelu or said.get("gelu", default_gelu)) == "tanh"
     if gelu is not None:
@@ -249,6 +266,7 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     from vit.checkpoint import Checkpointer
     from vit.model import init_params, saved_model_from_config
     from vit.pretrained import adapt_params
+    from vit.weights_out import json_image_size
 
     if gelu is not None and gelu not in weight_sidecars.GELUS:
         raise ValueError(f"unknown gelu {gelu!r}; use one of {', '.join(weight_sidecars.GELUS)}")
@@ -274,12 +292,12 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     config = data.default_config()
     config.dataset = ""  # weights from a file name no dataset: `vit eval --dataset` says which
     config.update(said.get("data", {}))
-    config.image_size = image_size
+    config.image_size = json_image_size(image_size)
     config.pp.normalize = normalize
     config.pp.eval_resize = eval_resize
     config.model = {"variant": variant, **model_config}
     info = data.DatasetInfo(config.dataset or os.path.basename(src), num_classes, tuple(names),
-                            (image_size, image_size, 3), {})
+                            (*image_size, 3), {})
     checkpointer = Checkpointer(dst)
     checkpointer.save(0, {"step": 0, "params": params}, config=config.to_dict(),
                       dataset_info=info.to_dict(), force=True)

@@ -27,7 +27,8 @@ Re-implemented without the original's OpenCV, scikit-image and ImageMagick depen
   right neighbour's; rows and columns 0..delta are never written. The draws themselves come
   from the seeded generator above, not NumPy's global state, so the images are the published
   procedure's, not its bitwise output.
-The parameters are those for 32x32 CIFAR images; elastic's are scaled with the image size.
+The parameters are those for 32x32 CIFAR images; elastic's are scaled with the image size (its
+shorter side). Any [H, W] image works: each corruption keeps its shape.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ def _plasma(size: int, decay: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _plasma_like(image: np.ndarray, decay: float, rng: np.random.Generator) -> np.ndarray:
+    """An [H, W] plasma map for `image`: the top-left window of a square one whose side is the
+    power of two >= max(H, W)."""
     h, w = image.shape[:2]
     size = 1 << max(1, math.ceil(math.log2(max(h, w))))
     return _plasma(size, decay, rng)[:h, :w]

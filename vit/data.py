@@ -22,6 +22,7 @@ import tensorflow as tf
 from vit import preprocess as pp_ops
 from vit.data_options import DataError, default_config, validate_data_keys  # noqa: F401
 from vit.error_text import tensorflow_message
+from vit.model_options import pair
 from vit.sources import FOLDER_PREFIX, IMAGE_EXTENSIONS, Source, open_source
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 class DatasetInfo:
     """What the model, checkpoint and CLIs need to know about a dataset.
 
-    image_shape is the shape of the images the pipeline yields: (image_size, image_size, 3).
+    image_shape is the shape of the images the pipeline yields: (H, W, 3) of config.image_size.
     """
 
     name: str
@@ -83,8 +84,8 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
             raise DataError(f"split {split!r} of {src.name!r} holds no examples: set "
                             f"config.{key} to a split or slice with some, e.g. 'test' or "
                             "'train[:90%]'")
-    size = config.image_size
-    return DatasetInfo(src.name, len(src.class_names), src.class_names, (size, size, 3), sizes)
+    shape = (*pair(config.image_size), 3)
+    return DatasetInfo(src.name, len(src.class_names), src.class_names, shape, sizes)
 
 
 def split_size(config: ml_collections.ConfigDict, split: str) -> int:
@@ -359,9 +360,8 @@ def eval_iterator(
     if config.get("skip_corrupt"):
         _require_a_readable_example(src, split, process_index, process_count)
         ds = ds.ignore_errors(log_warning=True)
-    size = config.image_size
     padding = {
-        "image": tf.zeros([size, size, 3], tf.uint8),
+        "image": tf.zeros([*pair(config.image_size), 3], tf.uint8),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
     }

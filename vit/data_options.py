@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from vit.model_options import pair
+
 TRAIN_CROPS = ("pad_crop", "inception", "resize")
 NORMALIZATIONS = {
     "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -41,9 +43,15 @@ def validate_data_keys(config) -> None:
     `shuffle_buffer` of `config`."""
     validate_options(config.pp)
     size = config.image_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise DataError(f"config.image_size must be positive, got {size!r}: the pipelines make "
-                        "square images of that many pixels a side")
+    try:
+        height, width = pair(size)
+    except ValueError:
+        raise DataError(f"config.image_size must be an int or a pair of ints (height, width), got "
+                        f"{size!r}: use e.g. 32 or (32, 48)") from None
+    if min(height, width) < 1:
+        raise DataError(f"config.image_size must be positive, got {size!r}: use e.g. 32 or "
+                        "(32, 48) (pixels a side, or height and width)")
+    check_eval_resize(config)
     seed = config.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise DataError(f"config.seed must be an integer in [0, 2**31), got {seed!r}")
@@ -51,6 +59,19 @@ def validate_data_keys(config) -> None:
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise DataError(f"config.shuffle_buffer must be an integer >= 1 (1 = no shuffling), got "
                         f"{buffer!r}")
+
+
+def check_eval_resize(config) -> None:
+    """Raises a one-line DataError unless config.pp.eval_resize is None or at least the shorter
+    side of config.image_size."""
+    resize_to, size = config.pp.get("eval_resize"), config.image_size
+    if resize_to is None:
+        return
+    shorter = min(pair(size))
+    if int(resize_to) < shorter:
+        raise DataError(f"config.pp.eval_resize={resize_to} is smaller than image_size={size}; "
+                        f"the central crop needs eval_resize >= image_size (its shorter side: "
+                        f"{shorter}), or None to resize straight to image_size")
 
 
 def validate_options(pp) -> None:
@@ -89,7 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.download = False
     c.train_split = "train"
     c.eval_split = "test"
-    c.image_size = 32
+    c.image_size = ml_collections.FieldReference(32, field_type=object)  # or (height, width)
     c.batch_size = 128  # global, across all processes and devices
     c.eval_batch_size = 256  # global
     c.shuffle_buffer = 50_000

@@ -30,6 +30,7 @@ from vit import calibration, data, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.config_schema import TTA_MODES
 from vit.model import VisionTransformer, saved_model_from_config
+from vit.model_options import pair
 from vit.weight_formats import has_real_class_names
 
 PyTree = Any
@@ -98,11 +99,11 @@ def load_inference_model(
     if not contents.dataset_info:
         raise CheckpointError(f"checkpoint of step {contents.step} has no dataset_info; "
                               "it was not written by `vit train` or `vit convert`")
-    size = contents.config["image_size"]
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise CheckpointError(f"checkpoint of step {contents.step} takes {size} images; "
-                              "evaluation, prediction and export take square ones (image_size "
-                              "an int): fine-tune it at a square size with configs/finetune.py")
+    try:
+        pair(contents.config["image_size"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint of step {contents.step}: {err}; it was not written by "
+                              "`vit train` or `vit convert`") from None
     params = contents.chosen_params(use_ema)
     config = ml_collections.ConfigDict(contents.config)
     info = data.DatasetInfo.from_dict(contents.dataset_info)

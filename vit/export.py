@@ -12,23 +12,24 @@ nothing half-written is added, and a directory this call made is removed again).
 What each format takes:
 
 - `stablehlo`: `model.stablehlo`, a serialized `jax.export.Exported` with a symbolic batch
-  dimension: float32 [N, S, S, 3] images preprocessed as in evaluation -> logits. Load it with
+  dimension: float32 [N, rows, cols, 3] images preprocessed as in evaluation -> logits. Load it with
   `load_stablehlo(dir)`; no model code is needed.
 - `saved_model`: a SavedModel through `jax2tf` (params as variables). Signatures:
   `serving_default` takes uint8 images [N, H, W, 3] of any batch and size and applies the
-  evaluation preprocessing itself (resize / crop, normalise); `pixels` takes uint8 [N, S, S, 3]
-  images already at the model's size. Both return {"logits", "probabilities"}.
+  evaluation preprocessing itself (resize / crop, normalise); `pixels` takes uint8
+  [N, rows, cols, 3] images already at the model's size. Both return {"logits", "probabilities"}.
 - `tflite`: `model.tflite`, converted from that SavedModel's `pixels` signature (TFLite has no
   antialiased resize among its builtin ops, so resizing stays with the caller). Float
   checkpoints only: TFLite's builtin matmuls take int8 only as TFLite's own quantised types,
   not as the int8 x int8 -> int32 `dot_general` of a `vit quantize` checkpoint, so an int8
   checkpoint is refused with one line (export it as `saved_model` or `stablehlo`).
-- `onnx`: `model.onnx`, built from the params by `vit.onnx_export` (uint8 [N, S, S, 3] ->
+- `onnx`: `model.onnx`, built from the params by `vit.onnx_export` (uint8 [N, rows, cols, 3] ->
   logits, probabilities), checked with onnxruntime; needs the `onnx` extra. Not for MAP
   heads, ResNet hybrids or int8 checkpoints (refused with one line before anything is written).
 
-Each directory also gets `export.json`: for each format exported there, its input contract,
-class names and check ({format: {...}}).
+(rows, cols) is the run's image_size (an int: a square). Each directory also gets
+`export.json`: for each format exported there, its input contract, image size (an int for a
+square, else [rows, cols]), class names and check ({format: {...}}).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ import numpy as np
 from vit import preprocess
 from vit.error_text import first_line
 from vit.evaluate import InferenceModel, load_inference_model
+from vit.model_options import pair
 from vit.output_paths import new_directory
+from vit.weights_out import json_image_size
 
 FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
 TOLERANCE = 1e-4
@@ -147,10 +150,13 @@ def eval_split_images(config: Any, count: int = NUM_CHECK_IMAGES
     return images, f"{len(images)} images of {config.dataset} {config.eval_split}"
 
 
-def synthetic_images(size: int, count: int = NUM_CHECK_IMAGES) -> list[np.ndarray]:
-    """`count` uint8 images of random pixels, some larger than `size` (seeded: reproducible)."""
+def synthetic_images(size: int | Sequence[int], count: int = NUM_CHECK_IMAGES
+                     ) -> list[np.ndarray]:
+    """`count` uint8 images of random pixels, some larger than `size` (an int or (rows, cols);
+    seeded: reproducible)."""
     rng = np.random.default_rng(0)
-    shapes = [(size, size), (size + 9, size + 3), (size * 2, size)]
+    rows, cols = pair(size)
+    shapes = [(rows, cols), (rows + 9, cols + 3), (rows * 2, cols)]
     return [rng.integers(0, 256, (*shapes[i % 3], 3), np.uint8) for i in range(count)]
 
 
@@ -176,7 +182,7 @@ def check_images(loaded: InferenceModel, paths: Sequence[str] | None
 
 
 def crops(images: Sequence[np.ndarray], config: Any) -> np.ndarray:
-    """Each image resized / cropped as evaluation does, still uint8: [N, S, S, 3]."""
+    """Each image resized / cropped as evaluation does, still uint8: [N, rows, cols, 3]."""
     return np.stack([np.asarray(preprocess.eval_crop(im, config)) for im in images])
 
 
@@ -195,14 +201,14 @@ def _speed(run: Callable[[np.ndarray], Any], batch: np.ndarray, seconds: float =
 
 
 # ---------------------------------------------------------------------------------------------
-# Writers: each returns the artefact's path and a function uint8 crops [N, S, S, 3] -> logits.
+# Writers: each returns the artefact's path and a function uint8 crops [N, rows, cols, 3] ->
+# logits.
 
 
 def _export_stablehlo(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
     fn, params = logits_fn(loaded), loaded.params
-    size = loaded.config.image_size
     (batch,) = jax.export.symbolic_shape("batch")
-    spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    spec = jax.ShapeDtypeStruct((batch, *pair(loaded.config.image_size), 3), jnp.float32)
     exported = jax.export.export(jax.jit(lambda x: fn(params, x)))(spec)
     path = out / "model.stablehlo"
     path.write_bytes(exported.serialize())
@@ -212,7 +218,7 @@ def _export_stablehlo(loaded: InferenceModel, out: Path) -> tuple[Path, Callable
 
 
 def load_stablehlo(directory: str | os.PathLike[str]) -> Callable[[jax.Array], jax.Array]:
-    """The exported model of `directory`/model.stablehlo: float32 [N, S, S, 3] -> logits."""
+    """The exported model of `directory`/model.stablehlo: float32 [N, rows, cols, 3] -> logits."""
     path = Path(directory) / "model.stablehlo"
     if not path.is_file():
         raise ExportError(f"no model.stablehlo in {directory}: write one with "
@@ -225,7 +231,7 @@ def _tf_module(loaded: InferenceModel) -> Any:
     from jax.experimental import jax2tf
 
     fn, config = logits_fn(loaded), loaded.config
-    size, kind = config.image_size, config.pp.normalize
+    size, kind = pair(config.image_size), config.pp.normalize
 
     def from_pixels(params, pixels):
         logits = fn(params, preprocess.normalize_on_device(pixels, kind))
@@ -243,7 +249,7 @@ def _tf_module(loaded: InferenceModel) -> Any:
         return {"logits": tf.identity(logits, "logits"),
                 "probabilities": tf.identity(probs, "probabilities")}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, "pixels")],
+    @tf.function(input_signature=[tf.TensorSpec([None, *size, 3], tf.uint8, "pixels")],
                  autograph=False)
     def pixels(pixels):
         return outputs(pixels)
@@ -252,7 +258,7 @@ def _tf_module(loaded: InferenceModel) -> Any:
                  autograph=False)
     def serving(images):
         cropped = tf.map_fn(lambda im: preprocess.eval_crop(im, config), images,
-                            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+                            fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
         return outputs(cropped)
 
     module.pixels, module.serving = pixels, serving
@@ -304,7 +310,7 @@ def _export_tflite(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
 
 
 def tflite_runner(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 [N, S, S, 3] -> logits with a TFLite interpreter (LiteRT's when installed)."""
+    """uint8 [N, rows, cols, 3] -> logits with a TFLite interpreter (LiteRT's when installed)."""
     import warnings
 
     try:
@@ -347,10 +353,11 @@ def _export_onnx(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
 _WRITERS = {"stablehlo": _export_stablehlo, "saved_model": _export_saved_model,
             "tflite": _export_tflite, "onnx": _export_onnx}
 _INPUTS = {
-    "stablehlo": "float32 [N, S, S, 3] preprocessed as in evaluation -> logits",
-    "saved_model": "serving_default: uint8 [N, H, W, 3] any size; pixels: uint8 [N, S, S, 3]",
-    "tflite": "signature pixels: uint8 [N, S, S, 3] resized as in evaluation",
-    "onnx": "pixels: uint8 [N, S, S, 3] resized as in evaluation",
+    "stablehlo": "float32 [N, rows, cols, 3] preprocessed as in evaluation -> logits",
+    "saved_model": "serving_default: uint8 [N, H, W, 3] any size; pixels: uint8 "
+                   "[N, rows, cols, 3]",
+    "tflite": "signature pixels: uint8 [N, rows, cols, 3] resized as in evaluation",
+    "onnx": "pixels: uint8 [N, rows, cols, 3] resized as in evaluation",
 }
 
 
@@ -440,7 +447,8 @@ def export(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     result = ExportResult(fmt, str(path), size_on_disk(path), diff, speed, ref_speed, verified_on)
-    meta = {"format": fmt, "input": _INPUTS[fmt], "image_size": loaded.config.image_size,
+    meta = {"format": fmt, "input": _INPUTS[fmt],
+            "image_size": json_image_size(loaded.config.image_size),
             "normalize": loaded.config.pp.normalize, "eval_resize": loaded.config.pp.eval_resize,
             "class_names": list(loaded.info.class_names), "step": loaded.step,
             "checkpoint": None if isinstance(checkpoint, InferenceModel) else str(checkpoint),

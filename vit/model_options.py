@@ -99,9 +99,12 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
         raise ValueError(f"unknown posemb {kw['posemb']!r}; use one of {POSEMB_KINDS}")
     (ih, iw), (ph, pw) = kw["image_size"], kw["patch_size"]
     if ih % ph or iw % pw:
-        raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}")
+        raise ValueError(f"image size {ih}x{iw} is not divisible by the patch size {ph}x{pw}: "
+                         f"use sides that are multiples of it (e.g. {ih // ph * ph or ph}x"
+                         f"{iw // pw * pw or pw}) or another patch size")
     if kw["width"] % kw["num_heads"]:
-        raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}")
+        raise ValueError(f"width {kw['width']} is not divisible by num_heads {kw['num_heads']}: "
+                         "use a width that is a multiple of num_heads")
     if kw["posemb"] == "sincos2d" and (kw["width"] % 4 or kw["width"] < 8):
         raise ValueError(f"posemb='sincos2d' needs a width divisible by 4 and >= 8, got width "
                          f"{kw['width']}: use such a width, or posemb='learn'")

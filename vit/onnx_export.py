@@ -9,7 +9,8 @@ registers, learned or sin-cos position embeddings, token or GAP heads, pre-logit
 exact GELU. Not supported (ExportError naming the alternative): MAP heads, ResNet hybrids,
 int8-quantised checkpoints.
 
-Graph: pixels uint8 [N, S, S, 3] -> (logits float32 [N, classes], probabilities).
+Graph: pixels uint8 [N, rows, cols, 3] (the run's image_size) -> (logits float32
+[N, classes], probabilities).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from vit import preprocess
 from vit.encoder import posemb_sincos_2d
 from vit.evaluate import InferenceModel
+from vit.model_options import pair
 from vit.weight_formats import flatten_params
 
 OPSET = 20
@@ -208,11 +210,11 @@ def build_onnx(loaded: InferenceModel) -> Any:
     logits = g.op("Add", g.op("MatMul", x, g.const(p["head/kernel"], "head")),
                   g.const(p["head/bias"], "b"), out="logits")
     g.op("Softmax", logits, axis=-1, out="probabilities")
-    size = loaded.config.image_size
     helper = onnx.helper
+    pixels = ["N", *pair(loaded.config.image_size), 3]
     graph = helper.make_graph(
         g.nodes, "vit",
-        [helper.make_tensor_value_info("pixels", onnx.TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("pixels", onnx.TensorProto.UINT8, pixels)],
         [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", model.num_classes])
          for n in ("logits", "probabilities")],
         initializer=g.inits)

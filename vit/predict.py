@@ -94,7 +94,7 @@ def read_images(
 
 
 def model_inputs(images: Sequence[np.ndarray], config) -> np.ndarray:
-    """Preprocess decoded uint8 images as evaluation does: float32 [N, S, S, 3]."""
+    """Preprocess decoded uint8 images as evaluation does: float32 [N, H, W, 3]."""
     return np.stack([np.asarray(preprocess.eval_image(im, config)) for im in images])
 
 

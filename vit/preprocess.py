@@ -18,10 +18,12 @@ from vit.data_options import (  # noqa: F401  (the pp options are part of this m
     NORMALIZATIONS,
     TRAIN_CROPS,
     DataError,
+    check_eval_resize,
     default_options,
     validate_options,
 )
 from vit.error_text import tensorflow_message
+from vit.model_options import pair
 from vit.normalization import normalization_table, normalize_on_device  # noqa: F401
 from vit.randaugment import randaugment
 
@@ -104,20 +106,29 @@ def resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
-def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+def resize_to_cover(image: tf.Tensor, box: tuple[int, int]) -> tf.Tensor:
+    """Resizes, keeping the aspect ratio, to the smallest size covering a [box_h, box_w] box.
+
+    For a square box of side s, this resizes the shorter side to s.
+    """
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = size / tf.reduce_min(shape)
+    scale = tf.reduce_max(tf.constant(box, tf.float32) / shape)
     new = tf.cast(tf.round(shape * scale), tf.int32)
-    out = tf.image.resize(image, tf.maximum(new, size), method="bilinear", antialias=True)
+    out = tf.image.resize(image, tf.maximum(new, box), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
-def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Crops the central [size, size] window."""
+def eval_box(height: int, width: int, eval_resize: int) -> tuple[int, int]:
+    """The box of (height, width)'s aspect ratio whose shorter side is `eval_resize`."""
+    shorter = min(height, width)
+    return round(height * eval_resize / shorter), round(width * eval_resize / shorter)
+
+
+def central_crop(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """Crops the central [height, width] window."""
     shape = tf.shape(image)
-    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
-    return image[top : top + size, left : left + size]
+    top, left = (shape[0] - height) // 2, (shape[1] - width) // 2
+    return image[top : top + height, left : left + width]
 
 
 def pad_crop(image: tf.Tensor, padding: int, seed: tf.Tensor) -> tf.Tensor:
@@ -144,21 +155,25 @@ def inception_window(
     return begin[:2], size[:2]
 
 
-def inception_crop(image: tf.Tensor, size: int, area: tuple[float, float], seed) -> tf.Tensor:
-    """Random-resized (Inception) crop of a decoded image, resized to [size, size]."""
+def inception_crop(
+    image: tf.Tensor, size: int | tuple[int, int], area: tuple[float, float], seed
+) -> tf.Tensor:
+    """Random-resized (Inception) crop of a decoded image, resized to `size`: [H, W] or a side."""
     begin, extent = inception_window(tf.shape(image), area, seed)
     crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([extent, [3]], 0))
-    return resize(crop, size, size)
+    return resize(crop, *pair(size, "size"))
 
 
-def decode_inception_crop(encoded: tf.Tensor, size: int, area: tuple[float, float], seed):
+def decode_inception_crop(
+    encoded: tf.Tensor, size: int | tuple[int, int], area: tuple[float, float], seed
+) -> tf.Tensor:
     """Inception crop straight from encoded bytes; JPEGs decode only the cropped window."""
 
     def jpeg() -> tf.Tensor:
         begin, extent = inception_window(tf.image.extract_jpeg_shape(encoded), area, seed)
         window = tf.concat([begin, extent], 0)
         crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-        return resize(crop, size, size)
+        return resize(crop, *pair(size, "size"))
 
     return tf.cond(
         tf.io.is_jpeg(encoded), jpeg, lambda: inception_crop(decode(encoded), size, area, seed)
@@ -179,27 +194,27 @@ def normalize(images: tf.Tensor, kind: str) -> tf.Tensor:
 
 
 def eval_crop(image: tf.Tensor, config) -> tf.Tensor:
-    """Evaluation geometry, uint8 -> uint8 [image_size, image_size, 3].
+    """Evaluation geometry, uint8 -> uint8 [H, W, 3] for config.image_size (H, W).
 
-    Reads config.image_size and config.pp.eval_resize (None: resize straight to image_size;
-    an int: resize the shorter side to it, then centre-crop image_size).
+    config.pp.eval_resize None: resize straight to [H, W]. An int r: resize, keeping the aspect
+    ratio, to cover `eval_box(H, W, r)` (the shorter side to r for a square), then centre-crop
+    [H, W].
     """
-    size = config.image_size
-    if config.pp.get("eval_resize") is None:
-        out = resize(image, size, size)
+    height, width = pair(config.image_size)
+    resize_to = config.pp.get("eval_resize")
+    if resize_to is None:
+        out = resize(image, height, width)
     else:
-        if config.pp.eval_resize < size:
-            raise DataError(
-                f"pp.eval_resize={config.pp.eval_resize} is smaller than image_size={size}; "
-                "set it >= image_size or to None"
-            )
-        out = central_crop(resize_shorter_side(image, config.pp.eval_resize), size)
-    out.set_shape([size, size, 3])
+        check_eval_resize(config)
+        covering = resize_to_cover(image, eval_box(height, width, resize_to))
+        out = central_crop(covering, height, width)
+    out.set_shape([height, width, 3])
     return out
 
 
 def eval_image(image: np.ndarray | tf.Tensor, config) -> tf.Tensor:
-    """One uint8 HWC image of any size -> float32 [image_size, image_size, 3], as in evaluation."""
+    """One uint8 HWC image of any size -> float32 [H, W, 3] of config.image_size, as in
+    evaluation."""
     image = tf.convert_to_tensor(image)
     if image.dtype != tf.uint8 or image.shape.rank != 3 or image.shape[-1] != 3:
         raise DataError(
@@ -210,24 +225,24 @@ def eval_image(image: np.ndarray | tf.Tensor, config) -> tf.Tensor:
 
 
 def train_image(encoded: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
-    """Encoded bytes -> augmented uint8 [image_size, image_size, 3], as config.pp says.
+    """Encoded bytes -> augmented uint8 [H, W, 3] of config.image_size, as config.pp says.
 
     Crop (config.pp.train_crop), flip, then RandAugment; `seed` is a [2] stateless seed.
     """
-    pp, size = config.pp, config.image_size
+    pp, (height, width) = config.pp, pair(config.image_size)
     seeds = tf.random.experimental.stateless_split(seed, num=3)
     if pp.train_crop == "inception":
         area = (pp.inception_area_min, pp.inception_area_max)
-        image = decode_inception_crop(encoded, size, area, seeds[0])
+        image = decode_inception_crop(encoded, (height, width), area, seeds[0])
     else:
         image = decode(encoded)
-        native = tf.reduce_all(tf.shape(image)[:2] == size)
-        image = tf.cond(native, lambda: image, lambda: resize(image, size, size))
+        native = tf.reduce_all(tf.shape(image)[:2] == (height, width))
+        image = tf.cond(native, lambda: image, lambda: resize(image, height, width))
         if pp.train_crop == "pad_crop":
             image = pad_crop(image, pp.crop_padding, seeds[0])
     if pp.flip:
         image = flip(image, seeds[1])
     if pp.randaugment_num_ops:
         image = randaugment(image, pp.randaugment_num_ops, pp.randaugment_magnitude, seeds[2])
-    image.set_shape([size, size, 3])
+    image.set_shape([height, width, 3])
     return image

@@ -11,8 +11,9 @@ centre. Geometric ops use nearest sampling; empty pixels and cutout are filled w
 
 Deliberate differences:
 - Translate and Cutout sizes are given for 224 px images; they scale with the image side
-  (x side / 224; translate rounded to whole pixels), so they are identical at 224 px and
-  keep the same relative strength at e.g. 32 px.
+  (x side / 224: TranslateX's width, TranslateY's height, Cutout's shorter side; translate
+  rounded to whole pixels), so they are identical at 224 px and keep the same relative
+  strength at e.g. 32 px or 24 x 40 px.
 - Contrast blends towards the true mean grey level (PIL's ImageEnhance.Contrast). big_vision's
   port uses sum(histogram) / 256 = pixel count / 256 as the "mean" (196 at 224 px, 4 at 32 px).
 - Grey levels use PIL's integer luma, (19595 R + 38470 G + 7471 B + 2**15) >> 16, and the

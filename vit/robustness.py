@@ -279,12 +279,12 @@ def robustness_report(
     models = [_Model(main, parallel.replicate(main.params))]
     if baseline is not None:
         other = load_inference_model(load_checkpoint(baseline), use_ema=use_ema)
-        if other.config.image_size != config.image_size or other.info.num_classes != \
-                main.info.num_classes:
+        sizes = ["x".join(map(str, m.model.image_size)) for m in (other, main)]
+        if sizes[0] != sizes[1] or other.info.num_classes != main.info.num_classes:
             raise RobustnessError(
-                f"baseline {baseline!r} takes {other.config.image_size}px images and "
-                f"{other.info.num_classes} classes but {checkpoint!r} {config.image_size}px and "
-                f"{main.info.num_classes}; use a baseline trained on the same data and size")
+                f"baseline {baseline!r} takes {sizes[0]} px images and {other.info.num_classes} "
+                f"classes but {checkpoint!r} {sizes[1]} px and {main.info.num_classes}; use a "
+                "baseline trained on the same data and size")
         models.append(_Model(other, parallel.replicate(other.params)))
     chosen = _choose_source(source, config, corruption_names, severities)
     shape = (len(models), len(corruption_names), len(severities))

@@ -1,5 +1,6 @@
-"""What the JSON beside a weight file says of its model: GELU, heads, MLP size, normalisation,
-evaluation crop and class names, from HF's, timm's Hub or this toolkit's own config.json.
+"""What the JSON beside a weight file says of its model: GELU, heads, MLP size, image size,
+normalisation, evaluation crop and class names, from HF's, timm's Hub or this toolkit's own
+config.json.
 
 `vit.convert` asks these readers what the arrays cannot tell. Unreadable or self-contradicting
 JSON is a one-line WeightsError naming the file and the fix.
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vit.data_options import NORMALIZATIONS
+from vit.model_options import pair
 from vit.weight_formats import WeightsError
 
 GELUS = ("erf", "tanh")
@@ -96,12 +98,24 @@ def check_own_model(said: Any, where: str, fix: str) -> dict:
                else "image_size" if said.get("image_size") is None else None)
     if missing:
         raise WeightsError(f"{where} has no {missing}, so the model cannot be rebuilt: {fix}")
+    try:
+        pair(said["image_size"])
+    except ValueError as err:
+        raise WeightsError(f"{where}: {err}; {fix}") from None
     return said
 
 
+def _timm_image_size(args: dict, cfg: dict) -> Any:
+    """timm's stated image size: model_args.img_size, else pretrained_cfg.input_size [3, H, W]."""
+    if args.get("img_size") is not None:
+        return args["img_size"]
+    size = cfg.get("input_size")
+    return list(size[1:]) if isinstance(size, list) and len(size) == 3 else None
+
+
 def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None = None) -> dict:
-    """GELU, heads, MLP size, normalisation, evaluation crop and this toolkit's model config
-    found in sidecar JSON.
+    """GELU, heads, MLP size, image size, normalisation, evaluation crop and this toolkit's model
+    config found in sidecar JSON.
 
     A stated normalisation this toolkit does not know is an error unless `normalize` (the
     caller's choice) is given.
@@ -115,6 +129,7 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
         said["gelu"] = _gelu_kind(config.get("hidden_act"), "config.json's hidden_act")
         said["num_heads"] = config.get("num_attention_heads")
         said["mlp_dim"] = config.get("intermediate_size")
+        said["image_size"] = config.get("image_size")
         labels = config.get("id2label") or {}
         said["class_names"] = [labels[k] for k in sorted(labels, key=int)] or None
         mean_std = _mean_std(preprocessor, ("image_mean", "image_std"),
@@ -129,6 +144,7 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
         if args.get("mlp_ratio") and args.get("embed_dim"):
             said["mlp_dim"] = round(args["mlp_ratio"] * args["embed_dim"])
         cfg = config.get("pretrained_cfg", {})
+        said["image_size"] = _timm_image_size(args, cfg)
         said["class_names"] = cfg.get("label_names")
         mean_std = _mean_std(cfg, ("mean", "std"), "config.json's pretrained_cfg")
         said["timm_crop"] = (cfg["crop_pct"], cfg.get("crop_mode")) if cfg.get("crop_pct") else None
@@ -138,8 +154,9 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
 
 
 def _timm_eval_resize(crop: tuple[float, str | None], size: int) -> tuple[int | None, str | None]:
-    """(pp.eval_resize, note) for timm's eval crop (crop_pct, crop_mode) at image size `size`:
-    "center" (the default) resizes the shorter side to floor(size / crop_pct), as timm does."""
+    """(pp.eval_resize, note) for timm's eval crop (crop_pct, crop_mode) at image size `size`
+    (its shorter side): "center" (the default) resizes the shorter side to floor(size /
+    crop_pct), as timm does."""
     pct, mode = crop
     if mode in (None, "center"):
         return math.floor(size / pct), None
@@ -149,14 +166,16 @@ def _timm_eval_resize(crop: tuple[float, str | None], size: int) -> tuple[int | 
                   "evaluation resizes straight to the image size")
 
 
-def stated_eval_resize(said: dict, image_size: int) -> tuple[int | None, list[str]]:
-    """The stated pp.eval_resize (our own, HF's shortest_edge or timm's crop) and notes."""
+def stated_eval_resize(said: dict, image_size: Any) -> tuple[int | None, list[str]]:
+    """The stated pp.eval_resize (our own, HF's shortest_edge or timm's crop) and notes, for a
+    model of `image_size` (an int or (rows, cols)), whose shorter side it must not be below."""
     notes = []
+    size = min(pair(image_size))
     resize = said.get("eval_resize")
     if "timm_crop" in said:
-        resize, note = _timm_eval_resize(said["timm_crop"], image_size)
+        resize, note = _timm_eval_resize(said["timm_crop"], size)
         notes += [note] if note else []
-    if resize is not None and int(resize) < image_size:
+    if resize is not None and int(resize) < size:
         notes.append(f"the file's evaluation resize {resize} is below the image size "
                      f"{image_size}: evaluation resizes straight to the image size")
         resize = None

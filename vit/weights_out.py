@@ -19,6 +19,14 @@ with it the shorter side resized to eval_resize and the centre cropped (timm
 `crop_mode="center"`, `crop_pct` = size / eval_resize; HF `BitImageProcessor` with
 `shortest_edge` and `crop_size`).
 
+A model of rectangular images states its size as [rows, cols] (timm `img_size`, HF
+`image_size`; a square stays an int) and [3, rows, cols] in timm's `input_size`. Its evaluation
+crop (`vit.preprocess.eval_crop`: resize, keeping the aspect ratio, to cover (rows, cols) scaled
+so its shorter side is eval_resize, then crop the centre) is timm's "center" crop at crop_pct =
+min(rows, cols) / eval_resize (to a pixel: timm floors the box that we round). HF's processors
+cannot resize to cover a box: BitImageProcessor's `shortest_edge` is eval_resize, which is the
+same crop on images of the model's aspect ratio only (HF pads the crop of other shapes).
+
 timm and HF hold plain patchify ViTs only: a conv stem, ResNet trunk, registers, MAP head or
 pre-logits layer raises WeightsError naming `--to npz`, which holds everything. A sin-cos
 position embedding is written as a learned one with the same values (same outputs).
@@ -33,10 +41,17 @@ import numpy as np
 
 from vit.data_options import NORMALIZATIONS
 from vit.encoder import posemb_sincos_2d
+from vit.model_options import pair
 from vit.weight_formats import POSEMB, WeightsError, flatten_params
 
 TARGETS = ("timm", "hf", "npz")
 _ATTN = "MultiHeadDotProductAttention_1"
+
+
+def json_image_size(image_size: Any) -> int | list[int]:
+    """An image size as a config states it: an int for a square, else [rows, cols]."""
+    rows, cols = pair(image_size)
+    return rows if rows == cols else [rows, cols]
 
 
 def _plain_vit_only(model: Any, target: str) -> None:
@@ -84,9 +99,9 @@ def _normalization(kind: str) -> dict[str, list[float]]:
 
 
 def _crop_pct(size: int, eval_resize: int) -> float:
-    """timm's crop_pct for a resize of the shorter side to `eval_resize` and a central crop of
-    `size`: size / eval_resize, nudged down where needed so timm's floor(size / crop_pct) is
-    `eval_resize` again."""
+    """timm's crop_pct for a resize of the shorter side to `eval_resize` and a central crop whose
+    shorter side is `size`: size / eval_resize, nudged down where needed so timm's
+    floor(size / crop_pct) is `eval_resize` again."""
     pct = size / eval_resize
     while math.floor(size / pct) < eval_resize:
         pct = math.nextafter(pct, 0.0)
@@ -127,7 +142,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
                   "norm.bias": p["Transformer/encoder_norm/bias"],
                   "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
     pool = "token" if model.classifier == "token" else "avg"
-    args = {"img_size": model.image_size[0], "patch_size": model.patch_size[0],
+    args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
             "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
             "mlp_ratio": model.mlp_dim / model.width, "class_token": model.classifier == "token",
             "global_pool": pool, "fc_norm": False}
@@ -136,7 +151,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
     config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,
               "num_features": model.width, "global_pool": pool, "model_args": args,
               "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation":
-                                 "bilinear", **_timm_crop(model.image_size[0], eval_resize),
+                                 "bilinear", **_timm_crop(min(model.image_size), eval_resize),
                                  "num_classes": model.num_classes,
                                  "label_names": list(class_names), **_normalization(normalize)}}
     return _f32(state), config
@@ -170,7 +185,7 @@ def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
               "num_attention_heads": model.num_heads, "intermediate_size": model.mlp_dim,
               "hidden_act": "gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-              "layer_norm_eps": 1e-6, "image_size": model.image_size[0],
+              "layer_norm_eps": 1e-6, "image_size": json_image_size(model.image_size),
               "patch_size": model.patch_size[0], "num_channels": 3, "qkv_bias": True,
               "id2label": {str(i): n for i, n in enumerate(class_names)},
               "label2id": {n: i for i, n in enumerate(class_names)}}
