@@ -1,4 +1,4 @@
-"""The `vit` command: `vit train | eval | robustness | predict | attention | plot | convert | ...`.
+"""The `vit` command: `vit train | eval | robustness | fewshot | predict | attention | plot | ...`.
 
 `vit convert | export | quantize | prune` (shipping a trained model) live in vit/ship_cli.py.
 
@@ -98,6 +98,30 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, result.to_dict())
     return _report_errors(result.errors)
+
+
+def _run_fewshot(args: argparse.Namespace) -> int:
+    from vit.fewshot import fewshot_checkpoint
+
+    _check_outputs(args)
+    result = fewshot_checkpoint(
+        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, step=args.step,
+        use_ema=args.ema, train_split=args.train_split, test_split=args.test_split,
+        shots=_counts(args.shots, "--shots"), seeds=args.seeds, batch_size=args.batch_size,
+        **({} if args.l2_reg is None else {"l2_reg": args.l2_reg}))
+    print(result.summary())
+    if args.json:
+        write_json(args.json, result.to_dict())
+    return 0
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    """'1,5,10' -> [1, 5, 10]; a one-line ValueError naming `flag` otherwise."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be comma-separated integers, e.g. 1,5,10,25"
+                         ) from None
 
 
 def _unique_stems(files: Sequence[str]) -> list[str]:
@@ -214,6 +238,21 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("--json", help="also write the report to this JSON file")
     rb.add_argument("--reliability", metavar="PNG", help="also draw the reliability diagram")
     rb.set_defaults(run=_run_robustness)
+
+    fs = sub.add_parser("fewshot", help="few-shot linear probe of a checkpoint's features")
+    fs.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
+    fs.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    fs.add_argument("--dataset", help="TFDS name or folder:/root (default: the run's dataset)")
+    fs.add_argument("--data-dir", help="TFDS data directory")
+    fs.add_argument("--train-split", default="train", help="where the shots are drawn from")
+    fs.add_argument("--test-split", default="test", help="what the probe is scored on")
+    fs.add_argument("--shots", default="1,5,10,25", help="examples per class, e.g. 1,5,10,25")
+    fs.add_argument("--seeds", type=positive_int, default=3, help="draws of the shots")
+    fs.add_argument("--l2-reg", type=float, help="ridge regularisation (default 1024)")
+    fs.add_argument("--batch-size", type=positive_int, help="global batch size")
+    fs.add_argument("--ema", action="store_true", help="use the EMA params")
+    fs.add_argument("--json", help="also write the result to this JSON file")
+    fs.set_defaults(run=_run_fewshot)
 
     pr = sub.add_parser("predict", help="classify image files or directories of images")
     pr.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")

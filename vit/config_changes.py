@@ -32,7 +32,7 @@ HARMLESS_KEYS = frozenset({
     "eval_images", "wandb.enabled", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags",
     "wandb.mode", "model.remat",
 })
-HARMLESS_PREFIXES = ("wandb.",)  # experiment tracking
+HARMLESS_PREFIXES = ("wandb.", "fewshot.")  # experiment tracking, the few-shot probe
 _ABSENT = "<absent>"
 
 

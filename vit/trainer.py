@@ -297,6 +297,8 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
     for prefix, result in results.items():
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
+    if config.fewshot.shots:
+        scalars.update(_fewshot(model, rstate.params, config))
     if writer is not None:
         writer.write_scalars(step, scalars)
         if writer.enabled and int(config.eval_images) > 0:  # only process 0 draws them
@@ -307,6 +309,20 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
         writer.flush()
     log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
     return scalars
+
+
+def _fewshot(model: VisionTransformer, rparams: Any, config: Any) -> dict[str, float]:
+    """{"fewshot/{k}shot": mean accuracy} of the probe `config.fewshot` asks for."""
+    from vit import fewshot
+
+    fs = config.fewshot
+    probe = config.copy_and_resolve_references()
+    if fs.dataset:  # another dataset: all of its classes
+        probe.dataset, probe.data_dir, probe.classes = fs.dataset, fs.data_dir, None
+    result = fewshot.fewshot(model, rparams, probe, train_split=fs.train_split,
+                             test_split=fs.test_split, shots=fs.shots, seeds=int(fs.seeds),
+                             l2_reg=float(fs.l2_reg), replicated=True)
+    return {f"fewshot/{k}shot": result.mean(k) for k in result.accuracy}
 
 
 def _metric_writer(config: Any, workdir: str, start: int) -> metrics.MetricWriter:

@@ -1,0 +1,257 @@
+"""Few-shot linear evaluation: how well a checkpoint's features tell a dataset's classes apart
+from k labelled examples per class (the protocol of big_vision's fewshot_lsr evaluator).
+
+Features are the head's input (the pooled token, after `pre_logits` where there is one) of
+each image's evaluation crop, computed once per split. For each seed, k examples per class are
+drawn from the train split; a ridge regression of the +-1 one-hot targets on the features
+(standardised by those k-shot examples' mean and std, with a constant feature of 100 as an
+almost unregularised bias) is fitted in float64, and its argmax is scored on the whole test
+split. The head itself is never used, so the dataset may have other classes than the model.
+
+Training runs it at every evaluation when `config.fewshot.shots` is set (`default_config`).
+Importing this module needs no TensorFlow (config_schema reads its config block); reading the
+images does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vit import parallel
+from vit.model import VisionTransformer
+from vit.normalization import normalize_on_device
+
+if TYPE_CHECKING:
+    from vit.checkpoint import CheckpointContents
+
+PyTree = Any
+SHOTS = (1, 5, 10, 25)
+L2_REG = 2.0**10  # big_vision's default for whitened features
+BIAS_FEATURE = 100.0
+
+
+class FewshotError(ValueError):
+    """A few-shot evaluation that cannot run as asked (too few examples of a class, ...)."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.fewshot`: the few-shot probe run at each evaluation of a training run."""
+    c = ml_collections.ConfigDict()
+    c.shots = ()  # examples per class, e.g. (1, 5, 10, 25); () = off
+    c.seeds = 1  # draws of the shots, each scored
+    c.l2_reg = L2_REG
+    c.dataset = ml_collections.FieldReference(None, field_type=str)  # None: the run's dataset
+    c.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.train_split = "train"  # where the shots are drawn from: a slice is faster
+    c.test_split = "test"
+    return c
+
+
+def check_config(fs: ml_collections.ConfigDict) -> None:
+    """FewshotError (one line) for a bad `config.fewshot` block."""
+    if fs.shots:
+        check_shots(fs.shots, int(fs.seeds), float(fs.l2_reg))
+
+
+@dataclasses.dataclass
+class FewshotResult:
+    """accuracy: {shots: [test accuracy per seed]}."""
+
+    dataset: str
+    train_split: str
+    test_split: str
+    num_classes: int
+    feature_dim: int
+    l2_reg: float
+    accuracy: dict[int, list[float]]
+    seconds: float
+
+    def mean(self, shots: int) -> float:
+        """The mean test accuracy over the seeds at `shots` examples per class."""
+        return float(np.mean(self.accuracy[shots]))
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict, with the per-shot means."""
+        out = dataclasses.asdict(self)
+        out["accuracy"] = {str(k): v for k, v in self.accuracy.items()}
+        out["mean_accuracy"] = {str(k): self.mean(k) for k in self.accuracy}
+        return out
+
+    def summary(self) -> str:
+        """One line per shot count: mean accuracy and its range over the seeds."""
+        head = (f"few-shot linear probe on {self.dataset} ({self.num_classes} classes, "
+                f"{self.feature_dim}-d features; train {self.train_split!r}, test "
+                f"{self.test_split!r}, l2 {self.l2_reg:g}, {self.seconds:.1f} s)")
+        lines = [f"{k:>3}-shot  {self.mean(k):.2%}  (seeds: "
+                 + ", ".join(f"{a:.2%}" for a in v) + ")" for k, v in self.accuracy.items()]
+        return "\n".join([head, *lines])
+
+
+def head_input(model: VisionTransformer, params: PyTree, images: jax.Array) -> jax.Array:
+    """The features `model` feeds its classification head, [batch, dim] float32."""
+    captured = []
+
+    def capture(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.module.scope.path == ("head",) and context.method_name == "__call__":
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        model.apply({"params": params}, images, train=False)
+    return captured[0].astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _features_step(model: VisionTransformer, normalization: str) -> Callable:
+    def step(params: PyTree, images: jax.Array) -> jax.Array:
+        return head_input(model, params, normalize_on_device(images, normalization))
+
+    return jax.pmap(step, axis_name=parallel.AXIS)
+
+
+def split_features(model: VisionTransformer, params: PyTree, config: ml_collections.ConfigDict,
+                   split: str, *, batch_size: int | None = None,
+                   replicated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, dim] float32, labels [N]) of every example of `split`, in the split's
+    order, on every process."""
+    from vit import data
+
+    step = _features_step(model, config.pp.normalize)
+    device_params = params if replicated else parallel.replicate(params)
+    feats, labels, masks = [], [], []
+    for batch in data.eval_iterator(config, split, batch_size=batch_size):
+        out = step(device_params, parallel.shard({"image": batch["image"]})["image"])
+        feats.append(out)
+        labels.append(batch["label"].reshape(-1))
+        masks.append(batch["mask"].reshape(-1))
+    parts = {"features": np.concatenate([np.asarray(jax.device_get(f)).reshape(-1, f.shape[-1])
+                                         for f in feats]),
+             "labels": np.concatenate(labels), "mask": np.concatenate(masks)}
+    if jax.process_count() > 1:  # every process saw its own part, padded to the same length
+        parts = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in
+                 multihost_utils.process_allgather(parts).items()}
+    keep = parts["mask"].astype(bool)
+    return parts["features"][keep], parts["labels"][keep]
+
+
+def sample_shots(labels: np.ndarray, num_classes: int, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` examples of each class, drawn with `seed`; FewshotError naming a
+    class with fewer examples."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls in range(num_classes):
+        where = np.flatnonzero(labels == cls)
+        if len(where) < shots:
+            raise FewshotError(f"class {cls} has {len(where)} example(s) in the train split, "
+                               f"fewer than {shots} shots: use a larger train split or fewer "
+                               "shots")
+        picked.append(rng.permutation(where)[:shots])
+    return np.concatenate(picked)
+
+
+def ridge_weights(x: np.ndarray, y: np.ndarray, num_classes: int, l2_reg: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights [dim + 1, classes], mean, std) of the ridge regression of +-1 one-hot targets
+    on standardised features with a bias feature, solved in float64."""
+    x = np.asarray(x, np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    z = _with_bias((x - mean) / std)
+    targets = 2.0 * np.eye(num_classes)[y] - 1.0
+    n, d = z.shape
+    if n >= d:  # (z'z + l2 I)^-1 z'y
+        w = np.linalg.solve(z.T @ z + l2_reg * np.eye(d), z.T @ targets)
+    else:  # the same, as z' (z z' + l2 I)^-1 y: an n x n system
+        w = z.T @ np.linalg.solve(z @ z.T + l2_reg * np.eye(n), targets)
+    return w, mean, std
+
+
+def _with_bias(z: np.ndarray) -> np.ndarray:
+    return np.concatenate([z, np.full((len(z), 1), BIAS_FEATURE)], axis=1)
+
+
+def ridge_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                   num_classes: int, l2_reg: float = L2_REG) -> float:
+    """Test accuracy of the ridge classifier fitted on (features, labels) `train`."""
+    w, mean, std = ridge_weights(*train, num_classes, l2_reg)
+    x, y = test
+    scores = _with_bias((np.asarray(x, np.float64) - mean) / std) @ w
+    return float(np.mean(np.argmax(scores, axis=1) == y))
+
+
+def check_shots(shots: Sequence[int], seeds: int, l2_reg: float) -> tuple[int, ...]:
+    """`shots` as a sorted tuple; FewshotError for a count < 1, no seed or a bad l2_reg."""
+    shots = tuple(sorted({int(k) for k in shots}))
+    if not shots or shots[0] < 1:
+        raise FewshotError(f"shots must be counts >= 1, got {list(shots)}: e.g. 1,5,10,25")
+    if seeds < 1:
+        raise FewshotError(f"seeds must be >= 1, got {seeds}")
+    if not np.isfinite(l2_reg) or l2_reg <= 0:
+        raise FewshotError(f"l2_reg must be a positive number, got {l2_reg}")
+    return shots
+
+
+def fewshot(model: VisionTransformer, params: PyTree, config: ml_collections.ConfigDict, *,
+            train_split: str = "train", test_split: str = "test", shots: Sequence[int] = SHOTS,
+            seeds: int = 3, l2_reg: float = L2_REG, batch_size: int | None = None,
+            replicated: bool = False) -> FewshotResult:
+    """Few-shot accuracy of `model`'s features on config.dataset (its classes, not the head's).
+
+    For each seed s in range(seeds) and k in `shots`, k examples per class of `train_split`
+    fit a ridge classifier scored on all of `test_split`.
+    """
+    from vit import data
+
+    shots = check_shots(shots, seeds, l2_reg)
+    start = time.perf_counter()
+    config = config.copy_and_resolve_references()
+    config.train_split, config.eval_split = train_split, test_split
+    for split in (train_split, test_split):
+        if data.split_size(config, split) <= 0:
+            raise FewshotError(f"split {split!r} of {config.dataset!r} holds no examples; pass "
+                               "a split or slice with some, e.g. 'train[:10000]'")
+    num_classes = data.dataset_info(config).num_classes
+    train_x, train_y = split_features(model, params, config, train_split,
+                                      batch_size=batch_size, replicated=replicated)
+    test = split_features(model, params, config, test_split, batch_size=batch_size,
+                          replicated=replicated)
+    accuracy: dict[int, list[float]] = {k: [] for k in shots}
+    for seed in range(seeds):
+        for k in shots:
+            idx = sample_shots(train_y, num_classes, k, seed)
+            accuracy[k].append(ridge_accuracy((train_x[idx], train_y[idx]), test, num_classes,
+                                              l2_reg))
+    return FewshotResult(config.dataset, train_split, test_split, num_classes,
+                         int(train_x.shape[1]), float(l2_reg), accuracy,
+                         time.perf_counter() - start)
+
+
+def fewshot_checkpoint(checkpoint: str | os.PathLike | CheckpointContents, *,
+                       dataset: str | None = None, data_dir: str | None = None,
+                       step: int | None = None, use_ema: bool = False, **kwargs: Any
+                       ) -> FewshotResult:
+    """`fewshot` on a checkpoint's features; `dataset` (TFDS name or folder:, all of its
+    classes) defaults to the one it was trained on (its classes). Other keywords go to
+    `fewshot`."""
+    from vit.checkpoint import load_checkpoint
+    from vit.evaluate import load_inference_model
+
+    contents = (load_checkpoint(os.fspath(checkpoint), step)
+                if isinstance(checkpoint, str | os.PathLike) else checkpoint)
+    loaded = load_inference_model(contents, use_ema=use_ema)
+    config = loaded.config
+    if dataset is not None:
+        config.dataset, config.classes = dataset, None
+    if data_dir is not None:
+        config.data_dir = data_dir
+    return fewshot(loaded.model, loaded.params, config, **kwargs)
