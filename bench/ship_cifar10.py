@@ -3,14 +3,16 @@
     .venv/bin/python bench/ship_cifar10.py CHECKPOINT OUT --what export
     .venv/bin/python bench/ship_cifar10.py CHECKPOINT OUT --what quantize [--split test]
     .venv/bin/python bench/ship_cifar10.py CHECKPOINT OUT --what prune --method structured \
-        [--sparsities 0.25,0.5,0.75] [--finetune_steps 200] [--split test[:2000]]
+        [--sparsities 0.25,0.5,0.75] [--finetune_steps 200] [--split test[:2000]] \
+        [--distill 0,0.5,1]
 
 export: every format (and the int8 checkpoint in the formats that take it), verified on 7
 CIFAR-10 test images: size, max |logit diff|, images/s at batch 32. quantize: test top-1 of
 the float checkpoint with float32 matmuls and with the matmul dtype it was trained with, and of
 the int8 checkpoint (no TTA), parameter bytes, and images/s of the three bare jitted models at
 batch 256, measured in interleaved rounds (median and every round). prune: top-1 at each
-sparsity without and with the fine-tune.
+sparsity without and with the fine-tune (for each --distill share: 0 = labels only, else that
+share of the loss matches the unpruned model).
 The README's tables come from these lines (the CIFAR-10 hour recipe model, 2-core CPU).
 """
 
@@ -127,17 +129,19 @@ def quantize_figures(checkpoint: str, out: str, split: str, rounds: int = 5) -> 
 
 
 def prune_table(checkpoint: str, out: str, method: str, sparsities: list[float], steps: int,
-                split: str) -> dict:
+                split: str, distill: list[float]) -> dict:
     from vit.prune import prune_checkpoint
 
     rows = []
     for s in sparsities:
         row = {"sparsity": s}
-        for ft in (0, steps) if s > 0 else (0,):
+        tunes = [(0, 0.0)] + ([(steps, a) for a in distill] if s > 0 else [])
+        for ft, alpha in tunes:
             start = time.perf_counter()
-            r = prune_checkpoint(checkpoint, os.path.join(out, f"{method}-{s}-{ft}"),
-                                 method=method, sparsity=s, finetune_steps=ft)
-            key = "finetuned" if ft else "pruned"
+            r = prune_checkpoint(checkpoint, os.path.join(out, f"{method}-{s}-{ft}-{alpha}"),
+                                 method=method, sparsity=s, finetune_steps=ft,
+                                 distill_alpha=alpha)
+            key = ("finetuned" + (f"_distill{alpha:g}" if alpha else "")) if ft else "pruned"
             row.update({f"{key}_top1": _top1(r.path, split), "removed": r.removed_fraction,
                         "mlp_dim": r.mlp_dim, f"{key}_seconds": time.perf_counter() - start})
         rows.append(row)
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--method", default="structured")
     parser.add_argument("--sparsities", default="0.25,0.5,0.75")
     parser.add_argument("--finetune_steps", type=int, default=200)
+    parser.add_argument("--distill", default="0", help="teacher shares of the fine-tune loss")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.what == "export":
@@ -164,7 +169,8 @@ def main() -> None:
     else:
         result = prune_table(args.checkpoint, args.out, args.method,
                              [float(s) for s in args.sparsities.split(",")],
-                             args.finetune_steps, args.split or "test[:2000]")
+                             args.finetune_steps, args.split or "test[:2000]",
+                             [float(a) for a in args.distill.split(",")])
     print(json.dumps({"checkpoint": args.checkpoint, **result}))
 
 

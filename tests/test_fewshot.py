@@ -3,6 +3,9 @@ whole evaluation through the API and `vit fewshot`."""
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -80,7 +83,7 @@ def run(tmp_path_factory):
     return root, model, params
 
 
-def test_split_features_cover_the_split_once_in_order_on_any_device_count(run):
+def test_split_features_cover_the_split_once_in_order(run):
     root, model, params = run
     config = tiny_config(str(root / "tfds"))
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
@@ -147,3 +150,24 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
     bad = _train(tmp_path / "bad", "--config.fewshot.shots=0,5")
     assert _error_line(bad) == ("error: config.fewshot: shots must be counts >= 1, got [0, 5]: "
                                 "e.g. 1,5,10,25")
+
+
+def test_three_devices_give_the_same_probe_as_one(run, tmp_path):
+    """Features are gathered from every device in the split's order: the shots drawn and the
+    accuracies are those of one device (1001 examples: the last batch is padded)."""
+    root, _, _ = run
+    out = tmp_path / "three.json"
+    script = (
+        "import sys, tensorflow_datasets as tfds\n"
+        "from vit import cli\n"
+        f"with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):\n"
+        f"    sys.exit(cli.main(['fewshot', '--checkpoint', {str(root / 'run')!r}, '--shots',"
+        f" '1,5', '--batch-size', '96', '--json', {str(out)!r}]))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        one = fewshot.fewshot_checkpoint(str(root / "run"), shots=(1, 5))
+    assert json.loads(out.read_text())["accuracy"] == {"1": one.accuracy[1], "5": one.accuracy[5]}

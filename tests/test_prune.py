@@ -205,3 +205,42 @@ def test_a_rectangular_checkpoint_prunes_and_fine_tunes(tmp_path, method):
     assert result.mlp_dim == (32 if method == "structured" else 64)
     logits = loaded.model.apply({"params": loaded.params}, np.zeros((2, 32, 48, 3), np.float32))
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
+
+
+def test_distilling_from_the_unpruned_model_replaces_the_labels_by_its_share(tmp_path, capsys):
+    """At --distill 1 the labels carry no weight (the fine-tune is the same whatever their
+    smoothing); at 0.5 they do; the command checks the share and that it fine-tunes."""
+    from vit.distill import Teacher
+
+    with tfds.testing.mock_data(num_examples=16):
+        dense, params = write(str(tmp_path / "run"), dict(RECIPE, num_heads=4), num_classes=10,
+                              image_size=32, dataset="cifar10", data_dir=str(tmp_path / "tfds"),
+                              batch_size=8)
+        config = ml_collections.ConfigDict(load_checkpoint(str(tmp_path / "run")).config)
+        pruned, masks, mlp_dim = prune_structured(params, 0.5)
+        student = model_from_config(dict(config.model, mlp_dim=mlp_dim, token_keep_ratio=1.0),
+                                    num_classes=10, image_size=32)
+        teacher = Teacher(dense, params, config.pp.normalize)
+        tuned = {}
+        for alpha in (1.0, 0.5):
+            for smoothing in (0.0, 0.9):
+                config.label_smoothing = smoothing
+                tuned[alpha, smoothing] = flatten_params(finetune(
+                    student, pruned, masks, config, 2, lr=1e-2, teacher=teacher,
+                    distill_alpha=alpha))
+        code = cli.main(["prune", "--checkpoint", str(tmp_path / "run"), "--out",
+                         str(tmp_path / "st"), "--sparsity", "0.5", "--finetune-steps", "2",
+                         "--distill", "0.5"])
+        assert code == 0, capsys.readouterr().err
+    for name, value in tuned[1.0, 0.0].items():
+        np.testing.assert_array_equal(value, tuned[1.0, 0.9][name], err_msg=name)
+    key = ATTN + "query/kernel"
+    assert not np.array_equal(tuned[0.5, 0.0][key], tuned[0.5, 0.9][key])
+    assert not np.array_equal(tuned[1.0, 0.0][key], flatten_params(pruned)[key])  # it trained
+    for argv in (["--distill", "0.5"], ["--distill", "1.5", "--finetune-steps", "2"]):
+        code = cli.main(["prune", "--checkpoint", str(tmp_path / "run"), "--out",
+                         str(tmp_path / "x"), "--sparsity", "0.5", *argv])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: --distill ") and "needs --finetune-steps" \
+            in err, err
+    assert not (tmp_path / "x").exists()

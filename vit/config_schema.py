@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from vit import adversarial, data_options, fewshot, optim, wandb_logger
+from vit import adversarial, data_options, distill, fewshot, optim, wandb_logger
 
 TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
 
@@ -80,6 +80,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.adv_train = adversarial.default_config()  # adversarial training, vit/adversarial.py
     c.fewshot = fewshot.default_config()  # few-shot probe at each evaluation, vit/fewshot.py
+    c.distill = distill.default_config()  # knowledge distillation from a teacher, vit/distill.py
     c.skip_nonfinite = 0  # skip up to N non-finite updates in a row (vit/nonfinite.py); 0: stop
     c.init_from = _optional(str)  # fine-tune from a workdir, orbax checkpoint, .npz, .safetensors
     c.init_required = False  # a fine-tuning config: refuse to start from scratch without init_from
@@ -148,6 +149,11 @@ def validate_config(config: Any) -> None:
             adversarial.check_config(config.adv_train)
         except adversarial.AttackError as err:
             raise ConfigError(str(err)) from None
+    if "distill" in config:
+        try:
+            distill.check_config(config.distill)
+        except distill.DistillError as err:
+            raise ConfigError(f"config.distill: {err}") from None
     if "fewshot" in config:
         try:
             fewshot.check_config(config.fewshot)

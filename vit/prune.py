@@ -17,7 +17,9 @@ entries held at exactly zero: their gradients are masked before clipping and Ada
 neither move nor use up the clipping norm, and the params are masked again after each update.
 Dropout and stochastic depth stay as the run trained (it is training), but PatchDropout
 (`token_keep_ratio`) is off: it is a throughput device for long runs from scratch, and over a
-short recovery it only trains the model on half the tokens it will be evaluated on. Params that
+short recovery it only trains the model on half the tokens it will be evaluated on. With
+`distill_alpha > 0` the unpruned model is the teacher (vit/distill.py, soft at temperature 1):
+the loss puts that share on matching its outputs, the rest on the labels. Params that
 became non-finite in it are a NonFiniteLossError, and nothing is written.
 
 Refused with one line before anything is written: `structured` on a MAP-head model (the head's
@@ -165,10 +167,11 @@ def finetune_schedule(lr: float, steps: int) -> optax.Schedule:
 
 
 def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int, *,
-             lr: float = 1e-4) -> PyTree:
+             lr: float = 1e-4, teacher: Any = None, distill_alpha: float = 0.0) -> PyTree:
     """`steps` of AdamW (peak `lr`, `finetune_schedule`) on the run's training data, all patch
-    tokens kept (no PatchDropout), pruned entries (masks == 0) held at exactly zero."""
-    from vit import data, preprocess
+    tokens kept (no PatchDropout), pruned entries (masks == 0) held at exactly zero; with a
+    `teacher` (a vit.distill.Teacher), `distill_alpha` of the loss matches its outputs."""
+    from vit import data, distill, preprocess
     from vit.mix import smooth_labels
 
     model = model.clone(token_keep_ratio=1.0)
@@ -176,15 +179,22 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
                      optax.adamw(finetune_schedule(lr, steps), weight_decay=0.0))
     smoothing, classes = float(config.get("label_smoothing", 0.0)), model.num_classes
     hold = lambda tree: jax.tree_util.tree_map(lambda x, m: x * m, tree, masks)
+    soft = distill.default_config()
+    soft.alpha = float(distill_alpha)
 
     @jax.jit
-    def step(params, opt_state, images, labels, rng):
+    def step(params, opt_state, images, labels, rng, teacher_params):
         images = preprocess.normalize_on_device(images, config.pp.normalize)  # uint8 batches
+
+        targets = smooth_labels(labels, classes, smoothing)
+        taught = None if teacher is None else distill.teacher_logits(
+            teacher, teacher_params, images, config.pp.normalize)
 
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            return optax.softmax_cross_entropy(logits, smooth_labels(labels, classes,
-                                                                     smoothing)).mean()
+            if taught is None:
+                return optax.softmax_cross_entropy(logits, targets).mean()
+            return distill.distillation_loss(logits, targets, taught, soft)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(hold(grads), opt_state, params)
@@ -193,20 +203,22 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
     params = jax.tree_util.tree_map(jnp.asarray, params)
     opt_state = tx.init(params)
     batches = data.train_iterator(config, num_devices=1)
+    frozen = None if teacher is None else jax.tree_util.tree_map(jnp.asarray, teacher.params)
     rng = jax.random.PRNGKey(int(config.get("seed", 0)))
     for i in range(steps):
         batch = next(batches)
         params, opt_state, _ = step(params, opt_state, batch["image"][0], batch["label"][0],
-                                    jax.random.fold_in(rng, i))
+                                    jax.random.fold_in(rng, i), frozen)
     return jax.tree_util.tree_map(np.asarray, params)
 
 
 def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
                      finetune_steps: int = 0, lr: float = 1e-4, use_ema: bool = False,
-                     dataset: str | None = None, data_dir: str | None = None) -> PruneResult:
+                     dataset: str | None = None, data_dir: str | None = None,
+                     distill_alpha: float = 0.0) -> PruneResult:
     """Prune checkpoint `src` into workdir `dst` (optionally fine-tuned on its run's dataset, or
-    on `dataset` read from `data_dir`: weights converted from a file name none); see the module
-    doc."""
+    on `dataset` read from `data_dir`: weights converted from a file name none, distilling
+    `distill_alpha` of the loss from the unpruned model); see the module doc."""
     import ml_collections
 
     from vit.checkpoint import Checkpointer, load_checkpoint
@@ -216,6 +228,9 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
         raise ValueError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 <= distill_alpha <= 1.0 or (distill_alpha and not finetune_steps):
+        raise ValueError(f"--distill {distill_alpha:g}: the teacher's share of the fine-tuning "
+                         "loss must be in [0, 1], and it needs --finetune-steps")
     contents = load_checkpoint(src)
     original = contents.chosen_params(use_ema)
     if contents.config.get("model", {}).get("quant", "none") != "none":
@@ -236,10 +251,18 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
         mlp_dim = int(flatten_params(params)[
             "Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"].shape[0])
     if finetune_steps:
-        model = saved_model_from_config(config.model.to_dict(),
-                                        num_classes=int(contents.dataset_info["num_classes"]),
+        classes = int(contents.dataset_info["num_classes"])
+        model = saved_model_from_config(config.model.to_dict(), num_classes=classes,
                                         image_size=config.image_size)
-        params = finetune(model, params, masks, config, finetune_steps, lr=lr)
+        teacher = None
+        if distill_alpha:
+            from vit.distill import Teacher
+
+            dense = saved_model_from_config(contents.config["model"], num_classes=classes,
+                                            image_size=config.image_size)
+            teacher = Teacher(dense, original, str(config.pp.normalize))
+        params = finetune(model, params, masks, config, finetune_steps, lr=lr, teacher=teacher,
+                          distill_alpha=distill_alpha)
         if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)):
             raise NonFiniteLossError(
                 f"the params became non-finite in the {finetune_steps} --finetune-steps, so "

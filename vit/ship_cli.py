@@ -67,7 +67,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     result = prune_checkpoint(args.checkpoint, args.out, method=args.method,
                               sparsity=args.sparsity, finetune_steps=args.finetune_steps,
                               lr=args.lr, use_ema=args.ema, dataset=args.dataset,
-                              data_dir=args.data_dir)
+                              data_dir=args.data_dir, distill_alpha=args.distill)
     print(result.summary())
     return 0
 
@@ -131,6 +131,9 @@ def add_commands(sub: Any) -> None:
                     help="steps of fine-tuning after")
     pn.add_argument("--lr", type=float, default=1e-4, help="peak fine-tuning learning rate "
                     "(warmup over the first tenth of the steps, then cosine decay)")
+    pn.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                    help="share of the fine-tuning loss spent matching the unpruned model "
+                    "(knowledge distillation, e.g. 0.5; default 0: labels only)")
     pn.add_argument("--ema", action="store_true", help="prune the EMA params")
     pn.add_argument("--dataset", help="fine-tune on this TFDS name or folder:/path (default: "
                     "the run's own; weights converted from a file have none)")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from vit import adversarial, mix, nonfinite, optim, parallel
+from vit import adversarial, distill, mix, nonfinite, optim, parallel
 from vit.model import VisionTransformer
 from vit.normalization import normalize_on_device
 
@@ -46,12 +46,15 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    model: VisionTransformer, tx: optax.GradientTransformation, config: Any, num_classes: int
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    model: VisionTransformer, tx: optax.GradientTransformation, config: Any, num_classes: int,
+    teacher: distill.Teacher | None = None,
+) -> Callable[..., tuple[TrainState, dict]]:
     """The per-device step (pmap it with axis_name=parallel.AXIS): mix, grad, pmean, update.
 
     batch["image"] holds uint8 pixels as data.train_iterator yields them, normalised here on
-    the device (config.pp.normalize); a float batch is taken as model inputs already.
+    the device (config.pp.normalize); a float batch is taken as model inputs already. With a
+    `teacher` (vit/distill.py) the step takes its parameters as a third argument and the loss
+    is config.distill's.
     """
     schedule = optim.learning_rate_schedule(config)
     skip_cap = int(config.get("skip_nonfinite") or 0)  # tx: see train_optimizer
@@ -59,18 +62,21 @@ def make_train_step(
     accum = int(config.grad_accum_steps)
     adv = config.get("adv_train") or adversarial.default_config()
 
-    def grads_of(params, images, targets, rng):
+    def grads_of(params, images, targets, taught, rng):
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            return _cross_entropy(logits, targets), logits
+            if taught is None:
+                return _cross_entropy(logits, targets), logits
+            return distill.distillation_loss(logits, targets, taught, config.distill), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, logits, grads
 
-    def accumulated_grads(params, images, targets, rng):
+    def accumulated_grads(params, images, targets, taught, rng):
         """Splits the per-device batch into `accum` micro-batches and averages their grads."""
         split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-        micro = (split(images), split(targets), jax.random.split(rng, accum))
+        micro = (*jax.tree_util.tree_map(split, (images, targets, taught)),
+                 jax.random.split(rng, accum))
 
         def body(carry, xs):
             loss, logits, grads = grads_of(params, *xs)
@@ -81,7 +87,8 @@ def make_train_step(
         grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
         return loss / accum, logits.reshape(-1, logits.shape[-1]), grads
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, teacher_params: PyTree = None
+             ) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
         mix_rng, dropout_rng = jax.random.split(rng)
@@ -96,10 +103,13 @@ def make_train_step(
                 adv, config.pp.normalize, lambda x: model.apply(
                     {"params": state.params}, x, train=True, rngs={"dropout": dropout_rng}),
                 images, targets, jax.random.fold_in(rng, 1))
+        taught = None if teacher is None else distill.teacher_logits(
+            teacher, teacher_params, images, config.pp.normalize)
         if accum > 1:
-            loss, logits, grads = accumulated_grads(state.params, images, targets, dropout_rng)
+            loss, logits, grads = accumulated_grads(state.params, images, targets, taught,
+                                                    dropout_rng)
         else:
-            loss, logits, grads = grads_of(state.params, images, targets, dropout_rng)
+            loss, logits, grads = grads_of(state.params, images, targets, taught, dropout_rng)
         grads = lax.pmean(grads, parallel.AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = nonfinite.guard(opt_state, skip_cap, optax.apply_updates(state.params, updates),

@@ -24,6 +24,7 @@ from vit import (
     checkpoint,
     config_changes,
     data,
+    distill,
     metrics,
     nonfinite,
     parallel,
@@ -133,17 +134,18 @@ def train(config: Any, workdir: str) -> TrainResult:
         metrics.check_output_paths(workdir)
     info = data.dataset_info(config)
     model = build_model(config, info)
+    teacher = distill.load_teacher(config, info.num_classes)
     made = missing_folders(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
     try:
         with PreemptionWatch(bool(config.distributed)) as watch:
-            return _train_watched(config, workdir, model, info, watch)
+            return _train_watched(config, workdir, model, info, watch, teacher)
     except BaseException:  # a bad init_from, say: no empty folder left where nothing was written
         remove_empty(made)
         raise
 
 
 def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
-                   watch: PreemptionWatch) -> TrainResult:
+                   watch: PreemptionWatch, teacher: distill.Teacher | None) -> TrainResult:
     """`train` once the SIGTERM watch is on: open the checkpoints, restore or start, train."""
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                    save_every=config.checkpoint_every)
@@ -156,7 +158,7 @@ def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: da
                      workdir, int(state.step), int(config.total_steps))
             scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
             return TrainResult(scalars, state)
-        return _loop(config, workdir, model, info, tx, state, ckpt, watch)
+        return _loop(config, workdir, model, info, tx, state, ckpt, watch, teacher)
     finally:
         ckpt.close()
 
@@ -214,14 +216,15 @@ def _structure_with(config: Any, info: data.DatasetInfo) -> Callable[[str, Any],
 
 def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
           tx: optax.GradientTransformation, state: TrainState, ckpt: checkpoint.Checkpointer,
-          watch: PreemptionWatch) -> TrainResult:
+          watch: PreemptionWatch, teacher: distill.Teacher | None = None) -> TrainResult:
     """Steps from `state.step` to total_steps: log, evaluate, checkpoint, stop when preempted."""
     start, total = int(state.step), int(config.total_steps)
     meta = {"config": config.to_dict(), "dataset_info": info.to_dict()}
     writer = _metric_writer(config, workdir, start)
     progress = metrics.ProgressBar(total, start, config.batch_size)
-    train_step = jax.pmap(make_train_step(model, tx, config, info.num_classes),
+    train_step = jax.pmap(make_train_step(model, tx, config, info.num_classes, teacher),
                           axis_name=parallel.AXIS, donate_argnums=(0,))
+    frozen = () if teacher is None else (parallel.replicate(teacher.params),)
     batches = parallel.prefetch_to_device(data.train_iterator(config, start_step=start))
     rstate = parallel.replicate(state)
     recent = nonfinite.StepMetrics(int(config.skip_nonfinite))
@@ -248,7 +251,7 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     step = start
     try:
         for step in range(start + 1, total + 1):  # noqa: B007 (step is used after the loop)
-            rstate, step_metrics = train_step(rstate, next(batches))
+            rstate, step_metrics = train_step(rstate, next(batches), *frozen)
             recent.add(step, step_metrics)
             window.steps += 1
             is_last = step == total
