@@ -117,19 +117,24 @@ def test_to_dict_is_json_with_the_issue_keys(mock_run):
     assert sum(map(sum, d["confusion_matrix"])) == MOCK_EXAMPLES
 
 
-def test_four_devices_in_subprocess_give_the_same_counts(mock_run, tmp_path):
-    out = tmp_path / "eval.json"
+def cli_on_cpu_devices(devices: int, argv: list[str]) -> None:
+    """`vit ARGV` on mock CIFAR-10 in a subprocess with `devices` CPU devices; asserts it
+    succeeds."""
     script = (
         "import sys, tensorflow_datasets as tfds\n"
         "from vit import cli\n"
         f"with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):\n"
-        f"    sys.exit(cli.main(['eval', '--workdir', {mock_run['workdir']!r},"
-        f" '--json', {str(out)!r}]))\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        f"    sys.exit(cli.main({argv!r}))\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_four_devices_in_subprocess_give_the_same_counts(mock_run, tmp_path):
+    out = tmp_path / "eval.json"
+    cli_on_cpu_devices(4, ["eval", "--workdir", mock_run["workdir"], "--json", str(out)])
     d = json.loads(out.read_text())
     assert d["num_examples"] == MOCK_EXAMPLES
     assert d["top1"] == pytest.approx(mock_run["top1"], abs=0)

@@ -3,15 +3,18 @@ whole evaluation through the API and `vit fewshot`."""
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from test_evaluate import CIFAR_DIR, MOCK_EXAMPLES, save_tiny_checkpoint, tiny_config
+from test_evaluate import (
+    CIFAR_DIR,
+    MOCK_EXAMPLES,
+    cli_on_cpu_devices,
+    save_tiny_checkpoint,
+    tiny_config,
+)
 
 import vit
 from vit import cli, fewshot
@@ -157,17 +160,8 @@ def test_three_devices_give_the_same_probe_as_one(run, tmp_path):
     accuracies are those of one device (1001 examples: the last batch is padded)."""
     root, _, _ = run
     out = tmp_path / "three.json"
-    script = (
-        "import sys, tensorflow_datasets as tfds\n"
-        "from vit import cli\n"
-        f"with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):\n"
-        f"    sys.exit(cli.main(['fewshot', '--checkpoint', {str(root / 'run')!r}, '--shots',"
-        f" '1,5', '--batch-size', '96', '--json', {str(out)!r}]))\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_on_cpu_devices(3, ["fewshot", "--checkpoint", str(root / "run"), "--shots", "1,5",
+                           "--batch-size", "96", "--json", str(out)])
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         one = fewshot.fewshot_checkpoint(str(root / "run"), shots=(1, 5))
     assert json.loads(out.read_text())["accuracy"] == {"1": one.accuracy[1], "5": one.accuracy[5]}
