@@ -523,6 +523,18 @@ def test_sigterm_during_start_up_exits_75_in_one_line_leaving_no_file(mode, wher
         None if mode == "startterm" else {"checkpoints": None})
 
 
+def test_sigterm_while_train_py_imports_jax_exits_75_in_one_line(tmp_path):
+    """The first seconds go to importing JAX and TensorFlow, before train_cli's handler."""
+    proc = subprocess.Popen(_command(tmp_path / "run"), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # `import signal` is done in milliseconds, `import vit` takes seconds
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert out.splitlines() == [START_UP_LINE] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_permission_denied_on_a_mid_run_save_stops_there_and_the_earlier_ones_stay(finished,
                                                                                    tmp_path):
     workdir = _copy(finished, tmp_path)

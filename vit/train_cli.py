@@ -224,10 +224,14 @@ def _help(program: str) -> str:
             f"{flags_help}\n\nabsl, JAX and TensorFlow flags: --helpfull\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, sigterm_pending: bool = False) -> None:
     """Parse absl flags from `argv` (default sys.argv) and train; a SIGTERM before training
-    begins exits EXIT_PREEMPTED with one line, as one during training does after its save."""
+    begins (or while train.py imported this: `sigterm_pending`) exits EXIT_PREEMPTED with one
+    line, as one during training does after its save."""
     signal.signal(signal.SIGTERM, stop_at_start_up)
+    if sigterm_pending:
+        sys.stdout.write(START_UP_LINE + "\n")
+        sys.exit(EXIT_PREEMPTED)
     from vit.checkpoint import drop_closed_loop_tracebacks
 
     drop_closed_loop_tracebacks()
