@@ -87,3 +87,24 @@ def test_verbose_shows_what_the_quiet_import_kept(capfd, monkeypatch):
     with console.quiet_native_output():
         os.write(2, b"shown at once\n")
     assert capfd.readouterr().err == "shown at once\n"
+
+
+def test_a_corrupt_jpeg_in_an_image_folder_is_one_line_without_tensorflows_logs(checkpoint_dir,
+                                                                                tmp_path):
+    """TensorFlow logs "Premature end of JPEG data" and rendezvous warnings natively (JAX's
+    import would have set TF_CPP_MIN_LOG_LEVEL=1, which shows them)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "folder" / "test"
+    for name in ("c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"):  # the head's 10
+        (root / name).mkdir(parents=True)
+        pixels = np.random.default_rng(len(name)).integers(0, 256, (40, 40, 3), np.uint8)
+        Image.fromarray(pixels).save(root / name / "0.jpg")
+    whole = (root / "c3" / "0.jpg").read_bytes()
+    (root / "c3" / "0.jpg").write_bytes(whole[:len(whole) // 2])
+    code, out, err = _run([*VIT, "eval", "--workdir", str(checkpoint_dir), "--dataset",
+                           f"folder:{tmp_path / 'folder'}", "--split", "test",
+                           "--match-classes", "order"], tmp_path)
+    assert code == 2 and err.startswith("error: corrupt or unreadable image file "), err
+    assert len(err.splitlines()) == 1, err

@@ -1,6 +1,10 @@
 """vit: Vision Transformer image classification on JAX."""
 
-from vit.host_memory import retain_host_memory
+from vit.console import quiet_native_logs
+
+quiet_native_logs()  # before JAX's import sets its own default
+
+from vit.host_memory import retain_host_memory  # noqa: E402
 
 HOST_MEMORY_RETAINED = retain_host_memory()  # first, before any other thread allocates
 

@@ -2,10 +2,13 @@
 
 TensorFlow's C++ runtime writes a few lines while it loads ("All log messages before
 absl::InitializeLog() is called are written to STDERR", the oneDNN notice), straight to file
-descriptor 2 and before any Python logging could filter them. `vit/__init__.py` imports the
-heavy libraries inside `quiet_native_output()`, which points descriptor 2 at a temporary file
-for that time and keeps what was written, and sets `TF_CPP_MIN_LOG_LEVEL=2` (TensorFlow's
-runtime info and warnings) unless the environment already sets it.
+descriptor 2 and before any Python logging could filter them. `vit/__init__.py` first calls
+`quiet_native_logs()` (TF_CPP_MIN_LOG_LEVEL=3 unless the environment sets it: before JAX's
+import sets its own default of 1), so TensorFlow's and XLA's native info, warnings and errors
+stay unprinted (a failing op reaches Python as an exception, which the entry points turn into
+one line; a corrupt JPEG would otherwise log "Premature end of JPEG data" and a rendezvous
+warning first), then imports the heavy libraries inside `quiet_native_output()`, which points
+descriptor 2 at a temporary file for that time and keeps what was written.
 
 The entry points (`vit ...`, `train.py`) take `--verbose`: `set_verbose(True)` prints the kept
 start-up lines and logs at INFO. `VIT_VERBOSE=1` in the environment turns the capture off
@@ -36,6 +39,13 @@ def is_verbose() -> bool:
     return verbose_from_env() or any(_verbose_flag)
 
 
+def quiet_native_logs() -> None:
+    """TF_CPP_MIN_LOG_LEVEL=3 for TensorFlow and XLA unless it is set or VIT_VERBOSE asks for
+    their logs; call it before JAX is imported (which sets 1 when unset)."""
+    if not verbose_from_env():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 @contextlib.contextmanager
 def quiet_native_output() -> Iterator[None]:
     """Keep what C++ libraries write to stderr (fd 2) inside the block; replayed on an error.
@@ -46,7 +56,6 @@ def quiet_native_output() -> Iterator[None]:
     if verbose_from_env():
         yield
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         sys.stderr.flush()
         saved = os.dup(2)
