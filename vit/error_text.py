@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 
 def first_line(err: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
@@ -27,3 +28,8 @@ def tensorflow_message(message: str) -> str:
     ("{{function_node ...}}", "[Op:DecodeImage] name: ")."""
     lines = [line for line in message.strip().splitlines() if line.strip()] or [""]
     return _TF_OP.sub("", _TF_NODE.sub("", lines[0])).strip()
+
+
+def first_names(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` names joined by commas, and "..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")

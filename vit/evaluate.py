@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from vit import calibration, data, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.config_schema import TTA_MODES
+from vit.error_text import first_names
 from vit.model import VisionTransformer, saved_model_from_config
 from vit.model_options import pair
 from vit.weight_formats import has_real_class_names
@@ -279,8 +280,8 @@ def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
         return None
     missing = [name for name in wanted if name not in names]
     if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise EvalError(f"dataset {config.dataset!r} has no class named {shown} (the checkpoint's "
+        raise EvalError(f"dataset {config.dataset!r} has no class named "
+                        f"{first_names(missing, 5)} (the checkpoint's "
                         f"classes); evaluate on a dataset with the checkpoint's class names, or "
                         "pass match_classes='order' (--match-classes order) to compare label ids")
     return [names.index(name) for name in wanted]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vit.error_text import first_names
 from vit.weight_formats import (
     POSEMB,
     Weights,
@@ -165,11 +166,6 @@ def _adapt_posemb(value: np.ndarray, target: np.ndarray, model: Any, has_cls: bo
     return np.concatenate([head, grid], axis=1), notes
 
 
-def _few(names: Sequence[str], shown: int = 3) -> str:
-    """The first `shown` names, and "..." if there are more."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
 def _head_notes(loaded: Mapping[str, np.ndarray], target: Mapping[str, Any]) -> str:
     new = target["head/kernel"].shape[-1]
     if "head/kernel" in loaded:
@@ -228,8 +224,9 @@ def adapt_params(
         if group == "pre_logits/":
             notes.append("pre_logits re-initialised")
         elif keep_head is None and other_classes and same_shape:
-            notes.append(f"head re-initialised: the weights' classes ({_few(theirs)}) are not "
-                         f"this run's ({_few(class_names)}); init_keep_head=True keeps it")
+            notes.append(f"head re-initialised: the weights' classes ({first_names(theirs)}) "
+                         f"are not this run's ({first_names(class_names)}); init_keep_head=True "
+                         "keeps it")
         else:
             notes.append(_head_notes(src, tgt))
 
