@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vit.model_options import pair
+from vit.model_options import is_int, pair
 
 TRAIN_CROPS = ("pad_crop", "inception", "resize")
 NORMALIZATIONS = {
@@ -53,10 +53,10 @@ def validate_data_keys(config) -> None:
                         "(32, 48) (pixels a side, or height and width)")
     check_eval_resize(config)
     seed = config.seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+    if not is_int(seed) or not 0 <= seed < 2**31:
         raise DataError(f"config.seed must be an integer in [0, 2**31), got {seed!r}")
     buffer = config.get("shuffle_buffer", 1)  # an evaluation-only config may lack it
-    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+    if not is_int(buffer) or buffer < 1:
         raise DataError(f"config.shuffle_buffer must be an integer >= 1 (1 = no shuffling), got "
                         f"{buffer!r}")
 

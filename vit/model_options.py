@@ -20,7 +20,7 @@ CLASSIFIERS = ("token", "gap", "map")
 POSEMB_KINDS = ("learn", "sincos2d")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """True for a Python or NumPy integer (bool is not one)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
@@ -33,10 +33,10 @@ def _is_real(value: Any) -> bool:
 
 def pair(value: Any, name: str = "image_size") -> tuple[int, int]:
     """An int or a pair of ints as (rows, cols); ValueError naming `name` for anything else."""
-    if _is_int(value):
+    if is_int(value):
         return (int(value), int(value))
     if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
-            and len(value) == 2 and all(_is_int(v) for v in value)):
+            and len(value) == 2 and all(is_int(v) for v in value)):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}: "
                      f"pass e.g. {name}=32 or {name}=(32, 48)")
@@ -45,7 +45,7 @@ def pair(value: Any, name: str = "image_size") -> tuple[int, int]:
 def int_tuple(value: Any, name: str) -> tuple[int, ...]:
     """A sequence of ints as a tuple; ValueError naming `name` for anything else."""
     if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
-            and all(_is_int(v) for v in value)):
+            and all(is_int(v) for v in value)):
         return tuple(int(v) for v in value)
     raise ValueError(f"model {name} must be a tuple of ints, e.g. (32, 64), got {value!r}")
 
@@ -68,7 +68,7 @@ def compute_dtype(value: Any) -> jnp.dtype:
 
 def check_int(key: str, value: Any, low: int, allowed: str = "") -> None:
     """ValueError unless `value` is an int >= `low`; `allowed` names other accepted values."""
-    if not _is_int(value):
+    if not is_int(value):
         raise ValueError(f"model {key} must be an integer >= {low}{allowed}, got {value!r}")
     if value < low:
         raise ValueError(f"model {key} must be >= {low}{allowed}, got {value}")

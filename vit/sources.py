@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit import preprocess as pp_ops
+from vit.model_options import is_int
 from vit.preprocess import DataError
 
 __all__ = ["FOLDER_PREFIX", "IMAGE_EXTENSIONS", "Source", "open_source"]
@@ -360,7 +361,7 @@ def _check_classes(classes, src: Source) -> tuple[int, ...]:
     if not ids:
         raise DataError(f"classes=[] keeps no examples of {src.name!r}; {fix} or None for all")
     for c in ids:
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n:
+        if not is_int(c) or not 0 <= c < n:
             raise DataError(f"classes holds {c!r}, not a label id of {src.name!r}; {fix}")
     if len(set(ids)) < len(ids):
         dup = next(c for c in ids if ids.count(c) > 1)
