@@ -9,4 +9,4 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: sigterms.append(signum))
     from vit.train_cli import main
 
-    main(sigterm_pending=bool(sigterms))
+    main(sigterms_before=sigterms)

@@ -213,7 +213,7 @@ def test_a_converted_checkpoint_keeps_its_dataset_and_a_weight_file_names_none(t
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "bare")]) != 0
     assert capsys.readouterr().err.strip() == (
         "error: this run names no dataset (weights converted from a file have none): pass "
-        "--dataset NAME (vit eval, vit prune), or set config.dataset")
+        "--dataset NAME (vit eval, vit fewshot, vit prune), or set config.dataset")
 
 
 def test_a_hub_folder_converts_as_its_weight_file(tmp_path):
@@ -309,9 +309,8 @@ def test_a_stated_size_that_contradicts_the_position_embedding_is_one_line(tmp_p
     capsys.readouterr()
     assert cli.main(["convert", src, str(tmp_path / "a")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: config.json beside the weights states image size 16, a 4x4 grid of 4-pixel "
-        "patches, but the position embedding has 24 patch tokens: fix its image size, or move "
-        "it away to convert without it"]
+        "error: config.json beside the weights states image size 16, which 4-pixel patches do "
+        "not cut into the position embedding's 24 patch tokens: fix its image size"]
     config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "image_size"}))
     assert cli.main(["convert", src, str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -319,6 +318,22 @@ def test_a_stated_size_that_contradicts_the_position_embedding_is_one_line(tmp_p
         "config.json beside the weights states the image size: add the one it was written "
         "with, or fine-tune from these weights with configs/finetune.py"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("stated", [20, 18])  # a 5x5 grid; no whole number of 4-pixel patches
+def test_a_stated_size_beside_square_weights_that_does_not_fit_is_noted_not_fatal(tmp_path,
+                                                                                  capsys, stated):
+    write(str(tmp_path / "run"), PLAIN, image_size=16)  # 4x4 patches of 4 pixels
+    export_weights(str(tmp_path / "run"), "hf", str(tmp_path / "out"))
+    config_path = tmp_path / "out" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "image_size": stated}))
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "out" / "model.safetensors"),
+                     str(tmp_path / "a")]) == 0
+    assert (f"config.json states image size {stated}, which does not fit the position "
+            "embedding's 16 tokens: taken as 16x16, their square") in capsys.readouterr().out
+    assert load_inference_model(str(tmp_path / "a")).model.image_size == (16, 16)
 
 
 def test_convert_ema_and_flags_that_do_nothing(tmp_path, capsys):

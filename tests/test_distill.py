@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from test_faults import _error_line, _train
+from test_faults import DATA_DIR, _error_line, _train
 from tiny_checkpoints import SMALL, write
 
 import vit
@@ -113,7 +113,7 @@ def test_a_student_that_is_its_teacher_learns_nothing_from_it(alpha, moves):
 def test_train_py_distils_from_a_checkpoint_and_refuses_what_cannot_be(tmp_path):
     """A 16 px teacher (resized to) for the 32 px smoke student; then the one-line errors."""
     write(str(tmp_path / "teacher"), dict(SMALL, classifier="gap"), num_classes=10,
-          image_size=16)
+          image_size=16, dataset="cifar10", data_dir=DATA_DIR)
     run = _train(tmp_path / "student", f"--config.distill.teacher={tmp_path / 'teacher'}",
                  "--config.distill.temperature=2.0")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -134,4 +134,17 @@ def test_train_py_distils_from_a_checkpoint_and_refuses_what_cannot_be(tmp_path)
     assert _error_line(bad) == ("error: config.distill: alpha must be in [0, 1] (the teacher's "
                                 "share of the loss), got 2.0")
     missing = _train(tmp_path / "c", f"--config.distill.teacher={tmp_path / 'nowhere'}")
-    assert "nowhere" in _error_line(missing)
+    assert _error_line(missing).startswith(
+        f"error: config.distill.teacher: checkpoint path {tmp_path / 'nowhere'} does not exist")
+    # The same number of classes, named in another order: it would teach wrong labels.
+    write(str(tmp_path / "reversed"), SMALL, num_classes=10, dataset="cifar10",
+          data_dir=DATA_DIR, classes=tuple(range(9, -1, -1)))
+    wrong = _train(tmp_path / "d", f"--config.distill.teacher={tmp_path / 'reversed'}")
+    assert _error_line(wrong) == (
+        f"error: teacher {str(tmp_path / 'reversed')!r} was trained on other classes (truck, "
+        "ship, horse, ...) than the student's (airplane, automobile, bird, ...): distil from a "
+        "teacher of the same classes, in the same order")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    # A finished run is only evaluated: its teacher is not read (here it has moved away).
+    again = _train(tmp_path / "plain", f"--config.distill.teacher={tmp_path / 'nowhere'}")
+    assert again.returncode == 0 and "eval/top1: " in again.stdout, again.stderr[-3000:]

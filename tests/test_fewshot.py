@@ -153,6 +153,17 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
     bad = _train(tmp_path / "bad", "--config.fewshot.shots=0,5")
     assert _error_line(bad) == ("error: config.fewshot: shots must be counts >= 1, got [0, 5]: "
                                 "e.g. 1,5,10,25")
+    # The probe's dataset and splits are checked at start-up, not at the first evaluation;
+    # another dataset is read from the run's data_dir unless fewshot.data_dir says otherwise.
+    empty = _train(tmp_path / "empty", "--config.fewshot.shots=1",
+                   "--config.fewshot.dataset=cifar10", "--config.fewshot.test_split=test[:0]")
+    assert _error_line(empty) == ("error: config.fewshot.test_split='test[:0]' of 'cifar10' "
+                                  "holds no examples: use a split or slice with some, e.g. "
+                                  "'train[:10000]'")
+    unknown = _train(tmp_path / "unknown", "--config.fewshot.shots=1",
+                     "--config.fewshot.dataset=no_such_dataset")
+    assert _error_line(unknown).startswith("error: config.fewshot: ")
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "unknown").exists()
 
 
 def test_three_devices_give_the_same_probe_as_one(run, tmp_path):

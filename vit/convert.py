@@ -122,31 +122,37 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     return f"Ti/{patch}", overrides, [note] if note else []
 
 
-def _grid(weights: Weights, classifier: str, stated: Any, patch: int) -> tuple[int, int]:
-    """The patch grid of the learned position embedding: the stated image size's (its grid must
-    hold the embedding's patch tokens), else the square its token count makes."""
+def _grid(weights: Weights, classifier: str, stated: Any, patch: int
+          ) -> tuple[tuple[int, int], list[str]]:
+    """(the patch grid of the learned position embedding, notes): the stated image size's
+    where it holds the embedding's patch tokens, else the square its token count makes."""
     if POSEMB not in weights:
         raise WeightsError("weights without a learned position embedding do not tell the image "
                            "size; fine-tune from them with configs/finetune.py instead")
     tokens = weights[POSEMB].shape[1] - (classifier == "token")
+    side = round(tokens ** 0.5)
+    square = side * side == tokens
     if stated is not None:
         try:
-            rows, cols = (side // patch for side in pair(stated))
+            sides = pair(stated)
         except ValueError as err:
             raise WeightsError(f"config.json beside the weights: {err}") from None
-        if rows * cols != tokens:
-            raise WeightsError(f"config.json beside the weights states image size {stated}, a "
-                               f"{rows}x{cols} grid of {patch}-pixel patches, but the position "
-                               f"embedding has {tokens} patch tokens: fix its image size, or "
-                               "move it away to convert without it")
-        return rows, cols
-    side = round(tokens ** 0.5)
-    if side * side != tokens:
+        rows, cols = (s // patch for s in sides)
+        if rows * cols == tokens and not any(s % patch for s in sides):
+            return (rows, cols), []
+        if not square:
+            raise WeightsError(f"config.json beside the weights states image size {stated}, "
+                               f"which {patch}-pixel patches do not cut into the position "
+                               f"embedding's {tokens} patch tokens: fix its image size")
+        return (side, side), [f"config.json states image size {stated}, which does not fit the "
+                              f"position embedding's {tokens} tokens: taken as "
+                              f"{side * patch}x{side * patch}, their square"]
+    if not square:
         raise WeightsError(f"the position embedding has {tokens} patch tokens, not a square "
                            "grid, and no config.json beside the weights states the image size: "
                            "add the one it was written with, or fine-tune from these weights "
                            "with configs/finetune.py")
-    return side, side
+    return (side, side), []
 
 
 def _class_names(path: str | None, said: list[str] | None, num_classes: int) -> list[str]:
@@ -240,7 +246,9 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
         variant, model_config, notes = infer_architecture(
             weights, num_heads or said.get("num_heads"), said.get("mlp_dim"))
         patch = int(variant.split("/")[1])
-        weights.grid = _grid(weights, model_config["classifier"], said.get("image_size"), patch)
+        weights.grid, grid_notes = _grid(weights, model_config["classifier"],
+                                         said.get("image_size"), patch)
+        notes += grid_notes
         image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
         model_config["gelu_approximate"] = (gelu or said.get("gelu", default_gelu)) == "tanh"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -67,19 +68,31 @@ class Teacher:
     normalize: str
 
 
-def load_teacher(config: Any, num_classes: int) -> Teacher | None:
-    """The teacher `config.distill` names (None when distillation is off); a DistillError
-    naming a teacher of another number of classes."""
-    from vit.evaluate import load_inference_model  # reads checkpoints: TensorFlow-side
+def load_teacher(config: Any, class_names: Sequence[str]) -> Teacher | None:
+    """The teacher `config.distill` names (None when distillation is off); a one-line
+    DistillError for a checkpoint that cannot be read or whose head has other classes than
+    `class_names` (the student's: their number, or their names where both sides name them)."""
+    from vit.checkpoint import CheckpointError  # reads checkpoints: TensorFlow-side
+    from vit.error_text import first_names
+    from vit.evaluate import load_inference_model
+    from vit.weight_formats import has_real_class_names
 
     distill = config.get("distill")
     if distill is None or not distill.teacher:
         return None
-    loaded = load_inference_model(distill.teacher, use_ema=bool(distill.use_ema))
-    if loaded.model.num_classes != num_classes:
-        raise DistillError(f"teacher {distill.teacher!r} has {loaded.model.num_classes} classes "
-                           f"but the student's dataset has {num_classes}: distil from a "
-                           "teacher trained on the same classes")
+    try:
+        loaded = load_inference_model(distill.teacher, use_ema=bool(distill.use_ema))
+    except CheckpointError as err:
+        raise DistillError(f"config.distill.teacher: {err}") from None
+    theirs, ours = tuple(loaded.info.class_names), tuple(class_names)
+    if len(theirs) != len(ours):
+        raise DistillError(f"teacher {distill.teacher!r} has {len(theirs)} classes but the "
+                           f"student's dataset has {len(ours)}: distil from a teacher trained "
+                           "on the same classes")
+    if theirs != ours and has_real_class_names(theirs) and has_real_class_names(ours):
+        raise DistillError(f"teacher {distill.teacher!r} was trained on other classes "
+                           f"({first_names(theirs)}) than the student's ({first_names(ours)}): "
+                           "distil from a teacher of the same classes, in the same order")
     return Teacher(loaded.model, loaded.params, str(loaded.config.pp.normalize))
 
 

@@ -129,20 +129,26 @@ def split_features(model: VisionTransformer, params: PyTree, config: ml_collecti
 
     step = _features_step(model, config.pp.normalize)
     device_params = params if replicated else parallel.replicate(params)
-    feats, labels, masks = [], [], []
+    feats, labels, masks, in_flight = [], [], [], []
     for batch in data.eval_iterator(config, split, batch_size=batch_size):
-        out = step(device_params, parallel.shard({"image": batch["image"]})["image"])
-        feats.append(out)
+        in_flight.append(step(device_params, parallel.shard({"image": batch["image"]})["image"]))
+        if len(in_flight) > 1:  # one batch behind: the devices hold two batches' features
+            feats.append(_host_rows(in_flight.pop(0)))
         labels.append(batch["label"].reshape(-1))
         masks.append(batch["mask"].reshape(-1))
-    parts = {"features": np.concatenate([np.asarray(jax.device_get(f)).reshape(-1, f.shape[-1])
-                                         for f in feats]),
-             "labels": np.concatenate(labels), "mask": np.concatenate(masks)}
+    feats += [_host_rows(f) for f in in_flight]
+    parts = {"features": np.concatenate(feats), "labels": np.concatenate(labels),
+             "mask": np.concatenate(masks)}
     if jax.process_count() > 1:  # every process saw its own part, padded to the same length
         parts = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in
                  multihost_utils.process_allgather(parts).items()}
     keep = parts["mask"].astype(bool)
     return parts["features"][keep], parts["labels"][keep]
+
+
+def _host_rows(features: jax.Array) -> np.ndarray:
+    """[devices, per_device, dim] device features as host rows [devices * per_device, dim]."""
+    return np.asarray(jax.device_get(features)).reshape(-1, features.shape[-1])
 
 
 def sample_shots(labels: np.ndarray, num_classes: int, shots: int, seed: int) -> np.ndarray:

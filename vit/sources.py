@@ -56,7 +56,8 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
     """The Source of config.dataset (TFDS name or "folder:/root"), reduced to config.classes."""
     if not config.dataset:
         raise DataError("this run names no dataset (weights converted from a file have none): "
-                        "pass --dataset NAME (vit eval, vit prune), or set config.dataset")
+                        "pass --dataset NAME (vit eval, vit fewshot, vit prune), or set "
+                        "config.dataset")
     if config.dataset.startswith(FOLDER_PREFIX):
         src = _folder_source(config)
     else:

@@ -224,12 +224,14 @@ def _help(program: str) -> str:
             f"{flags_help}\n\nabsl, JAX and TensorFlow flags: --helpfull\n")
 
 
-def main(argv: list[str] | None = None, sigterm_pending: bool = False) -> None:
+def main(argv: list[str] | None = None, sigterms_before: list[int] | None = None) -> None:
     """Parse absl flags from `argv` (default sys.argv) and train; a SIGTERM before training
-    begins (or while train.py imported this: `sigterm_pending`) exits EXIT_PREEMPTED with one
-    line, as one during training does after its save."""
+    begins exits EXIT_PREEMPTED with one line, as one during training does after its save.
+
+    `sigterms_before` is where train.py's handler kept the SIGTERMs received while it imported
+    this module; it is read once this function's handler is in place, so none is missed."""
     signal.signal(signal.SIGTERM, stop_at_start_up)
-    if sigterm_pending:
+    if sigterms_before:
         sys.stdout.write(START_UP_LINE + "\n")
         sys.exit(EXIT_PREEMPTED)
     from vit.checkpoint import drop_closed_loop_tracebacks

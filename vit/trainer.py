@@ -133,19 +133,20 @@ def train(config: Any, workdir: str) -> TrainResult:
     if jax.process_index() == 0:  # the process that writes metrics, before anything is written
         metrics.check_output_paths(workdir)
     info = data.dataset_info(config)
+    if (config.get("fewshot") or {}).get("shots"):  # found at start-up, not mid-run
+        _check_fewshot_splits(config)
     model = build_model(config, info)
-    teacher = distill.load_teacher(config, info.num_classes)
     made = missing_folders(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
     try:
         with PreemptionWatch(bool(config.distributed)) as watch:
-            return _train_watched(config, workdir, model, info, watch, teacher)
+            return _train_watched(config, workdir, model, info, watch)
     except BaseException:  # a bad init_from, say: no empty folder left where nothing was written
         remove_empty(made)
         raise
 
 
 def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
-                   watch: PreemptionWatch, teacher: distill.Teacher | None) -> TrainResult:
+                   watch: PreemptionWatch) -> TrainResult:
     """`train` once the SIGTERM watch is on: open the checkpoints, restore or start, train."""
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                    save_every=config.checkpoint_every)
@@ -158,6 +159,7 @@ def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: da
                      workdir, int(state.step), int(config.total_steps))
             scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
             return TrainResult(scalars, state)
+        teacher = distill.load_teacher(config, info.class_names)  # only where steps remain
         return _loop(config, workdir, model, info, tx, state, ckpt, watch, teacher)
     finally:
         ckpt.close()
@@ -300,7 +302,7 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
     for prefix, result in results.items():
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
-    if config.fewshot.shots:
+    if (config.get("fewshot") or {}).get("shots"):
         scalars.update(_fewshot(model, rstate.params, config))
     if writer is not None:
         writer.write_scalars(step, scalars)
@@ -314,14 +316,36 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
     return scalars
 
 
+def _fewshot_config(config: Any) -> Any:
+    """The run config the few-shot probe reads: config.fewshot.dataset (all of its classes,
+    from fewshot.data_dir, else the run's data_dir) or the run's own dataset."""
+    fs, probe = config.fewshot, config.copy_and_resolve_references()
+    if fs.dataset:
+        probe.dataset, probe.classes = fs.dataset, None
+        probe.data_dir = fs.data_dir or config.data_dir
+    return probe
+
+
+def _check_fewshot_splits(config: Any) -> None:
+    """A one-line DataError unless the few-shot probe's dataset and both its splits hold
+    examples."""
+    fs, probe = config.fewshot, _fewshot_config(config)
+    for key in ("train_split", "test_split"):
+        try:
+            size = data.split_size(probe, fs[key])
+        except data.DataError as err:
+            raise data.DataError(f"config.fewshot: {err}") from None
+        if size <= 0:
+            raise data.DataError(f"config.fewshot.{key}={fs[key]!r} of {probe.dataset!r} holds "
+                                 "no examples: use a split or slice with some, e.g. "
+                                 "'train[:10000]'")
+
+
 def _fewshot(model: VisionTransformer, rparams: Any, config: Any) -> dict[str, float]:
     """{"fewshot/{k}shot": mean accuracy} of the probe `config.fewshot` asks for."""
     from vit import fewshot
 
-    fs = config.fewshot
-    probe = config.copy_and_resolve_references()
-    if fs.dataset:  # another dataset: all of its classes
-        probe.dataset, probe.data_dir, probe.classes = fs.dataset, fs.data_dir, None
+    fs, probe = config.fewshot, _fewshot_config(config)
     result = fewshot.fewshot(model, rparams, probe, train_split=fs.train_split,
                              test_split=fs.test_split, shots=fs.shots, seeds=int(fs.seeds),
                              l2_reg=float(fs.l2_reg), replicated=True)
