@@ -1,5 +1,6 @@
 """Rectangular images end to end: train.py with --config.image_size=H,W, resume, then the
-`vit` command's eval, predict and attention on the checkpoint (real CIFAR-10, smoke config)."""
+`vit` command's eval, predict, attention and robustness on the checkpoint (real CIFAR-10,
+smoke config)."""
 
 import json
 
@@ -38,8 +39,8 @@ def test_a_rectangular_run_trains_resumes_and_records_its_size(wide_run):
     assert [line["step"] for line in lines if "eval/top1" in line] == [8, 12]
 
 
-def test_eval_predict_and_attention_take_the_rectangular_checkpoint(wide_run, tmp_path, capsys,
-                                                                    monkeypatch):
+def test_eval_predict_attention_and_robustness_take_the_rectangular_checkpoint(
+        wide_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", DATA_DIR)
     out = tmp_path / "m.json"
     assert cli.main(["eval", "--workdir", str(wide_run), "--json", str(out)]) == 0
@@ -57,6 +58,13 @@ def test_eval_predict_and_attention_take_the_rectangular_checkpoint(wide_run, tm
     rollout = np.load(maps / "tall_rollout.npy")
     assert rollout.shape[-2:] == (3, 5)
     np.testing.assert_allclose(rollout.sum(axis=(-2, -1)), 1.0, rtol=1e-5)
+    report = tmp_path / "r.json"
+    assert cli.main(["robustness", "--checkpoint", str(wide_run), "--split", "test[:64]",
+                     "--corruptions", "fog,pixelate", "--severities", "3", "--attack", "fgsm",
+                     "--eps", "2/255", "--json", str(report)]) == 0
+    robust = json.loads(report.read_text())
+    assert robust["num_examples"] == 64 and set(robust["corruptions"]) == {"fog", "pixelate"}
+    assert 0.0 <= robust["attack"]["accuracy"]["2/255"] <= robust["clean_accuracy"]
 
 
 def test_a_pair_the_patch_does_not_divide_or_not_a_pair_is_one_line(tmp_path):
