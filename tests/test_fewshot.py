@@ -141,15 +141,18 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
 
     probe = ["--config.fewshot.shots=1,2", "--config.fewshot.train_split=train[:512]",
              "--config.fewshot.test_split=test[:256]"]
-    run = _train(tmp_path / "run", *probe, "--config.eval_every=4")
+    run = _train(tmp_path / "run", *probe, "--config.eval_every=4", "--config.ema_decay=0.9")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [line for line in lines if "fewshot/1shot" in line]
     assert [line["step"] for line in logged] == [4, 8]
-    # What training logged is the API's figure on the checkpoint of that step.
-    api = fewshot.fewshot_checkpoint(str(tmp_path / "run"), step=8, data_dir=DATA_DIR, shots=(1, 2),
-                                     seeds=1, train_split="train[:512]", test_split="test[:256]")
-    assert (logged[-1]["fewshot/1shot"], logged[-1]["fewshot/2shot"]) == (api.mean(1), api.mean(2))
+    # What training logged is the API's figure on the checkpoint of that step (and its EMA).
+    for prefix, ema in (("fewshot", False), ("fewshot_ema", True)):
+        api = fewshot.fewshot_checkpoint(
+            str(tmp_path / "run"), step=8, data_dir=DATA_DIR, shots=(1, 2), seeds=1,
+            train_split="train[:512]", test_split="test[:256]", use_ema=ema)
+        assert (logged[-1][f"{prefix}/1shot"], logged[-1][f"{prefix}/2shot"]) == (api.mean(1),
+                                                                                  api.mean(2))
     bad = _train(tmp_path / "bad", "--config.fewshot.shots=0,5")
     assert _error_line(bad) == ("error: config.fewshot: shots must be counts >= 1, got [0, 5]: "
                                 "e.g. 1,5,10,25")
