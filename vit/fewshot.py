@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -125,25 +125,42 @@ def split_features(model: VisionTransformer, params: PyTree, config: ml_collecti
                    replicated: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, dim] float32, labels [N]) of every example of `split`, in the split's
     order, on every process."""
+    feats, labels = variant_features(model, {"": params}, config, split,
+                                     batch_size=batch_size, replicated=replicated)
+    return feats[""], labels
+
+
+def variant_features(model: VisionTransformer, variants: Mapping[str, PyTree],
+                     config: ml_collections.ConfigDict, split: str, *,
+                     batch_size: int | None = None, replicated: bool = False
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`split_features` for several parameter sets of `model` in one pass over the split:
+    ({name: features [N, dim]}, labels [N])."""
     from vit import data
 
     step = _features_step(model, config.pp.normalize)
-    device_params = params if replicated else parallel.replicate(params)
-    feats, labels, masks, in_flight = [], [], [], []
+    device_params = {name: params if replicated else parallel.replicate(params)
+                     for name, params in variants.items()}
+    feats: dict[str, list] = {name: [] for name in variants}
+    labels, masks, in_flight = [], [], []
     for batch in data.eval_iterator(config, split, batch_size=batch_size):
-        in_flight.append(step(device_params, parallel.shard({"image": batch["image"]})["image"]))
+        images = parallel.shard({"image": batch["image"]})["image"]
+        in_flight.append({name: step(params, images) for name, params in device_params.items()})
         if len(in_flight) > 1:  # one batch behind: the devices hold two batches' features
-            feats.append(_host_rows(in_flight.pop(0)))
+            for name, out in in_flight.pop(0).items():
+                feats[name].append(_host_rows(out))
         labels.append(batch["label"].reshape(-1))
         masks.append(batch["mask"].reshape(-1))
-    feats += [_host_rows(f) for f in in_flight]
-    parts = {"features": np.concatenate(feats), "labels": np.concatenate(labels),
-             "mask": np.concatenate(masks)}
+    for outs in in_flight:
+        for name, out in outs.items():
+            feats[name].append(_host_rows(out))
+    parts = {**{f"features/{name}": np.concatenate(f) for name, f in feats.items()},
+             "labels": np.concatenate(labels), "mask": np.concatenate(masks)}
     if jax.process_count() > 1:  # every process saw its own part, padded to the same length
         parts = {k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in
                  multihost_utils.process_allgather(parts).items()}
     keep = parts["mask"].astype(bool)
-    return parts["features"][keep], parts["labels"][keep]
+    return {name: parts[f"features/{name}"][keep] for name in variants}, parts["labels"][keep]
 
 
 def _host_rows(features: jax.Array) -> np.ndarray:
@@ -216,6 +233,19 @@ def fewshot(model: VisionTransformer, params: PyTree, config: ml_collections.Con
     For each seed s in range(seeds) and k in `shots`, k examples per class of `train_split`
     fit a ridge classifier scored on all of `test_split`.
     """
+    return fewshot_variants(model, {"": params}, config, train_split=train_split,
+                            test_split=test_split, shots=shots, seeds=seeds, l2_reg=l2_reg,
+                            batch_size=batch_size, replicated=replicated)[""]
+
+
+def fewshot_variants(model: VisionTransformer, variants: Mapping[str, PyTree],
+                     config: ml_collections.ConfigDict, *, train_split: str = "train",
+                     test_split: str = "test", shots: Sequence[int] = SHOTS, seeds: int = 3,
+                     l2_reg: float = L2_REG, batch_size: int | None = None,
+                     replicated: bool = False) -> dict[str, FewshotResult]:
+    """`fewshot` for several parameter sets of `model` (e.g. {"fewshot": p, "fewshot_ema": e})
+    in one pass over each split; each result equals that of `fewshot` with its parameters
+    alone, and they share the shots drawn."""
     from vit import data
 
     shots = check_shots(shots, seeds, l2_reg)
@@ -227,19 +257,24 @@ def fewshot(model: VisionTransformer, params: PyTree, config: ml_collections.Con
             raise FewshotError(f"split {split!r} of {config.dataset!r} holds no examples; pass "
                                "a split or slice with some, e.g. 'train[:10000]'")
     num_classes = data.dataset_info(config).num_classes
-    train_x, train_y = split_features(model, params, config, train_split,
+    train_x, train_y = variant_features(model, variants, config, train_split,
+                                        batch_size=batch_size, replicated=replicated)
+    test_x, test_y = variant_features(model, variants, config, test_split,
                                       batch_size=batch_size, replicated=replicated)
-    test = split_features(model, params, config, test_split, batch_size=batch_size,
-                          replicated=replicated)
-    accuracy: dict[int, list[float]] = {k: [] for k in shots}
+    accuracy: dict[str, dict[int, list[float]]] = {
+        name: {k: [] for k in shots} for name in variants}
     for seed in range(seeds):
         for k in shots:
             idx = sample_shots(train_y, num_classes, k, seed)
-            accuracy[k].append(ridge_accuracy((train_x[idx], train_y[idx]), test, num_classes,
-                                              l2_reg))
-    return FewshotResult(config.dataset, train_split, test_split, num_classes,
-                         int(train_x.shape[1]), float(l2_reg), accuracy,
-                         time.perf_counter() - start)
+            for name in variants:
+                accuracy[name][k].append(ridge_accuracy(
+                    (train_x[name][idx], train_y[idx]), (test_x[name], test_y), num_classes,
+                    l2_reg))
+    seconds = time.perf_counter() - start
+    return {name: FewshotResult(config.dataset, train_split, test_split, num_classes,
+                                int(train_x[name].shape[1]), float(l2_reg), accuracy[name],
+                                seconds)
+            for name in variants}
 
 
 def fewshot_checkpoint(checkpoint: str | os.PathLike | CheckpointContents, *,

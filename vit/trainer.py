@@ -302,9 +302,9 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
     for prefix, result in results.items():
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
-    if (config.get("fewshot") or {}).get("shots"):
-        for name, params in variants.items():  # eval -> fewshot, eval_ema -> fewshot_ema
-            scalars.update(_fewshot(model, params, config, name.replace("eval", "fewshot")))
+    if (config.get("fewshot") or {}).get("shots"):  # eval -> fewshot, eval_ema -> fewshot_ema
+        scalars.update(_fewshot(model, {name.replace("eval", "fewshot"): params
+                                        for name, params in variants.items()}, config))
     if writer is not None:
         writer.write_scalars(step, scalars)
         if writer.enabled and int(config.eval_images) > 0:  # only process 0 draws them
@@ -342,16 +342,18 @@ def _check_fewshot_splits(config: Any) -> None:
                                  "'train[:10000]'")
 
 
-def _fewshot(model: VisionTransformer, rparams: Any, config: Any, prefix: str
+def _fewshot(model: VisionTransformer, variants: dict[str, Any], config: Any
              ) -> dict[str, float]:
-    """{"PREFIX/{k}shot": mean accuracy} of the probe `config.fewshot` asks for."""
+    """{"NAME/{k}shot": mean accuracy} of the probe `config.fewshot` asks for, for each of the
+    replicated parameter sets {NAME: params}, in one pass over each split."""
     from vit import fewshot
 
     fs, probe = config.fewshot, _fewshot_config(config)
-    result = fewshot.fewshot(model, rparams, probe, train_split=fs.train_split,
-                             test_split=fs.test_split, shots=fs.shots, seeds=int(fs.seeds),
-                             l2_reg=float(fs.l2_reg), replicated=True)
-    return {f"{prefix}/{k}shot": result.mean(k) for k in result.accuracy}
+    results = fewshot.fewshot_variants(
+        model, variants, probe, train_split=fs.train_split, test_split=fs.test_split,
+        shots=fs.shots, seeds=int(fs.seeds), l2_reg=float(fs.l2_reg), replicated=True)
+    return {f"{name}/{k}shot": result.mean(k) for name, result in results.items()
+            for k in result.accuracy}
 
 
 def _metric_writer(config: Any, workdir: str, start: int) -> metrics.MetricWriter:
