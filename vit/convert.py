@@ -26,7 +26,7 @@ import numpy as np
 
 from vit import weight_sidecars
 from vit.data_options import NORMALIZATIONS
-from vit.model_options import pair
+from vit.model_options import json_image_size, pair
 from vit.weight_formats import (
     POSEMB,
     Weights,
@@ -274,7 +274,6 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     from vit.checkpoint import Checkpointer
     from vit.model import init_params, saved_model_from_config
     from vit.pretrained import adapt_params
-    from vit.weights_out import json_image_size
 
     if gelu is not None and gelu not in weight_sidecars.GELUS:
         raise ValueError(f"unknown gelu {gelu!r}; use one of {', '.join(weight_sidecars.GELUS)}")

@@ -51,9 +51,8 @@ import numpy as np
 from vit import preprocess
 from vit.error_text import first_line
 from vit.evaluate import InferenceModel, load_inference_model
-from vit.model_options import pair
+from vit.model_options import json_image_size, pair
 from vit.output_paths import new_directory
-from vit.weights_out import json_image_size
 
 FORMATS = ("stablehlo", "saved_model", "tflite", "onnx")
 TOLERANCE = 1e-4

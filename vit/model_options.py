@@ -42,6 +42,13 @@ def pair(value: Any, name: str = "image_size") -> tuple[int, int]:
                      f"pass e.g. {name}=32 or {name}=(32, 48)")
 
 
+def json_image_size(image_size: Any) -> int | list[int]:
+    """An image size as a config states it (the inverse of `pair`): an int for a square, else
+    [rows, cols]."""
+    rows, cols = pair(image_size)
+    return rows if rows == cols else [rows, cols]
+
+
 def int_tuple(value: Any, name: str) -> tuple[int, ...]:
     """A sequence of ints as a tuple; ValueError naming `name` for anything else."""
     if (isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)

@@ -74,14 +74,19 @@ def _run(argv: list[str], none_keys: list[str]) -> None:
     # Each line in one write: in a multi-host run Gloo's C++ logging shares stdout, and with
     # unbuffered output it would land between print's separate writes of a line and its newline.
     if result.before_first_step:
-        sys.stdout.write(START_UP_LINE + "\n")
-        sys.exit(EXIT_PREEMPTED)
+        _exit_preempted_at_start_up()
     if result.preempted:  # a distinct status, so that a scheduler requeues the job
         sys.stdout.write(f"preempted at step {int(result.state.step)}: checkpoint saved; rerun "
                          f"the same command to resume (exit status {EXIT_PREEMPTED})\n")
         sys.exit(EXIT_PREEMPTED)
     sys.stdout.write("".join(f"{key}: {result.metrics[key]:.4f}\n"
                              for key in sorted(result.metrics) if key.startswith("eval")))
+
+
+def _exit_preempted_at_start_up() -> NoReturn:
+    """A SIGTERM came before the first step: say so in one line, exit EXIT_PREEMPTED."""
+    sys.stdout.write(START_UP_LINE + "\n")
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _none_override(arg: str) -> str | None:
@@ -232,8 +237,7 @@ def main(argv: list[str] | None = None, sigterms_before: list[int] | None = None
     this module; it is read once this function's handler is in place, so none is missed."""
     signal.signal(signal.SIGTERM, stop_at_start_up)
     if sigterms_before:
-        sys.stdout.write(START_UP_LINE + "\n")
-        sys.exit(EXIT_PREEMPTED)
+        _exit_preempted_at_start_up()
     from vit.checkpoint import drop_closed_loop_tracebacks
 
     drop_closed_loop_tracebacks()
@@ -248,5 +252,4 @@ def main(argv: list[str] | None = None, sigterms_before: list[int] | None = None
     try:
         app.run(lambda rest: _run(rest, none_keys), argv=argv, flags_parser=_parse_flags)
     except PreemptedAtStartUp:
-        sys.stdout.write(START_UP_LINE + "\n")
-        sys.exit(EXIT_PREEMPTED)
+        _exit_preempted_at_start_up()

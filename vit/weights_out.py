@@ -41,17 +41,11 @@ import numpy as np
 
 from vit.data_options import NORMALIZATIONS
 from vit.encoder import posemb_sincos_2d
-from vit.model_options import pair
+from vit.model_options import json_image_size
 from vit.weight_formats import POSEMB, WeightsError, flatten_params
 
 TARGETS = ("timm", "hf", "npz")
 _ATTN = "MultiHeadDotProductAttention_1"
-
-
-def json_image_size(image_size: Any) -> int | list[int]:
-    """An image size as a config states it: an int for a square, else [rows, cols]."""
-    rows, cols = pair(image_size)
-    return rows if rows == cols else [rows, cols]
 
 
 def _plain_vit_only(model: Any, target: str) -> None:
