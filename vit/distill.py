@@ -128,3 +128,12 @@ def distillation_loss(logits: jax.Array, targets: jax.Array, teacher: jax.Array,
         t = float(distill.temperature)
         taught = t * t * optax.softmax_cross_entropy(logits / t, jax.nn.softmax(teacher / t))
     return ((1.0 - alpha) * labels + alpha * taught).mean()
+
+
+def training_loss(logits: jax.Array, targets: jax.Array, teacher: jax.Array | None,
+                  distill: ml_collections.ConfigDict) -> jax.Array:
+    """The mean loss of a train step: softmax cross-entropy on `targets`, or with the teacher's
+    logits `distillation_loss`."""
+    if teacher is None:
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    return distillation_loss(logits, targets, teacher, distill)

@@ -192,9 +192,7 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
 
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            if taught is None:
-                return optax.softmax_cross_entropy(logits, targets).mean()
-            return distill.distillation_loss(logits, targets, taught, soft)
+            return distill.training_loss(logits, targets, taught, soft)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(hold(grads), opt_state, params)

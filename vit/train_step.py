@@ -41,10 +41,6 @@ def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: ja
                       ema_params=params if use_ema else None, rng=rng)
 
 
-def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
 def make_train_step(
     model: VisionTransformer, tx: optax.GradientTransformation, config: Any, num_classes: int,
     teacher: distill.Teacher | None = None,
@@ -65,9 +61,7 @@ def make_train_step(
     def grads_of(params, images, targets, taught, rng):
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            if taught is None:
-                return _cross_entropy(logits, targets), logits
-            return distill.distillation_loss(logits, targets, taught, config.distill), logits
+            return distill.training_loss(logits, targets, taught, config.get("distill")), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, logits, grads
