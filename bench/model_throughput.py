@@ -25,6 +25,7 @@ from timing import median_seconds
 import vit
 from vit import matmul as vit_matmul
 from vit.encoder import REMAT_POLICIES
+from vit.model_options import json_image_size, pair
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
@@ -51,10 +52,19 @@ def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformati
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def image_size_flag(text: str) -> int | list[int]:
+    """'32' -> 32, '24,40' -> [24, 40]; an argparse error line for anything else."""
+    try:
+        return json_image_size([int(v) for v in text.split(",")] if "," in text else int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int or rows,cols, got {text!r}") from None
+
+
 def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     """The flags that pick the measured step: variant, image size, batch, steps, matmul dtype."""
     parser.add_argument("--variant", default="Ti/4")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=image_size_flag, default=32,
+                        help="32, or rows,cols for a rectangle, e.g. 24,40")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
@@ -67,8 +77,7 @@ def step_inputs(args: argparse.Namespace) -> tuple:
                              matmul_dtype=args.matmul_dtype, remat=args.remat)
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
-    images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.image_size,
-                                                       args.image_size, 3))
+    images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, *pair(args.image_size), 3))
     labels = jnp.arange(args.batch) % 10
     return model, tx, params, tx.init(params), images, labels, jax.random.PRNGKey(2)
 

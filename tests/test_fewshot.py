@@ -160,7 +160,7 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
     # another dataset is read from the run's data_dir unless fewshot.data_dir says otherwise.
     empty = _train(tmp_path / "empty", "--config.fewshot.shots=1",
                    "--config.fewshot.dataset=cifar10", "--config.fewshot.test_split=test[:0]")
-    assert _error_line(empty) == ("error: config.fewshot.test_split='test[:0]' of 'cifar10' "
+    assert _error_line(empty) == ("error: config.fewshot.test_split 'test[:0]' of 'cifar10' "
                                   "holds no examples: use a split or slice with some, e.g. "
                                   "'train[:10000]'")
     unknown = _train(tmp_path / "unknown", "--config.fewshot.shots=1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,11 +10,12 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import op_profile  # noqa: E402
-from model_throughput import make_train_step  # noqa: E402
+from model_throughput import add_step_arguments, make_train_step, step_inputs  # noqa: E402
 
 import vit  # noqa: E402
 
@@ -98,3 +100,16 @@ def test_a_cpu_trace_counts_the_host_thunks_by_their_hlo_op():
                           _event("end: ynn_fusion", 1)])
     events = op_profile.op_events(SimpleNamespace(planes=[host]))
     assert events == [("fusion.2", 400)]
+
+
+def test_step_flags_take_a_rectangle():
+    parser = argparse.ArgumentParser()
+    add_step_arguments(parser, steps=1)
+    args = parser.parse_args(["--variant", "Ti/8", "--image-size", "16,24", "--batch", "2"])
+    assert args.image_size == [16, 24]
+    model, *_, images, labels, _ = step_inputs(args)
+    assert model.image_size == (16, 24) and images.shape == (2, 16, 24, 3)
+    assert parser.parse_args(["--image-size", "32"]).image_size == 32
+    for bad in ("32,x", "1,2,3"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--image-size", bad])

@@ -178,12 +178,7 @@ def _own_checkpoint(src: str, use_ema: bool) -> tuple[Weights, dict]:
     from vit.checkpoint import load_checkpoint
 
     contents = load_checkpoint(src)
-    params = contents.params
-    if use_ema:
-        if contents.ema_params is None:
-            raise WeightsError(f"{src} holds no EMA parameters (its run had ema_decay=None); "
-                               "drop --ema")
-        params = contents.ema_params
+    params = contents.chosen_params(use_ema)
     model = dict(contents.config.get("model") or {})
     if model.get("quant", "none") != "none":
         raise WeightsError(f"{src} holds {model['quant']}-quantised weights, which convert "

@@ -119,3 +119,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.classes = ml_collections.FieldReference(None, field_type=tuple)
     c.pp = default_options()  # the preprocessing options above
     return c
+
+
+def on_dataset(config: ml_collections.ConfigDict, dataset: str | None = None,
+               data_dir: str | None = None) -> ml_collections.ConfigDict:
+    """`config` read from another `dataset` (all of its classes: a run's class subset names
+    label ids of its own dataset) and/or `data_dir`, in place; None keeps the run's."""
+    if dataset is not None:
+        config.dataset, config.classes = dataset, None
+    if data_dir is not None:
+        config.data_dir = data_dir
+    return config

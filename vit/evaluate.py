@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit import calibration, data, parallel, preprocess
+from vit import calibration, data, data_options, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.config_schema import TTA_MODES
 from vit.error_text import first_names
@@ -304,13 +304,7 @@ def evaluate_checkpoint(
         raise EvalError(f"unknown match_classes={match_classes!r}; use one of "
                         f"{', '.join(MATCH_CLASSES)}")
     loaded = load_inference_model(load_checkpoint(path, step), use_ema=use_ema)
-    overrides: Mapping[str, Any] = {"dataset": dataset, "data_dir": data_dir}
-    config = loaded.config
-    for key, value in overrides.items():
-        if value is not None:
-            config[key] = value
-    if dataset is not None:  # the run's class subset named label ids of its own dataset
-        config.classes = None
+    config = data_options.on_dataset(loaded.config, dataset, data_dir)
     if dataset is not None and match_classes == "names":
         by_name = match_classes_by_name(config, split or config.eval_split,
                                         tuple(loaded.info.class_names))

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit import parallel
+from vit import data_options, parallel
 from vit.model import VisionTransformer
 from vit.normalization import normalize_on_device
 
@@ -238,6 +238,17 @@ def fewshot(model: VisionTransformer, params: PyTree, config: ml_collections.Con
                             batch_size=batch_size, replicated=replicated)[""]
 
 
+def check_splits(config: ml_collections.ConfigDict, splits: Mapping[str, str]) -> None:
+    """A one-line FewshotError unless each split {what it is: split} of config.dataset holds
+    examples (an unknown dataset or split is the DataError of `data.split_size`)."""
+    from vit import data
+
+    for name, split in splits.items():
+        if data.split_size(config, split) <= 0:
+            raise FewshotError(f"{name} {split!r} of {config.dataset!r} holds no examples: use "
+                               "a split or slice with some, e.g. 'train[:10000]'")
+
+
 def fewshot_variants(model: VisionTransformer, variants: Mapping[str, PyTree],
                      config: ml_collections.ConfigDict, *, train_split: str = "train",
                      test_split: str = "test", shots: Sequence[int] = SHOTS, seeds: int = 3,
@@ -252,10 +263,7 @@ def fewshot_variants(model: VisionTransformer, variants: Mapping[str, PyTree],
     start = time.perf_counter()
     config = config.copy_and_resolve_references()
     config.train_split, config.eval_split = train_split, test_split
-    for split in (train_split, test_split):
-        if data.split_size(config, split) <= 0:
-            raise FewshotError(f"split {split!r} of {config.dataset!r} holds no examples; pass "
-                               "a split or slice with some, e.g. 'train[:10000]'")
+    check_splits(config, {"train split": train_split, "test split": test_split})
     num_classes = data.dataset_info(config).num_classes
     train_x, train_y = variant_features(model, variants, config, train_split,
                                         batch_size=batch_size, replicated=replicated)
@@ -290,9 +298,5 @@ def fewshot_checkpoint(checkpoint: str | os.PathLike | CheckpointContents, *,
     contents = (load_checkpoint(os.fspath(checkpoint), step)
                 if isinstance(checkpoint, str | os.PathLike) else checkpoint)
     loaded = load_inference_model(contents, use_ema=use_ema)
-    config = loaded.config
-    if dataset is not None:
-        config.dataset, config.classes = dataset, None
-    if data_dir is not None:
-        config.data_dir = data_dir
+    config = data_options.on_dataset(loaded.config, dataset, data_dir)
     return fewshot(loaded.model, loaded.params, config, **kwargs)

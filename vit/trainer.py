@@ -24,6 +24,7 @@ from vit import (
     checkpoint,
     config_changes,
     data,
+    data_options,
     distill,
     metrics,
     nonfinite,
@@ -320,26 +321,21 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
 def _fewshot_config(config: Any) -> Any:
     """The run config the few-shot probe reads: config.fewshot.dataset (all of its classes,
     from fewshot.data_dir, else the run's data_dir) or the run's own dataset."""
-    fs, probe = config.fewshot, config.copy_and_resolve_references()
-    if fs.dataset:
-        probe.dataset, probe.classes = fs.dataset, None
-        probe.data_dir = fs.data_dir or config.data_dir
-    return probe
+    fs = config.fewshot
+    return data_options.on_dataset(config.copy_and_resolve_references(), fs.dataset or None,
+                                   (fs.data_dir or None) if fs.dataset else None)
 
 
 def _check_fewshot_splits(config: Any) -> None:
-    """A one-line DataError unless the few-shot probe's dataset and both its splits hold
-    examples."""
-    fs, probe = config.fewshot, _fewshot_config(config)
-    for key in ("train_split", "test_split"):
-        try:
-            size = data.split_size(probe, fs[key])
-        except data.DataError as err:
-            raise data.DataError(f"config.fewshot: {err}") from None
-        if size <= 0:
-            raise data.DataError(f"config.fewshot.{key}={fs[key]!r} of {probe.dataset!r} holds "
-                                 "no examples: use a split or slice with some, e.g. "
-                                 "'train[:10000]'")
+    """A one-line error unless the few-shot probe's dataset and both its splits hold examples."""
+    from vit import fewshot
+
+    fs = config.fewshot
+    try:
+        fewshot.check_splits(_fewshot_config(config), {
+            f"config.fewshot.{key}": fs[key] for key in ("train_split", "test_split")})
+    except data.DataError as err:
+        raise data.DataError(f"config.fewshot: {err}") from None
 
 
 def _fewshot(model: VisionTransformer, variants: dict[str, Any], config: Any
