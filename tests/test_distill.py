@@ -59,6 +59,25 @@ def test_the_hard_loss_takes_the_teachers_argmax_as_a_label():
     np.testing.assert_allclose(got, expected.mean(), rtol=1e-5)
 
 
+def test_a_sigmoid_run_takes_its_loss_for_the_labels_and_the_softmax_for_the_teacher():
+    student, teacher = _logits(0), _logits(1)
+    targets = jax.nn.one_hot(jnp.arange(6) % 5, 5)
+    probs = 1 / (1 + np.exp(-np.asarray(student, np.float64)))
+    bce = lambda y: -(y * np.log(probs) + (1 - y) * np.log(1 - probs)).sum(-1)
+    labels = np.asarray(targets, np.float64)
+    soft = distill.distillation_loss(student, targets, teacher, _distill(temperature=2.0),
+                                     "sigmoid_xent")
+    expected = 0.5 * bce(labels) + 0.5 * 4.0 * _cross_entropy(
+        student / 2.0, np.asarray(jax.nn.softmax(teacher / 2.0)))
+    np.testing.assert_allclose(soft, expected.mean(), rtol=1e-5)
+    hard = distill.distillation_loss(student, targets, teacher, _distill(mode="hard"),
+                                     "sigmoid_xent")
+    taught = np.eye(5)[np.argmax(np.asarray(teacher), -1)]
+    np.testing.assert_allclose(hard, (0.5 * bce(labels) + 0.5 * bce(taught)).mean(), rtol=1e-5)
+    assert distill.training_loss(student, targets, None, _distill(), "sigmoid_xent") == \
+        pytest.approx(bce(labels).mean(), rel=1e-5)
+
+
 def test_at_temperature_one_the_gradient_is_that_of_labels_mixed_with_the_teacher():
     """Function matching: (1 - a) CE(y) + a CE(p_teacher) is CE against (1 - a) y + a p."""
     student, teacher = _logits(0), _logits(1)

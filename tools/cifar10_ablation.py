@@ -47,6 +47,7 @@ ROWS: dict[str, list[str]] = {
     "width_192": ["--config.model.width=192", "--config.model.mlp_dim=576",
                   "--config.model.num_heads=3"],
     "bf16_matmul": ["--config.model.matmul_dtype=bfloat16"],
+    "sigmoid_xent": ["--config.loss=sigmoid_xent", "--config.model.head_bias_init=-2.3"],
 }
 
 

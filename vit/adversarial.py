@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from vit import parallel
+from vit import losses, parallel
 from vit.data_options import NORMALIZATIONS
 
 PyTree = Any
@@ -192,12 +192,13 @@ def make_attack_step(model: Any, normalization: str, attack: str, norm: str,
 def perturb_for_training(
     adv: ml_collections.ConfigDict, normalization: str,
     logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array, targets: jax.Array,
-    rng: jax.Array,
+    rng: jax.Array, loss: str = losses.DEFAULT,
 ) -> jax.Array:
     """The adversarial copy of a normalised training batch (a no-op for method "none").
 
     `logits_fn` maps model inputs to logits; `targets` are (soft) label distributions. The
-    loss attacked is the training cross-entropy; no gradient flows through the perturbation.
+    loss attacked is the training loss (`loss` of vit/losses.py); no gradient flows through
+    the perturbation.
     """
     if adv.method == "none":
         return images
@@ -209,8 +210,7 @@ def perturb_for_training(
 
     def loss_fn(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = logits_fn(normalize(x, normalization))
-        loss = -jnp.sum(targets * jax.nn.log_softmax(logits))
-        return loss, logits
+        return jnp.sum(losses.per_example(logits, targets, loss)), logits
 
     start = random_start(rng, pixels.shape, eps, adv.norm)
     sizes = jnp.full((steps,), size, jnp.float32)

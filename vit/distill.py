@@ -5,13 +5,14 @@ step; `vit convert` makes one of timm / HF / vit_jax weights). Each train step r
 on the student's own batch (after mixup / cutmix and any adversarial perturbation, mapped to
 the teacher's normalisation and resized to its image size) and the loss becomes
 
-    (1 - alpha) * CE(targets, student) + alpha * T^2 * CE(softmax(teacher / T), student / T)
+    (1 - alpha) * LOSS(targets, student) + alpha * T^2 * CE(softmax(teacher / T), student / T)
 
 for mode "soft" (Hinton et al. 2015; at T = 1 big_vision's function matching; the cross-entropy
 differs from the KL divergence by the teacher's entropy, a constant, so the gradients are the
-KL's), or, for mode "hard" (DeiT), the same with the teacher's argmax as a one-hot target and no
-temperature. The teacher is frozen: its parameters are replicated once and never saved with the
-student. No TensorFlow here (the train step imports this); `load_teacher` reads a checkpoint.
+KL's), or, for mode "hard" (DeiT), LOSS with the teacher's argmax as a one-hot target in the
+second term and no temperature. LOSS is the run's `config.loss` (vit/losses.py). The teacher
+is frozen: its parameters are replicated once and never saved with the student. No TensorFlow
+here (the train step imports this); `load_teacher` reads a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vit import losses
 from vit.data_options import NORMALIZATIONS
 from vit.model import VisionTransformer
 
@@ -116,14 +118,15 @@ def teacher_logits(teacher: Teacher, params: PyTree, images: jax.Array,
 
 
 def distillation_loss(logits: jax.Array, targets: jax.Array, teacher: jax.Array,
-                      distill: ml_collections.ConfigDict) -> jax.Array:
+                      distill: ml_collections.ConfigDict, loss: str = losses.DEFAULT
+                      ) -> jax.Array:
     """The mean per-example loss of the module docstring; `targets` are the (smoothed, mixed)
-    label distributions."""
+    label distributions, `loss` the run's LOSS."""
     alpha = float(distill.alpha)
-    labels = optax.softmax_cross_entropy(logits, targets)
+    labels = losses.per_example(logits, targets, loss)
     if distill.mode == "hard":
         hard = jax.nn.one_hot(jnp.argmax(teacher, -1), teacher.shape[-1])
-        taught = optax.softmax_cross_entropy(logits, hard)
+        taught = losses.per_example(logits, hard, loss)
     else:
         t = float(distill.temperature)
         taught = t * t * optax.softmax_cross_entropy(logits / t, jax.nn.softmax(teacher / t))
@@ -131,9 +134,9 @@ def distillation_loss(logits: jax.Array, targets: jax.Array, teacher: jax.Array,
 
 
 def training_loss(logits: jax.Array, targets: jax.Array, teacher: jax.Array | None,
-                  distill: ml_collections.ConfigDict) -> jax.Array:
-    """The mean loss of a train step: softmax cross-entropy on `targets`, or with the teacher's
-    logits `distillation_loss`."""
+                  distill: ml_collections.ConfigDict, loss: str = losses.DEFAULT) -> jax.Array:
+    """The mean loss of a train step: the run's `loss` (vit/losses.py) on `targets`, or with
+    the teacher's logits `distillation_loss`."""
     if teacher is None:
-        return optax.softmax_cross_entropy(logits, targets).mean()
-    return distillation_loss(logits, targets, teacher, distill)
+        return losses.per_example(logits, targets, loss).mean()
+    return distillation_loss(logits, targets, teacher, distill, loss)

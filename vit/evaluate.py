@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vit import calibration, data, data_options, parallel, preprocess
+from vit import calibration, data, data_options, losses, parallel, preprocess
 from vit.checkpoint import CheckpointContents, CheckpointError, load_checkpoint
 from vit.config_schema import TTA_MODES
 from vit.error_text import first_names
@@ -121,27 +121,25 @@ def check_tta(tta: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(model: VisionTransformer, normalization: str, tta: str = "none") -> Callable:
+def _eval_step(model: VisionTransformer, normalization: str, tta: str = "none",
+               loss_name: str = losses.DEFAULT) -> Callable:
     """The pmapped per-device step for `model`: per-example loss, prediction, top-5 hit and
     confidence (the predicted class's probability).
 
     Images are uint8 pixels, normalised on the device as `normalization` (a
     preprocess.NORMALIZATIONS name) says. With tta="flip" the class probabilities are the mean
     of those of the image and of its horizontal flip; prediction, top-5 and the loss
-    (-log p[label]) all use that mean.
+    (`loss_name` of vit/losses.py: -log p[label] for the softmax) all use that mean.
     """
 
     def step(params: PyTree, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
         images = preprocess.normalize_on_device(images, normalization)
-        logits = model.apply({"params": params}, images, train=False)
-        log_probs = jax.nn.log_softmax(logits)
-        scores = logits  # ranks classes like log_probs
+        views = [model.apply({"params": params}, images, train=False)]
         if tta == "flip":  # images are [batch, height, width, channels]: mirror the width
-            flipped = model.apply({"params": params}, jnp.flip(images, axis=2), train=False)
-            # log((p + p_flipped) / 2), computed stably from the two log-softmaxes
-            log_probs = jnp.logaddexp(log_probs, jax.nn.log_softmax(flipped)) - jnp.log(2.0)
-            scores = log_probs
-        loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+            views.append(model.apply({"params": params}, jnp.flip(images, axis=2), train=False))
+        log_probs = losses.mean_log_softmax(views)
+        scores = views[0] if len(views) == 1 else log_probs  # one view: logits rank as well
+        loss = losses.label_loss(views, labels, loss_name)
         _, top = jax.lax.top_k(scores, min(TOP_K, scores.shape[-1]))
         return {"loss": loss, "pred": jnp.argmax(scores, axis=-1).astype(jnp.int32),
                 "top5": jnp.any(top == labels[:, None], axis=-1),
@@ -202,7 +200,7 @@ def evaluate_variants(
                         "evaluate a split or slice with some (--split), e.g. 'test'")
     info = data.dataset_info(config)
     _check_classes(model, info)
-    step = _eval_step(model, config.pp.normalize, tta)
+    step = _eval_step(model, config.pp.normalize, tta, config.get("loss", losses.DEFAULT))
     device_params = {name: params if replicated else parallel.replicate(params)
                      for name, params in variants.items()}
     n = model.num_classes

@@ -171,13 +171,14 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
     """`steps` of AdamW (peak `lr`, `finetune_schedule`) on the run's training data, all patch
     tokens kept (no PatchDropout), pruned entries (masks == 0) held at exactly zero; with a
     `teacher` (a vit.distill.Teacher), `distill_alpha` of the loss matches its outputs."""
-    from vit import data, distill, preprocess
+    from vit import data, distill, losses, preprocess
     from vit.mix import smooth_labels
 
     model = model.clone(token_keep_ratio=1.0)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(finetune_schedule(lr, steps), weight_decay=0.0))
     smoothing, classes = float(config.get("label_smoothing", 0.0)), model.num_classes
+    loss_name = config.get("loss", losses.DEFAULT)  # the loss the checkpoint was trained with
     hold = lambda tree: jax.tree_util.tree_map(lambda x, m: x * m, tree, masks)
     soft = distill.default_config()
     soft.alpha = float(distill_alpha)
@@ -192,7 +193,7 @@ def finetune(model: Any, params: PyTree, masks: PyTree, config: Any, steps: int,
 
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            return distill.training_loss(logits, targets, taught, soft)
+            return distill.training_loss(logits, targets, taught, soft, loss_name)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(hold(grads), opt_state, params)

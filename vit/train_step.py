@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from vit import adversarial, distill, mix, nonfinite, optim, parallel
+from vit import adversarial, distill, losses, mix, nonfinite, optim, parallel
 from vit.model import VisionTransformer
 from vit.normalization import normalize_on_device
 
@@ -57,11 +57,13 @@ def make_train_step(
     ema_decay = optim.ema_decay(config)
     accum = int(config.grad_accum_steps)
     adv = config.get("adv_train") or adversarial.default_config()
+    loss_name = losses.check_loss(config.get("loss", losses.DEFAULT))
 
     def grads_of(params, images, targets, taught, rng):
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-            return distill.training_loss(logits, targets, taught, config.get("distill")), logits
+            return distill.training_loss(logits, targets, taught, config.get("distill"),
+                                         loss_name), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, logits, grads
@@ -96,7 +98,7 @@ def make_train_step(
             images = adversarial.perturb_for_training(
                 adv, config.pp.normalize, lambda x: model.apply(
                     {"params": state.params}, x, train=True, rngs={"dropout": dropout_rng}),
-                images, targets, jax.random.fold_in(rng, 1))
+                images, targets, jax.random.fold_in(rng, 1), loss_name)
         taught = None if teacher is None else distill.teacher_logits(
             teacher, teacher_params, images, config.pp.normalize)
         if accum > 1:
