@@ -48,6 +48,7 @@ ROWS: dict[str, list[str]] = {
                   "--config.model.num_heads=3"],
     "bf16_matmul": ["--config.model.matmul_dtype=bfloat16"],
     "sigmoid_xent": ["--config.loss=sigmoid_xent", "--config.model.head_bias_init=-2.3"],
+    "random_erase_0.25": ["--config.random_erase=0.25"],
 }
 
 

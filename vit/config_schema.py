@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from vit import adversarial, data_options, distill, fewshot, losses, optim, wandb_logger
+from vit import adversarial, data_options, distill, erasing, fewshot, losses, optim, wandb_logger
 
 TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
 
@@ -69,6 +69,7 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup; 0 = off
     c.cutmix_alpha = 0.0  # Beta(alpha, alpha) cutmix; 0 = off; both > 0: one of them per batch
     c.label_smoothing = 0.0
+    c.random_erase = 0.0  # probability per image of a box of N(0, 1) noise (vit/erasing.py)
     c.loss = losses.DEFAULT  # | "sigmoid_xent": per-class binary cross-entropy (vit/losses.py)
     c.grad_accum_steps = 1  # micro-batches per step (same global batch, less memory)
     c.log_every = 50  # steps between train-metric writes
@@ -136,6 +137,7 @@ def validate_config(config: Any) -> None:
                               f"{config[key]}")
     try:
         losses.check_loss(config.loss)
+        erasing.check_prob(config.random_erase)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if not 0.0 <= float(config.label_smoothing) < 1.0:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from vit import adversarial, distill, losses, mix, nonfinite, optim, parallel
+from vit import adversarial, distill, erasing, losses, mix, nonfinite, optim, parallel
 from vit.model import VisionTransformer
 from vit.normalization import normalize_on_device
 
@@ -58,6 +58,7 @@ def make_train_step(
     accum = int(config.grad_accum_steps)
     adv = config.get("adv_train") or adversarial.default_config()
     loss_name = losses.check_loss(config.get("loss", losses.DEFAULT))
+    erase_prob = erasing.check_prob(config.get("random_erase", 0.0))
 
     def grads_of(params, images, targets, taught, rng):
         def loss_fn(p):
@@ -91,6 +92,8 @@ def make_train_step(
         labels = batch["label"]
         targets = mix.smooth_labels(labels, num_classes, float(config.label_smoothing))
         images = normalize_on_device(batch["image"], config.pp.normalize)
+        if erase_prob > 0.0:  # its own key: a run without erasing draws what it always drew
+            images = erasing.random_erase(jax.random.fold_in(rng, 2), images, erase_prob)
         images, targets = mix.mixup_cutmix(  # on the normalised floats
             mix_rng, images, targets, mixup_alpha=float(config.mixup_alpha),
             cutmix_alpha=float(config.cutmix_alpha))
