@@ -11,7 +11,7 @@ AVX-512 and AMX; "AMD EPYC": family 25, AVX2 and AVX-512).
               in 6.8 minutes, setup included (the conv stem's 2,700 steps: 64.4% in 6.7 minutes
               there).
   hour        the plain patchify ViT (4 blocks of width 128, 4 heads, GAP head, sin-cos posemb,
-              0.68 M params) with bfloat16 matmul operands (float32 sums), 42,000 steps of batch
+              0.67 M params) with bfloat16 matmul operands (float32 sums), 42,000 steps of batch
               64 keeping half the patch tokens, crop + flip, label smoothing 0.1, AdamW lr 1e-3,
               b2 0.99, decoupled wd 5e-5, 781 warmup steps + cosine to zero, flip TTA.
                   python train.py --config=configs/cifar10.py:hour --workdir=runs/cifar10-hour

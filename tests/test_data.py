@@ -432,7 +432,8 @@ def test_folder_files_the_pipeline_cannot_decode_are_named_or_skipped(tmp_path):
     random_file = tmp_path / "train" / "dog" / "b_random.png"
     if str(random_file) in message:
         assert message.startswith(f"corrupt or unreadable image file {str(random_file)!r} ")
-        assert message.endswith("); remove or replace it") and "\n" not in message
+        assert message.endswith("); remove or replace it, or set skip_corrupt=True to skip such "
+                                "files") and "\n" not in message
         random_file.unlink()
         batches = data.train_iterator(_folder_cfg(tmp_path, batch_size=2), num_devices=1)
         with pytest.raises(DataError) as info:
@@ -442,7 +443,8 @@ def test_folder_files_the_pipeline_cannot_decode_are_named_or_skipped(tmp_path):
         Path(random_file).write_bytes(bytes(range(256)) * 4)
     assert message.startswith(f"image file {str(tiff)!r} is TIFF, which the input pipeline "
                               "cannot decode (Unknown image file format. One of JPEG")
-    assert message.endswith("): convert it or remove it") and "\n" not in message
+    assert message.endswith("): convert it or remove it, or set skip_corrupt=True to skip such "
+                            "files") and "\n" not in message
     skipping = _folder_cfg(tmp_path, batch_size=2, skip_corrupt=True)
     assert data.dataset_info(skipping).split_sizes["train"] == 2
     batch = next(data.train_iterator(skipping, num_devices=1))

@@ -33,8 +33,17 @@ def run(tmp_path_factory):
             Image.fromarray(pixels).save(path)
             files.append(str(path))
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "nested" / "deep.png")
+    _write_hidden_files(images)
     return dict(root=root, workdir=str(root / "run"), config=config, model=model,
                 params=params, images=str(images), files=sorted(files))
+
+
+def _write_hidden_files(directory):
+    """What Jupyter and macOS leave beside images: a hidden image and AppleDouble ._ files."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(directory / ".hidden.png")
+    (directory / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (directory / "._img0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (directory / ".ipynb_checkpoints").mkdir()
 
 
 def _reference_probs(run, path):
@@ -44,8 +53,17 @@ def _reference_probs(run, path):
 
 
 def test_directory_expands_one_level_sorted(run):
+    """Only the visible image files: not nested/, .hidden.png nor macOS's ._ files."""
     files, errors = expand_paths([run["images"]])
     assert files == run["files"] and errors == []
+
+
+def test_a_directory_of_hidden_files_only_holds_no_images(tmp_path):
+    _write_hidden_files(tmp_path)
+    files, errors = expand_paths([str(tmp_path)])
+    assert files == [] and errors == [(str(tmp_path), f"directory {str(tmp_path)!r} holds no "
+                                       ".jpg/.jpeg/.png files; pass image files or a directory "
+                                       "that has some")]
 
 
 def test_predicts_png_and_jpeg_of_any_size_as_eval_preprocesses(run):

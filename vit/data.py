@@ -159,7 +159,10 @@ def _raise_for_bad_file(src: Source, split: str) -> None:
         except tf.errors.OpError as e:  # the file went away after the folder was scanned
             raise DataError(f"an image file of {src.name!r} split {split!r} could not be read "
                             f"({tensorflow_message(e.message)}); restore or remove it") from None
-        pp_ops.check_pipeline_decodes(path.decode())
+        try:
+            pp_ops.check_pipeline_decodes(path.decode())
+        except DataError as err:
+            raise DataError(f"{err}, or set skip_corrupt=True to skip such files") from None
 
 
 def _require_a_readable_example(src: Source, split: str, process_index: int,

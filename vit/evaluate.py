@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ from vit.model_options import pair
 from vit.weight_formats import has_real_class_names
 
 PyTree = Any
+log = logging.getLogger(__name__)
 TOP_K = 5
 
 
@@ -285,6 +287,23 @@ def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
     return [names.index(name) for name in wanted]
 
 
+def _classes_changed(config: ml_collections.ConfigDict, split: str | None,
+                     trained: Sequence[str]) -> bool:
+    """Whether the run's own dataset now names other classes than the checkpoint was trained
+    on (a folder whose class folders changed); logged, since they are then matched by name."""
+    probe = config.copy_and_resolve_references()
+    probe.train_split = probe.eval_split = split or config.eval_split
+    if data.split_size(probe, probe.eval_split) <= 0:
+        return False  # `evaluate` names the empty split
+    now = data.dataset_info(probe).class_names
+    if list(now) == list(trained):
+        return False
+    log.warning("the classes of %r changed since the checkpoint was written (%s -> %s): "
+                "matching them to the head by name", config.dataset, first_names(trained, 4),
+                first_names(now, 4))
+    return True
+
+
 def evaluate_checkpoint(
     path: str, *, split: str | None = None, dataset: str | None = None,
     data_dir: str | None = None, use_ema: bool = False, batch_size: int | None = None,
@@ -303,7 +322,9 @@ def evaluate_checkpoint(
                         f"{', '.join(MATCH_CLASSES)}")
     loaded = load_inference_model(load_checkpoint(path, step), use_ema=use_ema)
     config = data_options.on_dataset(loaded.config, dataset, data_dir)
-    if dataset is not None and match_classes == "names":
+    if match_classes == "names" and (
+            dataset is not None or _classes_changed(config, split, loaded.info.class_names)):
+        config.classes = None  # the run's own subset named label ids of the old class list
         by_name = match_classes_by_name(config, split or config.eval_split,
                                         tuple(loaded.info.class_names))
         if by_name is not None:

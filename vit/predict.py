@@ -1,7 +1,8 @@
 """Classify image files with a checkpoint: top-k class names and probabilities per file.
 
 Inputs are JPEG/PNG files of any size, or directories, which expand to the image files directly
-inside them (one level, sorted by name; sub-directories are not entered). Each image is
+inside them (one level, sorted by name; sub-directories are not entered; hidden names such as
+macOS's ._x.png AppleDouble files are skipped, as folder datasets skip them). Each image is
 preprocessed exactly as evaluation does (`preprocess.eval_image` with the checkpoint's config).
 A file that cannot be read is reported in `errors`; the others are still predicted.
 """
@@ -23,6 +24,7 @@ from vit.data import IMAGE_EXTENSIONS
 from vit.evaluate import load_inference_model
 from vit.model import VisionTransformer
 from vit.preprocess import DataError
+from vit.sources import is_hidden
 
 BATCH = 32
 
@@ -53,7 +55,7 @@ def _broken_link(path: str) -> str:
 
 
 def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files named directly, plus the image files directly inside named directories.
+    """Files named directly, plus the visible image files directly inside named directories.
 
     Returns (files, errors) where errors name missing paths and directories without images.
     """
@@ -61,7 +63,7 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
     for path in paths:
         if os.path.isdir(path):
             named = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(f))
             found = [f for f in named if os.path.isfile(f)]
             broken = [f for f in named if os.path.islink(f) and not os.path.exists(f)]
             errors += [(f, _broken_link(f)) for f in broken]

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -29,10 +29,12 @@ from vit import (
     metrics,
     nonfinite,
     parallel,
+    sources,
     wandb_logger,
 )
 from vit.config_schema import ConfigError, run_fingerprint, validate_config
 from vit.console import is_verbose
+from vit.error_text import first_names
 from vit.model import VisionTransformer, init_params, model_from_config
 from vit.nonfinite import NonFiniteLossError
 from vit.output_paths import missing_folders, remove_empty
@@ -118,6 +120,9 @@ def train(config: Any, workdir: str) -> TrainResult:
     ends the run at once), which is in place again after the call.
     """
     validate_config(config)
+    config.dataset = sources.absolute_dataset(config.dataset)  # the checkpoint names a folder
+    if (config.get("fewshot") or {}).get("dataset"):  # that `vit eval` finds from anywhere
+        config.fewshot.dataset = sources.absolute_dataset(config.fewshot.dataset)
     if wandb_logger.enabled(config):
         wandb_logger.require_wandb(config)  # at start-up: one line when wandb is missing
     if config.distributed:
@@ -134,6 +139,11 @@ def train(config: Any, workdir: str) -> TrainResult:
     if jax.process_index() == 0:  # the process that writes metrics, before anything is written
         metrics.check_output_paths(workdir)
     info = data.dataset_info(config)
+    if info.num_classes < 2:
+        raise data.DataError(
+            f"dataset {config.dataset!r} has {info.num_classes} class "
+            f"({first_names(info.class_names, 3)}): a classifier needs at least 2; add class "
+            "folders (root/<split>/<class>/) or choose more classes")
     if (config.get("fewshot") or {}).get("shots"):  # found at start-up, not mid-run
         _check_fewshot_splits(config)
     model = build_model(config, info)
@@ -181,6 +191,7 @@ def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
     state = fresh_state(config, params, tx, state_rng)
     if latest is None:
         return state, tx
+    _check_same_classes(ckpt.metadata(latest).get("dataset_info") or {}, info, config, latest)
     changes = config_changes.check_resume(
         ckpt.metadata(latest).get("config", {}), config.to_dict(),
         config_changes.structure(ckpt.saved_structure(latest)), config_changes.structure(state),
@@ -191,6 +202,24 @@ def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
     state = ckpt.restore(state, latest)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     return state, tx
+
+
+def _check_same_classes(saved: dict, info: data.DatasetInfo, config: Any, step: int) -> None:
+    """A one-line DataError when the dataset's classes differ from those the checkpoint of
+    `step` was trained on (a renamed, added or removed class folder): label ids would change
+    meaning mid-run."""
+    before, now = list(saved.get("class_names") or []), list(info.class_names)
+    if not before or before == now:
+        return
+    added = [name for name in now if name not in before]
+    gone = [name for name in before if name not in now]
+    detail = "; ".join(part for part in (added and f"new: {first_names(added)}",
+                                         gone and f"gone: {first_names(gone)}") if part)
+    raise data.DataError(
+        f"the classes of {config.dataset!r} changed since checkpoint {step} "
+        f"({detail or 'the same names in another order'}), so the head's label ids would change "
+        "meaning; restore the dataset's classes to resume, or fine-tune on the new ones in a new "
+        "workdir with --config.init_from=<this workdir>")
 
 
 def _structure_with(config: Any, info: data.DatasetInfo) -> Callable[[str, Any], dict]:
@@ -248,13 +277,27 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
         return ckpt.save(step, state, force=force, extra={_LOG_WINDOW: recent.window_state()},
                          **meta)
 
+    last_saved = start
+
+    def save_and_raise(err: data.DataError, done: int) -> NoReturn:
+        """A bad input file mid-run: save step `done` (trained, not yet saved) first, when one
+        process runs alone (a save is collective), then stop with the error."""
+        if done > last_saved and jax.process_count() == 1:
+            save(done, force=True)
+            raise data.DataError(f"{err} (step {done} was saved first: rerun to resume)") from None
+        raise err
+
     preempted = False
     watch.start(start)
     log.info("training steps %d to %d in %s", start + 1, total, workdir)
     step = start
     try:
         for step in range(start + 1, total + 1):  # noqa: B007 (step is used after the loop)
-            rstate, step_metrics = train_step(rstate, next(batches), *frozen)
+            try:
+                batch = next(batches)
+            except data.DataError as err:
+                save_and_raise(err, step - 1)
+            rstate, step_metrics = train_step(rstate, batch, *frozen)
             recent.add(step, step_metrics)
             window.steps += 1
             is_last = step == total
@@ -273,9 +316,13 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
             saved = False
             if step % config.checkpoint_every == 0 or is_last:
                 saved = save(step, force=is_last)
+                last_saved = step if saved else last_saved
             if (config.eval_every and step % config.eval_every == 0) or is_last:
                 with window.excluded():  # evaluation time is not training throughput
-                    final.update(_evaluate(model, rstate, config, step, writer))
+                    try:
+                        final.update(_evaluate(model, rstate, config, step, writer))
+                    except data.DataError as err:
+                        save_and_raise(err, step)
             if watch.reached(step) and not is_last:  # every process, every step
                 if not saved:
                     save(step, force=True)
