@@ -99,7 +99,7 @@ def test_a_model_with_eval_resize_exports_to_every_format(tmp_path):
     assert meta["saved_model"]["checkpoint"] == str(tmp_path / "run")
 
 
-def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
+def test_tflite_from_the_saved_model_matches(recipe, tmp_path, capfd):
     run, files = recipe
     result = export(str(run), "tflite", tmp_path, images=files, measure_speed=False)
     assert result.max_abs_diff <= 1e-4 and result.path.endswith("model.tflite")
@@ -107,6 +107,7 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path):
     _, images, _ = read_images(files)
     got = tflite_runner(result.path)(crops(images, loaded.config))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert "XNNPACK" not in capfd.readouterr().err  # the interpreter's INFO line is kept quiet
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx extra not installed: pip install -e '.[onnx]'")

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import preprocess
+from vit import console, preprocess
 from vit.error_text import first_line
 from vit.evaluate import InferenceModel, load_inference_model
 from vit.model_options import json_image_size, pair
@@ -318,9 +318,13 @@ def tflite_runner(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.nda
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter
-    with warnings.catch_warnings():  # tf.lite.Interpreter warns that LiteRT replaces it
+    # tf.lite.Interpreter warns that LiteRT replaces it; its XNNPACK delegate logs an INFO line
+    # on stderr at the first call, made here on one blank image
+    with warnings.catch_warnings(), console.quiet_native_output():
         warnings.simplefilter("ignore")
         runner = Interpreter(model_path=str(path)).get_signature_runner("pixels")
+        shape = runner.get_input_details()["pixels"]["shape"]
+        runner(pixels=np.zeros((1, *shape[1:]), np.uint8))
     return lambda pixels: runner(pixels=np.asarray(pixels, np.uint8))["logits"]
 
 
