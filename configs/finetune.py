@@ -31,7 +31,7 @@ takes 75% of it by default, ~60 GiB: XLA_PYTHON_CLIENT_MEM_FRACTION). Per device
     python bench/train_memory.py configs/finetune.py:B/16-cifar10 --devices 1
 (the trainer's step compiled on abstract inputs: XLA:CPU's buffer assignment, an estimate of a
 GPU's and an upper bound for bfloat16 and for flash attention; see that file):
-  B/16 at 384 px  grad_accum_steps 16 (micro-batch 32): 37.2 GiB on 1 device (8: 71.8 GiB, too
+  B/16 at 384 px  grad_accum_steps 16 (micro-batch 32): 36.9 GiB on 1 device (8: 71.4 GiB, too
                   much); on 8 devices 5.9 GiB, or 36.3 GiB with the faster
                   --config.grad_accum_steps=2 (1: 70.2 GiB, too much).
   S/16 at 384 px  8 (micro-batch 64): 36.1 GiB on 1 device; 4.9 GiB on 8 (1: 34.9 GiB).
