@@ -257,10 +257,17 @@ def test_another_dataset_is_matched_to_the_head_by_class_name(tmp_path):
     by_id = evaluate_checkpoint(str(tmp_path / "run"), dataset=folder, split="test",
                                 match_classes="order")
     assert by_id.top1 == 2 / 5  # label 0 is "cat" in the folder: the head's "dog" predicted
-    other = _folder(tmp_path / "wild", {"cat": 1, "fox": 1})
-    with pytest.raises(EvalError, match=r"dataset 'folder:.*wild' has no class named dog \(the "
-                                        r"checkpoint's classes\); evaluate on a dataset with"):
-        evaluate_checkpoint(str(tmp_path / "run"), dataset=other, split="test")
+    # A folder of some of the head's classes (cat) and others (fox, left out): the head's
+    # "dog" is predicted for the cat, and the dog row stays empty.
+    some = _folder(tmp_path / "wild", {"cat": 2, "fox": 1})
+    partial = evaluate_checkpoint(str(tmp_path / "run"), dataset=some, split="test")
+    assert partial.num_examples == 2 and partial.top1 == 0.0
+    assert partial.confusion_matrix == [[0, 0], [2, 0]]
+    assert np.isnan(partial.per_class["dog"]) and partial.per_class["cat"] == 0.0
+    none = _folder(tmp_path / "farm", {"cow": 1, "fox": 1})
+    with pytest.raises(EvalError, match=r"dataset 'folder:.*farm' has none of the checkpoint's "
+                                        r"classes \(dog, cat\); evaluate on a dataset with some"):
+        evaluate_checkpoint(str(tmp_path / "run"), dataset=none, split="test")
     with pytest.raises(EvalError, match="unknown match_classes='id'; use one of names, order"):
         evaluate_checkpoint(str(tmp_path / "run"), match_classes="id")
 

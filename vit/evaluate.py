@@ -157,6 +157,25 @@ def _check_classes(model: VisionTransformer, info: data.DatasetInfo) -> None:
                         "classes, or fine-tune the model on this one first")
 
 
+def _labels_to_head(model: VisionTransformer, info: data.DatasetInfo,
+                    head_classes: Sequence[str] | None
+                    ) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(the head's index of each dataset label, or None when they are the same; the result's
+    class names): `head_classes` names the head's classes when the dataset holds some only."""
+    if head_classes is None:
+        _check_classes(model, info)
+        return None, tuple(info.class_names)
+    if len(head_classes) != model.num_classes:
+        raise EvalError(f"head_classes names {len(head_classes)} classes but the model's head "
+                        f"has {model.num_classes}; pass the head's own class names")
+    lacking = [name for name in info.class_names if name not in head_classes]
+    if lacking:
+        raise EvalError(f"dataset {info.name!r} has classes the head lacks "
+                        f"({first_names(lacking)}); leave them out with config.classes")
+    return (np.array([list(head_classes).index(n) for n in info.class_names], np.int64),
+            tuple(head_classes))
+
+
 def sum_over_processes(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add up host-side sums over all processes (each saw its own part of the split)."""
     if jax.process_count() == 1:
@@ -168,7 +187,7 @@ def sum_over_processes(sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def evaluate(
     model: VisionTransformer, params: PyTree, config: ml_collections.ConfigDict, *,
     split: str | None = None, batch_size: int | None = None, replicated: bool = False,
-    tta: str = "none",
+    tta: str = "none", head_classes: Sequence[str] | None = None,
 ) -> EvalResult:
     """One pass of `model` over a split (default config.eval_split) on all local devices.
 
@@ -176,20 +195,25 @@ def evaluate(
     already carry the leading device axis (as in the trainer), else they are replicated here.
     `tta` is a test-time augmentation of TTA_MODES: "flip" averages the softmax of each image
     and of its horizontal flip (twice the compute); padding stays masked out either way.
+    `head_classes`: see `evaluate_variants`.
     """
     return evaluate_variants(model, {"": params}, config, split=split, batch_size=batch_size,
-                             replicated=replicated, tta=tta)[""]
+                             replicated=replicated, tta=tta, head_classes=head_classes)[""]
 
 
 def evaluate_variants(
     model: VisionTransformer, variants: Mapping[str, PyTree],
     config: ml_collections.ConfigDict, *, split: str | None = None,
     batch_size: int | None = None, replicated: bool = False, tta: str = "none",
+    head_classes: Sequence[str] | None = None,
 ) -> dict[str, EvalResult]:
     """`evaluate` for several parameter sets of `model` (e.g. {"eval": p, "eval_ema": e}) in
     one pass over the split: each batch crosses to the devices once and every variant's step
     runs on it. Each result equals that of `evaluate` with its parameters alone; images_per_s
     is the pass's examples over its time (all variants together).
+
+    `head_classes` (the head's class names) lets the dataset hold only some of them: its
+    labels are matched to the head by name, and the classes it lacks have no examples.
     """
     check_tta(tta)
     if not variants:
@@ -201,7 +225,7 @@ def evaluate_variants(
         raise EvalError(f"split {config.eval_split!r} of {config.dataset!r} holds no examples; "
                         "evaluate a split or slice with some (--split), e.g. 'test'")
     info = data.dataset_info(config)
-    _check_classes(model, info)
+    to_head, class_names = _labels_to_head(model, info, head_classes)
     step = _eval_step(model, config.pp.normalize, tta, config.get("loss", losses.DEFAULT))
     device_params = {name: params if replicated else parallel.replicate(params)
                      for name, params in variants.items()}
@@ -213,10 +237,11 @@ def evaluate_variants(
     pending = []
     start = time.perf_counter()
     for batch in data.eval_iterator(config, split, batch_size=batch_size):
-        on_device = parallel.shard({"image": batch["image"], "label": batch["label"]})
+        labels = batch["label"] if to_head is None else to_head[batch["label"]]
+        on_device = parallel.shard({"image": batch["image"], "label": labels})
         outs = {name: step(params, on_device["image"], on_device["label"])
                 for name, params in device_params.items()}
-        pending.append((outs, batch["label"], batch["mask"]))
+        pending.append((outs, labels, batch["mask"]))
     for outs, labels, mask in pending:
         for name, out in jax.device_get(outs).items():
             _add_batch(sums[name], out, labels, mask)
@@ -227,8 +252,7 @@ def evaluate_variants(
     for name in variants:
         confusion, calibration_sums = totals[f"{name}/confusion"], totals[f"{name}/calibration"]
         loss_sum, top5_hits = totals[f"{name}/sums"]
-        result = _result(confusion, float(loss_sum), int(top5_hits), info.class_names, elapsed,
-                         tta)
+        result = _result(confusion, float(loss_sum), int(top5_hits), class_names, elapsed, tta)
         result.ece = calibration.expected_calibration_error(calibration_sums)
         result.calibration = calibration_sums.tolist()
         results[name] = result
@@ -265,11 +289,13 @@ MATCH_CLASSES = ("names", "order")
 
 def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
                           wanted: tuple[str, ...]) -> list[int] | None:
-    """The label ids of `wanted` (a checkpoint's class names, in its head's order) in
-    config.dataset, for config.classes; None when they already line up or a side has no names.
+    """The label ids in config.dataset of the classes of `wanted` (a checkpoint's class names,
+    in its head's order) that it holds, for config.classes; None when they already line up or
+    a side has no names.
 
-    A dataset with more classes gives those of the head (its other examples are left out); an
-    EvalError names the classes the dataset lacks.
+    A dataset with more classes gives those of the head (its other examples are left out); one
+    with only some of them is logged (their per-class figures stay empty); one with none of
+    them is an EvalError.
     """
     full = config.copy_and_resolve_references()
     full.classes = None
@@ -279,12 +305,16 @@ def match_classes_by_name(config: ml_collections.ConfigDict, split: str,
                                              and has_real_class_names(wanted)):
         return None
     missing = [name for name in wanted if name not in names]
+    if len(missing) == len(wanted):
+        raise EvalError(f"dataset {config.dataset!r} has none of the checkpoint's classes "
+                        f"({first_names(missing, 5)}); evaluate on a dataset with some of them, "
+                        "or pass match_classes='order' (--match-classes order) to compare label "
+                        "ids")
     if missing:
-        raise EvalError(f"dataset {config.dataset!r} has no class named "
-                        f"{first_names(missing, 5)} (the checkpoint's "
-                        f"classes); evaluate on a dataset with the checkpoint's class names, or "
-                        "pass match_classes='order' (--match-classes order) to compare label ids")
-    return [names.index(name) for name in wanted]
+        log.warning("dataset %r has no class named %s: evaluating the %d of the checkpoint's %d "
+                    "classes it holds", config.dataset, first_names(missing, 5),
+                    len(wanted) - len(missing), len(wanted))
+    return [names.index(name) for name in wanted if name in names]
 
 
 def _classes_changed(config: ml_collections.ConfigDict, split: str | None,
@@ -314,7 +344,8 @@ def evaluate_checkpoint(
     By default the dataset, split and preprocessing are those the checkpoint was trained with;
     `tta` is passed on to `evaluate` ("none" or "flip"). On another `dataset`, classes are
     matched by name (`match_classes="names"`: the dataset's labels are renumbered into the
-    head's order, and a class it lacks is an error) or taken by label id ("order").
+    head's order; a class of the head it lacks has no examples, a dataset with none of them is
+    an error) or taken by label id ("order").
     """
     check_tta(tta)  # before loading anything
     if match_classes not in MATCH_CLASSES:
@@ -322,6 +353,7 @@ def evaluate_checkpoint(
                         f"{', '.join(MATCH_CLASSES)}")
     loaded = load_inference_model(load_checkpoint(path, step), use_ema=use_ema)
     config = data_options.on_dataset(loaded.config, dataset, data_dir)
+    head_classes = None  # the dataset's labels are the head's
     if match_classes == "names" and (
             dataset is not None or _classes_changed(config, split, loaded.info.class_names)):
         config.classes = None  # the run's own subset named label ids of the old class list
@@ -329,5 +361,6 @@ def evaluate_checkpoint(
                                         tuple(loaded.info.class_names))
         if by_name is not None:
             config.classes = by_name
+            head_classes = loaded.info.class_names
     return evaluate(loaded.model, loaded.params, config, split=split, batch_size=batch_size,
-                    tta=tta)
+                    tta=tta, head_classes=head_classes)
