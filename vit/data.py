@@ -22,8 +22,9 @@ import tensorflow as tf
 from vit import preprocess as pp_ops
 from vit.data_options import DataError, default_config, validate_data_keys  # noqa: F401
 from vit.error_text import tensorflow_message
+from vit.image_folders import FOLDER_PREFIX, IMAGE_EXTENSIONS
 from vit.model_options import pair
-from vit.sources import FOLDER_PREFIX, IMAGE_EXTENSIONS, Source, open_source
+from vit.sources import Source, open_source
 
 __all__ = [
     "FOLDER_PREFIX", "IMAGE_EXTENSIONS", "DataError", "DatasetInfo", "dataset_info",

@@ -20,11 +20,10 @@ import numpy as np
 
 from vit import preprocess
 from vit.checkpoint import CheckpointContents
-from vit.data import IMAGE_EXTENSIONS
 from vit.evaluate import load_inference_model
+from vit.image_folders import IMAGE_EXTENSIONS, is_hidden
 from vit.model import VisionTransformer
 from vit.preprocess import DataError
-from vit.sources import is_hidden
 
 BATCH = 32
 

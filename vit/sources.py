@@ -2,9 +2,9 @@
 
 `open_source(config)` gives a `Source`: encoded records {"encoded": string, "label": int64} of any
 (sliced) split, read by process i of n as its own near-equal disjoint part. An image folder
-(`dataset="folder:/root"`) is laid out root/<split>/<class>/*.jpg|jpeg|png (hidden names, such as
-.ipynb_checkpoints, macOS's ._x.png and __MACOSX, are skipped); `classes=[5, 6, 7]`
-keeps only those labels, renumbered 0..k-1 in the given order.
+(`dataset="folder:/root"`) is laid out root/<split>/<class>/*.jpg|jpeg|png (vit/image_folders.py
+lists its files); `classes=[5, 6, 7]` keeps only those labels, renumbered 0..k-1 in the given
+order.
 """
 
 from __future__ import annotations
@@ -16,23 +16,28 @@ import logging
 import os
 import types
 from collections.abc import Callable
-from concurrent import futures
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit import preprocess as pp_ops
 from vit.error_text import first_names
+from vit.image_folders import (
+    FOLDER_PREFIX,
+    IMAGE_EXTENSIONS,
+    absolute_dataset,
+    folder_root,
+    folder_times,
+    is_hidden,
+    scan_folder,
+)
 from vit.model_options import is_int
 from vit.preprocess import DataError
 
 __all__ = ["FOLDER_PREFIX", "IMAGE_EXTENSIONS", "Source", "absolute_dataset", "is_hidden",
            "open_source"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-FOLDER_PREFIX = "folder:"
 _CACHE_BYTES = 2 << 30  # TFDS datasets smaller than this fit in memory (training caches them)
 
 # Functions given to tf.data here are plain TF ops, so they skip AutoGraph (do_not_convert): it
@@ -70,14 +75,9 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
         data_dir = config.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
         key = (config.dataset, data_dir, bool(config.get("skip_corrupt")))
         if src.is_folder:  # its counts change with its files, as the scan does
-            key += (_folder_times(_folder_root(config.dataset)),)
+            key += (folder_times(folder_root(config.dataset)),)
         src = _class_subset(src, _check_classes(classes, src), key)
     return _warning_of_unseen_classes(src) if src.is_folder else src
-
-
-def absolute_dataset(name: str) -> str:
-    """`name` with the path of a "folder:" dataset made absolute (~ expanded); others as is."""
-    return FOLDER_PREFIX + _folder_root(name) if name.startswith(FOLDER_PREFIX) else name
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -208,165 +208,9 @@ def _read_file(path: tf.Tensor, label: tf.Tensor) -> dict:
     return {"encoded": tf.io.read_file(path), "label": label, "path": path}
 
 
-def is_hidden(name: str) -> bool:
-    """Whether a folder listing skips `name`: a dot name (.ipynb_checkpoints, macOS ._x.png
-    AppleDouble files) or macOS's __MACOSX folder."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _visible_names(directory: str) -> list[str]:
-    """The names in `directory`, sorted, hidden ones (`is_hidden`) left out."""
-    return sorted(n for n in os.listdir(directory) if not is_hidden(n))
-
-
-def _subfolders(directory: str) -> list[str]:
-    """The names of the visible folders in `directory`, sorted."""
-    return [n for n in _visible_names(directory) if os.path.isdir(os.path.join(directory, n))]
-
-
-def _images_in(directory: str, skip_corrupt: bool) -> tuple[list[str], list[str]]:
-    """(image files, subfolder names) of a class folder, sorted; an image name that is a link to
-    nothing is a DataError naming it (skipped with a warning under skip_corrupt)."""
-    found, subfolders = [], []
-    for name in _visible_names(directory):
-        path = os.path.join(directory, name)
-        if os.path.isdir(path):
-            subfolders.append(name)
-            continue
-        if not name.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        if not os.path.isfile(path):
-            if not skip_corrupt:
-                raise DataError(f"image file {path!r} is a link to nothing; fix or remove the "
-                                "link, or set skip_corrupt=True to skip it")
-            logging.warning("skipping %s: a link to nothing", path)
-            continue
-        found.append(path)
-    return found, subfolders
-
-
-def _images_below(directory: str) -> int:
-    """How many visible image files `directory` and its visible subfolders hold, at any depth."""
-    count = 0
-    for _, folders, names in os.walk(directory):
-        folders[:] = [f for f in folders if not is_hidden(f)]
-        count += sum(n.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(n) for n in names)
-    return count
-
-
-def _is_readable(path: str) -> bool:
-    try:
-        pp_ops.check_pipeline_decodes(path)
-        return True
-    except DataError:
-        return False
-
-
-def _scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
-    """Lists root/<split>/<class>/ images: (sorted class names, {split: [(path, label), ...]}).
-
-    Each split's files come in one fixed shuffled order (seed 0), as TFDS stores a prepared
-    split, so slices such as "train[:98%]" and the processes' parts mix the classes. The scan
-    is cached until a folder's modification time changes (a file or class added or removed).
-    Hidden names (`is_hidden`) are skipped at every level.
-    """
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} is a file, not a folder; use "
-                        "dataset='folder:/path/root' with root/<split>/<class>/ image folders")
-    if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist; use dataset='folder:/path/root'")
-    return _scan_folder_once(root, skip_corrupt, _folder_times(root))
-
-
-def _folder_times(root: str) -> tuple[int, ...]:
-    """Modification times of root, its split folders and their class folders."""
-    times = [os.stat(root).st_mtime_ns]
-    for split in _subfolders(root):
-        split_dir = os.path.join(root, split)
-        times.append(os.stat(split_dir).st_mtime_ns)
-        times += [os.stat(os.path.join(split_dir, c)).st_mtime_ns for c in _subfolders(split_dir)]
-    return tuple(times)
-
-
-def _no_class_folders(root: str, split: str) -> str:
-    """The error for a split folder without class folders; when it holds images itself, `root`
-    is likely a split folder (root/<class>/<image>, torchvision's ImageFolder layout)."""
-    split_dir = os.path.join(root, split)
-    if not any(n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(split_dir, n))
-               for n in _visible_names(split_dir)):
-        return (f"split folder {split_dir!r} has no class folders; lay it out as "
-                "root/<split>/<class>/*.jpg")
-    return (f"split folder {split_dir!r} has no class folders but holds images itself: the "
-            f"subfolders of {root!r} hold images directly, as class folders do, not "
-            f"<split>/<class>/<image>; use dataset='folder:{os.path.dirname(root)}' if {root!r} "
-            f"is a split folder, or put its classes in {os.path.join(root, 'train')!r}")
-
-
-def _split_files(root: str, split: str, classes: list[str], class_names: tuple[str, ...],
-                 skip_corrupt: bool) -> list[tuple[str, int]]:
-    """[(path, label), ...] of a split folder's class folders `classes`; one warning for the
-    images in their subfolders, which are not read."""
-    files, nested = [], []
-    for c in classes:
-        class_dir = os.path.join(root, split, c)
-        images, subfolders = _images_in(class_dir, skip_corrupt)
-        if not images:
-            raise DataError(f"class folder {class_dir!r} holds no {'/'.join(IMAGE_EXTENSIONS)} "
-                            "images; add some or remove it")
-        files += [(p, class_names.index(c)) for p in images]
-        nested += [(f"{c}/{s}", _images_below(os.path.join(class_dir, s))) for s in subfolders]
-    nested = [(name, n) for name, n in nested if n]
-    if nested:
-        count = sum(n for _, n in nested)
-        logging.warning("folder:%s split %r: skipped %d %s in subfolders of class folders "
-                        "(e.g. %s); only a class folder's own files are read", root, split, count,
-                        "image" if count == 1 else "images", nested[0][0])
-    return files
-
-
-def _without_corrupt(split: str, files: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """`files` less those the input pipeline cannot decode; one warning names the first few."""
-    with futures.ThreadPoolExecutor() as pool:
-        ok = list(pool.map(_is_readable, [p for p, _ in files]))
-    bad = [repr(p) for (p, _), good in zip(files, ok, strict=True) if not good]
-    if bad:
-        logging.warning("skipping %d corrupt image files in %s: %s", len(bad), split,
-                        first_names(bad, 3))
-    return [f for f, good in zip(files, ok, strict=True) if good]
-
-
-@functools.lru_cache(maxsize=8)
-def _scan_folder_once(root: str, skip_corrupt: bool, _times: tuple) -> tuple[tuple[str, ...], dict]:
-    splits = _subfolders(root)
-    if not splits:
-        raise DataError(
-            f"image folder {root!r} has no split folders; lay it out as root/<split>/<class>/*.jpg"
-        )
-    class_dirs = {s: _subfolders(os.path.join(root, s)) for s in splits}
-    class_names = tuple(sorted(set().union(*class_dirs.values())))
-    files = {}
-    for s in splits:
-        if not class_dirs[s]:
-            raise DataError(_no_class_folders(root, s))
-        files[s] = _split_files(root, s, class_dirs[s], class_names, skip_corrupt)
-    if skip_corrupt:
-        files = {s: _without_corrupt(s, f) for s, f in files.items()}
-    for s in splits:
-        np.random.default_rng(0).shuffle(files[s])
-    return class_names, files
-
-
-def _folder_root(dataset: str) -> str:
-    """The absolute root folder of a "folder:/root" dataset; a DataError for an empty path."""
-    path = dataset[len(FOLDER_PREFIX):]
-    if not path.strip():
-        raise DataError(f"dataset={dataset!r} names no folder; use dataset='folder:/path/root'")
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def _folder_source(config: ml_collections.ConfigDict) -> Source:
-    root = _folder_root(config.dataset)
-    class_names, files = _scan_folder(root, bool(config.get("skip_corrupt")))
+    root = folder_root(config.dataset)
+    class_names, files = scan_folder(root, bool(config.get("skip_corrupt")))
     sizes = {s: len(f) for s, f in files.items()}
 
     def select(split: str) -> list:
