@@ -20,9 +20,9 @@ from vit.export import (
     crops,
     export,
     load_stablehlo,
-    tflite_runner,
 )
 from vit.predict import model_inputs, read_images
+from vit.tf_export import tflite_runner
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import console, preprocess
+from vit import preprocess, tf_export
 from vit.error_text import first_line
 from vit.evaluate import InferenceModel, load_inference_model
 from vit.model_options import json_image_size, pair
@@ -119,7 +119,7 @@ def size_on_disk(path: str | os.PathLike[str]) -> int:
 # The model as a pure function, and the images it is checked on.
 
 
-def logits_fn(loaded: InferenceModel) -> Callable[[Any, jax.Array], jax.Array]:
+def logits_fn(loaded: InferenceModel) -> tf_export.LogitsFn:
     """(params, float32 images) -> logits in float32 with a portable attention kernel.
 
     A model trained in bfloat16 (`dtype`) or with bfloat16 matmuls (`matmul_dtype`) is exported
@@ -225,107 +225,17 @@ def load_stablehlo(directory: str | os.PathLike[str]) -> Callable[[jax.Array], j
     return jax.export.deserialize(bytearray(path.read_bytes())).call
 
 
-def _tf_module(loaded: InferenceModel) -> Any:
-    import tensorflow as tf
-    from jax.experimental import jax2tf
-
-    fn, config = logits_fn(loaded), loaded.config
-    size, kind = pair(config.image_size), config.pp.normalize
-
-    def from_pixels(params, pixels):
-        logits = fn(params, preprocess.normalize_on_device(pixels, kind))
-        return logits, jax.nn.softmax(logits, axis=-1)
-
-    converted = jax2tf.convert(from_pixels, polymorphic_shapes=[None, "(b, ...)"],
-                               with_gradient=False)
-    module = tf.Module()
-    params = tf.nest.map_structure(lambda v: tf.Variable(v, trainable=False),
-                                   jax.tree_util.tree_map(np.asarray, loaded.params))
-    module.variables_list = tf.nest.flatten(params)  # tracked for saving; `params` stays a dict
-
-    def outputs(pixels):
-        logits, probs = converted(params, pixels)
-        return {"logits": tf.identity(logits, "logits"),
-                "probabilities": tf.identity(probs, "probabilities")}
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *size, 3], tf.uint8, "pixels")],
-                 autograph=False)
-    def pixels(pixels):
-        return outputs(pixels)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, "images")],
-                 autograph=False)
-    def serving(images):
-        cropped = tf.map_fn(lambda im: preprocess.eval_crop(im, config), images,
-                            fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
-        return outputs(cropped)
-
-    module.pixels, module.serving = pixels, serving
-    return module
-
-
-def _write_saved_model(loaded: InferenceModel, path: Path) -> None:
-    import tensorflow as tf
-
-    module = _tf_module(loaded)
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serving,
-                                                       "pixels": module.pixels})
-
-
 def _export_saved_model(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
-    import tensorflow as tf
-
     path = out / "saved_model"
-    _write_saved_model(loaded, path)
+    tf_export.write_saved_model(loaded, logits_fn(loaded), path)
     # The crops go to `pixels`; `serving_default`, which crops itself, is checked on the files.
-    signature = tf.saved_model.load(str(path)).signatures["pixels"]
-    return path, lambda pixels: signature(pixels=tf.constant(pixels))["logits"].numpy()
-
-
-def saved_model_on_files(directory: str | os.PathLike[str], images: Sequence[np.ndarray]
-                         ) -> np.ndarray:
-    """Logits of a written SavedModel's `serving_default` on uint8 images, one call per image."""
-    import tensorflow as tf
-
-    serving = tf.saved_model.load(str(Path(directory) / "saved_model"))
-    serving = serving.signatures["serving_default"]
-    return np.concatenate([serving(images=tf.constant(im[None]))["logits"].numpy()
-                           for im in images])
+    return path, tf_export.saved_model_runner(path)
 
 
 def _export_tflite(loaded: InferenceModel, out: Path) -> tuple[Path, Callable]:
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_saved_model(loaded, Path(tmp) / "saved_model")
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            str(Path(tmp) / "saved_model"), signature_keys=["pixels"])
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                               tf.lite.OpsSet.SELECT_TF_OPS]
-        flatbuffer = converter.convert()
     path = out / "model.tflite"
-    path.write_bytes(flatbuffer)
-    return path, tflite_runner(path)
-
-
-def tflite_runner(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 [N, rows, cols, 3] -> logits with a TFLite interpreter (LiteRT's when installed)."""
-    import warnings
-
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    # tf.lite.Interpreter warns that LiteRT replaces it; its XNNPACK delegate logs an INFO line
-    # on stderr at the first call, made here on one blank image
-    with warnings.catch_warnings(), console.quiet_native_output():
-        warnings.simplefilter("ignore")
-        runner = Interpreter(model_path=str(path)).get_signature_runner("pixels")
-        shape = runner.get_input_details()["pixels"]["shape"]
-        runner(pixels=np.zeros((1, *shape[1:]), np.uint8))
-    return lambda pixels: runner(pixels=np.asarray(pixels, np.uint8))["logits"]
+    tf_export.write_tflite(loaded, logits_fn(loaded), path)
+    return path, tf_export.tflite_runner(path)
 
 
 def refusal(loaded: InferenceModel, fmt: str) -> str | None:
@@ -379,7 +289,7 @@ def _max_diff(fmt: str, run: Callable, staged_dir: Path, loaded: InferenceModel,
             want = model(_batch_of(inputs[lo:lo + n], n))
             diff = max(diff, float(np.max(np.abs(got - want))))
     if fmt == "saved_model":  # also the uint8 images at their own sizes, one per call
-        got = saved_model_on_files(staged_dir, pictures)
+        got = tf_export.saved_model_on_files(staged_dir, pictures)
         diff = max(diff, float(np.max(np.abs(got - reference))))
     return diff
 
