@@ -300,3 +300,35 @@ def fewshot_checkpoint(checkpoint: str | os.PathLike | CheckpointContents, *,
     loaded = load_inference_model(contents, use_ema=use_ema)
     config = data_options.on_dataset(loaded.config, dataset, data_dir)
     return fewshot(loaded.model, loaded.params, config, **kwargs)
+
+
+def run_probe_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config a run's probe (config.fewshot) reads: config.fewshot.dataset (all of its
+    classes, from fewshot.data_dir, else the run's data_dir) or the run's own dataset."""
+    fs = config.fewshot
+    return data_options.on_dataset(config.copy_and_resolve_references(), fs.dataset or None,
+                                   (fs.data_dir or None) if fs.dataset else None)
+
+
+def check_run_probe(config: ml_collections.ConfigDict) -> None:
+    """At a run's start-up: a one-line error unless its probe's dataset and both its splits
+    hold examples."""
+    fs = config.fewshot
+    try:
+        check_splits(run_probe_config(config), {
+            f"config.fewshot.{key}": fs[key] for key in ("train_split", "test_split")})
+    except data_options.DataError as err:
+        raise data_options.DataError(f"config.fewshot: {err}") from None
+
+
+def run_probe(model: VisionTransformer, variants: Mapping[str, PyTree],
+              config: ml_collections.ConfigDict) -> dict[str, float]:
+    """{"NAME/{k}shot": mean accuracy} of the probe config.fewshot asks for, for each of the
+    replicated parameter sets {NAME: params}, in one pass over each split."""
+    fs = config.fewshot
+    results = fewshot_variants(
+        model, variants, run_probe_config(config), train_split=fs.train_split,
+        test_split=fs.test_split, shots=fs.shots, seeds=int(fs.seeds), l2_reg=float(fs.l2_reg),
+        replicated=True)
+    return {f"{name}/{k}shot": result.mean(k) for name, result in results.items()
+            for k in result.accuracy}

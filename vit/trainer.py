@@ -24,8 +24,8 @@ from vit import (
     checkpoint,
     config_changes,
     data,
-    data_options,
     distill,
+    fewshot,
     metrics,
     nonfinite,
     parallel,
@@ -145,7 +145,7 @@ def train(config: Any, workdir: str) -> TrainResult:
             f"({first_names(info.class_names, 3)}): a classifier needs at least 2; add class "
             "folders (root/<split>/<class>/) or choose more classes")
     if (config.get("fewshot") or {}).get("shots"):  # found at start-up, not mid-run
-        _check_fewshot_splits(config)
+        fewshot.check_run_probe(config)
     model = build_model(config, info)
     made = missing_folders(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
     try:
@@ -351,7 +351,7 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
         scalars.update({f"{prefix}/top1": result.top1, f"{prefix}/top5": result.top5,
                         f"{prefix}/loss": result.loss})
     if (config.get("fewshot") or {}).get("shots"):  # eval -> fewshot, eval_ema -> fewshot_ema
-        scalars.update(_fewshot(model, {name.replace("eval", "fewshot"): params
+        scalars.update(fewshot.run_probe(model, {name.replace("eval", "fewshot"): params
                                         for name, params in variants.items()}, config))
     if writer is not None:
         writer.write_scalars(step, scalars)
@@ -363,40 +363,6 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
         writer.flush()
     log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
     return scalars
-
-
-def _fewshot_config(config: Any) -> Any:
-    """The run config the few-shot probe reads: config.fewshot.dataset (all of its classes,
-    from fewshot.data_dir, else the run's data_dir) or the run's own dataset."""
-    fs = config.fewshot
-    return data_options.on_dataset(config.copy_and_resolve_references(), fs.dataset or None,
-                                   (fs.data_dir or None) if fs.dataset else None)
-
-
-def _check_fewshot_splits(config: Any) -> None:
-    """A one-line error unless the few-shot probe's dataset and both its splits hold examples."""
-    from vit import fewshot
-
-    fs = config.fewshot
-    try:
-        fewshot.check_splits(_fewshot_config(config), {
-            f"config.fewshot.{key}": fs[key] for key in ("train_split", "test_split")})
-    except data.DataError as err:
-        raise data.DataError(f"config.fewshot: {err}") from None
-
-
-def _fewshot(model: VisionTransformer, variants: dict[str, Any], config: Any
-             ) -> dict[str, float]:
-    """{"NAME/{k}shot": mean accuracy} of the probe `config.fewshot` asks for, for each of the
-    replicated parameter sets {NAME: params}, in one pass over each split."""
-    from vit import fewshot
-
-    fs, probe = config.fewshot, _fewshot_config(config)
-    results = fewshot.fewshot_variants(
-        model, variants, probe, train_split=fs.train_split, test_split=fs.test_split,
-        shots=fs.shots, seeds=int(fs.seeds), l2_reg=float(fs.l2_reg), replicated=True)
-    return {f"{name}/{k}shot": result.mean(k) for name, result in results.items()
-            for k in result.accuracy}
 
 
 def _metric_writer(config: Any, workdir: str, start: int) -> metrics.MetricWriter:
