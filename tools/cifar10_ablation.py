@@ -49,6 +49,7 @@ ROWS: dict[str, list[str]] = {
     "bf16_matmul": ["--config.model.matmul_dtype=bfloat16"],
     "sigmoid_xent": ["--config.loss=sigmoid_xent", "--config.model.head_bias_init=-2.3"],
     "random_erase_0.25": ["--config.random_erase=0.25"],
+    "three_augment": ["--config.pp.three_augment=True"],
 }
 
 

@@ -33,6 +33,8 @@ def default_options() -> ml_collections.ConfigDict:
     pp.flip = True  # random horizontal flip
     pp.randaugment_num_ops = 0  # 0 = off
     pp.randaugment_magnitude = 9  # 0..10
+    pp.three_augment = False  # DeiT III's 3-Augment: grayscale | solarize | blur, then jitter
+    pp.three_augment_jitter = 0.3  # its colour jitter strength in [0, 1); 0 = no jitter
     pp.normalize = "minus_one_to_one"  # | "imagenet" | "cifar10" (mean/std)
     pp.eval_resize = ml_collections.FieldReference(None, field_type=int)  # None: plain resize
     return pp
@@ -93,6 +95,9 @@ def validate_options(pp) -> None:
         raise DataError(
             f"pp.randaugment_magnitude={pp.randaugment_magnitude} is out of range; use 0..10"
         )
+    if not 0 <= float(pp.get("three_augment_jitter", 0.0)) < 1:
+        raise DataError(f"pp.three_augment_jitter={pp.three_augment_jitter} is out of range; use "
+                        "[0, 1) (DeiT III: 0.3; 0 = no colour jitter)")
     if not 0 < pp.inception_area_min <= pp.inception_area_max <= 1:
         raise DataError(
             f"pp.inception_area_min/max={pp.inception_area_min}/"

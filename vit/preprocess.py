@@ -26,6 +26,7 @@ from vit.error_text import tensorflow_message
 from vit.model_options import pair
 from vit.normalization import normalization_table, normalize_on_device  # noqa: F401
 from vit.randaugment import randaugment
+from vit.three_augment import three_augment
 
 # TensorFlow must never take accelerator memory from JAX; it only feeds the input pipeline.
 with contextlib.suppress(RuntimeError):  # raised only once TF has initialised its devices
@@ -227,7 +228,8 @@ def eval_image(image: np.ndarray | tf.Tensor, config) -> tf.Tensor:
 def train_image(encoded: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
     """Encoded bytes -> augmented uint8 [H, W, 3] of config.image_size, as config.pp says.
 
-    Crop (config.pp.train_crop), flip, then RandAugment; `seed` is a [2] stateless seed.
+    Crop (config.pp.train_crop), flip, then RandAugment and 3-Augment (vit/three_augment.py);
+    `seed` is a [2] stateless seed.
     """
     pp, (height, width) = config.pp, pair(config.image_size)
     seeds = tf.random.experimental.stateless_split(seed, num=3)
@@ -244,5 +246,8 @@ def train_image(encoded: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
         image = flip(image, seeds[1])
     if pp.randaugment_num_ops:
         image = randaugment(image, pp.randaugment_num_ops, pp.randaugment_magnitude, seeds[2])
+    if pp.get("three_augment"):  # its own seed: runs without it draw what they always drew
+        image = three_augment(image, pp.three_augment_jitter,
+                              tf.random.experimental.stateless_fold_in(seed, 3))
     image.set_shape([height, width, 3])
     return image

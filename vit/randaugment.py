@@ -51,17 +51,37 @@ def _signed(level, scale) -> tf.Tensor:
     return tf.cast(level, tf.float32) / MAX_LEVEL * scale
 
 
-def _luma(image: tf.Tensor) -> tf.Tensor:
+def luma(image: tf.Tensor) -> tf.Tensor:
     """PIL's RGB -> L conversion, [H, W, 1] float32 with integer values."""
     rgb = tf.cast(image, tf.int32)
     weighted = rgb[..., 0:1] * 19595 + rgb[..., 1:2] * 38470 + rgb[..., 2:3] * 7471 + 32768
     return tf.cast(tf.bitwise.right_shift(weighted, 16), tf.float32)
 
 
-def _blend(degenerate: tf.Tensor, image: tf.Tensor, level) -> tf.Tensor:
-    """PIL's Image.blend / big_vision's blend, factor 1.8 f + 0.1: truncated to integers."""
-    factor = tf.cast(_fraction(level, tf.float64) * 1.8 + 0.1, tf.float32)  # as PIL's float
+def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's Image.blend (ImageEnhance) / big_vision's blend: truncated to integers."""
     return tf.floor(tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0))
+
+
+def enhance_color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageEnhance.Color (saturation) of a float32 [H, W, 3] image of integers."""
+    return blend(tf.tile(luma(image), [1, 1, 3]), image, factor)
+
+
+def enhance_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageEnhance.Contrast: towards the image's mean grey level, rounded."""
+    mean = tf.floor(tf.reduce_mean(tf.cast(luma(image), tf.float64)) + 0.5)
+    return blend(tf.cast(mean, tf.float32), image, factor)
+
+
+def enhance_brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageEnhance.Brightness: towards black."""
+    return blend(tf.zeros_like(image), image, factor)
+
+
+def _factor(level) -> tf.Tensor:
+    """RandAugment's enhance factor 1.8 f + 0.1 (0.1..1.9)."""
+    return tf.cast(_fraction(level, tf.float64) * 1.8 + 0.1, tf.float32)  # as PIL's float
 
 
 def _transform(image: tf.Tensor, transform) -> tf.Tensor:
@@ -142,18 +162,17 @@ def _solarize_add(image, level, seed=None):
 
 def _color(image, level, seed=None):
     del seed
-    return _blend(tf.tile(_luma(image), [1, 1, 3]), image, level)
+    return enhance_color(image, _factor(level))
 
 
 def _contrast(image, level, seed=None):
     del seed
-    mean = tf.floor(tf.reduce_mean(tf.cast(_luma(image), tf.float64)) + 0.5)
-    return _blend(tf.cast(mean, tf.float32), image, level)
+    return enhance_contrast(image, _factor(level))
 
 
 def _brightness(image, level, seed=None):
     del seed
-    return _blend(tf.zeros_like(image), image, level)
+    return enhance_brightness(image, _factor(level))
 
 
 def _sharpness(image, level, seed=None):
@@ -164,7 +183,7 @@ def _sharpness(image, level, seed=None):
     smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
     inside = tf.pad(tf.ones_like(smooth[1:-1, 1:-1]), [[1, 1], [1, 1], [0, 0]])
     degenerate = smooth * inside + image * (1.0 - inside)  # the border keeps its pixels
-    return _blend(degenerate, image, level)
+    return blend(degenerate, image, _factor(level))
 
 
 def _shear_x(image, level, seed=None):
