@@ -50,7 +50,8 @@ def _one_step(config, params, grads):
     ("rsqrt", [0.0, 0.5, 1.0, np.sqrt(10 / 60), np.sqrt(10 / 110), np.sqrt(10 / 200)]),
 ])
 def test_schedule_values_at_exact_steps(schedule, expected):
-    config = _config(schedule=schedule, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    floor = 0.1 if schedule in ("cosine", "linear") else 0.0  # the others have no floor
+    config = _config(schedule=schedule, warmup_steps=10, total_steps=110, min_lr_ratio=floor)
     fn = optim.learning_rate_schedule(config)
     got = [float(fn(s)) for s in (0, 5, 10, 60, 110, 200)]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
@@ -73,6 +74,7 @@ def test_cosine_quarter_point_and_no_warmup():
     (dict(layer_decay=1.5), ["layer_decay", "1.5"]),
     (dict(trainable="body"), ["'body'", "all, head"]),
     (dict(ema_decay=1.0), ["ema_decay", "[0, 1)"]),
+    (dict(schedule="rsqrt", min_lr_ratio=0.1), ["min_lr_ratio=0.1", "'rsqrt' has none"]),
     (dict(lr=float("inf")), ["lr must be a finite number > 0", "inf"]),
     (dict(weight_decay=float("nan")), ["weight_decay must be a finite number >= 0", "nan"]),
     (dict(grad_clip_norm=float("inf")), ["grad_clip_norm", "0 or None: no clipping", "inf"]),

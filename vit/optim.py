@@ -82,6 +82,10 @@ def _options(config: Any) -> ml_collections.ConfigDict:
         raise OptimizerConfigError(f"lr must be a finite number > 0, got {opts.lr}")
     if not 0.0 <= opts.min_lr_ratio <= 1.0:
         raise OptimizerConfigError(f"min_lr_ratio must be in [0, 1], got {opts.min_lr_ratio}")
+    if opts.min_lr_ratio > 0 and opts.schedule not in ("cosine", "linear"):
+        raise OptimizerConfigError(
+            f"min_lr_ratio={opts.min_lr_ratio} sets the floor of the cosine and linear decays; "
+            f"schedule {opts.schedule!r} has none: set min_lr_ratio=0 or use one of those")
     if not 0 <= opts.weight_decay < math.inf:
         raise OptimizerConfigError(f"weight_decay must be a finite number >= 0, got "
                                    f"{opts.weight_decay}")
