@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from vit import data
-from vit.checkpoint import Checkpointer
+from vit.checkpoint import write_params
 from vit.model import init_params, model_from_config
 from vit.model_options import pair
 
@@ -44,10 +44,7 @@ def write(workdir: str, model: dict, *, num_classes: int = 5,
     if config.dataset == "cifar10":
         names = data.dataset_info(config).class_names
     info = data.DatasetInfo(config.dataset, num_classes, names, (*pair(image_size), 3), {})
-    ckpt = Checkpointer(workdir)
-    ckpt.save(3, {"step": 3, "params": params}, config=config.to_dict(),
-              dataset_info=info.to_dict(), force=True)
-    ckpt.close()
+    write_params(workdir, 3, params, config.to_dict(), info.to_dict())
     return vit_model, params
 
 

@@ -287,6 +287,25 @@ class CheckpointContents:
         return self.ema_params
 
 
+def write_params(workdir: str, step: int, params: PyTree, config: dict, dataset_info: dict
+                 ) -> str:
+    """Save `params` alone (no optimizer state) as step `step` of `workdir`, with the run
+    config and dataset info inference reads; the step directory's path."""
+    checkpointer = Checkpointer(workdir)
+    try:
+        checkpointer.save(step, {"step": step, "params": params}, config=config,
+                          dataset_info=dataset_info, force=True)
+    finally:
+        checkpointer.close()
+    return str(checkpointer.directory / str(step))
+
+
+def checkpoint_steps(path: str) -> list[int]:
+    """The steps with a complete checkpoint in a workdir (or its checkpoints dir), ascending."""
+    root, _ = _locate(path, None)
+    return _finalized_steps(root)
+
+
 def _finalized_steps(directory: Path) -> list[int]:
     """The steps with a complete (renamed) directory under `directory`, ascending."""
     if not directory.is_dir():

@@ -266,7 +266,7 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     import jax
 
     from vit import data
-    from vit.checkpoint import Checkpointer
+    from vit.checkpoint import write_params
     from vit.model import init_params, saved_model_from_config
     from vit.pretrained import adapt_params
 
@@ -300,11 +300,7 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     config.model = {"variant": variant, **model_config}
     info = data.DatasetInfo(config.dataset or os.path.basename(src), num_classes, tuple(names),
                             (*image_size, 3), {})
-    checkpointer = Checkpointer(dst)
-    checkpointer.save(0, {"step": 0, "params": params}, config=config.to_dict(),
-                      dataset_info=info.to_dict(), force=True)
-    checkpointer.close()
-    return str(checkpointer.directory / "0"), notes
+    return write_params(dst, 0, params, config.to_dict(), info.to_dict()), notes
 
 
 EXPORTED_FILES = {"timm": ("model.safetensors", "config.json"),

@@ -220,7 +220,7 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
     `distill_alpha` of the loss from the unpruned model); see the module doc."""
     import ml_collections
 
-    from vit.checkpoint import Checkpointer, load_checkpoint
+    from vit.checkpoint import load_checkpoint, write_params
     from vit.model import saved_model_from_config
 
     if method not in METHODS:
@@ -266,9 +266,6 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
             raise NonFiniteLossError(
                 f"the params became non-finite in the {finetune_steps} --finetune-steps, so "
                 f"nothing was written to {dst}: lower --lr (now {lr:g})")
-    checkpointer = Checkpointer(dst)
-    checkpointer.save(contents.step, {"step": contents.step, "params": params},
-                      config=config.to_dict(), dataset_info=contents.dataset_info, force=True)
-    checkpointer.close()
-    return PruneResult(str(checkpointer.directory / str(contents.step)), method, sparsity,
+    path = write_params(dst, contents.step, params, config.to_dict(), contents.dataset_info)
+    return PruneResult(path, method, sparsity,
                        removed_fraction(params, original), mlp_dim, finetune_steps)

@@ -74,7 +74,7 @@ def _nbytes(params: PyTree) -> int:
 
 def quantize_checkpoint(src: str, dst: str, *, use_ema: bool = False) -> QuantizeResult:
     """Quantise checkpoint `src` (workdir, checkpoints or step dir) into workdir `dst`."""
-    from vit.checkpoint import Checkpointer, load_checkpoint
+    from vit.checkpoint import load_checkpoint, write_params
 
     contents = load_checkpoint(src)
     params = contents.chosen_params(use_ema)
@@ -83,9 +83,5 @@ def quantize_checkpoint(src: str, dst: str, *, use_ema: bool = False) -> Quantiz
         raise ValueError(f"no dense or attention kernels found in {src}: is it a ViT checkpoint?")
     config = dict(contents.config)
     config["model"] = {**config["model"], "quant": "int8"}
-    checkpointer = Checkpointer(dst)
-    checkpointer.save(contents.step, {"step": contents.step, "params": qparams}, config=config,
-                      dataset_info=contents.dataset_info, force=True)
-    checkpointer.close()
-    return QuantizeResult(str(checkpointer.directory / str(contents.step)), count,
-                          _nbytes(params), _nbytes(qparams))
+    path = write_params(dst, contents.step, qparams, config, contents.dataset_info)
+    return QuantizeResult(path, count, _nbytes(params), _nbytes(qparams))

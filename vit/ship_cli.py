@@ -1,4 +1,4 @@
-"""`vit convert | export | quantize | prune`: ship a trained model (parsers and runners).
+"""`vit convert | export | quantize | average | prune`: ship a trained model (parsers, runners).
 
 Thin: each runner calls one library function (vit/convert.py, vit/export.py, vit/quantize.py,
 vit/prune.py) and prints its summary; `vit.cli` adds these sub-commands to its parser.
@@ -72,6 +72,15 @@ def _run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_average(args: argparse.Namespace) -> int:
+    from vit.average import average_checkpoints
+
+    check_new_workdir(args.out, "--out")
+    print(average_checkpoints(args.checkpoints, args.out, last=args.last,
+                              use_ema=args.ema).summary())
+    return 0
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     value = int(text)
@@ -81,7 +90,7 @@ def non_negative_int(text: str) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Add convert, export, quantize and prune to `sub` (argparse sub-parsers)."""
+    """Add convert, export, quantize, average and prune to `sub` (argparse sub-parsers)."""
     from vit.export import FORMATS
     from vit.preprocess import NORMALIZATIONS
     from vit.prune import METHODS
@@ -121,6 +130,16 @@ def add_commands(sub: Any) -> None:
     qu.add_argument("--out", required=True, help="output workdir for the int8 checkpoint")
     qu.add_argument("--ema", action="store_true", help="quantise the EMA params")
     qu.set_defaults(run=_run_quantize)
+
+    av = sub.add_parser("average", help="mean parameters of checkpoints: a run's last N, or a "
+                        "model soup of fine-tuned runs")
+    av.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                    help="workdirs, checkpoints/ or step dirs (each: its latest step)")
+    av.add_argument("--out", required=True, help="output workdir for the averaged checkpoint")
+    av.add_argument("--last", type=int, metavar="N",
+                    help="average the last N checkpoints of the one run given")
+    av.add_argument("--ema", action="store_true", help="average the EMA params")
+    av.set_defaults(run=_run_average)
 
     pn = sub.add_parser("prune", help="structured or magnitude pruning, optional fine-tune")
     pn.add_argument("--checkpoint", required=True, help="a workdir, checkpoints/ or step dir")
