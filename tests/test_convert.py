@@ -82,7 +82,8 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
 
 @pytest.mark.parametrize("target,model", [
     ("timm", dict(PLAIN, gelu_approximate=True)), ("timm", dict(PLAIN, classifier="gap")),
-    ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2))])
+    ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2)), ("timm", dict(PLAIN, layer_scale=0.5)),
+    ("npz", dict(PLAIN, layer_scale=0.5))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -109,6 +110,9 @@ def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "conv stem" in err[0] and "GAP" in err[0]
     assert not (tmp_path / "o").exists()  # refused before any folder was made
+    write(str(tmp_path / "ls"), dict(PLAIN, layer_scale=0.5))
+    with pytest.raises(WeightsError, match="LayerScale, which HF ViT lacks"):
+        export_weights(str(tmp_path / "ls"), "hf", str(tmp_path / "ls-hf"))
 
 
 def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):

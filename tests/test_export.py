@@ -117,8 +117,9 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path, capfd):
     RECIPE,
     dict(PLAIN, matmul_dtype="bfloat16"),
     dict(PLAIN, dtype="bfloat16"),
+    dict(PLAIN, layer_scale=0.5),
 ], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls",
-        "bf16-dtype"])
+        "bf16-dtype", "layer-scale"])
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)

@@ -336,3 +336,28 @@ def test_depth_0_returns_an_empty_attention_stack():
     logits, attention = model.apply({"params": params}, _images(3), return_attention=True)
     assert logits.shape == (3, 10)
     assert attention.shape == (0, 3, 2, 19, 19) and attention.dtype == jnp.float32
+
+
+def test_layer_scale_scales_each_branch_per_channel():
+    """LayerScale_1 / _3 start at layer_scale, and with every scale at 1 the model is the
+    plain one: the scales multiply the residual branches and nothing else."""
+    kw = dict(num_classes=3, image_size=16, width=32, depth=2, num_heads=2, mlp_dim=64)
+    model = vit.create_model("Ti/8", layer_scale=1e-5, **kw)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    block = params["Transformer"]["encoderblock_1"]
+    assert set(block) >= {"LayerScale_1", "LayerScale_3"}
+    np.testing.assert_array_equal(block["LayerScale_3"]["scale"], np.full(32, 1e-5, np.float32))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    plain = vit.create_model("Ti/8", **kw)
+    no_ls = {k: v for k, v in params.items()}
+    no_ls["Transformer"] = {name: ({k: v for k, v in blk.items() if not k.startswith("LayerScale")}
+                                   if name.startswith("encoderblock") else blk)
+                            for name, blk in params["Transformer"].items()}
+    ones = jax.tree_util.tree_map(lambda v: v, params)
+    for i in range(2):
+        for j in (1, 3):
+            ones["Transformer"][f"encoderblock_{i}"][f"LayerScale_{j}"]["scale"] = np.ones(32)
+    np.testing.assert_allclose(model.apply({"params": ones}, x), plain.apply({"params": no_ls}, x),
+                               atol=1e-6)  # scales of 1: the plain model
+    with pytest.raises(ValueError, match="layer_scale must be a positive number"):
+        vit.create_model("Ti/8", layer_scale=0.0, **kw)

@@ -19,6 +19,8 @@ import safetensors.numpy
 from flax import traverse_util
 
 import vit
+from vit.convert import convert_weights
+from vit.evaluate import load_inference_model
 from vit.pretrained import (
     WeightsError,
     adapt_params,
@@ -81,6 +83,35 @@ def test_timm_safetensors_parity(timm_file):
     exact = ti(gelu_approximate=False)
     np.testing.assert_allclose(logits(exact, params, images(meta)), ref["logits_gelu_erf"],
                                atol=1e-4, rtol=0)
+
+
+def test_timm_layer_scale_parity_through_load_and_convert(tmp_path):
+    """timm's init_values ViT (blocks.i.ls1.gamma / ls2.gamma, random): its logits from
+    `load_pretrained` into a layer_scale model, and from `vit convert`, which finds LayerScale
+    in the file."""
+    meta, ref = fixture("timm_vit_tiny_ls")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    model = ti(gelu_approximate=False, layer_scale=0.1)
+    params, _ = load_pretrained(path, model, init(model))
+    scale = np.asarray(params["Transformer"]["encoderblock_1"]["LayerScale_3"]["scale"])
+    np.testing.assert_array_equal(scale, random_weights.build(meta["manifest"], meta["seed"])[
+        "blocks.1.ls2.gamma"])
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_gelu_erf"],
+                               atol=1e-4, rtol=0)
+    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"))
+    loaded = load_inference_model(checkpoint)
+    assert loaded.model.layer_scale is not None and not loaded.model.gelu_approximate
+    np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
+                               ref["logits_gelu_erf"], atol=1e-4, rtol=0)
+    plain = ti(gelu_approximate=False)  # weights with LayerScale do not fit a model without
+    with pytest.raises(WeightsError, match="the weights have LayerScale: build the model with "
+                                           "layer_scale set"):
+        load_pretrained(path, plain, init(plain))
+    meta, _ = fixture("timm_vit_tiny")  # and the other way round
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    with pytest.raises(WeightsError, match="the weights have no LayerScale, which the model has"):
+        load_pretrained(path, model, init(model))
 
 
 @pytest.mark.parametrize("names", ["file", "memory"])

@@ -53,6 +53,7 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.resnet_numerics = "vit_jax"  # | "timm": hybrid trunk's epsilons, "timm" for timm weights
     m.token_keep_ratio = 1.0  # PatchDropout: share of patch tokens kept in training; 1 = off
     m.num_registers = 0  # register tokens (Darcet et al. 2024), dropped before the head
+    m.layer_scale = _optional(float)  # LayerScale's initial value (CaiT, DeiT III); None: off
     m.attention_impl = "auto"  # | "explicit" | "fused" | "cudnn"; "auto" is decided when the
     # model is built: explicit on CPU, cudnn on a GPU in bfloat16 (vit/attention.py), fused on TPU
     m.quant = "none"  # | "int8": written by `vit quantize` (vit/quantize.py), not for training

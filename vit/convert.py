@@ -96,6 +96,9 @@ def _patch_and_width(weights: Weights) -> tuple[int, int]:
     return int(kernel.shape[0]), int(kernel.shape[3])
 
 
+LOADED_LAYER_SCALE = 1e-5  # the layer_scale a converted model with LayerScale is built with
+
+
 def infer_architecture(weights: Weights, num_heads: int | None = None,
                        mlp_dim: int | None = None) -> tuple[str, dict, list[str]]:
     """(variant, create_model overrides, notes) that rebuild the model `weights` came from;
@@ -119,6 +122,8 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
         overrides["representation_size"] = int(weights["pre_logits/kernel"].shape[1])
     if "Transformer/registers" in weights:
         overrides["num_registers"] = int(weights["Transformer/registers"].shape[1])
+    if any(k.endswith("/LayerScale_1/scale") for k in weights):
+        overrides["layer_scale"] = LOADED_LAYER_SCALE  # on; the loaded scales replace it
     return f"Ti/{patch}", overrides, [note] if note else []
 
 

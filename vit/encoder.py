@@ -91,8 +91,21 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+class LayerScale(nn.Module):
+    """CaiT's LayerScale (timm's `init_values`): a learned per-channel scale of a residual
+    branch, starting at `init_value`."""
+
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * scale.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); with
+    `layer_scale`, each branch is scaled per channel first (LayerScale_1, LayerScale_3)."""
 
     mlp_dim: int
     num_heads: int
@@ -104,6 +117,7 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
+    layer_scale: float | None = None  # LayerScale's initial value; None: no LayerScale
 
     @nn.compact
     def __call__(
@@ -117,11 +131,15 @@ class Encoder1DBlock(nn.Module):
             self.quant, matmul_dtype=self.matmul_dtype, name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        if self.layer_scale is not None:
+            y = LayerScale(self.layer_scale, name="LayerScale_1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
                      self.quant, self.matmul_dtype, name="MlpBlock_3")(
             y, deterministic=deterministic)
+        if self.layer_scale is not None:
+            y = LayerScale(self.layer_scale, name="LayerScale_3")(y)
         return x + DropPath(self.drop_path_rate)(y, deterministic=deterministic), weights
 
 
@@ -180,6 +198,7 @@ class Encoder(nn.Module):
     quant: str = "none"
     matmul_dtype: str = "float32"
     remat: str = "none"  # a key of REMAT_POLICIES
+    layer_scale: float | None = None
 
     @nn.compact
     def __call__(
@@ -223,7 +242,7 @@ class Encoder(nn.Module):
             x, w = block(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
                 rate, self.dtype, self.gelu_approximate, self.attention_impl, self.quant,
-                self.matmul_dtype, name=f"encoderblock_{i}",
+                self.matmul_dtype, layer_scale=self.layer_scale, name=f"encoderblock_{i}",
             )(x, mask, deterministic, return_weights)
             maps.append(w)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask

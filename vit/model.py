@@ -88,6 +88,9 @@ class VisionTransformer(nn.Module):
     # "block" | "dots": recompute each encoder block's activations in the backward pass instead
     # of keeping them (less memory, about a third more compute; vit/encoder.py REMAT_POLICIES)
     remat: str = "none"
+    # CaiT / DeiT III LayerScale: each block's attention and MLP branch scaled per channel by a
+    # learned vector starting at this value (timm's init_values, e.g. 1e-5); None: none
+    layer_scale: float | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -138,7 +141,8 @@ class VisionTransformer(nn.Module):
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
             self.gelu_approximate, self.token_keep_ratio, self.num_registers,
-            self.attention_impl, self.quant, self.matmul_dtype, self.remat, name="Transformer",
+            self.attention_impl, self.quant, self.matmul_dtype, self.remat,
+            layer_scale=self.layer_scale, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         x_tokens = x.shape[1]  # prefix, registers and the patches kept

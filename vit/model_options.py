@@ -6,6 +6,7 @@ value fails where it is given, not deep inside Flax or XLA.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -151,6 +152,10 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
         if kw[key] is not None and kw["stem"] != "conv":
             raise ValueError(f"model {key} shapes the conv stem, but stem={kw['stem']!r}: set "
                              f"stem='conv', or leave {key} unset")
+    if kw["layer_scale"] is not None and not (_is_real(kw["layer_scale"])
+                                              and 0.0 < kw["layer_scale"] < math.inf):
+        raise ValueError(f"model layer_scale must be a positive number (LayerScale's initial "
+                         f"value, e.g. 1e-5) or None (off), got {kw['layer_scale']!r}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:
         raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):

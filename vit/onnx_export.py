@@ -156,14 +156,20 @@ def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: 
 
 def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any) -> str:
     prefix = f"Transformer/encoderblock_{i}"
+
+    def scaled(y: str, index: int) -> str:  # LayerScale_1 / _3, when the model has them
+        name = f"{prefix}/LayerScale_{index}/scale"
+        return g.op("Mul", y, g.const(p[name], "ls")) if name in p else y
+
     y = g.layer_norm(x, p, f"{prefix}/LayerNorm_0")
-    x = g.op("Add", x, _attention(g, y, p, f"{prefix}/MultiHeadDotProductAttention_1",
-                                  model.num_heads))
+    x = g.op("Add", x, scaled(_attention(g, y, p, f"{prefix}/MultiHeadDotProductAttention_1",
+                                         model.num_heads), 1))
     y = g.layer_norm(x, p, f"{prefix}/LayerNorm_2")
     mlp = f"{prefix}/MlpBlock_3"
     y = g.dense(y, p[f"{mlp}/Dense_0/kernel"], p[f"{mlp}/Dense_0/bias"])
     y = g.op("Gelu", y, approximate="tanh" if model.gelu_approximate else "none")
-    return g.op("Add", x, g.dense(y, p[f"{mlp}/Dense_1/kernel"], p[f"{mlp}/Dense_1/bias"]))
+    y = g.dense(y, p[f"{mlp}/Dense_1/kernel"], p[f"{mlp}/Dense_1/bias"])
+    return g.op("Add", x, scaled(y, 3))
 
 
 def build_onnx(loaded: InferenceModel) -> Any:

@@ -280,6 +280,11 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
     if not parts:
         return
     fix = "build the model with the weights' variant (width, depth, heads, mlp_dim, classifier)"
+    if any("/LayerScale_" in name for name in unexpected):
+        fix = "the weights have LayerScale: build the model with layer_scale set (e.g. 1e-5)"
+    elif any("/LayerScale_" in name for name in missing):
+        fix = ("the weights have no LayerScale, which the model has: build it with "
+               "layer_scale=None")
     if new_patch:
         fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
                 "training: --config.init_resize_patch=True)")

@@ -162,6 +162,8 @@ _TIMM_RULES: list[tuple[str, Target, str]] = [
     (_TIMM_UNIT + r"downsample\.conv", _unit("conv_proj"), "conv"),
     (_TIMM_UNIT + r"downsample\.norm", _unit("gn_proj"), "norm"),
     (r"blocks\.(\d+)\.norm1", _BLOCK + "/LayerNorm_0", "norm"),
+    (r"blocks\.(\d+)\.ls1\.gamma", _BLOCK + "/LayerScale_1/scale", "param"),
+    (r"blocks\.(\d+)\.ls2\.gamma", _BLOCK + "/LayerScale_3/scale", "param"),
     (r"blocks\.(\d+)\.attn\.qkv", _ATTN, "qkv"),
     (r"blocks\.(\d+)\.attn\.proj", _ATTN + "/out", "dense"),
     (r"blocks\.(\d+)\.norm2", _BLOCK + "/LayerNorm_2", "norm"),
@@ -202,8 +204,9 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]
     module, _, leaf = key.rpartition(".")
     for pattern, target, layout in rules:
         if layout == "param":
-            if re.fullmatch(pattern, key):
-                return {target: value}
+            whole = re.fullmatch(pattern, key)
+            if whole:
+                return {whole.expand(target) if isinstance(target, str) else target(whole): value}
             continue
         match = re.fullmatch(pattern, module)
         if match is None or leaf not in ("weight", "bias"):
@@ -237,7 +240,7 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
     if unknown:
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
                            f"{', '.join(unknown)}; only plain ViTs and ResNet-v2 hybrids (no "
-                           "register tokens, layer scale, qk-norm or other CNN stems) can be "
+                           "register tokens, qk-norm or other CNN stems) can be "
                            "loaded")
     if any(k.startswith("fc_norm.") for k in state):
         notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "

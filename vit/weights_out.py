@@ -55,6 +55,7 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("a pre-logits layer", model.representation_size is not None),
         ("an HF classifier on GAP (HF ViT pools the class token)",
          target == "hf" and model.classifier == "gap"),
+        ("LayerScale, which HF ViT lacks", target == "hf" and model.layer_scale is not None),
     ) if bad]
     if extras:
         raise WeightsError(f"--to {target} holds plain patchify ViTs only, and this model has "
@@ -132,6 +133,10 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
             pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
             pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]})
+        if model.layer_scale is not None:
+            b = f"Transformer/encoderblock_{i}/"
+            state.update({pre + "ls1.gamma": p[b + "LayerScale_1/scale"],
+                          pre + "ls2.gamma": p[b + "LayerScale_3/scale"]})
     state.update({"norm.weight": p["Transformer/encoder_norm/scale"],
                   "norm.bias": p["Transformer/encoder_norm/bias"],
                   "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
@@ -140,6 +145,8 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
             "mlp_ratio": model.mlp_dim / model.width, "class_token": model.classifier == "token",
             "global_pool": pool, "fc_norm": False}
+    if model.layer_scale is not None:
+        args["init_values"] = model.layer_scale
     if model.gelu_approximate:
         args["act_layer"] = "gelu_tanh"
     config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,
