@@ -37,6 +37,25 @@ def test_write_report_draws_both_pngs_and_the_json(tmp_path):
         assert min(pixels.shape[:2]) >= 300 and pixels.std() > 10  # a drawn figure
 
 
+def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph(tmp_path):
+    import warnings
+
+    names = ("cat", "émile_猫", "犬")
+    confusion = np.array([[3, 1, 0], [0, 2, 1], [1, 0, 4]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pixels = reports.figure_pixels(reports.confusion_figure(confusion, names))
+        result = EvalResult(top1=0.6, top5=1.0, loss=1.0, num_examples=12,
+                            per_class=dict(zip(names, (0.75, 2 / 3, 0.8), strict=True)),
+                            confusion_matrix=confusion.tolist(), images_per_s=1.0)
+        reports.write_report(result, str(tmp_path / "report"))
+    assert pixels.std() > 10 and not [w for w in caught if "Glyph" in str(w.message)]
+    with warnings.catch_warnings(record=True) as unquiet:  # the font does lack them here
+        warnings.simplefilter("always")
+        reports.confusion_figure(confusion, names).savefig(tmp_path / "plain.png")
+    assert [w for w in unquiet if "Glyph" in str(w.message)]
+
+
 def test_figures_check_their_input_and_scale_to_many_classes():
     with pytest.raises(ValueError, match="does not fit 3 class names"):
         reports.confusion_figure(np.eye(4, dtype=int), ["a", "b", "c"])

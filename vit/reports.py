@@ -8,11 +8,13 @@ and W&B at every evaluation, as RGB arrays (`eval_images`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -35,10 +37,20 @@ def _canvas(fig: Figure) -> FigureCanvasAgg:
     return FigureCanvasAgg(fig)
 
 
+@contextlib.contextmanager
+def missing_glyphs_quiet() -> Iterator[None]:
+    """Class names in a script the font lacks (CJK, ...) draw as boxes, without matplotlib's
+    warning per missing glyph in the middle of a run's output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        yield
+
+
 def figure_pixels(fig: Figure) -> np.ndarray:
     """Render a matplotlib figure to an [H, W, 3] uint8 array."""
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()
+    with missing_glyphs_quiet():
+        canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
@@ -115,10 +127,11 @@ def write_report(result: EvalResult, out_dir: str) -> list[str]:
         json.dump(result.to_dict(), f, indent=2)
         f.write("\n")
     summary = f"top-1 {result.top1:.1%} on {result.num_examples} images"
-    confusion_figure(result.confusion_matrix, names,
-                     title=f"confusion matrix ({summary})").savefig(paths[1])
-    per_class_figure(result.per_class, top1=result.top1,
-                     title=f"per-class accuracy ({summary})").savefig(paths[2])
+    with missing_glyphs_quiet():
+        confusion_figure(result.confusion_matrix, names,
+                         title=f"confusion matrix ({summary})").savefig(paths[1])
+        per_class_figure(result.per_class, top1=result.top1,
+                         title=f"per-class accuracy ({summary})").savefig(paths[2])
     return paths
 
 
