@@ -71,10 +71,11 @@ def average_checkpoints(paths: Sequence[str], out: str, *, last: int | None = No
     workdir, checkpoints or step dir: its latest step), or of the `last` N of one run, to
     workdir `out`."""
     chosen = _chosen(paths, last)
-    first, total, sources = None, None, []
+    first, total, sources, steps = None, None, [], []
     for path, step in chosen:
         contents = load_checkpoint(path, step)
         where = f"{path}@{contents.step}"
+        steps.append(contents.step)
         if contents.config.get("model", {}).get("quant", "none") != "none":
             raise AverageError(f"{where} is an int8 checkpoint: average the float checkpoints, "
                                "then quantize the result")
@@ -93,6 +94,5 @@ def average_checkpoints(paths: Sequence[str], out: str, *, last: int | None = No
     mean = jax.tree_util.tree_map(
         lambda t, x: (t / len(chosen)).astype(np.asarray(x).dtype), total,
         first.chosen_params(use_ema))
-    step = max(int(source.rsplit("@", 1)[1]) for source in sources)
-    path = write_params(out, step, mean, first.config, first.dataset_info)
+    path = write_params(out, max(steps), mean, first.config, first.dataset_info)
     return AverageResult(path, sources)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from vit import preprocess as pp_ops
 from vit.data_options import DataError, default_config, validate_data_keys  # noqa: F401
-from vit.error_text import tensorflow_message
+from vit.error_text import first_names, tensorflow_message
 from vit.image_folders import FOLDER_PREFIX, IMAGE_EXTENSIONS
 from vit.model_options import pair
 from vit.sources import Source, open_source
@@ -87,6 +87,18 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
                             "'train[:90%]'")
     shape = (*pair(config.image_size), 3)
     return DatasetInfo(src.name, len(src.class_names), src.class_names, shape, sizes)
+
+
+def class_change(before: Sequence[str], now: Sequence[str]) -> str | None:
+    """How a dataset's class names changed since `before` ("new: a; gone: b", or "the same
+    names in another order"); None when they did not."""
+    if list(before) == list(now):
+        return None
+    added = [name for name in now if name not in before]
+    gone = [name for name in before if name not in now]
+    detail = "; ".join(part for part in (added and f"new: {first_names(added)}",
+                                         gone and f"gone: {first_names(gone)}") if part)
+    return detail or "the same names in another order"
 
 
 def split_size(config: ml_collections.ConfigDict, split: str) -> int:

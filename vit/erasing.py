@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vit.mix import box_mask
+
 ATTEMPTS = 10
 AREA = (0.02, 1 / 3)  # timm's RandomErasing defaults
 ASPECT_MIN = 0.3
@@ -49,10 +51,7 @@ def erase_boxes(rng: jax.Array, batch: int, height: int, width: int, prob: float
     top = jnp.floor(jax.random.uniform(k_top, (batch,)) * (height - box_h + 1)).astype(jnp.int32)
     left = jnp.floor(jax.random.uniform(k_left, (batch,)) * (width - box_w + 1)).astype(jnp.int32)
     erase = (jax.random.uniform(k_apply, (batch,)) < prob) & jnp.any(fits, axis=1)
-    rows = jnp.arange(height)[None, :, None]
-    cols = jnp.arange(width)[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
-              & (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None]))
+    inside = box_mask(height, width, top, top + box_h, left, left + box_w)
     return inside & erase[:, None, None]
 
 

@@ -325,12 +325,11 @@ def _classes_changed(config: ml_collections.ConfigDict, split: str | None,
     probe.train_split = probe.eval_split = split or config.eval_split
     if data.split_size(probe, probe.eval_split) <= 0:
         return False  # `evaluate` names the empty split
-    now = data.dataset_info(probe).class_names
-    if list(now) == list(trained):
+    change = data.class_change(trained, data.dataset_info(probe).class_names)
+    if change is None:
         return False
-    log.warning("the classes of %r changed since the checkpoint was written (%s -> %s): "
-                "matching them to the head by name", config.dataset, first_names(trained, 4),
-                first_names(now, 4))
+    log.warning("the classes of %r changed since the checkpoint was written (%s): matching "
+                "them to the head by name", config.dataset, change)
     return True
 
 

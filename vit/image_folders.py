@@ -35,6 +35,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a listing reads `name` as an image: a visible .jpg / .jpeg / .png name (any
+    case)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
+
+
 def _visible_names(directory: str) -> list[str]:
     """The names in `directory`, sorted, hidden ones (`is_hidden`) left out."""
     return sorted(n for n in os.listdir(directory) if not is_hidden(n))
@@ -54,7 +60,7 @@ def _images_in(directory: str, skip_corrupt: bool) -> tuple[list[str], list[str]
         if os.path.isdir(path):
             subfolders.append(name)
             continue
-        if not name.lower().endswith(IMAGE_EXTENSIONS):
+        if not is_image_name(name):
             continue
         if not os.path.isfile(path):
             if not skip_corrupt:
@@ -71,7 +77,7 @@ def _images_below(directory: str) -> int:
     count = 0
     for _, folders, names in os.walk(directory):
         folders[:] = [f for f in folders if not is_hidden(f)]
-        count += sum(n.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(n) for n in names)
+        count += sum(map(is_image_name, names))
     return count
 
 
@@ -113,8 +119,8 @@ def _no_class_folders(root: str, split: str) -> str:
     """The error for a split folder without class folders; when it holds images itself, `root`
     is likely a split folder (root/<class>/<image>, torchvision's ImageFolder layout)."""
     split_dir = os.path.join(root, split)
-    if not any(n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(split_dir, n))
-               for n in _visible_names(split_dir)):
+    if not any(is_image_name(n) and os.path.isfile(os.path.join(split_dir, n))
+               for n in os.listdir(split_dir)):
         return (f"split folder {split_dir!r} has no class folders; lay it out as "
                 "root/<split>/<class>/*.jpg")
     return (f"split folder {split_dir!r} has no class folders but holds images itself: the "

@@ -16,6 +16,17 @@ def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.
     return one_hot * (1.0 - smoothing) + smoothing / num_classes
 
 
+def box_mask(height: int, width: int, top: jax.Array, bottom: jax.Array, left: jax.Array,
+             right: jax.Array) -> jax.Array:
+    """Boolean [..., height, width]: rows [top, bottom) and columns [left, right) of each box,
+    the bounds scalars or arrays of shape [...]."""
+    edge = lambda v: jnp.asarray(v)[..., None, None]
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    return ((rows >= edge(top)) & (rows < edge(bottom))
+            & (cols >= edge(left)) & (cols < edge(right)))
+
+
 def _mixup(lam: jax.Array, images: jax.Array, targets: jax.Array):
     mixed = lam * images + (1.0 - lam) * images[::-1]
     return mixed.astype(images.dtype), lam * targets + (1.0 - lam) * targets[::-1]
@@ -31,9 +42,7 @@ def _cutmix(rng: jax.Array, lam: jax.Array, images: jax.Array, targets: jax.Arra
     bottom = jnp.clip(jnp.round(cy + half_h), 0, h)
     left = jnp.clip(jnp.round(cx - half_w), 0, w)
     right = jnp.clip(jnp.round(cx + half_w), 0, w)
-    rows = jnp.arange(h)[:, None]
-    cols = jnp.arange(w)[None, :]
-    box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    box = box_mask(h, w, top, bottom, left, right)
     mixed = jnp.where(box[None, :, :, None], images[::-1], images)
     lam = 1.0 - (bottom - top) * (right - left) / (h * w)
     return mixed, lam * targets + (1.0 - lam) * targets[::-1]

@@ -21,7 +21,7 @@ import numpy as np
 from vit import preprocess
 from vit.checkpoint import CheckpointContents
 from vit.evaluate import load_inference_model
-from vit.image_folders import IMAGE_EXTENSIONS, is_hidden
+from vit.image_folders import IMAGE_EXTENSIONS, is_image_name
 from vit.model import VisionTransformer
 from vit.preprocess import DataError
 
@@ -61,8 +61,7 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
     files, errors = [], []
     for path in paths:
         if os.path.isdir(path):
-            named = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(f))
+            named = sorted(os.path.join(path, f) for f in os.listdir(path) if is_image_name(f))
             found = [f for f in named if os.path.isfile(f)]
             broken = [f for f in named if os.path.islink(f) and not os.path.exists(f)]
             errors += [(f, _broken_link(f)) for f in broken]

@@ -208,18 +208,14 @@ def _check_same_classes(saved: dict, info: data.DatasetInfo, config: Any, step: 
     """A one-line DataError when the dataset's classes differ from those the checkpoint of
     `step` was trained on (a renamed, added or removed class folder): label ids would change
     meaning mid-run."""
-    before, now = list(saved.get("class_names") or []), list(info.class_names)
-    if not before or before == now:
+    before = saved.get("class_names")
+    change = data.class_change(before, info.class_names) if before else None
+    if change is None:
         return
-    added = [name for name in now if name not in before]
-    gone = [name for name in before if name not in now]
-    detail = "; ".join(part for part in (added and f"new: {first_names(added)}",
-                                         gone and f"gone: {first_names(gone)}") if part)
     raise data.DataError(
-        f"the classes of {config.dataset!r} changed since checkpoint {step} "
-        f"({detail or 'the same names in another order'}), so the head's label ids would change "
-        "meaning; restore the dataset's classes to resume, or fine-tune on the new ones in a new "
-        "workdir with --config.init_from=<this workdir>")
+        f"the classes of {config.dataset!r} changed since checkpoint {step} ({change}), so the "
+        "head's label ids would change meaning; restore the dataset's classes to resume, or "
+        "fine-tune on the new ones in a new workdir with --config.init_from=<this workdir>")
 
 
 def _structure_with(config: Any, info: data.DatasetInfo) -> Callable[[str, Any], dict]:
