@@ -25,7 +25,7 @@ from timing import median_seconds
 import vit
 from vit import matmul as vit_matmul
 from vit.encoder import REMAT_POLICIES
-from vit.model_options import json_image_size, pair
+from vit.model_options import image_size_flag, pair
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
@@ -50,14 +50,6 @@ def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformati
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
-
-
-def image_size_flag(text: str) -> int | list[int]:
-    """'32' -> 32, '24,40' -> [24, 40]; an argparse error line for anything else."""
-    try:
-        return json_image_size([int(v) for v in text.split(",")] if "," in text else int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int or rows,cols, got {text!r}") from None
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:

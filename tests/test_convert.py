@@ -3,16 +3,20 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 from test_pretrained import fixture, images, random_weights
 from tiny_checkpoints import PLAIN, RECIPE, write
 
+import vit
 from vit import cli
 from vit.convert import convert_weights, export_weights
 from vit.evaluate import load_inference_model
-from vit.weight_formats import WeightsError, flatten_params
+from vit.fewshot import head_input
+from vit.pretrained import load_pretrained
+from vit.weight_formats import POSEMB, WeightsError, flatten_params
 
 
 def _logits(checkpoint: str, x: np.ndarray) -> np.ndarray:
@@ -83,7 +87,8 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
 @pytest.mark.parametrize("target,model", [
     ("timm", dict(PLAIN, gelu_approximate=True)), ("timm", dict(PLAIN, classifier="gap")),
     ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2)), ("timm", dict(PLAIN, layer_scale=0.5)),
-    ("npz", dict(PLAIN, layer_scale=0.5))])
+    ("npz", dict(PLAIN, layer_scale=0.5)),
+    ("timm", dict(PLAIN, classifier="gap", num_registers=2))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -102,6 +107,86 @@ def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
 
 
+def test_deit3_and_a_headless_dinov2_convert_and_go_back_out(tmp_path, capsys):
+    """DeiT III (position embedding of the patches only) converts with its grid found; a
+    DINOv2-reg backbone has no head, so convert asks for --num-classes, gives it a zero head, and
+    `--to timm` writes its arrays back as they came (plus that head)."""
+    src, meta, ref = _source(tmp_path, "timm_deit3_tiny")
+    path, _ = convert_weights(src, str(tmp_path / "deit3"))
+    assert load_inference_model(path).config.image_size == 64
+    np.testing.assert_allclose(_logits(path, images(meta)), ref["logits_gelu_erf"], atol=1e-4,
+                               rtol=0)
+    with pytest.raises(WeightsError, match="--num-classes 7 contradicts the weights, whose head "
+                                           "has 1000 classes"):
+        convert_weights(src, str(tmp_path / "x"), num_classes=7)
+
+    meta, ref = fixture("timm_dinov2_reg_tiny")
+    (tmp_path / "dino").mkdir()
+    src = str(tmp_path / "dino" / "model.safetensors")
+    want = random_weights.build(meta["manifest"], meta["seed"])
+    safetensors.numpy.save_file(want, src)
+    assert cli.main(["convert", src, str(tmp_path / "bare")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no classification head" in err[0] and "--num-classes N" in err[0]
+    assert not (tmp_path / "bare").exists()
+    assert cli.main(["convert", src, str(tmp_path / "ours"), "--num-classes", "3"]) == 0
+    assert "a zero-initialised head of 3 classes added" in capsys.readouterr().out
+    loaded = load_inference_model(str(tmp_path / "ours"))
+    assert loaded.model.num_registers == 4 and loaded.model.layer_scale is not None
+    assert loaded.model.num_classes == 3 and tuple(loaded.model.patch_size) == (14, 14)
+    np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
+                               ref["features_gelu_erf"], atol=1e-4, rtol=0)
+
+    export_weights(str(tmp_path / "ours"), "timm", str(tmp_path / "out"))
+    got = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(got) == set(want) | {"head.weight", "head.bias"}
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    args = json.loads((tmp_path / "out" / "config.json").read_text())["model_args"]
+    assert args["reg_tokens"] == 4 and args["no_embed_class"] is True
+
+
+def test_convert_rebuilds_the_model_for_another_image_size(tmp_path, capsys):
+    """--image-size resamples the position embedding (a DINOv2 backbone trained at 518 px is run
+    at 224, say), as loading the weights into a model of that size does; the evaluation resize
+    keeps its ratio to the image size."""
+    src, meta, _ = _source(tmp_path, "timm_dinov2_reg_tiny")  # 56 px: a 4x4 grid of 14 px
+    assert cli.main(["convert", src, str(tmp_path / "small"), "--num-classes", "2",
+                     "--image-size", "28"]) == 0
+    assert "posemb resampled 4x4 -> 2x2 (bilinear)" in capsys.readouterr().out
+    loaded = load_inference_model(str(tmp_path / "small"))
+    assert loaded.config.image_size == 28 and tuple(loaded.model.grid) == (2, 2)
+    model = loaded.model
+    want, _ = load_pretrained(src, model, vit.init_params(model, jax.random.PRNGKey(0)))
+    x = images(meta, 28)
+    np.testing.assert_array_equal(np.asarray(head_input(model, loaded.params, x)),
+                                  np.asarray(head_input(model, want, x)))
+    with pytest.raises(WeightsError, match="image size 30x30 is not a multiple of the weights' "
+                                           "14x14 patches: pass a multiple, e.g. 28"):
+        convert_weights(src, str(tmp_path / "x"), num_classes=2, image_size=30)
+    with pytest.raises(SystemExit):  # a usage error, as argparse reports it
+        cli.main(["convert", src, str(tmp_path / "y"), "--image-size", "big"])
+    assert "--image-size: must be an int or rows,cols, got 'big'" in capsys.readouterr().err
+    write(str(tmp_path / "run"), PLAIN, pp={"eval_resize": 20})  # 16 px, resize 20
+    path, _ = convert_weights(str(tmp_path / "run"), str(tmp_path / "big"), image_size=32)
+    assert load_inference_model(path).config.pp.eval_resize == 40
+
+
+def test_registers_go_to_timm_with_the_class_position_folded_in(tmp_path):
+    """A trained class-token position embedding has no slot in timm's no_embed_class layout; it is
+    added to the class token, which gives the same outputs."""
+    write(str(tmp_path / "run"), dict(PLAIN, num_registers=2))
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    path, _ = convert_weights(str(tmp_path / "out" / "model.safetensors"), str(tmp_path / "back"))
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_logits(path, x), _logits(str(tmp_path / "run"), x), atol=1e-6,
+                               rtol=0)
+    before = flatten_params(load_inference_model(str(tmp_path / "run")).params)
+    after = flatten_params(load_inference_model(path).params)
+    np.testing.assert_array_equal(after["cls"], before["cls"] + before[POSEMB][:, :1])
+    np.testing.assert_array_equal(after[POSEMB][:, 0], 0)
+
+
 def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "run"), RECIPE)
     with pytest.raises(WeightsError, match="--to npz"):
@@ -113,6 +198,9 @@ def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "ls"), dict(PLAIN, layer_scale=0.5))
     with pytest.raises(WeightsError, match="LayerScale, which HF ViT lacks"):
         export_weights(str(tmp_path / "ls"), "hf", str(tmp_path / "ls-hf"))
+    write(str(tmp_path / "reg"), dict(PLAIN, num_registers=2))
+    with pytest.raises(WeightsError, match="register tokens, which HF ViT lacks"):
+        export_weights(str(tmp_path / "reg"), "hf", str(tmp_path / "reg-hf"))
 
 
 def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):

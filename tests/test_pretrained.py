@@ -21,6 +21,7 @@ from flax import traverse_util
 import vit
 from vit.convert import convert_weights
 from vit.evaluate import load_inference_model
+from vit.fewshot import head_input
 from vit.pretrained import (
     WeightsError,
     adapt_params,
@@ -112,6 +113,32 @@ def test_timm_layer_scale_parity_through_load_and_convert(tmp_path):
     safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
     with pytest.raises(WeightsError, match="the weights have no LayerScale, which the model has"):
         load_pretrained(path, model, init(model))
+
+
+def test_deit3_and_dinov2_registers_parity(tmp_path):
+    """timm's no_embed_class ViTs (the class token and registers take no position embedding):
+    DeiT III's logits, and a head-less DINOv2-with-registers backbone's pooled features."""
+    meta, ref = fixture("timm_deit3_tiny")
+    path = tmp_path / "deit3.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    model = ti(gelu_approximate=False, layer_scale=0.1)
+    params, notes = load_pretrained(path, model, init(model))
+    assert any("no_embed_class" in n for n in notes)
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_gelu_erf"],
+                               atol=1e-4, rtol=0)
+
+    meta, ref = fixture("timm_dinov2_reg_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    assert "reg_token" in state and "head.weight" not in state
+    path = tmp_path / "dinov2.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    model = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
+                             gelu_approximate=False, layer_scale=0.1, num_registers=4)
+    params, notes = load_pretrained(path, model, init(model))
+    assert "head initialised: 10 classes (none in the weights)" in notes
+    np.testing.assert_array_equal(params["Transformer"]["registers"], state["reg_token"])
+    np.testing.assert_allclose(np.asarray(head_input(model, params, images(meta))),
+                               ref["features_gelu_erf"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("names", ["file", "memory"])
@@ -222,10 +249,11 @@ def test_torch_file_without_torch_is_one_clear_line(tmp_path):
 
 def test_unsupported_timm_parameters_are_named(tmp_path, timm_file):
     state = safetensors.numpy.load_file(str(timm_file))
-    state["reg_token"] = np.zeros((1, 4, 192), np.float32)
-    safetensors.numpy.save_file(state, str(tmp_path / "reg.safetensors"))
-    with pytest.raises(WeightsError, match=r"reg_token \(1, 4, 192\)"):
-        read_weights(tmp_path / "reg.safetensors")
+    state["blocks.0.attn.q_norm.weight"] = np.ones((64,), np.float32)  # qk-norm
+    safetensors.numpy.save_file(state, str(tmp_path / "qk.safetensors"))
+    with pytest.raises(WeightsError, match=r"blocks.0.attn.q_norm.weight \(64,\); only plain "
+                                           r"ViTs \(with LayerScale or register tokens\)"):
+        read_weights(tmp_path / "qk.safetensors")
 
 
 def test_unrecognised_naming(tmp_path):
@@ -394,7 +422,9 @@ def test_posemb_without_class_position_gets_zeros(timm_file):
     weights[POSEMB] = state["pos_embed"][:, 1:]
     model = ti()
     params, notes = adapt_params(weights, init(model), model)
-    assert "class-token position embedding set to zeros (none in the weights)" in notes
+    assert ("class-token position embedding set to zeros (none in the weights; they add none to "
+            "their class token (timm's no_embed_class: DeiT III, DINOv2-reg), so the outputs "
+            "are theirs)") in notes
     pe = params["Transformer"]["posembed_input"]["pos_embedding"]
     np.testing.assert_array_equal(pe[:, 0], 0)
     np.testing.assert_array_equal(pe[:, 1:], state["pos_embed"][:, 1:])

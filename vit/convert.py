@@ -103,9 +103,9 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
                        mlp_dim: int | None = None) -> tuple[str, dict, list[str]]:
     """(variant, create_model overrides, notes) that rebuild the model `weights` came from;
     `mlp_dim` is used only when the weights hold no MLP (depth 0)."""
-    if "embedding/kernel" not in weights or "head/kernel" not in weights:
-        raise WeightsError("the weights have no embedding/kernel or head/kernel, so the model "
-                           "cannot be inferred; fine-tune from them with configs/finetune.py")
+    if "embedding/kernel" not in weights:
+        raise WeightsError("the weights have no embedding/kernel, so the model cannot be "
+                           "inferred; fine-tune from them with configs/finetune.py")
     if any(k.startswith(("stem/", "conv_root/")) for k in weights):
         raise WeightsError("conv-stem and hybrid weights do not tell their strides and norms: "
                            "convert a file written by `vit convert --to npz` (it has a "
@@ -127,6 +127,10 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     return f"Ti/{patch}", overrides, [note] if note else []
 
 
+def _is_square(n: int) -> bool:
+    return n > 0 and round(n ** 0.5) ** 2 == n
+
+
 def _grid(weights: Weights, classifier: str, stated: Any, patch: int
           ) -> tuple[tuple[int, int], list[str]]:
     """(the patch grid of the learned position embedding, notes): the stated image size's
@@ -134,25 +138,29 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
     if POSEMB not in weights:
         raise WeightsError("weights without a learned position embedding do not tell the image "
                            "size; fine-tune from them with configs/finetune.py instead")
-    tokens = weights[POSEMB].shape[1] - (classifier == "token")
-    side = round(tokens ** 0.5)
-    square = side * side == tokens
+    total = weights[POSEMB].shape[1]
+    # With a class token: its own embedding first, else none (timm's no_embed_class, as DeiT III
+    # and DINOv2-reg, and big_vision's "tok" pooling; HF ViT always has one).
+    counts = [total] if classifier != "token" else [total - 1] + [total] * (weights.source != "hf")
+    tokens = counts[0]
+    squares = [n for n in counts if _is_square(n)]
+    side = round(squares[0] ** 0.5) if squares else 0
     if stated is not None:
         try:
             sides = pair(stated)
         except ValueError as err:
             raise WeightsError(f"config.json beside the weights: {err}") from None
         rows, cols = (s // patch for s in sides)
-        if rows * cols == tokens and not any(s % patch for s in sides):
+        if rows * cols in counts and not any(s % patch for s in sides):
             return (rows, cols), []
-        if not square:
+        if not _is_square(tokens):
             raise WeightsError(f"config.json beside the weights states image size {stated}, "
                                f"which {patch}-pixel patches do not cut into the position "
                                f"embedding's {tokens} patch tokens: fix its image size")
         return (side, side), [f"config.json states image size {stated}, which does not fit the "
                               f"position embedding's {tokens} tokens: taken as "
                               f"{side * patch}x{side * patch}, their square"]
-    if not square:
+    if not squares:
         raise WeightsError(f"the position embedding has {tokens} patch tokens, not a square "
                            "grid, and no config.json beside the weights states the image size: "
                            "add the one it was written with, or fine-tune from these weights "
@@ -160,10 +168,35 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
     return (side, side), []
 
 
+def _read_class_names(path: str) -> list[str]:
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _num_classes(weights: Weights, stated: int | None, class_names_file: str | None
+                 ) -> tuple[int, list[str]]:
+    """(classes of the converted model's head, notes): the head's, else `stated`, else as many
+    as the class-names file lists; a head-less backbone (DINOv2) gets a zero head of them."""
+    if "head/kernel" in weights:
+        have = int(weights["head/kernel"].shape[-1])
+        if stated is not None and stated != have:
+            raise WeightsError(f"--num-classes {stated} contradicts the weights, whose head has "
+                               f"{have} classes; drop --num-classes")
+        return have, []
+    if stated is None and class_names_file:
+        stated = len(_read_class_names(class_names_file))
+    if not stated:
+        raise WeightsError("the weights have no classification head (a backbone such as "
+                           "DINOv2): pass --num-classes N (or --class-names FILE) to give the "
+                           "checkpoint a zero-initialised head of N classes, for vit fewshot, "
+                           "vit attention or fine-tuning from it")
+    return stated, [f"the weights have no head: a zero-initialised head of {stated} classes "
+                    "added (its logits are all 0 until fine-tuned; features are unchanged)"]
+
+
 def _class_names(path: str | None, said: list[str] | None, num_classes: int) -> list[str]:
     if path:
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = _read_class_names(path)
         if len(names) != num_classes:
             raise ValueError(f"{path!r} lists {len(names)} class names but the head has "
                              f"{num_classes} classes; give one name per line for each")
@@ -257,16 +290,36 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
     return variant, model_config, image_size, notes
 
 
+def _new_image_size(image_size: Any, variant: str, model_config: dict
+                    ) -> tuple[int, int] | None:
+    """The requested input size as (rows, cols), checked against the patch size; None if none."""
+    if image_size is None:
+        return None
+    from vit.model import parse_variant
+
+    rows, cols = pair(image_size)
+    patch = pair(model_config.get("patch_size") or parse_variant(variant)[1], "patch_size")
+    if rows % patch[0] or cols % patch[1]:
+        raise WeightsError(f"image size {rows}x{cols} is not a multiple of the weights' "
+                           f"{patch[0]}x{patch[1]} patches: pass a multiple, e.g. "
+                           f"{rows // patch[0] * patch[0] or patch[0]}")
+    return rows, cols
+
+
 def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
                     class_names_file: str | None = None, normalize: str | None = None,
-                    gelu: str | None = None, use_ema: bool = False) -> tuple[str, list[str]]:
+                    gelu: str | None = None, use_ema: bool = False,
+                    num_classes: int | None = None, image_size: Any = None
+                    ) -> tuple[str, list[str]]:
     """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
 
     A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
     evaluation resize and class names. `gelu` ("erf" | "tanh") and `normalize` (a
     `preprocess.NORMALIZATIONS` name) override what the source says; defaults: the source's
     GELU (erf for timm / HF, tanh for vit_jax), "minus_one_to_one" normalisation (timm's
-    DeiT-style models need "imagenet").
+    DeiT-style models need "imagenet"). `num_classes` sizes the zero head given to head-less
+    weights (DINOv2 backbones); weights with a head keep theirs. `image_size` rebuilds the model
+    for another input size, resampling the position embedding (bilinear).
     """
     import jax
 
@@ -281,20 +334,25 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
         raise ValueError(f"unknown normalize {normalize!r}; use one of "
                          f"{', '.join(NORMALIZATIONS)}")
     weights, said = _read_source(src, normalize, use_ema)
-    variant, model_config, image_size, arch_notes = _model_config(weights, said, num_heads, gelu)
+    variant, model_config, trained_size, arch_notes = _model_config(weights, said, num_heads,
+                                                                    gelu)
+    image_size = _new_image_size(image_size, variant, model_config) or trained_size
+    if image_size != trained_size and said.get("eval_resize"):  # the same crop at the new size
+        said["eval_resize"] = round(said["eval_resize"] * min(image_size) / min(trained_size))
     eval_resize, resize_notes = weight_sidecars.stated_eval_resize(said, image_size)
     notes = list(weights.notes) + arch_notes + resize_notes
     if normalize is None and "normalize" not in said:
         notes.append("input normalisation assumed minus_one_to_one (0.5 / 0.5): the file does "
                      "not say; pass --normalize imagenet for DeiT-style timm models")
     normalize = normalize or said.get("normalize", "minus_one_to_one")
-    num_classes = int(_need(weights, "head/kernel").shape[-1])
+    num_classes, head_notes = _num_classes(weights, num_classes, class_names_file)
+    notes += head_notes
     # A model trained with attention "cudnn" on a GPU converts (and runs) anywhere.
     model = saved_model_from_config({"variant": variant, **model_config},
                                     num_classes=num_classes, image_size=image_size)
     params, adapt_notes = adapt_params(weights, init_params(model, jax.random.PRNGKey(0)), model,
-                                       keep_head=True)
-    notes += [n for n in adapt_notes if n not in notes]
+                                       keep_head=True if "head/kernel" in weights else None)
+    notes += [n for n in adapt_notes if n not in notes and not n.startswith("head initialised")]
     names = _class_names(class_names_file, said.get("class_names"), num_classes)
     config = data.default_config()
     config.dataset = ""  # weights from a file name no dataset: `vit eval --dataset` says which

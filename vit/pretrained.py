@@ -162,7 +162,9 @@ def _adapt_posemb(value: np.ndarray, target: np.ndarray, model: Any, has_cls: bo
         notes.append("class-token position embedding dropped (model has no class token)")
     else:
         head = np.zeros_like(target[:, :prefix])
-        notes.append("class-token position embedding set to zeros (none in the weights)")
+        notes.append("class-token position embedding set to zeros (none in the weights" +
+                     ("; they add none to their class token (timm's no_embed_class: DeiT III, "
+                      "DINOv2-reg), so the outputs are theirs)" if has_cls else ")"))
     return np.concatenate([head, grid], axis=1), notes
 
 

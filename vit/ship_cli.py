@@ -16,10 +16,13 @@ def _run_convert(args: argparse.Namespace) -> int:
     from vit import convert
 
     (check_directory if args.to else check_new_workdir)(args.dst, "DST")
-    if args.num_heads is not None and args.num_heads < 1:
-        raise ValueError(f"--num-heads must be >= 1, got {args.num_heads}")
+    for flag, value in (("--num-heads", args.num_heads), ("--num-classes", args.num_classes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.to:
         reading = [flag for flag, value in (("--num-heads", args.num_heads),
+                                            ("--num-classes", args.num_classes),
+                                            ("--image-size", args.image_size),
                                             ("--class-names", args.class_names),
                                             ("--normalize", args.normalize),
                                             ("--gelu", args.gelu)) if value is not None]
@@ -31,7 +34,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         return 0
     path, notes = convert.convert_weights(
         args.src, args.dst, num_heads=args.num_heads, class_names_file=args.class_names,
-        normalize=args.normalize, gelu=args.gelu, use_ema=args.ema)
+        normalize=args.normalize, gelu=args.gelu, use_ema=args.ema, num_classes=args.num_classes,
+        image_size=args.image_size)
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {path}; evaluate it with: vit eval --checkpoint {path} --dataset NAME")
@@ -92,6 +96,7 @@ def non_negative_int(text: str) -> int:
 def add_commands(sub: Any) -> None:
     """Add convert, export, quantize, average and prune to `sub` (argparse sub-parsers)."""
     from vit.export import FORMATS
+    from vit.model_options import image_size_flag
     from vit.preprocess import NORMALIZATIONS
     from vit.prune import METHODS
     from vit.weight_sidecars import GELUS
@@ -105,6 +110,10 @@ def add_commands(sub: Any) -> None:
                     "safetensors or a vit_jax .npz (each with its config.json)")
     cv.add_argument("--num-heads", type=int, help="heads, when the weights cannot tell")
     cv.add_argument("--class-names", help="text file with one class name per line")
+    cv.add_argument("--num-classes", type=int, help="classes of the zero head given to "
+                    "head-less weights (DINOv2 backbones)")
+    cv.add_argument("--image-size", type=image_size_flag, help="rebuild the model for this "
+                    "input size, e.g. 224 or 224,320 (position embedding resampled)")
     cv.add_argument("--normalize", choices=tuple(NORMALIZATIONS),
                     help="the source's input normalisation (default: its config, else 0.5/0.5)")
     cv.add_argument("--gelu", choices=GELUS,

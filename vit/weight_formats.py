@@ -153,6 +153,7 @@ _TIMM_HYBRID_NOTE = ("timm ResNet-v2 hybrid: build the model with resnet_numeric
 # (module-name regex, flax module name, layout); "param" rules match a whole parameter name.
 _TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"cls_token", "cls", "param"),
+    (r"reg_token", "Transformer/registers", "param"),  # DINOv2-reg: no position, after cls
     (r"pos_embed", POSEMB, "param"),
     (r"patch_embed\.proj", "embedding", "conv"),
     (_TIMM_TRUNK + r"(?:stem\.)?conv", "conv_root", "conv"),
@@ -239,9 +240,9 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
             out.update(renamed)
     if unknown:
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
-                           f"{', '.join(unknown)}; only plain ViTs and ResNet-v2 hybrids (no "
-                           "register tokens, qk-norm or other CNN stems) can be "
-                           "loaded")
+                           f"{', '.join(unknown)}; only plain ViTs (with LayerScale or register "
+                           "tokens) and ResNet-v2 hybrids (no qk-norm, SwiGLU or other CNN "
+                           "stems) can be loaded")
     if any(k.startswith("fc_norm.") for k in state):
         notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
                      "pooling): outputs differ from timm until fine-tuned")

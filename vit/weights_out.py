@@ -27,8 +27,9 @@ min(rows, cols) / eval_resize (to a pixel: timm floors the box that we round). H
 cannot resize to cover a box: BitImageProcessor's `shortest_edge` is eval_resize, which is the
 same crop on images of the model's aspect ratio only (HF pads the crop of other shapes).
 
-timm and HF hold plain patchify ViTs only: a conv stem, ResNet trunk, registers, MAP head or
-pre-logits layer raises WeightsError naming `--to npz`, which holds everything. A sin-cos
+timm and HF hold plain patchify ViTs only: a conv stem, ResNet trunk, MAP head or pre-logits
+layer (and for HF registers or LayerScale) raises WeightsError naming `--to npz`, which holds
+everything. Registers go to timm as DINOv2-reg's `reg_token` with `no_embed_class`. A sin-cos
 position embedding is written as a learned one with the same values (same outputs).
 """
 
@@ -51,7 +52,8 @@ _ATTN = "MultiHeadDotProductAttention_1"
 def _plain_vit_only(model: Any, target: str) -> None:
     extras = [name for name, bad in (
         ("a conv stem", model.stem != "patchify"), ("a ResNet trunk", model.resnet_layers),
-        ("register tokens", model.num_registers), ("a MAP head", model.classifier == "map"),
+        ("register tokens, which HF ViT lacks", target == "hf" and model.num_registers),
+        ("a MAP head", model.classifier == "map"),
         ("a pre-logits layer", model.representation_size is not None),
         ("an HF classifier on GAP (HF ViT pools the class token)",
          target == "hf" and model.classifier == "gap"),
@@ -116,11 +118,19 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
     pp.eval_resize (None: images resized straight to the model's size)."""
     _plain_vit_only(model, "timm")
     p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
-    state = {"pos_embed": _posemb(p, model),
-             "patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
+    posemb = _posemb(p, model)
+    state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
              "patch_embed.proj.bias": p["embedding/bias"]}
     if model.classifier == "token":
         state["cls_token"] = p["cls"]
+    if model.num_registers:
+        # timm's no_embed_class: the patches alone take a position embedding, as the registers
+        # do here; the class token's own embedding is a constant, folded into the token.
+        state["reg_token"] = p["Transformer/registers"]
+        if model.classifier == "token":
+            state["cls_token"] = p["cls"] + posemb[:, :1]
+            posemb = posemb[:, 1:]
+    state["pos_embed"] = posemb
     for i in range(model.depth):
         blk = _per_block(p, i, model.width)
         pre = f"blocks.{i}."
@@ -147,6 +157,8 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             "global_pool": pool, "fc_norm": False}
     if model.layer_scale is not None:
         args["init_values"] = model.layer_scale
+    if model.num_registers:
+        args.update(reg_tokens=model.num_registers, no_embed_class=True)
     if model.gelu_approximate:
         args["act_layer"] = "gelu_tanh"
     config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,

@@ -1,0 +1,53 @@
+"""Throwaway: reference outputs of timm's DeiT III and DINOv2-with-registers ViTs for the tests.
+
+Never run by tests. Needs torch and timm only (no transformers), e.g.
+    python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch==2.13.0 timm
+Run from the repository root:
+    /tmp/peer/bin/python tools/make_pretrained_fixtures/make_backbone_fixtures.py
+Writes tests/fixtures/timm_deit3_tiny.{json,npz} (deit3_small_patch16_224 at width 192, depth 2,
+64 px: no_embed_class, LayerScale; its logits) and tests/fixtures/timm_dinov2_reg_tiny.{json,npz}
+(vit_small_patch14_reg4_dinov2 at width 192, depth 2, 56 px: no_embed_class, 4 register tokens,
+LayerScale, no head; its pooled features). Random weights from the manifest
+(tests/fixtures/random_weights.py), the input seed and the erf-GELU outputs.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+sys.path[:0] = ["tests/fixtures", "tools/make_pretrained_fixtures"]
+import random_weights  # noqa: E402
+import torchvision_stub  # noqa: E402
+
+torchvision_stub.install()  # the local index's torchvision is a CUDA build whose ops do not load
+import timm  # noqa: E402
+
+SEED, INPUT_SEED, BATCH = 0, 1, 2
+MODELS = {
+    "timm_deit3_tiny": ("deit3_small_patch16_224", 64, 16, {}, "logits_gelu_erf"),
+    "timm_dinov2_reg_tiny": ("vit_small_patch14_reg4_dinov2", 56, 14, {"num_classes": 0},
+                             "features_gelu_erf"),
+}
+
+for stem, (name, image, patch, extra, output) in MODELS.items():
+    kwargs = dict(embed_dim=192, num_heads=3, depth=2, img_size=image, **extra)
+    model = timm.create_model(name, **kwargs)
+    state = model.state_dict()
+    manifest = [random_weights.recipe(k, tuple(v.shape)) for k, v in state.items()]
+    weights = random_weights.build(manifest, SEED)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    model.eval()
+    images = np.random.RandomState(INPUT_SEED).standard_normal((BATCH, image, image, 3))
+    with torch.no_grad():
+        out = model(torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)).numpy()
+    meta = dict(seed=SEED, input_seed=INPUT_SEED, image_size=image, batch=BATCH,
+                manifest=manifest, versions=dict(torch=torch.__version__, timm=timm.__version__),
+                model=f"timm {name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})",
+                patch=patch, width=192, depth=2, heads=3, mlp_dim=768,
+                num_classes=extra.get("num_classes", 1000))
+    with open(f"tests/fixtures/{stem}.json", "w") as f:
+        json.dump(meta, f)
+    np.savez(f"tests/fixtures/{stem}.npz", **{output: out})
+    print(stem, out.shape, float(np.abs(out).mean()), sorted(state)[:6])
