@@ -331,6 +331,10 @@ def _per_device_32() -> int:
     ("grad_accum_steps", 3, "config.grad_accum_steps=3 does not divide the per-device batch of "
      "{per_device} (config.batch_size=32 over"),
     ("label_smoothing", 2.0, "config.label_smoothing must be in [0, 1), got 2.0"),
+    ("full_tokens_fraction", 1.5, "config.full_tokens_fraction must be in [0, 1] (0 = off), "
+     "got 1.5"),
+    ("full_tokens_fraction", 0.1, "config.full_tokens_fraction > 0 ends token dropping, which "
+     "is off (model.token_keep_ratio=1): set model.token_keep_ratio < 1"),
     ("seed", 2**40, "config.seed must be an integer in [0, 2**31), got 1099511627776"),
     ("mixup_alpha", -1.0, "config.mixup_alpha must be a finite number >= 0 (0 = off), got -1.0"),
     ("b2", 1.0, "b2 must be in [0, 1), got 1.0"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -336,6 +337,18 @@ def test_resume_is_exact_with_conv_stem_and_token_dropping(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     _assert_same_params(_params(resumed), _params(straight))
     assert _eval_lines(resumed)[-1] == _eval_lines(straight)[-1]
+
+    # full_tokens_fraction: the last third keeps every token, which is the run above resumed at
+    # step 8 with token dropping off.
+    tail, by_hand = tmp_path / "tail", tmp_path / "by_hand"
+    done = _run(tail, *extra, "--config.total_steps=12", "--config.full_tokens_fraction=0.34")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "steps 9 to 12 train with every patch token" in done.stderr
+    shutil.copytree(resumed / "checkpoints" / "8", by_hand / "checkpoints" / "8")
+    done = _run(by_hand, *extra, "--config.total_steps=12", "--config.model.token_keep_ratio=1.0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same_params(_params(tail), _params(by_hand))
+    assert not np.array_equal(_params(tail)["head/kernel"], _params(straight)["head/kernel"])
 
 
 def _smoke_config():

@@ -73,6 +73,8 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.random_erase = 0.0  # probability per image of a box of N(0, 1) noise (vit/erasing.py)
     c.loss = losses.DEFAULT  # | "sigmoid_xent": per-class binary cross-entropy (vit/losses.py)
     c.grad_accum_steps = 1  # micro-batches per step (same global batch, less memory)
+    c.full_tokens_fraction = 0.0  # the last fraction of total_steps trains with every patch
+    # token (FLIP's unmasked tuning after model.token_keep_ratio < 1); 0: keep ratio throughout
     c.log_every = 50  # steps between train-metric writes
     c.eval_every = 0  # steps between evaluations; 0 = only at the end
     c.eval_tta = "none"  # test-time augmentation of the evaluations: "none" | "flip" (2x cost)
@@ -141,6 +143,14 @@ def validate_config(config: Any) -> None:
         erasing.check_prob(config.random_erase)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if not 0.0 <= float(config.full_tokens_fraction) <= 1.0:
+        raise ConfigError(f"config.full_tokens_fraction must be in [0, 1] (0 = off), got "
+                          f"{config.full_tokens_fraction}")
+    if float(config.full_tokens_fraction) > 0 and float(
+            config.model.get("token_keep_ratio", 1.0)) >= 1.0:
+        raise ConfigError("config.full_tokens_fraction > 0 ends token dropping, which is off "
+                          "(model.token_keep_ratio=1): set model.token_keep_ratio < 1, or drop "
+                          "full_tokens_fraction")
     if not 0.0 <= float(config.label_smoothing) < 1.0:
         raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if "variant" not in config.model:

@@ -132,6 +132,13 @@ def make_train_step(
     return step
 
 
+def full_tokens_from(config: Any) -> int:
+    """The first step that trains with every patch token (`config.full_tokens_fraction`'s tail
+    of total_steps); past total_steps when there is none."""
+    total = int(config.total_steps)
+    return total + 1 - round(float(config.get("full_tokens_fraction", 0.0)) * total)
+
+
 def train_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
     """The run's optimizer, wrapped for `config.skip_nonfinite` as `make_train_step` expects."""
     return nonfinite.wrap_optimizer(optim.make_optimizer(config, params),

@@ -43,6 +43,7 @@ from vit.train_step import (
     TrainState,
     create_train_state,
     fresh_state,
+    full_tokens_from,
     make_train_step,
     train_optimizer,
 )
@@ -250,8 +251,12 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     meta = {"config": config.to_dict(), "dataset_info": info.to_dict()}
     writer = _metric_writer(config, workdir, start)
     progress = metrics.ProgressBar(total, start, config.batch_size)
-    train_step = jax.pmap(make_train_step(model, tx, config, info.num_classes, teacher),
-                          axis_name=parallel.AXIS, donate_argnums=(0,))
+    def pmapped_step(step_model: VisionTransformer) -> Callable:
+        return jax.pmap(make_train_step(step_model, tx, config, info.num_classes, teacher),
+                        axis_name=parallel.AXIS, donate_argnums=(0,))
+
+    train_step = pmapped_step(model)
+    full_from = full_tokens_from(config)  # then the same parameters, every patch token kept
     frozen = () if teacher is None else (parallel.replicate(teacher.params),)
     batches = parallel.prefetch_to_device(data.train_iterator(config, start_step=start))
     rstate = parallel.replicate(state)
@@ -293,6 +298,10 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
                 batch = next(batches)
             except data.DataError as err:
                 save_and_raise(err, step - 1)
+            if step == max(full_from, start + 1) and full_from <= total:
+                log.info("steps %d to %d train with every patch token (full_tokens_fraction)",
+                         step, total)
+                train_step = pmapped_step(model.clone(token_keep_ratio=1.0))
             rstate, step_metrics = train_step(rstate, batch, *frozen)
             recent.add(step, step_metrics)
             window.steps += 1
