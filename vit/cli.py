@@ -1,6 +1,7 @@
 """The `vit` command: `vit train | eval | robustness | fewshot | predict | attention | plot | ...`.
 
-`vit convert | export | quantize | prune` (shipping a trained model) live in vit/ship_cli.py.
+`vit convert | export | quantize | average | prune` (shipping a trained model) live in
+vit/ship_cli.py.
 
 `vit train` forwards its flags to `vit.train_cli` (absl flags); the others use argparse. Every
 failure the user can fix ends with exit status 2 (1 for failed inputs among several) and one

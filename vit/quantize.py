@@ -6,9 +6,10 @@ a float32 scale beside them; its activations are quantised per token at run time
 product is accumulated in int32 (vit/int8.py). The patch embedding, the conv stem, norms,
 biases and position embeddings stay float32. The result is an ordinary checkpoint whose
 `config.model.quant` is "int8", so `vit eval`, `vit predict` and `vit export --format stablehlo
-| saved_model` (int8 kernels kept as int8, checked against the int8 model within 1e-4) run it
-unchanged. `tflite` and `onnx` refuse it in one line: their builtin matmuls do not take an
-int8 x int8 -> int32 product of plain int8 tensors.
+| saved_model` (int8 kernels kept as int8, checked against the int8 model within
+`vit.export.INT8_TOLERANCE` = 5e-2 or `INT8_RELATIVE` = 1% of the logits' range, whichever is
+larger) run it unchanged. `tflite` and `onnx` refuse it in one line: their builtin matmuls do
+not take an int8 x int8 -> int32 product of plain int8 tensors.
 """
 
 from __future__ import annotations

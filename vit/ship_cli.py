@@ -1,7 +1,8 @@
 """`vit convert | export | quantize | average | prune`: ship a trained model (parsers, runners).
 
 Thin: each runner calls one library function (vit/convert.py, vit/export.py, vit/quantize.py,
-vit/prune.py) and prints its summary; `vit.cli` adds these sub-commands to its parser.
+vit/average.py, vit/prune.py) and prints its summary; `vit.cli` adds these sub-commands to its
+parser.
 """
 
 from __future__ import annotations
