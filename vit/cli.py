@@ -162,6 +162,17 @@ def _run_attention(args: argparse.Namespace) -> int:
     return _report_errors(errors)
 
 
+def _run_info(args: argparse.Namespace) -> int:
+    from vit.checkpoint_info import describe
+
+    _check_outputs(args)
+    info = describe(args.path, step=args.step)
+    print(info.summary())
+    if args.json:
+        write_json(args.json, info.to_dict())
+    return 0
+
+
 def _run_plot(args: argparse.Namespace) -> int:
     from vit.plot import plot_runs
 
@@ -272,7 +283,15 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--ema", action="store_true", help="use the EMA params")
     at.set_defaults(run=_run_attention)
 
-    ship_cli.add_commands(sub)  # convert, export, quantize, prune
+    ship_cli.add_commands(sub)  # convert, export, quantize, average, prune
+
+    inf = sub.add_parser("info", help="what a checkpoint or weight file holds: model, params, "
+                         "FLOPs, classes, last evaluation")
+    inf.add_argument("path", metavar="PATH", help="a workdir, checkpoints/ or step dir, or a "
+                     "weight file vit convert reads (.safetensors, .npz, .pth, a Hub folder)")
+    inf.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    inf.add_argument("--json", help="also write the description to this JSON file")
+    inf.set_defaults(run=_run_info)
 
     pl = sub.add_parser("plot", help="draw test top-1 and train loss vs minutes and steps (PNG)")
     pl.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training runs' workdirs")

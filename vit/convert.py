@@ -17,6 +17,7 @@ Weights that cannot be mapped are one WeightsError line naming the missing array
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,10 @@ from vit.weight_formats import (
     read_weights,
     run_grid,
 )
+
+
+class HeadlessWeightsError(WeightsError):
+    """Weights without a classification head, converted without a number of classes for one."""
 
 
 def _need(weights: Weights, key: str) -> np.ndarray:
@@ -186,10 +191,10 @@ def _num_classes(weights: Weights, stated: int | None, class_names_file: str | N
     if stated is None and class_names_file:
         stated = len(_read_class_names(class_names_file))
     if not stated:
-        raise WeightsError("the weights have no classification head (a backbone such as "
-                           "DINOv2): pass --num-classes N (or --class-names FILE) to give the "
-                           "checkpoint a zero-initialised head of N classes, for vit fewshot, "
-                           "vit attention or fine-tuning from it")
+        raise HeadlessWeightsError("the weights have no classification head (a backbone such "
+                                   "as DINOv2): pass --num-classes N (or --class-names FILE) to "
+                                   "give the checkpoint a zero-initialised head of N classes, "
+                                   "for vit fewshot, vit attention or fine-tuning from it")
     return stated, [f"the weights have no head: a zero-initialised head of {stated} classes "
                     "added (its logits are all 0 until fine-tuned; features are unchanged)"]
 
@@ -240,7 +245,7 @@ def _own_checkpoint(src: str, use_ema: bool) -> tuple[Weights, dict]:
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.npz")
 
 
-def _weight_file_in(folder: str) -> str | None:
+def weight_file_in(folder: str) -> str | None:
     """The weight file of a Hub-style folder (model.safetensors beside its config.json, ...);
     None for anything else, such as this toolkit's workdirs and checkpoints."""
     for name in _HUB_WEIGHT_FILES:
@@ -253,7 +258,7 @@ def _read_source(src: str, normalize: str | None, use_ema: bool) -> tuple[Weight
     """(weights, what the source says of its model): a checkpoint's own run config, else the
     config.json / preprocessor_config.json beside a weight file."""
     if os.path.isdir(src):
-        inside = _weight_file_in(src)
+        inside = weight_file_in(src)
         if inside is None:
             return _own_checkpoint(src, use_ema)
         src = inside
@@ -306,25 +311,27 @@ def _new_image_size(image_size: Any, variant: str, model_config: dict
     return rows, cols
 
 
-def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
+@dataclasses.dataclass
+class Rebuilt:
+    """Weights rebuilt as a checkpoint of this toolkit would hold them, before it is written."""
+
+    model: Any  # the VisionTransformer
+    params: dict
+    config: dict  # the run config: model, image size, normalisation, eval resize, dataset
+    dataset_info: dict
+    notes: list[str]
+    source: str  # "checkpoint", "timm", "hf" or "vit_jax"
+
+
+def rebuild_weights(src: str, *, num_heads: int | None = None,
                     class_names_file: str | None = None, normalize: str | None = None,
                     gelu: str | None = None, use_ema: bool = False,
-                    num_classes: int | None = None, image_size: Any = None
-                    ) -> tuple[str, list[str]]:
-    """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
-
-    A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
-    evaluation resize and class names. `gelu` ("erf" | "tanh") and `normalize` (a
-    `preprocess.NORMALIZATIONS` name) override what the source says; defaults: the source's
-    GELU (erf for timm / HF, tanh for vit_jax), "minus_one_to_one" normalisation (timm's
-    DeiT-style models need "imagenet"). `num_classes` sizes the zero head given to head-less
-    weights (DINOv2 backbones); weights with a head keep theirs. `image_size` rebuilds the model
-    for another input size, resampling the position embedding (bilinear).
-    """
+                    num_classes: int | None = None, image_size: Any = None) -> Rebuilt:
+    """The model, params and run config that `convert_weights` writes for `src` (its arguments
+    are this function's)."""
     import jax
 
     from vit import data
-    from vit.checkpoint import write_params
     from vit.model import init_params, saved_model_from_config
     from vit.pretrained import adapt_params
 
@@ -363,7 +370,26 @@ def convert_weights(src: str, dst: str, *, num_heads: int | None = None,
     config.model = {"variant": variant, **model_config}
     info = data.DatasetInfo(config.dataset or os.path.basename(src), num_classes, tuple(names),
                             (*image_size, 3), {})
-    return write_params(dst, 0, params, config.to_dict(), info.to_dict()), notes
+    return Rebuilt(model, params, config.to_dict(), info.to_dict(), notes, weights.source)
+
+
+def convert_weights(src: str, dst: str, **rebuild_args: Any) -> tuple[str, list[str]]:
+    """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
+
+    A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
+    evaluation resize and class names. `rebuild_args` (`rebuild_weights`'s): `gelu` ("erf" |
+    "tanh") and `normalize` (a `preprocess.NORMALIZATIONS` name) override what the source says;
+    defaults: the source's GELU (erf for timm / HF, tanh for vit_jax), "minus_one_to_one"
+    normalisation (timm's DeiT-style models need "imagenet"). `num_classes` sizes the zero head
+    given to head-less weights (DINOv2 backbones); weights with a head keep theirs. `image_size`
+    rebuilds the model for another input size, resampling the position embedding (bilinear);
+    also `num_heads`, `class_names_file`, `use_ema`.
+    """
+    from vit.checkpoint import write_params
+
+    rebuilt = rebuild_weights(src, **rebuild_args)
+    path = write_params(dst, 0, rebuilt.params, rebuilt.config, rebuilt.dataset_info)
+    return path, rebuilt.notes
 
 
 EXPORTED_FILES = {"timm": ("model.safetensors", "config.json"),
