@@ -12,6 +12,14 @@ Variants after the colon:
                  Not run here (no accelerator; no weights are downloaded): the paper reports
                  98.1% (B/16, ImageNet-21k weights) on CIFAR-10 at 384 px. These variants
                  target accelerators (see "Memory" below); the c10-* ones are CPU recipes.
+  dinov2_S/14-cifar10-224, dinov2reg_B/14-cifar100-224, deit3_S/16-cifar10-224
+                 "<family>_<model>-<dataset>[-<pixels>]": the same recipe from timm's DINOv2,
+                 DINOv2-with-registers or DeiT III weights (vit_small_patch14_dinov2,
+                 vit_base_patch14_reg4_dinov2, deit3_small_patch16_224, ...), whose model has
+                 LayerScale, exact GELU, 4 registers (dinov2reg) and ImageNet input statistics:
+                     python train.py --config=configs/finetune.py:dinov2_S/14-cifar10-224 \
+                         --workdir=runs/dinov2-c10 --init_from=dinov2_s14/model.safetensors
+                 Not run here either.
   c10-0to4       the small source model of the fine-tuning experiment: a 4-block, width-128 ViT
                  with 4x4 patches trained on CIFAR-10 classes 0-4 at 32 px (AdamW, as
                  configs/cifar10.py:short), 600 steps of batch 64:
@@ -47,6 +55,13 @@ from vit.config_schema import default_config, model_config
 _DATASETS = {"cifar10": ("cifar10", "train[:98%]", "train[98%:]"),
              "cifar100": ("cifar100", "train[:98%]", "train[98%:]")}
 _SMALL_MODEL = dict(width=128, depth=4, num_heads=4, mlp_dim=384)
+# Backbone families whose weights need more than a plain ViT: their model options (LayerScale's
+# initial value is replaced by the loaded scales) and input normalisation.
+_FAMILIES = {
+    "deit3": (dict(layer_scale=1e-6, gelu_approximate=False), "imagenet"),
+    "dinov2": (dict(layer_scale=1e-5, gelu_approximate=False), "imagenet"),
+    "dinov2reg": (dict(layer_scale=1e-5, gelu_approximate=False, num_registers=4), "imagenet"),
+}
 # Micro-batches per step so that batch 512 fits one 80 GB GPU with margin, from
 # bench/train_memory.py (see the module docstring); other models and sizes: 1, measure them.
 _GRAD_ACCUM_ONE_80GB = {("B/16", 384): 16, ("S/16", 384): 8, ("B/16", 224): 4}
@@ -61,11 +76,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         return _small_cifar10([5, 6, 7, 8, 9], finetune=True)
     model, _, rest = variant.partition("-")
     dataset, _, pixels = rest.partition("-")
-    if dataset not in _DATASETS or not (pixels == "" or pixels.isdigit()):
+    family, _, model = model.rpartition("_")
+    if (dataset not in _DATASETS or not (pixels == "" or pixels.isdigit())
+            or family not in ("", *_FAMILIES)):
         raise ValueError(
             f"unknown finetune variant {variant!r}: use c10-0to4, c10-5to9 or "
-            "<model>-<cifar10|cifar100>[-<pixels>], e.g. B/16-cifar10 or S/16-cifar100-224")
-    return _paper_recipe(model, dataset, int(pixels or 384))
+            "[<family>_]<model>-<cifar10|cifar100>[-<pixels>], e.g. B/16-cifar10, "
+            f"S/16-cifar100-224 or dinov2_S/14-cifar10-224 (families: {', '.join(_FAMILIES)})")
+    c = _paper_recipe(model, dataset, int(pixels or 384))
+    if family:
+        options, c.pp.normalize = _FAMILIES[family]
+        c.model.update(options)
+    return c
 
 
 def _sgd_recipe(c: ml_collections.ConfigDict, lr: float, total: int, warmup: int) -> None:

@@ -21,14 +21,15 @@ VARIANTS = {
     "cifar10": ["short", "short-proxy", "ablation-base", "hour", "hour-f32", "hour-conv",
                 "Ti/4", "S/4"],
     "imagenet": ["S/16", "B/16", "S/16-300ep", "B/16-300ep"],
-    "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224"],
+    "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224",
+                 "dinov2reg_S/14-cifar10-224"],
 }
 CONFIGS = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
 # Recipes for accelerators (bfloat16 compute, float32 parameters and optimizer state) and the
 # CPU recipes, tuned in float32 (or float32 with bfloat16 matmul operands) on this machine.
 ACCELERATOR = [("imagenet", v) for v in VARIANTS["imagenet"]] + [
     ("finetune", "B/16-cifar10"), ("finetune", "S/16-cifar100"), ("finetune", "B/16-cifar10-224"),
-    ("cifar10", "Ti/4"), ("cifar10", "S/4")]
+    ("finetune", "dinov2reg_S/14-cifar10-224"), ("cifar10", "Ti/4"), ("cifar10", "S/4")]
 CPU = [c for c in CONFIGS if c not in ACCELERATOR]
 
 
@@ -136,3 +137,30 @@ def test_imagenet_recipe(tmp_path, monkeypatch):
         result = trainer.train(config, str(tmp_path))
     assert int(result.state.step) == 2
     assert 0.0 <= result.metrics["eval/top1"] <= 1.0
+
+
+@pytest.mark.parametrize("family,registers", [("deit3", 0), ("dinov2", 0), ("dinov2reg", 4)])
+def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path, family,
+                                                                      registers):
+    """dinov2reg_S/14 (at the fixture's width and depth) takes timm's DINOv2-reg weights as they
+    are; the other families build the same options, without registers."""
+    import safetensors.numpy
+    from test_pretrained import fixture, random_weights
+
+    from vit.pretrained import load_pretrained
+
+    config = _config("finetune", f"{family}_S/14-cifar100-224")
+    assert config.pp.normalize == "imagenet" and config.image_size == 224
+    assert config.model.gelu_approximate is False and config.model.layer_scale is not None
+    assert config.model.num_registers == registers and config.dataset == "cifar100"
+    if family != "dinov2reg":
+        return
+    meta, _ = fixture("timm_dinov2_reg_tiny")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    model = model_from_config({**config.model.to_dict(), "width": 192, "depth": 2,
+                               "num_heads": 3, "mlp_dim": 768}, num_classes=100, image_size=56)
+    params, notes = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)))
+    assert "head initialised: 100 classes (none in the weights)" in notes
+    with pytest.raises(ValueError, match="families: deit3, dinov2, dinov2reg"):
+        _config("finetune", "dino_S/14-cifar10")
