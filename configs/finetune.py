@@ -19,7 +19,8 @@ Variants after the colon:
                  LayerScale, exact GELU, 4 registers (dinov2reg) and ImageNet input statistics:
                      python train.py --config=configs/finetune.py:dinov2_S/14-cifar10-224 \
                          --workdir=runs/dinov2-c10 --init_from=dinov2_s14/model.safetensors
-                 Not run here either.
+                 Not run here either, nor their memory measured: they accumulate no
+                 gradients, so measure them as below and set --config.grad_accum_steps.
   c10-0to4       the small source model of the fine-tuning experiment: a 4-block, width-128 ViT
                  with 4x4 patches trained on CIFAR-10 classes 0-4 at 32 px (AdamW, as
                  configs/cifar10.py:short), 600 steps of batch 64:
@@ -83,6 +84,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             f"unknown finetune variant {variant!r}: use c10-0to4, c10-5to9 or "
             "[<family>_]<model>-<cifar10|cifar100>[-<pixels>], e.g. B/16-cifar10, "
             f"S/16-cifar100-224 or dinov2_S/14-cifar10-224 (families: {', '.join(_FAMILIES)})")
+    patch = model.rpartition("/")[2]
+    if not pixels and patch.isdigit() and 384 % int(patch):
+        raise ValueError(f"finetune variant {variant!r}: the default 384 px is no multiple of "
+                         f"{patch}-px patches; give the size, e.g. {variant}-224")
     c = _paper_recipe(model, dataset, int(pixels or 384))
     if family:
         options, c.pp.normalize = _FAMILIES[family]

@@ -20,7 +20,7 @@ def test_a_run_is_described_with_its_counts_classes_and_evaluation_at_that_step(
     shutil.copytree(tmp_path / "run" / "checkpoints" / "3", tmp_path / "run" / "checkpoints" / "7")
     lines = [{"step": 3, "eval/top1": 0.25, "eval/top5": 0.5, "eval/loss": 2.0},
              {"step": 5, "train/loss": 1.9},
-             {"step": 7, "eval/top1": 0.5, "eval/top5": 0.75, "eval/loss": 1.5}]
+             {"step": 7, "eval/top1": 0.5, "eval/top5": 0.75, "eval/loss": "nan"}]
     (tmp_path / "run" / "metrics.jsonl").write_text(
         "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8, "eval/to')  # a cut line
 
@@ -40,7 +40,13 @@ def test_a_run_is_described_with_its_counts_classes_and_evaluation_at_that_step(
                           "num_registers": 2}
     assert info.num_classes == 12 and info.class_names[:2] == ["c0", "c1"]
     assert info.last_eval == {"step": 3, "eval/top1": 0.25, "eval/top5": 0.5, "eval/loss": 2.0}
-    assert describe(tmp_path / "run").last_eval["step"] == 7  # the latest step by default
+    latest = describe(tmp_path / "run")  # the latest step by default
+    assert latest.last_eval["step"] == 7 and np.isnan(latest.last_eval["eval/loss"])
+    assert "eval/loss nan" in latest.summary()
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "3", tmp_path / "run" / "checkpoints" / "2")
+    assert describe(tmp_path / "run", step=2).last_eval == {}  # no evaluation at or before 2
+    write(str(tmp_path / "run" / "int8"), PLAIN)  # another run's output inside this workdir
+    assert describe(tmp_path / "run" / "int8").last_eval == {}
     text = info.summary()
     assert "checkpoint, step 3 (complete steps: 3, 7)" in text
     assert "12 classes (c0, c1, c2, c3, c4, c5, c6, c7, ... (4 more))" in text

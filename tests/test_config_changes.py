@@ -20,6 +20,11 @@ def test_changed_keys_are_dotted_and_json_normalised():
            "skip_nonfinite": 0}
     assert config_changes.changed_keys(stored, new) == {
         "lr": (0.001, 0.002), "model.width": (32, 64), "skip_nonfinite": ("<absent>", 0)}
+    # A checkpoint written before a key existed: the key at its default is no change.
+    new["full_tokens_fraction"] = 0.0
+    assert config_changes.changed_keys(stored, new, {"full_tokens_fraction": 0.0,
+                                                     "skip_nonfinite": 2}) == {
+        "lr": (0.001, 0.002), "model.width": (32, 64), "skip_nonfinite": ("<absent>", 0)}
 
 
 @pytest.mark.parametrize("skip", [0, 2])

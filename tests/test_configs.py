@@ -164,3 +164,6 @@ def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path
     assert "head initialised: 100 classes (none in the weights)" in notes
     with pytest.raises(ValueError, match="families: deit3, dinov2, dinov2reg"):
         _config("finetune", "dino_S/14-cifar10")
+    with pytest.raises(ValueError, match="384 px is no multiple of 14-px patches; give the size, "
+                                         "e.g. dinov2_S/14-cifar10-224"):
+        _config("finetune", "dinov2_S/14-cifar10")

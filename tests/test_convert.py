@@ -129,11 +129,20 @@ def test_deit3_and_a_headless_dinov2_convert_and_go_back_out(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no classification head" in err[0] and "--num-classes N" in err[0]
     assert not (tmp_path / "bare").exists()
+    # timm's official Hub config.json: no model_args, the input size and statistics in
+    # pretrained_cfg
+    (tmp_path / "dino" / "config.json").write_text(json.dumps({
+        "architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 0,
+        "pretrained_cfg": {"input_size": [3, 56, 56], "crop_pct": 1.0, "crop_mode": "center",
+                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
     assert cli.main(["convert", src, str(tmp_path / "ours"), "--num-classes", "3"]) == 0
-    assert "a zero-initialised head of 3 classes added" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a zero-initialised head of 3 classes added" in out and "assumed" not in out.replace(
+        "3 heads assumed", "")
     loaded = load_inference_model(str(tmp_path / "ours"))
     assert loaded.model.num_registers == 4 and loaded.model.layer_scale is not None
     assert loaded.model.num_classes == 3 and tuple(loaded.model.patch_size) == (14, 14)
+    assert loaded.config.pp.normalize == "imagenet"
     np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
                                ref["features_gelu_erf"], atol=1e-4, rtol=0)
 
@@ -424,7 +433,7 @@ def test_a_stated_size_beside_square_weights_that_does_not_fit_is_noted_not_fata
     assert cli.main(["convert", str(tmp_path / "out" / "model.safetensors"),
                      str(tmp_path / "a")]) == 0
     assert (f"config.json states image size {stated}, which does not fit the position "
-            "embedding's 16 tokens: taken as 16x16, their square") in capsys.readouterr().out
+            "embedding's 16 patch tokens: taken as 16x16, their square") in capsys.readouterr().out
     assert load_inference_model(str(tmp_path / "a")).model.image_size == (16, 16)
 
 

@@ -312,6 +312,16 @@ def _per_device_32() -> int:
     return 32 // jax.device_count()
 
 
+def test_a_full_token_tail_of_no_step_is_refused(tmp_path):
+    config = _smoke_config(8)
+    config.model.token_keep_ratio = 0.5
+    config.full_tokens_fraction = 0.05  # 0.4 of a step
+    with pytest.raises(ValueError, match=r"^config.full_tokens_fraction=0.05 of total_steps=8 "
+                                         r"is not one step: raise it, or set 0 \(off\)$"):
+        trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("model.dtype", "float17", "unknown model dtype 'float17'; use one of float32, bfloat16, "
      "float16"),

@@ -300,6 +300,11 @@ def write_params(workdir: str, step: int, params: PyTree, config: dict, dataset_
     return str(checkpointer.directory / str(step))
 
 
+def checkpoints_dir(path: str) -> Path:
+    """The directory holding the step directories of a workdir, checkpoints/ or step dir."""
+    return _locate(path, None)[0]
+
+
 def checkpoint_steps(path: str) -> list[int]:
     """The steps with a complete checkpoint in a workdir (or its checkpoints dir), ascending."""
     root, _ = _locate(path, None)

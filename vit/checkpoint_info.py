@@ -8,7 +8,6 @@ rebuilds as convert would without writing anything. `vit info PATH` prints the s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +42,7 @@ class CheckpointInfo:
     normalize: str
     eval_resize: int | None
     has_ema: bool
-    last_eval: dict[str, float]  # the run's metrics.jsonl at this step (else its latest)
+    last_eval: dict[str, float]  # the run's latest evaluation at or before this step
     notes: list[str]
 
     def to_dict(self) -> dict:
@@ -115,39 +114,37 @@ def param_groups(params: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _workdir_of(path: str) -> Path | None:
-    """The training run's workdir a checkpoint path belongs to; None if it cannot be told."""
-    here = Path(path).absolute()
-    for candidate in (here, here.parent, here.parent.parent):
-        if (candidate / "metrics.jsonl").is_file():
-            return candidate
-    return None
+    """The training run's workdir that holds the checkpoints at `path`: the folder around its
+    checkpoints/ (a workdir with a metrics.jsonl); None for any other layout."""
+    from vit.checkpoint import CHECKPOINT_DIR, checkpoints_dir
+
+    root = checkpoints_dir(path)
+    if root.name != CHECKPOINT_DIR or not (root.parent / "metrics.jsonl").is_file():
+        return None
+    return root.parent
 
 
-def last_eval(workdir: Path | None, step: int | None) -> dict[str, float]:
-    """The evaluation metrics.jsonl logged at `step`, else its latest one; {} without any."""
+def eval_at_step(workdir: Path | None, step: int) -> dict[str, float]:
+    """The run's latest evaluation logged at or before `step` in its metrics.jsonl (values as
+    floats, NaN included); {} if there is none."""
+    from vit.metrics import read_jsonl
+
     if workdir is None:
         return {}
     found: dict[str, float] = {}
-    with open(workdir / "metrics.jsonl") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash mid-write
-            if "eval/top1" not in record:
-                continue
-            found = {"step": record.get("step"), **{k: record[k] for k in _EVAL_KEYS
-                                                     if k in record}}
-            if record.get("step") == step:
-                break
+    for record in read_jsonl(workdir / "metrics.jsonl"):
+        if "eval/top1" in record and int(record["step"]) <= step:
+            found = {"step": int(record["step"]),
+                     **{k: float(record[k]) for k in _EVAL_KEYS if k in record}}
     return found
 
 
-def describe(path: str | os.PathLike[str], *, step: int | None = None) -> CheckpointInfo:
+def describe(path: str | os.PathLike[str], *, step: int | None = None,
+             num_heads: int | None = None, normalize: str | None = None) -> CheckpointInfo:
     """Describe the checkpoint (a workdir, checkpoints/ or step dir; `step`: default the latest)
-    or weight file at `path`."""
+    or weight file at `path` (`num_heads`, `normalize`: what such a file may not say)."""
     from vit import checkpoint
-    from vit.convert import HeadlessWeightsError, rebuild_weights, weight_file_in
+    from vit.convert import rebuild_weights, weight_file_in
     from vit.evaluate import load_inference_model
     from vit.flops import forward_flops_per_image
 
@@ -165,20 +162,17 @@ def describe(path: str | os.PathLike[str], *, step: int | None = None) -> Checkp
         if step is not None:
             raise ValueError(f"--step picks a checkpoint of a training run; {path} is a weight "
                              "file: drop --step")
-        try:
-            rebuilt, headless = rebuild_weights(path), False
-        except HeadlessWeightsError:
-            rebuilt, headless = rebuild_weights(path, num_classes=1), True
+        rebuilt = rebuild_weights(path, num_heads=num_heads, normalize=normalize,
+                                  require_head=False)
         config, params, model = rebuilt.config, rebuilt.params, rebuilt.model
-        names = [] if headless else list(rebuilt.dataset_info["class_names"])
+        names = list(rebuilt.dataset_info["class_names"]) if rebuilt.has_head else []
         num_classes = len(names)
-        has_ema, source, steps = False, rebuilt.source, []
-        notes = [n for n in rebuilt.notes if not (headless and "zero-initialised head" in n)]
-        notes += ["no classification head in the weights (a backbone): vit convert needs "
-                  "--num-classes"] if headless else []
+        has_ema, source, steps, notes = False, rebuilt.source, [], rebuilt.notes
+        if not rebuilt.has_head:  # the stand-in head rebuild_weights added is not the file's
+            params = {k: v for k, v in params.items() if k != "head"}
+            notes.append("no classification head in the weights (a backbone): vit convert "
+                         "needs --num-classes")
     flat = flatten_params(params)
-    if not is_run and headless:  # the stand-in head rebuild_weights added is not the file's
-        flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
     pp = config.get("pp") or {}
     return CheckpointInfo(
         path=path, source=source, step=step, steps=steps,
@@ -191,4 +185,4 @@ def describe(path: str | os.PathLike[str], *, step: int | None = None) -> Checkp
         num_classes=num_classes, class_names=names,
         dataset=str(config.get("dataset") or ""), normalize=str(pp.get("normalize")),
         eval_resize=pp.get("eval_resize"), has_ema=has_ema,
-        last_eval=last_eval(_workdir_of(path), step) if is_run else {}, notes=notes)
+        last_eval=eval_at_step(_workdir_of(path), step) if is_run else {}, notes=notes)

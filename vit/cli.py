@@ -166,7 +166,8 @@ def _run_info(args: argparse.Namespace) -> int:
     from vit.checkpoint_info import describe
 
     _check_outputs(args)
-    info = describe(args.path, step=args.step)
+    info = describe(args.path, step=args.step, num_heads=args.num_heads,
+                    normalize=args.normalize)
     print(info.summary())
     if args.json:
         write_json(args.json, info.to_dict())
@@ -290,6 +291,10 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("path", metavar="PATH", help="a workdir, checkpoints/ or step dir, or a "
                      "weight file vit convert reads (.safetensors, .npz, .pth, a Hub folder)")
     inf.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    inf.add_argument("--num-heads", type=positive_int,
+                     help="a weight file's heads, when it cannot tell (as vit convert)")
+    inf.add_argument("--normalize", help="a weight file's input normalisation, when its "
+                     "config.json names none this toolkit knows (as vit convert)")
     inf.add_argument("--json", help="also write the description to this JSON file")
     inf.set_defaults(run=_run_info)
 

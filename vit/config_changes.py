@@ -55,11 +55,15 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_keys(stored: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (stored value, new value)} for every key whose value differs."""
+def changed_keys(stored: dict, new: dict, defaults: dict | None = None
+                 ) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (stored value, new value)} for every key whose value differs; a key the
+    stored config lacks (written before the key existed) is unchanged at its `defaults` value."""
     old, now = flatten(_plain(stored)), flatten(_plain(new))
+    default = flatten(_plain(defaults or {}))
     pairs = {key: (old.get(key, _ABSENT), now.get(key, _ABSENT)) for key in set(old) | set(now)}
-    return {key: pair for key, pair in sorted(pairs.items()) if pair[0] != pair[1]}
+    return {key: pair for key, pair in sorted(pairs.items()) if pair[0] != pair[1]
+            and not (pair[0] == _ABSENT and key in default and pair[1] == default[key])}
 
 
 def is_harmless(key: str) -> bool:
@@ -112,7 +116,9 @@ def check_resume(stored_config: dict, new_config: dict, saved: dict, built: dict
     structure the new config builds with one key set to `value`, so the error names only the
     keys that change the state. Raises ConfigChangeError (one line) on a mismatch.
     """
-    changes = changed_keys(stored_config, new_config)
+    from vit.config_schema import default_config
+
+    changes = changed_keys(stored_config, new_config, default_config().to_dict())
     if saved == built:
         return changes
     culprits = {k: v for k, v in changes.items() if not is_harmless(k)}

@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from vit import adversarial, data_options, distill, erasing, fewshot, losses, optim, wandb_logger
+from vit.train_step import full_token_steps
 
 TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
 
@@ -146,11 +147,15 @@ def validate_config(config: Any) -> None:
     if not 0.0 <= float(config.full_tokens_fraction) <= 1.0:
         raise ConfigError(f"config.full_tokens_fraction must be in [0, 1] (0 = off), got "
                           f"{config.full_tokens_fraction}")
-    if float(config.full_tokens_fraction) > 0 and float(
-            config.model.get("token_keep_ratio", 1.0)) >= 1.0:
-        raise ConfigError("config.full_tokens_fraction > 0 ends token dropping, which is off "
-                          "(model.token_keep_ratio=1): set model.token_keep_ratio < 1, or drop "
-                          "full_tokens_fraction")
+    if float(config.full_tokens_fraction) > 0:
+        if float(config.model.get("token_keep_ratio", 1.0)) >= 1.0:
+            raise ConfigError("config.full_tokens_fraction > 0 ends token dropping, which is "
+                              "off (model.token_keep_ratio=1): set model.token_keep_ratio < 1, "
+                              "or drop full_tokens_fraction")
+        if full_token_steps(float(config.full_tokens_fraction), int(config.total_steps)) == 0:
+            raise ConfigError(f"config.full_tokens_fraction={config.full_tokens_fraction} of "
+                              f"total_steps={config.total_steps} is not one step: raise it, or "
+                              "set 0 (off)")
     if not 0.0 <= float(config.label_smoothing) < 1.0:
         raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if "variant" not in config.model:

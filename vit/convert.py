@@ -9,7 +9,10 @@ from a `config.json` beside the file when there is one (HF's, timm's Hub config,
 default. A checkpoint of this toolkit keeps its run's own config (model, image size,
 normalisation, evaluation resize, class names); an int8 one is refused. The image size may be
 rectangular where the source states it (the run config, or the config.json beside a file);
-otherwise the square the position embedding's token count makes. Out
+otherwise the square the position embedding's token count makes (with or without a class-token
+entry: DeiT III and DINOv2-reg have none). `image_size` rebuilds the model for another size
+instead; head-less backbones (DINOv2) need `num_classes` for a zero head. `rebuild_weights`
+does all of it without writing (`vit info` reads it). Out
 (`export_weights`): a checkpoint to timm / HF safetensors or a vit_jax .npz, each with its
 config.json (`vit.weights_out`); converting that back gives the same params and eval resize.
 Weights that cannot be mapped are one WeightsError line naming the missing array or format.
@@ -36,10 +39,6 @@ from vit.weight_formats import (
     read_weights,
     run_grid,
 )
-
-
-class HeadlessWeightsError(WeightsError):
-    """Weights without a classification head, converted without a number of classes for one."""
 
 
 def _need(weights: Weights, key: str) -> np.ndarray:
@@ -129,7 +128,11 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
         overrides["num_registers"] = int(weights["Transformer/registers"].shape[1])
     if any(k.endswith("/LayerScale_1/scale") for k in weights):
         overrides["layer_scale"] = LOADED_LAYER_SCALE  # on; the loaded scales replace it
-    return f"Ti/{patch}", overrides, [note] if note else []
+    from vit.model import VARIANTS
+
+    sizes = {k: overrides[k] for k in ("width", "depth", "mlp_dim", "num_heads")}
+    name = next((name for name, v in VARIANTS.items() if v == sizes), "Ti")  # else overridden
+    return f"{name}/{patch}", overrides, [note] if note else []
 
 
 def _is_square(n: int) -> bool:
@@ -158,12 +161,12 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
         rows, cols = (s // patch for s in sides)
         if rows * cols in counts and not any(s % patch for s in sides):
             return (rows, cols), []
-        if not _is_square(tokens):
+        if not squares:
             raise WeightsError(f"config.json beside the weights states image size {stated}, "
                                f"which {patch}-pixel patches do not cut into the position "
                                f"embedding's {tokens} patch tokens: fix its image size")
         return (side, side), [f"config.json states image size {stated}, which does not fit the "
-                              f"position embedding's {tokens} tokens: taken as "
+                              f"position embedding's {side * side} patch tokens: taken as "
                               f"{side * patch}x{side * patch}, their square"]
     if not squares:
         raise WeightsError(f"the position embedding has {tokens} patch tokens, not a square "
@@ -178,10 +181,11 @@ def _read_class_names(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def _num_classes(weights: Weights, stated: int | None, class_names_file: str | None
-                 ) -> tuple[int, list[str]]:
+def _num_classes(weights: Weights, stated: int | None, class_names_file: str | None,
+                 require_head: bool = True) -> tuple[int, list[str]]:
     """(classes of the converted model's head, notes): the head's, else `stated`, else as many
-    as the class-names file lists; a head-less backbone (DINOv2) gets a zero head of them."""
+    as the class-names file lists; a head-less backbone (DINOv2) gets a zero head of them, or
+    of 1 class without `require_head`."""
     if "head/kernel" in weights:
         have = int(weights["head/kernel"].shape[-1])
         if stated is not None and stated != have:
@@ -190,11 +194,15 @@ def _num_classes(weights: Weights, stated: int | None, class_names_file: str | N
         return have, []
     if stated is None and class_names_file:
         stated = len(_read_class_names(class_names_file))
+        if not stated:
+            raise WeightsError(f"{class_names_file!r} lists no class names: give one per line")
+    if not stated and not require_head:
+        return 1, []
     if not stated:
-        raise HeadlessWeightsError("the weights have no classification head (a backbone such "
-                                   "as DINOv2): pass --num-classes N (or --class-names FILE) to "
-                                   "give the checkpoint a zero-initialised head of N classes, "
-                                   "for vit fewshot, vit attention or fine-tuning from it")
+        raise WeightsError("the weights have no classification head (a backbone such as "
+                           "DINOv2): pass --num-classes N (or --class-names FILE) to give the "
+                           "checkpoint a zero-initialised head of N classes, for vit fewshot, "
+                           "vit attention or fine-tuning from it")
     return stated, [f"the weights have no head: a zero-initialised head of {stated} classes "
                     "added (its logits are all 0 until fine-tuned; features are unchanged)"]
 
@@ -305,9 +313,10 @@ def _new_image_size(image_size: Any, variant: str, model_config: dict
     rows, cols = pair(image_size)
     patch = pair(model_config.get("patch_size") or parse_variant(variant)[1], "patch_size")
     if rows % patch[0] or cols % patch[1]:
+        near = [max(n // p, 1) * p for n, p in zip((rows, cols), patch, strict=True)]
         raise WeightsError(f"image size {rows}x{cols} is not a multiple of the weights' "
                            f"{patch[0]}x{patch[1]} patches: pass a multiple, e.g. "
-                           f"{rows // patch[0] * patch[0] or patch[0]}")
+                           f"{near[0] if near[0] == near[1] else f'{near[0]},{near[1]}'}")
     return rows, cols
 
 
@@ -321,14 +330,28 @@ class Rebuilt:
     dataset_info: dict
     notes: list[str]
     source: str  # "checkpoint", "timm", "hf" or "vit_jax"
+    has_head: bool  # False: head-less weights, given a stand-in zero head
 
 
 def rebuild_weights(src: str, *, num_heads: int | None = None,
                     class_names_file: str | None = None, normalize: str | None = None,
                     gelu: str | None = None, use_ema: bool = False,
-                    num_classes: int | None = None, image_size: Any = None) -> Rebuilt:
-    """The model, params and run config that `convert_weights` writes for `src` (its arguments
-    are this function's)."""
+                    num_classes: int | None = None, image_size: Any = None,
+                    require_head: bool = True) -> Rebuilt:
+    """The model, params and run config that `convert_weights` writes for weights `read_weights`
+    reads (nothing is written).
+
+    A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
+    evaluation resize and class names. `gelu` ("erf" | "tanh") and `normalize` (a
+    `preprocess.NORMALIZATIONS` name) override what the source says; defaults: the source's
+    GELU (erf for timm / HF, tanh for vit_jax), "minus_one_to_one" normalisation (timm's
+    DeiT-style models need "imagenet"). `num_heads` is for fused timm / HF attention whose width
+    is no standard variant's; `class_names_file` has one class name per line. `num_classes`
+    sizes the zero head given to head-less weights (DINOv2 backbones; required unless
+    `require_head=False`, which gives them a stand-in head of 1 class); weights with a head keep
+    theirs. `image_size` rebuilds the model for another input size, resampling the position
+    embedding (bilinear). `use_ema` takes a checkpoint's EMA parameters.
+    """
     import jax
 
     from vit import data
@@ -352,7 +375,7 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
         notes.append("input normalisation assumed minus_one_to_one (0.5 / 0.5): the file does "
                      "not say; pass --normalize imagenet for DeiT-style timm models")
     normalize = normalize or said.get("normalize", "minus_one_to_one")
-    num_classes, head_notes = _num_classes(weights, num_classes, class_names_file)
+    num_classes, head_notes = _num_classes(weights, num_classes, class_names_file, require_head)
     notes += head_notes
     # A model trained with attention "cudnn" on a GPU converts (and runs) anywhere.
     model = saved_model_from_config({"variant": variant, **model_config},
@@ -370,21 +393,13 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
     config.model = {"variant": variant, **model_config}
     info = data.DatasetInfo(config.dataset or os.path.basename(src), num_classes, tuple(names),
                             (*image_size, 3), {})
-    return Rebuilt(model, params, config.to_dict(), info.to_dict(), notes, weights.source)
+    return Rebuilt(model, params, config.to_dict(), info.to_dict(), notes, weights.source,
+                   "head/kernel" in weights)
 
 
 def convert_weights(src: str, dst: str, **rebuild_args: Any) -> tuple[str, list[str]]:
-    """Turn weights `read_weights` reads into a checkpoint in workdir `dst`: (its dir, notes).
-
-    A checkpoint of this toolkit keeps its run's model config, image size, normalisation,
-    evaluation resize and class names. `rebuild_args` (`rebuild_weights`'s): `gelu` ("erf" |
-    "tanh") and `normalize` (a `preprocess.NORMALIZATIONS` name) override what the source says;
-    defaults: the source's GELU (erf for timm / HF, tanh for vit_jax), "minus_one_to_one"
-    normalisation (timm's DeiT-style models need "imagenet"). `num_classes` sizes the zero head
-    given to head-less weights (DINOv2 backbones); weights with a head keep theirs. `image_size`
-    rebuilds the model for another input size, resampling the position embedding (bilinear);
-    also `num_heads`, `class_names_file`, `use_ema`.
-    """
+    """Write the checkpoint `rebuild_weights(src, **rebuild_args)` rebuilds into workdir `dst`
+    (as its step 0): (its step directory, the notes on what was read and adapted)."""
     from vit.checkpoint import write_params
 
     rebuilt = rebuild_weights(src, **rebuild_args)

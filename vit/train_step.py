@@ -7,6 +7,7 @@ where only JAX is installed; vit/trainer.py runs it in the loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -136,7 +137,12 @@ def full_tokens_from(config: Any) -> int:
     """The first step that trains with every patch token (`config.full_tokens_fraction`'s tail
     of total_steps); past total_steps when there is none."""
     total = int(config.total_steps)
-    return total + 1 - round(float(config.get("full_tokens_fraction", 0.0)) * total)
+    return total + 1 - full_token_steps(float(config.get("full_tokens_fraction", 0.0)), total)
+
+
+def full_token_steps(fraction: float, total_steps: int) -> int:
+    """How many of `total_steps` the tail of `fraction` is: rounded half up."""
+    return math.floor(fraction * total_steps + 0.5)
 
 
 def train_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:

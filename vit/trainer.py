@@ -251,7 +251,9 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     meta = {"config": config.to_dict(), "dataset_info": info.to_dict()}
     writer = _metric_writer(config, workdir, start)
     progress = metrics.ProgressBar(total, start, config.batch_size)
+
     def pmapped_step(step_model: VisionTransformer) -> Callable:
+        """The train step of `step_model` (the run's model, or it with every token kept)."""
         return jax.pmap(make_train_step(step_model, tx, config, info.num_classes, teacher),
                         axis_name=parallel.AXIS, donate_argnums=(0,))
 

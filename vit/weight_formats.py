@@ -239,10 +239,12 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
         else:
             out.update(renamed)
     if unknown:
+        which = ("only plain ViTs (with LayerScale or register tokens) and ResNet-v2 hybrids (no "
+                 "qk-norm, SwiGLU or other CNN stems) can be loaded" if source == "timm" else
+                 "only plain ViTs load from HF naming (for DINOv2 or DeiT III, convert timm's "
+                 "files of the same weights)")
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
-                           f"{', '.join(unknown)}; only plain ViTs (with LayerScale or register "
-                           "tokens) and ResNet-v2 hybrids (no qk-norm, SwiGLU or other CNN "
-                           "stems) can be loaded")
+                           f"{', '.join(unknown)}; {which}")
     if any(k.startswith("fc_norm.") for k in state):
         notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
                      "pooling): outputs differ from timm until fine-tuned")

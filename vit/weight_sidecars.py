@@ -137,8 +137,8 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
         size = preprocessor.get("size") or {}
         if preprocessor.get("do_center_crop") and isinstance(size, dict):
             said["eval_resize"] = size.get("shortest_edge")
-    elif "model_args" in config:  # timm's Hub config.json
-        args = config["model_args"]
+    elif {"model_args", "pretrained_cfg", "architecture"} & set(config):  # timm's Hub config
+        args = config.get("model_args") or {}  # only written for non-default arguments
         said["gelu"] = _gelu_kind(args.get("act_layer"), "config.json's model_args.act_layer")
         said["num_heads"] = args.get("num_heads")
         if args.get("mlp_ratio") and args.get("embed_dim"):
