@@ -142,6 +142,29 @@ def test_deit3_and_dinov2_registers_parity(tmp_path):
 
 
 @pytest.mark.parametrize("names", ["file", "memory"])
+def test_huggingface_dinov2_with_registers_parity(tmp_path, names):
+    """transformers' Dinov2WithRegistersModel (facebook/dinov2-with-registers-*): its pooled
+    output from `load_pretrained` and from `vit convert`, in both namings of its modules."""
+    meta, ref = fixture("hf_dinov2_reg_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    if names == "file":
+        state = dict(zip(meta["file_names"], state.values(), strict=True))
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    model = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
+                             gelu_approximate=False, layer_scale=0.1, num_registers=4)
+    params, notes = load_pretrained(path, model, init(model))
+    assert "hf parameter embeddings.mask_token has no counterpart here; dropped" in notes
+    np.testing.assert_allclose(np.asarray(head_input(model, params, images(meta))),
+                               ref["features_gelu_erf"], atol=1e-4, rtol=0)
+    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"), num_classes=2)
+    loaded = load_inference_model(checkpoint)
+    assert loaded.model.num_registers == 4 and loaded.model.layer_scale is not None
+    np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
+                               ref["features_gelu_erf"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("names", ["file", "memory"])
 def test_huggingface_parity(tmp_path, names):
     meta, ref = fixture("hf_vit_tiny")
     state = random_weights.build(meta["manifest"], meta["seed"])

@@ -2,9 +2,10 @@
 
 Containers: a checkpoint directory of this toolkit (via `vit.checkpoint`), `.npz` (vit_jax /
 AugReg, keys joined with "/"), `.safetensors`, and `.bin` / `.pth` / `.pt` (needs torch).
-Namings: this toolkit's own (= vit_jax's), timm's `VisionTransformer` (plain, or a ResNet-v2
-hybrid such as `vit_base_r50_s16_224`) and HuggingFace transformers' `ViTModel` /
-`ViTForImageClassification`; the latter two are renamed and transposed here (conv kernels
+Namings: this toolkit's own (= vit_jax's), timm's `VisionTransformer` (plain, with LayerScale or
+registers as DeiT III and DINOv2, or a ResNet-v2 hybrid such as `vit_base_r50_s16_224`) and
+HuggingFace transformers' `ViTModel` / `ViTForImageClassification` and `Dinov2Model` /
+`Dinov2WithRegistersModel`; the latter two are renamed and transposed here (conv kernels
 OIHW -> HWIO). Their attention projections come out as plain matrices ([D, D] kernels, [D]
 biases); `vit.pretrained.adapt_params` splits them into the model's heads. vit_jax's hybrid
 trunk names (`conv_root`, `block{i}/unit{j}/...`, see vit/resnet.py) need no renaming.
@@ -193,6 +194,12 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (_HF_LAYER + r"attention\.o_proj", _ATTN + "/out", "dense"),
     (_HF_LAYER + r"mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
     (_HF_LAYER + r"mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    # Dinov2Model / Dinov2WithRegistersModel (facebook/dinov2-*).
+    (_HF_LAYER + r"norm1", _BLOCK + "/LayerNorm_0", "norm"),
+    (_HF_LAYER + r"norm2", _BLOCK + "/LayerNorm_2", "norm"),
+    (_HF_LAYER + r"layer_scale1\.lambda1", _BLOCK + "/LayerScale_1/scale", "param"),
+    (_HF_LAYER + r"layer_scale2\.lambda1", _BLOCK + "/LayerScale_3/scale", "param"),
+    (r"embeddings\.register_tokens", "Transformer/registers", "param"),
     (r"layernorm", "Transformer/encoder_norm", "norm"),
     (r"pooler\.dense", "pre_logits", "dense"),
     (r"classifier", "head", "dense"),
@@ -241,8 +248,7 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
     if unknown:
         which = ("only plain ViTs (with LayerScale or register tokens) and ResNet-v2 hybrids (no "
                  "qk-norm, SwiGLU or other CNN stems) can be loaded" if source == "timm" else
-                 "only plain ViTs load from HF naming (for DINOv2 or DeiT III, convert timm's "
-                 "files of the same weights)")
+                 "only ViT and DINOv2 models load from HF naming")
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
                            f"{', '.join(unknown)}; {which}")
     if any(k.startswith("fc_norm.") for k in state):
@@ -285,7 +291,8 @@ def detect_naming(keys: list[str]) -> str:
     if "patch_embed.proj.weight" in keyset:
         return "timm"
     if {"embeddings.patch_embeddings.projection.weight",
-        "vit.embeddings.patch_embeddings.projection.weight"} & keyset:
+        "vit.embeddings.patch_embeddings.projection.weight",
+        "dinov2.embeddings.patch_embeddings.projection.weight"} & keyset:
         return "hf"
     shown = ", ".join(sorted(keys)[:5]) or "(no arrays)"
     raise WeightsError(f"unrecognised weight naming (first keys: {shown}): expected a vit_jax "
@@ -298,7 +305,8 @@ def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
     if naming == "timm":
         return _rename(state, _TIMM_RULES, "timm")
     if naming == "hf":
-        return _rename(_strip_prefix(state, "vit."), _HF_RULES, "hf", _HF_DROPPED)
+        prefix = "dinov2." if any(k.startswith("dinov2.") for k in state) else "vit."
+        return _rename(_strip_prefix(state, prefix), _HF_RULES, "hf", _HF_DROPPED)
     if any(k.startswith("params/") for k in state):
         state = {k.removeprefix("params/"): v for k, v in state.items() if k.startswith("params/")}
     if any(k.startswith("Transformer/encoderblock/") for k in state):
