@@ -130,15 +130,23 @@ def test_deit3_and_dinov2_registers_parity(tmp_path):
     meta, ref = fixture("timm_dinov2_reg_tiny")
     state = random_weights.build(meta["manifest"], meta["seed"])
     assert "reg_token" in state and "head.weight" not in state
+    params, notes = _dinov2_reg_features_match(tmp_path, state, meta, ref)
+    assert "head initialised: 10 classes (none in the weights)" in notes
+    np.testing.assert_array_equal(params["Transformer"]["registers"], state["reg_token"])
+
+
+def _dinov2_reg_features_match(tmp_path, state: dict, meta: dict, ref: dict
+                               ) -> tuple[dict, list[str]]:
+    """Load `state` (written as a .safetensors file) into the DINOv2-reg fixtures' model and
+    check its pooled features against `ref`; returns the params and notes."""
     path = tmp_path / "dinov2.safetensors"
     safetensors.numpy.save_file(state, str(path))
     model = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
                              gelu_approximate=False, layer_scale=0.1, num_registers=4)
     params, notes = load_pretrained(path, model, init(model))
-    assert "head initialised: 10 classes (none in the weights)" in notes
-    np.testing.assert_array_equal(params["Transformer"]["registers"], state["reg_token"])
     np.testing.assert_allclose(np.asarray(head_input(model, params, images(meta))),
                                ref["features_gelu_erf"], atol=1e-4, rtol=0)
+    return params, notes
 
 
 @pytest.mark.parametrize("names", ["file", "memory"])
@@ -149,15 +157,10 @@ def test_huggingface_dinov2_with_registers_parity(tmp_path, names):
     state = random_weights.build(meta["manifest"], meta["seed"])
     if names == "file":
         state = dict(zip(meta["file_names"], state.values(), strict=True))
-    path = tmp_path / "model.safetensors"
-    safetensors.numpy.save_file(state, str(path))
-    model = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
-                             gelu_approximate=False, layer_scale=0.1, num_registers=4)
-    params, notes = load_pretrained(path, model, init(model))
+    _, notes = _dinov2_reg_features_match(tmp_path, state, meta, ref)
     assert "hf parameter embeddings.mask_token has no counterpart here; dropped" in notes
-    np.testing.assert_allclose(np.asarray(head_input(model, params, images(meta))),
-                               ref["features_gelu_erf"], atol=1e-4, rtol=0)
-    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"), num_classes=2)
+    checkpoint, _ = convert_weights(str(tmp_path / "dinov2.safetensors"), str(tmp_path / "run"),
+                                    num_classes=2)
     loaded = load_inference_model(checkpoint)
     assert loaded.model.num_registers == 4 and loaded.model.layer_scale is not None
     np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 sys.path[:0] = ["tests/fixtures", "tools/make_pretrained_fixtures"]
-import random_weights  # noqa: E402
 import torchvision_stub  # noqa: E402
+from torch_reference import input_images, load_random_weights  # noqa: E402
 
 torchvision_stub.install()  # the local index's torchvision is a CUDA build whose ops do not load
 import transformers  # noqa: E402
@@ -36,13 +36,9 @@ config = Dinov2WithRegistersConfig(hidden_size=192, num_hidden_layers=2, num_att
                                    image_size=IMAGE, patch_size=14, num_register_tokens=4)
 model = Dinov2WithRegistersModel(config)
 state = model.state_dict()
-manifest = [random_weights.recipe(k, tuple(v.shape)) for k, v in state.items()]
-weights = random_weights.build(manifest, SEED)
-model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-model.eval()
-images = np.random.RandomState(INPUT_SEED).standard_normal((BATCH, IMAGE, IMAGE, 3))
+manifest = load_random_weights(model, SEED)
 with torch.no_grad():
-    pooled = model(torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)).pooler_output
+    pooled = model(input_images(INPUT_SEED, BATCH, IMAGE)).pooler_output
 file_names = []
 for name in state:
     for memory, file in FILE_NAMES.items():

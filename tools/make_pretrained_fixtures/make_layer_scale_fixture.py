@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 sys.path[:0] = ["tests/fixtures", "tools/make_pretrained_fixtures"]
-import random_weights  # noqa: E402
 import torchvision_stub  # noqa: E402
+from torch_reference import input_images, load_random_weights  # noqa: E402
 
 torchvision_stub.install()  # the local index's torchvision is a CUDA build whose ops do not load
 import timm  # noqa: E402
@@ -26,13 +26,9 @@ SEED, INPUT_SEED, IMAGE, BATCH = 0, 1, 64, 2
 
 model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=IMAGE, init_values=1e-5)
 state = model.state_dict()
-manifest = [random_weights.recipe(k, tuple(v.shape)) for k, v in state.items()]
-weights = random_weights.build(manifest, SEED)
-model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-model.eval()
-images = np.random.RandomState(INPUT_SEED).standard_normal((BATCH, IMAGE, IMAGE, 3))
+manifest = load_random_weights(model, SEED)
 with torch.no_grad():
-    logits = model(torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)).numpy()
+    logits = model(input_images(INPUT_SEED, BATCH, IMAGE)).numpy()
 meta = dict(seed=SEED, input_seed=INPUT_SEED, image_size=IMAGE, batch=BATCH, manifest=manifest,
             versions=dict(torch=torch.__version__, timm=timm.__version__),
             model="timm vit_tiny_patch16_224(depth=2, img_size=64, init_values=1e-5)",
