@@ -307,8 +307,7 @@ def checkpoints_dir(path: str) -> Path:
 
 def checkpoint_steps(path: str) -> list[int]:
     """The steps with a complete checkpoint in a workdir (or its checkpoints dir), ascending."""
-    root, _ = _locate(path, None)
-    return _finalized_steps(root)
+    return _finalized_steps(checkpoints_dir(path))
 
 
 def _finalized_steps(directory: Path) -> list[int]:

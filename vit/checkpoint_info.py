@@ -173,13 +173,13 @@ def describe(path: str | os.PathLike[str], *, step: int | None = None,
             notes.append("no classification head in the weights (a backbone): vit convert "
                          "needs --num-classes")
     flat = flatten_params(params)
+    groups = param_groups(flat)
     pp = config.get("pp") or {}
     return CheckpointInfo(
         path=path, source=source, step=step, steps=steps,
         model=model_overrides(dict(config["model"])),
         image_size=list(model.image_size), grid=list(model.grid),
-        params=sum(int(np.prod(np.shape(v))) for v in flat.values()),
-        param_groups=param_groups(flat),
+        params=sum(groups.values()), param_groups=groups,
         param_dtypes=sorted({str(np.asarray(v).dtype) for v in flat.values()}),
         gflops_per_image=forward_flops_per_image(model) / 1e9,
         num_classes=num_classes, class_names=names,

@@ -135,14 +135,12 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     return f"{name}/{patch}", overrides, [note] if note else []
 
 
-def _is_square(n: int) -> bool:
-    return n > 0 and round(n ** 0.5) ** 2 == n
-
-
 def _grid(weights: Weights, classifier: str, stated: Any, patch: int
           ) -> tuple[tuple[int, int], list[str]]:
     """(the patch grid of the learned position embedding, notes): the stated image size's
     where it holds the embedding's patch tokens, else the square its token count makes."""
+    from vit.pretrained import square_grid
+
     if POSEMB not in weights:
         raise WeightsError("weights without a learned position embedding do not tell the image "
                            "size; fine-tune from them with configs/finetune.py instead")
@@ -151,8 +149,8 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
     # and DINOv2-reg, and big_vision's "tok" pooling; HF ViT always has one).
     counts = [total] if classifier != "token" else [total - 1] + [total] * (weights.source != "hf")
     tokens = counts[0]
-    squares = [n for n in counts if _is_square(n)]
-    side = round(squares[0] ** 0.5) if squares else 0
+    squares = [grid for grid in map(square_grid, counts) if grid]
+    side = squares[0][0] if squares else 0
     if stated is not None:
         try:
             sides = pair(stated)
@@ -375,13 +373,14 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
         notes.append("input normalisation assumed minus_one_to_one (0.5 / 0.5): the file does "
                      "not say; pass --normalize imagenet for DeiT-style timm models")
     normalize = normalize or said.get("normalize", "minus_one_to_one")
+    has_head = "head/kernel" in weights
     num_classes, head_notes = _num_classes(weights, num_classes, class_names_file, require_head)
     notes += head_notes
     # A model trained with attention "cudnn" on a GPU converts (and runs) anywhere.
     model = saved_model_from_config({"variant": variant, **model_config},
                                     num_classes=num_classes, image_size=image_size)
     params, adapt_notes = adapt_params(weights, init_params(model, jax.random.PRNGKey(0)), model,
-                                       keep_head=True if "head/kernel" in weights else None)
+                                       keep_head=True if has_head else None)
     notes += [n for n in adapt_notes if n not in notes and not n.startswith("head initialised")]
     names = _class_names(class_names_file, said.get("class_names"), num_classes)
     config = data.default_config()
@@ -394,7 +393,7 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
     info = data.DatasetInfo(config.dataset or os.path.basename(src), num_classes, tuple(names),
                             (*image_size, 3), {})
     return Rebuilt(model, params, config.to_dict(), info.to_dict(), notes, weights.source,
-                   "head/kernel" in weights)
+                   has_head)
 
 
 def convert_weights(src: str, dst: str, **rebuild_args: Any) -> tuple[str, list[str]]:

@@ -35,7 +35,8 @@ EMBEDDING = "embedding/kernel"
 DROPPABLE = ("pre_logits/", "MAPHead_0/", "cls", POSEMB, "Transformer/registers")
 
 
-def _grid_of(tokens: int) -> tuple[int, int] | None:
+def square_grid(tokens: int) -> tuple[int, int] | None:
+    """(side, side) when `tokens` patch tokens make a square grid, else None."""
     side = math.isqrt(tokens)
     return (side, side) if side * side == tokens and side > 0 else None
 
@@ -56,7 +57,7 @@ def resample_posemb(
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise WeightsError(f"a position embedding is shaped [1, tokens, width], got {posemb.shape}")
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
-    old_grid = old_grid or _grid_of(grid.shape[0])
+    old_grid = old_grid or square_grid(grid.shape[0])
     if old_grid is None or old_grid[0] * old_grid[1] != grid.shape[0]:
         raise WeightsError(f"{grid.shape[0]} patch tokens of the position embedding do not form "
                            f"the grid {old_grid or 'of a square'}: pass old_grid=(rows, cols)")
@@ -129,9 +130,9 @@ def _source_grid(value: np.ndarray, has_cls: bool, old_grid: tuple[int, int] | N
                                "most a class token): pass the weights' own grid as old_grid")
         return old_grid, prefix
     prefix = 1 if has_cls else 0
-    if _grid_of(tokens - prefix) is None and _grid_of(tokens):
+    if square_grid(tokens - prefix) is None and square_grid(tokens):
         prefix = 0  # e.g. timm's no_embed_class models: the class token had no posemb
-    grid = _grid_of(tokens - prefix)
+    grid = square_grid(tokens - prefix)
     if grid is None:
         raise WeightsError(f"cannot tell the patch grid of a position embedding of "
                            f"{tokens - prefix} patch tokens (not a square): pass "
