@@ -24,8 +24,9 @@ from timing import median_seconds
 
 import vit
 from vit import matmul as vit_matmul
+from vit.cli_types import image_size
 from vit.encoder import REMAT_POLICIES
-from vit.model_options import image_size_flag, pair
+from vit.model_options import pair
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
@@ -55,7 +56,7 @@ def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformati
 def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     """The flags that pick the measured step: variant, image size, batch, steps, matmul dtype."""
     parser.add_argument("--variant", default="Ti/4")
-    parser.add_argument("--image-size", type=image_size_flag, default=32,
+    parser.add_argument("--image-size", type=image_size, default=32,
                         help="32, or rows,cols for a rectangle, e.g. 24,40")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=steps)

@@ -100,6 +100,20 @@ def test_overrides_and_groups_of_a_plain_model():
     assert groups == {"embedding": 32, "blocks": 8, "tokens": 8, "head": 27}
 
 
+def test_an_int8_model_counts_the_parameters_of_its_float_model():
+    import jax
+
+    from vit.model import create_model, init_params
+    from vit.quantize import quantize_params
+
+    model = create_model("Ti/4", num_classes=3, image_size=8, width=32, depth=1, num_heads=2,
+                         mlp_dim=64)
+    params = init_params(model, jax.random.PRNGKey(0))
+    quantized, kernels = quantize_params(params)
+    assert kernels == 7  # query, key, value, out, the block's two MLP kernels, and the head
+    assert param_groups(quantized) == param_groups(params)
+
+
 def _flat(params):
     from vit.weight_formats import flatten_params
 

@@ -462,9 +462,11 @@ def test_convert_ema_and_flags_that_do_nothing(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: --normalize, --gelu describe weights read in, but --to writes the checkpoint's "
         "own model, classes and preprocessing: drop them")
-    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "h"), "--num-heads",
-                     "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --num-heads must be >= 1, got 0"
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "h"), "--num-heads", "0"])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: vit convert: argument --num-heads: must be "
+                                               "a positive integer, got 0 (see vit convert --help)")
     assert not any((tmp_path / n).exists() for n in ("x", "t", "h"))
 
 

@@ -97,9 +97,15 @@ def _score(key: str, value: float) -> str:
 
 def param_groups(params: Mapping[str, Any]) -> dict[str, int]:
     """Parameter counts by part of the model: stem and embedding, encoder blocks, position
-    embedding and other tokens, head (with pre-logits and MAP head)."""
+    embedding and other tokens, head (with pre-logits and MAP head). The per-channel scales of
+    int8 kernels (`vit quantize`) are not parameters of the model: not counted."""
+    flat = flatten_params(params)
+    int8_scales = {name.removesuffix("kernel") + "scale" for name, value in flat.items()
+                   if name.endswith("/kernel") and np.asarray(value).dtype == np.int8}
     groups = {"embedding": 0, "blocks": 0, "tokens": 0, "head": 0}
-    for name, value in flatten_params(params).items():
+    for name, value in flat.items():
+        if name in int8_scales:
+            continue
         size = int(np.prod(np.shape(value)))
         if "/encoderblock_" in name or name.startswith("Transformer/encoder_norm"):
             groups["blocks"] += size

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from vit import ship_cli
 from vit.checkpoint import CheckpointError
+from vit.cli_types import positive_int
 from vit.error_text import first_line
 from vit.nonfinite import NonFiniteLossError
 from vit.output_paths import check_directory, check_figure_file, check_file, write_json
@@ -191,14 +192,6 @@ class _Parser(argparse.ArgumentParser):
         """Print `error: <prog>: message` and exit with status 2."""
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(USAGE_ERROR)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports anything else as a usage error)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:

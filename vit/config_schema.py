@@ -16,9 +16,13 @@ from typing import Any
 import ml_collections
 
 from vit import adversarial, data_options, distill, erasing, fewshot, losses, optim, wandb_logger
-from vit.train_step import full_token_steps
 
 TTA_MODES = ("none", "flip")  # "flip": mean of the softmax of the image and of its mirror image
+
+
+def full_token_steps(fraction: float, total_steps: int) -> int:
+    """How many of `total_steps` the tail of `fraction` is: rounded half up."""
+    return math.floor(fraction * total_steps + 0.5)
 
 
 class ConfigError(ValueError):

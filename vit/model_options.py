@@ -6,7 +6,6 @@ value fails where it is given, not deep inside Flax or XLA.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -162,14 +161,3 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
         if not 0.0 <= kw[rate] < 1.0:
             raise ValueError(f"{rate} must be in [0, 1), got {kw[rate]}")
-
-
-def image_size_flag(text: str) -> int | list[int]:
-    """argparse type of an image size: '32' -> 32, '24,40' -> [24, 40]; a usage error else."""
-    try:
-        size = json_image_size([int(v) for v in text.split(",")] if "," in text else int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int or rows,cols, got {text!r}") from None
-    if min(pair(size)) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vit.cli_types import image_size, non_negative_int, positive_int
 from vit.output_paths import check_directory, check_file, check_new_workdir, write_json
 
 
@@ -17,9 +18,6 @@ def _run_convert(args: argparse.Namespace) -> int:
     from vit import convert
 
     (check_directory if args.to else check_new_workdir)(args.dst, "DST")
-    for flag, value in (("--num-heads", args.num_heads), ("--num-classes", args.num_classes)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.to:
         reading = [flag for flag, value in (("--num-heads", args.num_heads),
                                             ("--num-classes", args.num_classes),
@@ -86,18 +84,9 @@ def _run_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def add_commands(sub: Any) -> None:
     """Add convert, export, quantize, average and prune to `sub` (argparse sub-parsers)."""
     from vit.export import FORMATS
-    from vit.model_options import image_size_flag
     from vit.preprocess import NORMALIZATIONS
     from vit.prune import METHODS
     from vit.weight_sidecars import GELUS
@@ -109,11 +98,11 @@ def add_commands(sub: Any) -> None:
                                 "the directory for the weight files")
     cv.add_argument("--to", choices=TARGETS, help="write the checkpoint SRC as timm / HF "
                     "safetensors or a vit_jax .npz (each with its config.json)")
-    cv.add_argument("--num-heads", type=int, help="heads, when the weights cannot tell")
+    cv.add_argument("--num-heads", type=positive_int, help="heads, when the weights cannot tell")
     cv.add_argument("--class-names", help="text file with one class name per line")
-    cv.add_argument("--num-classes", type=int, help="classes of the zero head given to "
+    cv.add_argument("--num-classes", type=positive_int, help="classes of the zero head given to "
                     "head-less weights (DINOv2 backbones)")
-    cv.add_argument("--image-size", type=image_size_flag, help="rebuild the model for this "
+    cv.add_argument("--image-size", type=image_size, help="rebuild the model for this "
                     "input size, e.g. 224 or 224,320 (position embedding resampled)")
     cv.add_argument("--normalize", choices=tuple(NORMALIZATIONS),
                     help="the source's input normalisation (default: its config, else 0.5/0.5)")

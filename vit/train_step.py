@@ -7,7 +7,6 @@ where only JAX is installed; vit/trainer.py runs it in the loop.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import optax
 from jax import lax
 
 from vit import adversarial, distill, erasing, losses, mix, nonfinite, optim, parallel
+from vit.config_schema import full_token_steps
 from vit.model import VisionTransformer
 from vit.normalization import normalize_on_device
 
@@ -139,10 +139,6 @@ def full_tokens_from(config: Any) -> int:
     total = int(config.total_steps)
     return total + 1 - full_token_steps(float(config.get("full_tokens_fraction", 0.0)), total)
 
-
-def full_token_steps(fraction: float, total_steps: int) -> int:
-    """How many of `total_steps` the tail of `fraction` is: rounded half up."""
-    return math.floor(fraction * total_steps + 0.5)
 
 
 def train_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
