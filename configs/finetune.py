@@ -21,6 +21,11 @@ Variants after the colon:
                          --workdir=runs/dinov2-c10 --init_from=dinov2_s14/model.safetensors
                  Not run here either, nor their memory measured: they accumulate no
                  gradients, so measure them as below and set --config.grad_accum_steps.
+  clip_B/16-cifar10-224, cliplaion_B/16-cifar100-224
+                 the same from a CLIP image tower: OpenAI's (timm vit_base_patch16_clip_
+                 quickgelu_224.openai, HF openai/clip-vit-base-patch16: pre-norm, quick GELU)
+                 or LAION's (vit_base_patch16_clip_224.laion2b: pre-norm, exact GELU), both
+                 with CLIP's input statistics; the projection head is replaced.
   c10-0to4       the small source model of the fine-tuning experiment: a 4-block, width-128 ViT
                  with 4x4 patches trained on CIFAR-10 classes 0-4 at 32 px (AdamW, as
                  configs/cifar10.py:short), 600 steps of batch 64:
@@ -62,6 +67,8 @@ _FAMILIES = {
     "deit3": (dict(layer_scale=1e-6, gelu_approximate=False), "imagenet"),
     "dinov2": (dict(layer_scale=1e-5, gelu_approximate=False), "imagenet"),
     "dinov2reg": (dict(layer_scale=1e-5, gelu_approximate=False, num_registers=4), "imagenet"),
+    "clip": (dict(pre_norm=True, quick_gelu=True), "clip"),  # OpenAI CLIP image towers
+    "cliplaion": (dict(pre_norm=True, gelu_approximate=False), "clip"),  # LAION / open_clip
 }
 # Micro-batches per step so that batch 512 fits one 80 GB GPU with margin, from
 # bench/train_memory.py (see the module docstring); other models and sizes: 1, measure them.

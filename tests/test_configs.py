@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -22,14 +23,15 @@ VARIANTS = {
                 "Ti/4", "S/4"],
     "imagenet": ["S/16", "B/16", "S/16-300ep", "B/16-300ep"],
     "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224",
-                 "dinov2reg_S/14-cifar10-224"],
+                 "dinov2reg_S/14-cifar10-224", "clip_B/16-cifar10-224"],
 }
 CONFIGS = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
 # Recipes for accelerators (bfloat16 compute, float32 parameters and optimizer state) and the
 # CPU recipes, tuned in float32 (or float32 with bfloat16 matmul operands) on this machine.
 ACCELERATOR = [("imagenet", v) for v in VARIANTS["imagenet"]] + [
     ("finetune", "B/16-cifar10"), ("finetune", "S/16-cifar100"), ("finetune", "B/16-cifar10-224"),
-    ("finetune", "dinov2reg_S/14-cifar10-224"), ("cifar10", "Ti/4"), ("cifar10", "S/4")]
+    ("finetune", "dinov2reg_S/14-cifar10-224"), ("finetune", "clip_B/16-cifar10-224"),
+    ("cifar10", "Ti/4"), ("cifar10", "S/4")]
 CPU = [c for c in CONFIGS if c not in ACCELERATOR]
 
 
@@ -139,6 +141,34 @@ def test_imagenet_recipe(tmp_path, monkeypatch):
     assert 0.0 <= result.metrics["eval/top1"] <= 1.0
 
 
+@pytest.mark.parametrize("family,quick", [("clip", True), ("cliplaion", False)])
+def test_clip_families_build_the_model_timms_clip_weights_load_into(tmp_path, family, quick):
+    """clip_B/16 (at the fixture's width and depth) takes timm's OpenAI-CLIP weights as they
+    are: pre-norm, quick GELU, CLIP's input statistics; cliplaion the same with exact GELU."""
+    import safetensors.numpy
+    from test_pretrained import fixture, random_weights
+
+    from vit.pretrained import load_pretrained
+
+    config = _config("finetune", f"{family}_B/16-cifar10-224")
+    assert config.pp.normalize == "clip" and config.model.pre_norm is True
+    assert config.model.quick_gelu is quick
+    assert quick or config.model.gelu_approximate is False
+    meta, ref = fixture("timm_clip_tiny")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    model = model_from_config({**config.model.to_dict(), "width": 192, "depth": 2, "num_heads": 3,
+                               "mlp_dim": 768, "dtype": "float32"},  # the recipe's is bfloat16
+                              num_classes=10, image_size=64)
+    params, _ = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)),
+                                keep_head=True)
+    if quick:
+        x = np.random.RandomState(meta["input_seed"]).standard_normal(
+            (meta["batch"], 64, 64, 3)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)),
+                                   ref["logits_quick_gelu"], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family,registers", [("deit3", 0), ("dinov2", 0), ("dinov2reg", 4)])
 def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path, family,
                                                                       registers):
@@ -162,7 +192,7 @@ def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path
                                "num_heads": 3, "mlp_dim": 768}, num_classes=100, image_size=56)
     params, notes = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)))
     assert "head initialised: 100 classes (none in the weights)" in notes
-    with pytest.raises(ValueError, match="families: deit3, dinov2, dinov2reg"):
+    with pytest.raises(ValueError, match="families: deit3, dinov2, dinov2reg, clip, cliplaion"):
         _config("finetune", "dino_S/14-cifar10")
     with pytest.raises(ValueError, match="384 px is no multiple of 14-px patches; give the size, "
                                          "e.g. dinov2_S/14-cifar10-224"):

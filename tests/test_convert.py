@@ -88,7 +88,8 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     ("timm", dict(PLAIN, gelu_approximate=True)), ("timm", dict(PLAIN, classifier="gap")),
     ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2)), ("timm", dict(PLAIN, layer_scale=0.5)),
     ("npz", dict(PLAIN, layer_scale=0.5)),
-    ("timm", dict(PLAIN, classifier="gap", num_registers=2))])
+    ("timm", dict(PLAIN, classifier="gap", num_registers=2)), ("hf", dict(PLAIN, quick_gelu=True)),
+    ("npz", dict(PLAIN, pre_norm=True, quick_gelu=True))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -101,7 +102,8 @@ def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
         np.asarray(after.model.apply({"params": after.params}, x)),
         np.asarray(before.model.apply({"params": before.params}, x)))
     assert after.config.pp.normalize == "imagenet" and after.info.class_names[4] == "c4"
-    assert after.model.gelu_approximate == before.model.gelu_approximate
+    assert after.model.mlp_activation == before.model.mlp_activation
+    assert after.model.pre_norm == before.model.pre_norm
     got, want = flatten_params(after.params), flatten_params(params)
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
@@ -196,6 +198,28 @@ def test_registers_go_to_timm_with_the_class_position_folded_in(tmp_path):
     np.testing.assert_array_equal(after[POSEMB][:, 0], 0)
 
 
+def test_a_clip_model_goes_to_timm_with_its_patch_bias_in_the_position_embedding(tmp_path):
+    """timm's pre-norm patch embedding has no bias: the trained bias joins the patches' position
+    embedding (the class token's stays), which gives the same outputs."""
+    write(str(tmp_path / "run"), dict(PLAIN, pre_norm=True, quick_gelu=True))
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_args"]["pre_norm"] and config["model_args"]["act_layer"] == "quick_gelu"
+    state = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "patch_embed.proj.bias" not in state and "norm_pre.weight" in state
+    before = flatten_params(load_inference_model(str(tmp_path / "run")).params)
+    np.testing.assert_array_equal(state["pos_embed"][:, 0], before[POSEMB][:, 0])
+    np.testing.assert_array_equal(state["pos_embed"][:, 1:],
+                                  before[POSEMB][:, 1:] + before["embedding/bias"])
+    path, notes = convert_weights(str(tmp_path / "out" / "model.safetensors"),
+                                  str(tmp_path / "back"))
+    loaded = load_inference_model(path)
+    assert loaded.model.pre_norm and loaded.model.mlp_activation == "quick_gelu"
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_logits(path, x), _logits(str(tmp_path / "run"), x), atol=1e-5,
+                               rtol=0)
+
+
 def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "run"), RECIPE)
     with pytest.raises(WeightsError, match="--to npz"):
@@ -210,6 +234,9 @@ def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "reg"), dict(PLAIN, num_registers=2))
     with pytest.raises(WeightsError, match="register tokens, which HF ViT lacks"):
         export_weights(str(tmp_path / "reg"), "hf", str(tmp_path / "reg-hf"))
+    write(str(tmp_path / "clip"), dict(PLAIN, pre_norm=True))
+    with pytest.raises(WeightsError, match="a pre-norm \\(CLIP\\), which HF ViT lacks"):
+        export_weights(str(tmp_path / "clip"), "hf", str(tmp_path / "clip-hf"))
 
 
 def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):
@@ -262,7 +289,7 @@ def test_what_a_sidecar_config_cannot_mean_is_refused_in_one_line(tmp_path):
         convert_weights(src, str(tmp_path / "c"))
     assert str(info.value) == (
         "the file's input normalisation (mean [0.1, 0.2, 0.3], std [0.4, 0.5, 0.6]) is none of "
-        "minus_one_to_one, imagenet, cifar10: pass --normalize NAME to convert with that one "
+        "minus_one_to_one, imagenet, cifar10, clip: pass --normalize NAME to convert with that one "
         "instead")
     path, _ = convert_weights(src, str(tmp_path / "d"), normalize="imagenet")  # the user chose
     assert load_inference_model(path).config.pp.normalize == "imagenet"

@@ -283,6 +283,8 @@ def test_explicit_attention_equals_jax_dot_product_attention():
         (dict(head_bias_init="a"), "model head_bias_init must be a number, got 'a'"),
         (dict(gelu_approximate="False"), "model gelu_approximate must be True (tanh GELU) or "
          "False (exact erf), got 'False'"),
+        (dict(quick_gelu=1), "model quick_gelu must be True or False, got 1"),
+        (dict(pre_norm="yes"), "model pre_norm must be True or False, got 'yes'"),
         (dict(stem_strides=(1, 1)), "model stem_strides shapes the conv stem, but "
          "stem='patchify': set stem='conv', or leave stem_strides unset"),
         (dict(platform="typo"), "unknown platform 'typo'; use one of cpu, gpu, tpu (or None for "
@@ -361,3 +363,25 @@ def test_layer_scale_scales_each_branch_per_channel():
                                atol=1e-6)  # scales of 1: the plain model
     with pytest.raises(ValueError, match="layer_scale must be a positive number"):
         vit.create_model("Ti/8", layer_scale=0.0, **kw)
+
+
+def test_pre_norm_normalises_the_tokens_before_the_first_block():
+    """With pre_norm the blocks see LayerNorm(tokens): scaling every token by 10 (patch
+    embedding, class token, position embedding) changes nothing; without it, it does."""
+    kw = dict(num_classes=3, image_size=16, width=32, depth=2, num_heads=2, mlp_dim=64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    for pre_norm in (True, False):
+        model = vit.create_model("Ti/8", pre_norm=pre_norm, **kw)
+        params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+        params["cls"] = jax.random.normal(jax.random.PRNGKey(2), (1, 1, 32))  # not tiny: eps
+        assert ("pre_norm" in params["Transformer"]) == pre_norm
+        scaled = jax.tree_util.tree_map(lambda v: v, params)
+        for path in (("embedding", "kernel"), ("embedding", "bias"), ("cls",),
+                     ("Transformer", "posembed_input", "pos_embedding")):
+            parent = scaled
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = 10.0 * parent[path[-1]]
+        diff = np.abs(np.asarray(model.apply({"params": scaled}, x)
+                                 - model.apply({"params": params}, x))).max()
+        assert diff < 1e-4 if pre_norm else diff > 1e-2

@@ -135,6 +135,82 @@ def test_deit3_and_dinov2_registers_parity(tmp_path):
     np.testing.assert_array_equal(params["Transformer"]["registers"], state["reg_token"])
 
 
+def test_clip_image_tower_parity_through_load_and_convert(tmp_path):
+    """timm's OpenAI-CLIP ViT (pre-norm, no patch-embedding bias, quick GELU, LayerNorm eps
+    1e-5): its logits from `load_pretrained` into a pre_norm / quick_gelu model, and from
+    `vit convert`, which reads the pre-norm from the weights and quick GELU and the CLIP
+    normalisation from timm's config.json."""
+    meta, ref = fixture("timm_clip_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    assert "norm_pre.weight" in state and "patch_embed.proj.bias" not in state
+    path = tmp_path / "clip" / "model.safetensors"
+    path.parent.mkdir()
+    safetensors.numpy.save_file(state, str(path))
+    model = ti(num_classes=10, pre_norm=True, quick_gelu=True)
+    params, notes = load_pretrained(path, model, init(model))
+    assert "the patch embedding has no bias in the weights (CLIP): zeros loaded" in notes
+    np.testing.assert_array_equal(params["Transformer"]["pre_norm"]["scale"],
+                                  state["norm_pre.weight"])
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_quick_gelu"],
+                               atol=1e-4, rtol=0)
+    erf = ti(num_classes=10, pre_norm=True, gelu_approximate=False)  # the activation matters
+    assert np.abs(logits(erf, params, images(meta)) - ref["logits_quick_gelu"]).max() > 1e-2
+
+    (path.parent / "config.json").write_text(json.dumps({
+        "architecture": "vit_base_patch16_clip_quickgelu_224", "num_classes": 10,
+        "pretrained_cfg": {"input_size": [3, 64, 64], "mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"), num_heads=3)
+    loaded = load_inference_model(checkpoint)
+    assert loaded.model.pre_norm and loaded.model.mlp_activation == "quick_gelu"
+    assert loaded.config.pp.normalize == "clip"
+    np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
+                               ref["logits_quick_gelu"], atol=1e-4, rtol=0)
+
+    plain = ti(num_classes=10, quick_gelu=True)
+    with pytest.raises(WeightsError, match="the weights have a pre-norm \\(CLIP's image tower\\): "
+                                           "build the model with pre_norm=True"):
+        load_pretrained(path, plain, init(plain))
+
+
+def test_huggingface_clip_image_tower_parity_through_load_and_convert(tmp_path):
+    """transformers' CLIPVisionModelWithProjection (class embedding [D], position embedding
+    [T, D], pre_layrnorm, a projection without bias as the head): its image_embeds, loaded into
+    a pre_norm / quick_gelu model; and a whole CLIPModel's file, whose text tower is dropped,
+    through `vit convert` with the model's config.json and preprocessor_config.json."""
+    meta, ref = fixture("hf_clip_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    path = tmp_path / "vision" / "model.safetensors"
+    path.parent.mkdir()
+    safetensors.numpy.save_file(state, str(path))
+    model = ti(num_classes=10, pre_norm=True, quick_gelu=True)
+    params, notes = load_pretrained(path, model, init(model), keep_head=True)
+    assert "the head (CLIP's projection) has no bias in the weights (CLIP): zeros loaded" in notes
+    np.testing.assert_array_equal(params["cls"][0, 0],
+                                  state["vision_model.embeddings.class_embedding"])
+    np.testing.assert_allclose(logits(model, params, images(meta)),
+                               ref["image_embeds_quick_gelu"], atol=1e-4, rtol=0)
+
+    whole = tmp_path / "clip" / "model.safetensors"
+    whole.parent.mkdir()
+    text = {"text_model.embeddings.token_embedding.weight": np.zeros((7, 4), np.float32),
+            "text_projection.weight": np.zeros((10, 4), np.float32),
+            "logit_scale": np.zeros((), np.float32)}
+    safetensors.numpy.save_file({**state, **text}, str(whole))
+    (whole.parent / "config.json").write_text(json.dumps(
+        {"model_type": "clip", "vision_config": meta["config"], "id2label": {"0": "LABEL_0"}}))
+    (whole.parent / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.48145466, 0.4578275, 0.40821073], "do_center_crop": True,
+         "image_std": [0.26862954, 0.26130258, 0.27577711], "size": {"shortest_edge": 64}}))
+    checkpoint, notes = convert_weights(str(whole), str(tmp_path / "run"))
+    assert any(n.startswith("CLIP's text tower (3 arrays") for n in notes)
+    loaded = load_inference_model(checkpoint)
+    assert loaded.model.pre_norm and loaded.model.mlp_activation == "quick_gelu"
+    assert loaded.model.num_heads == 3 and loaded.config.pp.normalize == "clip"
+    np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
+                               ref["image_embeds_quick_gelu"], atol=1e-4, rtol=0)
+
+
 def _dinov2_reg_features_match(tmp_path, state: dict, meta: dict, ref: dict
                                ) -> tuple[dict, list[str]]:
     """Load `state` (written as a .safetensors file) into the DINOv2-reg fixtures' model and

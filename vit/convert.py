@@ -124,6 +124,8 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
                      classifier=classifier, posemb="learn" if POSEMB in weights else "sincos2d")
     if "pre_logits/kernel" in weights:
         overrides["representation_size"] = int(weights["pre_logits/kernel"].shape[1])
+    if "Transformer/pre_norm/scale" in weights:
+        overrides["pre_norm"] = True
     if "Transformer/registers" in weights:
         overrides["num_registers"] = int(weights["Transformer/registers"].shape[1])
     if any(k.endswith("/LayerScale_1/scale") for k in weights):
@@ -276,6 +278,11 @@ def _read_source(src: str, normalize: str | None, use_ema: bool) -> tuple[Weight
     return read_weights(src), said
 
 
+def _gelu_options(kind: str) -> dict[str, bool]:
+    """The model options of a GELU kind (weight_sidecars.GELUS)."""
+    return {"gelu_approximate": kind == "tanh", "quick_gelu": kind == "quick"}
+
+
 def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str | None
                   ) -> tuple[str, dict, tuple[int, int], list[str]]:
     """(variant, model overrides, image size (rows, cols), notes): as the source's own config
@@ -295,9 +302,9 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
         notes += grid_notes
         image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
-        model_config["gelu_approximate"] = (gelu or said.get("gelu", default_gelu)) == "tanh"
+        model_config.update(_gelu_options(gelu or said.get("gelu", default_gelu)))
     if gelu is not None:
-        model_config["gelu_approximate"] = gelu == "tanh"
+        model_config.update(_gelu_options(gelu))
     return variant, model_config, image_size, notes
 
 

@@ -28,6 +28,14 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# The MLP's nonlinearity, from the model's options (VisionTransformer.mlp_activation): tanh GELU
+# (vit_jax, big_vision), exact erf GELU (timm, HF), OpenAI CLIP's x * sigmoid(1.702 x).
+MLP_ACTIVATIONS: dict[str, Any] = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+
 _xavier = nn.initializers.xavier_uniform()
 _bias_init = nn.initializers.normal(stddev=1e-6)
 
@@ -46,12 +54,12 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
 
 
 class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU -> dropout -> Dense -> dropout."""
+    """Transformer MLP: Dense -> GELU (a key of MLP_ACTIVATIONS) -> dropout -> Dense -> dropout."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    gelu_approximate: bool = True
+    activation: str = "gelu_tanh"
     quant: str = "none"  # | "int8": int8 kernels (vit/int8.py)
     matmul_dtype: str = "float32"  # | "bfloat16": operands of the two matmuls (vit/matmul.py)
 
@@ -60,7 +68,7 @@ class MlpBlock(nn.Module):
         width = x.shape[-1]
         dense = lambda n, name: dense_layer(n, self.dtype, self.quant, name, self.matmul_dtype,
                                             kernel_init=_xavier, bias_init=_bias_init)
-        x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
+        x = MLP_ACTIVATIONS[self.activation](dense(self.mlp_dim, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -113,7 +121,7 @@ class Encoder1DBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    gelu_approximate: bool = True
+    activation: str = "gelu_tanh"  # the MLP's, a key of MLP_ACTIVATIONS
     attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
@@ -135,7 +143,7 @@ class Encoder1DBlock(nn.Module):
             y = LayerScale(self.layer_scale, name="LayerScale_1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate,
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
                      self.quant, self.matmul_dtype, name="MlpBlock_3")(
             y, deterministic=deterministic)
         if self.layer_scale is not None:
@@ -179,7 +187,8 @@ class LearnedPositionEmbedding(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embedding, the stack of encoder blocks and the final LayerNorm."""
+    """Position embedding, the stack of encoder blocks (after an optional LayerNorm, `pre_norm`)
+    and the final LayerNorm."""
 
     depth: int
     mlp_dim: int
@@ -191,7 +200,7 @@ class Encoder(nn.Module):
     attention_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    gelu_approximate: bool = True
+    activation: str = "gelu_tanh"
     token_keep_ratio: float = 1.0
     num_registers: int = 0
     attention_impl: str = "explicit"
@@ -199,6 +208,7 @@ class Encoder(nn.Module):
     matmul_dtype: str = "float32"
     remat: str = "none"  # a key of REMAT_POLICIES
     layer_scale: float | None = None
+    pre_norm: bool = False  # a LayerNorm on the tokens before the first block (CLIP's ln_pre)
 
     @nn.compact
     def __call__(
@@ -231,6 +241,8 @@ class Encoder(nn.Module):
             prefix = jnp.ones((x.shape[0], n_pre + self.num_registers), bool)
             mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        if self.pre_norm:
+            x = nn.LayerNorm(dtype=self.dtype, name="pre_norm")(x)
         block = Encoder1DBlock
         if self.remat != "none":  # the same parameter names: a lifted transform adds no scope
             block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat],
@@ -241,7 +253,7 @@ class Encoder(nn.Module):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x, w = block(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                rate, self.dtype, self.gelu_approximate, self.attention_impl, self.quant,
+                rate, self.dtype, self.activation, self.attention_impl, self.quant,
                 self.matmul_dtype, layer_scale=self.layer_scale, name=f"encoderblock_{i}",
             )(x, mask, deterministic, return_weights)
             maps.append(w)
@@ -257,7 +269,7 @@ class MAPHead(nn.Module):
     attention_impl: str = "explicit"
     quant: str = "none"
     matmul_dtype: str = "float32"
-    gelu_approximate: bool = True  # the MLP's GELU: tanh, or exact (the model's option)
+    activation: str = "gelu_tanh"  # the MLP's, the model's option
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -269,7 +281,7 @@ class MAPHead(nn.Module):
                                             matmul_dtype=self.matmul_dtype,
                                             name="MultiHeadDotProductAttention_0")(
             probe, x, mask=mask)
-        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate,
+        y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
                          quant=self.quant, matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
             nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w

@@ -16,6 +16,7 @@ names match the public vit_jax checkpoints one to one:
     Transformer/encoderblock_{i}/LayerNorm_2
     Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}
     Transformer/registers                            num_registers > 0 only: [1, R, width]
+    Transformer/pre_norm                             pre_norm=True only (CLIP): before block 0
     Transformer/encoder_norm
     MAPHead_0/...                                    attention-pooling head (classifier="map")
     pre_logits/{kernel,bias}                         optional (representation_size)
@@ -67,6 +68,8 @@ class VisionTransformer(nn.Module):
     head_bias_init: float = 0.0
     dtype: Dtype = jnp.float32
     gelu_approximate: bool = True  # tanh GELU as vit_jax / big_vision; False: exact, as timm / HF
+    quick_gelu: bool = False  # OpenAI CLIP's x * sigmoid(1.702 x) instead of GELU (open_clip name)
+    pre_norm: bool = False  # CLIP: a LayerNorm on the tokens before the first block
     stem: str = "patchify"  # | "conv": 3x3 convs then a 1x1 projection (vit/stems.py)
     stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
     stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
@@ -91,6 +94,13 @@ class VisionTransformer(nn.Module):
     # CaiT / DeiT III LayerScale: each block's attention and MLP branch scaled per channel by a
     # learned vector starting at this value (timm's init_values, e.g. 1e-5); None: none
     layer_scale: float | None = None
+
+    @property
+    def mlp_activation(self) -> str:
+        """The MLP's nonlinearity, a key of vit.encoder.MLP_ACTIVATIONS."""
+        if self.quick_gelu:
+            return "quick_gelu"
+        return "gelu_tanh" if self.gelu_approximate else "gelu"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -140,9 +150,9 @@ class VisionTransformer(nn.Module):
         x, maps, patch_mask = Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.posemb, (h, w), num_prefix,
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
-            self.gelu_approximate, self.token_keep_ratio, self.num_registers,
+            self.mlp_activation, self.token_keep_ratio, self.num_registers,
             self.attention_impl, self.quant, self.matmul_dtype, self.remat,
-            layer_scale=self.layer_scale, name="Transformer",
+            layer_scale=self.layer_scale, pre_norm=self.pre_norm, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         x_tokens = x.shape[1]  # prefix, registers and the patches kept
@@ -158,7 +168,7 @@ class VisionTransformer(nn.Module):
         else:
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                           self.quant, self.matmul_dtype, self.gelu_approximate,
+                           self.quant, self.matmul_dtype, self.mlp_activation,
                            name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:

@@ -5,9 +5,9 @@ tf2onnx cannot read, and jax2onnx pins an older orbax-checkpoint than this packa
 ViT is a short list of standard ONNX ops (opset 20: Conv, LayerNormalization, MatMul, Softmax,
 Gelu), so the graph is written here directly and checked against the JAX model with onnxruntime
 by `vit.export`. Supported: patchify and conv stems (LayerNorm or GroupNorm), class token,
-registers, learned or sin-cos position embeddings, token or GAP heads, pre-logits, tanh or
-exact GELU. Not supported (ExportError naming the alternative): MAP heads, ResNet hybrids,
-int8-quantised checkpoints.
+registers, learned or sin-cos position embeddings, CLIP's pre-norm, token or GAP heads,
+pre-logits, tanh or exact GELU or CLIP's quick GELU. Not supported (ExportError naming the
+alternative): MAP heads, ResNet hybrids, int8-quantised checkpoints.
 
 Graph: pixels uint8 [N, rows, cols, 3] (the run's image_size) -> (logits float32
 [N, classes], probabilities).
@@ -167,7 +167,10 @@ def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any) -> s
     y = g.layer_norm(x, p, f"{prefix}/LayerNorm_2")
     mlp = f"{prefix}/MlpBlock_3"
     y = g.dense(y, p[f"{mlp}/Dense_0/kernel"], p[f"{mlp}/Dense_0/bias"])
-    y = g.op("Gelu", y, approximate="tanh" if model.gelu_approximate else "none")
+    if model.mlp_activation == "quick_gelu":
+        y = g.op("Mul", y, g.op("Sigmoid", g.op("Mul", y, g.const(np.float32(1.702)))))
+    else:
+        y = g.op("Gelu", y, approximate="tanh" if model.mlp_activation == "gelu_tanh" else "none")
     y = g.dense(y, p[f"{mlp}/Dense_1/kernel"], p[f"{mlp}/Dense_1/bias"])
     return g.op("Add", x, scaled(y, 3))
 
@@ -203,6 +206,8 @@ def build_onnx(loaded: InferenceModel) -> Any:
         head = g.op("Slice", x, g.ints(0), g.ints(prefix), g.ints(1))
         tail = g.op("Slice", x, g.ints(prefix), g.ints(2**62), g.ints(1))
         x = g.op("Concat", head, reg, tail, axis=1)
+    if model.pre_norm:
+        x = g.layer_norm(x, p, "Transformer/pre_norm")
     for i in range(model.depth):
         x = _block(g, x, p, i, model)
     x = g.layer_norm(x, p, "Transformer/encoder_norm")

@@ -288,6 +288,10 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
     elif any("/LayerScale_" in name for name in missing):
         fix = ("the weights have no LayerScale, which the model has: build it with "
                "layer_scale=None")
+    elif any(name.startswith("Transformer/pre_norm/") for name in unexpected):
+        fix = "the weights have a pre-norm (CLIP's image tower): build the model with pre_norm=True"
+    elif any(name.startswith("Transformer/pre_norm/") for name in missing):
+        fix = "the weights have no pre-norm, which the model has: build it with pre_norm=False"
     if new_patch:
         fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
                 "training: --config.init_resize_patch=True)")

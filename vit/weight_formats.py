@@ -171,12 +171,20 @@ _TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"blocks\.(\d+)\.norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (r"blocks\.(\d+)\.mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
     (r"blocks\.(\d+)\.mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    (r"norm_pre", "Transformer/pre_norm", "norm"),  # CLIP image towers (pre_norm=True)
     (r"norm", "Transformer/encoder_norm", "norm"),
     (r"fc_norm", "Transformer/encoder_norm", "norm"),
     (r"pre_logits\.fc", "pre_logits", "dense"),
     (r"head", "head", "dense"),
 ]
-_HF_LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."
+def _split_attention_rules(module: str, out: str) -> list[tuple[str, Target, str]]:
+    """Rules of an attention `module` with separate q_proj / k_proj / v_proj and `out` layers."""
+    qkv = [(module + rf"{short}_proj", _ATTN + f"/{name}", "dense")
+           for short, name in (("q", "query"), ("k", "key"), ("v", "value"))]
+    return [*qkv, (module + out, _ATTN + "/out", "dense")]
+
+
+_HF_LAYER = r"(?:encoder\.layers?|layers)\.(\d+)\."
 _HF_RULES: list[tuple[str, str, str]] = [
     (r"embeddings\.cls_token", "cls", "param"),
     (r"embeddings\.position_embeddings", POSEMB, "param"),
@@ -188,10 +196,7 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (_HF_LAYER + r"intermediate\.dense", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
     (_HF_LAYER + r"output\.dense", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
     # transformers >= 5 names in memory (its save_pretrained still writes the names above).
-    (_HF_LAYER + r"attention\.q_proj", _ATTN + "/query", "dense"),
-    (_HF_LAYER + r"attention\.k_proj", _ATTN + "/key", "dense"),
-    (_HF_LAYER + r"attention\.v_proj", _ATTN + "/value", "dense"),
-    (_HF_LAYER + r"attention\.o_proj", _ATTN + "/out", "dense"),
+    *_split_attention_rules(_HF_LAYER + r"attention\.", "o_proj"),
     (_HF_LAYER + r"mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
     (_HF_LAYER + r"mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
     # Dinov2Model / Dinov2WithRegistersModel (facebook/dinov2-*).
@@ -203,8 +208,37 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (r"layernorm", "Transformer/encoder_norm", "norm"),
     (r"pooler\.dense", "pre_logits", "dense"),
     (r"classifier", "head", "dense"),
+    # CLIPVisionModel(WithProjection) / CLIPModel's image tower (openai/clip-vit-*), with
+    # "vision_model." stripped; the projection to the joint embedding is the head, as in timm.
+    (r"embeddings\.class_embedding", "cls", "param"),
+    (r"embeddings\.position_embedding\.weight", POSEMB, "param"),
+    (r"embeddings\.patch_embedding", "embedding", "conv"),
+    (r"pre_layrnorm", "Transformer/pre_norm", "norm"),
+    (_HF_LAYER + r"layer_norm1", _BLOCK + "/LayerNorm_0", "norm"),
+    *_split_attention_rules(_HF_LAYER + r"self_attn\.", "out_proj"),
+    (_HF_LAYER + r"layer_norm2", _BLOCK + "/LayerNorm_2", "norm"),
+    (r"post_layernorm", "Transformer/encoder_norm", "norm"),
+    (r"visual_projection", "head", "dense"),
 ]
 _HF_DROPPED = ("embeddings.mask_token",)
+_CLIP_PATCHES = "vision_model.embeddings.patch_embedding.weight"
+_CLIP_TEXT = ("text_model.", "text_projection.", "logit_scale")
+
+
+def _clip_image_tower(state: Mapping[str, np.ndarray]) -> Weights:
+    """HF CLIP's image tower in this toolkit's names; a CLIPModel's text tower is dropped."""
+    text = [k for k in state if k.startswith(_CLIP_TEXT)]
+    tower = {k.removeprefix("vision_model."): v for k, v in state.items()
+             if k not in text and not k.endswith("embeddings.position_ids")}
+    cls, posemb = "embeddings.class_embedding", "embeddings.position_embedding.weight"
+    for key, rank in ((cls, 1), (posemb, 2)):  # [D] and [T, D] here, [1, 1, D] and [1, T, D] there
+        if key in tower and tower[key].ndim == rank:
+            tower[key] = tower[key].reshape((1,) * (3 - rank) + tower[key].shape)
+    weights = _rename(tower, _HF_RULES, "hf")
+    if text:
+        weights.notes.append(f"CLIP's text tower ({len(text)} arrays: text_model, "
+                             "text_projection, logit_scale) dropped: the image tower loads")
+    return weights
 
 
 def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]]
@@ -248,12 +282,18 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
     if unknown:
         which = ("only plain ViTs (with LayerScale or register tokens) and ResNet-v2 hybrids (no "
                  "qk-norm, SwiGLU or other CNN stems) can be loaded" if source == "timm" else
-                 "only ViT and DINOv2 models load from HF naming")
+                 "only ViT, DINOv2 and CLIP image towers load from HF naming")
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
                            f"{', '.join(unknown)}; {which}")
     if any(k.startswith("fc_norm.") for k in state):
         notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
                      "pooling): outputs differ from timm until fine-tuned")
+    clip = "Transformer/pre_norm/scale" in out  # CLIP's patch embedding and projection: no bias
+    for layer, what in (("embedding", "the patch embedding"), ("head", "the head (CLIP's "
+                                                                  "projection)")):
+        if clip and f"{layer}/kernel" in out and f"{layer}/bias" not in out:
+            out[f"{layer}/bias"] = np.zeros(out[f"{layer}/kernel"].shape[-1], np.float32)
+            notes.append(f"{what} has no bias in the weights (CLIP): zeros loaded")
     if source == "timm" and "conv_root/kernel" in out:
         notes.append(_TIMM_HYBRID_NOTE)
     return Weights(out, source, notes)
@@ -292,7 +332,7 @@ def detect_naming(keys: list[str]) -> str:
         return "timm"
     if {"embeddings.patch_embeddings.projection.weight",
         "vit.embeddings.patch_embeddings.projection.weight",
-        "dinov2.embeddings.patch_embeddings.projection.weight"} & keyset:
+        "dinov2.embeddings.patch_embeddings.projection.weight", _CLIP_PATCHES} & keyset:
         return "hf"
     shown = ", ".join(sorted(keys)[:5]) or "(no arrays)"
     raise WeightsError(f"unrecognised weight naming (first keys: {shown}): expected a vit_jax "
@@ -304,6 +344,8 @@ def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
     naming = detect_naming(list(state))
     if naming == "timm":
         return _rename(state, _TIMM_RULES, "timm")
+    if naming == "hf" and _CLIP_PATCHES in state:
+        return _clip_image_tower(state)
     if naming == "hf":
         prefix = "dinov2." if any(k.startswith("dinov2.") for k in state) else "vit."
         return _rename(_strip_prefix(state, prefix), _HF_RULES, "hf", _HF_DROPPED)

@@ -20,7 +20,7 @@ from vit.data_options import NORMALIZATIONS
 from vit.model_options import pair
 from vit.weight_formats import WeightsError
 
-GELUS = ("erf", "tanh")
+GELUS = ("erf", "tanh", "quick")  # "quick": OpenAI CLIP's x * sigmoid(1.702 x)
 _TANH_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
 
 
@@ -49,14 +49,17 @@ _ERF_ACTS = ("gelu", "gelu_python", "gelu_erf")
 
 
 def _gelu_kind(activation: Any, where: str) -> str:
-    """"tanh" or "erf" for a timm / HF activation name (None: the default, erf GELU);
+    """"tanh", "erf" or "quick" for a timm / HF activation name (None: the default, erf GELU);
     WeightsError for any other activation, which this toolkit's MLP does not compute."""
     if activation in _TANH_ACTS:
         return "tanh"
+    if activation == "quick_gelu":
+        return "quick"
     if activation is None or activation in _ERF_ACTS:
         return "erf"
     raise WeightsError(f"{where} is {activation!r}: this toolkit's ViT computes GELU (erf or "
-                       "tanh) in its MLP, so these weights cannot be converted to the same model")
+                       "tanh) or CLIP's quick GELU in its MLP, so these weights cannot be "
+                       "converted to the same model")
 
 
 def _stated_normalization(mean: Any, std: Any) -> str:
@@ -125,12 +128,15 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
     if "vit" in config:  # written by `vit convert --to npz`
         said.update(check_own_model(config["vit"], "the \"vit\" entry of config.json beside the "
                                "weights", "fix it, or move it away to convert without it"))
-    elif config.get("model_type") == "vit":  # HuggingFace
-        said["gelu"] = _gelu_kind(config.get("hidden_act"), "config.json's hidden_act")
-        said["num_heads"] = config.get("num_attention_heads")
-        said["mlp_dim"] = config.get("intermediate_size")
-        said["image_size"] = config.get("image_size")
-        labels = config.get("id2label") or {}
+    elif config.get("model_type") in ("vit", "clip_vision_model", "clip"):  # HuggingFace
+        clip = config["model_type"] != "vit"  # a whole CLIPModel's holds its image tower's
+        tower = config.get("vision_config") or {} if config["model_type"] == "clip" else config
+        said["gelu"] = _gelu_kind(tower.get("hidden_act", "quick_gelu" if clip else None),
+                                  "config.json's hidden_act")
+        said["num_heads"] = tower.get("num_attention_heads")
+        said["mlp_dim"] = tower.get("intermediate_size")
+        said["image_size"] = tower.get("image_size")
+        labels = {} if clip else config.get("id2label") or {}  # CLIP's head is a projection
         said["class_names"] = [labels[k] for k in sorted(labels, key=int)] or None
         mean_std = _mean_std(preprocessor, ("image_mean", "image_std"),
                              "preprocessor_config.json")
@@ -139,7 +145,10 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             said["eval_resize"] = size.get("shortest_edge")
     elif {"model_args", "pretrained_cfg", "architecture"} & set(config):  # timm's Hub config
         args = config.get("model_args") or {}  # only written for non-default arguments
-        said["gelu"] = _gelu_kind(args.get("act_layer"), "config.json's model_args.act_layer")
+        act = args.get("act_layer")
+        if act is None and "quickgelu" in str(config.get("architecture", "")):
+            act = "quick_gelu"  # timm's *_clip_quickgelu_* models: OpenAI CLIP weights
+        said["gelu"] = _gelu_kind(act, "config.json's model_args.act_layer")
         said["num_heads"] = args.get("num_heads")
         if args.get("mlp_ratio") and args.get("embed_dim"):
             said["mlp_dim"] = round(args["mlp_ratio"] * args["embed_dim"])

@@ -49,6 +49,9 @@ TARGETS = ("timm", "hf", "npz")
 _ATTN = "MultiHeadDotProductAttention_1"
 
 
+_HF_ACTS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
 def _plain_vit_only(model: Any, target: str) -> None:
     extras = [name for name, bad in (
         ("a conv stem", model.stem != "patchify"), ("a ResNet trunk", model.resnet_layers),
@@ -58,6 +61,7 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("an HF classifier on GAP (HF ViT pools the class token)",
          target == "hf" and model.classifier == "gap"),
         ("LayerScale, which HF ViT lacks", target == "hf" and model.layer_scale is not None),
+        ("a pre-norm (CLIP), which HF ViT lacks", target == "hf" and model.pre_norm),
     ) if bad]
     if extras:
         raise WeightsError(f"--to {target} holds plain patchify ViTs only, and this model has "
@@ -119,8 +123,14 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
     _plain_vit_only(model, "timm")
     p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     posemb = _posemb(p, model)
-    state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
-             "patch_embed.proj.bias": p["embedding/bias"]}
+    state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1)}
+    if model.pre_norm:  # timm's pre-norm patch embedding has no bias: it joins the patches' posemb
+        posemb = posemb.copy()
+        posemb[:, posemb.shape[1] - model.grid[0] * model.grid[1]:] += p["embedding/bias"]
+        state.update({"norm_pre.weight": p["Transformer/pre_norm/scale"],
+                      "norm_pre.bias": p["Transformer/pre_norm/bias"]})
+    else:
+        state["patch_embed.proj.bias"] = p["embedding/bias"]
     if model.classifier == "token":
         state["cls_token"] = p["cls"]
     if model.num_registers:
@@ -159,8 +169,10 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args["init_values"] = model.layer_scale
     if model.num_registers:
         args.update(reg_tokens=model.num_registers, no_embed_class=True)
-    if model.gelu_approximate:
-        args["act_layer"] = "gelu_tanh"
+    if model.pre_norm:
+        args["pre_norm"] = True
+    if model.mlp_activation != "gelu":
+        args["act_layer"] = model.mlp_activation
     config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,
               "num_features": model.width, "global_pool": pool, "model_args": args,
               "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation":
@@ -196,7 +208,7 @@ def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
     config = {"architectures": ["ViTForImageClassification"], "model_type": "vit",
               "hidden_size": model.width, "num_hidden_layers": model.depth,
               "num_attention_heads": model.num_heads, "intermediate_size": model.mlp_dim,
-              "hidden_act": "gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
+              "hidden_act": _HF_ACTS[model.mlp_activation],
               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
               "layer_norm_eps": 1e-6, "image_size": json_image_size(model.image_size),
               "patch_size": model.patch_size[0], "num_channels": 3, "qkv_bias": True,

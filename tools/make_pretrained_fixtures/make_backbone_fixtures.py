@@ -1,4 +1,4 @@
-"""Throwaway: reference outputs of timm's DeiT III and DINOv2-with-registers ViTs for the tests.
+"""Throwaway: reference outputs of timm's DeiT III, DINOv2-with-registers and CLIP ViTs for tests.
 
 Never run by tests. Needs torch and timm only (no transformers), e.g.
     python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch==2.13.0 timm
@@ -7,8 +7,10 @@ Run from the repository root:
 Writes tests/fixtures/timm_deit3_tiny.{json,npz} (deit3_small_patch16_224 at width 192, depth 2,
 64 px: no_embed_class, LayerScale; its logits) and tests/fixtures/timm_dinov2_reg_tiny.{json,npz}
 (vit_small_patch14_reg4_dinov2 at width 192, depth 2, 56 px: no_embed_class, 4 register tokens,
-LayerScale, no head; its pooled features). Random weights from the manifest
-(tests/fixtures/random_weights.py), the input seed and the erf-GELU outputs.
+LayerScale, no head; its pooled features) and tests/fixtures/timm_clip_tiny.{json,npz}
+(vit_base_patch16_clip_quickgelu_224 at width 192, depth 2, 64 px, 10 classes: pre-norm, no
+patch-embedding bias, quick GELU, LayerNorm eps 1e-5; its logits). Random weights from the manifest
+(tests/fixtures/random_weights.py), the input seed and the outputs.
 """
 
 import json
@@ -29,6 +31,8 @@ MODELS = {
     "timm_deit3_tiny": ("deit3_small_patch16_224", 64, 16, {}, "logits_gelu_erf"),
     "timm_dinov2_reg_tiny": ("vit_small_patch14_reg4_dinov2", 56, 14, {"num_classes": 0},
                              "features_gelu_erf"),
+    "timm_clip_tiny": ("vit_base_patch16_clip_quickgelu_224", 64, 16, {"num_classes": 10},
+                       "logits_quick_gelu"),
 }
 
 for stem, (name, image, patch, extra, output) in MODELS.items():
