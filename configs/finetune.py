@@ -16,7 +16,8 @@ Variants after the colon:
                  "<family>_<model>-<dataset>[-<pixels>]": the same recipe from timm's DINOv2,
                  DINOv2-with-registers or DeiT III weights (vit_small_patch14_dinov2,
                  vit_base_patch14_reg4_dinov2, deit3_small_patch16_224, ...), whose model has
-                 LayerScale, exact GELU, 4 registers (dinov2reg) and ImageNet input statistics:
+                 LayerScale, exact GELU, 4 registers (dinov2reg) and ImageNet input statistics
+                 (dinov2_g/14 and dinov2reg_g/14: DINOv2's giant, 1536 wide, 24 heads, SwiGLU):
                      python train.py --config=configs/finetune.py:dinov2_S/14-cifar10-224 \
                          --workdir=runs/dinov2-c10 --init_from=dinov2_s14/model.safetensors
                  Not run here either, nor their memory measured: they accumulate no
@@ -70,6 +71,9 @@ _FAMILIES = {
     "clip": (dict(pre_norm=True, quick_gelu=True), "clip"),  # OpenAI CLIP image towers
     "cliplaion": (dict(pre_norm=True, gelu_approximate=False), "clip"),  # LAION / open_clip
 }
+# DINOv2's ViT-g/14 is not big_vision's (1408 wide, 16 heads, GELU): 1536 wide, 24 heads, and
+# SwiGLU MLPs of 4096 after the gate (timm's vit_giant_patch14_dinov2, facebook/dinov2-giant).
+_DINOV2_GIANT = dict(width=1536, num_heads=24, mlp_dim=4096, swiglu=True)
 # Micro-batches per step so that batch 512 fits one 80 GB GPU with margin, from
 # bench/train_memory.py (see the module docstring); other models and sizes: 1, measure them.
 _GRAD_ACCUM_ONE_80GB = {("B/16", 384): 16, ("S/16", 384): 8, ("B/16", 224): 4}
@@ -99,6 +103,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     if family:
         options, c.pp.normalize = _FAMILIES[family]
         c.model.update(options)
+        if family.startswith("dinov2") and model.startswith("g/"):
+            c.model.update(_DINOV2_GIANT)
     return c
 
 

@@ -183,6 +183,13 @@ def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path
     assert config.pp.normalize == "imagenet" and config.image_size == 224
     assert config.model.gelu_approximate is False and config.model.layer_scale is not None
     assert config.model.num_registers == registers and config.dataset == "cifar100"
+    giant = _config("finetune", f"{family}_g/14-cifar100-224").model
+    assert giant.variant == "g/14"  # depth 40 from the variant
+    if family == "deit3":
+        assert giant.width is None and not giant.swiglu  # the variant's: big_vision's ViT-g
+    else:
+        assert (giant.width, giant.num_heads, giant.mlp_dim, giant.swiglu) == (
+            1536, 24, 4096, True)  # DINOv2's ViT-g
     if family != "dinov2reg":
         return
     meta, _ = fixture("timm_dinov2_reg_tiny")

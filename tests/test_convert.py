@@ -89,7 +89,9 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     ("hf", PLAIN), ("npz", dict(RECIPE, num_registers=2)), ("timm", dict(PLAIN, layer_scale=0.5)),
     ("npz", dict(PLAIN, layer_scale=0.5)),
     ("timm", dict(PLAIN, classifier="gap", num_registers=2)), ("hf", dict(PLAIN, quick_gelu=True)),
-    ("npz", dict(PLAIN, pre_norm=True, quick_gelu=True))])
+    ("npz", dict(PLAIN, pre_norm=True, quick_gelu=True)),
+    ("timm", dict(PLAIN, swiglu=True, layer_scale=0.5)), ("npz", dict(PLAIN, swiglu=True)),
+    ("timm", dict(PLAIN, swiglu=True, mlp_dim=40))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -104,6 +106,7 @@ def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     assert after.config.pp.normalize == "imagenet" and after.info.class_names[4] == "c4"
     assert after.model.mlp_activation == before.model.mlp_activation
     assert after.model.pre_norm == before.model.pre_norm
+    assert after.model.mlp_dim == before.model.mlp_dim
     got, want = flatten_params(after.params), flatten_params(params)
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
@@ -220,6 +223,17 @@ def test_a_clip_model_goes_to_timm_with_its_patch_bias_in_the_position_embedding
                                rtol=0)
 
 
+@pytest.mark.parametrize("model,first_layer", [(dict(PLAIN, width=56, mlp_dim=61), 61),
+                                               (dict(PLAIN, swiglu=True), 128)])
+def test_timms_mlp_ratio_rebuilds_the_first_mlp_layer(tmp_path, model, first_layer):
+    """timm sizes the first MLP layer int(embed_dim * mlp_ratio): 61 / 56 * 56 is 60.99...,
+    so the written ratio is nudged up; a SwiGLU layer is twice mlp_dim wide."""
+    write(str(tmp_path / "run"), model)
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    args = json.loads((tmp_path / "out" / "config.json").read_text())["model_args"]
+    assert int(args["embed_dim"] * args["mlp_ratio"]) == first_layer
+
+
 def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "run"), RECIPE)
     with pytest.raises(WeightsError, match="--to npz"):
@@ -234,6 +248,9 @@ def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "reg"), dict(PLAIN, num_registers=2))
     with pytest.raises(WeightsError, match="register tokens, which HF ViT lacks"):
         export_weights(str(tmp_path / "reg"), "hf", str(tmp_path / "reg-hf"))
+    write(str(tmp_path / "swiglu"), dict(PLAIN, swiglu=True))
+    with pytest.raises(WeightsError, match="SwiGLU MLPs, which HF ViT lacks"):
+        export_weights(str(tmp_path / "swiglu"), "hf", str(tmp_path / "swiglu-hf"))
     write(str(tmp_path / "clip"), dict(PLAIN, pre_norm=True))
     with pytest.raises(WeightsError, match="a pre-norm \\(CLIP\\), which HF ViT lacks"):
         export_weights(str(tmp_path / "clip"), "hf", str(tmp_path / "clip-hf"))

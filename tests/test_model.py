@@ -285,6 +285,9 @@ def test_explicit_attention_equals_jax_dot_product_attention():
          "False (exact erf), got 'False'"),
         (dict(quick_gelu=1), "model quick_gelu must be True or False, got 1"),
         (dict(pre_norm="yes"), "model pre_norm must be True or False, got 'yes'"),
+        (dict(swiglu=None), "model swiglu must be True or False, got None"),
+        (dict(swiglu=True, quick_gelu=True),
+         "model swiglu and quick_gelu are two MLPs: set one of them"),
         (dict(stem_strides=(1, 1)), "model stem_strides shapes the conv stem, but "
          "stem='patchify': set stem='conv', or leave stem_strides unset"),
         (dict(platform="typo"), "unknown platform 'typo'; use one of cpu, gpu, tpu (or None for "
@@ -385,3 +388,22 @@ def test_pre_norm_normalises_the_tokens_before_the_first_block():
         diff = np.abs(np.asarray(model.apply({"params": scaled}, x)
                                  - model.apply({"params": params}, x))).max()
         assert diff < 1e-4 if pre_norm else diff > 1e-2
+
+
+def test_swiglu_gates_one_half_of_the_first_layer_by_the_other():
+    """Dense_0 is 2 x mlp_dim wide and Dense_1 reads silu(its first half) * its second half."""
+    kw = dict(num_classes=3, image_size=16, width=32, depth=1, num_heads=2, mlp_dim=24)
+    model = vit.create_model("Ti/8", swiglu=True, **kw)
+    params = vit.init_params(model, jax.random.PRNGKey(0))
+    mlp = params["Transformer"]["encoderblock_0"]["MlpBlock_3"]
+    assert mlp["Dense_0"]["kernel"].shape == (32, 48) and mlp["Dense_1"]["kernel"].shape == (24, 32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    _, state = model.apply({"params": params}, x, capture_intermediates=True,
+                           mutable=["intermediates"])
+    seen = state["intermediates"]["Transformer"]["encoderblock_0"]["MlpBlock_3"]
+    first, second = seen["Dense_0"]["__call__"][0], seen["Dense_1"]["__call__"][0]
+    gated = jax.nn.silu(first[..., :24]) * first[..., 24:]
+    np.testing.assert_allclose(second, gated @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"],
+                               atol=1e-5)
+    swapped = jax.nn.silu(first[..., 24:]) * first[..., :24]
+    assert np.abs(np.asarray(swapped - gated)).max() > 1e-2  # the order is what is tested

@@ -211,6 +211,39 @@ def test_huggingface_clip_image_tower_parity_through_load_and_convert(tmp_path):
                                ref["image_embeds_quick_gelu"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("stem", ["timm_dinov2_giant_tiny", "hf_dinov2_swiglu_tiny",
+                                  "hf_dinov2_swiglu_tiny_file"])
+def test_swiglu_dinov2_giant_parity_through_load_and_convert(tmp_path, stem):
+    """DINOv2-g's SwiGLU MLPs: timm's vit_giant_patch14_dinov2 (fc1 [gate; value] packed) and
+    transformers' Dinov2Model(use_swiglu_ffn=True), in its in-memory names (gate_proj, up_proj,
+    down_proj) and its files' (weights_in, the two stacked; weights_out): the pooled features of
+    a swiglu model, and `vit convert`, which finds SwiGLU in the kernels' shapes."""
+    meta, ref = fixture(stem.removesuffix("_file"))
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    if stem.endswith("_file"):
+        for i in range(meta["depth"]):
+            mlp = f"encoder.layer.{i}.mlp."
+            for leaf in ("weight", "bias"):
+                state[f"{mlp}weights_in.{leaf}"] = np.concatenate(
+                    [state.pop(f"{mlp}gate_proj.{leaf}"), state.pop(f"{mlp}up_proj.{leaf}")])
+                state[f"{mlp}weights_out.{leaf}"] = state.pop(f"{mlp}down_proj.{leaf}")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    assert meta["mlp_dim"] == 512  # after the gate; the first layer is 1024 wide
+    model = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2, mlp_dim=512,
+                             layer_scale=0.1, swiglu=True)
+    params, _ = load_pretrained(path, model, init(model))
+    kernel = params["Transformer"]["encoderblock_1"]["MlpBlock_3"]["Dense_0"]["kernel"]
+    assert kernel.shape == (192, 1024)
+    np.testing.assert_allclose(np.asarray(head_input(model, params, images(meta))),
+                               ref["features_swiglu"], atol=1e-4, rtol=0)
+    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"), num_classes=2)
+    loaded = load_inference_model(checkpoint)
+    assert loaded.model.swiglu and loaded.model.mlp_dim == 512
+    np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
+                               ref["features_swiglu"], atol=1e-4, rtol=0)
+
+
 def _dinov2_reg_features_match(tmp_path, state: dict, meta: dict, ref: dict
                                ) -> tuple[dict, list[str]]:
     """Load `state` (written as a .safetensors file) into the DINOv2-reg fixtures' model and

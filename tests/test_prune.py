@@ -123,7 +123,10 @@ def test_finetune_schedule_warms_up_then_decays_towards_zero():
     ("structured", dict(PLAIN, depth=0), "the model has no encoder blocks (depth 0), so there "
      "are no attention heads or MLP channels to prune; prune a model with depth >= 1"),
     ("magnitude", dict(PLAIN, depth=0), "the model has no encoder blocks (depth 0)"),
-], ids=["map-structured", "depth0-structured", "depth0-magnitude"])
+    ("structured", dict(PLAIN, swiglu=True), "structured pruning cuts MLP channels one Dense_0 "
+     "column at a time, and a SwiGLU MLP's channel is two (gate and value); prune it with "
+     "--method magnitude"),
+], ids=["map-structured", "depth0-structured", "depth0-magnitude", "swiglu-structured"])
 def test_what_pruning_cannot_do_is_one_line_and_writes_nothing(tmp_path, capsys, method, model,
                                                                message):
     write(str(tmp_path / "run"), model)
@@ -132,6 +135,17 @@ def test_what_pruning_cannot_do_is_one_line_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_magnitude_pruning_of_a_swiglu_model_reports_its_mlp_dim(tmp_path):
+    write(str(tmp_path / "run"), dict(PLAIN, swiglu=True))
+    result = prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), method="magnitude",
+                              sparsity=0.5)
+    loaded = load_inference_model(str(tmp_path / "out"))
+    assert result.mlp_dim == 64 and loaded.model.swiglu
+    kernel = np.asarray(loaded.params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"][
+        "kernel"])
+    assert kernel.shape == (32, 128) and 0.2 < (kernel == 0).mean() < 0.8
 
 
 def test_magnitude_pruning_of_a_map_model_loads_and_exports(tmp_path):

@@ -82,13 +82,16 @@ def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, st
                    "file does not say: pass --num-heads if that is wrong")
 
 
-def _mlp_dim(weights: Weights, width: int, stated: int | None) -> int:
-    """The MLP's hidden size from block 0 (else the MAP head's MLP), else stated, else 4 x width
-    (no MLP in the weights at all: it changes nothing)."""
+def _mlp_dim(weights: Weights, width: int, stated: int | None) -> tuple[int, bool]:
+    """(the MLP's hidden size, SwiGLU?) from block 0 (else the MAP head's MLP), else stated, else
+    4 x width (no MLP in the weights at all: it changes nothing). A first layer twice as wide as
+    the second takes is a SwiGLU MLP (DINOv2-g): mlp_dim is its width after the gate."""
     for mlp in ("Transformer/encoderblock_0/MlpBlock_3", "MAPHead_0/MlpBlock_0"):
         if any(k.startswith(mlp + "/") for k in weights):
-            return int(_need(weights, mlp + "/Dense_0/kernel").shape[-1])
-    return int(stated or 4 * width)
+            first = int(_need(weights, mlp + "/Dense_0/kernel").shape[-1])
+            second = int(_need(weights, mlp + "/Dense_1/kernel").shape[0])
+            return second, first == 2 * second
+    return int(stated or 4 * width), False
 
 
 def _patch_and_width(weights: Weights) -> tuple[int, int]:
@@ -119,9 +122,11 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     heads, note = _heads(weights, width, num_heads)
     classifier = ("token" if "cls" in weights else
                   "map" if any(k.startswith("MAPHead_0/") for k in weights) else "gap")
-    overrides = dict(width=width, depth=depth, num_heads=heads,
-                     mlp_dim=_mlp_dim(weights, width, mlp_dim),
+    mlp_dim, swiglu = _mlp_dim(weights, width, mlp_dim)
+    overrides = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
                      classifier=classifier, posemb="learn" if POSEMB in weights else "sincos2d")
+    if swiglu:
+        overrides["swiglu"] = True
     if "pre_logits/kernel" in weights:
         overrides["representation_size"] = int(weights["pre_logits/kernel"].shape[1])
     if "Transformer/pre_norm/scale" in weights:

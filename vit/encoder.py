@@ -28,13 +28,23 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+
+
+def _swiglu(x: Array) -> Array:
+    gate, value = jnp.split(x, 2, axis=-1)
+    return nn.silu(gate) * value
+
+
 # The MLP's nonlinearity, from the model's options (VisionTransformer.mlp_activation): tanh GELU
-# (vit_jax, big_vision), exact erf GELU (timm, HF), OpenAI CLIP's x * sigmoid(1.702 x).
+# (vit_jax, big_vision), exact erf GELU (timm, HF), OpenAI CLIP's x * sigmoid(1.702 x), and
+# SwiGLU (DINOv2-g), which gates one half of the first layer's 2 x mlp_dim outputs by the other.
 MLP_ACTIVATIONS: dict[str, Any] = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    "swiglu": _swiglu,
 }
+GATED_ACTIVATIONS = ("swiglu",)  # their first layer is twice mlp_dim wide
 
 _xavier = nn.initializers.xavier_uniform()
 _bias_init = nn.initializers.normal(stddev=1e-6)
@@ -54,7 +64,9 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
 
 
 class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU (a key of MLP_ACTIVATIONS) -> dropout -> Dense -> dropout."""
+    """Transformer MLP: Dense -> GELU (a key of MLP_ACTIVATIONS) -> dropout -> Dense -> dropout.
+
+    A gated activation (SwiGLU) takes a first layer of 2 x mlp_dim outputs: [gate | value]."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
@@ -68,7 +80,8 @@ class MlpBlock(nn.Module):
         width = x.shape[-1]
         dense = lambda n, name: dense_layer(n, self.dtype, self.quant, name, self.matmul_dtype,
                                             kernel_init=_xavier, bias_init=_bias_init)
-        x = MLP_ACTIVATIONS[self.activation](dense(self.mlp_dim, "Dense_0")(x))
+        hidden = self.mlp_dim * (2 if self.activation in GATED_ACTIVATIONS else 1)
+        x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)

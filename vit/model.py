@@ -14,7 +14,7 @@ names match the public vit_jax checkpoints one to one:
     Transformer/encoderblock_{i}/LayerNorm_0
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}
     Transformer/encoderblock_{i}/LayerNorm_2
-    Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}
+    Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}    Dense_0 2 x mlp_dim wide for swiglu
     Transformer/registers                            num_registers > 0 only: [1, R, width]
     Transformer/pre_norm                             pre_norm=True only (CLIP): before block 0
     Transformer/encoder_norm
@@ -70,6 +70,8 @@ class VisionTransformer(nn.Module):
     gelu_approximate: bool = True  # tanh GELU as vit_jax / big_vision; False: exact, as timm / HF
     quick_gelu: bool = False  # OpenAI CLIP's x * sigmoid(1.702 x) instead of GELU (open_clip name)
     pre_norm: bool = False  # CLIP: a LayerNorm on the tokens before the first block
+    # SwiGLU MLPs (DINOv2-g): MlpBlock's Dense_0 gives 2 x mlp_dim, silu(first half) x second half
+    swiglu: bool = False
     stem: str = "patchify"  # | "conv": 3x3 convs then a 1x1 projection (vit/stems.py)
     stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
     stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
@@ -98,6 +100,8 @@ class VisionTransformer(nn.Module):
     @property
     def mlp_activation(self) -> str:
         """The MLP's nonlinearity, a key of vit.encoder.MLP_ACTIVATIONS."""
+        if self.swiglu:
+            return "swiglu"
         if self.quick_gelu:
             return "quick_gelu"
         return "gelu_tanh" if self.gelu_approximate else "gelu"

@@ -148,9 +148,11 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if not isinstance(kw["gelu_approximate"], bool | np.bool_):
         raise ValueError(f"model gelu_approximate must be True (tanh GELU) or False (exact erf), "
                          f"got {kw['gelu_approximate']!r}")
-    for key in ("quick_gelu", "pre_norm"):
+    for key in ("quick_gelu", "pre_norm", "swiglu"):
         if not isinstance(kw[key], bool | np.bool_):
             raise ValueError(f"model {key} must be True or False, got {kw[key]!r}")
+    if kw["swiglu"] and kw["quick_gelu"]:
+        raise ValueError("model swiglu and quick_gelu are two MLPs: set one of them")
     for key in ("stem_channels", "stem_strides"):
         if kw[key] is not None and kw["stem"] != "conv":
             raise ValueError(f"model {key} shapes the conv stem, but stem={kw['stem']!r}: set "

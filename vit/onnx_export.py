@@ -6,7 +6,7 @@ ViT is a short list of standard ONNX ops (opset 20: Conv, LayerNormalization, Ma
 Gelu), so the graph is written here directly and checked against the JAX model with onnxruntime
 by `vit.export`. Supported: patchify and conv stems (LayerNorm or GroupNorm), class token,
 registers, learned or sin-cos position embeddings, CLIP's pre-norm, token or GAP heads,
-pre-logits, tanh or exact GELU or CLIP's quick GELU. Not supported (ExportError naming the
+pre-logits, tanh or exact GELU, CLIP's quick GELU or SwiGLU. Not supported (ExportError naming the
 alternative): MAP heads, ResNet hybrids, int8-quantised checkpoints.
 
 Graph: pixels uint8 [N, rows, cols, 3] (the run's image_size) -> (logits float32
@@ -169,6 +169,11 @@ def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any) -> s
     y = g.dense(y, p[f"{mlp}/Dense_0/kernel"], p[f"{mlp}/Dense_0/bias"])
     if model.mlp_activation == "quick_gelu":
         y = g.op("Mul", y, g.op("Sigmoid", g.op("Mul", y, g.const(np.float32(1.702)))))
+    elif model.mlp_activation == "swiglu":  # silu(first half) * second half
+        h = model.mlp_dim
+        gate = g.op("Slice", y, g.ints(0), g.ints(h), g.ints(-1))
+        value = g.op("Slice", y, g.ints(h), g.ints(2 * h), g.ints(-1))
+        y = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), value)
     else:
         y = g.op("Gelu", y, approximate="tanh" if model.mlp_activation == "gelu_tanh" else "none")
     y = g.dense(y, p[f"{mlp}/Dense_1/kernel"], p[f"{mlp}/Dense_1/bias"])

@@ -24,7 +24,8 @@ became non-finite in it are a NonFiniteLossError, and nothing is written.
 
 Refused with one line before anything is written: `structured` on a MAP-head model (the head's
 MLP shares config.model.mlp_dim with the encoder, and the config has one MLP width, so the cut
-model could not be built; `magnitude` prunes it), and either method on a depth-0 model.
+model could not be built; `magnitude` prunes it), `structured` on SwiGLU MLPs (a channel is a
+gate and a value column), and either method on a depth-0 model.
 """
 
 from __future__ import annotations
@@ -242,13 +243,17 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
         raise ValueError("structured pruning cuts config.model.mlp_dim, which the MAP head's MLP "
                          "(MAPHead_0/MlpBlock_0) shares with the encoder, so the pruned model "
                          "could not be built; prune a MAP-head model with --method magnitude")
+    if method == "structured" and config.get("model", {}).get("swiglu"):
+        raise ValueError("structured pruning cuts MLP channels one Dense_0 column at a time, and "
+                         "a SwiGLU MLP's channel is two (gate and value); prune it with --method "
+                         "magnitude")
     if method == "structured":
         params, masks, mlp_dim = prune_structured(original, sparsity)
         config.model.mlp_dim = mlp_dim
     else:
         params, masks = prune_magnitude(original, sparsity)
         mlp_dim = int(flatten_params(params)[
-            "Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"].shape[0])
+            "Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel"].shape[0])
     if finetune_steps:
         classes = int(contents.dataset_info["num_classes"])
         model = saved_model_from_config(config.model.to_dict(), num_classes=classes,

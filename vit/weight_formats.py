@@ -204,6 +204,12 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (_HF_LAYER + r"norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (_HF_LAYER + r"layer_scale1\.lambda1", _BLOCK + "/LayerScale_1/scale", "param"),
     (_HF_LAYER + r"layer_scale2\.lambda1", _BLOCK + "/LayerScale_3/scale", "param"),
+    # use_swiglu_ffn (dinov2-giant): files stack [gate; up] in weights_in, transformers 5 splits
+    # them in memory; this toolkit's Dense_0 holds them stacked (vit.encoder's SwiGLU).
+    (_HF_LAYER + r"mlp\.weights_in", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
+    (_HF_LAYER + r"mlp\.weights_out", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    (_HF_LAYER + r"mlp\.(gate|up)_proj", _BLOCK + r"/MlpBlock_3/\2", "dense"),
+    (_HF_LAYER + r"mlp\.down_proj", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
     (r"embeddings\.register_tokens", "Transformer/registers", "param"),
     (r"layernorm", "Transformer/encoder_norm", "norm"),
     (r"pooler\.dense", "pre_logits", "dense"),
@@ -266,6 +272,18 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]
     return None
 
 
+def _stack_gate_and_up(out: dict[str, np.ndarray]) -> None:
+    """Split SwiGLU layers (`.../MlpBlock_3/gate`, `/up`) become one Dense_0 of [gate | up]."""
+    for name in [k for k in out if k.endswith("/MlpBlock_3/gate/kernel")]:
+        mlp = name.removesuffix("/gate/kernel")
+        for leaf in ("kernel", "bias"):
+            gate, up = out.pop(f"{mlp}/gate/{leaf}", None), out.pop(f"{mlp}/up/{leaf}", None)
+            if gate is None or up is None:
+                raise WeightsError(f"{mlp}: a SwiGLU MLP's gate_proj and up_proj {leaf}s come "
+                                   "in pairs, and one is missing: the file is incomplete")
+            out[f"{mlp}/Dense_0/{leaf}"] = np.concatenate([gate, up], axis=-1)
+
+
 def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]], source: str,
             dropped: tuple[str, ...] = ()) -> Weights:
     out: dict[str, np.ndarray] = {}
@@ -288,6 +306,7 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
     if any(k.startswith("fc_norm.") for k in state):
         notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
                      "pooling): outputs differ from timm until fine-tuned")
+    _stack_gate_and_up(out)
     clip = "Transformer/pre_norm/scale" in out  # CLIP's patch embedding and projection: no bias
     for layer, what in (("embedding", "the patch embedding"), ("head", "the head (CLIP's "
                                                                   "projection)")):

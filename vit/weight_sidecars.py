@@ -150,8 +150,8 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             act = "quick_gelu"  # timm's *_clip_quickgelu_* models: OpenAI CLIP weights
         said["gelu"] = _gelu_kind(act, "config.json's model_args.act_layer")
         said["num_heads"] = args.get("num_heads")
-        if args.get("mlp_ratio") and args.get("embed_dim"):
-            said["mlp_dim"] = round(args["mlp_ratio"] * args["embed_dim"])
+        if args.get("mlp_ratio") and args.get("embed_dim"):  # as timm sizes its first layer
+            said["mlp_dim"] = int(args["mlp_ratio"] * args["embed_dim"])
         cfg = config.get("pretrained_cfg", {})
         said["image_size"] = _timm_image_size(args, cfg)
         said["class_names"] = cfg.get("label_names")

@@ -52,6 +52,14 @@ _ATTN = "MultiHeadDotProductAttention_1"
 _HF_ACTS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
+def _timm_mlp_ratio(model: Any) -> float:
+    """timm's mlp_ratio for the model's first MLP layer, whose width timm takes as
+    int(embed_dim * mlp_ratio): nudged up where the plain ratio would round below it."""
+    hidden = model.mlp_dim * (2 if model.swiglu else 1)
+    ratio = hidden / model.width
+    return ratio if int(model.width * ratio) == hidden else (hidden + 0.25) / model.width
+
+
 def _plain_vit_only(model: Any, target: str) -> None:
     extras = [name for name, bad in (
         ("a conv stem", model.stem != "patchify"), ("a ResNet trunk", model.resnet_layers),
@@ -62,6 +70,7 @@ def _plain_vit_only(model: Any, target: str) -> None:
          target == "hf" and model.classifier == "gap"),
         ("LayerScale, which HF ViT lacks", target == "hf" and model.layer_scale is not None),
         ("a pre-norm (CLIP), which HF ViT lacks", target == "hf" and model.pre_norm),
+        ("SwiGLU MLPs, which HF ViT lacks", target == "hf" and model.swiglu),
     ) if bad]
     if extras:
         raise WeightsError(f"--to {target} holds plain patchify ViTs only, and this model has "
@@ -163,7 +172,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
     pool = "token" if model.classifier == "token" else "avg"
     args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
             "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
-            "mlp_ratio": model.mlp_dim / model.width, "class_token": model.classifier == "token",
+            "mlp_ratio": _timm_mlp_ratio(model), "class_token": model.classifier == "token",
             "global_pool": pool, "fc_norm": False}
     if model.layer_scale is not None:
         args["init_values"] = model.layer_scale
@@ -171,9 +180,15 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args.update(reg_tokens=model.num_registers, no_embed_class=True)
     if model.pre_norm:
         args["pre_norm"] = True
-    if model.mlp_activation != "gelu":
+    architecture = "vit_base_patch16_224"
+    if model.swiglu:  # timm builds SwiGLU (SwiGLUPacked MLPs, SiLU) for DINOv2-g's architecture
+        architecture = "vit_giant_patch14_dinov2"
+        # That architecture's default is LayerScale 1e-5; timm drops None arguments, and reads
+        # 0.0 as "no LayerScale".
+        args.setdefault("init_values", 0.0)
+    elif model.mlp_activation != "gelu":
         args["act_layer"] = model.mlp_activation
-    config = {"architecture": "vit_base_patch16_224", "num_classes": model.num_classes,
+    config = {"architecture": architecture, "num_classes": model.num_classes,
               "num_features": model.width, "global_pool": pool, "model_args": args,
               "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation":
                                  "bilinear", **_timm_crop(min(model.image_size), eval_resize),

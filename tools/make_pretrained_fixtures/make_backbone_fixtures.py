@@ -1,4 +1,5 @@
-"""Throwaway: reference outputs of timm's DeiT III, DINOv2-with-registers and CLIP ViTs for tests.
+"""Throwaway: reference outputs of timm's DeiT III, DINOv2 (with registers, and giant's SwiGLU),
+CLIP and SigLIP ViTs for the tests.
 
 Never run by tests. Needs torch and timm only (no transformers), e.g.
     python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch==2.13.0 timm
@@ -9,7 +10,13 @@ Writes tests/fixtures/timm_deit3_tiny.{json,npz} (deit3_small_patch16_224 at wid
 (vit_small_patch14_reg4_dinov2 at width 192, depth 2, 56 px: no_embed_class, 4 register tokens,
 LayerScale, no head; its pooled features) and tests/fixtures/timm_clip_tiny.{json,npz}
 (vit_base_patch16_clip_quickgelu_224 at width 192, depth 2, 64 px, 10 classes: pre-norm, no
-patch-embedding bias, quick GELU, LayerNorm eps 1e-5; its logits). Random weights from the manifest
+patch-embedding bias, quick GELU, LayerNorm eps 1e-5; its logits) and
+tests/fixtures/timm_dinov2_giant_tiny.{json,npz} (vit_giant_patch14_dinov2 at width 192, depth 2,
+56 px: SwiGLU MLPs, fc1 1024 wide, 512 after the gate; LayerScale, no head; its pooled features)
+and tests/fixtures/timm_siglip_tiny.{json,npz} (vit_base_patch16_siglip_224 at width 192, depth
+2, 64 px, 10 classes: no class token, the attention-pooling head `attn_pool`, exact GELU; its
+logits).
+Random weights from the manifest
 (tests/fixtures/random_weights.py), the input seed and the outputs.
 """
 
@@ -33,6 +40,10 @@ MODELS = {
                              "features_gelu_erf"),
     "timm_clip_tiny": ("vit_base_patch16_clip_quickgelu_224", 64, 16, {"num_classes": 10},
                        "logits_quick_gelu"),
+    "timm_dinov2_giant_tiny": ("vit_giant_patch14_dinov2", 56, 14, {"num_classes": 0},
+                               "features_swiglu"),
+    "timm_siglip_tiny": ("vit_base_patch16_siglip_224", 64, 16, {"num_classes": 10},
+                         "logits_gelu_erf"),
 }
 
 for stem, (name, image, patch, extra, output) in MODELS.items():
@@ -45,7 +56,8 @@ for stem, (name, image, patch, extra, output) in MODELS.items():
     meta = dict(seed=SEED, input_seed=INPUT_SEED, image_size=image, batch=BATCH,
                 manifest=manifest, versions=dict(torch=torch.__version__, timm=timm.__version__),
                 model=f"timm {name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})",
-                patch=patch, width=192, depth=2, heads=3, mlp_dim=768,
+                patch=patch, width=192, depth=2, heads=3,
+                mlp_dim=int(state["blocks.0.mlp.fc2.weight"].shape[1]),
                 num_classes=extra.get("num_classes", 1000))
     with open(f"tests/fixtures/{stem}.json", "w") as f:
         json.dump(meta, f)
