@@ -27,6 +27,10 @@ Variants after the colon:
                  quickgelu_224.openai, HF openai/clip-vit-base-patch16: pre-norm, quick GELU)
                  or LAION's (vit_base_patch16_clip_224.laion2b: pre-norm, exact GELU), both
                  with CLIP's input statistics; the projection head is replaced.
+  siglip_B/16-cifar10-224, siglip_So400m/14-cifar100-224
+                 the same from a SigLIP image tower (big_vision's .npz, timm's
+                 vit_base_patch16_siglip_224, HF google/siglip-*): no class token, the MAP
+                 head, tanh GELU, inputs in [-1, 1].
   c10-0to4       the small source model of the fine-tuning experiment: a 4-block, width-128 ViT
                  with 4x4 patches trained on CIFAR-10 classes 0-4 at 32 px (AdamW, as
                  configs/cifar10.py:short), 600 steps of batch 64:
@@ -70,6 +74,7 @@ _FAMILIES = {
     "dinov2reg": (dict(layer_scale=1e-5, gelu_approximate=False, num_registers=4), "imagenet"),
     "clip": (dict(pre_norm=True, quick_gelu=True), "clip"),  # OpenAI CLIP image towers
     "cliplaion": (dict(pre_norm=True, gelu_approximate=False), "clip"),  # LAION / open_clip
+    "siglip": (dict(classifier="map"), "minus_one_to_one"),  # no class token, MAP head
 }
 # DINOv2's ViT-g/14 is not big_vision's (1408 wide, 16 heads, GELU): 1536 wide, 24 heads, and
 # SwiGLU MLPs of 4096 after the gate (timm's vit_giant_patch14_dinov2, facebook/dinov2-giant).

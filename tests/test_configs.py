@@ -169,6 +169,33 @@ def test_clip_families_build_the_model_timms_clip_weights_load_into(tmp_path, fa
                                    ref["logits_quick_gelu"], atol=1e-4, rtol=0)
 
 
+def test_siglip_family_builds_the_model_timms_siglip_weights_load_into(tmp_path):
+    """siglip_B/16 (at the fixture's width and depth, with timm's exact GELU) takes timm's
+    SigLIP weights: no class token, the MAP head; So400m/14 is SigLIP's 400M shape."""
+    import safetensors.numpy
+    from test_pretrained import fixture, random_weights
+
+    from vit.pretrained import load_pretrained
+
+    config = _config("finetune", "siglip_B/16-cifar10-224")
+    assert config.pp.normalize == "minus_one_to_one" and config.model.classifier == "map"
+    meta, ref = fixture("timm_siglip_tiny")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    model = model_from_config({**config.model.to_dict(), "width": 192, "depth": 2, "num_heads": 3,
+                               "mlp_dim": 768, "dtype": "float32", "gelu_approximate": False},
+                              num_classes=10, image_size=64)
+    params, _ = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)),
+                                keep_head=True)
+    x = np.random.RandomState(meta["input_seed"]).standard_normal(
+        (meta["batch"], 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)),
+                               ref["logits_gelu_erf"], atol=1e-4, rtol=0)
+    big = model_from_config(_config("finetune", "siglip_So400m/14-cifar100-224").model.to_dict(),
+                            num_classes=100, image_size=224)
+    assert (big.width, big.depth, big.mlp_dim, big.num_heads) == (1152, 27, 4304, 16)
+
+
 @pytest.mark.parametrize("family,registers", [("deit3", 0), ("dinov2", 0), ("dinov2reg", 4)])
 def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path, family,
                                                                       registers):
@@ -199,7 +226,8 @@ def test_backbone_families_build_the_model_their_timm_weights_load_into(tmp_path
                                "num_heads": 3, "mlp_dim": 768}, num_classes=100, image_size=56)
     params, notes = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)))
     assert "head initialised: 100 classes (none in the weights)" in notes
-    with pytest.raises(ValueError, match="families: deit3, dinov2, dinov2reg, clip, cliplaion"):
+    with pytest.raises(ValueError, match="families: deit3, dinov2, dinov2reg, clip, cliplaion, "
+                                         "siglip"):
         _config("finetune", "dino_S/14-cifar10")
     with pytest.raises(ValueError, match="384 px is no multiple of 14-px patches; give the size, "
                                          "e.g. dinov2_S/14-cifar10-224"):

@@ -612,10 +612,12 @@ def _npz(tmp_path, drop: str = "", **arrays) -> str:
 
 
 def _scanned(tmp_path) -> str:
-    """A big_vision *scanned* checkpoint: one Transformer/encoderblock/... stacked over layers."""
+    """A damaged big_vision *scanned* checkpoint: Transformer/encoderblock/... arrays stacked
+    over different numbers of layers."""
     state = {"params/embedding/kernel": np.zeros((4, 4, 3, 32), np.float32),
              "params/head/kernel": np.zeros((32, 5), np.float32),
-             "params/Transformer/encoderblock/LayerNorm_0/scale": np.ones((2, 32), np.float32)}
+             "params/Transformer/encoderblock/LayerNorm_0/scale": np.ones((2, 32), np.float32),
+             "params/Transformer/encoderblock/LayerNorm_0/bias": np.ones((3, 32), np.float32)}
     np.savez(tmp_path / "scanned.npz", **state)
     return str(tmp_path / "scanned.npz")
 
@@ -641,8 +643,8 @@ MLP = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
 
 
 @pytest.mark.parametrize("make,message", [
-    (_scanned, "these are scanned big_vision weights (Transformer/encoderblock/... stacked over "
-               "the layers): unscan them first"),
+    (_scanned, "scanned encoder blocks (Transformer/encoderblock/...) of different depths [2, "
+               "3]: the file is damaged or not one model"),
     (lambda p: _npz(p, drop=MLP), f"the weights have no {MLP}, so the model cannot be inferred"),
     (lambda p: _npz(p, **{"embedding/kernel": np.zeros((48, 32), np.float32)}),
      "embedding/kernel has shape (48, 32), not [patch, patch, channels, width]"),

@@ -44,6 +44,13 @@ def fixture(stem: str) -> tuple[dict, dict[str, np.ndarray]]:
         return meta, {k: f[k] for k in f.files}
 
 
+def saved(folder: Path, state: dict) -> Path:
+    """`state` written as folder/model.safetensors (a Hub-like folder); returns its path."""
+    folder.mkdir()
+    safetensors.numpy.save_file(state, str(folder / "model.safetensors"))
+    return folder / "model.safetensors"
+
+
 def ti(image_size: int = 64, num_classes: int = 1000, **kw) -> vit.VisionTransformer:
     return vit.create_model("Ti/16", num_classes=num_classes, image_size=image_size, depth=2, **kw)
 
@@ -143,9 +150,7 @@ def test_clip_image_tower_parity_through_load_and_convert(tmp_path):
     meta, ref = fixture("timm_clip_tiny")
     state = random_weights.build(meta["manifest"], meta["seed"])
     assert "norm_pre.weight" in state and "patch_embed.proj.bias" not in state
-    path = tmp_path / "clip" / "model.safetensors"
-    path.parent.mkdir()
-    safetensors.numpy.save_file(state, str(path))
+    path = saved(tmp_path / "clip", state)
     model = ti(num_classes=10, pre_norm=True, quick_gelu=True)
     params, notes = load_pretrained(path, model, init(model))
     assert "the patch embedding has no bias in the weights (CLIP): zeros loaded" in notes
@@ -180,9 +185,7 @@ def test_huggingface_clip_image_tower_parity_through_load_and_convert(tmp_path):
     through `vit convert` with the model's config.json and preprocessor_config.json."""
     meta, ref = fixture("hf_clip_tiny")
     state = random_weights.build(meta["manifest"], meta["seed"])
-    path = tmp_path / "vision" / "model.safetensors"
-    path.parent.mkdir()
-    safetensors.numpy.save_file(state, str(path))
+    path = saved(tmp_path / "vision", state)
     model = ti(num_classes=10, pre_norm=True, quick_gelu=True)
     params, notes = load_pretrained(path, model, init(model), keep_head=True)
     assert "the head (CLIP's projection) has no bias in the weights (CLIP): zeros loaded" in notes
@@ -203,7 +206,7 @@ def test_huggingface_clip_image_tower_parity_through_load_and_convert(tmp_path):
         {"image_mean": [0.48145466, 0.4578275, 0.40821073], "do_center_crop": True,
          "image_std": [0.26862954, 0.26130258, 0.27577711], "size": {"shortest_edge": 64}}))
     checkpoint, notes = convert_weights(str(whole), str(tmp_path / "run"))
-    assert any(n.startswith("CLIP's text tower (3 arrays") for n in notes)
+    assert any(n.startswith("the text tower (3 arrays") for n in notes)
     loaded = load_inference_model(checkpoint)
     assert loaded.model.pre_norm and loaded.model.mlp_activation == "quick_gelu"
     assert loaded.model.num_heads == 3 and loaded.config.pp.normalize == "clip"
@@ -242,6 +245,84 @@ def test_swiglu_dinov2_giant_parity_through_load_and_convert(tmp_path, stem):
     assert loaded.model.swiglu and loaded.model.mlp_dim == 512
     np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
                                ref["features_swiglu"], atol=1e-4, rtol=0)
+
+
+def test_siglip_image_tower_parity_timm_and_huggingface(tmp_path):
+    """SigLIP's tower (no class token, attention-pooling MAP head): timm's
+    vit_base_patch16_siglip_224 (attn_pool with a fused kv) gives its logits through a map model
+    with exact GELU; transformers' SiglipVisionModel (head with a fused in_proj, tanh GELU) its
+    pooled features, and as a whole SiglipModel file (text tower dropped) through `vit convert`
+    with the model's config.json and preprocessor_config.json."""
+    meta, ref = fixture("timm_siglip_tiny")
+    path = saved(tmp_path / "timm", random_weights.build(meta["manifest"], meta["seed"]))
+    model = ti(num_classes=10, classifier="map", gelu_approximate=False)
+    params, _ = load_pretrained(path, model, init(model))
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_gelu_erf"],
+                               atol=1e-4, rtol=0)
+
+    meta, ref = fixture("hf_siglip_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    assert "head.attention.in_proj_weight" in state and "embeddings.class_embedding" not in state
+    path = saved(tmp_path / "hf", state)
+    model = ti(num_classes=10, classifier="map")  # tanh GELU, as SigLIP's
+    params, _ = load_pretrained(path, model, init(model))
+    np.testing.assert_allclose(np.asarray(head_input(model, params, images(meta))),
+                               ref["features_gelu_tanh"], atol=1e-4, rtol=0)
+
+    whole = tmp_path / "siglip" / "model.safetensors"
+    whole.parent.mkdir()
+    text = {"text_model.head.weight": np.zeros((4, 4), np.float32),
+            "logit_scale": np.zeros(1, np.float32), "logit_bias": np.zeros(1, np.float32)}
+    safetensors.numpy.save_file({**{f"vision_model.{k}": v for k, v in state.items()}, **text},
+                                str(whole))
+    (whole.parent / "config.json").write_text(json.dumps(
+        {"model_type": "siglip", "vision_config": meta["config"]}))
+    (whole.parent / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    checkpoint, notes = convert_weights(str(whole), str(tmp_path / "run"), num_classes=10)
+    assert any(n.startswith("the text tower (3 arrays") for n in notes)
+    loaded = load_inference_model(checkpoint)
+    assert loaded.model.classifier == "map" and loaded.model.mlp_activation == "gelu_tanh"
+    assert loaded.config.pp.normalize == "minus_one_to_one"
+    np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
+                               ref["features_gelu_tanh"], atol=1e-4, rtol=0)
+
+
+def test_big_vision_two_tower_scanned_layout_loads_as_its_image_tower(tmp_path):
+    """big_vision's SigLIP .npz layout, written here from a MAP model's params (big_vision's
+    code is not run: a layout test): params/img/ before every image-tower name, the position
+    embedding at img/pos_embedding, the blocks scanned (stacked on a leading axis) under
+    per-type layer names, and a text tower (txt/, t, b) beside it."""
+    from vit.weight_formats import flatten_params
+
+    model = ti(num_classes=10, classifier="map")
+    params = jax.tree_util.tree_map(
+        lambda v: np.random.default_rng(0).standard_normal(v.shape).astype(np.float32) * 0.1,
+        init(model))
+    flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    per_type = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+                "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+    npz = {"params/txt/Encoder_0/kernel": np.zeros((3, 3), np.float32),
+           "params/t": np.zeros(1, np.float32), "params/b": np.zeros(1, np.float32)}
+    blocks: dict[str, list] = {}
+    for name, value in flat.items():
+        if name.startswith("Transformer/encoderblock_"):
+            _, _, layer, rest = name.split("/", 3)
+            blocks.setdefault(f"{per_type.get(layer, layer)}/{rest}", []).append(value)
+        else:
+            npz["params/img/" + ("pos_embedding" if name == POSEMB else name)] = value
+    for rest, layers in blocks.items():
+        npz[f"params/img/Transformer/encoderblock/{rest}"] = np.stack(layers)
+    np.savez(tmp_path / "siglip.npz", **npz)
+    weights = read_weights(tmp_path / "siglip.npz")
+    assert weights.notes[:2] == [
+        "the text tower (3 arrays: txt/..., t, b) dropped: the image tower (img/) loads",
+        "scanned encoder blocks (Transformer/encoderblock/..., big_vision's scan=True) split "
+        "into encoderblock_{i}"]
+    assert set(weights) == set(flat)
+    loaded, _ = load_pretrained(tmp_path / "siglip.npz", model, init(model))
+    x = images({"input_seed": 1, "batch": 2, "image_size": 64})
+    np.testing.assert_array_equal(logits(model, loaded, x), logits(model, params, x))
 
 
 def _dinov2_reg_features_match(tmp_path, state: dict, meta: dict, ref: dict
@@ -386,8 +467,10 @@ def test_unsupported_timm_parameters_are_named(tmp_path, timm_file):
     state = safetensors.numpy.load_file(str(timm_file))
     state["blocks.0.attn.q_norm.weight"] = np.ones((64,), np.float32)  # qk-norm
     safetensors.numpy.save_file(state, str(tmp_path / "qk.safetensors"))
-    with pytest.raises(WeightsError, match=r"blocks.0.attn.q_norm.weight \(64,\); only plain "
-                                           r"ViTs \(with LayerScale or register tokens\)"):
+    with pytest.raises(WeightsError, match=r"blocks.0.attn.q_norm.weight \(64,\); only ViTs "
+                                           r"\(LayerScale, registers, a pre-norm, packed SwiGLU, "
+                                           r"MAP heads\) and ResNet-v2 hybrids can be loaded, no "
+                                           r"qk-norm"):
         read_weights(tmp_path / "qk.safetensors")
 
 

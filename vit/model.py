@@ -213,6 +213,8 @@ VARIANTS: dict[str, dict[str, int]] = {
     "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
     "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+    # SigLIP's shape-optimised 400M (Alabdulmohsin et al., 2023), as big_vision names it
+    "So400m": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
 }
 
 _FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__ if f not in ("parent", "name"))

@@ -135,6 +135,10 @@ _LAYOUTS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     "conv": ("kernel", lambda w: w.transpose(2, 3, 1, 0)),
     "norm": ("scale", lambda w: w),
 }
+# Fused attention projections, stacked along torch's output axis, split into these layers.
+_FUSED = {"qkv": ("query", "key", "value"), "kv": ("key", "value")}
+_MAP = "MAPHead_0"
+_MAP_ATTN = _MAP + "/MultiHeadDotProductAttention_0"
 _BLOCK = r"Transformer/encoderblock_\1"
 _ATTN = _BLOCK + "/MultiHeadDotProductAttention_1"
 Target = str | Callable[[re.Match[str]], str]
@@ -176,6 +180,13 @@ _TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"fc_norm", "Transformer/encoder_norm", "norm"),
     (r"pre_logits\.fc", "pre_logits", "dense"),
     (r"head", "head", "dense"),
+    # global_pool="map" (SigLIP): timm's AttentionPoolLatent is big_vision's MAP head.
+    (r"attn_pool\.latent", _MAP + "/probe", "param"),
+    (r"attn_pool\.q", _MAP_ATTN + "/query", "dense"),
+    (r"attn_pool\.kv", _MAP_ATTN, "kv"),
+    (r"attn_pool\.proj", _MAP_ATTN + "/out", "dense"),
+    (r"attn_pool\.norm", _MAP + "/LayerNorm_0", "norm"),
+    (r"attn_pool\.mlp\.fc([12])", lambda m: f"{_MAP}/MlpBlock_0/Dense_{int(m[1]) - 1}", "dense"),
 ]
 def _split_attention_rules(module: str, out: str) -> list[tuple[str, Target, str]]:
     """Rules of an attention `module` with separate q_proj / k_proj / v_proj and `out` layers."""
@@ -225,16 +236,24 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (_HF_LAYER + r"layer_norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (r"post_layernorm", "Transformer/encoder_norm", "norm"),
     (r"visual_projection", "head", "dense"),
+    # SiglipVisionModel's attention-pooling head (google/siglip-*), big_vision's MAP head.
+    (r"head\.probe", _MAP + "/probe", "param"),
+    (r"head\.attention\.in_proj", _MAP_ATTN, "qkv"),
+    (r"head\.attention\.out_proj", _MAP_ATTN + "/out", "dense"),
+    (r"head\.layernorm", _MAP + "/LayerNorm_0", "norm"),
+    (r"head\.mlp\.fc([12])", lambda m: f"{_MAP}/MlpBlock_0/Dense_{int(m[1]) - 1}", "dense"),
 ]
 _HF_DROPPED = ("embeddings.mask_token",)
-_CLIP_PATCHES = "vision_model.embeddings.patch_embedding.weight"
-_CLIP_TEXT = ("text_model.", "text_projection.", "logit_scale")
+_TOWER_PATCHES = "embeddings.patch_embedding.weight"  # HF CLIP's and SigLIP's image towers
+_TOWER_TEXT = ("text_model.", "text_projection.", "logit_scale", "logit_bias")
 
 
-def _clip_image_tower(state: Mapping[str, np.ndarray]) -> Weights:
-    """HF CLIP's image tower in this toolkit's names; a CLIPModel's text tower is dropped."""
-    text = [k for k in state if k.startswith(_CLIP_TEXT)]
-    tower = {k.removeprefix("vision_model."): v for k, v in state.items()
+def _image_tower(state: Mapping[str, np.ndarray]) -> Weights:
+    """HF CLIP's or SigLIP's image tower in this toolkit's names; a whole CLIPModel's or
+    SiglipModel's text tower is dropped."""
+    text = [k for k in state if k.startswith(_TOWER_TEXT)]
+    tower = {k.removeprefix("vision_model.").replace("attention.in_proj_", "attention.in_proj."):
+             v for k, v in state.items()
              if k not in text and not k.endswith("embeddings.position_ids")}
     cls, posemb = "embeddings.class_embedding", "embeddings.position_embedding.weight"
     for key, rank in ((cls, 1), (posemb, 2)):  # [D] and [T, D] here, [1, 1, D] and [1, T, D] there
@@ -242,8 +261,8 @@ def _clip_image_tower(state: Mapping[str, np.ndarray]) -> Weights:
             tower[key] = tower[key].reshape((1,) * (3 - rank) + tower[key].shape)
     weights = _rename(tower, _HF_RULES, "hf")
     if text:
-        weights.notes.append(f"CLIP's text tower ({len(text)} arrays: text_model, "
-                             "text_projection, logit_scale) dropped: the image tower loads")
+        weights.notes.append(f"the text tower ({len(text)} arrays: text_model, text_projection "
+                             "or logit_scale / logit_bias) dropped: the image tower loads")
     return weights
 
 
@@ -260,11 +279,11 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]
         if match is None or leaf not in ("weight", "bias"):
             continue
         name = match.expand(target) if isinstance(target, str) else target(match)
-        if layout == "qkv":
-            parts = np.split(value, 3, axis=0)
+        if layout in _FUSED:
+            parts = np.split(value, len(_FUSED[layout]), axis=0)
             kind = "kernel" if leaf == "weight" else "bias"
             return {f"{name}/{n}/{kind}": p.T if leaf == "weight" else p
-                    for n, p in zip(("query", "key", "value"), parts, strict=True)}
+                    for n, p in zip(_FUSED[layout], parts, strict=True)}
         if leaf == "bias":
             return {f"{name}/bias": value}
         param, transform = _LAYOUTS[layout]
@@ -298,9 +317,10 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
         else:
             out.update(renamed)
     if unknown:
-        which = ("only plain ViTs (with LayerScale or register tokens) and ResNet-v2 hybrids (no "
-                 "qk-norm, SwiGLU or other CNN stems) can be loaded" if source == "timm" else
-                 "only ViT, DINOv2 and CLIP image towers load from HF naming")
+        which = ("only ViTs (LayerScale, registers, a pre-norm, packed SwiGLU, MAP heads) and "
+                 "ResNet-v2 hybrids can be loaded, no qk-norm or other CNN stems"
+                 if source == "timm" else
+                 "only ViT, DINOv2 and CLIP / SigLIP image towers load from HF naming")
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
                            f"{', '.join(unknown)}; {which}")
     if any(k.startswith("fc_norm.") for k in state):
@@ -351,7 +371,8 @@ def detect_naming(keys: list[str]) -> str:
         return "timm"
     if {"embeddings.patch_embeddings.projection.weight",
         "vit.embeddings.patch_embeddings.projection.weight",
-        "dinov2.embeddings.patch_embeddings.projection.weight", _CLIP_PATCHES} & keyset:
+        "dinov2.embeddings.patch_embeddings.projection.weight", _TOWER_PATCHES,
+        "vision_model." + _TOWER_PATCHES} & keyset:
         return "hf"
     shown = ", ".join(sorted(keys)[:5]) or "(no arrays)"
     raise WeightsError(f"unrecognised weight naming (first keys: {shown}): expected a vit_jax "
@@ -363,19 +384,43 @@ def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
     naming = detect_naming(list(state))
     if naming == "timm":
         return _rename(state, _TIMM_RULES, "timm")
-    if naming == "hf" and _CLIP_PATCHES in state:
-        return _clip_image_tower(state)
+    if naming == "hf" and {_TOWER_PATCHES, "vision_model." + _TOWER_PATCHES} & set(state):
+        return _image_tower(state)
     if naming == "hf":
         prefix = "dinov2." if any(k.startswith("dinov2.") for k in state) else "vit."
         return _rename(_strip_prefix(state, prefix), _HF_RULES, "hf", _HF_DROPPED)
     if any(k.startswith("params/") for k in state):
         state = {k.removeprefix("params/"): v for k, v in state.items() if k.startswith("params/")}
+    notes = []
+    if "img/embedding/kernel" in state:  # big_vision's two-tower models (SigLIP, LiT)
+        text = [k for k in state if not k.startswith("img/")]
+        state = {k.removeprefix("img/"): v for k, v in state.items() if k.startswith("img/")}
+        if text:
+            notes.append(f"the text tower ({len(text)} arrays: txt/..., t, b) dropped: the image "
+                         "tower (img/) loads")
     if any(k.startswith("Transformer/encoderblock/") for k in state):
-        raise WeightsError("these are scanned big_vision weights (Transformer/encoderblock/... "
-                           "stacked over the layers): unscan them first, one "
-                           "Transformer/encoderblock_{i}/... per layer (big_vision's "
-                           "scan=False layout), and save that .npz")
-    return _from_per_type_names(state)
+        state = _unscanned(state)
+        notes.append("scanned encoder blocks (Transformer/encoderblock/..., big_vision's "
+                     "scan=True) split into encoderblock_{i}")
+    weights = _from_per_type_names(state)
+    weights.notes[:0] = notes
+    return weights
+
+
+def _unscanned(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """big_vision's scan=True layout, every block's arrays stacked on a leading axis, as one
+    Transformer/encoderblock_{i}/... per block."""
+    scanned = "Transformer/encoderblock/"
+    depths = {int(np.shape(v)[0]) for k, v in state.items() if k.startswith(scanned)}
+    if len(depths) != 1:
+        raise WeightsError(f"scanned encoder blocks ({scanned}...) of different depths "
+                           f"{sorted(depths)}: the file is damaged or not one model")
+    out = {k: v for k, v in state.items() if not k.startswith(scanned)}
+    for key, value in state.items():
+        if key.startswith(scanned):
+            for i, layer in enumerate(np.asarray(value)):
+                out[f"Transformer/encoderblock_{i}/{key.removeprefix(scanned)}"] = layer
+    return out
 
 
 def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weights:

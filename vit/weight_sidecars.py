@@ -116,6 +116,11 @@ def _timm_image_size(args: dict, cfg: dict) -> Any:
     return list(size[1:]) if isinstance(size, list) and len(size) == 3 else None
 
 
+# HF image towers (alone, or inside a two-tower model's vision_config): their default activation.
+_HF_TOWER_ACTS = {"clip_vision_model": "quick_gelu", "clip": "quick_gelu",
+                  "siglip_vision_model": "gelu_pytorch_tanh", "siglip": "gelu_pytorch_tanh"}
+
+
 def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None = None) -> dict:
     """GELU, heads, MLP size, image size, normalisation, evaluation crop and this toolkit's model
     config found in sidecar JSON.
@@ -128,15 +133,15 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
     if "vit" in config:  # written by `vit convert --to npz`
         said.update(check_own_model(config["vit"], "the \"vit\" entry of config.json beside the "
                                "weights", "fix it, or move it away to convert without it"))
-    elif config.get("model_type") in ("vit", "clip_vision_model", "clip"):  # HuggingFace
-        clip = config["model_type"] != "vit"  # a whole CLIPModel's holds its image tower's
-        tower = config.get("vision_config") or {} if config["model_type"] == "clip" else config
-        said["gelu"] = _gelu_kind(tower.get("hidden_act", "quick_gelu" if clip else None),
+    elif config.get("model_type") in ("vit", *_HF_TOWER_ACTS):  # HuggingFace
+        kind = config["model_type"]
+        tower = (config.get("vision_config") or {}) if kind in ("clip", "siglip") else config
+        said["gelu"] = _gelu_kind(tower.get("hidden_act", _HF_TOWER_ACTS.get(kind)),
                                   "config.json's hidden_act")
         said["num_heads"] = tower.get("num_attention_heads")
         said["mlp_dim"] = tower.get("intermediate_size")
         said["image_size"] = tower.get("image_size")
-        labels = {} if clip else config.get("id2label") or {}  # CLIP's head is a projection
+        labels = (config.get("id2label") or {}) if kind == "vit" else {}  # towers name no classes
         said["class_names"] = [labels[k] for k in sorted(labels, key=int)] or None
         mean_std = _mean_std(preprocessor, ("image_mean", "image_std"),
                              "preprocessor_config.json")
