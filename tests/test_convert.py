@@ -589,9 +589,11 @@ def test_timm_hub_crop_pct_becomes_eval_resize(tmp_path):
     assert load_inference_model(path).config.pp.eval_resize == 71  # timm: floor(64 / 0.9)
 
 
-@pytest.mark.parametrize("target", ["timm", "hf"])
-def test_a_depth_0_model_round_trips(tmp_path, target):
-    write(str(tmp_path / "run"), dict(PLAIN, depth=0), normalize="imagenet")
+@pytest.mark.parametrize("target,swiglu", [("timm", False), ("hf", False), ("timm", True)])
+def test_a_depth_0_model_round_trips(tmp_path, target, swiglu):
+    """Without blocks the MLP size comes from the config.json: timm's mlp_ratio of a SwiGLU
+    model (its giant architecture) describes the first layer, twice mlp_dim."""
+    write(str(tmp_path / "run"), dict(PLAIN, depth=0, swiglu=swiglu), normalize="imagenet")
     files = export_weights(str(tmp_path / "run"), target, str(tmp_path / "out"))
     path, _ = convert_weights(files[0], str(tmp_path / "back"))
     before, after = load_inference_model(str(tmp_path / "run")), load_inference_model(path)
@@ -620,6 +622,31 @@ def _scanned(tmp_path) -> str:
              "params/Transformer/encoderblock/LayerNorm_0/bias": np.ones((3, 32), np.float32)}
     np.savez(tmp_path / "scanned.npz", **state)
     return str(tmp_path / "scanned.npz")
+
+
+def _hf_tower(tmp_path, **arrays) -> str:
+    """An HF image-tower file: the CLIP fixture's arrays with `arrays` added or replaced (None
+    removes one)."""
+    meta, _ = fixture("hf_clip_tiny")
+    state = {**random_weights.build(meta["manifest"], meta["seed"]), **arrays}
+    path = tmp_path / "tower.safetensors"
+    safetensors.numpy.save_file({k: v for k, v in state.items() if v is not None}, str(path))
+    return str(path)
+
+
+def _hf_half_swiglu(tmp_path) -> str:
+    meta, _ = fixture("hf_dinov2_swiglu_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    del state["encoder.layer.1.mlp.gate_proj.weight"]
+    safetensors.numpy.save_file(state, str(tmp_path / "half.safetensors"))
+    return str(tmp_path / "half.safetensors")
+
+
+def _scanned_scalar(tmp_path) -> str:
+    state = {"params/embedding/kernel": np.zeros((4, 4, 3, 32), np.float32),
+             "params/Transformer/encoderblock/LayerNorm_0/scale": np.float32(1.0)}
+    np.savez(tmp_path / "scalar.npz", **state)
+    return str(tmp_path / "scalar.npz")
 
 
 def _with_config(tmp_path, edit) -> str:
@@ -654,7 +681,19 @@ MLP = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
      'the "vit" entry of config.json beside the weights has no image_size'),
     (_timm_mean_only, "config.json's pretrained_cfg gives mean but no std, so the input "
                       "normalisation is unknown; add it, or pass --normalize NAME"),
-], ids=["scanned", "no-mlp-kernel", "2d-embedding", "no-variant", "no-image-size", "no-std"])
+    (lambda p: _hf_tower(p, **{"classifier.weight": np.zeros((3, 192), np.float32)}),
+     "HF CLIPForImageClassification / SiglipForImageClassification pool by a mean over the "
+     "tokens"),
+    (lambda p: _hf_tower(p, **{"vision_model.embeddings.patch_embedding.weight":
+                               np.zeros((192, 768), np.float32)}),
+     "embeddings.patch_embedding.weight has shape (192, 768), not a convolution's "
+     "[out, in, patch, patch]: linear patch embeddings (SigLIP 2's NaFlex) cannot be loaded"),
+    (_hf_half_swiglu, "Transformer/encoderblock_1/MlpBlock_3: a SwiGLU MLP has gate_proj and "
+                      "up_proj kernels in pairs, and the gate one is missing"),
+    (_scanned_scalar, "Transformer/encoderblock/LayerNorm_0/scale is a scalar, not stacked over "
+                      "the layers"),
+], ids=["scanned", "no-mlp-kernel", "2d-embedding", "no-variant", "no-image-size", "no-std",
+        "hf-image-classification", "linear-patch-embedding", "half-swiglu", "scanned-scalar"])
 def test_weights_that_cannot_be_mapped_are_one_line(tmp_path, capsys, make, message):
     src = make(tmp_path)
     capsys.readouterr()

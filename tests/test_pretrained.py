@@ -172,6 +172,22 @@ def test_clip_image_tower_parity_through_load_and_convert(tmp_path):
     np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
                                ref["logits_quick_gelu"], atol=1e-4, rtol=0)
 
+    # timm's vit_base_patch16_clip_224.openai: OpenAI's weights, which timm runs with exact GELU
+    (path.parent / "config.json").write_text(json.dumps({
+        "architecture": "vit_base_patch16_clip_224", "num_classes": 10,
+        "pretrained_cfg": {"tag": "openai", "input_size": [3, 64, 64]}}))
+    checkpoint, notes = convert_weights(str(path), str(tmp_path / "timm-way"), num_heads=3)
+    assert load_inference_model(checkpoint).model.mlp_activation == "gelu"
+    assert ("OpenAI's CLIP weights: timm's vit_base_patch16_clip_224 runs them with exact GELU, "
+            "as this conversion does; OpenAI trained them with quick GELU: pass --gelu quick "
+            "for its own activation") in notes
+    checkpoint, notes = convert_weights(str(path), str(tmp_path / "openai-way"), num_heads=3,
+                                        gelu="quick")
+    assert not any(n.startswith("OpenAI's CLIP weights") for n in notes)
+    loaded = load_inference_model(checkpoint)
+    np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
+                               ref["logits_quick_gelu"], atol=1e-4, rtol=0)
+
     plain = ti(num_classes=10, quick_gelu=True)
     with pytest.raises(WeightsError, match="the weights have a pre-norm \\(CLIP's image tower\\): "
                                            "build the model with pre_norm=True"):
@@ -243,6 +259,10 @@ def test_swiglu_dinov2_giant_parity_through_load_and_convert(tmp_path, stem):
     checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"), num_classes=2)
     loaded = load_inference_model(checkpoint)
     assert loaded.model.swiglu and loaded.model.mlp_dim == 512
+    plain = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2, layer_scale=0.1)
+    with pytest.raises(WeightsError, match="the weights have SwiGLU MLPs \\(DINOv2-g\\): build the "
+                                           "model with swiglu=True and mlp_dim=512"):
+        load_pretrained(path, plain, init(plain))
     np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
                                ref["features_swiglu"], atol=1e-4, rtol=0)
 

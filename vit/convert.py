@@ -308,6 +308,8 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
         image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
         model_config.update(_gelu_options(gelu or said.get("gelu", default_gelu)))
+        if gelu is None and said.get("gelu_note"):
+            notes.append(said["gelu_note"])
     if gelu is not None:
         model_config.update(_gelu_options(gelu))
     return variant, model_config, image_size, notes

@@ -271,12 +271,27 @@ def adapt_params(
                 notes.append(f"{group} dropped (not in the model)")
         else:
             unexpected.append(f"{name} {src[name].shape}")
-    _raise_if_unmapped(mismatched, missing, unexpected, new_patch)
+    _raise_if_unmapped(mismatched, missing, unexpected, new_patch, _swiglu_fix(src, model))
     return traverse_util.unflatten_dict(out, sep="/"), notes
 
 
+def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:
+    """The fix when the weights' MLPs are SwiGLU and the model's are not, or the other way."""
+    first, second = (src.get(f"Transformer/encoderblock_0/MlpBlock_3/Dense_{i}/kernel")
+                     for i in (0, 1))
+    if first is None or second is None or first.ndim != 2 or second.ndim != 2:
+        return None
+    theirs = first.shape[-1] == 2 * second.shape[0]
+    if theirs and not getattr(model, "swiglu", False):
+        return (f"the weights have SwiGLU MLPs (DINOv2-g): build the model with swiglu=True and "
+                f"mlp_dim={second.shape[0]}")
+    if not theirs and getattr(model, "swiglu", False):
+        return "the weights have plain MLPs: build the model with swiglu=False"
+    return None
+
+
 def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: list[str],
-                       new_patch: bool) -> None:
+                       new_patch: bool, swiglu_fix: str | None = None) -> None:
     parts = [f"{label}: {', '.join(items)}" for label, items in
              (("shape mismatch", mismatched), ("missing from the weights", missing),
               ("not in the model", unexpected)) if items]
@@ -292,6 +307,8 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
         fix = "the weights have a pre-norm (CLIP's image tower): build the model with pre_norm=True"
     elif any(name.startswith("Transformer/pre_norm/") for name in missing):
         fix = "the weights have no pre-norm, which the model has: build it with pre_norm=False"
+    elif swiglu_fix:
+        fix = swiglu_fix
     if new_patch:
         fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
                 "training: --config.init_resize_patch=True)")

@@ -255,6 +255,11 @@ def _image_tower(state: Mapping[str, np.ndarray]) -> Weights:
     tower = {k.removeprefix("vision_model.").replace("attention.in_proj_", "attention.in_proj."):
              v for k, v in state.items()
              if k not in text and not k.endswith("embeddings.position_ids")}
+    if "classifier.weight" in tower:
+        raise WeightsError("HF CLIPForImageClassification / SiglipForImageClassification pool by "
+                           "a mean over the tokens, which this toolkit's CLIP (class token) and "
+                           "SigLIP (MAP head) models do not: convert the image tower "
+                           "(CLIPVisionModel / SiglipVisionModel weights) and fine-tune a head")
     cls, posemb = "embeddings.class_embedding", "embeddings.position_embedding.weight"
     for key, rank in ((cls, 1), (posemb, 2)):  # [D] and [T, D] here, [1, 1, D] and [1, T, D] there
         if key in tower and tower[key].ndim == rank:
@@ -286,6 +291,10 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]
                     for n, p in zip(_FUSED[layout], parts, strict=True)}
         if leaf == "bias":
             return {f"{name}/bias": value}
+        if layout == "conv" and value.ndim != 4:
+            raise WeightsError(f"{key} has shape {tuple(value.shape)}, not a convolution's [out, "
+                               "in, patch, patch]: linear patch embeddings (SigLIP 2's NaFlex) "
+                               "cannot be loaded")
         param, transform = _LAYOUTS[layout]
         return {f"{name}/{param}": transform(value)}
     return None
@@ -293,13 +302,16 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]
 
 def _stack_gate_and_up(out: dict[str, np.ndarray]) -> None:
     """Split SwiGLU layers (`.../MlpBlock_3/gate`, `/up`) become one Dense_0 of [gate | up]."""
-    for name in [k for k in out if k.endswith("/MlpBlock_3/gate/kernel")]:
-        mlp = name.removesuffix("/gate/kernel")
+    split = re.compile(r"(.*/MlpBlock_3)/(?:gate|up)/(?:kernel|bias)")
+    for mlp in sorted({m[1] for m in map(split.fullmatch, out) if m}):
         for leaf in ("kernel", "bias"):
             gate, up = out.pop(f"{mlp}/gate/{leaf}", None), out.pop(f"{mlp}/up/{leaf}", None)
+            if gate is None and up is None and leaf == "bias":
+                continue  # bias-free projections
             if gate is None or up is None:
-                raise WeightsError(f"{mlp}: a SwiGLU MLP's gate_proj and up_proj {leaf}s come "
-                                   "in pairs, and one is missing: the file is incomplete")
+                raise WeightsError(f"{mlp}: a SwiGLU MLP has gate_proj and up_proj {leaf}s in "
+                                   f"pairs, and the {'gate' if gate is None else 'up'} one is "
+                                   "missing: the file is incomplete")
             out[f"{mlp}/Dense_0/{leaf}"] = np.concatenate([gate, up], axis=-1)
 
 
@@ -411,6 +423,10 @@ def _unscanned(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """big_vision's scan=True layout, every block's arrays stacked on a leading axis, as one
     Transformer/encoderblock_{i}/... per block."""
     scanned = "Transformer/encoderblock/"
+    flat = [k for k, v in state.items() if k.startswith(scanned) and not np.ndim(v)]
+    if flat:
+        raise WeightsError(f"{flat[0]} is a scalar, not stacked over the layers as big_vision's "
+                           "scanned blocks are: the file is damaged or not a ViT")
     depths = {int(np.shape(v)[0]) for k, v in state.items() if k.startswith(scanned)}
     if len(depths) != 1:
         raise WeightsError(f"scanned encoder blocks ({scanned}...) of different depths "

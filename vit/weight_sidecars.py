@@ -116,6 +116,7 @@ def _timm_image_size(args: dict, cfg: dict) -> Any:
     return list(size[1:]) if isinstance(size, list) and len(size) == 3 else None
 
 
+TIMM_SWIGLU = "vit_giant_patch14_dinov2"  # timm's ViT with packed SwiGLU MLPs (DINOv2-g)
 # HF image towers (alone, or inside a two-tower model's vision_config): their default activation.
 _HF_TOWER_ACTS = {"clip_vision_model": "quick_gelu", "clip": "quick_gelu",
                   "siglip_vision_model": "gelu_pytorch_tanh", "siglip": "gelu_pytorch_tanh"}
@@ -150,14 +151,20 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             said["eval_resize"] = size.get("shortest_edge")
     elif {"model_args", "pretrained_cfg", "architecture"} & set(config):  # timm's Hub config
         args = config.get("model_args") or {}  # only written for non-default arguments
+        architecture = str(config.get("architecture", ""))
+        cfg = config.get("pretrained_cfg", {})
         act = args.get("act_layer")
-        if act is None and "quickgelu" in str(config.get("architecture", "")):
+        if act is None and "quickgelu" in architecture:
             act = "quick_gelu"  # timm's *_clip_quickgelu_* models: OpenAI CLIP weights
         said["gelu"] = _gelu_kind(act, "config.json's model_args.act_layer")
+        if said["gelu"] != "quick" and cfg.get("tag") == "openai" and "_clip_" in architecture:
+            said["gelu_note"] = (f"OpenAI's CLIP weights: timm's {architecture} runs them with "
+                                 "exact GELU, as this conversion does; OpenAI trained them with "
+                                 "quick GELU: pass --gelu quick for its own activation")
         said["num_heads"] = args.get("num_heads")
         if args.get("mlp_ratio") and args.get("embed_dim"):  # as timm sizes its first layer
-            said["mlp_dim"] = int(args["mlp_ratio"] * args["embed_dim"])
-        cfg = config.get("pretrained_cfg", {})
+            first = int(args["mlp_ratio"] * args["embed_dim"])
+            said["mlp_dim"] = first // 2 if architecture == TIMM_SWIGLU else first
         said["image_size"] = _timm_image_size(args, cfg)
         said["class_names"] = cfg.get("label_names")
         mean_std = _mean_std(cfg, ("mean", "std"), "config.json's pretrained_cfg")

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from vit import weight_sidecars
 from vit.data_options import NORMALIZATIONS
 from vit.encoder import posemb_sincos_2d
 from vit.model_options import json_image_size
@@ -182,7 +183,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args["pre_norm"] = True
     architecture = "vit_base_patch16_224"
     if model.swiglu:  # timm builds SwiGLU (SwiGLUPacked MLPs, SiLU) for DINOv2-g's architecture
-        architecture = "vit_giant_patch14_dinov2"
+        architecture = weight_sidecars.TIMM_SWIGLU
         # That architecture's default is LayerScale 1e-5; timm drops None arguments, and reads
         # 0.0 as "no LayerScale".
         args.setdefault("init_values", 0.0)
