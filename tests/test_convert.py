@@ -91,7 +91,8 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     ("timm", dict(PLAIN, classifier="gap", num_registers=2)), ("hf", dict(PLAIN, quick_gelu=True)),
     ("npz", dict(PLAIN, pre_norm=True, quick_gelu=True)),
     ("timm", dict(PLAIN, swiglu=True, layer_scale=0.5)), ("npz", dict(PLAIN, swiglu=True)),
-    ("timm", dict(PLAIN, swiglu=True, mlp_dim=40))])
+    ("timm", dict(PLAIN, swiglu=True, mlp_dim=40)), ("timm", dict(PLAIN, qk_norm=True)),
+    ("npz", dict(PLAIN, qk_norm=True, classifier="map"))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -107,6 +108,7 @@ def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     assert after.model.mlp_activation == before.model.mlp_activation
     assert after.model.pre_norm == before.model.pre_norm
     assert after.model.mlp_dim == before.model.mlp_dim
+    assert after.model.qk_norm == before.model.qk_norm
     got, want = flatten_params(after.params), flatten_params(params)
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
@@ -248,6 +250,9 @@ def test_timm_and_hf_refuse_what_they_cannot_hold(tmp_path, capsys):
     write(str(tmp_path / "reg"), dict(PLAIN, num_registers=2))
     with pytest.raises(WeightsError, match="register tokens, which HF ViT lacks"):
         export_weights(str(tmp_path / "reg"), "hf", str(tmp_path / "reg-hf"))
+    write(str(tmp_path / "qk"), dict(PLAIN, qk_norm=True))
+    with pytest.raises(WeightsError, match="qk-norm, which HF ViT lacks"):
+        export_weights(str(tmp_path / "qk"), "hf", str(tmp_path / "qk-hf"))
     write(str(tmp_path / "swiglu"), dict(PLAIN, swiglu=True))
     with pytest.raises(WeightsError, match="SwiGLU MLPs, which HF ViT lacks"):
         export_weights(str(tmp_path / "swiglu"), "hf", str(tmp_path / "swiglu-hf"))

@@ -120,8 +120,9 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path, capfd):
     dict(PLAIN, layer_scale=0.5),
     dict(PLAIN, pre_norm=True, quick_gelu=True, classifier="gap"),
     dict(PLAIN, swiglu=True, layer_scale=0.5),
+    dict(PLAIN, qk_norm=True),
 ], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls",
-        "bf16-dtype", "layer-scale", "clip-prenorm-quickgelu-gap", "swiglu"])
+        "bf16-dtype", "layer-scale", "clip-prenorm-quickgelu-gap", "swiglu", "qk-norm"])
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)

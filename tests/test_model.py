@@ -286,6 +286,7 @@ def test_explicit_attention_equals_jax_dot_product_attention():
         (dict(quick_gelu=1), "model quick_gelu must be True or False, got 1"),
         (dict(pre_norm="yes"), "model pre_norm must be True or False, got 'yes'"),
         (dict(swiglu=None), "model swiglu must be True or False, got None"),
+        (dict(qk_norm="on"), "model qk_norm must be True or False, got 'on'"),
         (dict(swiglu=True, quick_gelu=True),
          "model swiglu and quick_gelu are two MLPs: set one of them"),
         (dict(stem_strides=(1, 1)), "model stem_strides shapes the conv stem, but "
@@ -407,3 +408,24 @@ def test_swiglu_gates_one_half_of_the_first_layer_by_the_other():
                                atol=1e-5)
     swapped = jax.nn.silu(first[..., 24:]) * first[..., :24]
     assert np.abs(np.asarray(swapped - gated)).max() > 1e-2  # the order is what is tested
+
+
+def test_qk_norm_normalises_each_heads_queries_and_keys():
+    """With qk_norm, scaling the query and key projections by 10 changes nothing (each head's
+    q and k are LayerNormed over head_dim before the dot product); without it, it does."""
+    kw = dict(num_classes=3, image_size=16, width=32, depth=1, num_heads=2, mlp_dim=64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    for qk_norm in (True, False):
+        model = vit.create_model("Ti/8", qk_norm=qk_norm, **kw)
+        params = _randomise_head(vit.init_params(model, jax.random.PRNGKey(0)))
+        attention = params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+        assert ("query_norm" in attention) == qk_norm
+        if qk_norm:
+            assert attention["key_norm"]["scale"].shape == (16,)  # head_dim
+        scaled = jax.tree_util.tree_map(lambda v: v, params)
+        for name in ("query", "key"):
+            layer = scaled["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"][name]
+            layer["kernel"], layer["bias"] = 10.0 * layer["kernel"], 10.0 * layer["bias"] + 1.0
+        diff = np.abs(np.asarray(model.apply({"params": scaled}, x)
+                                 - model.apply({"params": params}, x))).max()
+        assert diff < 1e-4 if qk_norm else diff > 1e-3

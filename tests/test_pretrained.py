@@ -69,6 +69,12 @@ def logits(model, params, x) -> np.ndarray:
     return np.asarray(model.apply({"params": params}, x))
 
 
+def converted(checkpoint: str, meta: dict) -> tuple:
+    """(the model `vit convert` wrote at `checkpoint`, its logits on the fixture's images)."""
+    loaded = load_inference_model(checkpoint)
+    return loaded, logits(loaded.model, loaded.params, images(meta))
+
+
 @pytest.fixture(scope="module")
 def timm_file(tmp_path_factory) -> Path:
     meta, _ = fixture("timm_vit_tiny")
@@ -184,9 +190,8 @@ def test_clip_image_tower_parity_through_load_and_convert(tmp_path):
     checkpoint, notes = convert_weights(str(path), str(tmp_path / "openai-way"), num_heads=3,
                                         gelu="quick")
     assert not any(n.startswith("OpenAI's CLIP weights") for n in notes)
-    loaded = load_inference_model(checkpoint)
-    np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
-                               ref["logits_quick_gelu"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(converted(checkpoint, meta)[1], ref["logits_quick_gelu"],
+                               atol=1e-4, rtol=0)
 
     plain = ti(num_classes=10, quick_gelu=True)
     with pytest.raises(WeightsError, match="the weights have a pre-norm \\(CLIP's image tower\\): "
@@ -345,6 +350,27 @@ def test_big_vision_two_tower_scanned_layout_loads_as_its_image_tower(tmp_path):
     np.testing.assert_array_equal(logits(model, loaded, x), logits(model, params, x))
 
 
+def test_timm_qk_norm_parity_through_load_and_convert(tmp_path):
+    """timm's qk_norm=True ViT (attn.q_norm / k_norm, LayerNorms of [head_dim]): its logits
+    from a qk_norm model, and from `vit convert`, which finds qk-norm in the arrays."""
+    meta, ref = fixture("timm_qknorm_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    path = saved(tmp_path / "qk", state)
+    model = ti(num_classes=10, gelu_approximate=False, qk_norm=True)
+    params, _ = load_pretrained(path, model, init(model))
+    attention = params["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_1"]
+    np.testing.assert_array_equal(attention["key_norm"]["bias"], state["blocks.1.attn.k_norm.bias"])
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_gelu_erf"],
+                               atol=1e-4, rtol=0)
+    loaded, out = converted(convert_weights(str(path), str(tmp_path / "run"))[0], meta)
+    assert loaded.model.qk_norm
+    np.testing.assert_allclose(out, ref["logits_gelu_erf"], atol=1e-4, rtol=0)
+    plain = ti(num_classes=10, gelu_approximate=False)
+    with pytest.raises(WeightsError, match="the weights have qk-norm: build the model with "
+                                           "qk_norm=True"):
+        load_pretrained(path, plain, init(plain))
+
+
 def _dinov2_reg_features_match(tmp_path, state: dict, meta: dict, ref: dict
                                ) -> tuple[dict, list[str]]:
     """Load `state` (written as a .safetensors file) into the DINOv2-reg fixtures' model and
@@ -485,13 +511,13 @@ def test_torch_file_without_torch_is_one_clear_line(tmp_path):
 
 def test_unsupported_timm_parameters_are_named(tmp_path, timm_file):
     state = safetensors.numpy.load_file(str(timm_file))
-    state["blocks.0.attn.q_norm.weight"] = np.ones((64,), np.float32)  # qk-norm
-    safetensors.numpy.save_file(state, str(tmp_path / "qk.safetensors"))
-    with pytest.raises(WeightsError, match=r"blocks.0.attn.q_norm.weight \(64,\); only ViTs "
-                                           r"\(LayerScale, registers, a pre-norm, packed SwiGLU, "
-                                           r"MAP heads\) and ResNet-v2 hybrids can be loaded, no "
-                                           r"qk-norm"):
-        read_weights(tmp_path / "qk.safetensors")
+    state["blocks.0.mlp.norm.weight"] = np.ones((768,), np.float32)  # timm's scale_mlp_norm
+    safetensors.numpy.save_file(state, str(tmp_path / "mlp_norm.safetensors"))
+    with pytest.raises(WeightsError, match=r"blocks.0.mlp.norm.weight \(768,\); only ViTs "
+                                           r"\(LayerScale, registers, a pre-norm, qk-norm, packed "
+                                           r"SwiGLU, MAP heads\) and ResNet-v2 hybrids can be "
+                                           r"loaded"):
+        read_weights(tmp_path / "mlp_norm.safetensors")
 
 
 def test_unrecognised_naming(tmp_path):

@@ -1,7 +1,8 @@
 """Multi-head dot-product attention with vit_jax's parameter names, masks, and two kernels.
 
 Parameters: `{query,key,value}/{kernel [width, heads, head_dim], bias [heads, head_dim]}` and
-`out/{kernel [heads, head_dim, width], bias [width]}`, as the public vit_jax checkpoints.
+`out/{kernel [heads, head_dim, width], bias [width]}`, as the public vit_jax checkpoints; with
+`qk_norm`, `query_norm` and `key_norm` LayerNorms of [head_dim] (timm's q_norm / k_norm).
 
 `impl` picks how attention is computed: "explicit" (softmax of q.k in einsums on heads-first
 [B, heads, T, dim] operands; the only one that returns the weights or applies attention
@@ -177,6 +178,7 @@ class MultiHeadDotProductAttention(nn.Module):
     impl: str = "explicit"  # | "fused" | "cudnn": a kernel, never "auto" (resolve_attention_impl)
     quant: str = "none"  # | "int8": int8 projections (vit/int8.py)
     matmul_dtype: str = "float32"  # | "bfloat16": projection operands (vit/matmul.py)
+    qk_norm: bool = False  # LayerNorm over each head's query and key (query_norm, key_norm)
 
     @nn.compact
     def __call__(
@@ -218,6 +220,9 @@ class MultiHeadDotProductAttention(nn.Module):
         else:
             (q,) = project(x_q, ("query",))
             k, v = project(x_kv, ("key", "value"))
+        if self.qk_norm:  # over head_dim, the last axis in either layout
+            q = nn.LayerNorm(dtype=self.dtype, name="query_norm")(q)
+            k = nn.LayerNorm(dtype=self.dtype, name="key_norm")(k)
 
         weights = None
         if core == "explicit":

@@ -52,6 +52,7 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.quick_gelu = False  # True: OpenAI CLIP's x * sigmoid(1.702 x) in the MLP (its weights)
     m.pre_norm = False  # True: a LayerNorm before the first block, as CLIP's image tower
     m.swiglu = False  # True: SwiGLU MLPs (DINOv2-g), the first layer 2 x mlp_dim wide
+    m.qk_norm = False  # True: LayerNorm over each head's queries and keys (timm's qk_norm)
     m.stem = "patchify"  # | "conv": 3x3 conv stem then a 1x1 projection (vit/stems.py)
     m.stem_channels = _optional(tuple)  # conv stem widths, e.g. (32, 64, 128); None: default
     m.stem_strides = _optional(tuple)  # e.g. (2, 1, 2); None: stride 2 for the last convs

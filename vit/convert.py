@@ -131,6 +131,8 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
         overrides["representation_size"] = int(weights["pre_logits/kernel"].shape[1])
     if "Transformer/pre_norm/scale" in weights:
         overrides["pre_norm"] = True
+    if any(k.endswith("/query_norm/scale") for k in weights):
+        overrides["qk_norm"] = True
     if "Transformer/registers" in weights:
         overrides["num_registers"] = int(weights["Transformer/registers"].shape[1])
     if any(k.endswith("/LayerScale_1/scale") for k in weights):

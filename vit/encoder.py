@@ -139,6 +139,7 @@ class Encoder1DBlock(nn.Module):
     quant: str = "none"
     matmul_dtype: str = "float32"
     layer_scale: float | None = None  # LayerScale's initial value; None: no LayerScale
+    qk_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -149,7 +150,8 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
-            self.quant, matmul_dtype=self.matmul_dtype, name="MultiHeadDotProductAttention_1",
+            self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
+            name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if self.layer_scale is not None:
@@ -222,6 +224,7 @@ class Encoder(nn.Module):
     remat: str = "none"  # a key of REMAT_POLICIES
     layer_scale: float | None = None
     pre_norm: bool = False  # a LayerNorm on the tokens before the first block (CLIP's ln_pre)
+    qk_norm: bool = False  # each block's attention normalises its queries and keys
 
     @nn.compact
     def __call__(
@@ -267,7 +270,8 @@ class Encoder(nn.Module):
             x, w = block(
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
                 rate, self.dtype, self.activation, self.attention_impl, self.quant,
-                self.matmul_dtype, layer_scale=self.layer_scale, name=f"encoderblock_{i}",
+                self.matmul_dtype, layer_scale=self.layer_scale, qk_norm=self.qk_norm,
+                name=f"encoderblock_{i}",
             )(x, mask, deterministic, return_weights)
             maps.append(w)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask

@@ -72,6 +72,9 @@ class VisionTransformer(nn.Module):
     pre_norm: bool = False  # CLIP: a LayerNorm on the tokens before the first block
     # SwiGLU MLPs (DINOv2-g): MlpBlock's Dense_0 gives 2 x mlp_dim, silu(first half) x second half
     swiglu: bool = False
+    # LayerNorm over each head's queries and keys in every block (timm's qk_norm; ViT-22B):
+    # query_norm / key_norm in MultiHeadDotProductAttention_1
+    qk_norm: bool = False
     stem: str = "patchify"  # | "conv": 3x3 convs then a 1x1 projection (vit/stems.py)
     stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
     stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
@@ -156,7 +159,8 @@ class VisionTransformer(nn.Module):
             self.dropout_rate, self.attention_dropout_rate, self.drop_path_rate, self.dtype,
             self.mlp_activation, self.token_keep_ratio, self.num_registers,
             self.attention_impl, self.quant, self.matmul_dtype, self.remat,
-            layer_scale=self.layer_scale, pre_norm=self.pre_norm, name="Transformer",
+            layer_scale=self.layer_scale, pre_norm=self.pre_norm, qk_norm=self.qk_norm,
+            name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         x_tokens = x.shape[1]  # prefix, registers and the patches kept

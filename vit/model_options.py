@@ -148,7 +148,7 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if not isinstance(kw["gelu_approximate"], bool | np.bool_):
         raise ValueError(f"model gelu_approximate must be True (tanh GELU) or False (exact erf), "
                          f"got {kw['gelu_approximate']!r}")
-    for key in ("quick_gelu", "pre_norm", "swiglu"):
+    for key in ("quick_gelu", "pre_norm", "swiglu", "qk_norm"):
         if not isinstance(kw[key], bool | np.bool_):
             raise ValueError(f"model {key} must be True or False, got {kw[key]!r}")
     if kw["swiglu"] and kw["quick_gelu"]:

@@ -6,8 +6,8 @@ ViT is a short list of standard ONNX ops (opset 20: Conv, LayerNormalization, Ma
 Gelu), so the graph is written here directly and checked against the JAX model with onnxruntime
 by `vit.export`. Supported: patchify and conv stems (LayerNorm or GroupNorm), class token,
 registers, learned or sin-cos position embeddings, CLIP's pre-norm, token or GAP heads,
-pre-logits, tanh or exact GELU, CLIP's quick GELU or SwiGLU. Not supported (ExportError naming the
-alternative): MAP heads, ResNet hybrids, int8-quantised checkpoints.
+pre-logits, qk-norm, tanh or exact GELU, CLIP's quick GELU or SwiGLU. Not supported
+(ExportError naming the alternative): MAP heads, ResNet hybrids, int8-quantised checkpoints.
 
 Graph: pixels uint8 [N, rows, cols, 3] (the run's image_size) -> (logits float32
 [N, classes], probabilities).
@@ -142,7 +142,10 @@ def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: 
     def project(name: str, perm: list[int]) -> str:
         y = g.dense(x, p[f"{prefix}/{name}/kernel"].reshape(width, width),
                     p[f"{prefix}/{name}/bias"].reshape(width))
-        return g.op("Transpose", g.op("Reshape", y, split), perm=perm)
+        y = g.op("Reshape", y, split)  # [N, T, H, d]
+        if f"{prefix}/{name}_norm/scale" in p:  # qk_norm: over each head's d
+            y = g.layer_norm(y, p, f"{prefix}/{name}_norm")
+        return g.op("Transpose", y, perm=perm)
 
     q = project("query", [0, 2, 1, 3])  # [N, H, T, d]
     k = project("key", [0, 2, 3, 1])  # [N, H, d, T]

@@ -307,6 +307,10 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
         fix = "the weights have a pre-norm (CLIP's image tower): build the model with pre_norm=True"
     elif any(name.startswith("Transformer/pre_norm/") for name in missing):
         fix = "the weights have no pre-norm, which the model has: build it with pre_norm=False"
+    elif any("/query_norm/" in name for name in unexpected):
+        fix = "the weights have qk-norm: build the model with qk_norm=True"
+    elif any("/query_norm/" in name for name in missing):
+        fix = "the weights have no qk-norm, which the model has: build it with qk_norm=False"
     elif swiglu_fix:
         fix = swiglu_fix
     if new_patch:

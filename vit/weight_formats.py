@@ -172,6 +172,8 @@ _TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"blocks\.(\d+)\.ls2\.gamma", _BLOCK + "/LayerScale_3/scale", "param"),
     (r"blocks\.(\d+)\.attn\.qkv", _ATTN, "qkv"),
     (r"blocks\.(\d+)\.attn\.proj", _ATTN + "/out", "dense"),
+    (r"blocks\.(\d+)\.attn\.q_norm", _ATTN + "/query_norm", "norm"),
+    (r"blocks\.(\d+)\.attn\.k_norm", _ATTN + "/key_norm", "norm"),
     (r"blocks\.(\d+)\.norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (r"blocks\.(\d+)\.mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
     (r"blocks\.(\d+)\.mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
@@ -329,8 +331,8 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
         else:
             out.update(renamed)
     if unknown:
-        which = ("only ViTs (LayerScale, registers, a pre-norm, packed SwiGLU, MAP heads) and "
-                 "ResNet-v2 hybrids can be loaded, no qk-norm or other CNN stems"
+        which = ("only ViTs (LayerScale, registers, a pre-norm, qk-norm, packed SwiGLU, MAP "
+                 "heads) and ResNet-v2 hybrids can be loaded, no other CNN stems"
                  if source == "timm" else
                  "only ViT, DINOv2 and CLIP / SigLIP image towers load from HF naming")
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "

@@ -72,6 +72,7 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("LayerScale, which HF ViT lacks", target == "hf" and model.layer_scale is not None),
         ("a pre-norm (CLIP), which HF ViT lacks", target == "hf" and model.pre_norm),
         ("SwiGLU MLPs, which HF ViT lacks", target == "hf" and model.swiglu),
+        ("qk-norm, which HF ViT lacks", target == "hf" and model.qk_norm),
     ) if bad]
     if extras:
         raise WeightsError(f"--to {target} holds plain patchify ViTs only, and this model has "
@@ -163,6 +164,11 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
             pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
             pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]})
+        if model.qk_norm:
+            a = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
+            state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
+                          for t, ours in (("q", "query"), ("k", "key"))
+                          for leaf, param in (("weight", "scale"), ("bias", "bias"))})
         if model.layer_scale is not None:
             b = f"Transformer/encoderblock_{i}/"
             state.update({pre + "ls1.gamma": p[b + "LayerScale_1/scale"],
@@ -181,6 +187,8 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args.update(reg_tokens=model.num_registers, no_embed_class=True)
     if model.pre_norm:
         args["pre_norm"] = True
+    if model.qk_norm:
+        args["qk_norm"] = True
     architecture = "vit_base_patch16_224"
     if model.swiglu:  # timm builds SwiGLU (SwiGLUPacked MLPs, SiLU) for DINOv2-g's architecture
         architecture = weight_sidecars.TIMM_SWIGLU

@@ -1,5 +1,5 @@
 """Throwaway: reference outputs of timm's DeiT III, DINOv2 (with registers, and giant's SwiGLU),
-CLIP and SigLIP ViTs for the tests.
+CLIP, SigLIP and qk-norm ViTs for the tests.
 
 Never run by tests. Needs torch and timm only (no transformers), e.g.
     python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch==2.13.0 timm
@@ -15,9 +15,10 @@ tests/fixtures/timm_dinov2_giant_tiny.{json,npz} (vit_giant_patch14_dinov2 at wi
 56 px: SwiGLU MLPs, fc1 1024 wide, 512 after the gate; LayerScale, no head; its pooled features)
 and tests/fixtures/timm_siglip_tiny.{json,npz} (vit_base_patch16_siglip_224 at width 192, depth
 2, 64 px, 10 classes: no class token, the attention-pooling head `attn_pool`, exact GELU; its
-logits).
-Random weights from the manifest
-(tests/fixtures/random_weights.py), the input seed and the outputs.
+logits) and tests/fixtures/timm_qknorm_tiny.{json,npz} (vit_base_patch16_224 with qk_norm=True
+at width 192, depth 2, 64 px, 10 classes: LayerNorm over each head's queries and keys; its
+logits). Random weights from the manifest (tests/fixtures/random_weights.py), the input seed
+and the outputs.
 """
 
 import json
@@ -43,6 +44,8 @@ MODELS = {
     "timm_dinov2_giant_tiny": ("vit_giant_patch14_dinov2", 56, 14, {"num_classes": 0},
                                "features_swiglu"),
     "timm_siglip_tiny": ("vit_base_patch16_siglip_224", 64, 16, {"num_classes": 10},
+                         "logits_gelu_erf"),
+    "timm_qknorm_tiny": ("vit_base_patch16_224", 64, 16, {"num_classes": 10, "qk_norm": True},
                          "logits_gelu_erf"),
 }
 
