@@ -265,9 +265,17 @@ def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):
     write(str(tmp_path / "run"), PLAIN)
     export_weights(str(tmp_path / "run"), "npz", str(tmp_path / "out"))
     (tmp_path / "out" / "config.json").unlink()  # a bare vit_jax .npz
-    with pytest.raises(WeightsError, match="hold 2 heads"):
+    with pytest.raises(WeightsError, match="holds 2 heads"):
         convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "b"), num_heads=4)
     path, notes = convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "c"))
+    assert load_inference_model(path).model.num_heads == 2
+    assert not any("heads assumed" in n for n in notes)
+    # timm fuses the heads ([D, D]), but qk-norm's [head_dim] scales tell them: 32 / 16 = 2
+    write(str(tmp_path / "qk"), dict(PLAIN, qk_norm=True))
+    export_weights(str(tmp_path / "qk"), "timm", str(tmp_path / "qk-out"))
+    (tmp_path / "qk-out" / "config.json").unlink()
+    path, notes = convert_weights(str(tmp_path / "qk-out" / "model.safetensors"),
+                                  str(tmp_path / "qk-back"))
     assert load_inference_model(path).model.num_heads == 2
     assert not any("heads assumed" in n for n in notes)
 
@@ -725,3 +733,11 @@ def test_a_failed_write_leaves_no_folder_and_no_partial_files(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space left"):
         export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "there"))
     assert list((tmp_path / "there").iterdir()) == []  # kept, and as empty as it was
+
+
+def test_a_timm_config_with_a_null_pretrained_cfg_reads_as_empty():
+    from vit.weight_sidecars import what_the_file_says
+
+    said = what_the_file_says({"architecture": "vit_base_patch16_clip_224",
+                               "pretrained_cfg": None}, {})
+    assert said == {"gelu": "erf"}

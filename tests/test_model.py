@@ -429,3 +429,8 @@ def test_qk_norm_normalises_each_heads_queries_and_keys():
         diff = np.abs(np.asarray(model.apply({"params": scaled}, x)
                                  - model.apply({"params": params}, x))).max()
         assert diff < 1e-4 if qk_norm else diff > 1e-3
+    fused = vit.create_model("Ti/8", qk_norm=True, attention_impl="fused", **kw)
+    explicit = vit.create_model("Ti/8", qk_norm=True, attention_impl="explicit", **kw)
+    params = _randomise_head(vit.init_params(explicit, jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(fused.apply({"params": params}, x),  # [B, T, H, d] layout
+                               explicit.apply({"params": params}, x), atol=1e-5)

@@ -59,15 +59,21 @@ def _attention_query(weights: Weights) -> np.ndarray | None:
 
 
 def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, str | None]:
-    """Heads from the per-head kernel shape [D, heads, head_dim], else given, else guessed."""
+    """Heads from the per-head kernel shape [D, heads, head_dim] (or qk-norm's [head_dim]), else
+    given, else guessed."""
     from vit.model import VARIANTS
 
     query = _attention_query(weights)
-    if query is not None and query.ndim == 3:
-        if num_heads and num_heads != query.shape[1]:
+    qk_norm = weights.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+                          "query_norm/scale")
+    known = (int(query.shape[1]) if query is not None and query.ndim == 3 else
+             width // int(qk_norm.shape[-1]) if qk_norm is not None and qk_norm.ndim == 1
+             else None)
+    if known:
+        if num_heads and num_heads != known:
             raise WeightsError(f"--num-heads {num_heads} contradicts the weights, whose "
-                               f"attention kernels hold {query.shape[1]} heads; drop --num-heads")
-        return int(query.shape[1]), None
+                               f"attention holds {known} heads; drop --num-heads")
+        return known, None
     if num_heads:
         return int(num_heads), None
     # timm / HF fuse or flatten the heads ([D, D]): the file cannot tell them apart.

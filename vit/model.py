@@ -13,6 +13,7 @@ names match the public vit_jax checkpoints one to one:
     Transformer/posembed_input/pos_embedding         learned position embedding
     Transformer/encoderblock_{i}/LayerNorm_0
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query_norm,key_norm}  qk_norm only
     Transformer/encoderblock_{i}/LayerNorm_2
     Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}    Dense_0 2 x mlp_dim wide for swiglu
     Transformer/registers                            num_registers > 0 only: [1, R, width]

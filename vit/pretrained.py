@@ -309,7 +309,7 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
         fix = "the weights have no pre-norm, which the model has: build it with pre_norm=False"
     elif any("/query_norm/" in name for name in unexpected):
         fix = "the weights have qk-norm: build the model with qk_norm=True"
-    elif any("/query_norm/" in name for name in missing):
+    elif any("/query_norm/scale" in name for name in missing):
         fix = "the weights have no qk-norm, which the model has: build it with qk_norm=False"
     elif swiglu_fix:
         fix = swiglu_fix

@@ -152,7 +152,7 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
     elif {"model_args", "pretrained_cfg", "architecture"} & set(config):  # timm's Hub config
         args = config.get("model_args") or {}  # only written for non-default arguments
         architecture = str(config.get("architecture", ""))
-        cfg = config.get("pretrained_cfg", {})
+        cfg = config.get("pretrained_cfg") or {}
         act = args.get("act_layer")
         if act is None and "quickgelu" in architecture:
             act = "quick_gelu"  # timm's *_clip_quickgelu_* models: OpenAI CLIP weights
