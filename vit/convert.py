@@ -36,6 +36,7 @@ from vit.weight_formats import (
     Weights,
     WeightsError,
     flatten_params,
+    mlp_widths,
     read_weights,
     run_grid,
 )
@@ -90,13 +91,11 @@ def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, st
 
 def _mlp_dim(weights: Weights, width: int, stated: int | None) -> tuple[int, bool]:
     """(the MLP's hidden size, SwiGLU?) from block 0 (else the MAP head's MLP), else stated, else
-    4 x width (no MLP in the weights at all: it changes nothing). A first layer twice as wide as
-    the second takes is a SwiGLU MLP (DINOv2-g): mlp_dim is its width after the gate."""
+    4 x width (no MLP in the weights at all: it changes nothing); `mlp_widths` tells SwiGLU."""
     for mlp in ("Transformer/encoderblock_0/MlpBlock_3", "MAPHead_0/MlpBlock_0"):
         if any(k.startswith(mlp + "/") for k in weights):
-            first = int(_need(weights, mlp + "/Dense_0/kernel").shape[-1])
-            second = int(_need(weights, mlp + "/Dense_1/kernel").shape[0])
-            return second, first == 2 * second
+            return mlp_widths(_need(weights, mlp + "/Dense_0/kernel"),
+                              _need(weights, mlp + "/Dense_1/kernel"))
     return int(stated or 4 * width), False
 
 

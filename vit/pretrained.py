@@ -24,6 +24,7 @@ from vit.weight_formats import (
     WeightsError,
     flatten_params,
     has_real_class_names,
+    mlp_widths,
     read_weights,
 )
 
@@ -281,10 +282,10 @@ def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:
                      for i in (0, 1))
     if first is None or second is None or first.ndim != 2 or second.ndim != 2:
         return None
-    theirs = first.shape[-1] == 2 * second.shape[0]
+    mlp_dim, theirs = mlp_widths(first, second)
     if theirs and not getattr(model, "swiglu", False):
         return (f"the weights have SwiGLU MLPs (DINOv2-g): build the model with swiglu=True and "
-                f"mlp_dim={second.shape[0]}")
+                f"mlp_dim={mlp_dim}")
     if not theirs and getattr(model, "swiglu", False):
         return "the weights have plain MLPs: build the model with swiglu=False"
     return None

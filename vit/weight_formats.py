@@ -202,27 +202,28 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (r"embeddings\.cls_token", "cls", "param"),
     (r"embeddings\.position_embeddings", POSEMB, "param"),
     (r"embeddings\.patch_embeddings\.projection", "embedding", "conv"),
-    (_HF_LAYER + r"layernorm_before", _BLOCK + "/LayerNorm_0", "norm"),
+    # A block's norms and MLP under each model's names: ViT's files (layernorm_before / _after,
+    # intermediate / output.dense), DINOv2's (norm1 / norm2), CLIP's and SigLIP's (layer_norm1 /
+    # 2), transformers 5's in memory (mlp.fc1 / fc2); with use_swiglu_ffn (dinov2-giant) its
+    # files' weights_in ([gate; up] stacked, as this toolkit's Dense_0 holds them: vit.encoder's
+    # SwiGLU) and weights_out, which transformers 5 holds as gate_proj and up_proj (stacked
+    # here) and down_proj.
+    (_HF_LAYER + r"(?:layernorm_before|norm1|layer_norm1)", _BLOCK + "/LayerNorm_0", "norm"),
+    (_HF_LAYER + r"(?:layernorm_after|norm2|layer_norm2)", _BLOCK + "/LayerNorm_2", "norm"),
+    (_HF_LAYER + r"(?:intermediate\.dense|mlp\.fc1|mlp\.weights_in)",
+     _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
+    (_HF_LAYER + r"(?:output\.dense|mlp\.fc2|mlp\.weights_out|mlp\.down_proj)",
+     _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    (_HF_LAYER + r"mlp\.(gate|up)_proj", _BLOCK + r"/MlpBlock_3/\2", "dense"),
+    # Attention: ViT's files, transformers 5's in memory (its save_pretrained still writes the
+    # former), CLIP's and SigLIP's.
     (_HF_LAYER + r"attention\.attention\.(query|key|value)", _ATTN + r"/\2", "dense"),
     (_HF_LAYER + r"attention\.output\.dense", _ATTN + "/out", "dense"),
-    (_HF_LAYER + r"layernorm_after", _BLOCK + "/LayerNorm_2", "norm"),
-    (_HF_LAYER + r"intermediate\.dense", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
-    (_HF_LAYER + r"output\.dense", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
-    # transformers >= 5 names in memory (its save_pretrained still writes the names above).
     *_split_attention_rules(_HF_LAYER + r"attention\.", "o_proj"),
-    (_HF_LAYER + r"mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
-    (_HF_LAYER + r"mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
+    *_split_attention_rules(_HF_LAYER + r"self_attn\.", "out_proj"),
     # Dinov2Model / Dinov2WithRegistersModel (facebook/dinov2-*).
-    (_HF_LAYER + r"norm1", _BLOCK + "/LayerNorm_0", "norm"),
-    (_HF_LAYER + r"norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (_HF_LAYER + r"layer_scale1\.lambda1", _BLOCK + "/LayerScale_1/scale", "param"),
     (_HF_LAYER + r"layer_scale2\.lambda1", _BLOCK + "/LayerScale_3/scale", "param"),
-    # use_swiglu_ffn (dinov2-giant): files stack [gate; up] in weights_in, transformers 5 splits
-    # them in memory; this toolkit's Dense_0 holds them stacked (vit.encoder's SwiGLU).
-    (_HF_LAYER + r"mlp\.weights_in", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
-    (_HF_LAYER + r"mlp\.weights_out", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
-    (_HF_LAYER + r"mlp\.(gate|up)_proj", _BLOCK + r"/MlpBlock_3/\2", "dense"),
-    (_HF_LAYER + r"mlp\.down_proj", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
     (r"embeddings\.register_tokens", "Transformer/registers", "param"),
     (r"layernorm", "Transformer/encoder_norm", "norm"),
     (r"pooler\.dense", "pre_logits", "dense"),
@@ -233,9 +234,6 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (r"embeddings\.position_embedding\.weight", POSEMB, "param"),
     (r"embeddings\.patch_embedding", "embedding", "conv"),
     (r"pre_layrnorm", "Transformer/pre_norm", "norm"),
-    (_HF_LAYER + r"layer_norm1", _BLOCK + "/LayerNorm_0", "norm"),
-    *_split_attention_rules(_HF_LAYER + r"self_attn\.", "out_proj"),
-    (_HF_LAYER + r"layer_norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (r"post_layernorm", "Transformer/encoder_norm", "norm"),
     (r"visual_projection", "head", "dense"),
     # SiglipVisionModel's attention-pooling head (google/siglip-*), big_vision's MAP head.
@@ -300,6 +298,12 @@ def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]
         param, transform = _LAYOUTS[layout]
         return {f"{name}/{param}": transform(value)}
     return None
+
+
+def mlp_widths(first: np.ndarray, second: np.ndarray) -> tuple[int, bool]:
+    """(mlp_dim, SwiGLU?) of an MLP's kernels [width, hidden] and [mlp_dim, width]: a first
+    layer twice as wide as the second takes is SwiGLU's [gate | value] (DINOv2-g)."""
+    return int(second.shape[0]), int(first.shape[-1]) == 2 * int(second.shape[0])
 
 
 def _stack_gate_and_up(out: dict[str, np.ndarray]) -> None:
