@@ -26,7 +26,14 @@ Variants after the colon:
                  the same from a CLIP image tower: OpenAI's (timm vit_base_patch16_clip_
                  quickgelu_224.openai, HF openai/clip-vit-base-patch16: pre-norm, quick GELU)
                  or LAION's (vit_base_patch16_clip_224.laion2b: pre-norm, exact GELU), both
-                 with CLIP's input statistics; the projection head is replaced.
+                 with CLIP's input statistics and LayerNorm eps 1e-5; the projection head is
+                 replaced.
+  dinov3_S/16-cifar10-224, dinov3_S+/16-cifar10-256, dinov3_L/16-cifar100
+                 the same from DINOv3 (timm vit_*_patch16_dinov3[_qkvb].lvd1689m, HF
+                 facebook/dinov3-vit*16-pretrain-lvd1689m): rotary position embeddings and no
+                 position embedding (any image size, nothing resampled), 4 registers,
+                 LayerScale, no key bias, LayerNorm eps 1e-5, ImageNet statistics; S+ and H+
+                 have SwiGLU MLPs (H+: 20 heads). Not run here, nor their memory measured.
   siglip_B/16-cifar10-224, siglip_So400m/14-cifar100-224
                  the same from a SigLIP image tower (big_vision's .npz, timm's
                  vit_base_patch16_siglip_224, HF google/siglip-*): no class token, the MAP
@@ -72,10 +79,17 @@ _FAMILIES = {
     "deit3": (dict(layer_scale=1e-6, gelu_approximate=False), "imagenet"),
     "dinov2": (dict(layer_scale=1e-5, gelu_approximate=False), "imagenet"),
     "dinov2reg": (dict(layer_scale=1e-5, gelu_approximate=False, num_registers=4), "imagenet"),
-    "clip": (dict(pre_norm=True, quick_gelu=True), "clip"),  # OpenAI CLIP image towers
-    "cliplaion": (dict(pre_norm=True, gelu_approximate=False), "clip"),  # LAION / open_clip
+    # CLIP image towers, LayerNorm eps 1e-5: OpenAI's (quick GELU), LAION's / open_clip's
+    "clip": (dict(pre_norm=True, quick_gelu=True, norm_epsilon=1e-5), "clip"),
+    "cliplaion": (dict(pre_norm=True, gelu_approximate=False, norm_epsilon=1e-5), "clip"),
     "siglip": (dict(classifier="map"), "minus_one_to_one"),  # no class token, MAP head
+    # DINOv3: RoPE and no position embedding, no key bias, LayerNorm eps 1e-5, 4 registers
+    "dinov3": (dict(layer_scale=1e-5, gelu_approximate=False, num_registers=4, rope="dinov3",
+                    posemb="none", key_bias=False, norm_epsilon=1e-5), "imagenet"),
 }
+# DINOv3's "plus" models (S+/16, H+/16) have SwiGLU MLPs as wide as the plain ones' (timm's
+# vit_small_plus_patch16_dinov3, vit_huge_plus_patch16_dinov3); H+ has 20 heads.
+_DINOV3_PLUS = {"S": dict(swiglu=True), "H": dict(num_heads=20, swiglu=True)}
 # DINOv2's ViT-g/14 is not big_vision's (1408 wide, 16 heads, GELU): 1536 wide, 24 heads, and
 # SwiGLU MLPs of 4096 after the gate (timm's vit_giant_patch14_dinov2, facebook/dinov2-giant).
 _DINOV2_GIANT = dict(width=1536, num_heads=24, mlp_dim=4096, swiglu=True)
@@ -100,16 +114,22 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             f"unknown finetune variant {variant!r}: use c10-0to4, c10-5to9 or "
             "[<family>_]<model>-<cifar10|cifar100>[-<pixels>], e.g. B/16-cifar10, "
             f"S/16-cifar100-224 or dinov2_S/14-cifar10-224 (families: {', '.join(_FAMILIES)})")
+    size, plus, patch_part = model.partition("+")
+    if plus and (family != "dinov3" or size not in _DINOV3_PLUS):
+        raise ValueError(f"unknown finetune variant {variant!r}: the '+' models are DINOv3's "
+                         f"{', '.join(f'dinov3_{s}+/16' for s in _DINOV3_PLUS)}")
     patch = model.rpartition("/")[2]
     if not pixels and patch.isdigit() and 384 % int(patch):
         raise ValueError(f"finetune variant {variant!r}: the default 384 px is no multiple of "
                          f"{patch}-px patches; give the size, e.g. {variant}-224")
-    c = _paper_recipe(model, dataset, int(pixels or 384))
+    c = _paper_recipe(size + patch_part, dataset, int(pixels or 384))
     if family:
         options, c.pp.normalize = _FAMILIES[family]
         c.model.update(options)
         if family.startswith("dinov2") and model.startswith("g/"):
             c.model.update(_DINOV2_GIANT)
+        if plus:
+            c.model.update(_DINOV3_PLUS[size])
     return c
 
 

@@ -23,7 +23,8 @@ VARIANTS = {
                 "Ti/4", "S/4"],
     "imagenet": ["S/16", "B/16", "S/16-300ep", "B/16-300ep"],
     "finetune": ["c10-0to4", "c10-5to9", "B/16-cifar10", "S/16-cifar100", "B/16-cifar10-224",
-                 "dinov2reg_S/14-cifar10-224", "clip_B/16-cifar10-224"],
+                 "dinov2reg_S/14-cifar10-224", "clip_B/16-cifar10-224",
+                 "dinov3_S+/16-cifar10-224"],
 }
 CONFIGS = [(name, variant) for name, variants in VARIANTS.items() for variant in variants]
 # Recipes for accelerators (bfloat16 compute, float32 parameters and optimizer state) and the
@@ -31,7 +32,7 @@ CONFIGS = [(name, variant) for name, variants in VARIANTS.items() for variant in
 ACCELERATOR = [("imagenet", v) for v in VARIANTS["imagenet"]] + [
     ("finetune", "B/16-cifar10"), ("finetune", "S/16-cifar100"), ("finetune", "B/16-cifar10-224"),
     ("finetune", "dinov2reg_S/14-cifar10-224"), ("finetune", "clip_B/16-cifar10-224"),
-    ("cifar10", "Ti/4"), ("cifar10", "S/4")]
+    ("finetune", "dinov3_S+/16-cifar10-224"), ("cifar10", "Ti/4"), ("cifar10", "S/4")]
 CPU = [c for c in CONFIGS if c not in ACCELERATOR]
 
 

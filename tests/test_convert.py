@@ -92,7 +92,11 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     ("npz", dict(PLAIN, pre_norm=True, quick_gelu=True)),
     ("timm", dict(PLAIN, swiglu=True, layer_scale=0.5)), ("npz", dict(PLAIN, swiglu=True)),
     ("timm", dict(PLAIN, swiglu=True, mlp_dim=40)), ("timm", dict(PLAIN, qk_norm=True)),
-    ("npz", dict(PLAIN, qk_norm=True, classifier="map"))])
+    ("npz", dict(PLAIN, qk_norm=True, classifier="map")),
+    ("npz", dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, norm_epsilon=1e-5)),
+    ("timm", dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, gelu_approximate=False,
+                  swiglu=True, classifier="gap", layer_scale=0.5, norm_epsilon=1e-5)),
+    ("hf", dict(PLAIN, norm_epsilon=1e-12))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -109,6 +113,8 @@ def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     assert after.model.pre_norm == before.model.pre_norm
     assert after.model.mlp_dim == before.model.mlp_dim
     assert after.model.qk_norm == before.model.qk_norm
+    assert (after.model.rope, after.model.norm_epsilon) == (before.model.rope,
+                                                            before.model.norm_epsilon)
     got, want = flatten_params(after.params), flatten_params(params)
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
@@ -740,4 +746,4 @@ def test_a_timm_config_with_a_null_pretrained_cfg_reads_as_empty():
 
     said = what_the_file_says({"architecture": "vit_base_patch16_clip_224",
                                "pretrained_cfg": None}, {})
-    assert said == {"gelu": "erf"}
+    assert said == {"gelu": "erf", "norm_epsilon": 1e-5}  # timm's CLIP LayerNorms

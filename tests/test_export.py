@@ -121,8 +121,12 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path, capfd):
     dict(PLAIN, pre_norm=True, quick_gelu=True, classifier="gap"),
     dict(PLAIN, swiglu=True, layer_scale=0.5),
     dict(PLAIN, qk_norm=True),
+    dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, num_registers=2,
+         norm_epsilon=1e-5, layer_scale=0.5),
+    dict(PLAIN, rope="dinov3", classifier="gap", qk_norm=True),
 ], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls",
-        "bf16-dtype", "layer-scale", "clip-prenorm-quickgelu-gap", "swiglu", "qk-norm"])
+        "bf16-dtype", "layer-scale", "clip-prenorm-quickgelu-gap", "swiglu", "qk-norm",
+        "rope-dinov3-registers", "rope-learned-posemb-gap-qknorm"])
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)

@@ -287,6 +287,13 @@ def test_explicit_attention_equals_jax_dot_product_attention():
         (dict(pre_norm="yes"), "model pre_norm must be True or False, got 'yes'"),
         (dict(swiglu=None), "model swiglu must be True or False, got None"),
         (dict(qk_norm="on"), "model qk_norm must be True or False, got 'on'"),
+        (dict(key_bias=0), "model key_bias must be True or False, got 0"),
+        (dict(rope="eva"), "unknown rope 'eva'; use one of ('none', 'dinov3')"),
+        (dict(rope="dinov3", width=24, num_heads=4), "rope='dinov3' needs a head size (width / "
+         "num_heads) divisible by 4, got 6: change width or num_heads, or set rope='none'"),
+        (dict(norm_epsilon=0.0), "model norm_epsilon must be a small positive number (LayerNorm's "
+         "epsilon, e.g. 1e-6), got 0.0"),
+        (dict(posemb="rope"), "unknown posemb 'rope'; use one of ('learn', 'sincos2d', 'none')"),
         (dict(swiglu=True, quick_gelu=True),
          "model swiglu and quick_gelu are two MLPs: set one of them"),
         (dict(stem_strides=(1, 1)), "model stem_strides shapes the conv stem, but "

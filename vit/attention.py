@@ -3,6 +3,8 @@
 Parameters: `{query,key,value}/{kernel [width, heads, head_dim], bias [heads, head_dim]}` and
 `out/{kernel [heads, head_dim, width], bias [width]}`, as the public vit_jax checkpoints; with
 `qk_norm`, `query_norm` and `key_norm` LayerNorms of [head_dim] (timm's q_norm / k_norm).
+Given RoPE tables (vit/rope.py), the queries and keys are rotated after the qk-norm, as timm's
+Eva attention does.
 
 `impl` picks how attention is computed: "explicit" (softmax of q.k in einsums on heads-first
 [B, heads, T, dim] operands; the only one that returns the weights or applies attention
@@ -29,6 +31,7 @@ import numpy as np
 
 from vit import int8
 from vit.matmul import matmul as typed_matmul
+from vit.rope import apply_rope
 
 Dtype = Any
 Array = jax.Array
@@ -60,6 +63,7 @@ class _DenseGeneralParams(nn.Module):
     bias_shape: tuple[int, ...]
     fan_in: int
     quant: str = "none"
+    use_bias: bool = True  # False: no bias parameter, zeros (DINOv3's key projection)
 
     @nn.compact
     def __call__(self) -> tuple[Array, Array, Array | None]:
@@ -69,7 +73,8 @@ class _DenseGeneralParams(nn.Module):
             scale = self.param("scale", nn.initializers.ones, self.bias_shape)
         else:
             kernel = self.param("kernel", _xavier_as_matrix(self.fan_in), self.kernel_shape)
-        bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
+        bias = (self.param("bias", nn.initializers.zeros, self.bias_shape) if self.use_bias
+                else jnp.zeros(self.bias_shape, jnp.float32))
         return kernel, bias, scale
 
 
@@ -179,18 +184,23 @@ class MultiHeadDotProductAttention(nn.Module):
     quant: str = "none"  # | "int8": int8 projections (vit/int8.py)
     matmul_dtype: str = "float32"  # | "bfloat16": projection operands (vit/matmul.py)
     qk_norm: bool = False  # LayerNorm over each head's query and key (query_norm, key_norm)
+    key_bias: bool = True  # False: the key projection has no bias (DINOv3)
+    norm_epsilon: float = 1e-6  # the qk-norm LayerNorms'
 
     @nn.compact
     def __call__(
         self, x_q: Array, x_kv: Array | None = None, *, mask: Array | None = None,
         deterministic: bool = True, return_weights: bool = False,
+        rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, Array | None]:
+        """Attend from x_q to x_kv (default: x_q); `rope` = (sin, cos) tables [B or 1, tokens,
+        head_dim] rotate self-attention's queries and keys."""
         width = x_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         heads, head_dim = self.num_heads, width // self.num_heads
         proj = {n: _DenseGeneralParams((width, heads, head_dim), (heads, head_dim), width,
-                                       self.quant, name=n)()
+                                       self.quant, n != "key" or self.key_bias, name=n)()
                 for n in ("query", "key", "value")}
         out_k, out_b, out_s = _DenseGeneralParams((heads, head_dim, width), (width,), width,
                                                   self.quant, name="out")()
@@ -221,8 +231,11 @@ class MultiHeadDotProductAttention(nn.Module):
             (q,) = project(x_q, ("query",))
             k, v = project(x_kv, ("key", "value"))
         if self.qk_norm:  # over head_dim, the last axis in either layout
-            q = nn.LayerNorm(dtype=self.dtype, name="query_norm")(q)
-            k = nn.LayerNorm(dtype=self.dtype, name="key_norm")(k)
+            norm = lambda name: nn.LayerNorm(self.norm_epsilon, self.dtype, name=name)
+            q, k = norm("query_norm")(q), norm("key_norm")(k)
+        if rope is not None:  # the tables' token axis against the layout's: [.., T, 1 or H, ..]
+            sin, cos = (t[:, None] if core == "explicit" else t[:, :, None] for t in rope)
+            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
         weights = None
         if core == "explicit":

@@ -128,8 +128,16 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     classifier = ("token" if "cls" in weights else
                   "map" if any(k.startswith("MAPHead_0/") for k in weights) else "gap")
     mlp_dim, swiglu = _mlp_dim(weights, width, mlp_dim)
+    posemb = "learn" if POSEMB in weights else "none" if weights.rope != "none" else "sincos2d"
     overrides = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
-                     classifier=classifier, posemb="learn" if POSEMB in weights else "sincos2d")
+                     classifier=classifier, posemb=posemb)
+    if weights.rope != "none":
+        overrides["rope"] = weights.rope
+    if weights.rope != "none" or "Transformer/pre_norm/scale" in weights:
+        overrides["norm_epsilon"] = 1e-5  # DINOv3's and CLIP's LayerNorms
+    attention = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+    if attention + "key/kernel" in weights and attention + "key/bias" not in weights:
+        overrides["key_bias"] = False
     if swiglu:
         overrides["swiglu"] = True
     if "pre_logits/kernel" in weights:
@@ -155,6 +163,8 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
     where it holds the embedding's patch tokens, else the square its token count makes."""
     from vit.pretrained import square_grid
 
+    if POSEMB not in weights and weights.rope != "none":
+        return _rope_grid(stated, patch)
     if POSEMB not in weights:
         raise WeightsError("weights without a learned position embedding do not tell the image "
                            "size; fine-tune from them with configs/finetune.py instead")
@@ -186,6 +196,24 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
                            "add the one it was written with, or fine-tune from these weights "
                            "with configs/finetune.py")
     return (side, side), []
+
+
+ROPE_DEFAULT_SIZE = 224  # a RoPE model's size when nothing states one (it runs at any)
+
+
+def _rope_grid(stated: Any, patch: int) -> tuple[tuple[int, int], list[str]]:
+    """(patch grid, notes) of RoPE weights, which hold no grid: the stated image size's, else
+    that of ROPE_DEFAULT_SIZE."""
+    if stated is None:
+        side = ROPE_DEFAULT_SIZE // patch
+        return (side, side), [f"image size {side * patch}x{side * patch} assumed: RoPE weights "
+                              "run at any size and do not state one; pass --image-size for "
+                              "another"]
+    try:
+        rows, cols = pair(stated)
+    except ValueError as err:
+        raise WeightsError(f"config.json beside the weights: {err}") from None
+    return (max(rows // patch, 1), max(cols // patch, 1)), []
 
 
 def _read_class_names(path: str) -> list[str]:
@@ -313,6 +341,8 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
                                          said.get("image_size"), patch)
         notes += grid_notes
         image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
+        if said.get("norm_epsilon"):
+            model_config["norm_epsilon"] = float(said["norm_epsilon"])
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
         model_config.update(_gelu_options(gelu or said.get("gelu", default_gelu)))
         if gelu is None and said.get("gelu_note"):

@@ -15,6 +15,7 @@ import numpy as np
 
 from vit import int8, matmul
 from vit.attention import MultiHeadDotProductAttention
+from vit.rope import kept_tables, rope_tables
 
 Dtype = Any
 Array = jax.Array
@@ -140,24 +141,27 @@ class Encoder1DBlock(nn.Module):
     matmul_dtype: str = "float32"
     layer_scale: float | None = None  # LayerScale's initial value; None: no LayerScale
     qk_norm: bool = False
+    key_bias: bool = True
+    norm_epsilon: float = 1e-6  # every LayerNorm's
 
     @nn.compact
     def __call__(
         self, x: Array, mask: Array | None = None, deterministic: bool = True,
-        return_weights: bool = False,
+        return_weights: bool = False, rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, Array | None]:
         # Positional flags: nn.remat (REMAT_POLICIES) marks them static by position.
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        y = nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
+            key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
             name="MultiHeadDotProductAttention_1",
-        )(y, mask=mask, deterministic=deterministic, return_weights=return_weights)
+        )(y, mask=mask, deterministic=deterministic, return_weights=return_weights, rope=rope)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, name="LayerScale_1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
-        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
+        y = nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
                      self.quant, self.matmul_dtype, name="MlpBlock_3")(
             y, deterministic=deterministic)
@@ -202,8 +206,8 @@ class LearnedPositionEmbedding(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embedding, the stack of encoder blocks (after an optional LayerNorm, `pre_norm`)
-    and the final LayerNorm."""
+    """Position embedding (learned, sin-cos or none; RoPE in the attention with `rope`), the stack
+    of encoder blocks (after an optional LayerNorm, `pre_norm`) and the final LayerNorm."""
 
     depth: int
     mlp_dim: int
@@ -225,6 +229,9 @@ class Encoder(nn.Module):
     layer_scale: float | None = None
     pre_norm: bool = False  # a LayerNorm on the tokens before the first block (CLIP's ln_pre)
     qk_norm: bool = False  # each block's attention normalises its queries and keys
+    rope: str = "none"  # | "dinov3": rotary embeddings of the patches' queries and keys
+    key_bias: bool = True  # False: the blocks' key projections have no bias (DINOv3)
+    norm_epsilon: float = 1e-6  # every LayerNorm's (timm and vit_jax 1e-6; CLIP, DINOv3 1e-5)
 
     @nn.compact
     def __call__(
@@ -236,16 +243,24 @@ class Encoder(nn.Module):
         width, n_pre = x.shape[-1], self.num_prefix_tokens
         if self.posemb == "learn":
             pe = LearnedPositionEmbedding(name="posembed_input")(x.shape[1:])
-        else:
+        elif self.posemb == "sincos2d":
             pe = posemb_sincos_2d(*self.grid, width)
             pe = np.pad(pe, ((0, 0), (n_pre, 0), (0, 0)))
-        x = (x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
+        else:  # "none": no absolute position (RoPE models)
+            pe = None
+        x = (x if pe is None else x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
+        tables = rope = None
+        if self.rope != "none":  # registers join the prefix, which is not rotated
+            tables = rope_tables(self.grid, width // self.num_heads, n_pre + self.num_registers)
+            rope = tuple(jnp.asarray(t)[None] for t in tables)
         if self.token_keep_ratio < 1.0 and not deterministic:
             idx = random_keep_indices(self.make_rng("dropout"), x.shape[0], x.shape[1] - n_pre,
                                       self.token_keep_ratio)
             x = _keep_patches(x, n_pre, idx)
             if token_mask is not None:
                 token_mask = jnp.take_along_axis(token_mask, idx, axis=1)
+            if tables is not None:
+                rope = kept_tables(tables, n_pre + self.num_registers, idx)
         if self.num_registers:  # after the position embedding: registers have no position
             reg = self.param("registers", nn.initializers.normal(stddev=0.02),
                              (1, self.num_registers, width))
@@ -258,7 +273,7 @@ class Encoder(nn.Module):
             mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.pre_norm:
-            x = nn.LayerNorm(dtype=self.dtype, name="pre_norm")(x)
+            x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="pre_norm")(x)
         block = Encoder1DBlock
         if self.remat != "none":  # the same parameter names: a lifted transform adds no scope
             block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat],
@@ -271,10 +286,11 @@ class Encoder(nn.Module):
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
                 rate, self.dtype, self.activation, self.attention_impl, self.quant,
                 self.matmul_dtype, layer_scale=self.layer_scale, qk_norm=self.qk_norm,
-                name=f"encoderblock_{i}",
-            )(x, mask, deterministic, return_weights)
+                key_bias=self.key_bias, norm_epsilon=self.norm_epsilon, name=f"encoderblock_{i}",
+            )(x, mask, deterministic, return_weights, rope)
             maps.append(w)
-        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x), maps, token_mask
+        x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="encoder_norm")(x)
+        return x, maps, token_mask
 
 
 class MAPHead(nn.Module):
@@ -287,6 +303,7 @@ class MAPHead(nn.Module):
     quant: str = "none"
     matmul_dtype: str = "float32"
     activation: str = "gelu_tanh"  # the MLP's, the model's option
+    norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -300,5 +317,5 @@ class MAPHead(nn.Module):
             probe, x, mask=mask)
         y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
                          quant=self.quant, matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
-            nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(y))
+            nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w

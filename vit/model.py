@@ -10,9 +10,10 @@ names match the public vit_jax checkpoints one to one:
     conv_root, gn_root, block{i}/unit{j}/...         hybrids only ("R50+B/16"): the ResNet-v2
                                                      trunk before `embedding` (vit/resnet.py)
     cls                                              class token (classifier="token" only)
-    Transformer/posembed_input/pos_embedding         learned position embedding
+    Transformer/posembed_input/pos_embedding         learned position embedding (posemb="learn")
     Transformer/encoderblock_{i}/LayerNorm_0
-    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}  no key/bias
+                                                     with key_bias=False (DINOv3)
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query_norm,key_norm}  qk_norm only
     Transformer/encoderblock_{i}/LayerNorm_2
     Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}    Dense_0 2 x mlp_dim wide for swiglu
@@ -76,6 +77,15 @@ class VisionTransformer(nn.Module):
     # LayerNorm over each head's queries and keys in every block (timm's qk_norm; ViT-22B):
     # query_norm / key_norm in MultiHeadDotProductAttention_1
     qk_norm: bool = False
+    # Rotary position embeddings of the patches' queries and keys in every block, DINOv3's axial
+    # form (vit/rope.py); with posemb="none" the only position the model has (DINOv3)
+    rope: str = "none"
+    # False: the blocks' attention key projections have no bias (DINOv3; a key bias shifts every
+    # logit of a query alike, which softmax ignores, but not once RoPE rotates the keys)
+    key_bias: bool = True
+    # every LayerNorm's epsilon in the encoder and heads: 1e-6 as vit_jax, big_vision and timm's
+    # ViT; 1e-5 for CLIP and DINOv3, 1e-12 for HF ViT (converted weights take their source's)
+    norm_epsilon: float = 1e-6
     stem: str = "patchify"  # | "conv": 3x3 convs then a 1x1 projection (vit/stems.py)
     stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
     stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
@@ -161,6 +171,7 @@ class VisionTransformer(nn.Module):
             self.mlp_activation, self.token_keep_ratio, self.num_registers,
             self.attention_impl, self.quant, self.matmul_dtype, self.remat,
             layer_scale=self.layer_scale, pre_norm=self.pre_norm, qk_norm=self.qk_norm,
+            rope=self.rope, key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
             name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
@@ -178,7 +189,7 @@ class VisionTransformer(nn.Module):
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
                            self.quant, self.matmul_dtype, self.mlp_activation,
-                           name="MAPHead_0")(patches, mask)
+                           self.norm_epsilon, name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
             x = nn.tanh(dense_layer(self.representation_size, self.dtype, self.quant, "pre_logits",

@@ -13,12 +13,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vit import int8, matmul, resnet, stems
+from vit import int8, matmul, resnet, rope, stems
 from vit.attention import ATTENTION_IMPLS
 from vit.encoder import REMAT_POLICIES
 
 CLASSIFIERS = ("token", "gap", "map")
-POSEMB_KINDS = ("learn", "sincos2d")
+POSEMB_KINDS = ("learn", "sincos2d", "none")
 
 
 def is_int(value: Any) -> bool:
@@ -116,6 +116,10 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if kw["posemb"] == "sincos2d" and (kw["width"] % 4 or kw["width"] < 8):
         raise ValueError(f"posemb='sincos2d' needs a width divisible by 4 and >= 8, got width "
                          f"{kw['width']}: use such a width, or posemb='learn'")
+    if kw["rope"] not in rope.ROPE_KINDS:
+        raise ValueError(f"unknown rope {kw['rope']!r}; use one of {rope.ROPE_KINDS}")
+    if kw["rope"] != "none":
+        rope.check_head_dim(kw["width"] // kw["num_heads"])
     if kw["stem"] not in stems.STEMS:
         raise ValueError(f"unknown stem {kw['stem']!r}; use one of {stems.STEMS}")
     if kw["stem"] == "conv":
@@ -148,7 +152,7 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if not isinstance(kw["gelu_approximate"], bool | np.bool_):
         raise ValueError(f"model gelu_approximate must be True (tanh GELU) or False (exact erf), "
                          f"got {kw['gelu_approximate']!r}")
-    for key in ("quick_gelu", "pre_norm", "swiglu", "qk_norm"):
+    for key in ("quick_gelu", "pre_norm", "swiglu", "qk_norm", "key_bias"):
         if not isinstance(kw[key], bool | np.bool_):
             raise ValueError(f"model {key} must be True or False, got {kw[key]!r}")
     if kw["swiglu"] and kw["quick_gelu"]:
@@ -161,6 +165,9 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
                                               and 0.0 < kw["layer_scale"] < math.inf):
         raise ValueError(f"model layer_scale must be a positive number (LayerScale's initial "
                          f"value, e.g. 1e-5) or None (off), got {kw['layer_scale']!r}")
+    if not (_is_real(kw["norm_epsilon"]) and 0.0 < kw["norm_epsilon"] < 1.0):
+        raise ValueError(f"model norm_epsilon must be a small positive number (LayerNorm's "
+                         f"epsilon, e.g. 1e-6), got {kw['norm_epsilon']!r}")
     if not 0.0 < kw["token_keep_ratio"] <= 1.0:
         raise ValueError(f"token_keep_ratio must be in (0, 1], got {kw['token_keep_ratio']}")
     for rate in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):

@@ -5,8 +5,9 @@ tf2onnx cannot read, and jax2onnx pins an older orbax-checkpoint than this packa
 ViT is a short list of standard ONNX ops (opset 20: Conv, LayerNormalization, MatMul, Softmax,
 Gelu), so the graph is written here directly and checked against the JAX model with onnxruntime
 by `vit.export`. Supported: patchify and conv stems (LayerNorm or GroupNorm), class token,
-registers, learned or sin-cos position embeddings, CLIP's pre-norm, token or GAP heads,
-pre-logits, qk-norm, tanh or exact GELU, CLIP's quick GELU or SwiGLU. Not supported
+registers, learned, sin-cos or no position embeddings, DINOv3's RoPE, CLIP's pre-norm, token or
+GAP heads, pre-logits, qk-norm, tanh or exact GELU, CLIP's quick GELU or SwiGLU, any LayerNorm
+epsilon, attention without key biases. Not supported
 (ExportError naming the alternative): MAP heads, ResNet hybrids, int8-quantised checkpoints.
 
 Graph: pixels uint8 [N, rows, cols, 3] (the run's image_size) -> (logits float32
@@ -25,6 +26,7 @@ from vit import preprocess
 from vit.encoder import posemb_sincos_2d
 from vit.evaluate import InferenceModel
 from vit.model_options import pair
+from vit.rope import rope_tables
 from vit.weight_formats import flatten_params
 
 OPSET = 20
@@ -42,6 +44,7 @@ class _Graph:
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
+        self.norm_epsilon = _EPS  # the encoder's LayerNorms (the model's norm_epsilon)
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -64,9 +67,12 @@ class _Graph:
         y = self.op("MatMul", x, self.const(kernel.astype(np.float32), "w"))
         return y if bias is None else self.op("Add", y, self.const(bias.astype(np.float32), "b"))
 
-    def layer_norm(self, x: str, p: dict[str, np.ndarray], prefix: str) -> str:
+    def layer_norm(self, x: str, p: dict[str, np.ndarray], prefix: str,
+                   epsilon: float | None = None) -> str:
+        """LayerNorm over the last axis with the model's epsilon (`norm_epsilon`) unless given."""
         return self.op("LayerNormalization", x, self.const(p[f"{prefix}/scale"], "s"),
-                       self.const(p[f"{prefix}/bias"], "b"), axis=-1, epsilon=_EPS)
+                       self.const(p[f"{prefix}/bias"], "b"), axis=-1,
+                       epsilon=self.norm_epsilon if epsilon is None else epsilon)
 
     def group_norm(self, x: str, groups: int, scale: np.ndarray, bias: np.ndarray) -> str:
         """flax GroupNorm on NCHW x: statistics over (C / groups, H, W) of each group."""
@@ -116,7 +122,7 @@ def _stem(g: _Graph, x: str, model: Any, p: dict[str, np.ndarray]) -> str:
             x = g.op("Conv", x, g.const(w, "conv"), strides=[s, s], pads=[1, 1, 1, 1])
             if model.stem_norm == "layernorm":
                 x = g.op("Transpose", x, perm=[0, 2, 3, 1])
-                x = g.layer_norm(x, p, f"stem/norm_{i}")
+                x = g.layer_norm(x, p, f"stem/norm_{i}", _EPS)
                 x = g.op("Transpose", x, perm=[0, 3, 1, 2])
             else:
                 x = g.group_norm(x, math.gcd(32, c), p[f"stem/norm_{i}/scale"],
@@ -134,17 +140,30 @@ def _expand_token(g: _Graph, token: np.ndarray, batch: str) -> str:
     return g.op("Expand", g.const(token.astype(np.float32), "tok"), shape)
 
 
-def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: int) -> str:
+def _rotated(g: _Graph, y: str, rope: tuple[str, str], head_dim: int) -> str:
+    """y [N, T, H, d] rotated by RoPE's (sin, cos) tables [T, 1, d]: y cos + rotate_half(y) sin."""
+    half = head_dim // 2
+    first = g.op("Slice", y, g.ints(0), g.ints(half), g.ints(-1))
+    second = g.op("Slice", y, g.ints(half), g.ints(head_dim), g.ints(-1))
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", y, rope[1]), g.op("Mul", rotated, rope[0]))
+
+
+def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: int,
+               rope: tuple[str, str] | None = None) -> str:
     width = p[f"{prefix}/query/kernel"].shape[0]
     head_dim = width // heads
     split = g.ints(0, -1, heads, head_dim)
 
     def project(name: str, perm: list[int]) -> str:
+        bias = p.get(f"{prefix}/{name}/bias")  # none for key_bias=False
         y = g.dense(x, p[f"{prefix}/{name}/kernel"].reshape(width, width),
-                    p[f"{prefix}/{name}/bias"].reshape(width))
+                    None if bias is None else bias.reshape(width))
         y = g.op("Reshape", y, split)  # [N, T, H, d]
         if f"{prefix}/{name}_norm/scale" in p:  # qk_norm: over each head's d
             y = g.layer_norm(y, p, f"{prefix}/{name}_norm")
+        if rope is not None and name != "value":
+            y = _rotated(g, y, rope, head_dim)
         return g.op("Transpose", y, perm=perm)
 
     q = project("query", [0, 2, 1, 3])  # [N, H, T, d]
@@ -157,7 +176,8 @@ def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: 
     return g.dense(y, p[f"{prefix}/out/kernel"].reshape(width, width), p[f"{prefix}/out/bias"])
 
 
-def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any) -> str:
+def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any,
+           rope: tuple[str, str] | None) -> str:
     prefix = f"Transformer/encoderblock_{i}"
 
     def scaled(y: str, index: int) -> str:  # LayerScale_1 / _3, when the model has them
@@ -166,7 +186,7 @@ def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any) -> s
 
     y = g.layer_norm(x, p, f"{prefix}/LayerNorm_0")
     x = g.op("Add", x, scaled(_attention(g, y, p, f"{prefix}/MultiHeadDotProductAttention_1",
-                                         model.num_heads), 1))
+                                         model.num_heads, rope), 1))
     y = g.layer_norm(x, p, f"{prefix}/LayerNorm_2")
     mlp = f"{prefix}/MlpBlock_3"
     y = g.dense(y, p[f"{mlp}/Dense_0/kernel"], p[f"{mlp}/Dense_0/bias"])
@@ -193,6 +213,7 @@ def build_onnx(loaded: InferenceModel) -> Any:
     model = loaded.model
     p = {k: np.asarray(v) for k, v in flatten_params(loaded.params).items()}
     g = _Graph()
+    g.norm_epsilon = float(model.norm_epsilon)
     onnx = g.onnx
     mean, std = preprocess.NORMALIZATIONS[loaded.config.pp.normalize]
     x = g.op("Div", g.op("Cast", "pixels", to=onnx.TensorProto.FLOAT), g.const(np.float32(255)))
@@ -206,9 +227,15 @@ def build_onnx(loaded: InferenceModel) -> Any:
         prefix = 1
     if model.posemb == "learn":
         pe = p["Transformer/posembed_input/pos_embedding"]
-    else:
+    elif model.posemb == "sincos2d":
         pe = np.pad(posemb_sincos_2d(*model.grid, model.width), ((0, 0), (prefix, 0), (0, 0)))
-    x = g.op("Add", x, g.const(pe.astype(np.float32), "posemb"))
+    if model.posemb != "none":
+        x = g.op("Add", x, g.const(pe.astype(np.float32), "posemb"))
+    rope = None
+    if model.rope != "none":  # tables shared by every block, [T, 1 (heads), head_dim]
+        tables = rope_tables(model.grid, model.width // model.num_heads,
+                             prefix + model.num_registers)
+        rope = tuple(g.const(t[:, None], "rope") for t in tables)
     if model.num_registers:
         reg = _expand_token(g, p["Transformer/registers"], batch)
         head = g.op("Slice", x, g.ints(0), g.ints(prefix), g.ints(1))
@@ -217,7 +244,7 @@ def build_onnx(loaded: InferenceModel) -> Any:
     if model.pre_norm:
         x = g.layer_norm(x, p, "Transformer/pre_norm")
     for i in range(model.depth):
-        x = _block(g, x, p, i, model)
+        x = _block(g, x, p, i, model, rope)
     x = g.layer_norm(x, p, "Transformer/encoder_norm")
     if model.classifier == "token":
         x = g.op("Gather", x, g.const(np.int64(0)), axis=1)

@@ -202,9 +202,11 @@ def adapt_params(
     """
     src = {k: np.asarray(v) for k, v in flatten_params(loaded).items()}
     tgt = flatten_params(target)
+    _check_rope(getattr(loaded, "rope", "none"), getattr(model, "rope", "none"))
     notes = list(getattr(loaded, "notes", []))
     out: dict[str, Any] = {}
     mismatched, missing = [], []
+    free: set[str] = set()  # attention projections the weights hold without a bias
     new_patch = False  # the embedding differs in its patch size, which resize_patch adapts
     reinit = {"head/": keep_head is False, "pre_logits/": not keep_pre_logits}
     learned_on = getattr(loaded, "normalize", None)
@@ -243,6 +245,9 @@ def adapt_params(
             if name in _NEW_TOKENS:
                 out[name] = init
                 notes.append(f"{_NEW_TOKENS[name]} initialised (none in the weights)")
+            elif _bias_free_projection(name, src):
+                out[name] = np.zeros_like(init)
+                free.add(name.split("/")[-2])
             else:
                 missing.append(f"{name} {init.shape}")
             continue
@@ -264,16 +269,42 @@ def adapt_params(
             notes.append(f"weights cast {value.dtype} -> {init.dtype}")
         out[name] = value.astype(init.dtype)
 
+    if free:
+        which = "/".join(n for n in ("query", "key", "value") if n in free)
+        notes.append(f"the attention's {which} projections have no bias in the weights "
+                     "(DINOv3): zeros loaded")
     unexpected = []
     for name in sorted(set(src) - set(tgt)):
-        if name.startswith(DROPPABLE):
+        if name.endswith("/key/bias") and not np.any(src[name]):
+            if "zero key biases dropped (the model has none: key_bias=False)" not in notes:
+                notes.append("zero key biases dropped (the model has none: key_bias=False)")
+        elif name.startswith(DROPPABLE):
             group = name if name in _NEW_TOKENS or name == POSEMB else name.split("/")[0]
             if f"{group} dropped (not in the model)" not in notes:
                 notes.append(f"{group} dropped (not in the model)")
         else:
             unexpected.append(f"{name} {src[name].shape}")
-    _raise_if_unmapped(mismatched, missing, unexpected, new_patch, _swiglu_fix(src, model))
+    keyed = not getattr(model, "key_bias", True) and any("/key/bias " in n for n in unexpected)
+    _raise_if_unmapped(mismatched, missing, unexpected, new_patch,
+                       "the weights have key biases: build the model with key_bias=True"
+                       if keyed else _swiglu_fix(src, model))
     return traverse_util.unflatten_dict(out, sep="/"), notes
+
+
+def _bias_free_projection(name: str, src: Mapping[str, np.ndarray]) -> bool:
+    """Whether `name` is the bias of a query / key / value projection whose kernel the weights
+    hold without it (DINOv3's keys, or all three)."""
+    return (name.endswith(("/query/bias", "/key/bias", "/value/bias"))
+            and name.removesuffix("bias") + "kernel" in src)
+
+
+def _check_rope(theirs: str, ours: str) -> None:
+    """WeightsError when weights trained with rotary embeddings go to a model without them (it
+    would be blind to where each patch is), or with another kind."""
+    if theirs != "none" and ours != theirs:
+        raise WeightsError(f"the weights were trained with rope={theirs!r} (rotary position "
+                           f"embeddings, DINOv3), which the model lacks: build it with "
+                           f"rope={theirs!r} and posemb='none'")
 
 
 def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:
@@ -292,7 +323,7 @@ def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:
 
 
 def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: list[str],
-                       new_patch: bool, swiglu_fix: str | None = None) -> None:
+                       new_patch: bool, model_fix: str | None = None) -> None:
     parts = [f"{label}: {', '.join(items)}" for label, items in
              (("shape mismatch", mismatched), ("missing from the weights", missing),
               ("not in the model", unexpected)) if items]
@@ -312,8 +343,11 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
         fix = "the weights have qk-norm: build the model with qk_norm=True"
     elif any("/query_norm/scale" in name for name in missing):
         fix = "the weights have no qk-norm, which the model has: build it with qk_norm=False"
-    elif swiglu_fix:
-        fix = swiglu_fix
+    elif model_fix:  # SwiGLU or key biases
+        fix = model_fix
+    elif any(name.startswith(POSEMB) for name in missing):
+        fix = ("the weights have no position embedding: build the model with posemb='none' "
+               "(RoPE weights, DINOv3: and rope='dinov3') or posemb='sincos2d'")
     if new_patch:
         fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
                 "training: --config.init_resize_patch=True)")

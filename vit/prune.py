@@ -122,7 +122,8 @@ def prune_structured(params: PyTree, sparsity: float) -> tuple[PyTree, PyTree, i
         for name in ("query", "key", "value"):
             for leaf in ("kernel", "bias"):
                 key = f"{block}{_ATTN}/{name}/{leaf}"
-                masks[key][..., gone, :] = 0  # kernel [D, H, d], bias [H, d]
+                if key in masks:  # no key/bias with key_bias=False
+                    masks[key][..., gone, :] = 0  # kernel [D, H, d], bias [H, d]
         masks[f"{block}{_ATTN}/out/kernel"][gone] = 0
         scores = mlp_scores(flat, block)
         cut = _cut(sparsity, len(scores), "MLP channels")

@@ -3,11 +3,14 @@
 Containers: a checkpoint directory of this toolkit (via `vit.checkpoint`), `.npz` (vit_jax /
 AugReg, keys joined with "/"), `.safetensors`, and `.bin` / `.pth` / `.pt` (needs torch).
 Namings: this toolkit's own (= vit_jax's), timm's `VisionTransformer` (plain, with LayerScale or
-registers as DeiT III and DINOv2, or a ResNet-v2 hybrid such as `vit_base_r50_s16_224`) and
-HuggingFace transformers' `ViTModel` / `ViTForImageClassification` and `Dinov2Model` /
-`Dinov2WithRegistersModel`; the latter two are renamed and transposed here (conv kernels
-OIHW -> HWIO). Their attention projections come out as plain matrices ([D, D] kernels, [D]
-biases); `vit.pretrained.adapt_params` splits them into the model's heads. vit_jax's hybrid
+registers as DeiT III and DINOv2, or a ResNet-v2 hybrid such as `vit_base_r50_s16_224`) and its
+`Eva` as DINOv3 (`vit_*_patch16_dinov3*`: RoPE, no position embedding), and HuggingFace
+transformers' `ViTModel` / `ViTForImageClassification`, `Dinov2Model` /
+`Dinov2WithRegistersModel` and `DINOv3ViTModel`, CLIP's and SigLIP's image towers; timm's and
+HF's are renamed and transposed here (conv kernels OIHW -> HWIO). Their attention projections
+come out as plain matrices ([D, D] kernels, [D] biases, none where the file has none);
+`vit.pretrained.adapt_params` splits them into the model's heads. Weights of RoPE models say
+so (`Weights.rope`): their positions are in the attention, not in an array. vit_jax's hybrid
 trunk names (`conv_root`, `block{i}/unit{j}/...`, see vit/resnet.py) need no renaming.
 """
 
@@ -43,17 +46,20 @@ def has_real_class_names(names: Sequence[str]) -> bool:
 class Weights(dict):
     """A flat {"a/b/c": array} dict that also records its source format, reading notes and,
     where known, the patch grid (rows, cols) its position embedding was trained on, the class
-    names of its head and the input normalisation (a `pp.normalize` name) it was trained with."""
+    names of its head, the input normalisation (a `pp.normalize` name) it was trained with and
+    the rotary position embedding (a `vit.rope.ROPE_KINDS` name) its attention needs."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str,
                  notes: list[str] | None = None, grid: tuple[int, int] | None = None,
-                 class_names: tuple[str, ...] | None = None, normalize: str | None = None):
+                 class_names: tuple[str, ...] | None = None, normalize: str | None = None,
+                 rope: str = "none"):
         super().__init__(arrays)
         self.source = source
         self.notes = list(notes or [])
         self.grid = grid
         self.class_names = class_names
         self.normalize = normalize
+        self.rope = rope
 
 
 def run_grid(run_config: Any) -> tuple[int, int] | None:
@@ -65,15 +71,23 @@ def run_grid(run_config: Any) -> tuple[int, int] | None:
     return grid_from_config(run_config.get("model"), run_config.get("image_size"))
 
 
-def _sidecar_grid(path: str) -> tuple[int, int] | None:
-    """The grid in the config.json `vit convert --to npz` writes beside `path`; None if none."""
+def run_rope(run_config: Any) -> str:
+    """The rotary position embedding of this toolkit's run config's model ("none" if unsaid)."""
+    model = run_config.get("model") if isinstance(run_config, Mapping) else None
+    return (model.get("rope") if isinstance(model, Mapping) else None) or "none"
+
+
+def _sidecar_run(path: str) -> Mapping[str, Any] | None:
+    """The run config in the config.json `vit convert --to npz` writes beside `path`; None if
+    none."""
     sidecar = os.path.join(os.path.dirname(path), "config.json")
     try:
         with open(sidecar) as f:
             said = json.load(f)
     except (OSError, ValueError):
         return None  # no config.json of this toolkit: the grid is guessed from the arrays
-    return run_grid(said.get("vit")) if isinstance(said, dict) else None
+    run = said.get("vit") if isinstance(said, dict) else None
+    return run if isinstance(run, Mapping) else None
 
 
 def flatten_params(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,7 +137,8 @@ def _read_checkpoint(path: str, use_ema: bool) -> Weights:
     return Weights(arrays, "checkpoint", [f"loaded {which} of step {contents.step} from {path}"],
                    grid=run_grid(contents.config),
                    class_names=tuple(contents.dataset_info.get("class_names") or ()) or None,
-                   normalize=(contents.config.get("pp") or {}).get("normalize"))
+                   normalize=(contents.config.get("pp") or {}).get("normalize"),
+                   rope=run_rope(contents.config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +155,7 @@ _FUSED = {"qkv": ("query", "key", "value"), "kv": ("key", "value")}
 _MAP = "MAPHead_0"
 _MAP_ATTN = _MAP + "/MultiHeadDotProductAttention_0"
 _BLOCK = r"Transformer/encoderblock_\1"
+_QKV_NAMES = {"q": "query", "k": "key", "v": "value"}
 _ATTN = _BLOCK + "/MultiHeadDotProductAttention_1"
 Target = str | Callable[[re.Match[str]], str]
 
@@ -170,12 +186,20 @@ _TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"blocks\.(\d+)\.norm1", _BLOCK + "/LayerNorm_0", "norm"),
     (r"blocks\.(\d+)\.ls1\.gamma", _BLOCK + "/LayerScale_1/scale", "param"),
     (r"blocks\.(\d+)\.ls2\.gamma", _BLOCK + "/LayerScale_3/scale", "param"),
+    (r"blocks\.(\d+)\.gamma_1", _BLOCK + "/LayerScale_1/scale", "param"),  # timm's Eva (DINOv3)
+    (r"blocks\.(\d+)\.gamma_2", _BLOCK + "/LayerScale_3/scale", "param"),
+    # Eva's fused qkv keeps its biases apart: q and v (DINOv3's *_qkvb); k has none
+    (r"blocks\.(\d+)\.attn\.([qkv])_bias",
+     lambda m: f"Transformer/encoderblock_{m[1]}/MultiHeadDotProductAttention_1/"
+               f"{_QKV_NAMES[m[2]]}/bias", "param"),
     (r"blocks\.(\d+)\.attn\.qkv", _ATTN, "qkv"),
     (r"blocks\.(\d+)\.attn\.proj", _ATTN + "/out", "dense"),
     (r"blocks\.(\d+)\.attn\.q_norm", _ATTN + "/query_norm", "norm"),
     (r"blocks\.(\d+)\.attn\.k_norm", _ATTN + "/key_norm", "norm"),
     (r"blocks\.(\d+)\.norm2", _BLOCK + "/LayerNorm_2", "norm"),
     (r"blocks\.(\d+)\.mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
+    (r"blocks\.(\d+)\.mlp\.fc1_g", _BLOCK + "/MlpBlock_3/gate", "dense"),  # Eva's SwiGLU
+    (r"blocks\.(\d+)\.mlp\.fc1_x", _BLOCK + "/MlpBlock_3/up", "dense"),
     (r"blocks\.(\d+)\.mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
     (r"norm_pre", "Transformer/pre_norm", "norm"),  # CLIP image towers (pre_norm=True)
     (r"norm", "Transformer/encoder_norm", "norm"),
@@ -197,11 +221,12 @@ def _split_attention_rules(module: str, out: str) -> list[tuple[str, Target, str
     return [*qkv, (module + out, _ATTN + "/out", "dense")]
 
 
-_HF_LAYER = r"(?:encoder\.layers?|layers)\.(\d+)\."
+_HF_LAYER = r"(?:encoder\.layers?|layers|(?:model\.)?layer)\.(\d+)\."
 _HF_RULES: list[tuple[str, str, str]] = [
     (r"embeddings\.cls_token", "cls", "param"),
     (r"embeddings\.position_embeddings", POSEMB, "param"),
-    (r"embeddings\.patch_embeddings\.projection", "embedding", "conv"),
+    # DINOv3ViTModel's has no .projection
+    (r"embeddings\.patch_embeddings(?:\.projection)?", "embedding", "conv"),
     # A block's norms and MLP under each model's names: ViT's files (layernorm_before / _after,
     # intermediate / output.dense), DINOv2's (norm1 / norm2), CLIP's and SigLIP's (layer_norm1 /
     # 2), transformers 5's in memory (mlp.fc1 / fc2); with use_swiglu_ffn (dinov2-giant) its
@@ -225,7 +250,7 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (_HF_LAYER + r"layer_scale1\.lambda1", _BLOCK + "/LayerScale_1/scale", "param"),
     (_HF_LAYER + r"layer_scale2\.lambda1", _BLOCK + "/LayerScale_3/scale", "param"),
     (r"embeddings\.register_tokens", "Transformer/registers", "param"),
-    (r"layernorm", "Transformer/encoder_norm", "norm"),
+    (r"layernorm|norm", "Transformer/encoder_norm", "norm"),  # DINOv3ViTModel: norm
     (r"pooler\.dense", "pre_logits", "dense"),
     (r"classifier", "head", "dense"),
     # CLIPVisionModel(WithProjection) / CLIPModel's image tower (openai/clip-vit-*), with
@@ -244,6 +269,7 @@ _HF_RULES: list[tuple[str, str, str]] = [
     (r"head\.mlp\.fc([12])", lambda m: f"{_MAP}/MlpBlock_0/Dense_{int(m[1]) - 1}", "dense"),
 ]
 _HF_DROPPED = ("embeddings.mask_token",)
+_HF_DINOV3_PATCHES = "embeddings.patch_embeddings.weight"  # DINOv3ViTModel
 _TOWER_PATCHES = "embeddings.patch_embedding.weight"  # HF CLIP's and SigLIP's image towers
 _TOWER_TEXT = ("text_model.", "text_projection.", "logit_scale", "logit_bias")
 
@@ -307,11 +333,17 @@ def mlp_widths(first: np.ndarray, second: np.ndarray) -> tuple[int, bool]:
 
 
 def _stack_gate_and_up(out: dict[str, np.ndarray]) -> None:
-    """Split SwiGLU layers (`.../MlpBlock_3/gate`, `/up`) become one Dense_0 of [gate | up]."""
+    """Split SwiGLU layers (`.../MlpBlock_3/gate`, `/up`) become one Dense_0 of [gate | up]; an
+    `up` alone in a file with no gate at all (HF DINOv3's plain MLP: up_proj, down_proj) is
+    Dense_0."""
     split = re.compile(r"(.*/MlpBlock_3)/(?:gate|up)/(?:kernel|bias)")
+    plain = not any("/MlpBlock_3/gate/" in k for k in out)
     for mlp in sorted({m[1] for m in map(split.fullmatch, out) if m}):
         for leaf in ("kernel", "bias"):
             gate, up = out.pop(f"{mlp}/gate/{leaf}", None), out.pop(f"{mlp}/up/{leaf}", None)
+            if plain and up is not None:
+                out[f"{mlp}/Dense_0/{leaf}"] = up
+                continue
             if gate is None and up is None and leaf == "bias":
                 continue  # bias-free projections
             if gate is None or up is None:
@@ -387,7 +419,7 @@ def detect_naming(keys: list[str]) -> str:
         return "vit"
     if "patch_embed.proj.weight" in keyset:
         return "timm"
-    if {"embeddings.patch_embeddings.projection.weight",
+    if {"embeddings.patch_embeddings.projection.weight", _HF_DINOV3_PATCHES,
         "vit.embeddings.patch_embeddings.projection.weight",
         "dinov2.embeddings.patch_embeddings.projection.weight", _TOWER_PATCHES,
         "vision_model." + _TOWER_PATCHES} & keyset:
@@ -401,7 +433,14 @@ def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
     """Rename a flat state dict of any supported naming to this toolkit's; tags its source."""
     naming = detect_naming(list(state))
     if naming == "timm":
-        return _rename(state, _TIMM_RULES, "timm")
+        weights = _rename(state, _TIMM_RULES, "timm")
+        if "pos_embed" not in state and any(k.endswith(".gamma_1") for k in state):
+            weights.rope = "dinov3"  # timm's Eva as DINOv3: RoPE, no position embedding
+        return weights
+    if naming == "hf" and _HF_DINOV3_PATCHES in state:
+        weights = _rename(state, _HF_RULES, "hf", _HF_DROPPED)
+        weights.rope = "dinov3"
+        return weights
     if naming == "hf" and {_TOWER_PATCHES, "vision_model." + _TOWER_PATCHES} & set(state):
         return _image_tower(state)
     if naming == "hf":
@@ -474,5 +513,8 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
                            f"({first_line(err, with_type=True, limit=160)}): the file is damaged "
                            "or not what its name says; download or write it again") from None
     weights = to_vit_naming(state)
-    weights.grid = _sidecar_grid(path)
+    run = _sidecar_run(path)
+    weights.grid = run_grid(run)
+    if run is not None and weights.rope == "none":
+        weights.rope = run_rope(run)
     return weights

@@ -134,11 +134,13 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
     if "vit" in config:  # written by `vit convert --to npz`
         said.update(check_own_model(config["vit"], "the \"vit\" entry of config.json beside the "
                                "weights", "fix it, or move it away to convert without it"))
-    elif config.get("model_type") in ("vit", *_HF_TOWER_ACTS):  # HuggingFace
+    elif config.get("model_type") in ("vit", "dinov3_vit", *_HF_TOWER_ACTS):  # HuggingFace
         kind = config["model_type"]
         tower = (config.get("vision_config") or {}) if kind in ("clip", "siglip") else config
-        said["gelu"] = _gelu_kind(tower.get("hidden_act", _HF_TOWER_ACTS.get(kind)),
-                                  "config.json's hidden_act")
+        if not tower.get("use_gated_mlp"):  # DINOv3's SwiGLU (silu): found in the MLP's shapes
+            said["gelu"] = _gelu_kind(tower.get("hidden_act", _HF_TOWER_ACTS.get(kind)),
+                                      "config.json's hidden_act")
+        said["norm_epsilon"] = tower.get("layer_norm_eps")
         said["num_heads"] = tower.get("num_attention_heads")
         said["mlp_dim"] = tower.get("intermediate_size")
         said["image_size"] = tower.get("image_size")
@@ -166,6 +168,9 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             first = int(args["mlp_ratio"] * args["embed_dim"])
             said["mlp_dim"] = first // 2 if architecture == TIMM_SWIGLU else first
         said["image_size"] = _timm_image_size(args, cfg)
+        # timm's LayerNorms: eps 1e-5 in its CLIP and DINOv3 architectures, else 1e-6
+        said["norm_epsilon"] = 1e-5 if "_clip_" in architecture or "dinov3" in architecture \
+            else 1e-6
         said["class_names"] = cfg.get("label_names")
         mean_std = _mean_std(cfg, ("mean", "std"), "config.json's pretrained_cfg")
         said["timm_crop"] = (cfg["crop_pct"], cfg.get("crop_mode")) if cfg.get("crop_pct") else None

@@ -9,7 +9,7 @@ that says what the arrays cannot: sizes, heads, GELU, classifier, input normalis
   The config.json is timm's Hub format: `timm.create_model(cfg["architecture"],
   pretrained_cfg_overlay={"file": "model.safetensors"}, num_classes=..., **cfg["model_args"])`.
 - HuggingFace `ViTForImageClassification` (saved names: `vit.encoder.layer.{i}...`), with its
-  config.json (`hidden_act` "gelu" or "gelu_pytorch_tanh", `layer_norm_eps` 1e-6).
+  config.json (`hidden_act` "gelu" or "gelu_pytorch_tanh", `layer_norm_eps` the model's).
 - vit_jax / big_vision `.npz`: the params flattened with "/" (the public checkpoints' layout);
   the config.json then carries this toolkit's own model config, for any architecture.
 
@@ -53,10 +53,10 @@ _ATTN = "MultiHeadDotProductAttention_1"
 _HF_ACTS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
-def _timm_mlp_ratio(model: Any) -> float:
-    """timm's mlp_ratio for the model's first MLP layer, whose width timm takes as
-    int(embed_dim * mlp_ratio): nudged up where the plain ratio would round below it."""
-    hidden = model.mlp_dim * (2 if model.swiglu else 1)
+def _timm_mlp_ratio(model: Any, hidden: int | None = None) -> float:
+    """timm's mlp_ratio for `hidden` (default: the model's first MLP layer's width), which timm
+    takes as int(embed_dim * mlp_ratio): nudged up where the plain ratio would round below it."""
+    hidden = hidden or model.mlp_dim * (2 if model.swiglu else 1)
     ratio = hidden / model.width
     return ratio if int(model.width * ratio) == hidden else (hidden + 0.25) / model.width
 
@@ -73,6 +73,8 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("a pre-norm (CLIP), which HF ViT lacks", target == "hf" and model.pre_norm),
         ("SwiGLU MLPs, which HF ViT lacks", target == "hf" and model.swiglu),
         ("qk-norm, which HF ViT lacks", target == "hf" and model.qk_norm),
+        ("rotary position embeddings, which HF ViT lacks", target == "hf" and model.rope != "none"),
+        ("no position embedding", model.posemb == "none" and model.rope == "none"),
     ) if bad]
     if extras:
         raise WeightsError(f"--to {target} holds plain patchify ViTs only, and this model has "
@@ -97,7 +99,7 @@ def _per_block(p: dict[str, np.ndarray], i: int, width: int) -> dict[str, np.nda
            "fc2.w": p[b + "MlpBlock_3/Dense_1/kernel"].T, "fc2.b": p[b + "MlpBlock_3/Dense_1/bias"]}
     for n in ("query", "key", "value"):
         out[f"{n}.w"] = p[a + f"{n}/kernel"].reshape(width, width).T
-        out[f"{n}.b"] = p[a + f"{n}/bias"].reshape(width)
+        out[f"{n}.b"] = p.get(a + f"{n}/bias", np.zeros(width, np.float32)).reshape(width)
     return out
 
 
@@ -133,6 +135,10 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
     pp.eval_resize (None: images resized straight to the model's size)."""
     _plain_vit_only(model, "timm")
     p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
+    if model.rope != "none":
+        state, args, architecture = _timm_eva(p, model)
+        return _f32(state), _timm_config(architecture, args, model, class_names, normalize,
+                                         eval_resize)
     posemb = _posemb(p, model)
     state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1)}
     if model.pre_norm:  # timm's pre-norm patch embedding has no bias: it joins the patches' posemb
@@ -189,7 +195,9 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args["pre_norm"] = True
     if model.qk_norm:
         args["qk_norm"] = True
-    architecture = "vit_base_patch16_224"
+    architecture = "vit_base_patch16_224"  # LayerNorm eps 1e-6
+    if model.pre_norm and model.norm_epsilon == 1e-5:
+        architecture = "vit_base_patch16_clip_224"  # CLIP's LayerNorm eps 1e-5
     if model.swiglu:  # timm builds SwiGLU (SwiGLUPacked MLPs, SiLU) for DINOv2-g's architecture
         architecture = weight_sidecars.TIMM_SWIGLU
         # That architecture's default is LayerScale 1e-5; timm drops None arguments, and reads
@@ -197,13 +205,77 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args.setdefault("init_values", 0.0)
     elif model.mlp_activation != "gelu":
         args["act_layer"] = model.mlp_activation
-    config = {"architecture": architecture, "num_classes": model.num_classes,
-              "num_features": model.width, "global_pool": pool, "model_args": args,
-              "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation":
-                                 "bilinear", **_timm_crop(min(model.image_size), eval_resize),
-                                 "num_classes": model.num_classes,
-                                 "label_names": list(class_names), **_normalization(normalize)}}
-    return _f32(state), config
+    return _f32(state), _timm_config(architecture, args, model, class_names, normalize,
+                                     eval_resize)
+
+
+def _timm_config(architecture: str, args: dict, model: Any, class_names: list[str],
+                 normalize: str, eval_resize: int | None) -> dict:
+    """timm's Hub config.json for `architecture` built with `args`."""
+    return {"architecture": architecture, "num_classes": model.num_classes,
+            "num_features": model.width, "global_pool": args["global_pool"], "model_args": args,
+            "pretrained_cfg": {"input_size": [3, *model.image_size], "interpolation": "bilinear",
+                               **_timm_crop(min(model.image_size), eval_resize),
+                               "num_classes": model.num_classes,
+                               "label_names": list(class_names), **_normalization(normalize)}}
+
+
+TIMM_ROPE = "vit_small_patch16_dinov3_qkvb"  # timm's Eva as DINOv3, its sizes overridden
+
+
+def _timm_eva(p: dict[str, np.ndarray], model: Any) -> tuple[dict[str, np.ndarray], dict, str]:
+    """(state dict, model_args, architecture) of a RoPE model as timm's Eva builds DINOv3: a
+    fused qkv weight with q_bias / v_bias (its key has no bias), LayerScale as gamma_1 / gamma_2
+    (ones where the model has none), a packed SwiGLU fc1 ([gate; value])."""
+    keys = [v for k, v in p.items() if k.endswith("/MultiHeadDotProductAttention_1/key/bias")]
+    problems = [why for why, bad in (
+        ("a learned or sin-cos position embedding beside RoPE", model.posemb != "none"),
+        ("a pre-norm", model.pre_norm),
+        ("tanh or quick GELU (timm's Eva computes exact GELU: build with gelu_approximate="
+         "False)", model.mlp_activation not in ("gelu", "swiglu")),
+        ("key biases that are not zero (timm's Eva has none: train RoPE models with "
+         "key_bias=False, as the dinov3_ fine-tune family does)", any(np.any(k) for k in keys)),
+    ) if bad]
+    if problems:
+        raise WeightsError(f"--to timm writes RoPE models as timm's DINOv3 (Eva), which cannot "
+                           f"hold {'; '.join(problems)}; use --to npz, which holds any model")
+    state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
+             "patch_embed.proj.bias": p["embedding/bias"]}
+    if model.classifier == "token":
+        state["cls_token"] = p["cls"]
+    if model.num_registers:
+        state["reg_token"] = p["Transformer/registers"]
+    ones = np.ones(model.width, np.float32)
+    for i in range(model.depth):
+        blk, pre = _per_block(p, i, model.width), f"blocks.{i}."
+        b = f"Transformer/encoderblock_{i}/"
+        state.update({
+            pre + "norm1.weight": blk["ln1.w"], pre + "norm1.bias": blk["ln1.b"],
+            pre + "attn.qkv.weight": np.concatenate([blk["query.w"], blk["key.w"],
+                                                     blk["value.w"]]),
+            pre + "attn.q_bias": blk["query.b"], pre + "attn.v_bias": blk["value.b"],
+            pre + "attn.proj.weight": blk["proj.w"], pre + "attn.proj.bias": blk["proj.b"],
+            pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
+            pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
+            pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"],
+            pre + "gamma_1": p.get(b + "LayerScale_1/scale", ones),
+            pre + "gamma_2": p.get(b + "LayerScale_3/scale", ones)})
+        if model.qk_norm:
+            a = b + _ATTN + "/"
+            state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
+                          for t, ours in (("q", "query"), ("k", "key"))
+                          for leaf, param in (("weight", "scale"), ("bias", "bias"))})
+    state.update({"norm.weight": p["Transformer/encoder_norm/scale"],
+                  "norm.bias": p["Transformer/encoder_norm/bias"],
+                  "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
+    args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
+            "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
+            "mlp_ratio": _timm_mlp_ratio(model, model.mlp_dim), "qkv_bias": True,
+            "class_token": model.classifier == "token", "num_reg_tokens": model.num_registers,
+            "global_pool": "token" if model.classifier == "token" else "avg",
+            "init_values": model.layer_scale or 1.0, "qk_norm": model.qk_norm,
+            "swiglu_mlp": model.swiglu, "swiglu_align_to": 0}
+    return state, args, TIMM_ROPE
 
 
 def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
@@ -234,7 +306,8 @@ def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
               "num_attention_heads": model.num_heads, "intermediate_size": model.mlp_dim,
               "hidden_act": _HF_ACTS[model.mlp_activation],
               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-              "layer_norm_eps": 1e-6, "image_size": json_image_size(model.image_size),
+              "layer_norm_eps": model.norm_epsilon,
+              "image_size": json_image_size(model.image_size),
               "patch_size": model.patch_size[0], "num_channels": 3, "qkv_bias": True,
               "id2label": {str(i): n for i, n in enumerate(class_names)},
               "label2id": {n: i for i, n in enumerate(class_names)}}

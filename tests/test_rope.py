@@ -1,0 +1,274 @@
+"""Tests for vit.rope and RoPE models: the tables, the model, DINOv3 weights in and out.
+
+Parity fixtures: tools/make_pretrained_fixtures/make_rope_fixtures.py (timm's DINOv3 Eva and
+transformers' DINOv3ViTModel on 64x48 images; neither is needed here).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from test_pretrained import fixture, random_weights
+from tiny_checkpoints import PLAIN, write
+
+import vit
+from vit.convert import convert_weights, export_weights
+from vit.evaluate import load_inference_model
+from vit.fewshot import head_input
+from vit.model import init_params
+from vit.pretrained import load_pretrained
+from vit.rope import apply_rope, kept_tables, rope_tables, rotate_half
+from vit.weight_formats import WeightsError, flatten_params
+
+# DINOv3's options (configs/finetune.py's dinov3 family), at the fixtures' size
+DINOV3 = dict(rope="dinov3", posemb="none", key_bias=False, num_registers=4, layer_scale=1e-5,
+              gelu_approximate=False, norm_epsilon=1e-5)
+ROPE = dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, gelu_approximate=False,
+            norm_epsilon=1e-5, layer_scale=0.5, num_registers=2)
+
+
+def test_tables_hold_dinov3s_angles_and_leave_the_prefix_alone():
+    """Row r, column c of a rows x cols grid sits at ((r + .5) / rows * 2 - 1, (c + .5) / cols *
+    2 - 1); head_dim / 4 periods 100 ** (2j / (head_dim / 2)) per axis, rows' first, the whole
+    repeated for the rotate-half layout; prefix tokens: sin 0, cos 1."""
+    sin, cos = rope_tables((2, 3), 8, num_prefix=2)
+    assert sin.shape == cos.shape == (2 + 6, 8) and sin.dtype == np.float32
+    np.testing.assert_array_equal(sin[:2], 0.0)
+    np.testing.assert_array_equal(cos[:2], 1.0)
+    periods = 100.0 ** (np.arange(2) * 2 / 4)  # [1, 10]
+    r, c = 1, 2  # the last patch: row coordinate 0.5, column coordinate 2/3
+    y, x = (r + 0.5) / 2 * 2 - 1, (c + 0.5) / 3 * 2 - 1
+    angles = 2 * np.pi * np.array([y / periods[0], y / periods[1], x / periods[0], x / periods[1]])
+    np.testing.assert_allclose(sin[2 + r * 3 + c], np.sin(np.tile(angles, 2)), atol=1e-6)
+    np.testing.assert_allclose(cos[2 + r * 3 + c], np.cos(np.tile(angles, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match="head size .* divisible by 4, got 6"):
+        rope_tables((2, 2), 6)
+
+
+def test_rotation_keeps_norms_and_scores_depend_on_the_offset_only():
+    """Each (c, c + d/2) plane is rotated: norms are kept, rotate_half is [-x2, x1], and the
+    score of one query and one key depends only on their offset on the grid."""
+    np.testing.assert_array_equal(rotate_half(jnp.arange(4.0)), [-2.0, -3.0, 0.0, 1.0])
+    sin, cos = (jnp.asarray(t) for t in rope_tables((4, 4), 16))
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal(16), jnp.float32) for _ in range(2))
+    rotated = apply_rope(jnp.tile(q, (16, 1)), sin, cos)
+    np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(q), rtol=1e-6)
+
+    def score(a: int, b: int) -> float:
+        return float(apply_rope(q, sin[a], cos[a]) @ apply_rope(k, sin[b], cos[b]))
+
+    # (0, 0) -> (1, 2) and (2, 1) -> (3, 3): the same offset of one row and two columns
+    assert score(0, 6) == pytest.approx(score(9, 15), abs=1e-5)
+    assert abs(score(0, 6) - score(0, 5)) > 1e-3
+
+
+def test_kept_tables_follow_patchdropouts_choice():
+    tables = rope_tables((2, 2), 8, num_prefix=1)
+    idx = jnp.array([[3, 0], [1, 2]])
+    sin, cos = kept_tables(tables, 1, idx)
+    assert sin.shape == (2, 3, 8)
+    for b in range(2):
+        np.testing.assert_array_equal(sin[b], tables[0][[0, 1 + idx[b, 0], 1 + idx[b, 1]]])
+        np.testing.assert_array_equal(cos[b], tables[1][[0, 1 + idx[b, 0], 1 + idx[b, 1]]])
+
+
+def _model(**kw) -> vit.VisionTransformer:
+    options = dict(num_classes=5, image_size=16, width=32, depth=2, num_heads=2, mlp_dim=64)
+    return vit.create_model("Ti/4", **{**options, **kw})
+
+
+def test_rope_gives_a_model_without_position_embedding_its_positions():
+    """With posemb='none' a GAP model is blind to where its patches are (moving the image's 4x4
+    patches around moves nothing); RoPE makes it see them."""
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    tiles = x.reshape(2, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5)  # [B, row, col, 4, 4, C]
+    moved = tiles[:, ::-1].transpose(0, 1, 3, 2, 4, 5).reshape(x.shape)  # patch rows reversed
+    for rope, blind in (("none", True), ("dinov3", False)):
+        model = _model(posemb="none", classifier="gap", rope=rope)
+        params = init_params(model, jax.random.PRNGKey(0))
+        leaves, tree = jax.tree_util.tree_flatten(params)  # random weights, the head's too
+        rng = np.random.default_rng(1)
+        params = jax.tree_util.tree_unflatten(
+            tree, [p + 0.2 * rng.standard_normal(p.shape) for p in leaves])
+        a, b = (np.asarray(model.apply({"params": params}, v)) for v in (x, moved))
+        assert np.allclose(a, b, atol=1e-5) == blind, rope
+
+
+def test_rope_model_kernels_remat_and_token_dropping_agree():
+    """The explicit and fused attention kernels give the same logits; remat gives the same
+    gradients bit for bit; PatchDropout trains with the kept patches' tables."""
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    model = _model(**{k: v for k, v in ROPE.items() if k != "variant"})
+    params = init_params(model, jax.random.PRNGKey(0))
+    fused = model.clone(attention_impl="fused")
+    np.testing.assert_allclose(model.apply({"params": params}, x),
+                               fused.apply({"params": params}, x), atol=1e-5, rtol=0)
+
+    def grads(m):
+        loss = lambda p: jnp.sum(m.apply({"params": p}, x, train=True,
+                                          rngs={"dropout": jax.random.PRNGKey(1)}) ** 2)
+        return flatten_params(jax.grad(loss)(params))
+
+    dropping = model.clone(token_keep_ratio=0.5)
+    plain, remat = grads(dropping), grads(dropping.clone(remat="block"))
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], remat[name], name)
+    assert all(np.all(np.isfinite(g)) for g in plain.values())
+
+
+@pytest.mark.parametrize("stem,extra", [("timm_dinov3_tiny", {}),
+                                        ("timm_dinov3_swiglu_tiny", dict(swiglu=True))])
+def test_timm_dinov3_parity_through_load_and_convert(tmp_path, stem, extra):
+    """timm's DINOv3 (Eva: q / v biases and none for k, or none at all and SwiGLU's fc1_g /
+    fc1_x; gamma_1 / gamma_2, reg_token, no pos_embed) gives its logits on 64x48 images through
+    a DINOv3 model, and `vit convert` finds RoPE, the missing key bias, the epsilon and the
+    registers in the arrays."""
+    meta, ref = fixture(stem)
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    x = np.random.RandomState(meta["input_seed"]).standard_normal(
+        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    model = vit.create_model("Ti/16", num_classes=10, image_size=(64, 48), depth=2,
+                             mlp_dim=meta["mlp_dim"], **DINOV3, **extra)
+    params, notes = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)),
+                                    keep_head=True)
+    assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/bias" not in \
+        flatten_params(params)
+    np.testing.assert_allclose(model.apply({"params": params}, x), ref["logits_gelu_erf"],
+                               atol=1e-5, rtol=0)
+    checkpoint, notes = convert_weights(str(path), str(tmp_path / "run"), image_size=(64, 48))
+    loaded = load_inference_model(checkpoint)
+    m = loaded.model
+    assert (m.rope, m.posemb, m.key_bias, m.norm_epsilon, m.num_registers) == \
+        ("dinov3", "none", False, 1e-5, 4)
+    assert m.swiglu == bool(extra) and m.mlp_dim == meta["mlp_dim"]
+    np.testing.assert_allclose(m.apply({"params": loaded.params}, x), ref["logits_gelu_erf"],
+                               atol=1e-5, rtol=0)
+    _, notes = convert_weights(str(path), str(tmp_path / "square"))
+    assert load_inference_model(str(tmp_path / "square")).config.image_size == 224
+    assert any(n.startswith("image size 224x224 assumed: RoPE weights run at any size") for n in
+               notes)
+
+
+def test_huggingface_dinov3_parity_through_load_and_convert(tmp_path):
+    """transformers' DINOv3ViTModel (model.layer.{i}, q/k/v/o_proj without a key bias,
+    mlp.up_proj / down_proj, layer_scale{1,2}, norm): its pooled class token; `vit convert`
+    with its config.json takes the epsilon and image size stated there."""
+    meta, ref = fixture("hf_dinov3_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    safetensors.numpy.save_file(state, str(folder / "model.safetensors"))
+    x = np.random.RandomState(meta["input_seed"]).standard_normal(
+        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    model = vit.create_model("Ti/16", num_classes=10, image_size=(64, 48), depth=2, **DINOV3)
+    params, notes = load_pretrained(folder / "model.safetensors", model,
+                                    init_params(model, jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(head_input(model, params, x), ref["pooled_gelu_erf"], atol=1e-5,
+                               rtol=0)
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "dinov3_vit", "hidden_size": 192, "num_attention_heads": 3,
+         "intermediate_size": 768, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+         "image_size": [64, 48], "num_register_tokens": 4}))
+    checkpoint, _ = convert_weights(str(folder), str(tmp_path / "run"), num_classes=3)
+    loaded = load_inference_model(checkpoint)
+    assert loaded.config.image_size == [64, 48] and loaded.model.norm_epsilon == 1e-5
+    np.testing.assert_allclose(head_input(loaded.model, loaded.params, x),
+                               ref["pooled_gelu_erf"], atol=1e-5, rtol=0)
+
+
+def test_rope_weights_refuse_a_model_without_rope_and_key_biases_a_model_without_them(tmp_path):
+    meta, _ = fixture("timm_dinov3_tiny")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    plain = vit.create_model("Ti/16", num_classes=10, image_size=64, depth=2,
+                             **dict(DINOV3, rope="none"))
+    with pytest.raises(WeightsError, match="trained with rope='dinov3' .* build it with "
+                                           "rope='dinov3' and posemb='none'"):
+        load_pretrained(path, plain, init_params(plain, jax.random.PRNGKey(0)))
+    learned = vit.create_model("Ti/16", num_classes=10, image_size=64, depth=2,
+                               **dict(DINOV3, posemb="learn"))
+    with pytest.raises(WeightsError, match="missing from the weights: Transformer/posembed_input"
+                                           ".*build the model with posemb='none'"):
+        load_pretrained(path, learned, init_params(learned, jax.random.PRNGKey(0)))
+
+    _, params = write(str(tmp_path / "keyed"), dict(PLAIN, rope="dinov3"))
+    keyless = vit.create_model("Ti/4", num_classes=5, image_size=16, width=32, depth=2,
+                               num_heads=2, mlp_dim=64, rope="dinov3", key_bias=False)
+    with pytest.raises(WeightsError, match="the weights have key biases: build the model with "
+                                           "key_bias=True"):
+        load_pretrained(str(tmp_path / "keyed"), keyless, init_params(keyless,
+                                                                      jax.random.PRNGKey(0)))
+
+
+def test_a_rope_model_goes_to_timms_dinov3_and_back_exactly(tmp_path):
+    """--to timm writes timm's Eva (vit_small_patch16_dinov3_qkvb, sizes in model_args) and
+    converting it back gives the same parameters; it refuses what Eva cannot hold."""
+    _, params = write(str(tmp_path / "run"), ROPE, image_size=(16, 12), normalize="imagenet")
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch16_dinov3_qkvb"
+    args = config["model_args"]
+    assert (args["num_reg_tokens"], args["qkv_bias"], args["img_size"]) == (2, True, [16, 12])
+    state = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "pos_embed" not in state and "blocks.0.attn.q_bias" in state
+    assert "blocks.0.attn.k_bias" not in state
+    path, _ = convert_weights(str(tmp_path / "out" / "model.safetensors"), str(tmp_path / "back"))
+    before, after = load_inference_model(str(tmp_path / "run")), load_inference_model(path)
+    got, want = flatten_params(after.params), flatten_params(params)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+    assert after.model.norm_epsilon == before.model.norm_epsilon == 1e-5
+    x = np.random.default_rng(0).standard_normal((2, 16, 12, 3)).astype(np.float32)
+    np.testing.assert_array_equal(after.model.apply({"params": after.params}, x),
+                                  before.model.apply({"params": before.params}, x))
+
+    write(str(tmp_path / "tanh"), dict(ROPE, gelu_approximate=True))
+    write(str(tmp_path / "keyed"), dict(ROPE, key_bias=True))
+    for run, why in (("tanh", "tanh or quick GELU"), ("keyed", "key biases that are not zero")):
+        with pytest.raises(WeightsError, match=f"cannot hold {why}.*use --to npz"):
+            export_weights(str(tmp_path / run), "timm", str(tmp_path / f"{run}-out"))
+    with pytest.raises(WeightsError, match="rotary position embeddings, which HF ViT lacks"):
+        export_weights(str(tmp_path / "run"), "hf", str(tmp_path / "hf"))
+
+
+def test_dinov3_finetune_family():
+    from configs import finetune
+
+    c = finetune.get_config("dinov3_S+/16-cifar10-256")
+    assert (c.model.variant, c.model.swiglu, c.model.rope, c.model.posemb) == \
+        ("S/16", True, "dinov3", "none")
+    assert (c.model.key_bias, c.model.norm_epsilon, c.pp.normalize) == (False, 1e-5, "imagenet")
+    assert finetune.get_config("dinov3_H+/16-cifar100").model.num_heads == 20
+    with pytest.raises(ValueError, match="the '\\+' models are DINOv3's"):
+        finetune.get_config("dinov2_S+/14-cifar10")
+
+
+def test_a_model_without_key_biases_quantizes_and_prunes(tmp_path):
+    """int8 (the key projection keeps its scale, with no bias) and structured pruning of heads
+    run on a DINOv3-shaped model."""
+    from vit.prune import prune_structured
+    from vit.quantize import quantize_checkpoint
+
+    model, params = write(str(tmp_path / "float"), ROPE)
+    quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / "int8"))
+    quantized = load_inference_model(str(tmp_path / "int8"))
+    attention = flatten_params(quantized.params)
+    assert attention["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/key/kernel"] \
+        .dtype == np.int8
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    want = np.asarray(model.apply({"params": params}, x))
+    got = np.asarray(quantized.model.apply({"params": quantized.params}, x))
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    pruned, masks, _ = prune_structured(params, 0.5)
+    kernel = flatten_params(pruned)["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+                                    "key/kernel"]
+    assert int(np.sum(np.all(kernel == 0, axis=(0, 2)))) == 1  # one of the two heads gone
