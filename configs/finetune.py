@@ -34,6 +34,13 @@ Variants after the colon:
                  position embedding (any image size, nothing resampled), 4 registers,
                  LayerScale, no key bias, LayerNorm eps 1e-5, ImageNet statistics; S+ and H+
                  have SwiGLU MLPs (H+: 20 heads). Not run here, nor their memory measured.
+  eva02_S/14-cifar10-224, eva02_B/14-cifar100-448
+                 the same from EVA-02 (timm eva02_{tiny,small,base,large}_patch14_*: the
+                 mim_in22k backbones or their in1k classifiers): RoPE beside the learned position
+                 embedding, its coordinates scaled to the 16x16 grid of EVA-02's 224 px
+                 pretraining; SwiGLU MLPs 8/3 of the width (B, L: a LayerNorm on their hidden
+                 units); the class token in the sequence, GAP then fc_norm; no key bias; CLIP's
+                 statistics. Not run here, nor their memory measured.
   siglip_B/16-cifar10-224, siglip_So400m/14-cifar100-224
                  the same from a SigLIP image tower (big_vision's .npz, timm's
                  vit_base_patch16_siglip_224, HF google/siglip-*): no class token, the MAP
@@ -86,7 +93,15 @@ _FAMILIES = {
     # DINOv3: RoPE and no position embedding, no key bias, LayerNorm eps 1e-5, 4 registers
     "dinov3": (dict(layer_scale=1e-5, gelu_approximate=False, num_registers=4, rope="dinov3",
                     posemb="none", key_bias=False, norm_epsilon=1e-5), "imagenet"),
+    # EVA-02: RoPE beside the learned position embedding, scaled to its 224 px pretraining grid;
+    # SwiGLU; a class token in the sequence, GAP then fc_norm; no key bias; CLIP's statistics
+    "eva02": (dict(rope="eva02", rope_grid=(16, 16), swiglu=True, classifier="gap",
+                   class_token=True, fc_norm=True, key_bias=False, gelu_approximate=False),
+              "clip"),
 }
+# EVA-02's MLPs are 8/3 of the width after the gate; B and L normalise their hidden units.
+_EVA02_SIZES = {"Ti": dict(mlp_dim=512), "S": dict(mlp_dim=1024),
+                "B": dict(mlp_dim=2048, mlp_norm=True), "L": dict(mlp_dim=2730, mlp_norm=True)}
 # DINOv3's "plus" models (S+/16, H+/16) have SwiGLU MLPs as wide as the plain ones' (timm's
 # vit_small_plus_patch16_dinov3, vit_huge_plus_patch16_dinov3); H+ has 20 heads.
 _DINOV3_PLUS = {"S": dict(swiglu=True), "H": dict(num_heads=20, swiglu=True)}
@@ -130,6 +145,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             c.model.update(_DINOV2_GIANT)
         if plus:
             c.model.update(_DINOV3_PLUS[size])
+        if family == "eva02":
+            size = model.partition("/")[0]
+            if size not in _EVA02_SIZES:
+                raise ValueError(f"unknown finetune variant {variant!r}: EVA-02 comes in "
+                                 f"{', '.join(f'eva02_{s}/14' for s in _EVA02_SIZES)}")
+            c.model.update(_EVA02_SIZES[size])
     return c
 
 

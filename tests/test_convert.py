@@ -96,7 +96,10 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     ("npz", dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, norm_epsilon=1e-5)),
     ("timm", dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, gelu_approximate=False,
                   swiglu=True, classifier="gap", layer_scale=0.5, norm_epsilon=1e-5)),
-    ("hf", dict(PLAIN, norm_epsilon=1e-12))])
+    ("hf", dict(PLAIN, norm_epsilon=1e-12)),
+    ("npz", dict(PLAIN, rope="eva02", rope_grid=(8, 8), swiglu=True, mlp_norm=True,
+                 classifier="gap", class_token=True, fc_norm=True)),
+    ("timm", dict(PLAIN, classifier="gap", class_token=True, fc_norm=True))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0
@@ -113,8 +116,8 @@ def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     assert after.model.pre_norm == before.model.pre_norm
     assert after.model.mlp_dim == before.model.mlp_dim
     assert after.model.qk_norm == before.model.qk_norm
-    assert (after.model.rope, after.model.norm_epsilon) == (before.model.rope,
-                                                            before.model.norm_epsilon)
+    for option in ("rope", "rope_grid", "norm_epsilon", "class_token", "fc_norm", "mlp_norm"):
+        assert getattr(after.model, option) == getattr(before.model, option), option
     got, want = flatten_params(after.params), flatten_params(params)
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)

@@ -124,9 +124,11 @@ def test_tflite_from_the_saved_model_matches(recipe, tmp_path, capfd):
     dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, num_registers=2,
          norm_epsilon=1e-5, layer_scale=0.5),
     dict(PLAIN, rope="dinov3", classifier="gap", qk_norm=True),
+    dict(PLAIN, rope="eva02", rope_grid=(16, 16), swiglu=True, mlp_norm=True, classifier="gap",
+         class_token=True, fc_norm=True, key_bias=False),
 ], ids=["token-registers-prelogits-erf", "convstem-layernorm", "recipe", "bf16-matmuls",
         "bf16-dtype", "layer-scale", "clip-prenorm-quickgelu-gap", "swiglu", "qk-norm",
-        "rope-dinov3-registers", "rope-learned-posemb-gap-qknorm"])
+        "rope-dinov3-registers", "rope-learned-posemb-gap-qknorm", "eva02"])
 def test_onnx_matches_with_onnxruntime(tmp_path, model):
     write(str(tmp_path / "run"), model, normalize="imagenet")
     result = export(str(tmp_path / "run"), "onnx", tmp_path / "out", measure_speed=False)

@@ -288,12 +288,21 @@ def test_explicit_attention_equals_jax_dot_product_attention():
         (dict(swiglu=None), "model swiglu must be True or False, got None"),
         (dict(qk_norm="on"), "model qk_norm must be True or False, got 'on'"),
         (dict(key_bias=0), "model key_bias must be True or False, got 0"),
-        (dict(rope="eva"), "unknown rope 'eva'; use one of ('none', 'dinov3')"),
+        (dict(rope="eva"), "unknown rope 'eva'; use one of ('none', 'dinov3', 'eva02')"),
         (dict(rope="dinov3", width=24, num_heads=4), "rope='dinov3' needs a head size (width / "
          "num_heads) divisible by 4, got 6: change width or num_heads, or set rope='none'"),
         (dict(norm_epsilon=0.0), "model norm_epsilon must be a small positive number (LayerNorm's "
          "epsilon, e.g. 1e-6), got 0.0"),
         (dict(posemb="rope"), "unknown posemb 'rope'; use one of ('learn', 'sincos2d', 'none')"),
+        (dict(rope="dinov3", rope_grid=(16, 16)), "model rope_grid scales rope='eva02' "
+         "coordinates to a grid of positive sides, got (16, 16) with rope='dinov3': set "
+         "rope='eva02', or leave rope_grid unset"),
+        (dict(rope="eva02", rope_grid="16"), "rope_grid must be an int or a pair of ints (rows, "
+         "cols), got '16': pass e.g. rope_grid=32 or rope_grid=(32, 48)"),
+        (dict(classifier="map", fc_norm=True), "model fc_norm normalises the pooled patches of "
+         "classifier='gap', not classifier='map': set classifier='gap' or fc_norm=False"),
+        (dict(mlp_norm=1), "model mlp_norm must be True or False, got 1"),
+        (dict(class_token="yes"), "model class_token must be True or False, got 'yes'"),
         (dict(swiglu=True, quick_gelu=True),
          "model swiglu and quick_gelu are two MLPs: set one of them"),
         (dict(stem_strides=(1, 1)), "model stem_strides shapes the conv stem, but "

@@ -511,13 +511,13 @@ def test_torch_file_without_torch_is_one_clear_line(tmp_path):
 
 def test_unsupported_timm_parameters_are_named(tmp_path, timm_file):
     state = safetensors.numpy.load_file(str(timm_file))
-    state["blocks.0.mlp.norm.weight"] = np.ones((768,), np.float32)  # timm's scale_mlp_norm
-    safetensors.numpy.save_file(state, str(tmp_path / "mlp_norm.safetensors"))
-    with pytest.raises(WeightsError, match=r"blocks.0.mlp.norm.weight \(768,\); only ViTs "
+    state["blocks.0.attn.norm.weight"] = np.ones((768,), np.float32)  # Eva's scale_attn_inner
+    safetensors.numpy.save_file(state, str(tmp_path / "attn_norm.safetensors"))
+    with pytest.raises(WeightsError, match=r"blocks.0.attn.norm.weight \(768,\); only ViTs "
                                            r"\(LayerScale, registers, a pre-norm, qk-norm, packed "
-                                           r"SwiGLU, MAP heads\) and ResNet-v2 hybrids can be "
-                                           r"loaded"):
-        read_weights(tmp_path / "mlp_norm.safetensors")
+                                           r"SwiGLU, MAP heads\), DINOv3, EVA-02 and ResNet-v2 "
+                                           r"hybrids can be loaded"):
+        read_weights(tmp_path / "attn_norm.safetensors")
 
 
 def test_unrecognised_naming(tmp_path):

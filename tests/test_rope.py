@@ -1,7 +1,8 @@
-"""Tests for vit.rope and RoPE models: the tables, the model, DINOv3 weights in and out.
+"""Tests for vit.rope and RoPE models: the tables, the model, DINOv3 and EVA-02 weights.
 
 Parity fixtures: tools/make_pretrained_fixtures/make_rope_fixtures.py (timm's DINOv3 Eva and
-transformers' DINOv3ViTModel on 64x48 images; neither is needed here).
+transformers' DINOv3ViTModel on 64x48 images) and make_eva02_fixtures.py (timm's EVA-02 on 56x42
+images); neither torch nor timm is needed here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vit.evaluate import load_inference_model
 from vit.fewshot import head_input
 from vit.model import init_params
 from vit.pretrained import load_pretrained
-from vit.rope import apply_rope, kept_tables, rope_tables, rotate_half
+from vit.rope import apply_rope, kept_tables, rope_tables, rotate_half, rotate_pairs
 from vit.weight_formats import WeightsError, flatten_params
 
 # DINOv3's options (configs/finetune.py's dinov3 family), at the fixtures' size
@@ -30,6 +31,9 @@ DINOV3 = dict(rope="dinov3", posemb="none", key_bias=False, num_registers=4, lay
               gelu_approximate=False, norm_epsilon=1e-5)
 ROPE = dict(PLAIN, rope="dinov3", posemb="none", key_bias=False, gelu_approximate=False,
             norm_epsilon=1e-5, layer_scale=0.5, num_registers=2)
+# EVA-02 B's options (configs/finetune.py's eva02 family), at the fixtures' size
+EVA02 = dict(rope="eva02", rope_grid=(16, 16), swiglu=True, classifier="gap", class_token=True,
+             fc_norm=True, key_bias=False, gelu_approximate=False, mlp_dim=512)
 
 
 def test_tables_hold_dinov3s_angles_and_leave_the_prefix_alone():
@@ -272,3 +276,162 @@ def test_a_model_without_key_biases_quantizes_and_prunes(tmp_path):
     kernel = flatten_params(pruned)["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
                                     "key/kernel"]
     assert int(np.sum(np.all(kernel == 0, axis=(0, 2)))) == 1  # one of the two heads gone
+
+
+def test_eva02_tables_scale_indices_to_the_reference_grid_and_pair_neighbours():
+    """EVA-02: patch (r, c) at (r * 16 / rows, c * 16 / cols), head_dim / 4 frequencies 10000 **
+    (-j / (head_dim / 4)) per axis, rows' first, each repeated for the interleaved pairs."""
+    sin, cos = rope_tables((2, 4), 8, num_prefix=1, kind="eva02", ref_grid=(16, 16))
+    bands = 1.0 / 10000.0 ** (np.arange(2) / 2)  # [1, 0.01]
+    r, c = 1, 3
+    angles = np.array([r * 8 * bands[0], r * 8 * bands[1], c * 4 * bands[0], c * 4 * bands[1]])
+    np.testing.assert_allclose(sin[1 + r * 4 + c], np.sin(np.repeat(angles, 2)), atol=1e-6)
+    np.testing.assert_allclose(cos[1 + r * 4 + c], np.cos(np.repeat(angles, 2)), atol=1e-6)
+    np.testing.assert_array_equal(cos[0], 1.0)
+    own = rope_tables((2, 4), 8, kind="eva02")[0]  # no reference grid: the indices themselves
+    np.testing.assert_allclose(own[r * 4 + c], np.sin(np.repeat(angles / [8, 8, 4, 4], 2)),
+                               atol=1e-6)
+    np.testing.assert_array_equal(rotate_pairs(jnp.arange(4.0)), [-1.0, 0.0, -3.0, 2.0])
+
+
+@pytest.mark.parametrize("stem,extra", [("timm_eva02_tiny", {}),
+                                        ("timm_eva02_base_tiny", dict(mlp_norm=True))])
+def test_timm_eva02_parity_through_load_and_convert(tmp_path, stem, extra):
+    """timm's EVA-02 (Ti: a fused qkv with q / v biases and a packed SwiGLU fc1; B: q_proj /
+    k_proj / v_proj and SwiGLU fc1_g / fc1_x with a LayerNorm on the hidden units): its logits
+    on 56x42 images, the class token in the sequence, GAP over the patches, then fc_norm;
+    `vit convert` finds it all from the arrays, with the image size from timm's config.json."""
+    meta, ref = fixture(stem)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]),
+                                str(folder / "model.safetensors"))
+    x = np.random.RandomState(meta["input_seed"]).standard_normal(
+        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    model = vit.create_model("Ti/14", num_classes=10, image_size=(56, 42), depth=2,
+                             **EVA02, **extra)
+    params, notes = load_pretrained(folder / "model.safetensors", model,
+                                    init_params(model, jax.random.PRNGKey(0)), keep_head=True,
+                                    old_grid=(4, 3))
+    np.testing.assert_allclose(model.apply({"params": params}, x), ref["logits_gelu_erf"],
+                               atol=1e-5, rtol=0)
+    (folder / "config.json").write_text(json.dumps(
+        {"architecture": "eva02_tiny_patch14_224", "model_args": {"img_size": [56, 42]},
+         "pretrained_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                            "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    checkpoint, _ = convert_weights(str(folder / "model.safetensors"), str(tmp_path / "run"),
+                                    num_heads=3)
+    loaded = load_inference_model(checkpoint)
+    m = loaded.model
+    assert (m.rope, m.rope_grid, m.posemb, m.classifier, m.class_token, m.fc_norm, m.mlp_norm,
+            m.key_bias) == ("eva02", (16, 16), "learn", "gap", True, True, bool(extra), False)
+    assert loaded.config.pp.normalize == "clip"
+    np.testing.assert_allclose(m.apply({"params": loaded.params}, x), ref["logits_gelu_erf"],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="EVA-02's rotary position embeddings.*--to npz"):
+        export_weights(checkpoint, "timm", str(tmp_path / "out"))
+    plain = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
+                             **dict(EVA02, rope="none", rope_grid=None), **extra)
+    with pytest.raises(WeightsError, match="trained with rope='eva02'.*rope_grid=\\(16, 16\\)"):
+        load_pretrained(folder / "model.safetensors", plain, init_params(plain,
+                                                                         jax.random.PRNGKey(0)))
+
+
+def test_fc_norm_weights_into_a_model_without_it_load_as_encoder_norm_with_a_note(tmp_path):
+    meta, _ = fixture("timm_eva02_tiny")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    model = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
+                             **dict(EVA02, fc_norm=False))
+    params, notes = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)),
+                                    old_grid=(4, 3))
+    assert any(n.startswith("fc_norm (LayerNorm after pooling) loaded as encoder_norm") for n in
+               notes)
+    np.testing.assert_array_equal(params["Transformer"]["encoder_norm"]["scale"],
+                                  random_weights.build(meta["manifest"], meta["seed"])[
+                                      "fc_norm.weight"])
+
+
+def test_a_class_token_beside_gap_joins_attention_and_stays_out_of_the_pool():
+    """class_token=True with classifier='gap': the token attends (changing it changes the
+    logits), the pool averages the patches alone (fc_norm after it), and the attention maps
+    count it as a prefix token."""
+    from vit.attention_maps import token_layout
+
+    model = _model(classifier="gap", class_token=True, fc_norm=True)
+    params = init_params(model, jax.random.PRNGKey(0))
+    assert "cls" in params and "fc_norm" in params and "encoder_norm" not in params["Transformer"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(2)
+    params = jax.tree_util.tree_unflatten(
+        tree, [p + 0.2 * rng.standard_normal(p.shape) for p in leaves])
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    moved = jax.tree_util.tree_map(lambda p: p, params)
+    moved["cls"] = params["cls"] + rng.standard_normal(params["cls"].shape)
+    assert not np.allclose(model.apply({"params": params}, x), model.apply({"params": moved}, x))
+    assert token_layout(model) == {"num_prefix_tokens": 1, "class_token": True}
+    with pytest.raises(ValueError, match="fc_norm normalises the pooled patches of "
+                                         "classifier='gap', not classifier='token'"):
+        _model(classifier="token", fc_norm=True)
+
+
+def test_eva02_finetune_family():
+    from configs import finetune
+
+    c = finetune.get_config("eva02_L/14-cifar100-448")
+    assert (c.model.mlp_dim, c.model.mlp_norm, tuple(c.model.rope_grid), c.pp.normalize) == \
+        (2730, True, (16, 16), "clip")
+    assert finetune.get_config("eva02_Ti/14-cifar10-224").model.mlp_norm is False
+    with pytest.raises(ValueError, match="EVA-02 comes in eva02_Ti/14"):
+        finetune.get_config("eva02_H/14-cifar10-224")
+
+
+def _dinov3_folder(tmp_path, config: dict | None) -> tuple:
+    meta, ref = fixture("timm_dinov3_tiny")
+    folder = tmp_path / "src"
+    folder.mkdir()
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]),
+                                str(folder / "model.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    x = np.random.RandomState(meta["input_seed"]).standard_normal(
+        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    return folder / "model.safetensors", x, ref
+
+
+def test_timms_average_pooling_of_dinov3_converts_to_gap_beside_a_class_token(tmp_path):
+    """timm's config.json saying global_pool="avg" (its DINOv3 default: the patches' mean, the
+    class token and registers still attending) gives classifier="gap" with class_token=True,
+    and timm's logits of that pooling."""
+    path, x, ref = _dinov3_folder(tmp_path, {
+        "architecture": "vit_small_patch16_dinov3_qkvb", "global_pool": "avg",
+        "model_args": {"img_size": [64, 48]}})
+    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"))
+    loaded = load_inference_model(checkpoint)
+    assert (loaded.model.classifier, loaded.model.class_token) == ("gap", True)
+    np.testing.assert_allclose(loaded.model.apply({"params": loaded.params}, x),
+                               ref["logits_avg_pool"], atol=1e-5, rtol=0)
+
+
+def test_timm_eva_weights_of_other_rope_forms_are_refused_or_noted(tmp_path):
+    """A config.json naming another Eva (naver's RoPE ViT) is refused; without one the arrays
+    decide, with a note saying which form was taken."""
+    path, _, _ = _dinov3_folder(tmp_path, {"architecture": "vit_base_patch16_rope_224"})
+    with pytest.raises(WeightsError, match="timm's vit_base_patch16_rope_224 computes a RoPE "
+                                           "form this toolkit does not"):
+        convert_weights(str(path), str(tmp_path / "run"))
+    (path.parent / "config.json").unlink()
+    _, notes = convert_weights(str(path), str(tmp_path / "guessed"))
+    assert any(n.startswith("timm Eva weights without a config.json naming their architecture: "
+                            "taken as DINOv3's") for n in notes)
+
+
+def test_to_timm_refuses_a_layernorm_epsilon_its_architecture_does_not_compute(tmp_path):
+    write(str(tmp_path / "hf-like"), dict(PLAIN, norm_epsilon=1e-12))
+    with pytest.raises(WeightsError, match="timm's vit_base_patch16_224 computes its LayerNorms "
+                                           "with epsilon 1e-06, this model with 1e-12"):
+        export_weights(str(tmp_path / "hf-like"), "timm", str(tmp_path / "out"))
+    write(str(tmp_path / "rope"), dict(ROPE, norm_epsilon=1e-6))
+    with pytest.raises(WeightsError, match="vit_small_patch16_dinov3_qkvb computes its "
+                                           "LayerNorms with epsilon 1e-05"):
+        export_weights(str(tmp_path / "rope"), "timm", str(tmp_path / "out2"))

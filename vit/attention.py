@@ -186,6 +186,7 @@ class MultiHeadDotProductAttention(nn.Module):
     qk_norm: bool = False  # LayerNorm over each head's query and key (query_norm, key_norm)
     key_bias: bool = True  # False: the key projection has no bias (DINOv3)
     norm_epsilon: float = 1e-6  # the qk-norm LayerNorms'
+    rope: str = "dinov3"  # how given RoPE tables rotate: "dinov3" or "eva02" pairs (vit/rope.py)
 
     @nn.compact
     def __call__(
@@ -235,7 +236,7 @@ class MultiHeadDotProductAttention(nn.Module):
             q, k = norm("query_norm")(q), norm("key_norm")(k)
         if rope is not None:  # the tables' token axis against the layout's: [.., T, 1 or H, ..]
             sin, cos = (t[:, None] if core == "explicit" else t[:, :, None] for t in rope)
-            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+            q, k = apply_rope(q, sin, cos, self.rope), apply_rope(k, sin, cos, self.rope)
 
         weights = None
         if core == "explicit":

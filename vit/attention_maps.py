@@ -35,15 +35,15 @@ LAYER_GRID_DPI = 100
 
 
 def prefix_token_count(model: VisionTransformer) -> int:
-    """Tokens before the patches: the class token (classifier="token") and the registers."""
-    return (1 if model.classifier == "token" else 0) + model.num_registers
+    """Tokens before the patches: the class token (if any) and the registers."""
+    return int(model.has_class_token) + model.num_registers
 
 
 def token_layout(model: VisionTransformer) -> dict[str, int | bool]:
     """`rollout` / `layer_maps` keywords for `model`: its prefix token count and whether the
     first of them is a class token (`rollout(w, **token_layout(model))`)."""
     return {"num_prefix_tokens": prefix_token_count(model),
-            "class_token": model.classifier == "token"}
+            "class_token": model.has_class_token}
 
 
 @functools.lru_cache(maxsize=4)

@@ -53,9 +53,13 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.pre_norm = False  # True: a LayerNorm before the first block, as CLIP's image tower
     m.swiglu = False  # True: SwiGLU MLPs (DINOv2-g), the first layer 2 x mlp_dim wide
     m.qk_norm = False  # True: LayerNorm over each head's queries and keys (timm's qk_norm)
-    m.rope = "none"  # | "dinov3": rotary position embeddings of queries and keys (vit/rope.py)
+    m.rope = "none"  # | "dinov3" | "eva02": rotary embeddings of queries and keys (vit/rope.py)
     m.key_bias = True  # False: no bias in the attention's key projections (DINOv3)
     m.norm_epsilon = 1e-6  # LayerNorm epsilon (CLIP, DINOv3: 1e-5; HF ViT: 1e-12)
+    m.rope_grid = _optional(tuple)  # rope="eva02": the grid coordinates are scaled to, (16, 16)
+    m.mlp_norm = False  # True: LayerNorm on each MLP's hidden units (EVA-02's sub-LN)
+    m.fc_norm = False  # True: the final LayerNorm after GAP pooling (timm's fc_norm; EVA-02)
+    m.class_token = False  # True: a class token beside a gap / map head (EVA-02); "token" has one
     m.stem = "patchify"  # | "conv": 3x3 conv stem then a 1x1 projection (vit/stems.py)
     m.stem_channels = _optional(tuple)  # conv stem widths, e.g. (32, 64, 128); None: default
     m.stem_strides = _optional(tuple)  # e.g. (2, 1, 2); None: stride 2 for the last convs

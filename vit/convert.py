@@ -77,9 +77,12 @@ def _heads(weights: Weights, width: int, num_heads: int | None) -> tuple[int, st
         return known, None
     if num_heads:
         return int(num_heads), None
-    # timm / HF fuse or flatten the heads ([D, D]): the file cannot tell them apart.
+    # timm / HF fuse or flatten the heads ([D, D]): the file cannot tell them apart. DINOv3's
+    # heads are 64 wide (its 7B's 128), whatever their width.
     heads = next((v["num_heads"] for v in VARIANTS.values() if v["width"] == width),
                  width // 64 if width % 64 == 0 else None)
+    if weights.rope == "dinov3" and width % 64 == 0:
+        heads = 32 if width == 4096 else width // 64
     if query is None:  # no attention at all (depth 0): the heads change nothing
         return heads or 1, None
     if heads is None:
@@ -109,6 +112,7 @@ def _patch_and_width(weights: Weights) -> tuple[int, int]:
 
 
 LOADED_LAYER_SCALE = 1e-5  # the layer_scale a converted model with LayerScale is built with
+EVA02_PRETRAINING_SIZE = 224  # EVA-02's RoPE coordinates are scaled to this size's patch grid
 
 
 def infer_architecture(weights: Weights, num_heads: int | None = None,
@@ -125,7 +129,8 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     patch, width = _patch_and_width(weights)
     depth = len({k.split("/")[1] for k in weights if k.startswith("Transformer/encoderblock_")})
     heads, note = _heads(weights, width, num_heads)
-    classifier = ("token" if "cls" in weights else
+    classifier = ("gap" if "cls" in weights and "fc_norm/scale" in weights else
+                  "token" if "cls" in weights else
                   "map" if any(k.startswith("MAPHead_0/") for k in weights) else "gap")
     mlp_dim, swiglu = _mlp_dim(weights, width, mlp_dim)
     posemb = "learn" if POSEMB in weights else "none" if weights.rope != "none" else "sincos2d"
@@ -133,6 +138,14 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
                      classifier=classifier, posemb=posemb)
     if weights.rope != "none":
         overrides["rope"] = weights.rope
+    if weights.rope == "eva02":  # scaled to EVA-02's pretraining grid: 224 px
+        overrides["rope_grid"] = (EVA02_PRETRAINING_SIZE // patch,) * 2
+    if "cls" in weights and classifier != "token":
+        overrides["class_token"] = True  # beside a GAP head (EVA-02)
+    if "fc_norm/scale" in weights:
+        overrides["fc_norm"] = True
+    if any(k.endswith("/MlpBlock_3/hidden_norm/scale") for k in weights):
+        overrides["mlp_norm"] = True
     if weights.rope != "none" or "Transformer/pre_norm/scale" in weights:
         overrides["norm_epsilon"] = 1e-5  # DINOv3's and CLIP's LayerNorms
     attention = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
@@ -157,7 +170,7 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     return f"{name}/{patch}", overrides, [note] if note else []
 
 
-def _grid(weights: Weights, classifier: str, stated: Any, patch: int
+def _grid(weights: Weights, has_cls: bool, stated: Any, patch: int
           ) -> tuple[tuple[int, int], list[str]]:
     """(the patch grid of the learned position embedding, notes): the stated image size's
     where it holds the embedding's patch tokens, else the square its token count makes."""
@@ -171,7 +184,7 @@ def _grid(weights: Weights, classifier: str, stated: Any, patch: int
     total = weights[POSEMB].shape[1]
     # With a class token: its own embedding first, else none (timm's no_embed_class, as DeiT III
     # and DINOv2-reg, and big_vision's "tok" pooling; HF ViT always has one).
-    counts = [total] if classifier != "token" else [total - 1] + [total] * (weights.source != "hf")
+    counts = [total] if not has_cls else [total - 1] + [total] * (weights.source != "hf")
     tokens = counts[0]
     squares = [grid for grid in map(square_grid, counts) if grid]
     side = squares[0][0] if squares else 0
@@ -213,7 +226,11 @@ def _rope_grid(stated: Any, patch: int) -> tuple[tuple[int, int], list[str]]:
         rows, cols = pair(stated)
     except ValueError as err:
         raise WeightsError(f"config.json beside the weights: {err}") from None
-    return (max(rows // patch, 1), max(cols // patch, 1)), []
+    grid = (max(rows // patch, 1), max(cols // patch, 1))
+    if grid != (rows / patch, cols / patch):
+        return grid, [f"config.json states image size {rows}x{cols}, which {patch}-pixel "
+                      f"patches do not divide: taken as {grid[0] * patch}x{grid[1] * patch}"]
+    return grid, []
 
 
 def _read_class_names(path: str) -> list[str]:
@@ -337,12 +354,14 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
         variant, model_config, notes = infer_architecture(
             weights, num_heads or said.get("num_heads"), said.get("mlp_dim"))
         patch = int(variant.split("/")[1])
-        weights.grid, grid_notes = _grid(weights, model_config["classifier"],
-                                         said.get("image_size"), patch)
+        weights.grid, grid_notes = _grid(weights, "cls" in weights, said.get("image_size"), patch)
         notes += grid_notes
         image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
         if said.get("norm_epsilon"):
             model_config["norm_epsilon"] = float(said["norm_epsilon"])
+        if said.get("global_pool") == "avg" and model_config["classifier"] == "token":
+            # timm's mean over the patches beside its class token (DINOv3's default)
+            model_config.update(classifier="gap", class_token=True)
         default_gelu = "erf" if weights.source in ("timm", "hf") else "tanh"
         model_config.update(_gelu_options(gelu or said.get("gelu", default_gelu)))
         if gelu is None and said.get("gelu_note"):

@@ -75,6 +75,8 @@ class MlpBlock(nn.Module):
     activation: str = "gelu_tanh"
     quant: str = "none"  # | "int8": int8 kernels (vit/int8.py)
     matmul_dtype: str = "float32"  # | "bfloat16": operands of the two matmuls (vit/matmul.py)
+    hidden_norm: bool = False  # a LayerNorm over the hidden units before Dense_1 (EVA-02's sub-LN)
+    norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
@@ -84,6 +86,8 @@ class MlpBlock(nn.Module):
         hidden = self.mlp_dim * (2 if self.activation in GATED_ACTIVATIONS else 1)
         x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        if self.hidden_norm:
+            x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="hidden_norm")(x)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
@@ -143,6 +147,8 @@ class Encoder1DBlock(nn.Module):
     qk_norm: bool = False
     key_bias: bool = True
     norm_epsilon: float = 1e-6  # every LayerNorm's
+    rope: str = "none"  # the kind of the RoPE tables the call may pass (vit/rope.py)
+    mlp_norm: bool = False  # EVA-02's sub-LN in the MLP
 
     @nn.compact
     def __call__(
@@ -155,6 +161,7 @@ class Encoder1DBlock(nn.Module):
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
             key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
+            rope=self.rope if self.rope != "none" else "dinov3",
             name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights, rope=rope)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -163,7 +170,8 @@ class Encoder1DBlock(nn.Module):
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
-                     self.quant, self.matmul_dtype, name="MlpBlock_3")(
+                     self.quant, self.matmul_dtype, self.mlp_norm, self.norm_epsilon,
+                     name="MlpBlock_3")(
             y, deterministic=deterministic)
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, name="LayerScale_3")(y)
@@ -232,6 +240,9 @@ class Encoder(nn.Module):
     rope: str = "none"  # | "dinov3": rotary embeddings of the patches' queries and keys
     key_bias: bool = True  # False: the blocks' key projections have no bias (DINOv3)
     norm_epsilon: float = 1e-6  # every LayerNorm's (timm and vit_jax 1e-6; CLIP, DINOv3 1e-5)
+    rope_grid: tuple[int, int] | None = None  # "eva02": the grid its coordinates are scaled to
+    mlp_norm: bool = False  # a LayerNorm on each MLP's hidden units (EVA-02's sub-LN)
+    final_norm: bool = True  # False: no encoder_norm here (the model's fc_norm after pooling)
 
     @nn.compact
     def __call__(
@@ -251,7 +262,8 @@ class Encoder(nn.Module):
         x = (x if pe is None else x + jnp.asarray(pe, self.dtype)).astype(self.dtype)
         tables = rope = None
         if self.rope != "none":  # registers join the prefix, which is not rotated
-            tables = rope_tables(self.grid, width // self.num_heads, n_pre + self.num_registers)
+            tables = rope_tables(self.grid, width // self.num_heads, n_pre + self.num_registers,
+                                 self.rope, self.rope_grid)
             rope = tuple(jnp.asarray(t)[None] for t in tables)
         if self.token_keep_ratio < 1.0 and not deterministic:
             idx = random_keep_indices(self.make_rng("dropout"), x.shape[0], x.shape[1] - n_pre,
@@ -286,10 +298,12 @@ class Encoder(nn.Module):
                 self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
                 rate, self.dtype, self.activation, self.attention_impl, self.quant,
                 self.matmul_dtype, layer_scale=self.layer_scale, qk_norm=self.qk_norm,
-                key_bias=self.key_bias, norm_epsilon=self.norm_epsilon, name=f"encoderblock_{i}",
+                key_bias=self.key_bias, norm_epsilon=self.norm_epsilon, rope=self.rope,
+                mlp_norm=self.mlp_norm, name=f"encoderblock_{i}",
             )(x, mask, deterministic, return_weights, rope)
             maps.append(w)
-        x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="encoder_norm")(x)
+        if self.final_norm:
+            x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="encoder_norm")(x)
         return x, maps, token_mask
 
 

@@ -19,7 +19,8 @@ names match the public vit_jax checkpoints one to one:
     Transformer/encoderblock_{i}/MlpBlock_3/{Dense_0,Dense_1}    Dense_0 2 x mlp_dim wide for swiglu
     Transformer/registers                            num_registers > 0 only: [1, R, width]
     Transformer/pre_norm                             pre_norm=True only (CLIP): before block 0
-    Transformer/encoder_norm
+    Transformer/encoder_norm                         fc_norm (after GAP) instead with fc_norm=True
+    Transformer/encoderblock_{i}/MlpBlock_3/hidden_norm                     mlp_norm only (EVA-02)
     MAPHead_0/...                                    attention-pooling head (classifier="map")
     pre_logits/{kernel,bias}                         optional (representation_size)
     head/{kernel,bias}                               zero-initialised classifier
@@ -77,8 +78,9 @@ class VisionTransformer(nn.Module):
     # LayerNorm over each head's queries and keys in every block (timm's qk_norm; ViT-22B):
     # query_norm / key_norm in MultiHeadDotProductAttention_1
     qk_norm: bool = False
-    # Rotary position embeddings of the patches' queries and keys in every block, DINOv3's axial
-    # form (vit/rope.py); with posemb="none" the only position the model has (DINOv3)
+    # Rotary position embeddings of the patches' queries and keys in every block (vit/rope.py):
+    # "dinov3" (with posemb="none" the only position the model has) or "eva02" (beside a learned
+    # position embedding, coordinates scaled to rope_grid)
     rope: str = "none"
     # False: the blocks' attention key projections have no bias (DINOv3; a key bias shifts every
     # logit of a query alike, which softmax ignores, but not once RoPE rotates the keys)
@@ -86,6 +88,16 @@ class VisionTransformer(nn.Module):
     # every LayerNorm's epsilon in the encoder and heads: 1e-6 as vit_jax, big_vision and timm's
     # ViT; 1e-5 for CLIP and DINOv3, 1e-12 for HF ViT (converted weights take their source's)
     norm_epsilon: float = 1e-6
+    # rope="eva02": the patch grid its coordinates are scaled to (EVA-02: (16, 16), its
+    # pretraining grid); None: the model's own
+    rope_grid: tuple[int, int] | None = None
+    mlp_norm: bool = False  # a LayerNorm on each MLP's hidden units before Dense_1 (EVA-02)
+    # the final LayerNorm on the pooled features (`fc_norm`) instead of on the tokens
+    # (`Transformer/encoder_norm`), as timm's fc_norm in EVA-02's and MAE's GAP heads
+    fc_norm: bool = False
+    # a class token in the sequence for a head that pools otherwise (classifier "gap" or "map"),
+    # as timm's class_token=True with global_pool="avg" (EVA-02); classifier="token" has one
+    class_token: bool = False
     stem: str = "patchify"  # | "conv": 3x3 convs then a 1x1 projection (vit/stems.py)
     stem_channels: tuple[int, ...] | None = None  # conv stem widths; None: Xiao et al.'s
     stem_strides: tuple[int, ...] | None = None  # conv stem strides; None: the last ones are 2
@@ -119,6 +131,11 @@ class VisionTransformer(nn.Module):
         if self.quick_gelu:
             return "quick_gelu"
         return "gelu_tanh" if self.gelu_approximate else "gelu"
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether a class token (`cls`) leads the sequence: classifier="token" or class_token."""
+        return self.classifier == "token" or self.class_token
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -160,7 +177,7 @@ class VisionTransformer(nn.Module):
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         num_prefix = 0
-        if self.classifier == "token":
+        if self.has_class_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
             num_prefix = 1
@@ -172,6 +189,7 @@ class VisionTransformer(nn.Module):
             self.attention_impl, self.quant, self.matmul_dtype, self.remat,
             layer_scale=self.layer_scale, pre_norm=self.pre_norm, qk_norm=self.qk_norm,
             rope=self.rope, key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
+            rope_grid=self.rope_grid, mlp_norm=self.mlp_norm, final_norm=not self.fc_norm,
             name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
@@ -185,6 +203,8 @@ class VisionTransformer(nn.Module):
             else:
                 weight = patch_mask.astype(patches.dtype)[..., None]
                 x = (patches * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
+            if self.fc_norm:
+                x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="fc_norm")(x)
         else:
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
@@ -296,6 +316,8 @@ def create_model(
     for key in ("stem_channels", "stem_strides", "resnet_layers"):
         if kwargs.get(key) is not None:
             kwargs[key] = int_tuple(kwargs[key], key)
+    if kwargs.get("rope_grid") is not None:
+        kwargs["rope_grid"] = pair(kwargs["rope_grid"], "rope_grid")
     kwargs.setdefault("attention_impl", "auto")
     validate(kwargs, {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS})
     kwargs["attention_impl"] = resolve_attention_impl(

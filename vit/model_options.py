@@ -119,7 +119,14 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if kw["rope"] not in rope.ROPE_KINDS:
         raise ValueError(f"unknown rope {kw['rope']!r}; use one of {rope.ROPE_KINDS}")
     if kw["rope"] != "none":
-        rope.check_head_dim(kw["width"] // kw["num_heads"])
+        rope.check_head_dim(kw["width"] // kw["num_heads"], kw["rope"])
+    if kw["rope_grid"] is not None and (kw["rope"] != "eva02" or min(kw["rope_grid"]) < 1):
+        raise ValueError(f"model rope_grid scales rope='eva02' coordinates to a grid of positive "
+                         f"sides, got {kw['rope_grid']} with rope={kw['rope']!r}: set "
+                         "rope='eva02', or leave rope_grid unset")
+    if kw["fc_norm"] and kw["classifier"] != "gap":
+        raise ValueError(f"model fc_norm normalises the pooled patches of classifier='gap', not "
+                         f"classifier={kw['classifier']!r}: set classifier='gap' or fc_norm=False")
     if kw["stem"] not in stems.STEMS:
         raise ValueError(f"unknown stem {kw['stem']!r}; use one of {stems.STEMS}")
     if kw["stem"] == "conv":
@@ -152,7 +159,8 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if not isinstance(kw["gelu_approximate"], bool | np.bool_):
         raise ValueError(f"model gelu_approximate must be True (tanh GELU) or False (exact erf), "
                          f"got {kw['gelu_approximate']!r}")
-    for key in ("quick_gelu", "pre_norm", "swiglu", "qk_norm", "key_bias"):
+    for key in ("quick_gelu", "pre_norm", "swiglu", "qk_norm", "key_bias", "mlp_norm", "fc_norm",
+                "class_token"):
         if not isinstance(kw[key], bool | np.bool_):
             raise ValueError(f"model {key} must be True or False, got {kw[key]!r}")
     if kw["swiglu"] and kw["quick_gelu"]:

@@ -5,8 +5,9 @@ tf2onnx cannot read, and jax2onnx pins an older orbax-checkpoint than this packa
 ViT is a short list of standard ONNX ops (opset 20: Conv, LayerNormalization, MatMul, Softmax,
 Gelu), so the graph is written here directly and checked against the JAX model with onnxruntime
 by `vit.export`. Supported: patchify and conv stems (LayerNorm or GroupNorm), class token,
-registers, learned, sin-cos or no position embeddings, DINOv3's RoPE, CLIP's pre-norm, token or
-GAP heads, pre-logits, qk-norm, tanh or exact GELU, CLIP's quick GELU or SwiGLU, any LayerNorm
+registers, learned, sin-cos or no position embeddings, DINOv3's and EVA-02's RoPE, CLIP's
+pre-norm, token or GAP heads (fc_norm after the pooling too), pre-logits, qk-norm, tanh or exact
+GELU, CLIP's quick GELU or SwiGLU (EVA-02's LayerNorm on its hidden units too), any LayerNorm
 epsilon, attention without key biases. Not supported
 (ExportError naming the alternative): MAP heads, ResNet hybrids, int8-quantised checkpoints.
 
@@ -140,17 +141,26 @@ def _expand_token(g: _Graph, token: np.ndarray, batch: str) -> str:
     return g.op("Expand", g.const(token.astype(np.float32), "tok"), shape)
 
 
-def _rotated(g: _Graph, y: str, rope: tuple[str, str], head_dim: int) -> str:
-    """y [N, T, H, d] rotated by RoPE's (sin, cos) tables [T, 1, d]: y cos + rotate_half(y) sin."""
-    half = head_dim // 2
-    first = g.op("Slice", y, g.ints(0), g.ints(half), g.ints(-1))
-    second = g.op("Slice", y, g.ints(half), g.ints(head_dim), g.ints(-1))
-    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-    return g.op("Add", g.op("Mul", y, rope[1]), g.op("Mul", rotated, rope[0]))
+def _rotated(g: _Graph, y: str, rope: tuple[str, str, str], head_dim: int) -> str:
+    """y [N, T, H, d] rotated by RoPE's (sin, cos) tables [T, 1, d] of its kind: y cos +
+    rotate(y) sin, rotate pairing channel c with c + d / 2 (dinov3) or 2c with 2c + 1 (eva02)."""
+    sin, cos, kind = rope
+    if kind == "dinov3":
+        half = head_dim // 2
+        first = g.op("Slice", y, g.ints(0), g.ints(half), g.ints(-1))
+        second = g.op("Slice", y, g.ints(half), g.ints(head_dim), g.ints(-1))
+        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    else:
+        pairs = g.op("Reshape", y, g.ints(0, 0, 0, head_dim // 2, 2))
+        even = g.op("Slice", pairs, g.ints(0), g.ints(1), g.ints(-1))
+        odd = g.op("Slice", pairs, g.ints(1), g.ints(2), g.ints(-1))
+        rotated = g.op("Reshape", g.op("Concat", g.op("Neg", odd), even, axis=-1),
+                       g.ints(0, 0, 0, head_dim))
+    return g.op("Add", g.op("Mul", y, cos), g.op("Mul", rotated, sin))
 
 
 def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: int,
-               rope: tuple[str, str] | None = None) -> str:
+               rope: tuple[str, str, str] | None = None) -> str:
     width = p[f"{prefix}/query/kernel"].shape[0]
     head_dim = width // heads
     split = g.ints(0, -1, heads, head_dim)
@@ -177,7 +187,7 @@ def _attention(g: _Graph, x: str, p: dict[str, np.ndarray], prefix: str, heads: 
 
 
 def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any,
-           rope: tuple[str, str] | None) -> str:
+           rope: tuple[str, str, str] | None) -> str:
     prefix = f"Transformer/encoderblock_{i}"
 
     def scaled(y: str, index: int) -> str:  # LayerScale_1 / _3, when the model has them
@@ -199,6 +209,8 @@ def _block(g: _Graph, x: str, p: dict[str, np.ndarray], i: int, model: Any,
         y = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), value)
     else:
         y = g.op("Gelu", y, approximate="tanh" if model.mlp_activation == "gelu_tanh" else "none")
+    if model.mlp_norm:
+        y = g.layer_norm(y, p, f"{mlp}/hidden_norm")
     y = g.dense(y, p[f"{mlp}/Dense_1/kernel"], p[f"{mlp}/Dense_1/bias"])
     return g.op("Add", x, scaled(y, 3))
 
@@ -222,7 +234,7 @@ def build_onnx(loaded: InferenceModel) -> Any:
     x = g.op("Transpose", g.op("Reshape", x, g.ints(0, model.width, -1)), perm=[0, 2, 1])
     batch = g.op("Shape", x, start=0, end=1)
     prefix = 0
-    if model.classifier == "token":
+    if model.has_class_token:
         x = g.op("Concat", _expand_token(g, p["cls"], batch), x, axis=1)
         prefix = 1
     if model.posemb == "learn":
@@ -234,8 +246,8 @@ def build_onnx(loaded: InferenceModel) -> Any:
     rope = None
     if model.rope != "none":  # tables shared by every block, [T, 1 (heads), head_dim]
         tables = rope_tables(model.grid, model.width // model.num_heads,
-                             prefix + model.num_registers)
-        rope = tuple(g.const(t[:, None], "rope") for t in tables)
+                             prefix + model.num_registers, model.rope, model.rope_grid)
+        rope = (*(g.const(t[:, None], "rope") for t in tables), model.rope)
     if model.num_registers:
         reg = _expand_token(g, p["Transformer/registers"], batch)
         head = g.op("Slice", x, g.ints(0), g.ints(prefix), g.ints(1))
@@ -245,12 +257,15 @@ def build_onnx(loaded: InferenceModel) -> Any:
         x = g.layer_norm(x, p, "Transformer/pre_norm")
     for i in range(model.depth):
         x = _block(g, x, p, i, model, rope)
-    x = g.layer_norm(x, p, "Transformer/encoder_norm")
+    if not model.fc_norm:
+        x = g.layer_norm(x, p, "Transformer/encoder_norm")
     if model.classifier == "token":
         x = g.op("Gather", x, g.const(np.int64(0)), axis=1)
     else:
         patches = g.op("Slice", x, g.ints(prefix + model.num_registers), g.ints(2**62), g.ints(1))
         x = g.op("ReduceMean", patches, g.ints(1), keepdims=0)
+        if model.fc_norm:
+            x = g.layer_norm(x, p, "fc_norm")
     if model.representation_size is not None:
         x = g.op("Tanh", g.dense(x, p["pre_logits/kernel"], p["pre_logits/bias"]))
     logits = g.op("Add", g.op("MatMul", x, g.const(p["head/kernel"], "head")),

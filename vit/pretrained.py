@@ -144,7 +144,8 @@ def _source_grid(value: np.ndarray, has_cls: bool, old_grid: tuple[int, int] | N
 def _adapt_posemb(value: np.ndarray, target: np.ndarray, model: Any, has_cls: bool,
                   method: str, old_grid: tuple[int, int] | None) -> tuple[np.ndarray, list[str]]:
     """The loaded position embedding on the model's grid and prefix tokens, and notes."""
-    prefix = 1 if getattr(model, "classifier", "token") == "token" else 0
+    prefix = int(getattr(model, "has_class_token",
+                         getattr(model, "classifier", "token") == "token"))
     old, src_prefix = _source_grid(value, has_cls, old_grid)
     new_grid = tuple(model.grid)
     notes = []
@@ -204,6 +205,7 @@ def adapt_params(
     tgt = flatten_params(target)
     _check_rope(getattr(loaded, "rope", "none"), getattr(model, "rope", "none"))
     notes = list(getattr(loaded, "notes", []))
+    _norm_before_pooling(src, tgt, notes)
     out: dict[str, Any] = {}
     mismatched, missing = [], []
     free: set[str] = set()  # attention projections the weights hold without a bias
@@ -272,7 +274,7 @@ def adapt_params(
     if free:
         which = "/".join(n for n in ("query", "key", "value") if n in free)
         notes.append(f"the attention's {which} projections have no bias in the weights "
-                     "(DINOv3): zeros loaded")
+                     "(DINOv3, EVA-02): zeros loaded")
     unexpected = []
     for name in sorted(set(src) - set(tgt)):
         if name.endswith("/key/bias") and not np.any(src[name]):
@@ -291,6 +293,20 @@ def adapt_params(
     return traverse_util.unflatten_dict(out, sep="/"), notes
 
 
+def _norm_before_pooling(src: dict[str, np.ndarray], tgt: Mapping[str, Any],
+                         notes: list[str]) -> None:
+    """Weights whose final LayerNorm follows the pooling (fc_norm) going to a model whose norm
+    precedes it (encoder_norm): loaded there, with a note (in place)."""
+    norm = "Transformer/encoder_norm/"
+    if "fc_norm/scale" in src and "fc_norm/scale" not in tgt and norm + "scale" in tgt \
+            and norm + "scale" not in src:
+        for leaf in ("scale", "bias"):
+            src[norm + leaf] = src.pop(f"fc_norm/{leaf}")
+        notes.append("fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
+                     "pooling): outputs differ from the weights' model until fine-tuned; build "
+                     "the model with fc_norm=True for theirs")
+
+
 def _bias_free_projection(name: str, src: Mapping[str, np.ndarray]) -> bool:
     """Whether `name` is the bias of a query / key / value projection whose kernel the weights
     hold without it (DINOv3's keys, or all three)."""
@@ -302,9 +318,10 @@ def _check_rope(theirs: str, ours: str) -> None:
     """WeightsError when weights trained with rotary embeddings go to a model without them (it
     would be blind to where each patch is), or with another kind."""
     if theirs != "none" and ours != theirs:
+        also = " and posemb='none'" if theirs == "dinov3" else " and rope_grid=(16, 16)"
         raise WeightsError(f"the weights were trained with rope={theirs!r} (rotary position "
-                           f"embeddings, DINOv3), which the model lacks: build it with "
-                           f"rope={theirs!r} and posemb='none'")
+                           f"embeddings), which the model lacks: build it with rope={theirs!r}"
+                           f"{also}")
 
 
 def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:
@@ -343,6 +360,14 @@ def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: li
         fix = "the weights have qk-norm: build the model with qk_norm=True"
     elif any("/query_norm/scale" in name for name in missing):
         fix = "the weights have no qk-norm, which the model has: build it with qk_norm=False"
+    elif any(name.startswith("fc_norm/") for name in missing):
+        fix = ("the weights have no fc_norm (their final LayerNorm comes before pooling): build "
+               "the model with fc_norm=False")
+    elif any("/hidden_norm/" in name for name in unexpected):
+        fix = ("the weights have a LayerNorm in their MLPs (EVA-02): build the model with "
+               "mlp_norm=True")
+    elif any("/hidden_norm/" in name for name in missing):
+        fix = "the weights have no LayerNorm in their MLPs: build the model with mlp_norm=False"
     elif model_fix:  # SwiGLU or key biases
         fix = model_fix
     elif any(name.startswith(POSEMB) for name in missing):

@@ -77,17 +77,27 @@ def run_rope(run_config: Any) -> str:
     return (model.get("rope") if isinstance(model, Mapping) else None) or "none"
 
 
+def _sidecar(path: str) -> dict:
+    """The config.json beside `path` as a dict; {} if none (or not a JSON object)."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+            said = json.load(f)
+    except (OSError, ValueError):
+        return {}  # no config.json: what it would say is guessed from the arrays
+    return said if isinstance(said, dict) else {}
+
+
 def _sidecar_run(path: str) -> Mapping[str, Any] | None:
     """The run config in the config.json `vit convert --to npz` writes beside `path`; None if
     none."""
-    sidecar = os.path.join(os.path.dirname(path), "config.json")
-    try:
-        with open(sidecar) as f:
-            said = json.load(f)
-    except (OSError, ValueError):
-        return None  # no config.json of this toolkit: the grid is guessed from the arrays
-    run = said.get("vit") if isinstance(said, dict) else None
+    run = _sidecar(path).get("vit")
     return run if isinstance(run, Mapping) else None
+
+
+def _sidecar_architecture(path: str) -> str | None:
+    """timm's architecture name in the Hub config.json beside `path`; None if none."""
+    name = _sidecar(path).get("architecture")
+    return name if isinstance(name, str) and name else None
 
 
 def flatten_params(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,10 +210,15 @@ _TIMM_RULES: list[tuple[str, Target, str]] = [
     (r"blocks\.(\d+)\.mlp\.fc1", _BLOCK + "/MlpBlock_3/Dense_0", "dense"),
     (r"blocks\.(\d+)\.mlp\.fc1_g", _BLOCK + "/MlpBlock_3/gate", "dense"),  # Eva's SwiGLU
     (r"blocks\.(\d+)\.mlp\.fc1_x", _BLOCK + "/MlpBlock_3/up", "dense"),
+    (r"blocks\.(\d+)\.mlp\.norm", _BLOCK + "/MlpBlock_3/hidden_norm", "norm"),  # EVA-02 sub-LN
+    # Eva's qkv_fused=False (EVA-02 B, L): q_proj, k_proj (no bias), v_proj
+    (r"blocks\.(\d+)\.attn\.([qkv])_proj",
+     lambda m: f"Transformer/encoderblock_{m[1]}/MultiHeadDotProductAttention_1/"
+               f"{_QKV_NAMES[m[2]]}", "dense"),
     (r"blocks\.(\d+)\.mlp\.fc2", _BLOCK + "/MlpBlock_3/Dense_1", "dense"),
     (r"norm_pre", "Transformer/pre_norm", "norm"),  # CLIP image towers (pre_norm=True)
     (r"norm", "Transformer/encoder_norm", "norm"),
-    (r"fc_norm", "Transformer/encoder_norm", "norm"),
+    (r"fc_norm", "fc_norm", "norm"),  # after pooling (fc_norm=True; else as encoder_norm)
     (r"pre_logits\.fc", "pre_logits", "dense"),
     (r"head", "head", "dense"),
     # global_pool="map" (SigLIP): timm's AttentionPoolLatent is big_vision's MAP head.
@@ -297,6 +312,46 @@ def _image_tower(state: Mapping[str, np.ndarray]) -> Weights:
     return weights
 
 
+_OTHER_EVA_ROPE = ("timm's {} computes a RoPE form this toolkit does not (naver's RoPE ViTs, "
+                   "EVA-02's CLIP towers): only DINOv3's and EVA-02's image models load")
+
+
+def _timm_eva_rope(state: Mapping[str, np.ndarray], weights: Weights,
+                   architecture: str | None) -> str:
+    """The RoPE of a timm state dict: "none" unless it is an `Eva` (its own names: gamma_1,
+    q_bias, q_proj, fc1_g). The architecture named in a config.json beside the file decides
+    (DINOv3's, EVA-02's, EVA-01's without RoPE, else refused); without one the arrays do: no
+    position embedding is DINOv3, one with SwiGLU MLPs EVA-02, one with plain MLPs and no
+    LayerScale EVA-01, each with a note; naver's RoPE ViTs (LayerScale, plain MLPs) are refused."""
+    eva = any(k.endswith((".gamma_1", ".attn.q_bias")) or ".attn.q_proj." in k
+              or ".mlp.fc1_g." in k for k in state)
+    if not eva:
+        return "none"
+    if architecture:
+        if "dinov3" in architecture:
+            return "dinov3"
+        if architecture.startswith("eva02") and "_clip_" not in architecture:
+            return "eva02"
+        if architecture.startswith("eva_"):
+            return "none"  # EVA-01: a position embedding, no RoPE
+        raise WeightsError(_OTHER_EVA_ROPE.format(architecture))
+    mlp = "Transformer/encoderblock_0/MlpBlock_3/Dense_"
+    swiglu = (f"{mlp}0/kernel" in weights and f"{mlp}1/kernel" in weights
+              and mlp_widths(weights[f"{mlp}0/kernel"], weights[f"{mlp}1/kernel"])[1])
+    if "pos_embed" not in state:
+        kind, which = "dinov3", "DINOv3's (no position embedding)"
+    elif swiglu:
+        kind, which = "eva02", "EVA-02's (a position embedding and SwiGLU MLPs)"
+    elif any(k.endswith(".gamma_1") for k in state):
+        raise WeightsError(_OTHER_EVA_ROPE.format("Eva with a position embedding, LayerScale "
+                                                  "and plain MLPs"))
+    else:
+        kind, which = "none", "EVA-01's, without RoPE (a position embedding and plain MLPs)"
+    weights.notes.append(f"timm Eva weights without a config.json naming their architecture: "
+                         f"taken as {which}; naver's RoPE ViTs (vit_*_rope_*) would differ")
+    return kind
+
+
 def _rename_one(key: str, value: np.ndarray, rules: list[tuple[str, Target, str]]
                 ) -> dict[str, np.ndarray] | None:
     module, _, leaf = key.rpartition(".")
@@ -332,12 +387,12 @@ def mlp_widths(first: np.ndarray, second: np.ndarray) -> tuple[int, bool]:
     return int(second.shape[0]), int(first.shape[-1]) == 2 * int(second.shape[0])
 
 
-def _stack_gate_and_up(out: dict[str, np.ndarray]) -> None:
-    """Split SwiGLU layers (`.../MlpBlock_3/gate`, `/up`) become one Dense_0 of [gate | up]; an
-    `up` alone in a file with no gate at all (HF DINOv3's plain MLP: up_proj, down_proj) is
-    Dense_0."""
+def _stack_gate_and_up(out: dict[str, np.ndarray], up_alone_is_plain: bool = False) -> None:
+    """Split SwiGLU layers (`.../MlpBlock_3/gate`, `/up`) become one Dense_0 of [gate | up];
+    with `up_alone_is_plain`, an `up` alone in a file with no gate at all (HF DINOv3's plain
+    MLP: up_proj, down_proj) is Dense_0."""
     split = re.compile(r"(.*/MlpBlock_3)/(?:gate|up)/(?:kernel|bias)")
-    plain = not any("/MlpBlock_3/gate/" in k for k in out)
+    plain = up_alone_is_plain and not any("/MlpBlock_3/gate/" in k for k in out)
     for mlp in sorted({m[1] for m in map(split.fullmatch, out) if m}):
         for leaf in ("kernel", "bias"):
             gate, up = out.pop(f"{mlp}/gate/{leaf}", None), out.pop(f"{mlp}/up/{leaf}", None)
@@ -354,7 +409,7 @@ def _stack_gate_and_up(out: dict[str, np.ndarray]) -> None:
 
 
 def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]], source: str,
-            dropped: tuple[str, ...] = ()) -> Weights:
+            dropped: tuple[str, ...] = (), up_alone_is_plain: bool = False) -> Weights:
     out: dict[str, np.ndarray] = {}
     notes, unknown = [], []
     for key, value in state.items():
@@ -368,15 +423,12 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
             out.update(renamed)
     if unknown:
         which = ("only ViTs (LayerScale, registers, a pre-norm, qk-norm, packed SwiGLU, MAP "
-                 "heads) and ResNet-v2 hybrids can be loaded, no other CNN stems"
+                 "heads), DINOv3, EVA-02 and ResNet-v2 hybrids can be loaded, no other CNN stems"
                  if source == "timm" else
-                 "only ViT, DINOv2 and CLIP / SigLIP image towers load from HF naming")
+                 "only ViT, DINOv2, DINOv3 and CLIP / SigLIP image towers load from HF naming")
         raise WeightsError(f"{source} parameters with no counterpart in this toolkit's ViT: "
                            f"{', '.join(unknown)}; {which}")
-    if any(k.startswith("fc_norm.") for k in state):
-        notes.append("timm fc_norm (LayerNorm after pooling) loaded as encoder_norm (before "
-                     "pooling): outputs differ from timm until fine-tuned")
-    _stack_gate_and_up(out)
+    _stack_gate_and_up(out, up_alone_is_plain)
     clip = "Transformer/pre_norm/scale" in out  # CLIP's patch embedding and projection: no bias
     for layer, what in (("embedding", "the patch embedding"), ("head", "the head (CLIP's "
                                                                   "projection)")):
@@ -429,16 +481,16 @@ def detect_naming(keys: list[str]) -> str:
                        ".npz, a timm or a HuggingFace ViT state dict")
 
 
-def to_vit_naming(state: Mapping[str, np.ndarray]) -> Weights:
-    """Rename a flat state dict of any supported naming to this toolkit's; tags its source."""
+def to_vit_naming(state: Mapping[str, np.ndarray], architecture: str | None = None) -> Weights:
+    """Rename a flat state dict of any supported naming to this toolkit's; tags its source.
+    `architecture` is timm's name for the model, where a config.json beside the file says it."""
     naming = detect_naming(list(state))
     if naming == "timm":
         weights = _rename(state, _TIMM_RULES, "timm")
-        if "pos_embed" not in state and any(k.endswith(".gamma_1") for k in state):
-            weights.rope = "dinov3"  # timm's Eva as DINOv3: RoPE, no position embedding
+        weights.rope = _timm_eva_rope(state, weights, architecture)
         return weights
     if naming == "hf" and _HF_DINOV3_PATCHES in state:
-        weights = _rename(state, _HF_RULES, "hf", _HF_DROPPED)
+        weights = _rename(state, _HF_RULES, "hf", _HF_DROPPED, up_alone_is_plain=True)
         weights.rope = "dinov3"
         return weights
     if naming == "hf" and {_TOWER_PATCHES, "vision_model." + _TOWER_PATCHES} & set(state):
@@ -512,7 +564,7 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
         raise WeightsError(f"cannot read {path!r} as a {suffix} weight file "
                            f"({first_line(err, with_type=True, limit=160)}): the file is damaged "
                            "or not what its name says; download or write it again") from None
-    weights = to_vit_naming(state)
+    weights = to_vit_naming(state, _sidecar_architecture(path))
     run = _sidecar_run(path)
     weights.grid = run_grid(run)
     if run is not None and weights.rope == "none":

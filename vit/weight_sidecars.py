@@ -168,9 +168,10 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             first = int(args["mlp_ratio"] * args["embed_dim"])
             said["mlp_dim"] = first // 2 if architecture == TIMM_SWIGLU else first
         said["image_size"] = _timm_image_size(args, cfg)
-        # timm's LayerNorms: eps 1e-5 in its CLIP and DINOv3 architectures, else 1e-6
-        said["norm_epsilon"] = 1e-5 if "_clip_" in architecture or "dinov3" in architecture \
-            else 1e-6
+        if architecture:  # timm's LayerNorms: eps 1e-5 in its CLIP and DINOv3 architectures
+            said["norm_epsilon"] = 1e-5 if "_clip_" in architecture or "dinov3" in architecture \
+                else 1e-6
+        said["global_pool"] = config.get("global_pool") or args.get("global_pool")
         said["class_names"] = cfg.get("label_names")
         mean_std = _mean_std(cfg, ("mean", "std"), "config.json's pretrained_cfg")
         said["timm_crop"] = (cfg["crop_pct"], cfg.get("crop_mode")) if cfg.get("crop_pct") else None

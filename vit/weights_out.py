@@ -74,6 +74,9 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("SwiGLU MLPs, which HF ViT lacks", target == "hf" and model.swiglu),
         ("qk-norm, which HF ViT lacks", target == "hf" and model.qk_norm),
         ("rotary position embeddings, which HF ViT lacks", target == "hf" and model.rope != "none"),
+        ("EVA-02's rotary position embeddings", model.rope == "eva02"),
+        ("LayerNorms in the MLPs (EVA-02)", model.mlp_norm),
+        ("fc_norm, which HF ViT lacks", target == "hf" and model.fc_norm),
         ("no position embedding", model.posemb == "none" and model.rope == "none"),
     ) if bad]
     if extras:
@@ -84,8 +87,15 @@ def _plain_vit_only(model: Any, target: str) -> None:
 def _posemb(p: dict[str, np.ndarray], model: Any) -> np.ndarray:
     if POSEMB in p:
         return p[POSEMB]
-    prefix = int(model.classifier == "token")
+    prefix = int(model.has_class_token)
     return np.pad(posemb_sincos_2d(*model.grid, model.width), ((0, 0), (prefix, 0), (0, 0)))
+
+
+def _final_norm(p: dict[str, np.ndarray], model: Any) -> dict[str, np.ndarray]:
+    """timm's final LayerNorm: `fc_norm` after pooling (fc_norm=True), else `norm`."""
+    ours, theirs = ("fc_norm", "fc_norm") if model.fc_norm else ("Transformer/encoder_norm",
+                                                                 "norm")
+    return {f"{theirs}.weight": p[f"{ours}/scale"], f"{theirs}.bias": p[f"{ours}/bias"]}
 
 
 def _per_block(p: dict[str, np.ndarray], i: int, width: int) -> dict[str, np.ndarray]:
@@ -148,13 +158,13 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
                       "norm_pre.bias": p["Transformer/pre_norm/bias"]})
     else:
         state["patch_embed.proj.bias"] = p["embedding/bias"]
-    if model.classifier == "token":
+    if model.has_class_token:
         state["cls_token"] = p["cls"]
     if model.num_registers:
         # timm's no_embed_class: the patches alone take a position embedding, as the registers
         # do here; the class token's own embedding is a constant, folded into the token.
         state["reg_token"] = p["Transformer/registers"]
-        if model.classifier == "token":
+        if model.has_class_token:
             state["cls_token"] = p["cls"] + posemb[:, :1]
             posemb = posemb[:, 1:]
     state["pos_embed"] = posemb
@@ -179,14 +189,13 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             b = f"Transformer/encoderblock_{i}/"
             state.update({pre + "ls1.gamma": p[b + "LayerScale_1/scale"],
                           pre + "ls2.gamma": p[b + "LayerScale_3/scale"]})
-    state.update({"norm.weight": p["Transformer/encoder_norm/scale"],
-                  "norm.bias": p["Transformer/encoder_norm/bias"],
+    state.update({**_final_norm(p, model),
                   "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
     pool = "token" if model.classifier == "token" else "avg"
     args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
             "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
-            "mlp_ratio": _timm_mlp_ratio(model), "class_token": model.classifier == "token",
-            "global_pool": pool, "fc_norm": False}
+            "mlp_ratio": _timm_mlp_ratio(model), "class_token": model.has_class_token,
+            "global_pool": pool, "fc_norm": model.fc_norm}
     if model.layer_scale is not None:
         args["init_values"] = model.layer_scale
     if model.num_registers:
@@ -205,8 +214,25 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args.setdefault("init_values", 0.0)
     elif model.mlp_activation != "gelu":
         args["act_layer"] = model.mlp_activation
+    _check_timm_epsilon(architecture, model)
     return _f32(state), _timm_config(architecture, args, model, class_names, normalize,
                                      eval_resize)
+
+
+# The LayerNorm epsilon each architecture --to timm writes builds its model with.
+_TIMM_EPSILONS = {"vit_base_patch16_224": 1e-6, "vit_base_patch16_clip_224": 1e-5,
+                  weight_sidecars.TIMM_SWIGLU: 1e-6}
+
+
+def _check_timm_epsilon(architecture: str, model: Any) -> None:
+    """WeightsError when timm's `architecture` computes its LayerNorms with another epsilon than
+    the model (its outputs would differ)."""
+    theirs = _TIMM_EPSILONS.get(architecture, 1e-5 if "dinov3" in architecture else 1e-6)
+    if model.norm_epsilon != theirs:
+        raise WeightsError(f"timm's {architecture} computes its LayerNorms with epsilon "
+                           f"{theirs:g}, this model with {model.norm_epsilon:g} (norm_epsilon): "
+                           "timm's outputs would differ; use --to npz, or --to hf, whose "
+                           "config.json states the epsilon")
 
 
 def _timm_config(architecture: str, args: dict, model: Any, class_names: list[str],
@@ -241,7 +267,7 @@ def _timm_eva(p: dict[str, np.ndarray], model: Any) -> tuple[dict[str, np.ndarra
                            f"hold {'; '.join(problems)}; use --to npz, which holds any model")
     state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
              "patch_embed.proj.bias": p["embedding/bias"]}
-    if model.classifier == "token":
+    if model.has_class_token:
         state["cls_token"] = p["cls"]
     if model.num_registers:
         state["reg_token"] = p["Transformer/registers"]
@@ -265,16 +291,17 @@ def _timm_eva(p: dict[str, np.ndarray], model: Any) -> tuple[dict[str, np.ndarra
             state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
                           for t, ours in (("q", "query"), ("k", "key"))
                           for leaf, param in (("weight", "scale"), ("bias", "bias"))})
-    state.update({"norm.weight": p["Transformer/encoder_norm/scale"],
-                  "norm.bias": p["Transformer/encoder_norm/bias"],
+    state.update({**_final_norm(p, model),
                   "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
     args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
             "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
             "mlp_ratio": _timm_mlp_ratio(model, model.mlp_dim), "qkv_bias": True,
-            "class_token": model.classifier == "token", "num_reg_tokens": model.num_registers,
+            "class_token": model.has_class_token, "num_reg_tokens": model.num_registers,
+            "use_fc_norm": model.fc_norm,
             "global_pool": "token" if model.classifier == "token" else "avg",
             "init_values": model.layer_scale or 1.0, "qk_norm": model.qk_norm,
             "swiglu_mlp": model.swiglu, "swiglu_align_to": 0}
+    _check_timm_epsilon(TIMM_ROPE, model)
     return state, args, TIMM_ROPE
 
 

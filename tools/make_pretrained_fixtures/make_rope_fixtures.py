@@ -9,7 +9,8 @@ Writes tests/fixtures/<stem>.{json,npz}, random weights from a manifest
 coordinates are normalised per axis) from the input seed:
 - timm_dinov3_tiny: timm vit_small_patch16_dinov3_qkvb at width 192, 3 heads, depth 2, 10
   classes (4 registers, LayerScale, q / v biases and no k bias, no absolute position
-  embedding, the class token pooled as upstream DINOv3 does); its logits.
+  embedding, the class token pooled as upstream DINOv3 does); its logits, and as
+  logits_avg_pool those of timm's default pooling (global_pool="avg": the patches' mean).
 - timm_dinov3_swiglu_tiny: timm vit_huge_plus_patch16_dinov3 at the same size (SwiGLU MLPs
   fc1_g / fc1_x, no qkv bias); its logits.
 - hf_dinov3_tiny: transformers DINOv3ViTModel at the same size (4 registers, LayerScale, no key
@@ -63,9 +64,13 @@ for stem, name in (("timm_dinov3_tiny", "vit_small_patch16_dinov3_qkvb"),
     manifest = load_random_weights(model, SEED)
     with torch.no_grad():
         out = model(pixels).numpy()
+        model.global_pool = "avg"  # timm's default for DINOv3: the patches' mean, cls beside
+        averaged = model(pixels).numpy()
     fc2 = model.state_dict()["blocks.0.mlp.fc2.weight"]
     write(stem, model, out, "logits_gelu_erf", manifest,
           f"timm {name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})", int(fc2.shape[1]))
+    with np.load(f"tests/fixtures/{stem}.npz") as f:
+        np.savez(f"tests/fixtures/{stem}.npz", **f, logits_avg_pool=averaged)
 
 config = transformers.DINOv3ViTConfig(
     hidden_size=WIDTH, num_attention_heads=HEADS, num_hidden_layers=DEPTH,
