@@ -5,7 +5,8 @@ a 4096x4096 matmul measured in the same process, with the step's matmul operands
 `--matmul-dtype bfloat16` (vit/matmul.py) measures a bfloat16 x bfloat16 -> float32 matmul.
 It also reports the page faults per train step, which `vit.host_memory` removes;
 `VIT_HOST_MALLOC=system` measures without it.
-Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128] [--matmul-dtype bfloat16]`.
+Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128] [--matmul-dtype bfloat16]
+[--rope dinov3|eva02]` (`--rope dinov3` drops the learned position embedding, as DINOv3).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vit import matmul as vit_matmul
 from vit.cli_types import image_size
 from vit.encoder import REMAT_POLICIES
 from vit.model_options import pair
+from vit.rope import ROPE_KINDS
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
@@ -62,12 +64,14 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
     parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
+    parser.add_argument("--rope", default="none", choices=ROPE_KINDS)
 
 
 def step_inputs(args: argparse.Namespace) -> tuple:
     """(model, tx, params, opt_state, images, labels, rng) for the step the flags pick."""
     model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
-                             matmul_dtype=args.matmul_dtype, remat=args.remat)
+                             matmul_dtype=args.matmul_dtype, remat=args.remat, rope=args.rope,
+                             posemb="none" if args.rope == "dinov3" else "learn")
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
     images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, *pair(args.image_size), 3))
@@ -109,7 +113,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "model_throughput", "variant": args.variant, "image_size": args.image_size,
         "batch": args.batch, "dtype": "float32", "matmul_dtype": args.matmul_dtype,
-        "remat": args.remat,
+        "remat": args.remat, "rope": args.rope,
         "devices": str(jax.devices()[0].platform), **cpu_description(),
         "compile_s": round(compile_s, 2),
         "train_images_per_s": round(args.batch / train_s, 1),

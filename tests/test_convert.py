@@ -99,7 +99,9 @@ def test_file_to_ours_to_file_gives_the_same_arrays(tmp_path, stem, target):
     ("hf", dict(PLAIN, norm_epsilon=1e-12)),
     ("npz", dict(PLAIN, rope="eva02", rope_grid=(8, 8), swiglu=True, mlp_norm=True,
                  classifier="gap", class_token=True, fc_norm=True)),
-    ("timm", dict(PLAIN, classifier="gap", class_token=True, fc_norm=True))])
+    ("timm", dict(PLAIN, classifier="gap", class_token=True, fc_norm=True)),
+    ("timm", dict(PLAIN, rope="eva02", rope_grid=(8, 8), swiglu=True, mlp_norm=True,
+                  key_bias=False, gelu_approximate=False, layer_scale=0.5))])
 def test_ours_to_file_to_ours_is_exact(tmp_path, target, model):
     _, params = write(str(tmp_path / "run"), model, normalize="imagenet")
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "out"), "--to", target]) == 0

@@ -328,8 +328,15 @@ def test_timm_eva02_parity_through_load_and_convert(tmp_path, stem, extra):
     assert loaded.config.pp.normalize == "clip"
     np.testing.assert_allclose(m.apply({"params": loaded.params}, x), ref["logits_gelu_erf"],
                                atol=1e-5, rtol=0)
-    with pytest.raises(WeightsError, match="EVA-02's rotary position embeddings.*--to npz"):
-        export_weights(checkpoint, "timm", str(tmp_path / "out"))
+    export_weights(checkpoint, "timm", str(tmp_path / "out"))  # back as timm's EVA-02
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "eva02_base_patch14_224"
+    assert config["model_args"]["ref_feat_shape"] == [16, 16]
+    assert config["model_args"]["scale_mlp"] == bool(extra)
+    back, _ = convert_weights(str(tmp_path / "out" / "model.safetensors"), str(tmp_path / "back"))
+    again = load_inference_model(back)
+    np.testing.assert_array_equal(again.model.apply({"params": again.params}, x),
+                                  m.apply({"params": loaded.params}, x))
     plain = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
                              **dict(EVA02, rope="none", rope_grid=None), **extra)
     with pytest.raises(WeightsError, match="trained with rope='eva02'.*rope_grid=\\(16, 16\\)"):

@@ -359,6 +359,8 @@ def _model_config(weights: Weights, said: dict, num_heads: int | None, gelu: str
         image_size = (weights.grid[0] * patch, weights.grid[1] * patch)
         if said.get("norm_epsilon"):
             model_config["norm_epsilon"] = float(said["norm_epsilon"])
+        if said.get("rope_grid") and model_config.get("rope") == "eva02":
+            model_config["rope_grid"] = tuple(pair(said["rope_grid"], "ref_feat_shape"))
         if said.get("global_pool") == "avg" and model_config["classifier"] == "token":
             # timm's mean over the patches beside its class token (DINOv3's default)
             model_config.update(classifier="gap", class_token=True)

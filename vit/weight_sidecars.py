@@ -172,6 +172,7 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             said["norm_epsilon"] = 1e-5 if "_clip_" in architecture or "dinov3" in architecture \
                 else 1e-6
         said["global_pool"] = config.get("global_pool") or args.get("global_pool")
+        said["rope_grid"] = args.get("ref_feat_shape")  # EVA-02's reference grid
         said["class_names"] = cfg.get("label_names")
         mean_std = _mean_std(cfg, ("mean", "std"), "config.json's pretrained_cfg")
         said["timm_crop"] = (cfg["crop_pct"], cfg.get("crop_mode")) if cfg.get("crop_pct") else None

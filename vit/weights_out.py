@@ -30,7 +30,8 @@ same crop on images of the model's aspect ratio only (HF pads the crop of other 
 timm and HF hold plain patchify ViTs only: a conv stem, ResNet trunk, MAP head or pre-logits
 layer (and for HF registers or LayerScale) raises WeightsError naming `--to npz`, which holds
 everything. Registers go to timm as DINOv2-reg's `reg_token` with `no_embed_class`. A sin-cos
-position embedding is written as a learned one with the same values (same outputs).
+position embedding is written as a learned one with the same values (same outputs). RoPE models
+go to timm's `Eva` as DINOv3 or EVA-02 (vit/timm_eva.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ _ATTN = "MultiHeadDotProductAttention_1"
 _HF_ACTS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
-def _timm_mlp_ratio(model: Any, hidden: int | None = None) -> float:
+def timm_mlp_ratio(model: Any, hidden: int | None = None) -> float:
     """timm's mlp_ratio for `hidden` (default: the model's first MLP layer's width), which timm
     takes as int(embed_dim * mlp_ratio): nudged up where the plain ratio would round below it."""
     hidden = hidden or model.mlp_dim * (2 if model.swiglu else 1)
@@ -74,8 +75,7 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("SwiGLU MLPs, which HF ViT lacks", target == "hf" and model.swiglu),
         ("qk-norm, which HF ViT lacks", target == "hf" and model.qk_norm),
         ("rotary position embeddings, which HF ViT lacks", target == "hf" and model.rope != "none"),
-        ("EVA-02's rotary position embeddings", model.rope == "eva02"),
-        ("LayerNorms in the MLPs (EVA-02)", model.mlp_norm),
+        ("LayerNorms in the MLPs (EVA-02)", model.mlp_norm and model.rope == "none"),
         ("fc_norm, which HF ViT lacks", target == "hf" and model.fc_norm),
         ("no position embedding", model.posemb == "none" and model.rope == "none"),
     ) if bad]
@@ -91,14 +91,14 @@ def _posemb(p: dict[str, np.ndarray], model: Any) -> np.ndarray:
     return np.pad(posemb_sincos_2d(*model.grid, model.width), ((0, 0), (prefix, 0), (0, 0)))
 
 
-def _final_norm(p: dict[str, np.ndarray], model: Any) -> dict[str, np.ndarray]:
+def final_norm(p: dict[str, np.ndarray], model: Any) -> dict[str, np.ndarray]:
     """timm's final LayerNorm: `fc_norm` after pooling (fc_norm=True), else `norm`."""
     ours, theirs = ("fc_norm", "fc_norm") if model.fc_norm else ("Transformer/encoder_norm",
                                                                  "norm")
     return {f"{theirs}.weight": p[f"{ours}/scale"], f"{theirs}.bias": p[f"{ours}/bias"]}
 
 
-def _per_block(p: dict[str, np.ndarray], i: int, width: int) -> dict[str, np.ndarray]:
+def per_block(p: dict[str, np.ndarray], i: int, width: int) -> dict[str, np.ndarray]:
     """One block's matrices in torch layout ([out, in] weights) under short neutral names."""
     b = f"Transformer/encoderblock_{i}/"
     a = b + _ATTN + "/"
@@ -146,7 +146,9 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
     _plain_vit_only(model, "timm")
     p = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     if model.rope != "none":
-        state, args, architecture = _timm_eva(p, model)
+        from vit.timm_eva import to_timm_eva  # it builds on this module's helpers
+
+        state, args, architecture = to_timm_eva(p, model)
         return _f32(state), _timm_config(architecture, args, model, class_names, normalize,
                                          eval_resize)
     posemb = _posemb(p, model)
@@ -169,7 +171,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             posemb = posemb[:, 1:]
     state["pos_embed"] = posemb
     for i in range(model.depth):
-        blk = _per_block(p, i, model.width)
+        blk = per_block(p, i, model.width)
         pre = f"blocks.{i}."
         state.update({
             pre + "norm1.weight": blk["ln1.w"], pre + "norm1.bias": blk["ln1.b"],
@@ -189,12 +191,12 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             b = f"Transformer/encoderblock_{i}/"
             state.update({pre + "ls1.gamma": p[b + "LayerScale_1/scale"],
                           pre + "ls2.gamma": p[b + "LayerScale_3/scale"]})
-    state.update({**_final_norm(p, model),
+    state.update({**final_norm(p, model),
                   "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
     pool = "token" if model.classifier == "token" else "avg"
     args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
             "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
-            "mlp_ratio": _timm_mlp_ratio(model), "class_token": model.has_class_token,
+            "mlp_ratio": timm_mlp_ratio(model), "class_token": model.has_class_token,
             "global_pool": pool, "fc_norm": model.fc_norm}
     if model.layer_scale is not None:
         args["init_values"] = model.layer_scale
@@ -214,7 +216,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args.setdefault("init_values", 0.0)
     elif model.mlp_activation != "gelu":
         args["act_layer"] = model.mlp_activation
-    _check_timm_epsilon(architecture, model)
+    check_timm_epsilon(architecture, model)
     return _f32(state), _timm_config(architecture, args, model, class_names, normalize,
                                      eval_resize)
 
@@ -224,7 +226,7 @@ _TIMM_EPSILONS = {"vit_base_patch16_224": 1e-6, "vit_base_patch16_clip_224": 1e-
                   weight_sidecars.TIMM_SWIGLU: 1e-6}
 
 
-def _check_timm_epsilon(architecture: str, model: Any) -> None:
+def check_timm_epsilon(architecture: str, model: Any) -> None:
     """WeightsError when timm's `architecture` computes its LayerNorms with another epsilon than
     the model (its outputs would differ)."""
     theirs = _TIMM_EPSILONS.get(architecture, 1e-5 if "dinov3" in architecture else 1e-6)
@@ -246,65 +248,6 @@ def _timm_config(architecture: str, args: dict, model: Any, class_names: list[st
                                "label_names": list(class_names), **_normalization(normalize)}}
 
 
-TIMM_ROPE = "vit_small_patch16_dinov3_qkvb"  # timm's Eva as DINOv3, its sizes overridden
-
-
-def _timm_eva(p: dict[str, np.ndarray], model: Any) -> tuple[dict[str, np.ndarray], dict, str]:
-    """(state dict, model_args, architecture) of a RoPE model as timm's Eva builds DINOv3: a
-    fused qkv weight with q_bias / v_bias (its key has no bias), LayerScale as gamma_1 / gamma_2
-    (ones where the model has none), a packed SwiGLU fc1 ([gate; value])."""
-    keys = [v for k, v in p.items() if k.endswith("/MultiHeadDotProductAttention_1/key/bias")]
-    problems = [why for why, bad in (
-        ("a learned or sin-cos position embedding beside RoPE", model.posemb != "none"),
-        ("a pre-norm", model.pre_norm),
-        ("tanh or quick GELU (timm's Eva computes exact GELU: build with gelu_approximate="
-         "False)", model.mlp_activation not in ("gelu", "swiglu")),
-        ("key biases that are not zero (timm's Eva has none: train RoPE models with "
-         "key_bias=False, as the dinov3_ fine-tune family does)", any(np.any(k) for k in keys)),
-    ) if bad]
-    if problems:
-        raise WeightsError(f"--to timm writes RoPE models as timm's DINOv3 (Eva), which cannot "
-                           f"hold {'; '.join(problems)}; use --to npz, which holds any model")
-    state = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
-             "patch_embed.proj.bias": p["embedding/bias"]}
-    if model.has_class_token:
-        state["cls_token"] = p["cls"]
-    if model.num_registers:
-        state["reg_token"] = p["Transformer/registers"]
-    ones = np.ones(model.width, np.float32)
-    for i in range(model.depth):
-        blk, pre = _per_block(p, i, model.width), f"blocks.{i}."
-        b = f"Transformer/encoderblock_{i}/"
-        state.update({
-            pre + "norm1.weight": blk["ln1.w"], pre + "norm1.bias": blk["ln1.b"],
-            pre + "attn.qkv.weight": np.concatenate([blk["query.w"], blk["key.w"],
-                                                     blk["value.w"]]),
-            pre + "attn.q_bias": blk["query.b"], pre + "attn.v_bias": blk["value.b"],
-            pre + "attn.proj.weight": blk["proj.w"], pre + "attn.proj.bias": blk["proj.b"],
-            pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
-            pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
-            pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"],
-            pre + "gamma_1": p.get(b + "LayerScale_1/scale", ones),
-            pre + "gamma_2": p.get(b + "LayerScale_3/scale", ones)})
-        if model.qk_norm:
-            a = b + _ATTN + "/"
-            state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
-                          for t, ours in (("q", "query"), ("k", "key"))
-                          for leaf, param in (("weight", "scale"), ("bias", "bias"))})
-    state.update({**_final_norm(p, model),
-                  "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
-    args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],
-            "embed_dim": model.width, "depth": model.depth, "num_heads": model.num_heads,
-            "mlp_ratio": _timm_mlp_ratio(model, model.mlp_dim), "qkv_bias": True,
-            "class_token": model.has_class_token, "num_reg_tokens": model.num_registers,
-            "use_fc_norm": model.fc_norm,
-            "global_pool": "token" if model.classifier == "token" else "avg",
-            "init_values": model.layer_scale or 1.0, "qk_norm": model.qk_norm,
-            "swiglu_mlp": model.swiglu, "swiglu_align_to": 0}
-    _check_timm_epsilon(TIMM_ROPE, model)
-    return state, args, TIMM_ROPE
-
-
 def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
           eval_resize: int | None = None) -> tuple[dict[str, np.ndarray], dict, dict]:
     """(HF state dict, config.json, preprocessor_config.json) of a class-token ViT; with
@@ -321,7 +264,7 @@ def to_hf(params: Any, model: Any, class_names: list[str], normalize: str,
              "value": "attention.attention.value", "proj": "attention.output.dense",
              "fc1": "intermediate.dense", "fc2": "output.dense"}
     for i in range(model.depth):
-        for short, value in _per_block(p, i, model.width).items():
+        for short, value in per_block(p, i, model.width).items():
             module, leaf = short.split(".")
             state[f"vit.encoder.layer.{i}.{names[module]}.{'weight' if leaf == 'w' else 'bias'}"] \
                 = value
