@@ -442,3 +442,36 @@ def test_to_timm_refuses_a_layernorm_epsilon_its_architecture_does_not_compute(t
     with pytest.raises(WeightsError, match="vit_small_patch16_dinov3_qkvb computes its "
                                            "LayerNorms with epsilon 1e-05"):
         export_weights(str(tmp_path / "rope"), "timm", str(tmp_path / "out2"))
+
+
+def test_train_from_timms_dinov3_at_another_size(tmp_path):
+    """`vit train` from timm's DINOv3 file (trained on 64x48 images) at 32 px, nothing
+    resampled: the step-1 checkpoint (lr 0 at step 0) holds the file's encoder as it is, with a
+    new head of the run's classes."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    from vit import checkpoint, trainer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = iu.spec_from_file_location("smoke", root / "configs" / "smoke.py")
+    smoke = iu.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    meta, _ = fixture("timm_dinov3_tiny")
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    c = smoke.get_config()
+    c.data_dir = str((root.parent / "shared" / "data" / "tfds").resolve())
+    c.eval_split = "test[:64]"
+    c.model.update(variant="Ti/16", width=192, num_heads=3, mlp_dim=768, depth=2, **DINOV3)
+    c.update(init_from=str(path), classes=[3, 4], total_steps=2, checkpoint_every=1,
+             keep_checkpoints=2, log_every=1)
+    trainer.train(c, str(tmp_path / "run"))
+    step1 = flatten_params(checkpoint.load_checkpoint(str(tmp_path / "run"), step=1).params)
+    np.testing.assert_array_equal(
+        step1["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
+        state["blocks.1.mlp.fc1.weight"].T)
+    np.testing.assert_array_equal(step1["Transformer/registers"], state["reg_token"])
+    assert step1["head/kernel"].shape == (192, 2)
+    assert "Transformer/posembed_input/pos_embedding" not in step1
