@@ -151,6 +151,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                 raise ValueError(f"unknown finetune variant {variant!r}: EVA-02 comes in "
                                  f"{', '.join(f'eva02_{s}/14' for s in _EVA02_SIZES)}")
             c.model.update(_EVA02_SIZES[size])
+            c.model.rope_grid = (224 // int(patch),) * 2  # EVA-02's 224 px pretraining grid
     return c
 
 

@@ -376,7 +376,7 @@ def test_a_class_token_beside_gap_joins_attention_and_stays_out_of_the_pool():
     moved = jax.tree_util.tree_map(lambda p: p, params)
     moved["cls"] = params["cls"] + rng.standard_normal(params["cls"].shape)
     assert not np.allclose(model.apply({"params": params}, x), model.apply({"params": moved}, x))
-    assert token_layout(model) == {"num_prefix_tokens": 1, "class_token": True}
+    assert token_layout(model) == {"num_prefix_tokens": 1, "class_token": False}  # GAP: patches
     with pytest.raises(ValueError, match="fc_norm normalises the pooled patches of "
                                          "classifier='gap', not classifier='token'"):
         _model(classifier="token", fc_norm=True)
@@ -475,3 +475,38 @@ def test_train_from_timms_dinov3_at_another_size(tmp_path):
     np.testing.assert_array_equal(step1["Transformer/registers"], state["reg_token"])
     assert step1["head/kernel"].shape == (192, 2)
     assert "Transformer/posembed_input/pos_embedding" not in step1
+
+
+def test_review_cases_eva02_unscaled_naver_like_and_mlp_norm_out_and_pruning(tmp_path):
+    """EVA-02 weights refuse a model without rope_grid; an Eva without position embedding or
+    registers (naver's RoPE ViT) is refused without a config.json too; an mlp_norm ViT goes to
+    timm as scale_mlp_norm and back exactly; structured pruning refuses mlp_norm."""
+    from vit.prune import prune_checkpoint
+
+    meta, _ = fixture("timm_eva02_tiny")
+    path = tmp_path / "model.safetensors"
+    state = random_weights.build(meta["manifest"], meta["seed"])
+    safetensors.numpy.save_file(state, str(path))
+    unscaled = vit.create_model("Ti/14", num_classes=10, image_size=56, depth=2,
+                                **dict(EVA02, rope_grid=None))
+    with pytest.raises(WeightsError, match="build it with rope_grid=\\(16, 16\\)"):
+        load_pretrained(path, unscaled, init_params(unscaled, jax.random.PRNGKey(0)))
+    meta, _ = fixture("timm_dinov3_tiny")
+    naver = random_weights.build(meta["manifest"], meta["seed"])
+    del naver["reg_token"]
+    safetensors.numpy.save_file(naver, str(tmp_path / "naver.safetensors"))
+    with pytest.raises(WeightsError, match="Eva without a position embedding or registers "
+                                           "computes a RoPE form this toolkit does not"):
+        convert_weights(str(tmp_path / "naver.safetensors"), str(tmp_path / "n"))
+
+    _, params = write(str(tmp_path / "run"), dict(PLAIN, mlp_norm=True))
+    export_weights(str(tmp_path / "run"), "timm", str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_args"]["scale_mlp_norm"] is True
+    back, _ = convert_weights(str(tmp_path / "out" / "model.safetensors"), str(tmp_path / "b"))
+    got = flatten_params(load_inference_model(back).params)
+    for name, value in flatten_params(params).items():
+        np.testing.assert_array_equal(got[name], value, name)
+    with pytest.raises(ValueError, match="mlp_norm's LayerNorm .* --method magnitude"):
+        prune_checkpoint(str(tmp_path / "run"), str(tmp_path / "pruned"), method="structured",
+                         sparsity=0.5)

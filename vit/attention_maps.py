@@ -1,10 +1,11 @@
 """Attention maps and attention rollout for a Vision Transformer.
 
 Weights come from `VisionTransformer(..., return_attention=True)` as [depth, B, heads, T, T],
-where T = prefix tokens (1 class token for classifier="token", none for "gap"/"map", then the
+where T = prefix tokens (1 class token for classifier="token" or class_token=True, then the
 model's register tokens) + patches. A "map" here is a distribution over the patch grid that sums
-to 1: what the class token attends to, or the average over the patch tokens for models without a
-class token. Register tokens take part in the rollout's flow but never appear in a map.
+to 1: what the class token attends to (classifier="token"), or the average over the patch tokens
+for models whose head pools them. Register tokens take part in the rollout's flow but never
+appear in a map.
 
 Rollout follows Abnar & Zuidema (2020), "Quantifying Attention Flow in Transformers": average
 the heads, add the identity for the residual path (A_hat = 0.5 A + 0.5 I, rows renormalised) and
@@ -43,7 +44,7 @@ def token_layout(model: VisionTransformer) -> dict[str, int | bool]:
     """`rollout` / `layer_maps` keywords for `model`: its prefix token count and whether the
     first of them is a class token (`rollout(w, **token_layout(model))`)."""
     return {"num_prefix_tokens": prefix_token_count(model),
-            "class_token": model.has_class_token}
+            "class_token": model.classifier == "token"}  # the row the head reads
 
 
 @functools.lru_cache(maxsize=4)

@@ -107,7 +107,7 @@ def param_groups(params: Mapping[str, Any]) -> dict[str, int]:
         if name in int8_scales:
             continue
         size = int(np.prod(np.shape(value)))
-        if "/encoderblock_" in name or name.startswith("Transformer/encoder_norm"):
+        if "/encoderblock_" in name or name.startswith(("Transformer/encoder_norm", "fc_norm/")):
             groups["blocks"] += size
         elif name.startswith(("head/", "pre_logits/", "MAPHead_0/")):
             groups["head"] += size

@@ -146,8 +146,8 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
         overrides["fc_norm"] = True
     if any(k.endswith("/MlpBlock_3/hidden_norm/scale") for k in weights):
         overrides["mlp_norm"] = True
-    if weights.rope != "none" or "Transformer/pre_norm/scale" in weights:
-        overrides["norm_epsilon"] = 1e-5  # DINOv3's and CLIP's LayerNorms
+    if weights.rope == "dinov3" or "Transformer/pre_norm/scale" in weights:
+        overrides["norm_epsilon"] = 1e-5  # DINOv3's and CLIP's LayerNorms (EVA-02's: 1e-6)
     attention = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
     if attention + "key/kernel" in weights and attention + "key/bias" not in weights:
         overrides["key_bias"] = False

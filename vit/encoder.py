@@ -237,7 +237,7 @@ class Encoder(nn.Module):
     layer_scale: float | None = None
     pre_norm: bool = False  # a LayerNorm on the tokens before the first block (CLIP's ln_pre)
     qk_norm: bool = False  # each block's attention normalises its queries and keys
-    rope: str = "none"  # | "dinov3": rotary embeddings of the patches' queries and keys
+    rope: str = "none"  # | "dinov3" | "eva02": rotary embeddings of the patches' queries and keys
     key_bias: bool = True  # False: the blocks' key projections have no bias (DINOv3)
     norm_epsilon: float = 1e-6  # every LayerNorm's (timm and vit_jax 1e-6; CLIP, DINOv3 1e-5)
     rope_grid: tuple[int, int] | None = None  # "eva02": the grid its coordinates are scaled to

@@ -9,7 +9,7 @@ names match the public vit_jax checkpoints one to one:
                                                      `embedding` (vit/stems.py)
     conv_root, gn_root, block{i}/unit{j}/...         hybrids only ("R50+B/16"): the ResNet-v2
                                                      trunk before `embedding` (vit/resnet.py)
-    cls                                              class token (classifier="token" only)
+    cls                                              class token (classifier="token" or class_token)
     Transformer/posembed_input/pos_embedding         learned position embedding (posemb="learn")
     Transformer/encoderblock_{i}/LayerNorm_0
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}  no key/bias

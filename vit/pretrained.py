@@ -203,7 +203,7 @@ def adapt_params(
     """
     src = {k: np.asarray(v) for k, v in flatten_params(loaded).items()}
     tgt = flatten_params(target)
-    _check_rope(getattr(loaded, "rope", "none"), getattr(model, "rope", "none"))
+    _check_rope(getattr(loaded, "rope", "none"), model)
     notes = list(getattr(loaded, "notes", []))
     _norm_before_pooling(src, tgt, notes)
     out: dict[str, Any] = {}
@@ -314,14 +314,20 @@ def _bias_free_projection(name: str, src: Mapping[str, np.ndarray]) -> bool:
             and name.removesuffix("bias") + "kernel" in src)
 
 
-def _check_rope(theirs: str, ours: str) -> None:
+def _check_rope(theirs: str, model: Any) -> None:
     """WeightsError when weights trained with rotary embeddings go to a model without them (it
-    would be blind to where each patch is), or with another kind."""
+    would be blind to where each patch is), with another kind, or (EVA-02's) unscaled."""
+    ours = getattr(model, "rope", "none")
+    patch = getattr(model, "patch_size", (14, 14))
+    grid = f"rope_grid=({224 // patch[0]}, {224 // patch[1]})"  # EVA-02's 224 px grid
     if theirs != "none" and ours != theirs:
-        also = " and posemb='none'" if theirs == "dinov3" else " and rope_grid=(16, 16)"
+        also = " and posemb='none'" if theirs == "dinov3" else f" and {grid}"
         raise WeightsError(f"the weights were trained with rope={theirs!r} (rotary position "
                            f"embeddings), which the model lacks: build it with rope={theirs!r}"
                            f"{also}")
+    if theirs == "eva02" and getattr(model, "rope_grid", None) is None:
+        raise WeightsError(f"EVA-02's weights scale their RoPE coordinates to the grid of its 224 "
+                           f"px pretraining, and the model has no rope_grid: build it with {grid}")
 
 
 def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:

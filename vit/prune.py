@@ -244,6 +244,10 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
         raise ValueError("structured pruning cuts config.model.mlp_dim, which the MAP head's MLP "
                          "(MAPHead_0/MlpBlock_0) shares with the encoder, so the pruned model "
                          "could not be built; prune a MAP-head model with --method magnitude")
+    if method == "structured" and config.get("model", {}).get("mlp_norm"):
+        raise ValueError("structured pruning cuts MLP channels, over which mlp_norm's LayerNorm "
+                         "(MlpBlock_3/hidden_norm) normalises: its outputs would change; prune "
+                         "the model with --method magnitude")
     if method == "structured" and config.get("model", {}).get("swiglu"):
         raise ValueError("structured pruning cuts MLP channels one Dense_0 column at a time, and "
                          "a SwiGLU MLP's channel is two (gate and value); prune it with --method "

@@ -5,7 +5,7 @@ The inverse of `vit.weight_formats`' reading of them, array for array: a fused `
 with `q_bias` / `v_bias` (Eva's key has no bias: a model whose key biases are not zero is
 refused), LayerScale as `gamma_1` / `gamma_2` (ones for a DINOv3-shaped model without it, whose
 architecture has it), SwiGLU packed in `mlp.fc1` ([gate; value]) or, with EVA-02's LayerNorm on
-the hidden units (`mlp_norm`, timm's `scale_mlp`), as `fc1_g` / `fc1_x` and `mlp.norm`; the final
+the hidden units (`mlp_norm`, timm's `scale_mlp`: `mlp.norm`), as `fc1_g` / `fc1_x`; the final
 LayerNorm as `norm` or `fc_norm`. Called by `vit.weights_out.to_timm` for models with `rope`.
 """
 
@@ -36,8 +36,6 @@ def _refusals(p: dict[str, np.ndarray], model: Any) -> list[str]:
         ("a pre-norm", model.pre_norm),
         ("tanh or quick GELU (timm's Eva computes exact GELU: build with gelu_approximate="
          "False)", model.mlp_activation not in ("gelu", "swiglu")),
-        ("a LayerNorm on the hidden units of a plain MLP (Eva has it with SwiGLU only)",
-         model.mlp_norm and not model.swiglu),
         ("key biases that are not zero (timm's Eva has none: train RoPE models with "
          "key_bias=False, as the dinov3_ and eva02_ fine-tune families do)",
          any(np.any(k) for k in keys)),
@@ -48,14 +46,16 @@ def _mlp(blk: dict[str, np.ndarray], p: dict[str, np.ndarray], block: str, model
          pre: str) -> dict[str, np.ndarray]:
     """One block's MLP in Eva's names: packed fc1, or fc1_g / fc1_x and norm (mlp_norm)."""
     out = {pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]}
-    if not model.mlp_norm:
+    if model.mlp_norm:  # Eva's scale_mlp
+        norm = f"{block}MlpBlock_3/hidden_norm/"
+        out.update({pre + "mlp.norm.weight": p[norm + "scale"],
+                    pre + "mlp.norm.bias": p[norm + "bias"]})
+    if not (model.mlp_norm and model.swiglu):
         return {**out, pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"]}
-    gate_w, value_w = np.split(blk["fc1.w"], 2)
+    gate_w, value_w = np.split(blk["fc1.w"], 2)  # Eva's SwiGLU with a norm: two layers
     gate_b, value_b = np.split(blk["fc1.b"], 2)
-    norm = f"{block}MlpBlock_3/hidden_norm/"
     return {**out, pre + "mlp.fc1_g.weight": gate_w, pre + "mlp.fc1_g.bias": gate_b,
-            pre + "mlp.fc1_x.weight": value_w, pre + "mlp.fc1_x.bias": value_b,
-            pre + "mlp.norm.weight": p[norm + "scale"], pre + "mlp.norm.bias": p[norm + "bias"]}
+            pre + "mlp.fc1_x.weight": value_w, pre + "mlp.fc1_x.bias": value_b}
 
 
 def to_timm_eva(p: dict[str, np.ndarray], model: Any) -> tuple[dict[str, np.ndarray], dict, str]:

@@ -338,8 +338,11 @@ def _timm_eva_rope(state: Mapping[str, np.ndarray], weights: Weights,
     mlp = "Transformer/encoderblock_0/MlpBlock_3/Dense_"
     swiglu = (f"{mlp}0/kernel" in weights and f"{mlp}1/kernel" in weights
               and mlp_widths(weights[f"{mlp}0/kernel"], weights[f"{mlp}1/kernel"])[1])
-    if "pos_embed" not in state:
-        kind, which = "dinov3", "DINOv3's (no position embedding)"
+    if "pos_embed" not in state and "reg_token" in state:
+        kind, which = "dinov3", "DINOv3's (no position embedding, registers)"
+    elif "pos_embed" not in state:
+        raise WeightsError(_OTHER_EVA_ROPE.format("Eva without a position embedding or "
+                                                  "registers"))
     elif swiglu:
         kind, which = "eva02", "EVA-02's (a position embedding and SwiGLU MLPs)"
     elif any(k.endswith(".gamma_1") for k in state):

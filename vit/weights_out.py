@@ -75,7 +75,7 @@ def _plain_vit_only(model: Any, target: str) -> None:
         ("SwiGLU MLPs, which HF ViT lacks", target == "hf" and model.swiglu),
         ("qk-norm, which HF ViT lacks", target == "hf" and model.qk_norm),
         ("rotary position embeddings, which HF ViT lacks", target == "hf" and model.rope != "none"),
-        ("LayerNorms in the MLPs (EVA-02)", model.mlp_norm and model.rope == "none"),
+        ("LayerNorms in the MLPs, which HF ViT lacks", target == "hf" and model.mlp_norm),
         ("fc_norm, which HF ViT lacks", target == "hf" and model.fc_norm),
         ("no position embedding", model.posemb == "none" and model.rope == "none"),
     ) if bad]
@@ -182,6 +182,10 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
             pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
             pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]})
+        if model.mlp_norm:  # timm's scale_mlp_norm: a LayerNorm on the hidden units
+            norm = f"Transformer/encoderblock_{i}/MlpBlock_3/hidden_norm/"
+            state.update({pre + "mlp.norm.weight": p[norm + "scale"],
+                          pre + "mlp.norm.bias": p[norm + "bias"]})
         if model.qk_norm:
             a = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
             state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
@@ -206,6 +210,8 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
         args["pre_norm"] = True
     if model.qk_norm:
         args["qk_norm"] = True
+    if model.mlp_norm:
+        args["scale_mlp_norm"] = True
     architecture = "vit_base_patch16_224"  # LayerNorm eps 1e-6
     if model.pre_norm and model.norm_epsilon == 1e-5:
         architecture = "vit_base_patch16_clip_224"  # CLIP's LayerNorm eps 1e-5
@@ -231,10 +237,14 @@ def check_timm_epsilon(architecture: str, model: Any) -> None:
     the model (its outputs would differ)."""
     theirs = _TIMM_EPSILONS.get(architecture, 1e-5 if "dinov3" in architecture else 1e-6)
     if model.norm_epsilon != theirs:
+        try:
+            _plain_vit_only(model, "hf")
+            hf = ", or --to hf, whose config.json states the epsilon"
+        except WeightsError:
+            hf = ""
         raise WeightsError(f"timm's {architecture} computes its LayerNorms with epsilon "
                            f"{theirs:g}, this model with {model.norm_epsilon:g} (norm_epsilon): "
-                           "timm's outputs would differ; use --to npz, or --to hf, whose "
-                           "config.json states the epsilon")
+                           f"timm's outputs would differ; use --to npz{hf}")
 
 
 def _timm_config(architecture: str, args: dict, model: Any, class_names: list[str],
