@@ -76,6 +76,7 @@ nothing: measure them the same way and set --config.grad_accum_steps.
 import ml_collections
 
 from vit.config_schema import default_config, model_config
+from vit.rope import eva02_grid
 
 _DATASETS = {"cifar10": ("cifar10", "train[:98%]", "train[98%:]"),
              "cifar100": ("cifar100", "train[:98%]", "train[98%:]")}
@@ -151,7 +152,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                 raise ValueError(f"unknown finetune variant {variant!r}: EVA-02 comes in "
                                  f"{', '.join(f'eva02_{s}/14' for s in _EVA02_SIZES)}")
             c.model.update(_EVA02_SIZES[size])
-            c.model.rope_grid = (224 // int(patch),) * 2  # EVA-02's 224 px pretraining grid
+            c.model.rope_grid = eva02_grid((int(patch), int(patch)))
     return c
 
 

@@ -22,6 +22,7 @@ import vit
 from vit.convert import convert_weights
 from vit.evaluate import load_inference_model
 from vit.fewshot import head_input
+from vit.model_options import pair
 from vit.pretrained import (
     WeightsError,
     adapt_params,
@@ -60,9 +61,10 @@ def init(model: vit.VisionTransformer) -> dict:
 
 
 def images(meta: dict, size: int | None = None) -> np.ndarray:
-    size = size or meta["image_size"]
+    """The fixture's N(0, 1) input images: square, or [rows, cols] where its image_size says so."""
+    rows, cols = pair(size or meta["image_size"])
     rng = np.random.RandomState(meta["input_seed"])
-    return rng.standard_normal((meta["batch"], size, size, 3)).astype(np.float32)
+    return rng.standard_normal((meta["batch"], rows, cols, 3)).astype(np.float32)
 
 
 def logits(model, params, x) -> np.ndarray:

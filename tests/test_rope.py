@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from test_pretrained import fixture, random_weights
+from test_pretrained import fixture, images, random_weights
 from tiny_checkpoints import PLAIN, write
 
 import vit
@@ -137,8 +137,7 @@ def test_timm_dinov3_parity_through_load_and_convert(tmp_path, stem, extra):
     state = random_weights.build(meta["manifest"], meta["seed"])
     path = tmp_path / "model.safetensors"
     safetensors.numpy.save_file(state, str(path))
-    x = np.random.RandomState(meta["input_seed"]).standard_normal(
-        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    x = images(meta)
     model = vit.create_model("Ti/16", num_classes=10, image_size=(64, 48), depth=2,
                              mlp_dim=meta["mlp_dim"], **DINOV3, **extra)
     params, notes = load_pretrained(path, model, init_params(model, jax.random.PRNGKey(0)),
@@ -170,8 +169,7 @@ def test_huggingface_dinov3_parity_through_load_and_convert(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
     safetensors.numpy.save_file(state, str(folder / "model.safetensors"))
-    x = np.random.RandomState(meta["input_seed"]).standard_normal(
-        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    x = images(meta)
     model = vit.create_model("Ti/16", num_classes=10, image_size=(64, 48), depth=2, **DINOV3)
     params, notes = load_pretrained(folder / "model.safetensors", model,
                                     init_params(model, jax.random.PRNGKey(0)))
@@ -306,8 +304,7 @@ def test_timm_eva02_parity_through_load_and_convert(tmp_path, stem, extra):
     folder.mkdir()
     safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]),
                                 str(folder / "model.safetensors"))
-    x = np.random.RandomState(meta["input_seed"]).standard_normal(
-        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    x = images(meta)
     model = vit.create_model("Ti/14", num_classes=10, image_size=(56, 42), depth=2,
                              **EVA02, **extra)
     params, notes = load_pretrained(folder / "model.safetensors", model,
@@ -401,8 +398,7 @@ def _dinov3_folder(tmp_path, config: dict | None) -> tuple:
                                 str(folder / "model.safetensors"))
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
-    x = np.random.RandomState(meta["input_seed"]).standard_normal(
-        (meta["batch"], *meta["image_size"], 3)).astype(np.float32)
+    x = images(meta)
     return folder / "model.safetensors", x, ref
 
 

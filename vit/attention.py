@@ -186,7 +186,7 @@ class MultiHeadDotProductAttention(nn.Module):
     qk_norm: bool = False  # LayerNorm over each head's query and key (query_norm, key_norm)
     key_bias: bool = True  # False: the key projection has no bias (DINOv3)
     norm_epsilon: float = 1e-6  # the qk-norm LayerNorms'
-    rope: str = "dinov3"  # how given RoPE tables rotate: "dinov3" or "eva02" pairs (vit/rope.py)
+    rope: str = "none"  # how a call's RoPE tables rotate: "dinov3" or "eva02" (vit/rope.py)
 
     @nn.compact
     def __call__(

@@ -31,6 +31,7 @@ import numpy as np
 from vit import weight_sidecars
 from vit.data_options import NORMALIZATIONS
 from vit.model_options import json_image_size, pair
+from vit.rope import eva02_grid
 from vit.weight_formats import (
     POSEMB,
     Weights,
@@ -112,7 +113,6 @@ def _patch_and_width(weights: Weights) -> tuple[int, int]:
 
 
 LOADED_LAYER_SCALE = 1e-5  # the layer_scale a converted model with LayerScale is built with
-EVA02_PRETRAINING_SIZE = 224  # EVA-02's RoPE coordinates are scaled to this size's patch grid
 
 
 def infer_architecture(weights: Weights, num_heads: int | None = None,
@@ -138,8 +138,8 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
                      classifier=classifier, posemb=posemb)
     if weights.rope != "none":
         overrides["rope"] = weights.rope
-    if weights.rope == "eva02":  # scaled to EVA-02's pretraining grid: 224 px
-        overrides["rope_grid"] = (EVA02_PRETRAINING_SIZE // patch,) * 2
+    if weights.rope == "eva02":
+        overrides["rope_grid"] = eva02_grid((patch, patch))
     if "cls" in weights and classifier != "token":
         overrides["class_token"] = True  # beside a GAP head (EVA-02)
     if "fc_norm/scale" in weights:
@@ -189,10 +189,7 @@ def _grid(weights: Weights, has_cls: bool, stated: Any, patch: int
     squares = [grid for grid in map(square_grid, counts) if grid]
     side = squares[0][0] if squares else 0
     if stated is not None:
-        try:
-            sides = pair(stated)
-        except ValueError as err:
-            raise WeightsError(f"config.json beside the weights: {err}") from None
+        sides = _stated_sides(stated)
         rows, cols = (s // patch for s in sides)
         if rows * cols in counts and not any(s % patch for s in sides):
             return (rows, cols), []
@@ -214,6 +211,15 @@ def _grid(weights: Weights, has_cls: bool, stated: Any, patch: int
 ROPE_DEFAULT_SIZE = 224  # a RoPE model's size when nothing states one (it runs at any)
 
 
+def _stated_sides(stated: Any) -> tuple[int, int]:
+    """The image size a config.json beside the weights states, as (rows, cols); WeightsError
+    naming the file for anything else."""
+    try:
+        return pair(stated)
+    except ValueError as err:
+        raise WeightsError(f"config.json beside the weights: {err}") from None
+
+
 def _rope_grid(stated: Any, patch: int) -> tuple[tuple[int, int], list[str]]:
     """(patch grid, notes) of RoPE weights, which hold no grid: the stated image size's, else
     that of ROPE_DEFAULT_SIZE."""
@@ -222,10 +228,7 @@ def _rope_grid(stated: Any, patch: int) -> tuple[tuple[int, int], list[str]]:
         return (side, side), [f"image size {side * patch}x{side * patch} assumed: RoPE weights "
                               "run at any size and do not state one; pass --image-size for "
                               "another"]
-    try:
-        rows, cols = pair(stated)
-    except ValueError as err:
-        raise WeightsError(f"config.json beside the weights: {err}") from None
+    rows, cols = _stated_sides(stated)
     grid = (max(rows // patch, 1), max(cols // patch, 1))
     if grid != (rows / patch, cols / patch):
         return grid, [f"config.json states image size {rows}x{cols}, which {patch}-pixel "

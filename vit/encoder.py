@@ -30,7 +30,6 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-
 def _swiglu(x: Array) -> Array:
     gate, value = jnp.split(x, 2, axis=-1)
     return nn.silu(gate) * value
@@ -161,8 +160,7 @@ class Encoder1DBlock(nn.Module):
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
             key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
-            rope=self.rope if self.rope != "none" else "dinov3",
-            name="MultiHeadDotProductAttention_1",
+            rope=self.rope, name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights, rope=rope)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if self.layer_scale is not None:

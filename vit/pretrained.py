@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from vit.error_text import first_names
+from vit.rope import eva02_grid
 from vit.weight_formats import (
     POSEMB,
     Weights,
@@ -318,8 +319,7 @@ def _check_rope(theirs: str, model: Any) -> None:
     """WeightsError when weights trained with rotary embeddings go to a model without them (it
     would be blind to where each patch is), with another kind, or (EVA-02's) unscaled."""
     ours = getattr(model, "rope", "none")
-    patch = getattr(model, "patch_size", (14, 14))
-    grid = f"rope_grid=({224 // patch[0]}, {224 // patch[1]})"  # EVA-02's 224 px grid
+    grid = f"rope_grid={eva02_grid(getattr(model, 'patch_size', (14, 14)))}"
     if theirs != "none" and ours != theirs:
         also = " and posemb='none'" if theirs == "dinov3" else f" and {grid}"
         raise WeightsError(f"the weights were trained with rope={theirs!r} (rotary position "

@@ -25,6 +25,7 @@ import numpy as np
 ROPE_KINDS = ("none", "dinov3", "eva02")
 DINOV3_BASE = 100.0
 EVA02_BASE = 10_000.0
+EVA02_PRETRAINING_SIZE = 224  # EVA-02's coordinates are scaled to this size's patch grid
 
 Array = jax.Array
 
@@ -36,12 +37,21 @@ def check_head_dim(head_dim: int, kind: str = "dinov3") -> None:
                          f"got {head_dim}: change width or num_heads, or set rope='none'")
 
 
+def eva02_grid(patch_size: tuple[int, int]) -> tuple[int, int]:
+    """EVA-02's reference grid (`rope_grid`) for patches of `patch_size`: that of its 224 px
+    pretraining, (16, 16) for 14 px patches."""
+    return (EVA02_PRETRAINING_SIZE // patch_size[0], EVA02_PRETRAINING_SIZE // patch_size[1])
+
+
+def _points(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """[len(rows) * len(cols), 2] (row, col) coordinates of a grid, row-major."""
+    return np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
 def _centred_coords(grid: tuple[int, int]) -> np.ndarray:
     """[rows * cols, 2] float32 (row, col) patch centres on [-1, 1], row-major."""
     axes = [np.arange(0.5, n, dtype=np.float32) / np.float32(n) for n in grid]
-    rows, cols = np.meshgrid(*axes, indexing="ij")
-    coords = np.stack([rows, cols], axis=-1).reshape(-1, 2)
-    return np.float32(2.0) * coords - np.float32(1.0)
+    return np.float32(2.0) * _points(*axes) - np.float32(1.0)
 
 
 def _index_coords(grid: tuple[int, int], ref_grid: tuple[int, int] | None) -> np.ndarray:
@@ -50,8 +60,7 @@ def _index_coords(grid: tuple[int, int], ref_grid: tuple[int, int] | None) -> np
     if ref_grid is not None:
         axes = [a / np.float32(n) * np.float32(r) for a, n, r in zip(axes, grid, ref_grid,
                                                                        strict=True)]
-    rows, cols = np.meshgrid(*axes, indexing="ij")
-    return np.stack([rows, cols], axis=-1).reshape(-1, 2)
+    return _points(*axes)
 
 
 def _angles(kind: str, grid: tuple[int, int], head_dim: int,

@@ -17,7 +17,13 @@ import numpy as np
 
 from vit.model_options import json_image_size
 from vit.weight_formats import POSEMB, WeightsError
-from vit.weights_out import check_timm_epsilon, final_norm, per_block, timm_mlp_ratio
+from vit.weights_out import (
+    block_norms,
+    check_timm_epsilon,
+    final_norm,
+    per_block,
+    timm_mlp_ratio,
+)
 
 ARCHITECTURES = {"dinov3": "vit_small_patch16_dinov3_qkvb", "eva02": "eva02_base_patch14_224"}
 _ATTN = "MultiHeadDotProductAttention_1"
@@ -42,14 +48,10 @@ def _refusals(p: dict[str, np.ndarray], model: Any) -> list[str]:
     ) if bad]
 
 
-def _mlp(blk: dict[str, np.ndarray], p: dict[str, np.ndarray], block: str, model: Any,
-         pre: str) -> dict[str, np.ndarray]:
-    """One block's MLP in Eva's names: packed fc1, or fc1_g / fc1_x and norm (mlp_norm)."""
+def _mlp(blk: dict[str, np.ndarray], model: Any, pre: str) -> dict[str, np.ndarray]:
+    """One block's MLP layers in Eva's names: a packed fc1, or with SwiGLU and mlp_norm (Eva's
+    SwiGLU with a norm) fc1_g / fc1_x (its norm is `block_norms`')."""
     out = {pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]}
-    if model.mlp_norm:  # Eva's scale_mlp
-        norm = f"{block}MlpBlock_3/hidden_norm/"
-        out.update({pre + "mlp.norm.weight": p[norm + "scale"],
-                    pre + "mlp.norm.bias": p[norm + "bias"]})
     if not (model.mlp_norm and model.swiglu):
         return {**out, pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"]}
     gate_w, value_w = np.split(blk["fc1.w"], 2)  # Eva's SwiGLU with a norm: two layers
@@ -87,15 +89,10 @@ def to_timm_eva(p: dict[str, np.ndarray], model: Any) -> tuple[dict[str, np.ndar
             pre + "attn.q_bias": blk["query.b"], pre + "attn.v_bias": blk["value.b"],
             pre + "attn.proj.weight": blk["proj.w"], pre + "attn.proj.bias": blk["proj.b"],
             pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
-            **_mlp(blk, p, b, model, pre)})
+            **_mlp(blk, model, pre), **block_norms(p, i, model)})  # mlp_norm: Eva's scale_mlp
         if scaled:
             state.update({pre + "gamma_1": p.get(b + "LayerScale_1/scale", ones),
                           pre + "gamma_2": p.get(b + "LayerScale_3/scale", ones)})
-        if model.qk_norm:
-            a = f"{b}{_ATTN}/"
-            state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
-                          for t, ours in (("q", "query"), ("k", "key"))
-                          for leaf, param in (("weight", "scale"), ("bias", "bias"))})
     state.update({**final_norm(p, model),
                   "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]})
     args = {"img_size": json_image_size(model.image_size), "patch_size": model.patch_size[0],

@@ -117,6 +117,14 @@ def _timm_image_size(args: dict, cfg: dict) -> Any:
 
 
 TIMM_SWIGLU = "vit_giant_patch14_dinov2"  # timm's ViT with packed SwiGLU MLPs (DINOv2-g)
+
+
+def timm_norm_epsilon(architecture: str) -> float:
+    """The LayerNorm epsilon timm builds `architecture` with: 1e-5 for its CLIP and DINOv3
+    architectures, else 1e-6 (ViT, DINOv2, EVA-02)."""
+    return 1e-5 if "_clip_" in architecture or "dinov3" in architecture else 1e-6
+
+
 # HF image towers (alone, or inside a two-tower model's vision_config): their default activation.
 _HF_TOWER_ACTS = {"clip_vision_model": "quick_gelu", "clip": "quick_gelu",
                   "siglip_vision_model": "gelu_pytorch_tanh", "siglip": "gelu_pytorch_tanh"}
@@ -168,9 +176,8 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
             first = int(args["mlp_ratio"] * args["embed_dim"])
             said["mlp_dim"] = first // 2 if architecture == TIMM_SWIGLU else first
         said["image_size"] = _timm_image_size(args, cfg)
-        if architecture:  # timm's LayerNorms: eps 1e-5 in its CLIP and DINOv3 architectures
-            said["norm_epsilon"] = 1e-5 if "_clip_" in architecture or "dinov3" in architecture \
-                else 1e-6
+        if architecture:
+            said["norm_epsilon"] = timm_norm_epsilon(architecture)
         said["global_pool"] = config.get("global_pool") or args.get("global_pool")
         said["rope_grid"] = args.get("ref_feat_shape")  # EVA-02's reference grid
         said["class_names"] = cfg.get("label_names")

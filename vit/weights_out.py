@@ -91,11 +91,29 @@ def _posemb(p: dict[str, np.ndarray], model: Any) -> np.ndarray:
     return np.pad(posemb_sincos_2d(*model.grid, model.width), ((0, 0), (prefix, 0), (0, 0)))
 
 
+def norm_state(p: dict[str, np.ndarray], ours: str, theirs: str) -> dict[str, np.ndarray]:
+    """The LayerNorm `ours/{scale,bias}` under torch's names `theirs.{weight,bias}`."""
+    return {f"{theirs}.weight": p[f"{ours}/scale"], f"{theirs}.bias": p[f"{ours}/bias"]}
+
+
 def final_norm(p: dict[str, np.ndarray], model: Any) -> dict[str, np.ndarray]:
     """timm's final LayerNorm: `fc_norm` after pooling (fc_norm=True), else `norm`."""
-    ours, theirs = ("fc_norm", "fc_norm") if model.fc_norm else ("Transformer/encoder_norm",
-                                                                 "norm")
-    return {f"{theirs}.weight": p[f"{ours}/scale"], f"{theirs}.bias": p[f"{ours}/bias"]}
+    if model.fc_norm:
+        return norm_state(p, "fc_norm", "fc_norm")
+    return norm_state(p, "Transformer/encoder_norm", "norm")
+
+
+def block_norms(p: dict[str, np.ndarray], i: int, model: Any) -> dict[str, np.ndarray]:
+    """Block i's optional LayerNorms in timm's names (its ViT's and Eva's alike): the MLP's on
+    its hidden units (mlp_norm: `mlp.norm`) and qk-norm's (`attn.q_norm`, `attn.k_norm`)."""
+    ours, theirs = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+    out = {}
+    if model.mlp_norm:
+        out.update(norm_state(p, ours + "MlpBlock_3/hidden_norm", theirs + "mlp.norm"))
+    if model.qk_norm:
+        for t, name in (("q", "query"), ("k", "key")):
+            out.update(norm_state(p, f"{ours}{_ATTN}/{name}_norm", f"{theirs}attn.{t}_norm"))
+    return out
 
 
 def per_block(p: dict[str, np.ndarray], i: int, width: int) -> dict[str, np.ndarray]:
@@ -182,15 +200,7 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
             pre + "norm2.weight": blk["ln2.w"], pre + "norm2.bias": blk["ln2.b"],
             pre + "mlp.fc1.weight": blk["fc1.w"], pre + "mlp.fc1.bias": blk["fc1.b"],
             pre + "mlp.fc2.weight": blk["fc2.w"], pre + "mlp.fc2.bias": blk["fc2.b"]})
-        if model.mlp_norm:  # timm's scale_mlp_norm: a LayerNorm on the hidden units
-            norm = f"Transformer/encoderblock_{i}/MlpBlock_3/hidden_norm/"
-            state.update({pre + "mlp.norm.weight": p[norm + "scale"],
-                          pre + "mlp.norm.bias": p[norm + "bias"]})
-        if model.qk_norm:
-            a = f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
-            state.update({pre + f"attn.{t}_norm.{leaf}": p[f"{a}{ours}_norm/{param}"]
-                          for t, ours in (("q", "query"), ("k", "key"))
-                          for leaf, param in (("weight", "scale"), ("bias", "bias"))})
+        state.update(block_norms(p, i, model))  # mlp_norm: timm's scale_mlp_norm
         if model.layer_scale is not None:
             b = f"Transformer/encoderblock_{i}/"
             state.update({pre + "ls1.gamma": p[b + "LayerScale_1/scale"],
@@ -227,15 +237,10 @@ def to_timm(params: Any, model: Any, class_names: list[str], normalize: str,
                                      eval_resize)
 
 
-# The LayerNorm epsilon each architecture --to timm writes builds its model with.
-_TIMM_EPSILONS = {"vit_base_patch16_224": 1e-6, "vit_base_patch16_clip_224": 1e-5,
-                  weight_sidecars.TIMM_SWIGLU: 1e-6}
-
-
 def check_timm_epsilon(architecture: str, model: Any) -> None:
     """WeightsError when timm's `architecture` computes its LayerNorms with another epsilon than
     the model (its outputs would differ)."""
-    theirs = _TIMM_EPSILONS.get(architecture, 1e-5 if "dinov3" in architecture else 1e-6)
+    theirs = weight_sidecars.timm_norm_epsilon(architecture)
     if model.norm_epsilon != theirs:
         try:
             _plain_vit_only(model, "hf")

@@ -22,7 +22,7 @@ import torch
 
 sys.path[:0] = ["tests/fixtures", "tools/make_pretrained_fixtures"]
 import torchvision_stub  # noqa: E402
-from torch_reference import load_random_weights  # noqa: E402
+from torch_reference import input_images, load_random_weights  # noqa: E402
 
 torchvision_stub.install()  # the local index's torchvision is a CUDA build whose ops do not load
 import timm  # noqa: E402
@@ -30,8 +30,7 @@ import timm  # noqa: E402
 SEED, INPUT_SEED, BATCH, ROWS, COLS = 0, 1, 2, 56, 42
 WIDTH, HEADS, DEPTH, CLASSES = 192, 3, 2, 10
 
-x = np.random.RandomState(INPUT_SEED).standard_normal((BATCH, ROWS, COLS, 3)).astype(np.float32)
-pixels = torch.from_numpy(x).permute(0, 3, 1, 2)
+pixels = input_images(INPUT_SEED, BATCH, (ROWS, COLS))
 for stem, name in (("timm_eva02_tiny", "eva02_tiny_patch14_224"),
                    ("timm_eva02_base_tiny", "eva02_base_patch14_224")):
     kwargs = dict(embed_dim=WIDTH, num_heads=HEADS, depth=DEPTH, img_size=(ROWS, COLS),

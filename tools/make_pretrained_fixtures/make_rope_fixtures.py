@@ -25,7 +25,7 @@ import torch
 
 sys.path[:0] = ["tests/fixtures", "tools/make_pretrained_fixtures"]
 import torchvision_stub  # noqa: E402
-from torch_reference import load_random_weights  # noqa: E402
+from torch_reference import input_images, load_random_weights  # noqa: E402
 
 torchvision_stub.install()  # the local index's torchvision is a CUDA build whose ops do not load
 import timm  # noqa: E402
@@ -33,13 +33,6 @@ import transformers  # noqa: E402
 
 SEED, INPUT_SEED, BATCH, ROWS, COLS = 0, 1, 2, 64, 48
 WIDTH, HEADS, DEPTH, CLASSES = 192, 3, 2, 10
-
-
-def rect_images() -> tuple[np.ndarray, torch.Tensor]:
-    """The input as NHWC NumPy (what the tests rebuild) and NCHW torch."""
-    x = np.random.RandomState(INPUT_SEED).standard_normal((BATCH, ROWS, COLS, 3))
-    x = x.astype(np.float32)
-    return x, torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 def write(stem: str, model: torch.nn.Module, out: np.ndarray, output: str, manifest: list,
@@ -55,7 +48,7 @@ def write(stem: str, model: torch.nn.Module, out: np.ndarray, output: str, manif
     print(stem, out.shape, float(np.abs(out).mean()), sorted(model.state_dict())[:4])
 
 
-_, pixels = rect_images()
+pixels = input_images(INPUT_SEED, BATCH, (ROWS, COLS))
 for stem, name in (("timm_dinov3_tiny", "vit_small_patch16_dinov3_qkvb"),
                    ("timm_dinov3_swiglu_tiny", "vit_huge_plus_patch16_dinov3")):
     kwargs = dict(embed_dim=WIDTH, num_heads=HEADS, depth=DEPTH, img_size=(ROWS, COLS),

@@ -19,7 +19,9 @@ def load_random_weights(model: torch.nn.Module, seed: int) -> list:
     return manifest
 
 
-def input_images(seed: int, batch: int, size: int) -> torch.Tensor:
-    """The tests' input, N(0, 1) images [batch, size, size, 3] from `seed`, as torch's NCHW."""
-    images = np.random.RandomState(seed).standard_normal((batch, size, size, 3))
+def input_images(seed: int, batch: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """The tests' input, N(0, 1) images [batch, rows, cols, 3] (a square for an int `size`)
+    from `seed`, as torch's NCHW."""
+    rows, cols = (size, size) if isinstance(size, int) else size
+    images = np.random.RandomState(seed).standard_normal((batch, rows, cols, 3))
     return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
