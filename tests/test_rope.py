@@ -473,6 +473,62 @@ def test_train_from_timms_dinov3_at_another_size(tmp_path):
     assert "Transformer/posembed_input/pos_embedding" not in step1
 
 
+def test_an_eva02_form_run_without_rope_grid_reloads_and_keeps_its_grid(tmp_path):
+    """A run of rope="eva02" left to its own grid (rope_grid None: 4x4 at 16 px) loads into its
+    own model; a model of another grid must state the run's; converting it to another size pins
+    that grid, so its outputs at the trained size stay exact."""
+    model = dict(PLAIN, rope="eva02", posemb="none", swiglu=True, classifier="gap",
+                 class_token=True)
+    _, params = write(str(tmp_path / "run"), model)
+    same = vit.create_model("Ti/4", num_classes=5, image_size=16, **_sizes(model))
+    loaded, _ = load_pretrained(str(tmp_path / "run"), same, init_params(same, PRNG))
+    for name, value in flatten_params(params).items():
+        np.testing.assert_array_equal(flatten_params(loaded)[name], value, name)
+    larger = vit.create_model("Ti/4", num_classes=5, image_size=32, **_sizes(model))
+    with pytest.raises(WeightsError, match="the weights scale their RoPE coordinates to a 4x4 "
+                                           "grid, the model to 8x8: build it with "
+                                           "rope_grid=\\(4, 4\\)"):
+        load_pretrained(str(tmp_path / "run"), larger, init_params(larger, PRNG))
+    pinned = vit.create_model("Ti/4", num_classes=5, image_size=32, rope_grid=(4, 4),
+                              **_sizes(model))
+    load_pretrained(str(tmp_path / "run"), pinned, init_params(pinned, PRNG))
+
+    convert_weights(str(tmp_path / "run"), str(tmp_path / "big"), image_size=32)
+    big = load_inference_model(str(tmp_path / "big"))
+    assert big.model.rope_grid == (4, 4) and big.config.image_size == 32
+    convert_weights(str(tmp_path / "big"), str(tmp_path / "back"), image_size=16)
+    back, before = (load_inference_model(str(tmp_path / p)) for p in ("back", "run"))
+    x = np.random.default_rng(1).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(back.model.apply({"params": back.params}, x),
+                                  before.model.apply({"params": before.params}, x))
+
+
+def test_timm_eva02_weights_without_ref_feat_shape_say_which_grid_is_assumed(tmp_path):
+    meta, _ = fixture("timm_eva02_tiny")
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(random_weights.build(meta["manifest"], meta["seed"]), str(path))
+    args = {"img_size": [56, 42]}
+    for stated, out in ((None, "c"), ([8, 8], "d")):
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"architecture": "eva02_tiny_patch14_224",
+             "model_args": dict(args, **({"ref_feat_shape": stated} if stated else {}))}))
+        checkpoint, notes = convert_weights(str(path), str(tmp_path / out), num_heads=3)
+        assumed = [n for n in notes if "grid assumed" in n]
+        assert load_inference_model(checkpoint).model.rope_grid == tuple(stated or (16, 16))
+        assert assumed == ([] if stated else [
+            "RoPE coordinates scaled to a 16x16 grid assumed (EVA-02's 224 px pretraining): "
+            "nothing beside the weights states ref_feat_shape; give the config.json they came "
+            "with if they were trained otherwise"])
+
+
+def _sizes(model: dict) -> dict:
+    """create_model keyword arguments of a config.model dict (its variant dropped)."""
+    return {k: v for k, v in model.items() if k != "variant"}
+
+
+PRNG = jax.random.PRNGKey(0)
+
+
 def test_review_cases_eva02_unscaled_naver_like_and_mlp_norm_out_and_pruning(tmp_path):
     """EVA-02 weights refuse a model without rope_grid; an Eva without position embedding or
     registers (naver's RoPE ViT) is refused without a config.json too; an mlp_norm ViT goes to

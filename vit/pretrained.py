@@ -204,7 +204,7 @@ def adapt_params(
     """
     src = {k: np.asarray(v) for k, v in flatten_params(loaded).items()}
     tgt = flatten_params(target)
-    _check_rope(getattr(loaded, "rope", "none"), model)
+    _check_rope(getattr(loaded, "rope", "none"), getattr(loaded, "rope_grid", None), model)
     notes = list(getattr(loaded, "notes", []))
     _norm_before_pooling(src, tgt, notes)
     out: dict[str, Any] = {}
@@ -315,19 +315,29 @@ def _bias_free_projection(name: str, src: Mapping[str, np.ndarray]) -> bool:
             and name.removesuffix("bias") + "kernel" in src)
 
 
-def _check_rope(theirs: str, model: Any) -> None:
+def _check_rope(theirs: str, their_grid: tuple[int, int] | None, model: Any) -> None:
     """WeightsError when weights trained with rotary embeddings go to a model without them (it
-    would be blind to where each patch is), with another kind, or (EVA-02's) unscaled."""
+    would be blind to where each patch is), with another kind, or (EVA-02's form) with its
+    coordinates scaled to another grid than `their_grid` (unknown: the model must state one)."""
     ours = getattr(model, "rope", "none")
-    grid = f"rope_grid={eva02_grid(getattr(model, 'patch_size', (14, 14)))}"
+    wanted = their_grid or eva02_grid(getattr(model, "patch_size", (14, 14)))
+    grid = f"rope_grid={tuple(wanted)}"
     if theirs != "none" and ours != theirs:
         also = " and posemb='none'" if theirs == "dinov3" else f" and {grid}"
         raise WeightsError(f"the weights were trained with rope={theirs!r} (rotary position "
                            f"embeddings), which the model lacks: build it with rope={theirs!r}"
                            f"{also}")
-    if theirs == "eva02" and getattr(model, "rope_grid", None) is None:
+    if theirs != "eva02":
+        return
+    stated = getattr(model, "rope_grid", None)
+    if their_grid is None and stated is None:
         raise WeightsError(f"EVA-02's weights scale their RoPE coordinates to the grid of its 224 "
                            f"px pretraining, and the model has no rope_grid: build it with {grid}")
+    scaled_to = tuple(stated or model.grid)  # rope_grid None: the model's own patch grid
+    if their_grid is not None and scaled_to != tuple(their_grid):
+        raise WeightsError(f"the weights scale their RoPE coordinates to a {their_grid[0]}x"
+                           f"{their_grid[1]} grid, the model to {scaled_to[0]}x{scaled_to[1]}: "
+                           f"build it with {grid}")
 
 
 def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:

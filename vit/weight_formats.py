@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from vit.error_text import first_line
+from vit.model_options import pair
 from vit.weight_names import (
     POSEMB,
     Weights,
@@ -31,7 +32,7 @@ from vit.weight_names import (
 
 __all__ = ["POSEMB", "TORCH_SUFFIXES", "Weights", "WeightsError", "detect_naming",
            "flatten_params", "has_real_class_names", "mlp_widths", "read_weights", "run_grid",
-           "run_rope", "to_vit_naming"]
+           "run_rope", "run_rope_grid", "to_vit_naming"]
 
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 _GENERIC_CLASS_NAME = re.compile(r"(class_)?\d+")
@@ -55,6 +56,24 @@ def run_rope(run_config: Any) -> str:
     """The rotary position embedding of this toolkit's run config's model ("none" if unsaid)."""
     model = run_config.get("model") if isinstance(run_config, Mapping) else None
     return (model.get("rope") if isinstance(model, Mapping) else None) or "none"
+
+
+def run_rope_grid(run_config: Any) -> tuple[int, int] | None:
+    """The grid an "eva02" RoPE run's coordinates were scaled to: its model's rope_grid, else its
+    own patch grid; None for other runs."""
+    if run_rope(run_config) != "eva02":
+        return None
+    stated = run_config["model"].get("rope_grid")
+    return pair(stated, "rope_grid") if stated else run_grid(run_config)
+
+
+def _timm_rope_grid(path: str) -> tuple[int, int] | None:
+    """EVA-02's reference grid (`ref_feat_shape`) in the timm config.json beside `path`."""
+    args = _sidecar(path).get("model_args")
+    try:
+        return pair(args["ref_feat_shape"], "ref_feat_shape")
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def _sidecar(path: str) -> dict:
@@ -128,7 +147,7 @@ def _read_checkpoint(path: str, use_ema: bool) -> Weights:
                    grid=run_grid(contents.config),
                    class_names=tuple(contents.dataset_info.get("class_names") or ()) or None,
                    normalize=(contents.config.get("pp") or {}).get("normalize"),
-                   rope=run_rope(contents.config))
+                   rope=run_rope(contents.config), rope_grid=run_rope_grid(contents.config))
 
 
 def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weights:
@@ -164,4 +183,6 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
     weights.grid = run_grid(run)
     if run is not None and weights.rope == "none":
         weights.rope = run_rope(run)
+    if weights.rope == "eva02":
+        weights.rope_grid = run_rope_grid(run) if run is not None else _timm_rope_grid(path)
     return weights

@@ -31,13 +31,14 @@ class WeightsError(ValueError):
 class Weights(dict):
     """A flat {"a/b/c": array} dict that also records its source format, reading notes and,
     where known, the patch grid (rows, cols) its position embedding was trained on, the class
-    names of its head, the input normalisation (a `pp.normalize` name) it was trained with and
-    the rotary position embedding (a `vit.rope.ROPE_KINDS` name) its attention needs."""
+    names of its head, the input normalisation (a `pp.normalize` name) it was trained with, the
+    rotary position embedding (a `vit.rope.ROPE_KINDS` name) its attention needs and, for
+    "eva02", the grid its RoPE coordinates were scaled to (`rope_grid`)."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str,
                  notes: list[str] | None = None, grid: tuple[int, int] | None = None,
                  class_names: tuple[str, ...] | None = None, normalize: str | None = None,
-                 rope: str = "none"):
+                 rope: str = "none", rope_grid: tuple[int, int] | None = None):
         super().__init__(arrays)
         self.source = source
         self.notes = list(notes or [])
@@ -45,6 +46,7 @@ class Weights(dict):
         self.class_names = class_names
         self.normalize = normalize
         self.rope = rope
+        self.rope_grid = rope_grid
 
 
 # How a torch module's "weight"/"bias" become flax params: (kernel or scale name, weight transform).
