@@ -66,6 +66,45 @@ def test_eval_plots_writes_pngs_beside_the_json(run, capsys, tmp_path):
             assert np.asarray(image.convert("RGB")).std() > 10  # a drawn figure, not blank
 
 
+def test_out_of_device_memory_is_one_line_in_both_commands(run, capsys, monkeypatch):
+    """An accelerator's RESOURCE_EXHAUSTED (pages of buffer assignment) is one line naming the
+    batch size, for `vit eval` and train.py; another runtime error still raises."""
+    from test_error_text import OUT_OF_MEMORY
+
+    from vit import train_cli
+
+    evaluate = sys.modules["vit.evaluate"]  # `vit.evaluate` is also the package's function
+
+    def fail(*args, **kwargs):
+        raise OUT_OF_MEMORY
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", fail)
+    assert cli.main(["eval", "--workdir", str(run / "run")]) == 1
+    assert _one_error_line(capsys.readouterr().err) == (
+        "error: out of device memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+        "9663676416 bytes.): lower --batch-size, or run on a device with more memory")
+    assert train_cli._one_line(OUT_OF_MEMORY).endswith(
+        "bytes.): lower config.batch_size, or keep it with config.grad_accum_steps "
+        "(micro-batches) or config.model.remat=block")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", other)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["eval", "--workdir", str(run / "run")])
+
+
+def test_convert_unreadable_class_names_file_is_one_line(run, capsys, tmp_path):
+    for bad in (str(run / "a.png"), str(tmp_path / "missing.txt")):
+        argv = ["convert", str(run / "run"), str(tmp_path / "out"), "--class-names", bad]
+        assert cli.main(argv) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: --class-names {bad!r} cannot be read as text ("), line
+        assert line.endswith("): give a UTF-8 text file with one class name per line"), line
+        assert not (tmp_path / "out").exists()
+
+
 def test_eval_bad_inputs_exit_2_with_one_line(run, capsys, tmp_path):
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "does not exist" in _one_error_line(capsys.readouterr().err)
@@ -263,7 +302,8 @@ def test_a_broken_link_among_the_inputs_is_named_and_the_rest_predicted(run, cap
 @pytest.mark.parametrize("argv", [
     ["eval", "--workdir", "w", "--batch-size", "0"], ["predict", "--checkpoint", "w", "x.png",
                                                      "--top-k", "-1"],
-    ["prune", "--checkpoint", "w", "--out", "o", "--sparsity", "0.5", "--finetune-steps", "-3"]])
+    ["prune", "--checkpoint", "w", "--out", "o", "--sparsity", "0.5", "--finetune-steps", "-3"],
+    ["robustness", "--checkpoint", "w", "--seed", "-3"]])
 def test_counts_below_their_range_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)

@@ -1,6 +1,20 @@
 """Tests for vit.error_text: the one line a user sees of a library's exception."""
 
-from vit.error_text import first_line, tensorflow_message
+import jax
+
+from vit.error_text import device_memory_error, first_line, tensorflow_message
+
+OUT_OF_MEMORY = jax.errors.JaxRuntimeError(
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9663676416 bytes.\n"
+    "BufferAssignment OOM Debugging.\nBufferAssignment stats:\n" + "  allocation 0: ...\n" * 50)
+
+
+def test_an_accelerators_out_of_memory_error_is_one_line_naming_the_fix():
+    assert device_memory_error(OUT_OF_MEMORY, "lower the batch") == (
+        "out of device memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+        "9663676416 bytes.): lower the batch")
+    assert device_memory_error(RuntimeError("some other failure"), "x") is None
+    assert device_memory_error(ValueError("Out of memory"), "x") is None  # not a runtime error
 
 
 def test_first_line_of_a_multi_line_message():

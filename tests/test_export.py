@@ -256,6 +256,16 @@ def test_a_second_format_adds_its_entry_to_export_json_and_keeps_the_first(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
 
 
+def test_an_unreadable_export_json_is_kept_aside_not_overwritten(tmp_path):
+    from vit.export import _record_export
+
+    path = tmp_path / "export.json"
+    path.write_text('{"stablehlo": {"step": 1}')  # cut short
+    _record_export(path, "saved_model", {"step": 2})
+    assert json.loads(path.read_text()) == {"saved_model": {"step": 2}}
+    assert (tmp_path / "export.json.unreadable").read_text() == '{"stablehlo": {"step": 1}'
+
+
 WIDE = (16, 24)  # 4x6 patches of Ti/4
 
 

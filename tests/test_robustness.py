@@ -227,6 +227,9 @@ def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
         parse_eps("0.5,3")
     with pytest.raises(RobustnessError, match="bad epsilon '-1'; an L2 radius is a number >= 0"):
         parse_eps("-1", "l2")
+    for norm, fix in (("linf", "use values in"), ("l2", "an L2 radius is")):
+        with pytest.raises(RobustnessError, match=f"bad epsilon '1e400'; {fix}"):
+            parse_eps("1e400", norm)  # a Fraction no float holds
     with pytest.raises(RobustnessError, match="severity 0 in '0-5' is the clean images"):
         parse_severities("0-5")
     for bad in (lambda: parse_severities("1-7"), lambda: parse_eps("8/0"),
@@ -241,6 +244,8 @@ def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
         robustness.robustness_report(run["workdir"], corruption_names=(), baseline="elsewhere")
     with pytest.raises(RobustnessError, match="bad epsilon '2.0'; use values in"):
         robustness.robustness_report(run["workdir"], eps=[2.0])
+    with pytest.raises(RobustnessError, match="seed -1 must be an integer >= 0"):
+        robustness.robustness_report(run["workdir"], seed=-1)
     code = cli.main(["robustness", "--checkpoint", run["workdir"], "--eps", "x"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (

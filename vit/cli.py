@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from vit import ship_cli
 from vit.checkpoint import CheckpointError
-from vit.cli_types import positive_int
-from vit.error_text import first_line
+from vit.cli_types import non_negative_int, positive_int
+from vit.error_text import device_memory_error, first_line
 from vit.nonfinite import NonFiniteLossError
 from vit.output_paths import check_directory, check_figure_file, check_file, write_json
 from vit.preprocess import DataError
@@ -237,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("--baseline", help="checkpoint the corruption errors are relative to (mCE)")
     rb.add_argument("--source", choices=("auto", "generate", "tfds"), default="auto",
                     help="corrupted images: a prepared cifar10_corrupted if found, else made")
-    rb.add_argument("--seed", type=int, default=0, help="seed of the generated corruptions")
+    rb.add_argument("--seed", type=non_negative_int, default=0,
+                    help="seed of the generated corruptions")
     rb.add_argument("--data-dir", help="TFDS data directory")
     rb.add_argument("--batch-size", type=positive_int, help="global batch size")
     rb.add_argument("--ema", action="store_true", help="use the EMA params")
@@ -327,6 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return USAGE_ERROR
+    except RuntimeError as err:
+        line = device_memory_error(err, "lower --batch-size, or run on a device with more "
+                                   "memory")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return INPUT_ERROR
 
 
 if __name__ == "__main__":

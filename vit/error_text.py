@@ -19,6 +19,20 @@ def first_line(err: BaseException, *, with_type: bool = False, limit: int | None
     return f"{type(err).__name__}: {line}" if with_type else line
 
 
+_OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
+
+
+def device_memory_error(err: BaseException, fix: str) -> str | None:
+    """The one line for an accelerator's out-of-memory error (XLA's RESOURCE_EXHAUSTED, whose
+    text runs to pages of buffer assignment), naming `fix`; None for any other error."""
+    if not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    if not any(mark in text for mark in _OUT_OF_MEMORY):
+        return None
+    return f"out of device memory ({first_line(err, limit=160)}): {fix}"
+
+
 _TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 _TF_OP = re.compile(r"\s*\[\[\{\{node [^]]*\]\]|\s*\[Op:[^\]]*\].*$")
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -376,9 +377,15 @@ def _record_export(path: Path, fmt: str, meta: dict) -> None:
     if path.exists():
         try:
             exports = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            exports = {}
-        if not isinstance(exports, dict) or "format" in exports:  # not a {format: ...} file
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            exports = None
+        if isinstance(exports, dict) and isinstance(exports.get("format"), str):
+            exports = {exports["format"]: exports}  # one export's metadata, as first written
+        if not isinstance(exports, dict):
+            kept = path.with_name(path.name + ".unreadable")
+            os.replace(path, kept)  # kept for a person to read, never overwritten unread
+            logging.getLogger("vit").warning("%s was no {format: metadata} JSON: moved to %s, "
+                                             "a new one started", path, kept)
             exports = {}
     exports[fmt] = meta
     staged = path.with_name(f".{path.name}.tmp")

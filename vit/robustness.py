@@ -98,7 +98,7 @@ def parse_eps(text: str, norm: str = "linf") -> tuple[tuple[str, float], ...]:
     for part in (x.strip() for x in text.split(",") if x.strip()):
         try:
             value = float(fractions.Fraction(part))
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError, OverflowError):  # 1e400: no float
             value = -1.0
         if norm == "l2" and not 0 <= value < math.inf:
             raise RobustnessError(f"bad epsilon {part!r}; an L2 radius is a number >= 0 over the "
@@ -270,6 +270,9 @@ def robustness_report(
     for name in corruption_names:
         for severity in severities:
             corruptions.check(name, severity)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RobustnessError(f"seed {seed!r} must be an integer >= 0 (it seeds the generated "
+                              "corruptions)")
     start = time.perf_counter()
     main = load_inference_model(load_checkpoint(checkpoint), use_ema=use_ema)
     config = main.config

@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vit import console
+from vit.error_text import device_memory_error
 from vit.preemption import EXIT_PREEMPTED, START_UP_LINE, PreemptedAtStartUp, stop_at_start_up
 
 FLAGS = flags.FLAGS
@@ -112,7 +113,13 @@ def _set_to_none(config: Any, key: str) -> None:
 
 
 def _one_line(err: Exception) -> str:
-    """The error line for `err`; an OSError names its path, its reason and what to check."""
+    """The error line for `err`; an OSError names its path, its reason and what to check, an
+    accelerator's out-of-memory error the config keys that lower the memory."""
+    out_of_memory = device_memory_error(
+        err, "lower config.batch_size, or keep it with config.grad_accum_steps (micro-batches) "
+        "or config.model.remat=block")
+    if out_of_memory is not None:
+        return out_of_memory
     if not isinstance(err, OSError) or err.strerror is None:
         return str(err)
     where = f" {err.filename}" if err.filename else ""
