@@ -1,7 +1,8 @@
 """The image-folder layout: which files each split of root/<split>/<class>/ holds.
 
 Class names are the class folders' names over all splits, sorted; a split's files come in one
-fixed shuffled order (seed 0). Hidden names (`is_hidden`: .ipynb_checkpoints, macOS's ._x.png
+fixed stratified order (seed 0: `stratified_order`), so that every slice of it holds each class
+in proportion. Hidden names (`is_hidden`: .ipynb_checkpoints, macOS's ._x.png
 AppleDouble files, __MACOSX) are skipped at every level, images in subfolders of a class folder
 are not read (one warning says so), and a scan is kept until a folder's modification time
 changes. `vit/sources.py` reads the files as a `Source`.
@@ -92,8 +93,9 @@ def _is_readable(path: str) -> bool:
 def scan_folder(root: str, skip_corrupt: bool) -> tuple[tuple[str, ...], dict]:
     """Lists root/<split>/<class>/ images: (sorted class names, {split: [(path, label), ...]}).
 
-    Each split's files come in one fixed shuffled order (seed 0), as TFDS stores a prepared
-    split, so slices such as "train[:98%]" and the processes' parts mix the classes. The scan
+    Each split's files come in one fixed order (seed 0), as TFDS stores a prepared split, but
+    stratified (`stratified_order`): slices such as "train[98%:]" and the processes' parts hold
+    every class in proportion to its share of the split. The scan
     is cached until a folder's modification time changes (a file or class added or removed).
     Hidden names (`is_hidden`) are skipped at every level.
     """
@@ -179,8 +181,23 @@ def _scan_folder_once(root: str, skip_corrupt: bool, _times: tuple) -> tuple[tup
     if skip_corrupt:
         files = {s: _without_corrupt(s, f) for s, f in files.items()}
     for s in splits:
-        np.random.default_rng(0).shuffle(files[s])
+        order = stratified_order(np.array([label for _, label in files[s]], np.int64))
+        files[s] = [files[s][i] for i in order]
     return class_names, files
+
+
+def stratified_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A permutation of `labels`' indices, classes interleaved at random and each spread evenly
+    through it: any slice holds each class in proportion to within a couple of examples, where a
+    plain shuffle's error grows with the square root of the slice."""
+    rng = np.random.default_rng(seed)
+    keys = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        # member i of n sits at a random point of the i-th of n equal steps through the split
+        keys[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
+    return np.argsort(keys, kind="stable")
 
 
 def folder_root(dataset: str) -> str:
