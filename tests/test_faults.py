@@ -729,11 +729,19 @@ def test_skipped_update_leaves_params_and_optimizer_state_unchanged():
         np.testing.assert_array_equal(a, b)
     assert (int(new.opt_state.notfinite_count), int(new.opt_state.total_notfinite)) == (1, 1)
     # The next, finite update is the optimizer's first: it applies (and logs) lr(0), not lr(1).
+    # So is the EMA's: its warm-up decay is that of update 0 (0.1), not of update 1 (0.18); an
+    # EMA of zeros shows which, as lr(0) = 0 leaves the params where they are.
     batch["image"] = np.zeros_like(batch["image"])
-    _, metrics = step(parallel.replicate(new), parallel.shard(batch))
+    new = new.replace(ema_params=jax.tree_util.tree_map(np.zeros_like, new.ema_params))
+    after, metrics = step(parallel.replicate(new), parallel.shard(batch))
+    after = parallel.unreplicate(after)
     schedule = optim.learning_rate_schedule(config)
     assert float(schedule(0)) != float(schedule(1))
     assert float(metrics["lr"][0]) == pytest.approx(float(schedule(0)))
+    want = optim.ema_update(new.ema_params, after.params, optim.ema_decay_at(0, 0.9))
+    for a, b in zip(jax.tree_util.tree_leaves(after.ema_params), jax.tree_util.tree_leaves(want),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 # --- two processes on 127.0.0.1, SIGTERM to one of them -------------------------------------

@@ -89,6 +89,7 @@ def make_train_step(
              ) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         rng = jax.random.fold_in(rng, lax.axis_index(parallel.AXIS))
+        # split's keys are fold_in(rng, 0) and (rng, 1): the other streams fold in 2 and up
         mix_rng, dropout_rng = jax.random.split(rng)
         labels = batch["label"]
         targets = mix.smooth_labels(labels, num_classes, float(config.label_smoothing))
@@ -102,7 +103,7 @@ def make_train_step(
             images = adversarial.perturb_for_training(
                 adv, config.pp.normalize, lambda x: model.apply(
                     {"params": state.params}, x, train=True, rngs={"dropout": dropout_rng}),
-                images, targets, jax.random.fold_in(rng, 1), loss_name)
+                images, targets, jax.random.fold_in(rng, 3), loss_name)
         taught = None if teacher is None else distill.teacher_logits(
             teacher, teacher_params, images, config.pp.normalize)
         if accum > 1:
@@ -116,8 +117,9 @@ def make_train_step(
                                  state.params)
         ema = state.ema_params
         if ema is not None:
+            applied = nonfinite.applied_updates(state.opt_state, skip_cap, state.step)
             ema = nonfinite.guard(opt_state, skip_cap, optim.ema_update(
-                ema, params, optim.ema_decay_at(state.step, ema_decay)), ema)
+                ema, params, optim.ema_decay_at(applied, ema_decay)), ema)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema)
         step_metrics = {
