@@ -162,6 +162,43 @@ def test_resume_after_sigkill_between_saves_is_exact(straight_run, tmp_path):
         assert len(tag_steps) == len(set(tag_steps)), tag
 
 
+def _drop_evaluation(workdir: Path, step: int) -> None:
+    """Make `workdir` look killed while evaluating `step`: its later lines, checkpoints and
+    summaries gone, and step's line without the eval values."""
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    kept = [{k: v for k, v in x.items() if not (x["step"] == step and k.startswith("eval"))}
+            for x in lines if x["step"] <= step]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+    for saved in (workdir / "checkpoints").iterdir():
+        if saved.name.isdigit() and int(saved.name) > step:
+            shutil.rmtree(saved)
+    metrics.prune_event_files(workdir / "tensorboard", step - 1)
+
+
+def test_an_evaluation_killed_after_its_save_is_run_again_on_resume(tmp_path):
+    """A run SIGKILLed while evaluating a step it had just saved resumes by evaluating that step
+    (it would otherwise start at the next and never record it), and a finished run killed in its
+    final evaluation records it on the rerun; each step once in metrics.jsonl, values exact."""
+    every = ("--config.total_steps=8", "--config.eval_every=4", "--config.log_every=1")
+    done = _run(tmp_path / "straight", *every)
+    assert done.returncode == 0, done.stderr[-2000:]
+    straight = _eval_lines(tmp_path / "straight")
+    assert [x["step"] for x in straight] == [4, 8]
+    for step in (4, 8):
+        workdir = tmp_path / f"killed_at_{step}"
+        shutil.copytree(tmp_path / "straight", workdir)
+        _drop_evaluation(workdir, step)
+        assert [x["step"] for x in _eval_lines(workdir)] == [4] * (step == 8)
+        resumed = _run(workdir, *every)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert _eval_lines(workdir) == straight
+        assert _logged_steps(workdir) == list(range(1, 9))
+        for tag, tag_steps in event_steps(workdir / "tensorboard").items():
+            assert len(tag_steps) == len(set(tag_steps)), tag
+    again = _run(tmp_path / "straight", *every)  # recorded already: nothing written again
+    assert again.returncode == 0 and _eval_lines(tmp_path / "straight") == straight
+
+
 def test_four_devices_match_one_device_with_the_same_global_batch(straight_run, tmp_path):
     four = _run(tmp_path, "--config.log_every=1", devices=4)
     assert four.returncode == 0, four.stderr[-2000:]

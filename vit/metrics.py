@@ -80,6 +80,8 @@ class MetricWriter:
                 prune_event_files(root / TENSORBOARD_DIR, keep)
             self._events = tf.summary.create_file_writer(str(root / TENSORBOARD_DIR))
             self._jsonl = (root / JSONL_FILE).open("a", encoding="utf-8")
+            if start_step:  # a resume's first write at its step joins that step's line
+                self._last = _last_line(root / JSONL_FILE)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Record `scalars` at `step` everywhere; a second call for one step joins its line."""
@@ -147,6 +149,26 @@ class MetricWriter:
 def _json_float(value: float) -> float | str:
     """JSON has no NaN or infinity: write those as the strings "nan", "inf", "-inf"."""
     return value if math.isfinite(value) else str(value)
+
+
+def _last_line(path: Path) -> tuple[int, int, dict] | None:
+    """(step, file offset, record) of a metrics.jsonl's last line (as pruned: whole lines)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        return None
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    record = json.loads(data[start:])
+    return int(record["step"]), start, record
+
+
+def has_scalars(workdir: str, step: int, prefix: str) -> bool:
+    """Whether the workdir's metrics.jsonl records a scalar named `prefix`... at `step`."""
+    path = Path(workdir) / JSONL_FILE
+    if not path.exists():
+        return False
+    return any(int(record["step"]) == step and any(k.startswith(prefix) for k in record)
+               for record in read_jsonl(path))
 
 
 def read_jsonl(path: str | Path, strict: bool = False) -> list[dict]:

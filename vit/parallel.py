@@ -144,6 +144,13 @@ def sync_global_devices(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def on_any_process(flag: bool) -> bool:
+    """Whether `flag` is true on at least one process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 def require_same_on_every_process(what: str, text: str) -> None:
     """ParallelError on every process, naming the first whose `text` (e.g. its run config)
     differs from process 0's; collectives would otherwise wait for each other forever."""

@@ -169,7 +169,15 @@ def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: da
         if int(state.step) >= int(config.total_steps):
             log.info("%s holds a finished run (step %d, total_steps %d): evaluating it",
                      workdir, int(state.step), int(config.total_steps))
-            scalars = _evaluate(model, parallel.replicate(state), config, int(state.step))
+            step = int(state.step)
+            writer = None  # the run's own final evaluation is recorded already, unless killed
+            if _evaluation_missing(workdir, step):
+                writer = _metric_writer(config, workdir, step)
+            try:
+                scalars = _evaluate(model, parallel.replicate(state), config, step, writer)
+            finally:
+                if writer is not None:
+                    writer.close()
             return TrainResult(scalars, state)
         teacher = distill.load_teacher(config, info.class_names)  # only where steps remain
         return _loop(config, workdir, model, info, tx, state, ckpt, watch, teacher)
@@ -266,6 +274,10 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     if start:  # the steps between the checkpoint's last log step and itself
         recent.restore_window(ckpt.metadata(start).get(_LOG_WINDOW))
     final: dict[str, float] = {}
+    if start and config.eval_every and start % config.eval_every == 0 \
+            and _evaluation_missing(workdir, start):
+        # killed while evaluating the step it had just saved: that evaluation, then the steps
+        final.update(_evaluate(model, rstate, config, start, writer))
     shown: dict[str, float] = {}  # the progress line's loss and lr: the latest logged ones
     window = metrics.TrainWindow()
 
@@ -370,6 +382,12 @@ def _evaluate(model: VisionTransformer, rstate: TrainState, config: Any, step: i
         writer.flush()
     log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
     return scalars
+
+
+def _evaluation_missing(workdir: str, step: int) -> bool:
+    """Whether metrics.jsonl lacks the evaluation of `step` (process 0's file decides for all)."""
+    missing = jax.process_index() == 0 and not metrics.has_scalars(workdir, step, "eval/")
+    return parallel.on_any_process(missing)
 
 
 def _metric_writer(config: Any, workdir: str, start: int) -> metrics.MetricWriter:
