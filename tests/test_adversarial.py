@@ -161,6 +161,21 @@ def test_training_perturbation_is_within_eps_and_deterministic(tiny, method):
                                             key) is images
 
 
+def test_training_perturbation_moves_out_of_range_pixels_no_further_than_eps(tiny):
+    """Random erasing's noise boxes put pixels outside [0, 1]; the attack's clipping widens the
+    range to hold them instead of pulling them in by far more than eps."""
+    model, params, pixels, labels = tiny
+    adv_config = adversarial.default_config()
+    adv_config.method, adv_config.steps = "pgd", 3
+    noisy = pixels.at[:, :8].set(jax.random.normal(jax.random.PRNGKey(3), (8, 8, 16, 3)) * 2)
+    assert float(noisy.min()) < -1 and float(noisy.max()) > 2
+    out = adversarial.perturb_for_training(
+        adv_config, "cifar10", lambda x: model.apply({"params": params}, x),
+        adversarial.normalize(noisy, "cifar10"), jax.nn.one_hot(labels, 10), jax.random.PRNGKey(5))
+    moved = np.abs(np.asarray(adversarial.denormalize(out, "cifar10") - noisy))
+    assert moved.max() <= adv_config.eps + 1e-5 and moved.max() > 0
+
+
 def test_bad_adv_train_settings_fail_at_start_up():
     config = config_schema.default_config()
     config.adv_train.method = "pgd2"

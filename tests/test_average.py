@@ -58,8 +58,11 @@ def test_checkpoints_of_other_models_or_classes_are_refused_in_one_line(tmp_path
     write(str(tmp_path / "wide"), dict(PLAIN, width=48, num_heads=2))
     write(str(tmp_path / "gap"), dict(SMALL, classifier="gap", posemb="learn"))
     write(str(tmp_path / "six"), PLAIN, num_classes=6)
+    write(str(tmp_path / "imagenet"), PLAIN, normalize="imagenet")
     for other, words in (("wide", "another model"), ("gap", "another model"),
-                         ("six", "other classes")):
+                         ("six", "other classes"),
+                         ("imagenet", "another input normalisation \\(pp.normalize='imagenet' "
+                                      "against 'cifar10'\\)")):
         with pytest.raises(AverageError, match=words) as info:
             average_checkpoints([str(tmp_path / "a"), str(tmp_path / other)],
                                 str(tmp_path / f"out-{other}"))

@@ -52,6 +52,7 @@ def test_stablehlo_matches_and_loads_without_model_code(recipe, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     meta = json.loads((tmp_path / "export.json").read_text())["stablehlo"]
     assert meta["normalize"] == "cifar10" and meta["class_names"][0] == "c0"
+    assert meta["use_ema"] is False
     assert meta["check"]["images_per_s"] is None  # not measured: null, not NaN
     assert "speed not measured" in result.summary()
 
@@ -150,6 +151,24 @@ def test_cli_export_prints_the_check_and_names_bad_input(recipe, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert "does not support a MAP head" in err[0]  # refused before the onnx extra is needed
+    assert not (tmp_path / "m").exists()
+
+
+def test_onnx_refuses_weights_one_protobuf_cannot_hold(tmp_path, capsys, monkeypatch):
+    """ViT-H and larger hold over 2 GiB of float32 weights, more than one ONNX protobuf takes:
+    refused in one line naming the other formats (the limit lowered here to a tiny model's)."""
+    from vit import onnx_export
+
+    model, params = write(str(tmp_path / "run"), PLAIN)
+    size = sum(4 * np.size(v) for v in jax.tree_util.tree_leaves(params))
+    monkeypatch.setattr(onnx_export, "WEIGHT_BYTES_LIMIT", size - 1)
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "onnx",
+                     "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: the onnx exporter does not support weights of 0.00 GiB (one "
+                             "ONNX protobuf holds at most 2 GiB); export this model with "
+                             "--format saved_model or stablehlo instead"), err
     assert not (tmp_path / "m").exists()
 
 

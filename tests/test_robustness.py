@@ -12,6 +12,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from test_evaluate import CIFAR_DIR, save_tiny_checkpoint, tiny_config
+from tiny_checkpoints import SMALL as SMALL_MODEL
+from tiny_checkpoints import write
 
 from vit import adversarial, cli, data, parallel, preprocess, robustness
 from vit.checkpoint import load_checkpoint
@@ -216,7 +218,7 @@ def test_cli_writes_json_and_reliability_diagram(run, tmp_path, capsys):
     assert "ECE" in capsys.readouterr().out and (tmp_path / "e.png").exists()
 
 
-def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
+def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys, tmp_path):
     assert parse_severities("1-5") == (1, 2, 3, 4, 5) and parse_severities("1,3") == (1, 3)
     assert parse_corruptions("noise,fog,fog") == ("gaussian_noise", "shot_noise",
                                                   "impulse_noise", "fog")
@@ -246,6 +248,11 @@ def test_options_parse_and_bad_ones_are_one_line_errors(run, capsys):
         robustness.robustness_report(run["workdir"], eps=[2.0])
     with pytest.raises(RobustnessError, match="seed -1 must be an integer >= 0"):
         robustness.robustness_report(run["workdir"], seed=-1)
+    other = str(tmp_path / "other_classes")  # 10 classes at 32 px, named c0..c9
+    write(other, SMALL_MODEL, num_classes=10, image_size=32)
+    with pytest.raises(RobustnessError, match="names its classes otherwise than"):
+        robustness.robustness_report(run["workdir"], corruption_names=("fog",), severities=(1,),
+                                     attack=None, baseline=other)
     code = cli.main(["robustness", "--checkpoint", run["workdir"], "--eps", "x"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (

@@ -138,6 +138,9 @@ def iterate(
     start and the result included) was classified correctly (all True without labels).
     """
     grad_fn = jax.grad(lambda d: loss_fn(pixels + d), has_aux=True)
+    # The valid range, widened to hold pixels already outside [0, 1] (random erasing's noise
+    # boxes): clipping must never move a pixel further than the attack's own radius.
+    low, high = jnp.minimum(pixels, 0.0), jnp.maximum(pixels, 1.0)
 
     def step(carry, size):
         delta, correct = carry
@@ -145,10 +148,10 @@ def iterate(
         if labels is not None:
             correct &= jnp.argmax(logits, -1) == labels
         delta = _project(delta + size * _ascent(grad, norm), eps, norm)
-        return (jnp.clip(pixels + delta, 0.0, 1.0) - pixels, correct), None
+        return (jnp.clip(pixels + delta, low, high) - pixels, correct), None
 
     correct = jnp.ones(pixels.shape[:1], bool)
-    delta = jnp.clip(pixels + _project(delta, eps, norm), 0.0, 1.0) - pixels
+    delta = jnp.clip(pixels + _project(delta, eps, norm), low, high) - pixels
     (delta, correct), _ = lax.scan(step, (delta, correct), step_sizes)
     adversarial = pixels + delta
     if labels is not None:

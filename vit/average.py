@@ -59,6 +59,12 @@ def _check_same_model(first: CheckpointContents, other: CheckpointContents, wher
         if first.config.get(key) != other.config.get(key):
             raise AverageError(f"{where} holds another {what} ({other.config.get(key)} against "
                                f"{first.config.get(key)}): average checkpoints of one model")
+    for what, key in (("input normalisation", "normalize"), ("evaluation resize", "eval_resize")):
+        ours, theirs = ((c.config.get("pp") or {}).get(key) for c in (first, other))
+        if ours != theirs:
+            raise AverageError(f"{where} was trained with another {what} (pp.{key}={theirs!r} "
+                               f"against {ours!r}): the average would be run with the first's; "
+                               "average checkpoints trained alike")
     names = (first.dataset_info.get("class_names"), other.dataset_info.get("class_names"))
     if names[0] != names[1]:
         raise AverageError(f"{where} has other classes ({first_names(names[1] or [])} against "

@@ -363,7 +363,8 @@ def export(
     result = ExportResult(fmt, str(path), size_on_disk(path), diff, speed, ref_speed, verified_on)
     meta = {"format": fmt, "input": _INPUTS[fmt],
             "image_size": json_image_size(loaded.config.image_size),
-            "normalize": loaded.config.pp.normalize, "eval_resize": loaded.config.pp.eval_resize,
+            "normalize": loaded.config.pp.normalize,
+            "eval_resize": loaded.config.pp.get("eval_resize"), "use_ema": use_ema,
             "class_names": list(loaded.info.class_names), "step": loaded.step,
             "checkpoint": None if isinstance(checkpoint, InferenceModel) else str(checkpoint),
             "check": result.to_dict()}

@@ -88,9 +88,17 @@ class _Graph:
         return self.op("Add", self.op("Mul", normed, shaped(scale)), shaped(bias))
 
 
+# One protobuf holds the graph with its weights: 2 GiB at most, less what the graph itself takes.
+WEIGHT_BYTES_LIMIT = 2**31 - 2**26
+
+
 def unsupported(loaded: InferenceModel) -> str | None:
     """What of the checkpoint's model this exporter cannot write ("a MAP head", ...), or None."""
     model = loaded.model
+    weight_bytes = sum(4 * np.size(v) for v in flatten_params(loaded.params).values())
+    if weight_bytes > WEIGHT_BYTES_LIMIT:  # ViT-H and larger: float32 weights inlined
+        return (f"weights of {weight_bytes / 2**30:.2f} GiB (one ONNX protobuf holds at most "
+                "2 GiB)")
     if model.classifier == "map":
         return "a MAP head"
     if model.resnet_layers is not None:

@@ -288,6 +288,11 @@ def robustness_report(
                 f"baseline {baseline!r} takes {sizes[0]} px images and {other.info.num_classes} "
                 f"classes but {checkpoint!r} {sizes[1]} px and {main.info.num_classes}; use a "
                 "baseline trained on the same data and size")
+        if tuple(other.info.class_names) != tuple(main.info.class_names):
+            raise RobustnessError(
+                f"baseline {baseline!r} names its classes otherwise than {checkpoint!r} (or in "
+                "another order), so its errors would count other labels; use a baseline trained "
+                "on the same dataset")
         models.append(_Model(other, parallel.replicate(other.params)))
     chosen = _choose_source(source, config, corruption_names, severities)
     shape = (len(models), len(corruption_names), len(severities))
