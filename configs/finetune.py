@@ -20,7 +20,9 @@ Variants after the colon:
                  (dinov2_g/14 and dinov2reg_g/14: DINOv2's giant, 1536 wide, 24 heads, SwiGLU):
                      python train.py --config=configs/finetune.py:dinov2_S/14-cifar10-224 \
                          --workdir=runs/dinov2-c10 --init_from=dinov2_s14/model.safetensors
-                 Not run here either, nor their memory measured: they accumulate no
+                 Not run here either, nor their memory measured. Family variants take the
+                 table below by model and size (clip_B/16-cifar10-224: 4 micro-batches, as
+                 B/16 at 224 px); other models and sizes (S/14, B/14, ...) accumulate no
                  gradients, so measure them as below and set --config.grad_accum_steps.
   clip_B/16-cifar10-224, cliplaion_B/16-cifar100-224
                  the same from a CLIP image tower: OpenAI's (timm vit_base_patch16_clip_
@@ -69,8 +71,9 @@ GPU's and an upper bound for bfloat16 and for flash attention; see that file):
                   --config.grad_accum_steps=2 (1: 70.2 GiB, too much).
   S/16 at 384 px  8 (micro-batch 64): 36.1 GiB on 1 device; 4.9 GiB on 8 (1: 34.9 GiB).
   B/16 at 224 px  4 (micro-batch 128): 33.3 GiB on 1 device; 5.3 GiB on 8 (1: 16.9 GiB).
-Parameters 344 MB (B/16) and 87 MB (S/16), momentum as much. Other models and sizes accumulate
-nothing: measure them the same way and set --config.grad_accum_steps.
+Parameters 344 MB (B/16) and 87 MB (S/16), momentum as much. The family variants of these models
+and sizes take the same (their parameters differ by less than 1%); other models and sizes
+accumulate nothing: measure them the same way and set --config.grad_accum_steps.
 """
 
 import ml_collections
@@ -78,8 +81,10 @@ import ml_collections
 from vit.config_schema import default_config, model_config
 from vit.rope import eva02_grid
 
-_DATASETS = {"cifar10": ("cifar10", "train[:98%]", "train[98%:]"),
-             "cifar100": ("cifar100", "train[:98%]", "train[98%:]")}
+# (dataset, train split, eval split): evaluated on the test split, as the paper's figures are;
+# --config.eval_split='train[98%:]' for big_vision's minival instead.
+_DATASETS = {"cifar10": ("cifar10", "train[:98%]", "test"),
+             "cifar100": ("cifar100", "train[:98%]", "test")}
 _SMALL_MODEL = dict(width=128, depth=4, num_heads=4, mlp_dim=384)
 # Backbone families whose weights need more than a plain ViT: their model options (LayerScale's
 # initial value is replaced by the loaded scales) and input normalisation.

@@ -1,8 +1,10 @@
 """ViT-S/16 and B/16 on ImageNet-1k with the "Better plain ViT baselines" recipe, for accelerators.
 
 Beyer, Zhai, Kolesnikov (2022): batch 1024, AdamW lr 1e-3, weight decay 1e-4 (decoupled),
-10k warmup steps then cosine, RandAugment(2, 10), mixup 0.2, global average pooling head,
-fixed 2-D sin-cos position embedding, inception crop + flip at 224 px, 90 or 300 epochs.
+10k warmup steps then cosine, RandAugment(2, 10), mixup 0.2, global average pooling head with
+a pre-logits layer (Dense + tanh of the model's width: big_vision's rep_size=True), fixed 2-D
+sin-cos position embedding, inception crop + flip at 224 px, 90 or 300 epochs of the 99% of the
+train split it trains on (the other 1% is big_vision's minival).
 Variants: S/16, B/16 (90 epochs), S/16-300ep, B/16-300ep.
 
     python train.py --config=configs/imagenet.py:S/16 --workdir=runs/in1k-s16 \
@@ -24,8 +26,9 @@ GPU's and an upper bound for bfloat16 and for flash attention; see that file):
 import ml_collections
 
 from vit.config_schema import default_config, model_config
+from vit.model import VARIANTS
 
-_TRAIN_IMAGES = 1_281_167
+_TRAIN_IMAGES = 1_281_167 * 99 // 100  # train[:99%], the split trained on
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -54,6 +57,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.mixup_alpha = 0.2
     # bfloat16 compute, float32 parameters and optimizer state (vit/model.py)
     c.model = model_config(arch, classifier="gap", posemb="sincos2d", dtype="bfloat16")
+    c.model.representation_size = VARIANTS[arch.split("/")[0]]["width"]  # rep_size=True
     c.optimizer = "adamw"
     c.lr = 1e-3
     c.weight_decay = 1e-4  # decoupled, as the paper's (and big_vision's) wd: see vit/optim.py

@@ -125,7 +125,8 @@ def test_imagenet_recipe(tmp_path, monkeypatch):
     assert config.batch_size == 1024 and config.lr == 1e-3 and config.mixup_alpha == 0.2
     assert (config.pp.randaugment_num_ops, config.pp.randaugment_magnitude) == (2, 10)
     assert config.weight_decay == pytest.approx(1e-4)  # decoupled: not scaled by lr
-    assert config.warmup_steps == 10_000 and config.total_steps == 90 * 1_281_167 // 1024
+    assert config.warmup_steps == 10_000 and config.total_steps == 90 * 1_268_355 // 1024
+    assert config.model.representation_size == 384  # big_vision's rep_size=True: the width
 
     # The same recipe, shrunk to seconds, trains on mocked imagenet2012.
     monkeypatch.setattr(trainer.checkpoint, "Checkpointer", _InMemoryCheckpointer)

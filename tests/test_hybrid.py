@@ -185,6 +185,24 @@ def test_vit_jax_npz_round_trips_and_adapts(tmp_path, tiny32):
     assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 16, 64)
 
 
+def test_group_norms_saved_by_old_flax_as_1_1_1_c_load(tmp_path, tiny32):
+    """The public R50+ViT .npz files were written by a flax that stored GroupNorm parameters as
+    [1, 1, 1, C]: they are read as [C] (as vit_jax's loader does), with a note."""
+    model, target = tiny32
+    flat = flax.traverse_util.flatten_dict(target, sep="/")
+    old = {k: v.reshape(1, 1, 1, -1) if "/gn" in f"/{k}" and k.endswith(("scale", "bias")) else v
+           for k, v in flat.items()}
+    shaped = [k for k in old if old[k].ndim == 4 and flat[k].ndim == 1]
+    assert "gn_root/scale" in shaped and "block1/unit1/gn1/bias" in shaped
+    np.savez(tmp_path / "R_old.npz", **old)
+    weights = read_weights(tmp_path / "R_old.npz")
+    assert weights.notes == [f"{len(shaped)} GroupNorm scales / biases of shape [1, 1, 1, C] "
+                             "(flax < 0.3.6's layout, as in the public hybrid .npz files) read "
+                             "as [C]"]
+    params, _ = adapt_params(weights, jax.tree.map(jnp.zeros_like, target), model)
+    jax.tree.map(np.testing.assert_array_equal, params, target)
+
+
 def test_layer_decay_treats_the_trunk_as_the_input_layer():
     model = tiny()
     params = jax.eval_shape(lambda: vit.init_params(model, jax.random.PRNGKey(0)))

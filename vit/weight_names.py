@@ -409,9 +409,27 @@ def to_vit_naming(state: Mapping[str, np.ndarray], architecture: str | None = No
         state = _unscanned(state)
         notes.append("scanned encoder blocks (Transformer/encoderblock/..., big_vision's "
                      "scan=True) split into encoderblock_{i}")
+    state, squeezed = _squeezed_group_norms(state)
+    if squeezed:
+        notes.append(f"{squeezed} GroupNorm scales / biases of shape [1, 1, 1, C] (flax < 0.3.6's "
+                     "layout, as in the public hybrid .npz files) read as [C]")
     weights = _from_per_type_names(state)
     weights.notes[:0] = notes
     return weights
+
+
+_GROUP_NORM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
+
+
+def _squeezed_group_norms(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """The ResNet trunk's GroupNorm parameters as [C] where an old flax saved them [1, 1, 1, C]
+    (vit_jax's own loader squeezes them the same way); and how many were."""
+    out, count = {}, 0
+    for key, value in state.items():
+        if _GROUP_NORM.search(key) and np.ndim(value) == 4 and np.shape(value)[:3] == (1, 1, 1):
+            value, count = np.reshape(value, -1), count + 1
+        out[key] = value
+    return out, count
 
 
 def _unscanned(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
