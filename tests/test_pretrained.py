@@ -651,6 +651,29 @@ def test_resample_posemb_properties(method, max_err, mean_err):
     assert again.shape == pe.shape
 
 
+def test_zoom_resampling_is_vit_jax_and_big_visions_corner_aligned_linear_one():
+    """"zoom" keeps the corner patches' embeddings and interpolates linearly between them (what
+    scipy.ndimage.zoom(order=1) does in vit_jax / big_vision), where "bilinear" (half-pixel,
+    antialiased) averages; "auto" takes it for vit_jax / big_vision files only."""
+    from vit.pretrained import posemb_resampling
+    from vit.weight_formats import Weights
+
+    four = np.arange(16, dtype=np.float32).reshape(1, 16, 1)
+    np.testing.assert_array_equal(
+        resample_posemb(four, (2, 2), num_prefix_tokens=0, method="zoom")[0, :, 0], [0, 3, 12, 15])
+    assert not np.allclose(resample_posemb(four, (2, 2), num_prefix_tokens=0)[0, :, 0],
+                           [0, 3, 12, 15])
+    two = np.concatenate([np.full((1, 1, 1), 7.0), four[:, [0, 3, 12, 15]]], 1)
+    up = resample_posemb(two, (4, 4), num_prefix_tokens=1, method="zoom")
+    np.testing.assert_allclose(up[0, 1:, 0].reshape(4, 4),
+                               np.add.outer(np.linspace(0, 12, 4), np.linspace(0, 3, 4)),
+                               atol=1e-5)
+    assert up[0, 0, 0] == 7.0
+    assert [posemb_resampling("auto", Weights({}, source)) for source in
+            ("vit_jax", "timm", "hf", "checkpoint")] == ["zoom"] + ["bilinear"] * 3
+    assert posemb_resampling("bicubic", Weights({}, "vit_jax")) == "bicubic"
+
+
 def test_resample_posemb_bad_inputs():
     pe = smooth_posemb((2, 3), prefix=0)
     with pytest.raises(WeightsError, match="pass old_grid"):

@@ -89,8 +89,9 @@ def _logits(q: Array, k: Array, mask: Array | None) -> Array:
     """Scaled float32 logits [B, heads, Tq, Tk] of heads-first q, k; masked keys at the float32
     minimum."""
     scale = 1.0 / np.sqrt(q.shape[-1]).astype(np.float32)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-    logits = logits.astype(jnp.float32)
+    # float32 out of the matmul itself: bfloat16 logits would be rounded before the softmax
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                        preferred_element_type=jnp.float32)
     return logits if mask is None else jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
 
 

@@ -107,7 +107,8 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.init_required = False  # a fine-tuning config: refuse to start from scratch without init_from
     c.init_keep_head = _optional(bool)  # None: keep the head iff its shape fits
     c.init_keep_pre_logits = True
-    c.init_posemb_method = "bilinear"  # or "bicubic": position-embedding resampling
+    c.init_posemb_method = "auto"  # position-embedding resampling: "auto" (vit_jax / big_vision
+    # weights "zoom", as their code does; others "bilinear"), or vit.pretrained.RESAMPLE_METHODS
     c.init_resize_patch = False  # FlexiViT PI-resize of the patch kernel to a new patch size
     c.distributed = False  # multi-host: jax.distributed.initialize
     c.coordinator_address = _optional(str)  # host:port; None -> JAX_COORDINATOR_ADDRESS

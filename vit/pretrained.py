@@ -32,7 +32,10 @@ from vit.weight_formats import (
 __all__ = ["Weights", "WeightsError", "adapt_params", "load_pretrained", "read_weights",
            "resample_posemb", "resize_patch_kernel"]
 
-RESAMPLE_METHODS = ("bilinear", "bicubic", "nearest", "lanczos3")
+# "zoom": vit_jax's and big_vision's resample_posemb (scipy.ndimage.zoom, order 1: linear with
+# the corner patches' embeddings kept, no antialiasing); the others: jax.image.resize's
+# (half-pixel centres, antialiased when shrinking). "auto" (adapt_params) picks by the source.
+RESAMPLE_METHODS = ("zoom", "bilinear", "bicubic", "nearest", "lanczos3")
 EMBEDDING = "embedding/kernel"
 DROPPABLE = ("pre_logits/", "MAPHead_0/", "cls", POSEMB, "Transformer/registers")
 
@@ -54,7 +57,7 @@ def resample_posemb(
     """
     if method not in RESAMPLE_METHODS:
         raise WeightsError(f"unknown posemb resampling method {method!r}; use one of "
-                           f"{', '.join(RESAMPLE_METHODS)}")
+                           f"{', '.join(RESAMPLE_METHODS)} (or auto, for adapt_params)")
     posemb = np.asarray(posemb)
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise WeightsError(f"a position embedding is shaped [1, tokens, width], got {posemb.shape}")
@@ -67,8 +70,15 @@ def resample_posemb(
     if tuple(old_grid) == new_grid:
         return posemb.copy()
     width = grid.shape[-1]
-    image = jnp.asarray(grid.reshape(*old_grid, width), jnp.float32)
-    resized = jax.image.resize(image, (*new_grid, width), method=method)
+    if method == "zoom":
+        from scipy import ndimage
+
+        factors = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1.0)
+        resized = ndimage.zoom(grid.reshape(*old_grid, width).astype(np.float32), factors,
+                               order=1)
+    else:
+        image = jnp.asarray(grid.reshape(*old_grid, width), jnp.float32)
+        resized = jax.image.resize(image, (*new_grid, width), method=method)
     resized = np.asarray(resized, posemb.dtype).reshape(1, -1, width)
     return np.concatenate([prefix, resized], axis=1)
 
@@ -183,10 +193,18 @@ def _head_notes(loaded: Mapping[str, np.ndarray], target: Mapping[str, Any]) -> 
 _NEW_TOKENS = {"cls": "class token", "Transformer/registers": "register tokens"}
 
 
+def posemb_resampling(method: str, loaded: Any) -> str:
+    """`method`, or for "auto" the resampling the weights' own code base fine-tunes with: "zoom"
+    for vit_jax / big_vision files (their resample_posemb), else "bilinear"."""
+    if method != "auto":
+        return method
+    return "zoom" if getattr(loaded, "source", None) == "vit_jax" else "bilinear"
+
+
 def adapt_params(
     loaded: Mapping[str, Any], target: Mapping[str, Any], model: Any, *,
     keep_head: bool | None = None, keep_pre_logits: bool = True,
-    posemb_method: str = "bilinear", resize_patch: bool = False,
+    posemb_method: str = "auto", resize_patch: bool = False,
     old_grid: tuple[int, int] | None = None, class_names: Sequence[str] | None = None,
     normalize: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
@@ -256,7 +274,8 @@ def adapt_params(
             continue
         value = _as_matrix_layout(name, src[name], init)
         if name == POSEMB and value.ndim == 3:  # the grid, not the shape: 8x8 != 4x16
-            value, posemb_notes = _adapt_posemb(value, init, model, "cls" in src, posemb_method,
+            value, posemb_notes = _adapt_posemb(value, init, model, "cls" in src,
+                                                posemb_resampling(posemb_method, loaded),
                                                 old_grid or getattr(loaded, "grid", None))
             notes.extend(posemb_notes)
         if (name == EMBEDDING and resize_patch and value.shape[2:] == init.shape[2:]
