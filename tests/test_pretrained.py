@@ -315,6 +315,23 @@ def test_siglip_image_tower_parity_timm_and_huggingface(tmp_path):
                                ref["features_gelu_tanh"], atol=1e-4, rtol=0)
 
 
+def test_timm_map_head_with_registers_pools_the_patches_alone(tmp_path):
+    """timm's attn_pool with registers (SigLIP with 2 registers outside the position embedding,
+    as vit_so150m_patch16_reg4_map_256) pools the patches alone (pool_include_prefix=False, its
+    default), as the MAP head here does: its logits through load_pretrained and `vit convert`."""
+    meta, ref = fixture("timm_siglip_reg_tiny")
+    path = saved(tmp_path / "timm", random_weights.build(meta["manifest"], meta["seed"]))
+    model = ti(num_classes=10, classifier="map", gelu_approximate=False, num_registers=2)
+    params, _ = load_pretrained(path, model, init(model))
+    np.testing.assert_allclose(logits(model, params, images(meta)), ref["logits_gelu_erf"],
+                               atol=1e-4, rtol=0)
+    checkpoint, _ = convert_weights(str(path), str(tmp_path / "run"), num_heads=3, gelu="erf")
+    loaded = load_inference_model(checkpoint)
+    assert (loaded.model.classifier, loaded.model.num_registers) == ("map", 2)
+    np.testing.assert_allclose(logits(loaded.model, loaded.params, images(meta)),
+                               ref["logits_gelu_erf"], atol=1e-4, rtol=0)
+
+
 def test_big_vision_two_tower_scanned_layout_loads_as_its_image_tower(tmp_path):
     """big_vision's SigLIP .npz layout, written here from a MAP model's params (big_vision's
     code is not run: a layout test): params/img/ before every image-tower name, the position

@@ -100,9 +100,9 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     patch, width = _patch_and_width(weights)
     depth = len({k.split("/")[1] for k in weights if k.startswith("Transformer/encoderblock_")})
     heads, note = _heads(weights, width, num_heads)
-    classifier = ("gap" if "cls" in weights and "fc_norm/scale" in weights else
-                  "token" if "cls" in weights else
-                  "map" if any(k.startswith("MAPHead_0/") for k in weights) else "gap")
+    classifier = ("map" if any(k.startswith("MAPHead_0/") for k in weights) else
+                  "gap" if "cls" in weights and "fc_norm/scale" in weights else
+                  "token" if "cls" in weights else "gap")
     mlp_dim, swiglu = _mlp_dim(weights, width, mlp_dim)
     posemb = "learn" if POSEMB in weights else "none" if weights.rope != "none" else "sincos2d"
     overrides = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
@@ -112,7 +112,7 @@ def infer_architecture(weights: Weights, num_heads: int | None = None,
     if weights.rope == "eva02":
         overrides["rope_grid"] = eva02_grid((patch, patch))
     if "cls" in weights and classifier != "token":
-        overrides["class_token"] = True  # beside a GAP head (EVA-02)
+        overrides["class_token"] = True  # beside a GAP head (EVA-02) or a MAP head
     if "fc_norm/scale" in weights:
         overrides["fc_norm"] = True
     if any(k.endswith("/MlpBlock_3/hidden_norm/scale") for k in weights):

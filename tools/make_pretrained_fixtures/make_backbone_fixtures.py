@@ -17,8 +17,11 @@ and tests/fixtures/timm_siglip_tiny.{json,npz} (vit_base_patch16_siglip_224 at w
 2, 64 px, 10 classes: no class token, the attention-pooling head `attn_pool`, exact GELU; its
 logits) and tests/fixtures/timm_qknorm_tiny.{json,npz} (vit_base_patch16_224 with qk_norm=True
 at width 192, depth 2, 64 px, 10 classes: LayerNorm over each head's queries and keys; its
-logits). Random weights from the manifest (tests/fixtures/random_weights.py), the input seed
-and the outputs.
+logits) and tests/fixtures/timm_siglip_reg_tiny.{json,npz} (the SigLIP one with 2 register
+tokens outside the position embedding, as vit_so150m_patch16_reg4_map_256, which its attn_pool
+leaves out: pool_include_prefix=False; its logits). Random weights from the manifest
+(tests/fixtures/random_weights.py), the input seed and the outputs. Name fixtures on the command
+line to write only those.
 """
 
 import json
@@ -47,9 +50,15 @@ MODELS = {
                          "logits_gelu_erf"),
     "timm_qknorm_tiny": ("vit_base_patch16_224", 64, 16, {"num_classes": 10, "qk_norm": True},
                          "logits_gelu_erf"),
+    "timm_siglip_reg_tiny": ("vit_base_patch16_siglip_224", 64, 16,
+                             {"num_classes": 10, "reg_tokens": 2, "no_embed_class": True},
+                             "logits_gelu_erf"),
 }
+WANTED = sys.argv[1:] or list(MODELS)  # fixture names: the others are left as they are
 
 for stem, (name, image, patch, extra, output) in MODELS.items():
+    if stem not in WANTED:
+        continue
     kwargs = dict(embed_dim=192, num_heads=3, depth=2, img_size=image, **extra)
     model = timm.create_model(name, **kwargs)
     state = model.state_dict()
