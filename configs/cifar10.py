@@ -20,8 +20,10 @@ AVX-512 and AMX; "AMD EPYC": family 25, AVX2 and AVX-512).
               EPYC Zen 5 (AVX512_BF16, no AMX), the same command: 80.3% / 98.9% in 54.0
               minutes; on a later day the same machine ran the step 1.8x faster, and with
               --config.total_steps=64000 (82 epochs) gave 81.2% / 98.5% in 49.9 minutes: the
-              model is near its plateau. On a CPU with neither AMX nor AVX512_BF16, take
-              hour-f32.
+              model is near its plateau. Deeper is a little better: --config.model.depth=6
+              --config.total_steps=44000 gave 81.7% / 98.7% there (about 48 minutes alone; the
+              measured 67 were shared with test jobs). On a CPU with neither AMX nor
+              AVX512_BF16, take hour-f32.
   hour-f32    the same model in float32, no crop, 38,000 steps.
               Measured (fresh clone, Intel Xeon): 79.9% top-1, 98.4% top-5; 64.0 minutes of
               wall time while test jobs shared the cores (it ran at 790 images/s alone before
