@@ -688,6 +688,8 @@ def test_zoom_resampling_is_vit_jax_and_big_visions_corner_aligned_linear_one():
     assert up[0, 0, 0] == 7.0
     assert [posemb_resampling("auto", Weights({}, source)) for source in
             ("vit_jax", "timm", "hf", "checkpoint")] == ["zoom"] + ["bilinear"] * 3
+    ours = Weights({}, "vit_jax", grid=(4, 4))  # a --to npz file: its config.json says its grid
+    assert posemb_resampling("auto", ours) == "bilinear"
     assert posemb_resampling("bicubic", Weights({}, "vit_jax")) == "bicubic"
 
 

@@ -195,10 +195,13 @@ _NEW_TOKENS = {"cls": "class token", "Transformer/registers": "register tokens"}
 
 def posemb_resampling(method: str, loaded: Any) -> str:
     """`method`, or for "auto" the resampling the weights' own code base fine-tunes with: "zoom"
-    for vit_jax / big_vision files (their resample_posemb), else "bilinear"."""
+    for vit_jax / big_vision files (their resample_posemb), else "bilinear". A .npz this toolkit
+    wrote (`vit convert --to npz`) has vit_jax's names but a config.json stating its grid."""
     if method != "auto":
         return method
-    return "zoom" if getattr(loaded, "source", None) == "vit_jax" else "bilinear"
+    from_vit_jax = (getattr(loaded, "source", None) == "vit_jax"
+                    and getattr(loaded, "grid", None) is None)
+    return "zoom" if from_vit_jax else "bilinear"
 
 
 def adapt_params(
