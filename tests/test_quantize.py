@@ -115,13 +115,15 @@ def test_int8_saved_model_matches_the_int8_model_at_batch_1_and_7(quantized, tmp
 def test_int8_exports_are_checked_within_one_rounding_step_of_their_logits():
     from types import SimpleNamespace
 
-    from vit.export import INT8_TOLERANCE, TOLERANCE, tolerance_for
+    from vit.export import FLOAT_RELATIVE, INT8_TOLERANCE, TOLERANCE, tolerance_for
 
     def model(quant):
         return SimpleNamespace(model=SimpleNamespace(quant=quant))
 
     small, large = np.array([[0.2, -0.3]]), np.array([[9.0, -11.0], [0.0, 3.0]])
-    assert tolerance_for(model("none"), large) == TOLERANCE == 1e-4
+    assert tolerance_for(model("none"), small) == TOLERANCE == 1e-4
+    # a range of 20: float32 drift grows with the logits
+    assert tolerance_for(model("none"), large) == pytest.approx(FLOAT_RELATIVE * 20) == 2e-4
     assert tolerance_for(model("int8"), small) == INT8_TOLERANCE == 5e-2
     assert tolerance_for(model("int8"), large) == pytest.approx(0.2)  # 1% of a range of 20
 
