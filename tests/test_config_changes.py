@@ -1,5 +1,7 @@
 """Tests for vit.config_changes: which keys changed, and whether a checkpoint still fits."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -87,3 +89,21 @@ def test_optimizer_state_of_adamw_is_part_of_the_structure():
     paths = config_changes.structure(state)
     assert any(p.startswith("opt_state/") for p in paths)
     assert paths["step"] == ((), "int32") and paths["rng"] == ((2,), "uint32")
+
+
+def test_a_longer_run_says_how_the_learning_rate_at_the_resumed_step_moves():
+    """total_steps 100 -> 200 at step 50 of a cosine decay with 10 warmup steps: the rate goes
+    from halfway down the old decay to a quarter of the way down the new one; a constant
+    schedule, or the warmup (the same in both), moves nothing."""
+    from vit.config_schema import default_config
+
+    config = default_config()
+    config.update(lr=1e-3, warmup_steps=10, total_steps=200, schedule="cosine")
+    line = config_changes.moved_learning_rate(config, 100, 50)
+    before = 1e-3 * 0.5 * (1 + math.cos(math.pi * 40 / 90))
+    after = 1e-3 * 0.5 * (1 + math.cos(math.pi * 40 / 190))
+    assert line == (f"total_steps 100 -> 200 moves the learning rate at step 50 from "
+                    f"{before:.4g} to {after:.4g}: the cosine decay now runs over the new length")
+    assert config_changes.moved_learning_rate(config, 100, 5) is None  # in the warmup
+    config.schedule = "constant"
+    assert config_changes.moved_learning_rate(config, 100, 50) is None

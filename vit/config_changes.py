@@ -10,12 +10,15 @@ and dtype) with the one the new config builds:
 - they match: every changed key is allowed and returned, so the trainer can log it.
   `is_harmless` keys (length, logging, evaluation, checkpoint cadence, multi-host address,
   fine-tuning source, experiment tracking) are what a resume is expected to change; any other
-  change (say `lr`) is allowed too, and logged as a warning.
+  change (say `lr`) is allowed too, and logged as a warning. A changed `total_steps` is
+  harmless, but stretches the schedule: `moved_learning_rate` says how the learning rate at the
+  resumed step moves.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -138,3 +141,21 @@ def check_resume(stored_config: dict, new_config: dict, saved: dict, built: dict
         f"the train state this code builds differs from the one saved in {where}, yet no key "
         f"that shapes it changed (first difference: {first} saved {saved.get(first)}, built "
         f"{built.get(first)}); {fix}")
+
+
+def moved_learning_rate(config: Any, old_total_steps: int, step: int) -> str | None:
+    """The warning when resuming at `step` with total_steps changed from `old_total_steps`
+    moves the learning rate the run continues at (a decay stretched or shrunk); else None."""
+    import copy
+
+    from vit.optim import learning_rate_schedule
+
+    old = copy.deepcopy(config)
+    with old.unlocked():
+        old.total_steps = int(old_total_steps)
+    before, after = (float(learning_rate_schedule(c)(step)) for c in (old, config))
+    if math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
+        return None
+    return (f"total_steps {old_total_steps} -> {config.total_steps} moves the learning rate at "
+            f"step {step} from {before:.4g} to {after:.4g}: the {config.schedule} decay now "
+            "runs over the new length")

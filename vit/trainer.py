@@ -208,6 +208,10 @@ def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
     for key, (old, new) in changes.items():
         level = logging.INFO if config_changes.is_harmless(key) else logging.WARNING
         log.log(level, "config.%s changed since the checkpoint: %s -> %s", key, old, new)
+    if "total_steps" in changes:
+        moved = config_changes.moved_learning_rate(config, changes["total_steps"][0], latest)
+        if moved:
+            log.warning(moved)
     state = ckpt.restore(state, latest)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     return state, tx
