@@ -87,6 +87,11 @@ def test_out_of_device_memory_is_one_line_in_both_commands(run, capsys, monkeypa
         "bytes.): lower config.batch_size, or keep it with config.grad_accum_steps "
         "(micro-batches) or config.model.remat=block")
 
+    monkeypatch.setattr(cli, "_run_predict", fail)  # predict has no --batch-size
+    assert cli.main(["predict", "--checkpoint", str(run / "run"), str(run / "a.png")]) == 1
+    assert _one_error_line(capsys.readouterr().err).endswith(
+        "bytes.): run on a device with more memory, or give fewer images at once")
+
     def other(*args, **kwargs):
         raise RuntimeError("a bug")
 

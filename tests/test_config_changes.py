@@ -99,11 +99,17 @@ def test_a_longer_run_says_how_the_learning_rate_at_the_resumed_step_moves():
 
     config = default_config()
     config.update(lr=1e-3, warmup_steps=10, total_steps=200, schedule="cosine")
-    line = config_changes.moved_learning_rate(config, 100, 50)
+    saved = config.to_dict() | {"total_steps": 100}
+    line = config_changes.moved_learning_rate(config, saved, 50)
     before = 1e-3 * 0.5 * (1 + math.cos(math.pi * 40 / 90))
     after = 1e-3 * 0.5 * (1 + math.cos(math.pi * 40 / 190))
     assert line == (f"total_steps 100 -> 200 moves the learning rate at step 50 from "
                     f"{before:.4g} to {after:.4g}: the cosine decay now runs over the new length")
-    assert config_changes.moved_learning_rate(config, 100, 5) is None  # in the warmup
-    config.schedule = "constant"
-    assert config_changes.moved_learning_rate(config, 100, 50) is None
+    assert config_changes.moved_learning_rate(config, saved, 5) is None  # in the warmup
+    # warmup raised past the old length too: the saved keys still build the old schedule
+    config.warmup_steps = 150
+    assert "from 0.0005868 to 0.0003333" in config_changes.moved_learning_rate(config, saved, 50)
+    assert config_changes.moved_learning_rate(config, dict(saved, warmup_steps=500), 50) is None
+    config.schedule, saved["schedule"] = "constant", "constant"
+    config.warmup_steps = saved["warmup_steps"]
+    assert config_changes.moved_learning_rate(config, saved, 50) is None

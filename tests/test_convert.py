@@ -281,6 +281,10 @@ def test_heads_from_the_kernel_shape_overrule_a_wrong_flag(tmp_path):
     path, notes = convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "c"))
     assert load_inference_model(path).model.num_heads == 2
     assert not any("heads assumed" in n for n in notes)
+    # a bare vit_jax .npz at another size: resampled as vit_jax's own code does, as fine-tuning
+    _, notes = convert_weights(str(tmp_path / "out" / "model.npz"), str(tmp_path / "d"),
+                               image_size=32)
+    assert "posemb resampled 4x4 -> 8x8 (zoom)" in notes
     # timm fuses the heads ([D, D]), but qk-norm's [head_dim] scales tell them: 32 / 16 = 2
     write(str(tmp_path / "qk"), dict(PLAIN, qk_norm=True))
     export_weights(str(tmp_path / "qk"), "timm", str(tmp_path / "qk-out"))

@@ -283,6 +283,10 @@ def test_an_unreadable_export_json_is_kept_aside_not_overwritten(tmp_path):
     _record_export(path, "saved_model", {"step": 2})
     assert json.loads(path.read_text()) == {"saved_model": {"step": 2}}
     assert (tmp_path / "export.json.unreadable").read_text() == '{"stablehlo": {"step": 1}'
+    path.write_text("[]")  # a second bad one: kept beside the first
+    _record_export(path, "stablehlo", {"step": 3})
+    assert (tmp_path / "export.json.unreadable").read_text() == '{"stablehlo": {"step": 1}'
+    assert (tmp_path / "export.json.unreadable.2").read_text() == "[]"
 
 
 WIDE = (16, 24)  # 4x6 patches of Ti/4

@@ -329,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return USAGE_ERROR
     except RuntimeError as err:
-        line = device_memory_error(err, "lower --batch-size, or run on a device with more "
-                                   "memory")
+        fix = ("lower --batch-size, or run on a device with more memory"
+               if "batch_size" in vars(args) else
+               "run on a device with more memory, or give fewer images at once")
+        line = device_memory_error(err, fix)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

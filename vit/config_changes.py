@@ -143,19 +143,27 @@ def check_resume(stored_config: dict, new_config: dict, saved: dict, built: dict
         f"{built.get(first)}); {fix}")
 
 
-def moved_learning_rate(config: Any, old_total_steps: int, step: int) -> str | None:
-    """The warning when resuming at `step` with total_steps changed from `old_total_steps`
-    moves the learning rate the run continues at (a decay stretched or shrunk); else None."""
+_SCHEDULE_KEYS = ("lr", "warmup_steps", "total_steps", "schedule", "min_lr_ratio")
+
+
+def moved_learning_rate(config: Any, saved: dict, step: int) -> str | None:
+    """The warning when resuming at `step` with another total_steps than the `saved` run
+    config's moves the learning rate the run continues at (a decay stretched or shrunk); else
+    None (also when the saved schedule keys no longer build a schedule)."""
     import copy
 
     from vit.optim import learning_rate_schedule
 
     old = copy.deepcopy(config)
     with old.unlocked():
-        old.total_steps = int(old_total_steps)
-    before, after = (float(learning_rate_schedule(c)(step)) for c in (old, config))
+        old.update({k: saved[k] for k in _SCHEDULE_KEYS if k in saved})
+    try:
+        before, after = (float(learning_rate_schedule(c)(step)) for c in (old, config))
+    except ValueError:  # a saved config of an older version, say: no warning is better
+        return None
     if math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
         return None
+    old_total_steps = old.total_steps
     return (f"total_steps {old_total_steps} -> {config.total_steps} moves the learning rate at "
             f"step {step} from {before:.4g} to {after:.4g}: the {config.schedule} decay now "
             "runs over the new length")

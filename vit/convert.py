@@ -244,13 +244,14 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
     sizes the zero head given to head-less weights (DINOv2 backbones; required unless
     `require_head=False`, which gives them a stand-in head of 1 class); weights with a head keep
     theirs. `image_size` rebuilds the model for another input size, resampling the position
-    embedding (bilinear). `use_ema` takes a checkpoint's EMA parameters.
+    embedding as fine-tuning's "auto" does (zoom for vit_jax / big_vision files, else
+    bilinear). `use_ema` takes a checkpoint's EMA parameters.
     """
     import jax
 
     from vit import data
     from vit.model import init_params, saved_model_from_config
-    from vit.pretrained import adapt_params
+    from vit.pretrained import adapt_params, posemb_resampling
 
     if gelu is not None and gelu not in weight_sidecars.GELUS:
         raise ValueError(f"unknown gelu {gelu!r}; use one of {', '.join(weight_sidecars.GELUS)}")
@@ -258,6 +259,7 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
         raise ValueError(f"unknown normalize {normalize!r}; use one of "
                          f"{', '.join(NORMALIZATIONS)}")
     weights, said = _read_source(src, normalize, use_ema)
+    resampling = posemb_resampling("auto", weights)  # before a grid is inferred for them
     variant, model_config, trained_size, arch_notes = _model_config(weights, said, num_heads,
                                                                     gelu)
     image_size = _new_image_size(image_size, variant, model_config) or trained_size
@@ -279,7 +281,8 @@ def rebuild_weights(src: str, *, num_heads: int | None = None,
     model = saved_model_from_config({"variant": variant, **model_config},
                                     num_classes=num_classes, image_size=image_size)
     params, adapt_notes = adapt_params(weights, init_params(model, jax.random.PRNGKey(0)), model,
-                                       keep_head=True if has_head else None)
+                                       keep_head=True if has_head else None,
+                                       posemb_method=resampling)
     notes += [n for n in adapt_notes if n not in notes and not n.startswith("head initialised")]
     names = _class_names(class_names_file, said.get("class_names"), num_classes)
     config = data.default_config()

@@ -389,8 +389,11 @@ def _record_export(path: Path, fmt: str, meta: dict) -> None:
         if isinstance(exports, dict) and isinstance(exports.get("format"), str):
             exports = {exports["format"]: exports}  # one export's metadata, as first written
         if not isinstance(exports, dict):
-            kept = path.with_name(path.name + ".unreadable")
-            os.replace(path, kept)  # kept for a person to read, never overwritten unread
+            kept, n = path.with_name(path.name + ".unreadable"), 1
+            while kept.exists():  # an earlier one kept too: never overwritten unread
+                n += 1
+                kept = path.with_name(f"{path.name}.unreadable.{n}")
+            os.replace(path, kept)
             logging.getLogger("vit").warning("%s was no {format: metadata} JSON: moved to %s, "
                                              "a new one started", path, kept)
             exports = {}

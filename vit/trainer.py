@@ -209,7 +209,8 @@ def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
         level = logging.INFO if config_changes.is_harmless(key) else logging.WARNING
         log.log(level, "config.%s changed since the checkpoint: %s -> %s", key, old, new)
     if "total_steps" in changes:
-        moved = config_changes.moved_learning_rate(config, changes["total_steps"][0], latest)
+        moved = config_changes.moved_learning_rate(
+            config, ckpt.metadata(latest).get("config", {}), latest)
         if moved:
             log.warning(moved)
     state = ckpt.restore(state, latest)
@@ -278,10 +279,6 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     if start:  # the steps between the checkpoint's last log step and itself
         recent.restore_window(ckpt.metadata(start).get(_LOG_WINDOW))
     final: dict[str, float] = {}
-    if start and config.eval_every and start % config.eval_every == 0 \
-            and _evaluation_missing(workdir, start):
-        # killed while evaluating the step it had just saved: that evaluation, then the steps
-        final.update(_evaluate(model, rstate, config, start, writer))
     shown: dict[str, float] = {}  # the progress line's loss and lr: the latest logged ones
     window = metrics.TrainWindow()
 
@@ -311,6 +308,11 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
     log.info("training steps %d to %d in %s", start + 1, total, workdir)
     step = start
     try:
+        if start and config.eval_every and start % config.eval_every == 0 \
+                and _evaluation_missing(workdir, start):
+            # killed while evaluating the step it had just saved: that evaluation, then the steps
+            with window.excluded():
+                final.update(_evaluate(model, rstate, config, start, writer))
         for step in range(start + 1, total + 1):  # noqa: B007 (step is used after the loop)
             try:
                 batch = next(batches)
