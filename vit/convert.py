@@ -33,15 +33,7 @@ from vit.data_options import NORMALIZATIONS
 from vit.error_text import first_line
 from vit.model_options import json_image_size, pair
 from vit.weight_architecture import infer_architecture, weight_grid
-from vit.weight_formats import (
-    Weights,
-    WeightsError,
-    flatten_params,
-    read_weights,
-    run_grid,
-    run_rope,
-    run_rope_grid,
-)
+from vit.weight_formats import Weights, WeightsError, checkpoint_weights, read_weights
 
 
 def _read_class_names(path: str) -> list[str]:
@@ -103,17 +95,12 @@ def _own_checkpoint(src: str, use_ema: bool) -> tuple[Weights, dict]:
     from vit.checkpoint import load_checkpoint
 
     contents = load_checkpoint(src)
-    params = contents.chosen_params(use_ema)
     model = dict(contents.config.get("model") or {})
     if model.get("quant", "none") != "none":
         raise WeightsError(f"{src} holds {model['quant']}-quantised weights, which convert "
                            "cannot rebuild as a float model: convert the float checkpoint it was "
                            "quantised from")
-    arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
-    weights = Weights(arrays, "checkpoint",
-                      [f"loaded params of step {contents.step} from {src}"],
-                      grid=run_grid(contents.config), rope=run_rope(contents.config),
-                      rope_grid=run_rope_grid(contents.config))
+    weights = checkpoint_weights(contents, src, use_ema)
     pp = contents.config.get("pp") or {}
     said = {"model": model, "image_size": contents.config.get("image_size"),
             "normalize": pp.get("normalize"), "eval_resize": pp.get("eval_resize"),

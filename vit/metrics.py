@@ -76,12 +76,11 @@ class MetricWriter:
             root.mkdir(parents=True, exist_ok=True)
             if start_step is not None:
                 keep = start_step if start_step > 0 else -1  # a fresh run keeps step 0's too
-                prune_jsonl(root / JSONL_FILE, keep)
+                # a resume's first write at its step joins that step's line
+                self._last = prune_jsonl(root / JSONL_FILE, keep)
                 prune_event_files(root / TENSORBOARD_DIR, keep)
             self._events = tf.summary.create_file_writer(str(root / TENSORBOARD_DIR))
             self._jsonl = (root / JSONL_FILE).open("a", encoding="utf-8")
-            if start_step:  # a resume's first write at its step joins that step's line
-                self._last = _last_line(root / JSONL_FILE)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Record `scalars` at `step` everywhere; a second call for one step joins its line."""
@@ -151,17 +150,6 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _last_line(path: Path) -> tuple[int, int, dict] | None:
-    """(step, file offset, record) of a metrics.jsonl's last line (as pruned: whole lines)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.strip():
-        return None
-    start = data.rstrip(b"\n").rfind(b"\n") + 1
-    record = json.loads(data[start:])
-    return int(record["step"]), start, record
-
-
 def has_scalars(workdir: str, step: int, prefix: str) -> bool:
     """Whether the workdir's metrics.jsonl records a scalar named `prefix`... at `step`."""
     path = Path(workdir) / JSONL_FILE
@@ -198,10 +186,11 @@ def _replace_file(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def prune_jsonl(path: Path, last_step: int) -> None:
-    """Keep the records of steps <= `last_step`, one line per step (repeated steps merged)."""
+def prune_jsonl(path: Path, last_step: int) -> tuple[int, int, dict] | None:
+    """Keep the records of steps <= `last_step`, one line per step (repeated steps merged);
+    (step, byte offset, record) of the last line kept, None if none."""
     if not path.exists():
-        return
+        return None
     by_step: dict[int, dict] = {}
     for record in read_jsonl(path):
         if int(record["step"]) <= last_step:
@@ -213,6 +202,10 @@ def prune_jsonl(path: Path, last_step: int) -> None:
             f.writelines(lines)
 
     _replace_file(path, write)
+    if not lines:
+        return None
+    last = max(by_step)
+    return last, sum(len(line.encode("utf-8")) for line in lines[:-1]), by_step[last]
 
 
 def _raw_events(path: str) -> Iterable[bytes]:

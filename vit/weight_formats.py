@@ -30,9 +30,9 @@ from vit.weight_names import (
     to_vit_naming,
 )
 
-__all__ = ["POSEMB", "TORCH_SUFFIXES", "Weights", "WeightsError", "detect_naming",
-           "flatten_params", "has_real_class_names", "mlp_widths", "read_weights", "run_grid",
-           "run_rope", "run_rope_grid", "to_vit_naming"]
+__all__ = ["POSEMB", "TORCH_SUFFIXES", "Weights", "WeightsError", "checkpoint_weights",
+           "detect_naming", "flatten_params", "has_real_class_names", "mlp_widths",
+           "read_weights", "run_grid", "run_rope", "run_rope_grid", "to_vit_naming"]
 
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 _GENERIC_CLASS_NAME = re.compile(r"(class_)?\d+")
@@ -67,9 +67,9 @@ def run_rope_grid(run_config: Any) -> tuple[int, int] | None:
     return pair(stated, "rope_grid") if stated else run_grid(run_config)
 
 
-def _timm_rope_grid(path: str) -> tuple[int, int] | None:
-    """EVA-02's reference grid (`ref_feat_shape`) in the timm config.json beside `path`."""
-    args = _sidecar(path).get("model_args")
+def _timm_rope_grid(said: Mapping[str, Any]) -> tuple[int, int] | None:
+    """EVA-02's reference grid (`ref_feat_shape`) in a timm config.json's `said` contents."""
+    args = said.get("model_args")
     try:
         return pair(args["ref_feat_shape"], "ref_feat_shape")
     except (TypeError, KeyError, ValueError):
@@ -86,16 +86,16 @@ def _sidecar(path: str) -> dict:
     return said if isinstance(said, dict) else {}
 
 
-def _sidecar_run(path: str) -> Mapping[str, Any] | None:
-    """The run config in the config.json `vit convert --to npz` writes beside `path`; None if
-    none."""
-    run = _sidecar(path).get("vit")
+def _sidecar_run(said: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The run config in a config.json `vit convert --to npz` wrote (its `said` contents); None
+    if none."""
+    run = said.get("vit")
     return run if isinstance(run, Mapping) else None
 
 
-def _sidecar_architecture(path: str) -> str | None:
-    """timm's architecture name in the Hub config.json beside `path`; None if none."""
-    name = _sidecar(path).get("architecture")
+def _sidecar_architecture(said: Mapping[str, Any]) -> str | None:
+    """timm's architecture name in a Hub config.json's `said` contents; None if none."""
+    name = said.get("architecture")
     return name if isinstance(name, str) and name else None
 
 
@@ -139,7 +139,12 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 def _read_checkpoint(path: str, use_ema: bool) -> Weights:
     from vit.checkpoint import load_checkpoint  # orbax: only checkpoint directories need it
 
-    contents = load_checkpoint(path)
+    return checkpoint_weights(load_checkpoint(path), path, use_ema)
+
+
+def checkpoint_weights(contents: Any, path: str, use_ema: bool) -> Weights:
+    """The `Weights` of this toolkit's loaded checkpoint `contents` (read from `path`): its params
+    or EMA params, and what its run config says of them (grid, classes, normalisation, RoPE)."""
     params = contents.chosen_params(use_ema)
     arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     which = "EMA params" if use_ema else "params"
@@ -178,11 +183,12 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
         raise WeightsError(f"cannot read {path!r} as a {suffix} weight file "
                            f"({first_line(err, with_type=True, limit=160)}): the file is damaged "
                            "or not what its name says; download or write it again") from None
-    weights = to_vit_naming(state, _sidecar_architecture(path))
-    run = _sidecar_run(path)
+    said = _sidecar(path)
+    weights = to_vit_naming(state, _sidecar_architecture(said))
+    run = _sidecar_run(said)
     weights.grid = run_grid(run)
     if run is not None and weights.rope == "none":
         weights.rope = run_rope(run)
     if weights.rope == "eva02":
-        weights.rope_grid = run_rope_grid(run) if run is not None else _timm_rope_grid(path)
+        weights.rope_grid = run_rope_grid(run) if run is not None else _timm_rope_grid(said)
     return weights
