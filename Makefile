@@ -4,8 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= $(abspath ../shared/data/tfds)
-WORKDIR ?= runs/cifar10-short
 CONFIG ?= configs/cifar10.py:short
+# One workdir per config and variant (configs/cifar10.py:hour -> runs/cifar10-hour), so that
+# another CONFIG never resumes this one's checkpoints.
+CONFIG_FILE := $(basename $(notdir $(word 1,$(subst :, ,$(CONFIG)))))
+CONFIG_VARIANT := $(subst /,_,$(word 2,$(subst :, ,$(CONFIG))))
+WORKDIR ?= runs/$(CONFIG_FILE)$(if $(CONFIG_VARIANT),-$(CONFIG_VARIANT))
 
 .PHONY: setup train test lint clean
 

@@ -59,7 +59,11 @@ def test_checkpoints_of_other_models_or_classes_are_refused_in_one_line(tmp_path
     write(str(tmp_path / "gap"), dict(SMALL, classifier="gap", posemb="learn"))
     write(str(tmp_path / "six"), PLAIN, num_classes=6)
     write(str(tmp_path / "imagenet"), PLAIN, normalize="imagenet")
-    for other, words in (("wide", "another model"), ("gap", "another model"),
+    write(str(tmp_path / "regularised"), dict(PLAIN, drop_path_rate=0.1, remat="block"))
+    average_checkpoints([str(tmp_path / "a"), str(tmp_path / "regularised")],
+                        str(tmp_path / "out-regularised"))  # training-only keys may differ
+    for other, words in (("wide", "another model \\(model.width=48 against 32\\)"),
+                         ("gap", "another model"),
                          ("six", "other classes"),
                          ("imagenet", "another input normalisation \\(pp.normalize='imagenet' "
                                       "against 'cifar10'\\)")):
@@ -75,3 +79,27 @@ def test_checkpoints_of_other_models_or_classes_are_refused_in_one_line(tmp_path
     quantize_checkpoint(str(tmp_path / "a"), str(tmp_path / "int8"))
     with pytest.raises(AverageError, match="is an int8 checkpoint: average the float"):
         average_checkpoints([str(tmp_path / "int8"), str(tmp_path / "a")], str(tmp_path / "q"))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_in_one_line_by_every_command(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    _, params = write(run, PLAIN)
+    contents = load_checkpoint(run)
+    params["Transformer"]["encoder_norm"]["scale"] = np.full_like(
+        params["Transformer"]["encoder_norm"]["scale"], np.nan)
+    write_params(run, 5, params, contents.config, contents.dataset_info)
+    for args in (["average", run, "--last", "2", "--out", str(tmp_path / "soup")],
+                 ["quantize", "--checkpoint", run, "--out", str(tmp_path / "int8")],
+                 ["prune", "--checkpoint", run, "--sparsity", "0.5", "--out",
+                  str(tmp_path / "pruned")],
+                 ["export", "--checkpoint", run, "--format", "stablehlo", "--out",
+                  str(tmp_path / "export")]):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("checkpoint of step 5 holds NaN or inf in Transformer/encoder_norm/"
+                            "scale: its weights diverged before they were saved; use an earlier "
+                            "checkpoint"), (args, err)
+        assert "\n" not in err and not any((tmp_path / d).exists()
+                                           for d in ("soup", "int8", "pruned", "export"))
+    assert cli.main(["quantize", "--checkpoint", f"{run}/checkpoints/3", "--out",
+                     str(tmp_path / "int8")]) == 0

@@ -15,7 +15,7 @@ import pytest
 import tensorstore
 from orbax.checkpoint._src.path import atomicity, temporary_paths
 
-from vit import checkpoint, optim
+from vit import checkpoint, optim, save_errors
 
 
 @flax.struct.dataclass
@@ -83,6 +83,24 @@ def test_max_to_keep_and_save_every(tmp_path):
     ckpt.close()
     reopened = checkpoint.Checkpointer(str(tmp_path))
     assert reopened.latest_step() == 7
+    reopened.close()
+
+
+def test_orbax_leaves_the_preemption_sync_counter_to_the_trainer(tmp_path, monkeypatch):
+    """JAX's sync point is agreed from one counter per process: orbax setting it to absolute
+    steps would cross vit.preemption's count from the resumed step (a missed stop)."""
+    from jax.experimental import multihost_utils
+
+    counts = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda step: counts.append(step) or False)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=2)
+    meta = dict(config={}, dataset_info={})
+    assert [ckpt.save(s, _state(steps=0), **meta) for s in (2, 3)] == [True, False]
+    ckpt.save(5, _state(steps=0), force=True, **meta)
+    ckpt.close()
+    reopened = checkpoint.Checkpointer(str(tmp_path))
+    assert counts == [] and reopened.latest_step() == 5
     reopened.close()
 
 
@@ -241,7 +259,7 @@ def test_a_full_disk_reported_by_tensorstore_gets_the_disk_full_line_and_no_nois
     event loop has closed, and its callback's "Event loop is closed" is not reported."""
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    checkpoint.drop_closed_loop_tracebacks()  # as train.py and the vit command do
+    save_errors.drop_closed_loop_tracebacks()  # as train.py and the vit command do
     in_flight = []
     real = atomicity.AtomicRenameTemporaryPath.finalize
 

@@ -20,6 +20,8 @@ from vit.evaluate import load_inference_model
 from vit.predict import model_inputs
 from vit.weight_formats import flatten_params, read_weights
 
+predict_module = importlib.import_module("vit.predict")  # vit.predict is also the function
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
@@ -144,7 +146,7 @@ def test_predict_empty_directory_is_an_error(run, capsys, tmp_path):
     assert "holds no" in _one_error_line(capsys.readouterr().err)
 
 
-def test_attention_writes_maps_for_each_image(run, tmp_path, capsys):
+def test_attention_writes_maps_for_each_image(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "att"
     code = cli.main(["attention", "--checkpoint", str(run / "run"), str(run / "a.png"),
                      str(run / "b.jpg"), "--out", str(out), "--head", "1"])
@@ -152,6 +154,16 @@ def test_attention_writes_maps_for_each_image(run, tmp_path, capsys):
     written = sorted(os.listdir(out))
     assert "a_rollout.png" in written and "b_layers.npy" in written
     assert np.load(out / "a_attention.npy").shape == (1, 2, 65, 65)  # depth, heads, 1 + 8x8
+    # one image at a time (as 32 at a time for a large folder): the same files and maps
+    monkeypatch.setattr(predict_module, "BATCH", 1)
+    (run / "broken.png").write_bytes(b"not an image")
+    code = cli.main(["attention", "--checkpoint", str(run / "run"), str(run / "a.png"),
+                     str(run / "broken.png"), str(run / "b.jpg"), "--out", str(tmp_path / "one"),
+                     "--head", "1"])
+    assert code == 1 and "broken.png" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "one")) == written
+    np.testing.assert_allclose(np.load(tmp_path / "one" / "b_attention.npy"),
+                               np.load(out / "b_attention.npy"), rtol=1e-6, atol=1e-7)
 
 
 def test_convert_vit_jax_npz_then_predict(tmp_path, capsys):
@@ -244,6 +256,23 @@ def test_output_paths_are_checked_before_any_work(run, capsys, tmp_path, monkeyp
     for argv, expected in cases:
         assert cli.main(argv) == 2, argv
         assert _one_error_line(capsys.readouterr().err).startswith(f"error: {expected}"), argv
+    # an existing folder, or file, that this user may not write (os.access answers as on a
+    # read-only file system: a chmod would not stop root)
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "old.json").write_text("{}")
+    real = os.access
+    locked = {tmp_path / "locked", tmp_path / "old.json"}
+    monkeypatch.setattr(os, "access", lambda target, mode, **kw: not (
+        mode & os.W_OK and pathlib.Path(target).absolute() in locked) and real(target, mode, **kw))
+    for argv, expected in (
+            (["eval", "--workdir", workdir, "--json", str(tmp_path / "locked" / "m.json")],
+             f"--json {tmp_path / 'locked' / 'm.json'}: cannot write in {tmp_path / 'locked'}"),
+            (["eval", "--workdir", workdir, "--plots", str(tmp_path / "locked")],
+             f"--plots {tmp_path / 'locked'}: cannot write in {tmp_path / 'locked'}"),
+            (["eval", "--workdir", workdir, "--json", str(tmp_path / "old.json")],
+             f"--json {tmp_path / 'old.json'}: the file is read-only")):
+        assert cli.main(argv) == 2, argv
+        assert _one_error_line(capsys.readouterr().err).startswith(f"error: {expected}"), argv
 
 
 def test_a_closed_pipe_ends_quietly_as_a_pipe_tool_does(monkeypatch, capsys):
@@ -268,9 +297,10 @@ def test_missing_output_folders_are_made_and_a_bare_reliability_name_gets_png(ru
 
 def test_attention_output_names_never_collide():
     files = ["x/a.png", "y/a.jpg", "a_2.png", "b.png", "z/a.jpeg"]
-    stems = cli._unique_stems(files)
+    taken = set()
+    stems = cli._unique_stems(files[:2], taken) + cli._unique_stems(files[2:], taken)  # 2 batches
     assert stems == ["a", "a_2", "a_2_2", "b", "a_3"]
-    assert len(set(stems)) == len(files)
+    assert len(set(stems)) == len(files) and taken == set(stems)
 
 
 def test_eval_on_another_dataset_needs_only_the_split_it_reads(run, capsys, tmp_path):

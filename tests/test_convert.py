@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from PIL import Image
 from test_pretrained import fixture, images, random_weights
 from tiny_checkpoints import PLAIN, RECIPE, write
 
@@ -386,7 +387,21 @@ def test_a_converted_checkpoint_keeps_its_dataset_and_a_weight_file_names_none(t
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "bare")]) != 0
     assert capsys.readouterr().err.strip() == (
         "error: this run names no dataset (weights converted from a file have none): pass "
-        "--dataset NAME (vit eval, vit fewshot, vit prune), or set config.dataset")
+        "--dataset NAME (vit eval, robustness, fewshot, prune), or set config.dataset")
+    for classes in (5, 3):  # robustness takes --dataset too, whose labels are the head's
+        for c in range(classes):
+            (tmp_path / f"folder{classes}" / "test" / f"c{c}").mkdir(parents=True)
+            Image.fromarray(np.full((16, 16, 3), 40 * c, np.uint8)).save(
+                tmp_path / f"folder{classes}" / "test" / f"c{c}" / "a.png")
+    args = ["robustness", "--checkpoint", str(tmp_path / "bare"), "--split", "test",
+            "--corruptions", "none", "--attack", "none", "--json", str(tmp_path / "r.json")]
+    assert cli.main([*args, "--dataset", f"folder:{tmp_path / 'folder5'}"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["num_examples"] == 5
+    capsys.readouterr()
+    assert cli.main([*args, "--dataset", f"folder:{tmp_path / 'folder3'}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "has 3 classes, the head of '" + str(tmp_path / "bare") + "' 5: pass a dataset whose "
+        "labels are the head's classes")
 
 
 def test_a_hub_folder_converts_as_its_weight_file(tmp_path):

@@ -106,6 +106,10 @@ def _decreasing(values: list[float]) -> bool:
 @pytest.mark.parametrize("name", [n for n in CORRUPTIONS if n not in NOT_BY_PSNR])
 def test_psnr_decreases_with_severity(images, name):
     values = [psnr(corrupt_batch(images, name, s), images) for s in range(6)]
+    if name == "motion_blur":  # severities 3 and 4, (6, 2) and (8, 2), differ only in a kernel
+        # radius beyond 3 sigma: equal to a few millionths of a dB, in either order by CPU
+        assert values[3] == pytest.approx(values[4], abs=1e-3), values
+        values = values[:4] + values[5:]
     assert values[0] == np.inf and _decreasing(values), values
 
 

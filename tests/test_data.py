@@ -449,6 +449,11 @@ def test_folder_files_the_pipeline_cannot_decode_are_named_or_skipped(tmp_path):
     assert data.dataset_info(skipping).split_sizes["train"] == 2
     batch = next(data.train_iterator(skipping, num_devices=1))
     assert sorted(_ids(batch["image"]).tolist()) == [1, 2]
+    # test/ holds one image: of three processes, the two with no example pad alone
+    three = _folder_cfg(tmp_path, eval_batch_size=3, skip_corrupt=True)
+    masks = [np.concatenate([b["mask"].reshape(-1) for b in data.eval_iterator(
+        three, "test", num_devices=1, process_index=i, process_count=3)]) for i in range(3)]
+    assert [m.tolist() for m in masks] == [[True], [False], [False]]
 
 
 # --------------------------------------------------------------- class subset
@@ -504,6 +509,13 @@ def test_more_processes_than_examples_give_the_extra_ones_masked_batches():
     counts = [sum(int(b["mask"].sum()) for b in data.eval_iterator(
         c, "test[:3]", num_devices=1, process_index=p, process_count=4)) for p in range(4)]
     assert counts == [1, 1, 1, 0]
+    # training has no such padding: every process refuses alike, naming the empty part (one
+    # raising alone would leave the others waiting in the first collective)
+    train = _cifar(train_split="train[:3]", batch_size=4)
+    for p in range(4):
+        with pytest.raises(DataError, match=r"^split 'train\[:3\]' of 'cifar10' has no examples "
+                                            r"for process 3 of 4; use a larger split$"):
+            next(data.train_iterator(train, num_devices=1, process_index=p, process_count=4))
 
 
 def test_stratified_order_spreads_every_class_evenly():

@@ -2,6 +2,7 @@
 step with a teacher, and train.py distilling from a checkpoint."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from tiny_checkpoints import SMALL, write
 
 import vit
 from vit import distill, parallel
+from vit.checkpoint import load_checkpoint
 from vit.config_schema import default_config
 from vit.normalization import normalize_on_device
 from vit.train_step import fresh_state, make_train_step, train_optimizer
@@ -133,10 +135,13 @@ def test_train_py_distils_from_a_checkpoint_and_refuses_what_cannot_be(tmp_path)
     """A 16 px teacher (resized to) for the 32 px smoke student; then the one-line errors."""
     write(str(tmp_path / "teacher"), dict(SMALL, classifier="gap"), num_classes=10,
           image_size=16, dataset="cifar10", data_dir=DATA_DIR)
-    run = _train(tmp_path / "student", f"--config.distill.teacher={tmp_path / 'teacher'}",
+    relative = os.path.relpath(tmp_path / "teacher")  # kept absolute: a resume reads it again
+    run = _train(tmp_path / "student", f"--config.distill.teacher={relative}",
                  "--config.distill.temperature=2.0")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "eval/top1: " in run.stdout
+    saved = load_checkpoint(str(tmp_path / "student")).config["distill"]["teacher"]
+    assert saved == str(tmp_path / "teacher")
     plain = _train(tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr[-3000:]
     losses = [[json.loads(line)["train/loss"] for line in

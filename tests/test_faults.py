@@ -61,7 +61,7 @@ import asyncio, atexit, errno, os, signal, sys
 sys.path.insert(0, {str(ROOT / "tests")!r})
 import tensorstore
 from orbax.checkpoint._src.path import atomicity
-from vit import data, metrics, trainer
+from vit import data, metrics, start_state, trainer
 mode, at = sys.argv[1], int(sys.argv[2])
 paths = atomicity.AtomicRenameTemporaryPath
 create, finalize = paths.create, paths.finalize
@@ -102,7 +102,8 @@ if mode == "jsonlfull":
 
     metrics.MetricWriter._write_jsonl = full_jsonl
 if mode in ("startterm", "initterm"):
-    module, name = (data, "dataset_info") if mode == "startterm" else (trainer, "initial_params")
+    module, name = ((data, "dataset_info") if mode == "startterm"
+                    else (start_state, "initial_params"))
     real = getattr(module, name)
 
     def signalled(*args, **kwargs):
@@ -881,3 +882,14 @@ def test_an_optional_key_is_set_back_to_none_from_the_command_line(tmp_path):
     assert _error_line(bad).startswith("error: flag --config.model.nope=None: the config has no "
                                        "key 'model.nope'")
     assert not (tmp_path / "bad").exists()
+    for key, default in (("lr", "0.001"), ("pp", "a group of keys such as pp."),
+                         ("log_every", "50")):
+        required = _train(tmp_path / key, f"--config.{key}=None")
+        assert _error_line(required).startswith(f"error: flag --config.{key}=None: {key} needs "
+                                                "a value (it is not optional; its default is "), \
+            required.stderr[-2000:]
+        assert default in _error_line(required) and not (tmp_path / key).exists()
+    unclipped = _train(tmp_path / "unclipped", "--config.grad_clip_norm=None",
+                       "--config.total_steps=2")  # None allowed beside its default: no clipping
+    assert unclipped.returncode == 0, unclipped.stderr[-2000:]
+    assert checkpoint.load_checkpoint(str(tmp_path / "unclipped")).config["grad_clip_norm"] is None

@@ -166,7 +166,12 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
     unknown = _train(tmp_path / "unknown", "--config.fewshot.shots=1",
                      "--config.fewshot.dataset=no_such_dataset")
     assert _error_line(unknown).startswith("error: config.fewshot: ")
-    assert not (tmp_path / "empty").exists() and not (tmp_path / "unknown").exists()
+    few = _train(tmp_path / "few", "--config.fewshot.shots=10,25",
+                 "--config.fewshot.train_split=train[:200]")
+    assert _error_line(few) == ("error: config.fewshot.train_split 'train[:200]' holds 200 "
+                                "examples, fewer than 10 classes x 25 shots: use a larger split "
+                                "or fewer shots")
+    assert not any((tmp_path / d).exists() for d in ("empty", "unknown", "few"))
 
 
 def test_three_devices_give_the_same_probe_as_one(run, tmp_path):

@@ -186,3 +186,27 @@ def test_a_split_folder_with_only_hidden_images_has_no_class_folders(tmp_path):
         sources.open_source(_cfg(tmp_path))
     assert str(info.value) == (f"split folder {str(tmp_path / 'train')!r} has no class folders; "
                                "lay it out as root/<split>/<class>/*.jpg")
+
+
+def test_an_unlabelled_split_beside_labelled_ones_is_skipped_with_a_warning(tmp_path, caplog):
+    """Kaggle's layout: train/<class>/ beside a test/ of bare images, which has no labels."""
+    _layout(tmp_path, ["train/cat/0.png", "train/dog/0.png", "test/0.png", "test/1.png"])
+    with caplog.at_level(logging.WARNING):
+        src = sources.open_source(_cfg(tmp_path))
+    assert src.split_sizes == {"train": 2} and src.class_names == ("cat", "dog")
+    assert _warnings(caplog) == [
+        f"folder:{tmp_path}: split folder {str(tmp_path / 'test')!r} has no class folders "
+        "(unlabelled images?), so it is not a split here"]
+    with pytest.raises(DataError, match=r"bad split 'test' for folder .* \(splits: \['train'\]\)"):
+        sources.open_source(_cfg(tmp_path)).size("test")
+
+
+def test_a_file_name_that_is_not_utf8_reads_like_any_other(tmp_path):
+    """A Latin-1 archive's name: the OS hands Python surrogate escapes, TensorFlow takes bytes."""
+    _layout(tmp_path, ["train/cat/0.png", "train/dog/0.png"])
+    latin1 = os.path.join(os.fsencode(tmp_path), b"train", b"dog", b"caf\xe9.png")
+    Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(os.fsdecode(latin1), format="PNG")
+    config = _cfg(tmp_path, batch_size=3, shuffle_buffer=3)
+    assert data.dataset_info(config).split_sizes == {"train": 3}
+    batch = next(data.train_iterator(config, num_devices=1))
+    assert sorted(batch["image"][0, :, 0, 0, 0].tolist())[-1] == 200

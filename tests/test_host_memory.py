@@ -51,6 +51,17 @@ def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
     assert host_memory.computes_on_cpu() is True
 
 
+def test_any_pjrt_plugin_in_the_jax_plugins_namespace_means_not_cpu(monkeypatch, tmp_path):
+    """A vendor's plugin (e.g. Intel's jax_plugins.intel_extension_for_openxla) JAX would load."""
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_memory, "_installed", lambda name: False)
+    assert host_memory.computes_on_cpu() is True
+    (tmp_path / "jax_plugins" / "vendor_xpu").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "vendor_xpu" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert host_memory.computes_on_cpu() is False
+
+
 @pytest.mark.parametrize("mode, platforms, applied", [
     ("auto", "cuda", False), ("auto", "cpu", True), ("retain", "cuda", True),
     ("system", "cpu", False),

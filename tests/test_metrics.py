@@ -132,8 +132,8 @@ class RecordingTracker:
     def flush(self):
         self.calls.append(("flush",))
 
-    def close(self):
-        self.calls.append(("close",))
+    def close(self, failed=False):
+        self.calls.append(("close", failed))
 
 
 def test_trackers_get_what_the_writer_gets_and_disabled_writes_nothing(tmp_path):
@@ -144,7 +144,7 @@ def test_trackers_get_what_the_writer_gets_and_disabled_writes_nothing(tmp_path)
     writer.flush()
     writer.close()
     assert tracker.calls == [("scalars", 3, {"loss": 1.5}), ("images", 3, ["eval/attention"]),
-                             ("flush",), ("close",)]
+                             ("flush",), ("close", False)]
     silent = RecordingTracker()
     writer = metrics.MetricWriter(str(tmp_path / "w"), enabled=False, trackers=[silent])
     writer.write_scalars(1, {"loss": 1.0})

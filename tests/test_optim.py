@@ -205,6 +205,12 @@ def test_head_only_freezes_everything_else(small_params):
     head_size = small_params["head"]["kernel"].size + small_params["head"]["bias"].size
     state_size = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
     assert state_size == 2 * head_size  # Adam's mu and nu, for the head only
+    # train/grad_norm is the norm clipped: the head's alone here
+    all_size = sum(x.size for x in jax.tree_util.tree_leaves(small_params))
+    np.testing.assert_allclose(optim.trained_grad_norm(grads, "head"), 0.3 * head_size ** 0.5,
+                               rtol=1e-6)
+    np.testing.assert_allclose(optim.trained_grad_norm(grads, "all"), 0.3 * all_size ** 0.5,
+                               rtol=1e-6)
 
 
 def test_ema_update_math():

@@ -113,10 +113,25 @@ def test_a_coordinator_address_that_is_not_host_port_is_one_line(address):
 def test_initialize_distributed_rejects_partial_arguments(monkeypatch):
     with pytest.raises(parallel.ParallelError, match="pass all three or none"):
         parallel.initialize_distributed("127.0.0.1:1234", num_processes=2)
+    # The address alone: the rest is left to JAX's cluster detection (SLURM, Open MPI, TPU)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
-    with pytest.raises(parallel.ParallelError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID missing"):
+    calls = []
+
+    def no_cluster(*args):
+        calls.append(args)
+        raise ValueError("Number of processes must be defined.")
+
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", no_cluster)
+    with pytest.raises(parallel.ParallelError, match=r"\(Number of processes must be defined\.\)"
+                       r".*; JAX_NUM_PROCESSES, JAX_PROCESS_ID unset and not found by JAX's "
+                       r"cluster detection \(SLURM, Open MPI, TPU\): set all of "):
+        parallel.initialize_distributed()
+    assert calls == [("127.0.0.1:1234", None, None)]
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(parallel.ParallelError, match="^JAX_NUM_PROCESSES='two' is not an "
+                                                     "integer: set it to the number of"):
         parallel.initialize_distributed()
 
 

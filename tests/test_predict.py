@@ -1,5 +1,7 @@
 """Tests for vit.predict: PNG/JPEG of any size, preprocessing identical to eval, bad inputs."""
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ from PIL import Image
 from test_evaluate import save_tiny_checkpoint, tiny_config
 
 from vit import preprocess
-from vit.checkpoint import load_checkpoint
+from vit.checkpoint import CheckpointError, load_checkpoint
 from vit.predict import expand_paths, predict
+
+predict_module = importlib.import_module("vit.predict")  # vit.predict is also the function
 
 SIZES = [(32, 32), (17, 45), (120, 80)]
 
@@ -121,6 +125,22 @@ def test_bad_inputs_are_named_and_the_rest_still_predicted(run, tmp_path):
     assert "does not exist" in bad[missing]
 
 
+def test_files_are_read_and_predicted_a_batch_at_a_time_alike(run, tmp_path, monkeypatch):
+    """A large folder is decoded BATCH images at a time; batches of one give the same answers."""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    inputs = [run["files"][0], str(corrupt), *run["files"][1:]]
+    whole = predict(run["workdir"], inputs)
+    monkeypatch.setattr(predict_module, "BATCH", 1)
+    one_by_one = predict(run["workdir"], inputs)
+    assert [p["file"] for p in one_by_one.predictions] == run["files"]
+    assert one_by_one.errors == whole.errors and len(whole.errors) == 1
+    for a, b in zip(one_by_one.predictions, whole.predictions, strict=True):
+        assert [name for name, _ in a["top_k"]] == [name for name, _ in b["top_k"]]
+        np.testing.assert_allclose([p for _, p in a["top_k"]], [p for _, p in b["top_k"]],
+                                   rtol=1e-5)
+
+
 def test_top_k_must_be_positive(run):
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         predict(run["workdir"], run["files"], top_k=0)
@@ -129,6 +149,14 @@ def test_top_k_must_be_positive(run):
 def test_a_model_with_non_finite_parameters_is_one_line(run, tmp_path):
     contents = load_checkpoint(run["workdir"])
     contents.params["head"]["bias"] = np.full_like(contents.params["head"]["bias"], np.nan)
-    with pytest.raises(ValueError, match=r"the model gives non-finite probabilities for .*: its "
-                                         "parameters hold NaN or inf"):
+    with pytest.raises(CheckpointError, match=r"checkpoint of step \d+ holds NaN or inf in "
+                                              "head/bias: its weights diverged"):
+        predict(contents, run["files"])
+
+
+def test_logits_that_overflow_are_one_line(run, tmp_path):
+    contents = load_checkpoint(run["workdir"])
+    contents.params["head"]["kernel"] = np.full_like(contents.params["head"]["kernel"], 3e38)
+    with pytest.raises(ValueError, match=r"the model gives non-finite probabilities for .* "
+                                         "although its parameters are finite"):
         predict(contents, run["files"])

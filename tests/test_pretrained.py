@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -414,9 +415,19 @@ def test_huggingface_dinov2_with_registers_parity(tmp_path, names):
         state = dict(zip(meta["file_names"], state.values(), strict=True))
     _, notes = _dinov2_reg_features_match(tmp_path, state, meta, ref)
     assert "hf parameter embeddings.mask_token has no counterpart here; dropped" in notes
-    checkpoint, _ = convert_weights(str(tmp_path / "dinov2.safetensors"), str(tmp_path / "run"),
-                                    num_classes=2)
+    if names == "file":  # as the Hub folder has them: the normalisation and crop are read
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"model_type": "dinov2_with_registers", "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+             "num_attention_heads": 3, "image_size": 56, "num_register_tokens": 4}))
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+            {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+             "do_center_crop": True, "size": {"shortest_edge": 64}}))
+    checkpoint, notes = convert_weights(str(tmp_path / "dinov2.safetensors"),
+                                        str(tmp_path / "run"), num_classes=2)
     loaded = load_inference_model(checkpoint)
+    if names == "file":
+        assert loaded.config.pp.normalize == "imagenet" and loaded.config.pp.eval_resize == 64
+        assert not any("--normalize" in n for n in notes), notes
     assert loaded.model.num_registers == 4 and loaded.model.layer_scale is not None
     np.testing.assert_allclose(np.asarray(head_input(loaded.model, loaded.params, images(meta))),
                                ref["features_gelu_erf"], atol=1e-4, rtol=0)
@@ -836,3 +847,36 @@ def test_a_said_grid_that_does_not_fit_the_posemb_is_one_line():
     with pytest.raises(WeightsError, match=r"^a position embedding of 65 tokens does not fit the "
                                            r"patch grid 4x4 it was said to have"):
         adapt_params(random_params(model), init(model), model, old_grid=(4, 4))
+
+
+def test_a_head_count_stated_beside_flat_weights_is_checked(timm_file, tmp_path):
+    """timm's flat [D, D] attention matrices fit any head count dividing the width; the head
+    count its config.json states is held against the model's."""
+    (tmp_path / "hub").mkdir()
+    path = tmp_path / "hub" / "model.safetensors"
+    shutil.copy(timm_file, path)
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"model_args": {"num_heads": 3}}))
+    six = ti(num_heads=6)
+    with pytest.raises(WeightsError, match=r"^the weights' attention has 3 heads \(their "
+                                           r"config.json says so\), the model 6: build the model "
+                                           r"with num_heads=3$"):
+        load_pretrained(path, six, init(six))
+    params, _ = load_pretrained(path, ti(), init(ti()))
+    np.testing.assert_array_equal(params["head"]["bias"],
+                                  load_pretrained(timm_file, ti(), init(ti()))[0]["head"]["bias"])
+
+
+def test_a_learned_posemb_or_a_map_head_the_model_lacks_is_an_error(timm_file, tmp_path):
+    """Dropping them would replace what the backbone learned (its positions, its pooling)."""
+    sincos = ti(posemb="sincos2d")
+    with pytest.raises(WeightsError, match=r"not in the model: Transformer/posembed_input/"
+                                           r"pos_embedding \(1, \d+, 192\); the weights have a "
+                                           r"learned position embedding: build the model with "
+                                           r"posemb='learn'$"):
+        load_pretrained(timm_file, sincos, init(sincos))
+    pooled = ti(classifier="map")
+    np.savez(tmp_path / "map.npz", **traverse_util.flatten_dict(init(pooled), sep="/"))
+    with pytest.raises(WeightsError, match=r"not in the model: MAPHead_0/.*the weights pool "
+                                           r"with a MAP head: build the model with "
+                                           r"classifier='map'$"):
+        load_pretrained(tmp_path / "map.npz", ti(), init(ti()))

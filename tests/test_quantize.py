@@ -9,7 +9,7 @@ from tiny_checkpoints import RECIPE, image_files, write
 
 from vit import cli, int8
 from vit.evaluate import load_inference_model
-from vit.export import crops, export, load_stablehlo
+from vit.export import crops, export, load_stablehlo, tolerance_for
 from vit.predict import model_inputs, read_images
 from vit.quantize import quantize_checkpoint, quantize_params
 from vit.weight_formats import flatten_params
@@ -115,7 +115,7 @@ def test_int8_saved_model_matches_the_int8_model_at_batch_1_and_7(quantized, tmp
 def test_int8_exports_are_checked_within_one_rounding_step_of_their_logits():
     from types import SimpleNamespace
 
-    from vit.export import FLOAT_RELATIVE, INT8_TOLERANCE, TOLERANCE, tolerance_for
+    from vit.export import FLOAT_RELATIVE, INT8_TOLERANCE, TOLERANCE
 
     def model(quant):
         return SimpleNamespace(model=SimpleNamespace(quant=quant))
@@ -157,4 +157,7 @@ def test_a_rectangular_checkpoint_quantizes_predicts_and_exports(tmp_path):
     x = model_inputs(images, load_inference_model(str(tmp_path / "int8")).config)
     assert x.shape == (3, 16, 24, 3)
     got = load_stablehlo(tmp_path / "hlo")(x)
-    np.testing.assert_allclose(np.asarray(got), out["int8"], atol=1e-4, rtol=0)
+    # int8 tolerance: another batch size can round a per-token activation scale's product to the
+    # neighbouring int8 level on some CPUs (seen on an AMD EPYC Zen 2: 7e-3 in one logit)
+    tolerance = tolerance_for(load_inference_model(str(tmp_path / "int8")), out["int8"])
+    np.testing.assert_allclose(np.asarray(got), out["int8"], atol=tolerance, rtol=0)

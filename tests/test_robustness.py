@@ -167,6 +167,13 @@ def test_a_prepared_cifar10_corrupted_directory_is_chosen_and_counted(run, tmp_p
     assert fallback.corruptions["glass_blur"]["1"] == generated.corruptions["glass_blur"]["1"]
     with pytest.raises(RobustnessError, match="no prepared cifar10_corrupted"):
         robustness.robustness_report(run["workdir"], source="tfds", **partial)
+    # cifar10_corrupted holds the test split alone: another split is generated, or refused
+    prepared = dict(partial, severities=(1,))
+    on_train = robustness.robustness_report(run["workdir"], split="train[:8]", **prepared)
+    assert on_train.corruption_source == "generate" and on_train.num_examples == 8
+    with pytest.raises(RobustnessError, match=r"cifar10_corrupted holds the test split only, "
+                                              r"not 'train\[:8\]'; use --split test"):
+        robustness.robustness_report(run["workdir"], split="train[:8]", source="tfds", **prepared)
 
 
 def test_generated_corruptions_hit_each_image_at_its_own_size_before_the_resize(run):

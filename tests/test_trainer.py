@@ -248,6 +248,7 @@ import sys
 sys.argv = sys.argv[:1]
 from configs.smoke import get_config
 from vit import parallel, trainer
+{patch}
 config = get_config()
 config.total_steps = {steps}
 config.distributed = True
@@ -266,13 +267,43 @@ def test_two_processes_with_different_configs_stop_at_start_in_one_line(tmp_path
         addr = f"127.0.0.1:{s.getsockname()[1]}"
     procs = [subprocess.Popen(
         [sys.executable, "-c", _MISMATCH_DRIVER.format(addr=addr, pid=pid, workdir=tmp_path,
-                                                       steps=4 + 4 * pid)],
+                                                       steps=4 + 4 * pid, patch="")],
         env=_env(devices=1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for pid in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     for out in outputs:
         assert ("ERROR process 1's config differs from process 0's: start every process with "
                 "the same config file and --config flags") in out, out[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+_ONE_EXAMPLE_SHORT = """
+import dataclasses
+from vit import data
+_read = data.dataset_info
+def _one_short(config):
+    info = _read(config)
+    return dataclasses.replace(info, split_sizes={**info.split_sizes,
+                                                  "train": info.split_sizes["train"] - 1})
+data.dataset_info = _one_short
+"""
+
+
+def test_two_processes_that_see_different_datasets_stop_at_start_in_one_line(tmp_path):
+    """Process 1's copy of the data lacks an example: its parts and eval batches would differ."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _MISMATCH_DRIVER.format(
+            addr=addr, pid=pid, workdir=tmp_path, steps=4,
+            patch=_ONE_EXAMPLE_SHORT if pid else "")],
+        env=_env(devices=1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for pid in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for out, err in outputs:
+        assert ("ERROR process 1's dataset (its classes and split sizes) differs from process "
+                "0's: give every process the same copy of ") in out, (out + err)[-3000:]
     assert not (tmp_path / "checkpoints").exists()
 
 

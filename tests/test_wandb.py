@@ -4,10 +4,13 @@ steps and the evaluation images, and a resumed workdir continues the same run id
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_finetune import _smoke
 
@@ -61,7 +64,7 @@ def _offline_run(run_dir: Path) -> dict:
                     row.setdefault(key, {})[field[0]] = value
                 else:
                     row[key] = value
-            history.setdefault(int(row["_step"]), {}).update(row)
+            history.setdefault(int(row["step"]), {}).update(row)  # the training step
     images = sorted(p.relative_to(run_dir / "files" / "media" / "images").as_posix()
                     for p in (run_dir / "files" / "media" / "images").rglob("*.png"))
     return {"config": config, "history": history, "run_ids": run_ids, "images": images}
@@ -107,6 +110,62 @@ def test_offline_run_holds_config_scalars_images_and_resumes_the_same_id(tmp_pat
         assert (dirs[0] / "files" / image["path"]).is_file()
         assert resumed["history"][6][name]["_type"] == "image-file"
     assert [n.split("_")[0] for n in first["images"]] == ["eval/attention", "eval/confusion"]
+
+    for path in (workdir / "checkpoints").iterdir():  # nothing to resume: a new W&B run
+        if path.name.isdigit():
+            shutil.rmtree(path)
+    trainer.train(config, str(workdir))
+    fresh_id = (workdir / wandb_logger.RUN_ID_FILE).read_text().strip()
+    assert fresh_id != run_id
+    [fresh_dir] = (workdir / "wandb").glob(f"offline-run-*-{fresh_id}")
+    assert sorted(_offline_run(fresh_dir)["history"]) == [2, 4, 6]
+
+
+class _FakeRun:
+    """What WandbLogger uses of a wandb Run, resumed online: 7 rows, training step 6 last."""
+
+    offline = disabled = False
+    url = "https://wandb.example/run"
+    step, summary = 7, {"step": 6}
+
+    def __init__(self, **kwargs):
+        self.init, self.rows, self.axes, self.exit_code = kwargs, [], [], None
+
+    def define_metric(self, name, step_metric=None):
+        self.axes.append((name, step_metric))
+
+    def log(self, row, step=None):
+        assert step is None  # the x-axis is the row's own "step"
+        self.rows.append(row)
+
+    def finish(self, exit_code=None):
+        self.exit_code = exit_code
+
+
+def test_a_resumed_run_logs_new_steps_and_its_restored_steps_evaluation(tmp_path, monkeypatch):
+    fake = types.SimpleNamespace(Settings=lambda **kw: kw, Image=lambda pixels: pixels.shape,
+                                 init=lambda **kw: _FakeRun(**kw))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = _smoke()
+    config.wandb.enabled = True
+    (tmp_path / wandb_logger.RUN_ID_FILE).write_text("abc123\n")
+    logger = wandb_logger.WandbLogger(config, str(tmp_path), start_step=4)
+    run = logger._run
+    assert run.init["id"] == "abc123" and run.init["resume"] == "allow"
+    assert run.axes == [("step", None), ("*", "step")]
+    logger.write_scalars(4, {"eval/top1": 0.5})  # the restored step's evaluation, run again
+    logger.write_scalars(5, {"train/loss": 1.0})  # replayed: W&B has it
+    logger.write_scalars(7, {"train/loss": 0.9})
+    logger.write_images(7, {"eval/attention": np.zeros((4, 4, 3), np.uint8)})
+    assert run.rows == [{"eval/top1": 0.5, "step": 4}, {"train/loss": 0.9, "step": 7},
+                        {"eval/attention": (4, 4, 3), "step": 7}]
+    logger.close(failed=True)
+    assert run.exit_code == 1
+    fresh = wandb_logger.WandbLogger(config, str(tmp_path), start_step=0)
+    assert fresh.run_id != "abc123" and fresh._run.init["id"] == fresh.run_id
+    assert (tmp_path / wandb_logger.RUN_ID_FILE).read_text().strip() == fresh.run_id
+    fresh.close()
+    assert fresh._run is None
 
 
 def test_asking_for_wandb_without_it_fails_at_start_up(tmp_path, monkeypatch):

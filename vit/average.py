@@ -1,8 +1,9 @@
 """Average checkpoints' parameters: the last N of one run (timm's `avg_checkpoints.py`), or
 fine-tuned runs of one model (a uniform model soup, Wortsman et al. 2022).
 
-Every checkpoint must hold the same model (the run config's `model` block and image size) and
-the same classes; the output is a checkpoint of the mean parameters (float64 sums, stored in
+Every checkpoint must hold the same model (the run config's `model` block, but for the keys of
+TRAINING_ONLY_MODEL_KEYS such as drop_path_rate or remat, and the image size) and the same
+classes; the output is a checkpoint of the mean parameters (float64 sums, stored in
 the parameters' dtype) that `vit eval`, `predict`, `export` and the rest read like any other,
 with the first checkpoint's run config and the newest step among them. int8 checkpoints are
 refused: average the float checkpoints, then quantize.
@@ -18,6 +19,11 @@ import numpy as np
 
 from vit.checkpoint import CheckpointContents, checkpoint_steps, load_checkpoint, write_params
 from vit.error_text import first_names
+
+# Model keys that change how a model trains, not its parameters (the average keeps the first's).
+TRAINING_ONLY_MODEL_KEYS = frozenset({
+    "remat", "attention_impl", "dropout_rate", "attention_dropout_rate", "drop_path_rate",
+    "token_keep_ratio", "dtype", "matmul_dtype"})
 
 
 class AverageError(ValueError):
@@ -54,11 +60,22 @@ def _chosen(paths: Sequence[str], last: int | None) -> list[tuple[str, int | Non
     return [(paths[0], step) for step in steps[-last:]]
 
 
+def _model_keys(contents: CheckpointContents) -> dict:
+    model = contents.config.get("model") or {}
+    return {k: v for k, v in model.items() if k not in TRAINING_ONLY_MODEL_KEYS}
+
+
 def _check_same_model(first: CheckpointContents, other: CheckpointContents, where: str) -> None:
-    for what, key in (("model", "model"), ("image size", "image_size")):
-        if first.config.get(key) != other.config.get(key):
-            raise AverageError(f"{where} holds another {what} ({other.config.get(key)} against "
-                               f"{first.config.get(key)}): average checkpoints of one model")
+    ours, theirs = _model_keys(first), _model_keys(other)
+    changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if changed:
+        diffs = ", ".join(f"model.{k}={theirs.get(k)!r} against {ours.get(k)!r}" for k in changed)
+        raise AverageError(f"{where} holds another model ({diffs}): average checkpoints of one "
+                           "model")
+    if first.config.get("image_size") != other.config.get("image_size"):
+        raise AverageError(f"{where} holds another image size ({other.config.get('image_size')} "
+                           f"against {first.config.get('image_size')}): average checkpoints of "
+                           "one model")
     for what, key in (("input normalisation", "normalize"), ("evaluation resize", "eval_resize")):
         ours, theirs = ((c.config.get("pp") or {}).get(key) for c in (first, other))
         if ours != theirs:

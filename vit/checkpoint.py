@@ -19,9 +19,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
-import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vit.error_text import first_line
+from vit.error_text import first_line, first_names
+from vit.nonfinite import non_finite_names
 from vit.output_paths import blocking_ancestor, require_writable_run_folder
+from vit.save_errors import not_an_orbax_error, os_error_inside
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -51,43 +50,7 @@ def _abstract(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _not_an_orbax_error(record: logging.LogRecord) -> bool:
-    """Drops orbax's WARNING and ERROR records (tracebacks, "Metadata file does not exist")
-    unless absl logs at INFO (`--verbose`).
-
-    While a Checkpointer is open, every orbax failure reaches the caller as one CheckpointError
-    line; orbax's background threads would also log it with a traceback first.
-    """
-    return (record.levelno < logging.WARNING or "orbax" not in record.pathname
-            or logging.getLogger("absl").isEnabledFor(logging.INFO))
-
-
 _open_checkpointers: list[Checkpointer] = []  # while any is open, the filter above is on
-
-
-def _drop_closed_loop_noise(previous: Any) -> Any:
-    """An unraisable-exception hook that drops "Event loop is closed" and passes the rest on.
-
-    When one tensorstore write of a save fails, orbax's event loop closes while the other
-    writes are in flight; as each finishes, tensorstore's callback finds the loop closed and
-    Python prints a traceback for it. The failure itself reaches the caller as one line.
-    """
-
-    def hook(unraisable: Any) -> None:
-        noise = (isinstance(unraisable.exc_value, RuntimeError)
-                 and str(unraisable.exc_value) == "Event loop is closed")
-        if not noise or logging.getLogger("absl").isEnabledFor(logging.INFO):
-            previous(unraisable)
-
-    hook.vit_closed_loop_filter = True
-    return hook
-
-
-def drop_closed_loop_tracebacks() -> None:
-    """Install `_drop_closed_loop_noise` as the process's unraisable-exception hook, once, for
-    the entry points that save checkpoints (tensorstore's writes outlive a manager)."""
-    if not getattr(sys.unraisablehook, "vit_closed_loop_filter", False):
-        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
 
 
 def _check_creatable(directory: Path) -> None:
@@ -102,6 +65,15 @@ def _check_creatable(directory: Path) -> None:
                               "directory or does not exist yet")
     raise CheckpointError(f"cannot create {directory}: {path} is not writable; pass a workdir "
                           "you can write to")
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, kept out of JAX's preemption sync: vit.preemption alone counts steps
+    there. Orbax would pass absolute steps (and an older one from its finalize thread) to the
+    counter the trainer advances from the resumed step, so the stop step could be missed."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class Checkpointer:
@@ -119,10 +91,10 @@ class Checkpointer:
             # raises there, instead of leaving orbax's writer threads waiting for it for minutes.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         if not _open_checkpointers:  # on before orbax reads the directory, which can warn
-            logging.getLogger("absl").addFilter(_not_an_orbax_error)
+            logging.getLogger("absl").addFilter(not_an_orbax_error)
         _open_checkpointers.append(self)
         try:
-            self._manager = ocp.CheckpointManager(
+            self._manager = _Manager(
                 self.directory, options=options,
                 item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                                _METADATA: ocp.JsonCheckpointHandler()})
@@ -145,7 +117,7 @@ class Checkpointer:
         if self in _open_checkpointers:
             _open_checkpointers.remove(self)
             if not _open_checkpointers:
-                logging.getLogger("absl").removeFilter(_not_an_orbax_error)
+                logging.getLogger("absl").removeFilter(not_an_orbax_error)
 
     def save(self, step: int, state: PyTree, *, config: dict, dataset_info: dict,
              force: bool = False, extra: Mapping[str, Any] | None = None) -> bool:
@@ -187,7 +159,7 @@ class Checkpointer:
         self._started, self._failed = [], True
         kept = _finalized_steps(self.directory)
         which = f"step {step}" if step is not None else "a checkpoint"
-        cause = _os_error(err) or err
+        cause = os_error_inside(err) or err
         code = getattr(cause, "errno", None)
         if code in (errno.ENOSPC, errno.EDQUOT):
             fix = f"free disk space where {self.directory} is"
@@ -278,13 +250,18 @@ class CheckpointContents:
     dataset_info: dict
 
     def chosen_params(self, use_ema: bool = False) -> PyTree:
-        """The EMA parameters when `use_ema` (an error if the run kept none), else the params."""
-        if not use_ema:
-            return self.params
-        if self.ema_params is None:
+        """The EMA parameters when `use_ema` (an error if the run kept none), else the params;
+        an error if they hold a NaN or an infinity."""
+        if use_ema and self.ema_params is None:
             raise CheckpointError(f"checkpoint of step {self.step} holds no EMA params: drop "
                                   "--ema / use_ema, or train with ema_decay set")
-        return self.ema_params
+        params = self.ema_params if use_ema else self.params
+        broken = non_finite_names(params)
+        if broken:
+            raise CheckpointError(f"checkpoint of step {self.step} holds NaN or inf in "
+                                  f"{first_names(broken)}: its weights diverged before they were "
+                                  "saved; use an earlier checkpoint")
+        return params
 
 
 def write_params(workdir: str, step: int, params: PyTree, config: dict, dataset_info: dict
@@ -316,36 +293,6 @@ def _finalized_steps(directory: Path) -> list[int]:
         return []
     return sorted(int(p.name) for p in directory.iterdir()
                   if p.name.isdigit() and (p / _STATE).exists())
-
-
-_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
-
-
-def _tensorstore_os_error(err: BaseException) -> OSError | None:
-    """The OSError a tensorstore ValueError reports ("... [os_error_code='28']"), if any."""
-    text = str(err)
-    code = _TENSORSTORE_ERRNO.search(text)
-    if code:
-        number = int(code.group(1))
-    elif "RESOURCE_EXHAUSTED" in text or "No space left on device" in text:
-        number = errno.ENOSPC
-    else:
-        return None
-    return OSError(number, os.strerror(number))
-
-
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The first OSError with an errno in `err`'s chain of causes (orbax may wrap it), or the
-    one a tensorstore ValueError in the chain reports."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError) and err.errno is not None:
-            return err
-        if isinstance(err, ValueError) and (reported := _tensorstore_os_error(err)):
-            return reported
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _damaged(directory: Path, step: int, err: BaseException, *, resume: bool = True) -> str:

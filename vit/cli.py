@@ -75,7 +75,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
         attack=args.attack,
         eps=robustness.parse_eps(args.eps, args.norm), steps=args.steps, norm=args.norm,
         baseline=args.baseline, batch_size=args.batch_size, seed=args.seed, source=args.source,
-        data_dir=args.data_dir, use_ema=args.ema)
+        dataset=args.dataset, data_dir=args.data_dir, use_ema=args.ema)
     print(report.summary())
     if args.json:
         write_json(args.json, report.to_dict())
@@ -126,11 +126,10 @@ def _counts(text: str, flag: str) -> list[int]:
                          ) from None
 
 
-def _unique_stems(files: Sequence[str]) -> list[str]:
+def _unique_stems(files: Sequence[str], taken: set[str]) -> list[str]:
     """Output names for `files`: each file's stem, with _2, _3, ... added where it would repeat
-    a name already given (a.png and a.jpg; a.png, a.jpg and a_2.png)."""
+    a name in `taken` (a.png and a.jpg; a.png, a.jpg and a_2.png); adds them to `taken`."""
     stems: list[str] = []
-    taken: set[str] = set()
     for path in files:
         stem = candidate = os.path.splitext(os.path.basename(path))[0]
         number = 1
@@ -147,19 +146,25 @@ def _run_attention(args: argparse.Namespace) -> int:
 
     from vit import attention_maps, preprocess
     from vit.evaluate import load_inference_model
-    from vit.predict import expand_paths, model_inputs, read_images
+    from vit.predict import BATCH, expand_paths, model_inputs, read_images
 
     check_directory(args.out, "--out")
     loaded = load_inference_model(args.checkpoint, use_ema=args.ema)
-    files, errors = expand_paths(args.inputs)
-    files, images, unreadable = read_images(files)
-    errors += unreadable
-    if files:
+    found, errors = expand_paths(args.inputs)
+    taken: set[str] = set()
+    written = done = 0
+    for lo in range(0, len(found), BATCH):  # a batch of images and their maps in memory
+        files, images, unreadable = read_images(found[lo:lo + BATCH])
+        errors += unreadable
+        if not files:
+            continue
         shown = np.stack([np.asarray(preprocess.eval_crop(im, loaded.config)) for im in images])
-        paths = attention_maps.write_attention_batch(
+        written += len(attention_maps.write_attention_batch(
             loaded.model, loaded.params, model_inputs(images, loaded.config), shown, args.out,
-            _unique_stems(files), layer=args.layer, head=args.head)
-        print(f"wrote {len(paths)} files for {len(files)} images to {args.out}")
+            _unique_stems(files, taken), layer=args.layer, head=args.head))
+        done += len(files)
+    if done:
+        print(f"wrote {written} files for {done} images to {args.out}")
     return _report_errors(errors)
 
 
@@ -239,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="corrupted images: a prepared cifar10_corrupted if found, else made")
     rb.add_argument("--seed", type=non_negative_int, default=0,
                     help="seed of the generated corruptions")
+    rb.add_argument("--dataset", help="another dataset whose labels are the head's classes, "
+                    "in order (TFDS or folder:); needed for converted weights")
     rb.add_argument("--data-dir", help="TFDS data directory")
     rb.add_argument("--batch-size", type=positive_int, help="global batch size")
     rb.add_argument("--ema", action="store_true", help="use the EMA params")
@@ -314,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_cli.main(["vit train", *argv[1:]])
         return 0
     args = _parser().parse_args(argv)
-    from vit.checkpoint import drop_closed_loop_tracebacks
+    from vit.save_errors import drop_closed_loop_tracebacks
 
     drop_closed_loop_tracebacks()  # convert, quantize and prune save checkpoints
     try:

@@ -25,6 +25,11 @@ def full_token_steps(fraction: float, total_steps: int) -> int:
     return math.floor(fraction * total_steps + 0.5)
 
 
+# Keys whose default is a value but that also take None (grad_clip_norm=None: no clipping);
+# every other key with a non-None default needs a value.
+NONE_ALLOWED = frozenset({"grad_clip_norm"})
+
+
 class ConfigError(ValueError):
     """A config key or value the toolkit does not know."""
 

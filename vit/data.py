@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -173,7 +174,7 @@ def _raise_for_bad_file(src: Source, split: str) -> None:
             raise DataError(f"an image file of {src.name!r} split {split!r} could not be read "
                             f"({tensorflow_message(e.message)}); restore or remove it") from None
         try:
-            pp_ops.check_pipeline_decodes(path.decode())
+            pp_ops.check_pipeline_decodes(os.fsdecode(path))
         except DataError as err:
             raise DataError(f"{err}, or set skip_corrupt=True to skip such files") from None
 
@@ -266,10 +267,14 @@ def train_iterator(
     src = open_source(config)
     records = src.read(config.train_split, process_index, process_count)
     n = src.part_size(config.train_split, process_index, process_count)
-    if n <= 0:
+    # Every process raises alike (the parts are known to all): one raising alone would leave
+    # the others waiting in the first collective.
+    empty = [i for i in range(process_count)
+             if src.part_size(config.train_split, i, process_count) <= 0]
+    if empty:
         raise DataError(
             f"split {config.train_split!r} of {src.name!r} has no examples for "
-            f"process {process_index} of {process_count}; use a larger split"
+            f"process {empty[0]} of {process_count}; use a larger split"
         )
     if src.fits_in_memory and int(config.get("total_steps", 0)) * batch > n:
         records = records.cache()  # read once, then every later epoch from memory
@@ -374,7 +379,8 @@ def eval_iterator(
     ds = src.read(split, process_index, process_count)
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if config.get("skip_corrupt"):
-        _require_a_readable_example(src, split, process_index, process_count)
+        if src.part_size(split, process_index, process_count):  # an empty part pads alone
+            _require_a_readable_example(src, split, process_index, process_count)
         ds = ds.ignore_errors(log_warning=True)
     padding = {
         "image": tf.zeros([*pair(config.image_size), 3], tf.uint8),

@@ -287,16 +287,16 @@ def _max_diff(fmt: str, run: Callable, staged_dir: Path, loaded: InferenceModel,
     from vit.predict import model_inputs
 
     pixels, inputs = crops(pictures, loaded.config), model_inputs(pictures, loaded.config)
-    diff = 0.0
+    diffs = []  # np.max over them keeps a NaN, where Python's max would drop it
     for n in VERIFY_BATCHES:
         for lo in range(0, len(pixels), n):
             got = np.asarray(run(_batch_of(pixels[lo:lo + n], n)))
             want = model(_batch_of(inputs[lo:lo + n], n))
-            diff = max(diff, float(np.max(np.abs(got - want))))
+            diffs.append(np.max(np.abs(got - want)))
     if fmt == "saved_model":  # also the uint8 images at their own sizes, one per call
         got = tf_export.saved_model_on_files(staged_dir, pictures)
-        diff = max(diff, float(np.max(np.abs(got - reference))))
-    return diff
+        diffs.append(np.max(np.abs(got - reference)))
+    return float(np.max(diffs))
 
 
 def tolerance_for(loaded: InferenceModel, reference: np.ndarray) -> float:

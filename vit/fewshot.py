@@ -312,13 +312,24 @@ def run_probe_config(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 def check_run_probe(config: ml_collections.ConfigDict) -> None:
     """At a run's start-up: a one-line error unless its probe's dataset and both its splits
-    hold examples."""
+    hold examples, the train split at least classes x the most shots (a class short of shots
+    is found at the first evaluation)."""
+    from vit import data
+
     fs = config.fewshot
+    probe = run_probe_config(config)
     try:
-        check_splits(run_probe_config(config), {
+        check_splits(probe, {
             f"config.fewshot.{key}": fs[key] for key in ("train_split", "test_split")})
+        classes, size = data.dataset_info(probe).num_classes, data.split_size(probe,
+                                                                             fs.train_split)
     except data_options.DataError as err:
         raise data_options.DataError(f"config.fewshot: {err}") from None
+    most = max(check_shots(fs.shots, int(fs.seeds), float(fs.l2_reg)))
+    if size < classes * most:
+        raise FewshotError(f"config.fewshot.train_split {fs.train_split!r} holds {size} examples, "
+                           f"fewer than {classes} classes x {most} shots: use a larger split or "
+                           "fewer shots")
 
 
 def run_probe(model: VisionTransformer, variants: Mapping[str, PyTree],

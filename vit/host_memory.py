@@ -12,16 +12,19 @@ have not allocated yet, so `vit/__init__.py` calls this before anything else.
 
 It applies only to a process that will compute on the CPU, decided before any backend starts
 from what JAX itself will read: `JAX_PLATFORMS` when set (its first entry), else whether a GPU
-or TPU plugin for jaxlib is installed (then JAX picks the accelerator, whose memory XLA
-allocates itself, and the host heap is left alone). `VIT_HOST_MALLOC=system` leaves malloc as it
-is everywhere; `VIT_HOST_MALLOC=retain` applies it whatever the platform.
+or TPU plugin for jaxlib, or any other PJRT plugin JAX discovers, is installed (then JAX picks
+the accelerator, whose memory XLA allocates itself, and the host heap is left alone).
+`VIT_HOST_MALLOC=system` leaves malloc as it is everywhere; `VIT_HOST_MALLOC=retain` applies it
+whatever the platform.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import importlib.util
 import os
+import pkgutil
 import sys
 
 ENV_VAR = "VIT_HOST_MALLOC"
@@ -43,7 +46,19 @@ def computes_on_cpu() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").strip()
     if platforms:
         return platforms.split(",")[0].strip().lower() == "cpu"
-    return not any(_installed(name) for name in ACCELERATOR_PLUGINS)
+    return not (any(_installed(name) for name in ACCELERATOR_PLUGINS) or _pjrt_plugin_installed())
+
+
+def _pjrt_plugin_installed() -> bool:
+    """Whether any PJRT plugin JAX discovers is installed: a module of the `jax_plugins`
+    namespace package, or a `jax_plugins` entry point (Intel's, Apple's, a vendor's own)."""
+    try:
+        spec = importlib.util.find_spec("jax_plugins")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and any(pkgutil.iter_modules(list(spec.submodule_search_locations or []))):
+        return True
+    return bool(importlib.metadata.entry_points(group="jax_plugins"))
 
 
 def _installed(module: str) -> bool:

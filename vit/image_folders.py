@@ -21,6 +21,8 @@ from vit import preprocess as pp_ops
 from vit.error_text import first_names
 from vit.preprocess import DataError
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FOLDER_PREFIX = "folder:"
 
@@ -67,7 +69,7 @@ def _images_in(directory: str, skip_corrupt: bool) -> tuple[list[str], list[str]
             if not skip_corrupt:
                 raise DataError(f"image file {path!r} is a link to nothing; fix or remove the "
                                 "link, or set skip_corrupt=True to skip it")
-            logging.warning("skipping %s: a link to nothing", path)
+            log.warning("skipping %s: a link to nothing", path)
             continue
         found.append(path)
     return found, subfolders
@@ -147,7 +149,7 @@ def _split_files(root: str, split: str, classes: list[str], class_names: tuple[s
     nested = [(name, n) for name, n in nested if n]
     if nested:
         count = sum(n for _, n in nested)
-        logging.warning("folder:%s split %r: skipped %d %s in subfolders of class folders "
+        log.warning("folder:%s split %r: skipped %d %s in subfolders of class folders "
                         "(e.g. %s); only a class folder's own files are read", root, split, count,
                         "image" if count == 1 else "images", nested[0][0])
     return files
@@ -159,7 +161,7 @@ def _without_corrupt(split: str, files: list[tuple[str, int]]) -> list[tuple[str
         ok = list(pool.map(_is_readable, [p for p, _ in files]))
     bad = [repr(p) for (p, _), good in zip(files, ok, strict=True) if not good]
     if bad:
-        logging.warning("skipping %d corrupt image files in %s: %s", len(bad), split,
+        log.warning("skipping %d corrupt image files in %s: %s", len(bad), split,
                         first_names(bad, 3))
     return [f for f, good in zip(files, ok, strict=True) if good]
 
@@ -172,11 +174,16 @@ def _scan_folder_once(root: str, skip_corrupt: bool, _times: tuple) -> tuple[tup
             f"image folder {root!r} has no split folders; lay it out as root/<split>/<class>/*.jpg"
         )
     class_dirs = {s: _subfolders(os.path.join(root, s)) for s in splits}
-    class_names = tuple(sorted(set().union(*class_dirs.values())))
+    unlabelled = [s for s in splits if not class_dirs[s]]  # e.g. Kaggle's test/ of bare images
+    if len(unlabelled) == len(splits):
+        raise DataError(_no_class_folders(root, splits[0]))
+    for s in unlabelled:
+        log.warning("folder:%s: split folder %r has no class folders (unlabelled images?), so "
+                    "it is not a split here", root, os.path.join(root, s))
+    splits = [s for s in splits if class_dirs[s]]
+    class_names = tuple(sorted(set().union(*(class_dirs[s] for s in splits))))
     files = {}
     for s in splits:
-        if not class_dirs[s]:
-            raise DataError(_no_class_folders(root, s))
         files[s] = _split_files(root, s, class_dirs[s], class_names, skip_corrupt)
     if skip_corrupt:
         files = {s: _without_corrupt(s, f) for s, f in files.items()}

@@ -53,7 +53,7 @@ class Tracker(Protocol):
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
     def flush(self) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class MetricWriter:
@@ -135,14 +135,14 @@ class MetricWriter:
             for tracker in self._trackers:
                 tracker.flush()
 
-    def close(self) -> None:
-        """Flush and close the files and the trackers."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and close the files and the trackers (`failed`: the run stopped on an error)."""
         if self.enabled and self._jsonl is not None:
             self._events.close()
             self._jsonl.close()
             self._jsonl = None
             for tracker in self._trackers:
-                tracker.close()
+                tracker.close(failed)
 
 
 def _json_float(value: float) -> float | str:

@@ -69,9 +69,16 @@ def error(what: str, step: int) -> NonFiniteLossError:
         "(grad_clip_norm); the last good checkpoint is kept")
 
 
+def non_finite_names(params: PyTree) -> list[str]:
+    """The '/'-joined names of the parameters that hold a NaN or an infinity."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, x in leaves
+            if not np.isfinite(np.asarray(x)).all()]
+
+
 def check_finite_params(params: PyTree, step: int) -> None:
     """NonFiniteLossError when any parameter is NaN or infinite."""
-    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)):
+    if non_finite_names(params):
         raise error("parameters became non-finite", step)
 
 

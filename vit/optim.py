@@ -209,6 +209,12 @@ def _trainable_labels(params: PyTree, trainable: str) -> PyTree:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trained_grad_norm(grads: PyTree, trainable: str) -> jax.Array:
+    """The global norm of the gradients that train (the head's alone under trainable='head'):
+    the norm that grad_clip_norm clips."""
+    return optax.global_norm(grads if trainable == "all" else grads["head"])
+
+
 def make_optimizer(config: Any, params: PyTree) -> optax.GradientTransformation:
     """The full optax chain for `config`; `params` fixes the layer-decay depth and head labels."""
     opts = _options(config)

@@ -46,6 +46,8 @@ def require_writable_run_folder(directory: Path, error: type[Exception] = Output
 
 def _check_folder(folder: Path, option: str, given: str) -> None:
     blocked = blocking_ancestor(folder)
+    if blocked is None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        blocked = folder, "unwritable"  # the folder itself exists, read-only
     if blocked is None:
         return
     path, why = blocked
@@ -63,6 +65,9 @@ def check_file(given: str, option: str, suffix: str = ".json") -> None:
         raise OutputPathError(f"{option} {given} is a directory; give a file name in it, e.g. "
                               f"{path / ('out' + suffix)}")
     _check_folder(path.absolute().parent, option, given)
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {given}: the file is read-only; give a path you can "
+                              "write to")
 
 
 def check_figure_file(given: str, option: str) -> None:

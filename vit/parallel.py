@@ -97,17 +97,11 @@ def initialize_distributed(
             f"initialize_distributed got coordinator_address={coordinator_address!r}, "
             f"num_processes={num_processes!r}, process_id={process_id!r}: pass all three or "
             "none (then JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID are used)")
-    if all(v is None for v in given):
-        present = [name for name in _ENV_VARS if os.environ.get(name)]
-        if present and len(present) != len(_ENV_VARS):
-            missing = sorted(set(_ENV_VARS) - set(present))
-            raise ParallelError(
-                f"multi-host environment is incomplete: {', '.join(present)} set but "
-                f"{', '.join(missing)} missing; set all of {', '.join(_ENV_VARS)}")
-        if present:
-            coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
-            num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-            process_id = int(os.environ["JAX_PROCESS_ID"])
+    missing: list[str] = []
+    if all(v is None for v in given):  # what the environment leaves out, JAX auto-detects
+        missing = [name for name in _ENV_VARS if not os.environ.get(name)]
+        coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+        num_processes, process_id = (_env_int(name) for name in _ENV_VARS[1:])
     host, colon, port = str(coordinator_address or "").rpartition(":")
     if coordinator_address is not None and not (colon and host and port.isdigit()):
         raise ParallelError(f"coordinator address {coordinator_address!r} is not host:port "
@@ -115,10 +109,25 @@ def initialize_distributed(
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as err:
+        unset = (f"; {', '.join(missing)} unset and not found by JAX's cluster detection (SLURM, "
+                 f"Open MPI, TPU): set all of {', '.join(_ENV_VARS)}" if missing else "")
         raise ParallelError(
             f"jax.distributed.initialize failed ({first_line(err)}); check the coordinator address "
             f"{coordinator_address!r}, num_processes={num_processes!r}, "
-            f"process_id={process_id!r}") from None
+            f"process_id={process_id!r}{unset}") from None
+
+
+def _env_int(name: str) -> int | None:
+    """The integer in environment variable `name`; None if unset; ParallelError if not one."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ParallelError(f"{name}={text!r} is not an integer: set it to the number of "
+                            "processes (JAX_NUM_PROCESSES) or this process's index "
+                            "(JAX_PROCESS_ID)") from None
 
 
 def per_device_batch(global_batch: int, name: str = "batch size") -> int:
@@ -151,14 +160,17 @@ def on_any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
-def require_same_on_every_process(what: str, text: str) -> None:
+def require_same_on_every_process(
+    what: str, text: str,
+    fix: str = "start every process with the same config file and --config flags",
+) -> None:
     """ParallelError on every process, naming the first whose `text` (e.g. its run config)
-    differs from process 0's; collectives would otherwise wait for each other forever."""
+    differs from process 0's, and `fix`; collectives would otherwise wait for each other
+    forever."""
     if jax.process_count() == 1:
         return
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
     every = np.asarray(multihost_utils.process_allgather(digest))
     differ = [i for i, row in enumerate(every) if not np.array_equal(row, every[0])]
     if differ:
-        raise ParallelError(f"process {differ[0]}'s {what} differs from process 0's: start every "
-                            "process with the same config file and --config flags")
+        raise ParallelError(f"process {differ[0]}'s {what} differs from process 0's: {fix}")

@@ -125,16 +125,22 @@ def predict(
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     loaded = load_inference_model(checkpoint_or_contents, use_ema=use_ema)
     one = isinstance(paths, str | os.PathLike)
-    files, errors = expand_paths([os.fspath(p) for p in ([paths] if one else paths)])
-    files, images, unreadable = read_images(files)
-    errors += unreadable
+    found, errors = expand_paths([os.fspath(p) for p in ([paths] if one else paths)])
+    files, chunks = [], []
+    for lo in range(0, len(found), BATCH):  # a batch of full-size images in memory at a time
+        good, images, unreadable = read_images(found[lo:lo + BATCH])
+        errors += unreadable
+        if good:
+            files += good
+            chunks.append(probabilities(loaded.model, loaded.params,
+                                        model_inputs(images, loaded.config)))
     if not files:
         return PredictResult([], errors)
-    probs = probabilities(loaded.model, loaded.params, model_inputs(images, loaded.config))
+    probs = np.concatenate(chunks)
     if not np.isfinite(probs).all():
-        raise ValueError(f"the model gives non-finite probabilities for {files[0]!r} and others: "
-                         "its parameters hold NaN or inf; use a checkpoint from before they "
-                         "diverged")
+        raise ValueError(f"the model gives non-finite probabilities for {files[0]!r} and others "
+                         "although its parameters are finite: its logits overflow float32; use "
+                         "a checkpoint from before its weights grew this large")
     k = min(top_k, loaded.model.num_classes)
     best = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     names = loaded.info.class_names

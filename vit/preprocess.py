@@ -9,6 +9,7 @@ vit/normalization.py). The `pp` options and their check live in vit/data_options
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -85,7 +86,7 @@ def check_pipeline_decodes(path: str) -> None:
     """A DataError naming `path` unless the input pipeline's decoder (`decode`) reads it; the
     reason from PIL when PIL cannot read it either."""
     try:
-        decode(tf.io.read_file(path))
+        decode(tf.io.read_file(os.fsencode(path)))
     except tf.errors.OpError as err:
         decode_image_file(path)  # raises with PIL's reason when PIL fails too
         with Image.open(path) as im:

@@ -25,9 +25,9 @@ from vit.weight_formats import (
     WeightsError,
     flatten_params,
     has_real_class_names,
-    mlp_widths,
     read_weights,
 )
+from vit.weight_mismatch import raise_if_unmapped, swiglu_fix
 
 __all__ = ["Weights", "WeightsError", "adapt_params", "load_pretrained", "read_weights",
            "resample_posemb", "resize_patch_kernel"]
@@ -37,7 +37,9 @@ __all__ = ["Weights", "WeightsError", "adapt_params", "load_pretrained", "read_w
 # (half-pixel centres, antialiased when shrinking). "auto" (adapt_params) picks by the source.
 RESAMPLE_METHODS = ("zoom", "bilinear", "bicubic", "nearest", "lanczos3")
 EMBEDDING = "embedding/kernel"
-DROPPABLE = ("pre_logits/", "MAPHead_0/", "cls", POSEMB, "Transformer/registers")
+# Parts of the weights a model may lack, dropped with a note; a learned position embedding or
+# a MAP head the model lacks is an error (what the backbone learned would be replaced).
+DROPPABLE = ("pre_logits/", "cls", "Transformer/registers")
 
 
 def square_grid(tokens: int) -> tuple[int, int] | None:
@@ -226,6 +228,11 @@ def adapt_params(
     src = {k: np.asarray(v) for k, v in flatten_params(loaded).items()}
     tgt = flatten_params(target)
     _check_rope(getattr(loaded, "rope", "none"), getattr(loaded, "rope_grid", None), model)
+    heads = getattr(loaded, "num_heads", None)
+    if heads and getattr(model, "num_heads", heads) != heads:
+        raise WeightsError(f"the weights' attention has {heads} heads (their config.json says "
+                           f"so), the model {model.num_heads}: build the model with "
+                           f"num_heads={heads}")
     notes = list(getattr(loaded, "notes", []))
     _norm_before_pooling(src, tgt, notes)
     out: dict[str, Any] = {}
@@ -304,15 +311,15 @@ def adapt_params(
             if "zero key biases dropped (the model has none: key_bias=False)" not in notes:
                 notes.append("zero key biases dropped (the model has none: key_bias=False)")
         elif name.startswith(DROPPABLE):
-            group = name if name in _NEW_TOKENS or name == POSEMB else name.split("/")[0]
+            group = name if name in _NEW_TOKENS else name.split("/")[0]
             if f"{group} dropped (not in the model)" not in notes:
                 notes.append(f"{group} dropped (not in the model)")
         else:
             unexpected.append(f"{name} {src[name].shape}")
     keyed = not getattr(model, "key_bias", True) and any("/key/bias " in n for n in unexpected)
-    _raise_if_unmapped(mismatched, missing, unexpected, new_patch,
-                       "the weights have key biases: build the model with key_bias=True"
-                       if keyed else _swiglu_fix(src, model))
+    raise_if_unmapped(mismatched, missing, unexpected, new_patch,
+                      "the weights have key biases: build the model with key_bias=True"
+                      if keyed else swiglu_fix(src, model))
     return traverse_util.unflatten_dict(out, sep="/"), notes
 
 
@@ -360,61 +367,6 @@ def _check_rope(theirs: str, their_grid: tuple[int, int] | None, model: Any) -> 
         raise WeightsError(f"the weights scale their RoPE coordinates to a {their_grid[0]}x"
                            f"{their_grid[1]} grid, the model to {scaled_to[0]}x{scaled_to[1]}: "
                            f"build it with {grid}")
-
-
-def _swiglu_fix(src: Mapping[str, np.ndarray], model: Any) -> str | None:
-    """The fix when the weights' MLPs are SwiGLU and the model's are not, or the other way."""
-    first, second = (src.get(f"Transformer/encoderblock_0/MlpBlock_3/Dense_{i}/kernel")
-                     for i in (0, 1))
-    if first is None or second is None or first.ndim != 2 or second.ndim != 2:
-        return None
-    mlp_dim, theirs = mlp_widths(first, second)
-    if theirs and not getattr(model, "swiglu", False):
-        return (f"the weights have SwiGLU MLPs (DINOv2-g): build the model with swiglu=True and "
-                f"mlp_dim={mlp_dim}")
-    if not theirs and getattr(model, "swiglu", False):
-        return "the weights have plain MLPs: build the model with swiglu=False"
-    return None
-
-
-def _raise_if_unmapped(mismatched: list[str], missing: list[str], unexpected: list[str],
-                       new_patch: bool, model_fix: str | None = None) -> None:
-    parts = [f"{label}: {', '.join(items)}" for label, items in
-             (("shape mismatch", mismatched), ("missing from the weights", missing),
-              ("not in the model", unexpected)) if items]
-    if not parts:
-        return
-    fix = "build the model with the weights' variant (width, depth, heads, mlp_dim, classifier)"
-    if any("/LayerScale_" in name for name in unexpected):
-        fix = "the weights have LayerScale: build the model with layer_scale set (e.g. 1e-5)"
-    elif any("/LayerScale_" in name for name in missing):
-        fix = ("the weights have no LayerScale, which the model has: build it with "
-               "layer_scale=None")
-    elif any(name.startswith("Transformer/pre_norm/") for name in unexpected):
-        fix = "the weights have a pre-norm (CLIP's image tower): build the model with pre_norm=True"
-    elif any(name.startswith("Transformer/pre_norm/") for name in missing):
-        fix = "the weights have no pre-norm, which the model has: build it with pre_norm=False"
-    elif any("/query_norm/" in name for name in unexpected):
-        fix = "the weights have qk-norm: build the model with qk_norm=True"
-    elif any("/query_norm/scale" in name for name in missing):
-        fix = "the weights have no qk-norm, which the model has: build it with qk_norm=False"
-    elif any(name.startswith("fc_norm/") for name in missing):
-        fix = ("the weights have no fc_norm (their final LayerNorm comes before pooling): build "
-               "the model with fc_norm=False")
-    elif any("/hidden_norm/" in name for name in unexpected):
-        fix = ("the weights have a LayerNorm in their MLPs (EVA-02): build the model with "
-               "mlp_norm=True")
-    elif any("/hidden_norm/" in name for name in missing):
-        fix = "the weights have no LayerNorm in their MLPs: build the model with mlp_norm=False"
-    elif model_fix:  # SwiGLU or key biases
-        fix = model_fix
-    elif any(name.startswith(POSEMB) for name in missing):
-        fix = ("the weights have no position embedding: build the model with posemb='none' "
-               "(RoPE weights, DINOv3: and rope='dinov3') or posemb='sincos2d'")
-    if new_patch:
-        fix += (", or resize the patch kernel to the new patch size (resize_patch=True; "
-                "training: --config.init_resize_patch=True)")
-    raise WeightsError(f"weights do not fit the model: {'; '.join(parts)}; {fix}")
 
 
 def load_pretrained(

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from vit.nonfinite import NonFiniteLossError
+from vit.nonfinite import NonFiniteLossError, non_finite_names
 from vit.optim import learning_rate_schedule
 from vit.weight_formats import flatten_params
 
@@ -272,7 +272,7 @@ def prune_checkpoint(src: str, dst: str, *, method: str, sparsity: float,
             teacher = Teacher(dense, original, str(config.pp.normalize))
         params = finetune(model, params, masks, config, finetune_steps, lr=lr, teacher=teacher,
                           distill_alpha=distill_alpha)
-        if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)):
+        if non_finite_names(params):
             raise NonFiniteLossError(
                 f"the params became non-finite in the {finetune_steps} --finetune-steps, so "
                 f"nothing was written to {dst}: lower --lr (now {lr:g})")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import warnings
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 from vit import attention_maps, data, preprocess
 from vit.evaluate import EvalResult
 from vit.model import VisionTransformer
+from vit.output_paths import write_json
 
 METRICS_JSON = "metrics.json"
 CONFUSION_PNG, PER_CLASS_PNG = "confusion_matrix.png", "per_class_accuracy.png"
@@ -123,9 +123,7 @@ def write_report(result: EvalResult, out_dir: str) -> list[str]:
     names = list(result.per_class)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in (METRICS_JSON, CONFUSION_PNG, PER_CLASS_PNG)]
-    with open(paths[0], "w", encoding="utf-8") as f:
-        json.dump(result.to_dict(), f, indent=2)
-        f.write("\n")
+    write_json(paths[0], result.to_dict())
     summary = f"top-1 {result.top1:.1%} on {result.num_examples} images"
     with missing_glyphs_quiet():
         confusion_figure(result.confusion_matrix, names,

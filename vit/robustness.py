@@ -23,7 +23,6 @@ example counts exactly once on any number of devices.
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import glob
 import logging
 import math
@@ -36,80 +35,21 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from vit import adversarial, calibration, corruptions, data, parallel
+from vit import adversarial, calibration, corruptions, data, data_options, parallel
 from vit.checkpoint import load_checkpoint
 from vit.evaluate import InferenceModel, _eval_step, load_inference_model, sum_over_processes
+from vit.robustness_options import (
+    DEFAULT_EPS,
+    RobustnessError,
+    parse_corruptions,
+    parse_eps,
+    parse_severities,
+)
 
 log = logging.getLogger(__name__)
 SOURCES = ("auto", "generate", "tfds")
-DEFAULT_EPS = "2/255,4/255,8/255"
-
-
-class RobustnessError(ValueError):
-    """A bad option of the robustness report; the message names it and the fix."""
-
-
-# ----------------------------------------------------------------------------- option parsing
-def parse_severities(text: str) -> tuple[int, ...]:
-    """"1-5" -> (1, 2, 3, 4, 5); "1,3,5" -> (1, 3, 5); severities are 1 to 5 (0 would be the
-    clean images, which the report gives on their own line, not inside the corruption means)."""
-    try:
-        if "-" in text:
-            low, high = (int(x) for x in text.split("-"))
-            values = tuple(range(low, high + 1))
-        else:
-            values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if 0 in values:
-        raise RobustnessError(f"severity 0 in {text!r} is the clean images, whose accuracy the "
-                              "report always gives; counted as a corruption it would inflate "
-                              "the means and mCE: use severities 1 to 5, e.g. 1-5")
-    if not values or any(v not in range(1, 6) for v in values):
-        raise RobustnessError(f"bad severities {text!r}; use a range like 1-5 or a list like "
-                              "1,3,5 of values 1 to 5")
-    return values
-
-
-def parse_corruptions(text: str) -> tuple[str, ...]:
-    """"all", "none", family names (noise, blur, weather, digital) or corruption names."""
-    if text.strip() == "none":
-        return ()
-    names: list[str] = []
-    for part in (x.strip() for x in text.split(",") if x.strip()):
-        if part == "all":
-            names += corruptions.CORRUPTIONS
-        elif part in corruptions.FAMILIES:
-            names += corruptions.FAMILIES[part]
-        elif part in corruptions.CORRUPTIONS:
-            names.append(part)
-        else:
-            raise RobustnessError(
-                f"unknown corruption {part!r}; use all, none, a family "
-                f"({', '.join(corruptions.FAMILIES)}) or one of "
-                f"{', '.join(corruptions.CORRUPTIONS)}")
-    return tuple(dict.fromkeys(names))
-
-
-def parse_eps(text: str, norm: str = "linf") -> tuple[tuple[str, float], ...]:
-    """"2/255,4/255,0.03" -> (("2/255", 0.00784...), ...): labels and values, pixels in [0, 1];
-    an L-inf radius is at most 1 (a pixel's range), an L2 radius any size (the whole image's)."""
-    out = []
-    for part in (x.strip() for x in text.split(",") if x.strip()):
-        try:
-            value = float(fractions.Fraction(part))
-        except (ValueError, ZeroDivisionError, OverflowError):  # 1e400: no float
-            value = -1.0
-        if norm == "l2" and not 0 <= value < math.inf:
-            raise RobustnessError(f"bad epsilon {part!r}; an L2 radius is a number >= 0 over the "
-                                  "whole image in [0, 1] pixels, such as 0.5 or 3, comma-separated")
-        if norm != "l2" and not 0 <= value <= 1:
-            raise RobustnessError(f"bad epsilon {part!r}; use values in [0, 1] such as 8/255 or "
-                                  "0.03, comma-separated")
-        out.append((part, value))
-    if not out:
-        raise RobustnessError(f"no epsilon in {text!r}; give e.g. {DEFAULT_EPS}")
-    return tuple(out)
+__all__ = ["DEFAULT_EPS", "RobustnessError", "RobustnessReport", "parse_corruptions",
+           "parse_eps", "parse_severities", "robustness_report"]
 
 
 # ----------------------------------------------------------------------------- the report
@@ -205,15 +145,24 @@ def _is_prepared(path: str) -> bool:
     return bool(glob.glob(os.path.join(glob.escape(path), "[0-9]*", "dataset_info.json")))
 
 
-def _choose_source(source: str, config: Any, names: Sequence[str],
+def _of_the_test_split(split: str) -> bool:
+    """Whether every '+'-joined part of `split` is (a slice of) "test", the one split that
+    cifar10_corrupted holds."""
+    return all(part.strip().split("[", 1)[0] == "test" for part in split.split("+"))
+
+
+def _choose_source(source: str, config: Any, split: str, names: Sequence[str],
                    severities: Sequence[int]) -> str:
     if source not in SOURCES:
         raise RobustnessError(f"unknown corruption source {source!r}; use one of "
                               f"{', '.join(SOURCES)}")
     if not names:
         return "none"
-    present = config.dataset == "cifar10" and 0 not in severities and all(
-        _is_prepared(_tfds_dir(config, n, s)) for n in names for s in severities)
+    if source == "tfds" and not _of_the_test_split(split):
+        raise RobustnessError(f"cifar10_corrupted holds the test split only, not {split!r}; "
+                              "use --split test (or a slice of it) or --source generate")
+    present = config.dataset == "cifar10" and 0 not in severities and _of_the_test_split(
+        split) and all(_is_prepared(_tfds_dir(config, n, s)) for n in names for s in severities)
     if source == "tfds" and not present:
         raise RobustnessError(
             f"no prepared cifar10_corrupted for these corruptions and severities under "
@@ -241,7 +190,8 @@ def robustness_report(
     severities: Sequence[int] = corruptions.SEVERITIES, attack: str | None = "pgd",
     eps: str | Sequence[float | tuple[str, float]] = DEFAULT_EPS, steps: int = 10,
     norm: str = "linf", baseline: str | None = None, batch_size: int | None = None,
-    seed: int = 0, source: str = "auto", data_dir: str | None = None, use_ema: bool = False,
+    seed: int = 0, source: str = "auto", dataset: str | None = None, data_dir: str | None = None,
+    use_ema: bool = False,
 ) -> RobustnessReport:
     """Corruption, adversarial and calibration metrics of a checkpoint over a whole split.
 
@@ -275,10 +225,14 @@ def robustness_report(
                               "corruptions)")
     start = time.perf_counter()
     main = load_inference_model(load_checkpoint(checkpoint), use_ema=use_ema)
-    config = main.config
-    if data_dir is not None:
-        config.data_dir = data_dir
+    config = data_options.on_dataset(main.config, dataset, data_dir)
     split = split or config.eval_split
+    config.train_split = config.eval_split = split  # the run's train split need not exist there
+    classes = data.dataset_info(config).num_classes if dataset is not None else None
+    if classes is not None and classes != main.info.num_classes:
+        raise RobustnessError(f"dataset {dataset!r} has {classes} classes, the head of "
+                              f"{checkpoint!r} {main.info.num_classes}: pass a dataset whose "
+                              "labels are the head's classes")
     models = [_Model(main, parallel.replicate(main.params))]
     if baseline is not None:
         other = load_inference_model(load_checkpoint(baseline), use_ema=use_ema)
@@ -294,7 +248,7 @@ def robustness_report(
                 "another order), so its errors would count other labels; use a baseline trained "
                 "on the same dataset")
         models.append(_Model(other, parallel.replicate(other.params)))
-    chosen = _choose_source(source, config, corruption_names, severities)
+    chosen = _choose_source(source, config, split, corruption_names, severities)
     shape = (len(models), len(corruption_names), len(severities))
     sums = {"clean": np.zeros(len(models)), "corrupt": np.zeros(shape),
             "attack": np.zeros(len(eps)), "calibration": np.zeros((3, calibration.NUM_BINS)),

@@ -35,6 +35,8 @@ from vit.image_folders import (
 from vit.model_options import is_int
 from vit.preprocess import DataError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["FOLDER_PREFIX", "IMAGE_EXTENSIONS", "Source", "absolute_dataset", "is_hidden",
            "open_source"]
 
@@ -64,7 +66,7 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
     """The Source of config.dataset (TFDS name or "folder:/root"), reduced to config.classes."""
     if not config.dataset:
         raise DataError("this run names no dataset (weights converted from a file have none): "
-                        "pass --dataset NAME (vit eval, vit fewshot, vit prune), or set "
+                        "pass --dataset NAME (vit eval, robustness, fewshot, prune), or set "
                         "config.dataset")
     if config.dataset.startswith(FOLDER_PREFIX):
         src = _folder_source(config)
@@ -233,7 +235,8 @@ def _folder_source(config: ml_collections.ConfigDict) -> Source:
 
     def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
         chosen = part(split, process_index, process_count)
-        paths = tf.constant([p for p, _ in chosen], tf.string, shape=[len(chosen)])
+        # Bytes, as the OS names them: a name that is not UTF-8 (a Latin-1 archive's) reads too.
+        paths = tf.constant([os.fsencode(p) for p, _ in chosen], tf.string, shape=[len(chosen)])
         ds = tf.data.Dataset.from_tensor_slices(
             (paths, labels(split, process_index, process_count))
         )
@@ -259,7 +262,7 @@ def _warn_of_unseen_classes(src: Source, split: str) -> None:
     _WARNED_UNSEEN.add(key)
     unseen = [name for i, name in enumerate(src.class_names) if i not in seen]
     if unseen:
-        logging.warning("%s split %r has no images of %d class(es): %s; their head units are "
+        log.warning("%s split %r has no images of %d class(es): %s; their head units are "
                         "never trained in it", src.name, split, len(unseen),
                         first_names(unseen, 10))
 

@@ -99,15 +99,33 @@ def _none_override(arg: str) -> str | None:
     return None
 
 
-def _set_to_none(config: Any, key: str) -> None:
-    """config[key] = None for a dotted key; one line (exit 2) for a key the config lacks."""
+def _parent_of(config: Any, key: str) -> tuple[Any, str]:
+    """(the node holding dotted `key`, its last part); the node is None where a part is missing."""
     *parents, leaf = key.split(".")
     node = config
     for name in parents:
         node = node.get(name) if hasattr(node, "get") else None
-    if not hasattr(node, "keys") or leaf not in node:
+    return (node if hasattr(node, "keys") else None), leaf
+
+
+def _set_to_none(config: Any, key: str) -> None:
+    """config[key] = None for a dotted key; one line (exit 2) for a key the config lacks, or one
+    whose default is a value (None would leave it with none)."""
+    from vit.config_schema import NONE_ALLOWED, default_config
+
+    node, leaf = _parent_of(config, key)
+    if node is None or leaf not in node:
         print(f"error: flag --config.{key}=None: the config has no key {key!r}; see the config "
               "file for the valid keys", file=sys.stderr)
+        sys.exit(2)
+    default, _ = _parent_of(default_config(), key)
+    if (default is not None and leaf in default and default[leaf] is not None
+            and key not in NONE_ALLOWED):
+        value = default[leaf]
+        what = (f"a group of keys such as {key}.{next(iter(value.keys()))}"
+                if hasattr(value, "keys") else f"{value!r}")
+        print(f"error: flag --config.{key}=None: {key} needs a value (it is not optional; "
+              f"its default is {what}); drop the flag or pass a value", file=sys.stderr)
         sys.exit(2)
     node[leaf] = None
 
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None, sigterms_before: list[int] | None = None
     signal.signal(signal.SIGTERM, stop_at_start_up)
     if sigterms_before:
         _exit_preempted_at_start_up()
-    from vit.checkpoint import drop_closed_loop_tracebacks
+    from vit.save_errors import drop_closed_loop_tracebacks
 
     drop_closed_loop_tracebacks()
     argv = [_underscored(a) for a in (sys.argv if argv is None else argv)]

@@ -126,7 +126,7 @@ def make_train_step(
             "loss": loss,
             # Against the mixed targets' argmax: under mixup / cutmix, the dominant label.
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optim.trained_grad_norm(grads, config.get("trainable", "all")),
             "lr": schedule(nonfinite.applied_updates(state.opt_state, skip_cap, state.step)),
             **nonfinite.skip_metrics(opt_state, skip_cap),
         }

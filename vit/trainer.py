@@ -8,21 +8,19 @@ losses) are listed in the README's fault table.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
+import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import jax
-import numpy as np
 import optax
 
 from vit import (
     checkpoint,
-    config_changes,
     data,
     distill,
     fewshot,
@@ -35,10 +33,11 @@ from vit import (
 from vit.config_schema import ConfigError, run_fingerprint, validate_config
 from vit.console import is_verbose
 from vit.error_text import first_names
-from vit.model import VisionTransformer, init_params, model_from_config
+from vit.model import VisionTransformer
 from vit.nonfinite import NonFiniteLossError
-from vit.output_paths import missing_folders, remove_empty
+from vit.output_paths import OutputPathError, missing_folders, remove_empty
 from vit.preemption import PreemptionWatch
+from vit.start_state import build_model, initial_params, start_state
 from vit.train_step import (
     TrainState,
     create_train_state,
@@ -70,45 +69,6 @@ class TrainResult:
     before_first_step: bool = False
 
 
-def build_model(config: Any, info: data.DatasetInfo) -> VisionTransformer:
-    """The model a run's config describes, sized for the dataset's classes."""
-    return model_from_config(config.model, num_classes=info.num_classes,
-                             image_size=config.image_size)
-
-
-def initial_params(config: Any, model: VisionTransformer, rng: jax.Array,
-                   read_init_from: bool = True,
-                   class_names: tuple[str, ...] | None = None) -> PyTree:
-    """Fresh parameters, or `config.init_from` weights adapted to `model` (fine-tuning; a head
-    trained on other `class_names` than the run's is re-initialised unless init_keep_head).
-
-    `read_init_from=False` skips `init_from`: a resumed run's weights come from its checkpoint.
-    """
-    params = jax.jit(functools.partial(init_params, model))(rng)
-    if not config.init_from or not read_init_from:
-        return params
-    from vit import pretrained  # only fine-tuning needs the weight readers
-
-    fresh = params
-    params, notes = pretrained.load_pretrained(
-        config.init_from, model, params, keep_head=config.init_keep_head,
-        keep_pre_logits=config.init_keep_pre_logits,
-        posemb_method=config.init_posemb_method, resize_patch=config.init_resize_patch,
-        class_names=class_names, normalize=config.pp.normalize)
-    if config.get("trainable") == "head" and "pre_logits" in params and all(
-            np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params["pre_logits"]),
-                                                 jax.tree_util.tree_leaves(fresh["pre_logits"]),
-                                                 strict=True)):
-        raise ConfigError("trainable='head' trains the head alone, but the pre_logits layer is "
-                          "freshly initialised, so it would stay random: keep the source's "
-                          "(--config.init_keep_pre_logits=True), build the model without it (no "
-                          "model.representation_size), or set trainable=all")
-    for note in notes:
-        level = logging.WARNING if note.startswith("the weights learned on") else logging.INFO
-        log.log(level, "init_from %s: %s", config.init_from, note)
-    return params
-
-
 def train(config: Any, workdir: str) -> TrainResult:
     """Train (or resume) the run described by `config` in `workdir`.
 
@@ -124,6 +84,8 @@ def train(config: Any, workdir: str) -> TrainResult:
     config.dataset = sources.absolute_dataset(config.dataset)  # the checkpoint names a folder
     if (config.get("fewshot") or {}).get("dataset"):  # that `vit eval` finds from anywhere
         config.fewshot.dataset = sources.absolute_dataset(config.fewshot.dataset)
+    if (config.get("distill") or {}).get("teacher"):  # a resume from elsewhere reads it again
+        config.distill.teacher = os.path.abspath(config.distill.teacher)
     if wandb_logger.enabled(config):
         wandb_logger.require_wandb(config)  # at start-up: one line when wandb is missing
     if config.distributed:
@@ -137,9 +99,21 @@ def train(config: Any, workdir: str) -> TrainResult:
             f"config.grad_accum_steps={config.grad_accum_steps} does not divide the per-device "
             f"batch of {per_device} (config.batch_size={config.batch_size} over "
             f"{jax.device_count()} device(s)): use a divisor of {per_device}")
-    if jax.process_index() == 0:  # the process that writes metrics, before anything is written
-        metrics.check_output_paths(workdir)
+    unwritable = None  # checked by the process that writes metrics, before anything is written
+    if jax.process_index() == 0:
+        try:
+            metrics.check_output_paths(workdir)
+        except OutputPathError as err:
+            unwritable = err
+    if parallel.on_any_process(unwritable is not None):  # every process stops alike
+        raise unwritable or OutputPathError(
+            f"process 0 cannot write the run's metrics files in {workdir}: see its error")
     info = data.dataset_info(config)
+    if config.distributed:  # each process scans the folder / opens TFDS on its own
+        parallel.require_same_on_every_process(
+            "dataset (its classes and split sizes)", json.dumps(info.to_dict(), sort_keys=True),
+            f"give every process the same copy of {config.dataset!r} (a missed class folder or "
+            "file, another TFDS version under its data_dir)")
     if info.num_classes < 2:
         raise data.DataError(
             f"dataset {config.dataset!r} has {info.num_classes} class "
@@ -163,7 +137,7 @@ def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: da
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                    save_every=config.checkpoint_every)
     try:  # also on errors: finish the saves in flight and stop orbax's threads
-        state, tx = _start_state(config, model, info, ckpt)
+        state, tx = start_state(config, model, info, ckpt)
         if watch.signalled:  # SIGTERM during start-up: no step taken, nothing new to save
             return TrainResult({}, state, preempted=True, before_first_step=True)
         if int(state.step) >= int(config.total_steps):
@@ -177,83 +151,12 @@ def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: da
                 scalars = _evaluate(model, parallel.replicate(state), config, step, writer)
             finally:
                 if writer is not None:
-                    writer.close()
+                    writer.close(failed=sys.exc_info()[0] is not None)
             return TrainResult(scalars, state)
         teacher = distill.load_teacher(config, info.class_names)  # only where steps remain
         return _loop(config, workdir, model, info, tx, state, ckpt, watch, teacher)
     finally:
         ckpt.close()
-
-
-def _start_state(config: Any, model: VisionTransformer, info: data.DatasetInfo,
-                 ckpt: checkpoint.Checkpointer) -> tuple[TrainState, optax.GradientTransformation]:
-    """The optimizer and the step-0 state, or the state of the workdir's latest checkpoint."""
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    latest = ckpt.latest_step()
-    if latest is None and config.get("init_required") and not config.init_from:
-        raise ConfigError("this config fine-tunes (init_required=True) but no init_from was "
-                          "given: pass --init_from=WEIGHTS (a workdir, checkpoint, .npz or "
-                          ".safetensors), or --config.init_required=False to train from scratch")
-    params = initial_params(config, model, init_rng, read_init_from=latest is None,
-                            class_names=info.class_names)
-    tx = train_optimizer(config, params)
-    state = fresh_state(config, params, tx, state_rng)
-    if latest is None:
-        return state, tx
-    _check_same_classes(ckpt.metadata(latest).get("dataset_info") or {}, info, config, latest)
-    changes = config_changes.check_resume(
-        ckpt.metadata(latest).get("config", {}), config.to_dict(),
-        config_changes.structure(ckpt.saved_structure(latest)), config_changes.structure(state),
-        where=str(ckpt.directory / str(latest)), structure_with=_structure_with(config, info))
-    for key, (old, new) in changes.items():
-        level = logging.INFO if config_changes.is_harmless(key) else logging.WARNING
-        log.log(level, "config.%s changed since the checkpoint: %s -> %s", key, old, new)
-    if "total_steps" in changes:
-        moved = config_changes.moved_learning_rate(
-            config, ckpt.metadata(latest).get("config", {}), latest)
-        if moved:
-            log.warning(moved)
-    state = ckpt.restore(state, latest)
-    log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-    return state, tx
-
-
-def _check_same_classes(saved: dict, info: data.DatasetInfo, config: Any, step: int) -> None:
-    """A one-line DataError when the dataset's classes differ from those the checkpoint of
-    `step` was trained on (a renamed, added or removed class folder): label ids would change
-    meaning mid-run."""
-    before = saved.get("class_names")
-    change = data.class_change(before, info.class_names) if before else None
-    if change is None:
-        return
-    raise data.DataError(
-        f"the classes of {config.dataset!r} changed since checkpoint {step} ({change}), so the "
-        "head's label ids would change meaning; restore the dataset's classes to resume, or "
-        "fine-tune on the new ones in a new workdir with --config.init_from=<this workdir>")
-
-
-def _structure_with(config: Any, info: data.DatasetInfo) -> Callable[[str, Any], dict]:
-    """(dotted key, value) -> the train-state structure `config` builds with that one value;
-    shapes only (jax.eval_shape), nothing is initialised."""
-
-    def build(key: str, value: Any) -> dict:
-        changed = copy.deepcopy(config)
-        *parents, leaf = key.split(".")
-        node = changed
-        for name in parents:
-            node = node[name]
-        with changed.unlocked(), changed.ignore_type():
-            node[leaf] = value
-        model = build_model(changed, info)
-
-        def make() -> TrainState:
-            params = init_params(model, jax.random.PRNGKey(0))
-            return fresh_state(changed, params, train_optimizer(changed, params),
-                               jax.random.PRNGKey(0))
-
-        return config_changes.structure(jax.eval_shape(make))
-
-    return build
 
 
 def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
@@ -295,9 +198,10 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
 
     last_saved = start
 
-    def save_and_raise(err: data.DataError, done: int) -> NoReturn:
-        """A bad input file mid-run: save step `done` (trained, not yet saved) first, when one
-        process runs alone (a save is collective), then stop with the error."""
+    def save_and_raise(err: ValueError, done: int) -> NoReturn:
+        """A bad input file (or too few few-shot examples) mid-run: save step `done` (trained,
+        not yet saved) first, when one process runs alone (a save is collective), then stop
+        with the error."""
         if done > last_saved and jax.process_count() == 1:
             save(done, force=True)
             raise data.DataError(f"{err} (step {done} was saved first: rerun to resume)") from None
@@ -346,7 +250,7 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
                 with window.excluded():  # evaluation time is not training throughput
                     try:
                         final.update(_evaluate(model, rstate, config, step, writer))
-                    except data.DataError as err:
+                    except (data.DataError, fewshot.FewshotError) as err:
                         save_and_raise(err, step)
             if watch.reached(step) and not is_last:  # every process, every step
                 if not saved:
@@ -357,7 +261,7 @@ def _loop(config: Any, workdir: str, model: VisionTransformer, info: data.Datase
                 break
     finally:
         progress.close()
-        writer.close()
+        writer.close(failed=sys.exc_info()[0] is not None)
     return TrainResult(final, host_state(step), preempted)
 
 
@@ -405,7 +309,8 @@ def _metric_writer(config: Any, workdir: str, start: int) -> metrics.MetricWrite
         return metrics.MetricWriter(workdir, enabled=False)
     trackers = []
     if wandb_logger.enabled(config):
-        trackers.append(wandb_logger.WandbLogger(config, workdir, verbose=is_verbose()))
+        trackers.append(wandb_logger.WandbLogger(config, workdir, start_step=start,
+                                                 verbose=is_verbose()))
     writer = metrics.MetricWriter(workdir, start_step=start, trackers=trackers)
     if start == 0:
         writer.write_config(0, config.to_dict())

@@ -3,12 +3,19 @@
 Turned on by `config.wandb.enabled = True` or `train.py --wandb`; the other `config.wandb` keys
 below pick the project, entity, run name, tags and mode. The run's files go to
 <workdir>/wandb/ and its id to <workdir>/wandb_run_id, so re-running the same command on the
-same workdir (a resume) continues the same W&B run. Only process 0 logs (the trainer makes one
+same workdir (a resume) continues the same W&B run; a run that starts from step 0 (nothing to
+resume: a first run, or a rerun after a stop before the first checkpoint) starts a new W&B run
+with a new id, as it starts metrics.jsonl afresh. Only process 0 logs (the trainer makes one
 logger there). `wandb` is an optional dependency: `pip install -e ".[wandb]"`; asking for W&B
 without it fails at start-up with one line.
 
-A resumed run replays the steps after its last checkpoint; training resumes exactly, so W&B
-keeps the values it already has for those steps and the logger skips them.
+Every row carries the training step as `step`, the x-axis of every chart (W&B's own `_step`
+only counts rows), so a point can land at a step W&B has passed: the evaluation that a resume
+runs again for its restored step, when the run was stopped during it. A resumed run replays
+the steps after its last checkpoint; training resumes exactly, so W&B keeps the values it
+already has for those steps and the logger skips them (a resume that changes a key, such as
+`lr`, leaves W&B the old run's values there; metrics.jsonl and TensorBoard hold the new ones).
+A run stopped by an error is marked failed in W&B.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 from vit.error_text import first_line
 
 RUN_ID_FILE = "wandb_run_id"
+STEP = "step"  # the training step: every chart's x-axis
 MODES = ("online", "offline", "disabled")
 log = logging.getLogger(__name__)
 
@@ -72,10 +80,11 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def run_id(workdir: str) -> str:
-    """The W&B run id of `workdir`: the stored one, else a new one stored for later resumes."""
+def run_id(workdir: str, *, new: bool = False) -> str:
+    """The W&B run id of `workdir`: the stored one (unless `new`), else a new one stored for
+    later resumes."""
     path = Path(workdir) / RUN_ID_FILE
-    if path.exists():
+    if path.exists() and not new:
         stored = path.read_text().strip()
         if re.fullmatch(r"[A-Za-z0-9_-]+", stored):
             return stored
@@ -89,12 +98,13 @@ def run_id(workdir: str) -> str:
 class WandbLogger:
     """One W&B run per workdir, fed by `vit.metrics.MetricWriter` (a metrics.Tracker)."""
 
-    def __init__(self, config: Any, workdir: str, *, verbose: bool = False):
+    def __init__(self, config: Any, workdir: str, *, start_step: int = 0, verbose: bool = False):
         wandb = require_wandb(config)
         self._wandb = wandb
         c = config.wandb
         workdir_path = Path(workdir).absolute()
-        self.run_id = run_id(str(workdir_path))
+        self.run_id = run_id(str(workdir_path), new=start_step == 0)
+        self._start_step = start_step
         settings = wandb.Settings(console="off", silent=not verbose)
         try:
             self._run = wandb.init(
@@ -105,29 +115,34 @@ class WandbLogger:
         except Exception as err:  # wandb raises many types (login, network, usage)
             raise WandbError(f"cannot start the W&B run {self.run_id} ({first_line(err)}); run "
                              "`wandb login`, or set config.wandb.mode='offline'") from None
-        self._first_new_step = int(self._run.step or 0)  # a resumed online run has history
+        self._run.define_metric(STEP)
+        self._run.define_metric("*", step_metric=STEP)
+        last = self._run.summary.get(STEP)  # a resumed online run has history; offline: none
+        self._first_new_step = int(last) + 1 if last is not None else int(self._run.step or 0)
         where = self._run.dir if self._run.offline or self._run.disabled else self._run.url
         log.info("W&B run %s: %s", self.run_id, where)
 
     def _due(self, step: int) -> bool:
-        return step >= self._first_new_step
+        """New steps, and the restored step itself: only its evaluation run again is logged
+        there (the loop logs the steps after it)."""
+        return step >= self._first_new_step or step == self._start_step > 0
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Log scalars at `step` (values of one step are joined into one W&B history row)."""
+        """Log scalars at `step`."""
         if self._due(step):
-            self._run.log(dict(scalars), step=step)
+            self._run.log({**scalars, STEP: step})
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Log RGB images ([H, W, 3] uint8, by name) at `step`."""
         if self._due(step):
-            self._run.log({name: self._wandb.Image(np.asarray(pixels, np.uint8))
-                           for name, pixels in images.items()}, step=step)
+            self._run.log({**{name: self._wandb.Image(np.asarray(pixels, np.uint8))
+                              for name, pixels in images.items()}, STEP: step})
 
     def flush(self) -> None:
         """Nothing to do: the W&B service writes in the background."""
 
-    def close(self) -> None:
-        """Finish the run (its last step is committed)."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the run (its last step is committed), marked failed when `failed`."""
         if self._run is not None:
-            self._run.finish()
+            self._run.finish(exit_code=1 if failed else 0)
             self._run = None

@@ -99,6 +99,16 @@ def _sidecar_architecture(said: Mapping[str, Any]) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def _stated_heads(said: Mapping[str, Any]) -> int | None:
+    """The attention's head count a timm (model_args) or HF config.json states; None if none."""
+    for value in ((said.get("model_args") or {}).get("num_heads"),
+                  said.get("num_attention_heads"),
+                  (said.get("vision_config") or {}).get("num_attention_heads")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def flatten_params(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten a nested params dict to {"a/b/c": leaf}; an already flat dict passes through."""
     if not any(isinstance(v, Mapping) for v in tree.values()):
@@ -187,6 +197,7 @@ def read_weights(path: str | os.PathLike[str], *, use_ema: bool = False) -> Weig
     weights = to_vit_naming(state, _sidecar_architecture(said))
     run = _sidecar_run(said)
     weights.grid = run_grid(run)
+    weights.num_heads = _stated_heads(said)
     if run is not None and weights.rope == "none":
         weights.rope = run_rope(run)
     if weights.rope == "eva02":

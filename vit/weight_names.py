@@ -6,9 +6,9 @@ This toolkit's names are vit_jax's (`Transformer/encoderblock_0/MlpBlock_3/Dense
 hybrid such as `vit_base_r50_s16_224`) and its `Eva` as DINOv3 (RoPE, no position embedding) or
 EVA-02 (RoPE beside one); HuggingFace transformers' `ViTModel` / `ViTForImageClassification`,
 `Dinov2Model` / `Dinov2WithRegistersModel`, `DINOv3ViTModel`, CLIP's and SigLIP's image towers;
-big_vision's per-type layer names, two-tower files and scanned blocks. timm's and HF's arrays
-are transposed (conv kernels OIHW -> HWIO); their attention projections come out as plain
-matrices ([D, D] kernels, [D] biases, none where the file has none), which
+big_vision's per-type layer names, two-tower files and scanned blocks (vit/jax_weight_names.py).
+timm's and HF's arrays are transposed (conv kernels OIHW -> HWIO); their attention projections
+come out as plain matrices ([D, D] kernels, [D] biases, none where the file has none), which
 `vit.pretrained.adapt_params` splits into the model's heads. Weights of RoPE models say so
 (`Weights.rope`): their positions are in the attention, not in an array. vit_jax's hybrid trunk
 names (`conv_root`, `block{i}/unit{j}/...`, see vit/resnet.py) need no renaming.
@@ -21,33 +21,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-POSEMB = "Transformer/posembed_input/pos_embedding"
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be read or mapped onto the model; the message names them and the fix."""
-
-
-class Weights(dict):
-    """A flat {"a/b/c": array} dict that also records its source format, reading notes and,
-    where known, the patch grid (rows, cols) its position embedding was trained on, the class
-    names of its head, the input normalisation (a `pp.normalize` name) it was trained with, the
-    rotary position embedding (a `vit.rope.ROPE_KINDS` name) its attention needs and, for
-    "eva02", the grid its RoPE coordinates were scaled to (`rope_grid`)."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], source: str,
-                 notes: list[str] | None = None, grid: tuple[int, int] | None = None,
-                 class_names: tuple[str, ...] | None = None, normalize: str | None = None,
-                 rope: str = "none", rope_grid: tuple[int, int] | None = None):
-        super().__init__(arrays)
-        self.source = source
-        self.notes = list(notes or [])
-        self.grid = grid
-        self.class_names = class_names
-        self.normalize = normalize
-        self.rope = rope
-        self.rope_grid = rope_grid
-
+from vit.jax_weight_names import from_jax_layouts
+from vit.weight_dict import POSEMB, Weights, WeightsError
 
 # How a torch module's "weight"/"bias" become flax params: (kernel or scale name, weight transform).
 _LAYOUTS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
@@ -338,26 +313,6 @@ def _rename(state: Mapping[str, np.ndarray], rules: list[tuple[str, Target, str]
     return Weights(out, source, notes)
 
 
-# Newer flax numbers auto-named modules per type, so vit_jax's code run today (and big_vision)
-# names a block's layers LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0.
-_PER_TYPE_NAMES = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
-                   "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
-_BIG_VISION_NAMES = {"pos_embedding": POSEMB}
-
-
-def _from_per_type_names(state: Mapping[str, np.ndarray]) -> Weights:
-    out, renamed = {}, False
-    for key, value in state.items():
-        parts = key.split("/")
-        if len(parts) > 2 and parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
-            parts[2] = _PER_TYPE_NAMES.get(parts[2], parts[2])
-        new = _BIG_VISION_NAMES.get(key, "/".join(parts))
-        renamed |= new != key
-        out[new] = value
-    note = "per-type layer names (flax >= 0.4 / big_vision) mapped to vit_jax's"
-    return Weights(out, "vit_jax", [note] if renamed else [])
-
-
 def _strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
@@ -396,57 +351,4 @@ def to_vit_naming(state: Mapping[str, np.ndarray], architecture: str | None = No
     if naming == "hf":
         prefix = "dinov2." if any(k.startswith("dinov2.") for k in state) else "vit."
         return _rename(_strip_prefix(state, prefix), _HF_RULES, "hf", _HF_DROPPED)
-    if any(k.startswith("params/") for k in state):
-        state = {k.removeprefix("params/"): v for k, v in state.items() if k.startswith("params/")}
-    notes = []
-    if "img/embedding/kernel" in state:  # big_vision's two-tower models (SigLIP, LiT)
-        text = [k for k in state if not k.startswith("img/")]
-        state = {k.removeprefix("img/"): v for k, v in state.items() if k.startswith("img/")}
-        if text:
-            notes.append(f"the text tower ({len(text)} arrays: txt/..., t, b) dropped: the image "
-                         "tower (img/) loads")
-    if any(k.startswith("Transformer/encoderblock/") for k in state):
-        state = _unscanned(state)
-        notes.append("scanned encoder blocks (Transformer/encoderblock/..., big_vision's "
-                     "scan=True) split into encoderblock_{i}")
-    state, squeezed = _squeezed_group_norms(state)
-    if squeezed:
-        notes.append(f"{squeezed} GroupNorm scales / biases of shape [1, 1, 1, C] (flax < 0.3.6's "
-                     "layout, as in the public hybrid .npz files) read as [C]")
-    weights = _from_per_type_names(state)
-    weights.notes[:0] = notes
-    return weights
-
-
-_GROUP_NORM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
-
-
-def _squeezed_group_norms(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """The ResNet trunk's GroupNorm parameters as [C] where an old flax saved them [1, 1, 1, C]
-    (vit_jax's own loader squeezes them the same way); and how many were."""
-    out, count = {}, 0
-    for key, value in state.items():
-        if _GROUP_NORM.search(key) and np.ndim(value) == 4 and np.shape(value)[:3] == (1, 1, 1):
-            value, count = np.reshape(value, -1), count + 1
-        out[key] = value
-    return out, count
-
-
-def _unscanned(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """big_vision's scan=True layout, every block's arrays stacked on a leading axis, as one
-    Transformer/encoderblock_{i}/... per block."""
-    scanned = "Transformer/encoderblock/"
-    flat = [k for k, v in state.items() if k.startswith(scanned) and not np.ndim(v)]
-    if flat:
-        raise WeightsError(f"{flat[0]} is a scalar, not stacked over the layers as big_vision's "
-                           "scanned blocks are: the file is damaged or not a ViT")
-    depths = {int(np.shape(v)[0]) for k, v in state.items() if k.startswith(scanned)}
-    if len(depths) != 1:
-        raise WeightsError(f"scanned encoder blocks ({scanned}...) of different depths "
-                           f"{sorted(depths)}: the file is damaged or not one model")
-    out = {k: v for k, v in state.items() if not k.startswith(scanned)}
-    for key, value in state.items():
-        if key.startswith(scanned):
-            for i, layer in enumerate(np.asarray(value)):
-                out[f"Transformer/encoderblock_{i}/{key.removeprefix(scanned)}"] = layer
-    return out
+    return from_jax_layouts(state)

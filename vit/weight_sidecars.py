@@ -128,6 +128,7 @@ def timm_norm_epsilon(architecture: str) -> float:
 # HF image towers (alone, or inside a two-tower model's vision_config): their default activation.
 _HF_TOWER_ACTS = {"clip_vision_model": "quick_gelu", "clip": "quick_gelu",
                   "siglip_vision_model": "gelu_pytorch_tanh", "siglip": "gelu_pytorch_tanh"}
+_HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit", *_HF_TOWER_ACTS)
 
 
 def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None = None) -> dict:
@@ -142,10 +143,11 @@ def what_the_file_says(config: dict, preprocessor: dict, normalize: str | None =
     if "vit" in config:  # written by `vit convert --to npz`
         said.update(check_own_model(config["vit"], "the \"vit\" entry of config.json beside the "
                                "weights", "fix it, or move it away to convert without it"))
-    elif config.get("model_type") in ("vit", "dinov3_vit", *_HF_TOWER_ACTS):  # HuggingFace
+    elif config.get("model_type") in _HF_MODEL_TYPES:  # HuggingFace
         kind = config["model_type"]
         tower = (config.get("vision_config") or {}) if kind in ("clip", "siglip") else config
-        if not tower.get("use_gated_mlp"):  # DINOv3's SwiGLU (silu): found in the MLP's shapes
+        if not (tower.get("use_gated_mlp") or tower.get("use_swiglu_ffn")):  # DINOv3's and
+            # DINOv2-g's SwiGLU (silu): found in the MLP's shapes
             said["gelu"] = _gelu_kind(tower.get("hidden_act", _HF_TOWER_ACTS.get(kind)),
                                       "config.json's hidden_act")
         said["norm_epsilon"] = tower.get("layer_norm_eps")
