@@ -206,8 +206,10 @@ def robustness_report(
     Corrupted images come from `source`: "generate" (on the fly, with `seed`), "tfds" (the
     prepared configs `cifar10_corrupted/<tfds name>_<severity>` under the data directory, read
     with the same split) or "auto" (tfds when the dataset is cifar10 and every requested
-    corruption and severity is prepared there, else generate). `attack` None or "none": no
-    attack; `eps` a string as `parse_eps` reads it, or radii (floats or (label, value) pairs).
+    corruption and severity is prepared there and the split is the test split, else generate).
+    `attack` None or "none": no attack; `eps` a string as `parse_eps` reads it, or radii (floats
+    or (label, value) pairs). `dataset` reads another dataset whose labels are the head's classes
+    (converted weights name none).
     """
     attack = None if attack == "none" else attack
     eps = _eps_pairs(eps, norm)
