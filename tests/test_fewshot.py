@@ -175,6 +175,9 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
                                            r"200 examples, fewer than 10 classes x 25 shots: use "
                                            r"a larger split or fewer shots$"):
         fewshot.check_run_probe(few)
+    few.eval_split = "validation"  # the run's own splits are not looked for in the probe's data
+    few.fewshot.shots, few.fewshot.dataset = (2,), "cifar10"
+    fewshot.check_run_probe(few)
 
 
 def test_three_devices_give_the_same_probe_as_one(run, tmp_path):

@@ -318,13 +318,14 @@ def check_run_probe(config: ml_collections.ConfigDict) -> None:
 
     fs = config.fewshot
     probe = run_probe_config(config)
+    probe.train_split, probe.eval_split = fs.train_split, fs.test_split  # not the run's splits
     try:
         check_splits(probe, {
             f"config.fewshot.{key}": fs[key] for key in ("train_split", "test_split")})
-        classes, size = data.dataset_info(probe).num_classes, data.split_size(probe,
-                                                                             fs.train_split)
+        info = data.dataset_info(probe)
     except data_options.DataError as err:
         raise data_options.DataError(f"config.fewshot: {err}") from None
+    classes, size = info.num_classes, info.split_sizes[fs.train_split]
     most = max(check_shots(fs.shots, int(fs.seeds), float(fs.l2_reg)))
     if size < classes * most:
         raise FewshotError(f"config.fewshot.train_split {fs.train_split!r} holds {size} examples, "

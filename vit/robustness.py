@@ -158,11 +158,12 @@ def _choose_source(source: str, config: Any, split: str, names: Sequence[str],
                               f"{', '.join(SOURCES)}")
     if not names:
         return "none"
-    if source == "tfds" and not _of_the_test_split(split):
+    on_test = _of_the_test_split(split)
+    if source == "tfds" and not on_test:
         raise RobustnessError(f"cifar10_corrupted holds the test split only, not {split!r}; "
                               "use --split test (or a slice of it) or --source generate")
-    present = config.dataset == "cifar10" and 0 not in severities and _of_the_test_split(
-        split) and all(_is_prepared(_tfds_dir(config, n, s)) for n in names for s in severities)
+    present = config.dataset == "cifar10" and 0 not in severities and on_test and all(
+        _is_prepared(_tfds_dir(config, n, s)) for n in names for s in severities)
     if source == "tfds" and not present:
         raise RobustnessError(
             f"no prepared cifar10_corrupted for these corruptions and severities under "
@@ -230,8 +231,8 @@ def robustness_report(
     config = data_options.on_dataset(main.config, dataset, data_dir)
     split = split or config.eval_split
     config.train_split = config.eval_split = split  # the run's train split need not exist there
-    classes = data.dataset_info(config).num_classes if dataset is not None else None
-    if classes is not None and classes != main.info.num_classes:
+    if dataset is not None and (classes := data.dataset_info(config).num_classes
+                                ) != main.info.num_classes:
         raise RobustnessError(f"dataset {dataset!r} has {classes} classes, the head of "
                               f"{checkpoint!r} {main.info.num_classes}: pass a dataset whose "
                               "labels are the head's classes")
