@@ -149,16 +149,21 @@ def test_training_perturbation_is_within_eps_and_deterministic(tiny, method):
     images = adversarial.normalize(pixels, "cifar10")
     targets = jax.nn.one_hot(labels, 10)
     logits_fn = lambda x: model.apply({"params": params}, x)
-    key = jax.random.PRNGKey(5)
-    out = adversarial.perturb_for_training(adv_config, "cifar10", logits_fn, images, targets, key)
+    keys = jax.random.split(jax.random.PRNGKey(5), 8)
+    out = adversarial.perturb_for_training(adv_config, "cifar10", logits_fn, images, targets, keys)
     again = adversarial.perturb_for_training(adv_config, "cifar10", logits_fn, images, targets,
-                                             key)
+                                             keys)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    # Each example's perturbation is its own: the halves perturbed apart give the whole.
+    halves = [adversarial.perturb_for_training(adv_config, "cifar10", logits_fn, images[h],
+                                               targets[h], keys[h])
+              for h in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_allclose(np.concatenate(halves), np.asarray(out), atol=1e-6)
     moved = np.asarray(adversarial.denormalize(out, "cifar10") - pixels)
     assert np.abs(moved).max() <= adv_config.eps + 1e-5 and np.abs(moved).max() > 0
     adv_config.method = "none"
     assert adversarial.perturb_for_training(adv_config, "cifar10", logits_fn, images, targets,
-                                            key) is images
+                                            keys) is images
 
 
 def test_training_perturbation_moves_out_of_range_pixels_no_further_than_eps(tiny):
@@ -171,7 +176,8 @@ def test_training_perturbation_moves_out_of_range_pixels_no_further_than_eps(tin
     assert float(noisy.min()) < -1 and float(noisy.max()) > 2
     out = adversarial.perturb_for_training(
         adv_config, "cifar10", lambda x: model.apply({"params": params}, x),
-        adversarial.normalize(noisy, "cifar10"), jax.nn.one_hot(labels, 10), jax.random.PRNGKey(5))
+        adversarial.normalize(noisy, "cifar10"), jax.nn.one_hot(labels, 10),
+        jax.random.split(jax.random.PRNGKey(5), 8))
     moved = np.abs(np.asarray(adversarial.denormalize(out, "cifar10") - noisy))
     assert moved.max() <= adv_config.eps + 1e-5 and moved.max() > 0
 

@@ -34,6 +34,18 @@ def test_smoke_config_memory_counts_the_exact_state_bytes():
     assert result["peak_bytes"] >= result["argument_bytes"] + result["temp_bytes"]
 
 
+def test_gradient_accumulation_bounds_the_adversarial_attacks_memory_too():
+    """The attack's forward and backward passes run per micro-batch: 4 of them need well under
+    the whole batch's working set (before, the attack ran on the whole per-device batch)."""
+    config = load_config(str(ROOT / "configs" / "smoke.py"))
+    config.adv_train.update(method="pgd", steps=2)
+    temp = {}
+    for accum in (1, 4):
+        config.grad_accum_steps = accum
+        temp[accum] = measure(config, devices=1, platform="cpu")["temp_bytes"]
+    assert temp[4] < 0.5 * temp[1], temp
+
+
 def test_remat_keeps_far_fewer_activations_for_the_backward_pass():
     # Traced residuals (jax.vjp), the same on every backend. XLA:CPU's own buffer assignment
     # does not shrink with remat (README, "Activation rematerialisation"); GPUs' and TPUs' does.

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 from vit import checkpoint, config_schema, data, metrics, optim, parallel, preprocess, trainer
+from vit.distill import Teacher
 from vit.model import init_params, model_from_config
 from vit.preemption import EXIT_PREEMPTED
 
@@ -332,13 +333,22 @@ def test_unknown_config_key_fails_at_start_up(tmp_path):
         config_schema.validate_config(config)
 
 
-def test_gradient_accumulation_matches_one_big_batch():
+@pytest.mark.parametrize("extra", ["plain", "pgd", "distill"])
+def test_gradient_accumulation_matches_one_big_batch(extra):
+    """4 micro-batches give the update of the whole batch, with the adversarial attack
+    (adv_train: per-example random starts) and the teacher's logits made per micro-batch."""
     config = config_schema.default_config()
     config.update(total_steps=10, warmup_steps=0, schedule="constant", lr=1e-2)
     model = model_from_config({"variant": "Ti/8", "width": 32, "depth": 1,
                                "num_heads": 2, "mlp_dim": 64}, num_classes=10, image_size=16)
     params = init_params(model, jax.random.PRNGKey(0))
     params["head"]["kernel"] = np.full(params["head"]["kernel"].shape, 0.01, np.float32)
+    teacher = None
+    if extra == "pgd":
+        config.adv_train.update(method="pgd", steps=2)
+    elif extra == "distill":
+        teacher_params = init_params(model, jax.random.PRNGKey(7))
+        teacher = Teacher(model, teacher_params, config.pp.normalize)
     batch = {"image": np.random.default_rng(0).normal(size=(1, 8, 16, 16, 3)).astype(np.float32),
              "label": np.arange(8, dtype=np.int32).reshape(1, 8)}
     results = []
@@ -346,8 +356,10 @@ def test_gradient_accumulation_matches_one_big_batch():
         config.grad_accum_steps = accum
         tx = optim.make_optimizer(config, params)
         state = trainer.create_train_state(params, tx, jax.random.PRNGKey(1), use_ema=False)
-        step = jax.pmap(trainer.make_train_step(model, tx, config, 10), axis_name=parallel.AXIS)
-        new_state, metrics = step(parallel.replicate(state), parallel.shard(batch))
+        step = jax.pmap(trainer.make_train_step(model, tx, config, 10, teacher),
+                        axis_name=parallel.AXIS)
+        args = () if teacher is None else (parallel.replicate(teacher.params),)
+        new_state, metrics = step(parallel.replicate(state), parallel.shard(batch), *args)
         results.append((parallel.unreplicate(new_state.params), float(metrics["loss"][0])))
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(results[0][0]),

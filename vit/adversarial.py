@@ -127,6 +127,13 @@ def random_start(rng: jax.Array, shape: tuple[int, ...], eps: jax.Array, norm: s
     return direction * radius * eps
 
 
+def random_starts(keys: jax.Array, shape: tuple[int, ...], eps: jax.Array, norm: str
+                  ) -> jax.Array:
+    """`random_start` per example, example i drawn from keys[i] alone: a batch split into
+    micro-batches (config.grad_accum_steps) starts where the whole batch would."""
+    return jax.vmap(lambda key: random_start(key, (1, *shape[1:]), eps, norm)[0])(keys)
+
+
 def iterate(
     loss_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]], pixels: jax.Array,
     delta: jax.Array, eps: jax.Array, step_sizes: jax.Array, norm: str,
@@ -195,13 +202,14 @@ def make_attack_step(model: Any, normalization: str, attack: str, norm: str,
 def perturb_for_training(
     adv: ml_collections.ConfigDict, normalization: str,
     logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array, targets: jax.Array,
-    rng: jax.Array, loss: str = losses.DEFAULT,
+    example_keys: jax.Array, loss: str = losses.DEFAULT,
 ) -> jax.Array:
     """The adversarial copy of a normalised training batch (a no-op for method "none").
 
-    `logits_fn` maps model inputs to logits; `targets` are (soft) label distributions. The
-    loss attacked is the training loss (`loss` of vit/losses.py); no gradient flows through
-    the perturbation.
+    `logits_fn` maps model inputs to logits; `targets` are (soft) label distributions;
+    `example_keys` one PRNG key per example (its random start). The loss attacked is the
+    training loss (`loss` of vit/losses.py), a sum over examples, so each example's
+    perturbation depends on that example alone; no gradient flows through the perturbation.
     """
     if adv.method == "none":
         return images
@@ -215,7 +223,7 @@ def perturb_for_training(
         logits = logits_fn(normalize(x, normalization))
         return jnp.sum(losses.per_example(logits, targets, loss)), logits
 
-    start = random_start(rng, pixels.shape, eps, adv.norm)
+    start = random_starts(example_keys, pixels.shape, eps, adv.norm)
     sizes = jnp.full((steps,), size, jnp.float32)
     adversarial, _ = iterate(loss_fn, pixels, start, eps, sizes, adv.norm)
     return lax.stop_gradient(normalize(adversarial, normalization))

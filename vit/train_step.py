@@ -61,7 +61,17 @@ def make_train_step(
     loss_name = losses.check_loss(config.get("loss", losses.DEFAULT))
     erase_prob = erasing.check_prob(config.get("random_erase", 0.0))
 
-    def grads_of(params, images, targets, taught, rng):
+    def grads_of(params, images, targets, attack_keys, rng, teacher_params):
+        """Loss, logits and grads of one (micro-)batch. Its adversarial copy and its teacher's
+        logits are made here, so that gradient accumulation bounds their memory too."""
+        if adv.method != "none":  # adversarial training: the batch is perturbed, see adv_train
+            images = adversarial.perturb_for_training(
+                adv, config.pp.normalize, lambda x: model.apply(
+                    {"params": params}, x, train=True, rngs={"dropout": rng}),
+                images, targets, attack_keys, loss_name)
+        taught = None if teacher is None else distill.teacher_logits(
+            teacher, teacher_params, images, config.pp.normalize)
+
         def loss_fn(p):
             logits = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
             return distill.training_loss(logits, targets, taught, config.get("distill"),
@@ -70,14 +80,14 @@ def make_train_step(
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, logits, grads
 
-    def accumulated_grads(params, images, targets, taught, rng):
+    def accumulated_grads(params, images, targets, attack_keys, rng, teacher_params):
         """Splits the per-device batch into `accum` micro-batches and averages their grads."""
         split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
-        micro = (*jax.tree_util.tree_map(split, (images, targets, taught)),
+        micro = (*jax.tree_util.tree_map(split, (images, targets, attack_keys)),
                  jax.random.split(rng, accum))
 
         def body(carry, xs):
-            loss, logits, grads = grads_of(params, *xs)
+            loss, logits, grads = grads_of(params, *xs, teacher_params)
             return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), logits
 
         zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
@@ -99,18 +109,14 @@ def make_train_step(
         images, targets = mix.mixup_cutmix(  # on the normalised floats
             mix_rng, images, targets, mixup_alpha=float(config.mixup_alpha),
             cutmix_alpha=float(config.cutmix_alpha))
-        if adv.method != "none":  # adversarial training: the batch is perturbed, see adv_train
-            images = adversarial.perturb_for_training(
-                adv, config.pp.normalize, lambda x: model.apply(
-                    {"params": state.params}, x, train=True, rngs={"dropout": dropout_rng}),
-                images, targets, jax.random.fold_in(rng, 3), loss_name)
-        taught = None if teacher is None else distill.teacher_logits(
-            teacher, teacher_params, images, config.pp.normalize)
+        attack_keys = None if adv.method == "none" else jax.random.split(
+            jax.random.fold_in(rng, 3), images.shape[0])
         if accum > 1:
-            loss, logits, grads = accumulated_grads(state.params, images, targets, taught,
-                                                    dropout_rng)
+            loss, logits, grads = accumulated_grads(state.params, images, targets, attack_keys,
+                                                    dropout_rng, teacher_params)
         else:
-            loss, logits, grads = grads_of(state.params, images, targets, taught, dropout_rng)
+            loss, logits, grads = grads_of(state.params, images, targets, attack_keys,
+                                           dropout_rng, teacher_params)
         grads = lax.pmean(grads, parallel.AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = nonfinite.guard(opt_state, skip_cap, optax.apply_updates(state.params, updates),
