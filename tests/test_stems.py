@@ -55,7 +55,7 @@ def test_conv_stem_trains_every_parameter(norm):
     def loss(p):
         return jnp.sum(model.apply({"params": p}, _images()) ** 2)
 
-    grads = flax.traverse_util.flatten_dict(jax.grad(loss)(params))
+    grads = flax.traverse_util.flatten_dict(jax.jit(jax.grad(loss))(params))
     for name, g in grads.items():
         assert float(jnp.abs(g).max()) > 0, "/".join(name)
 
