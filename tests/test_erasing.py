@@ -4,12 +4,14 @@ algorithm written out in NumPy, the noise it writes, and `config.random_erase` e
 import json
 import math
 import random
+from pathlib import Path
 
+import in_process
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_faults import _error_line, _train
+from test_faults import _train
 
 from vit import erasing
 
@@ -80,18 +82,31 @@ def test_noise_fills_the_box_and_nothing_else():
     assert erasing.random_erase(jax.random.PRNGKey(3), images, 0.0) is images
 
 
+def _refusal(workdir: Path, *overrides: str) -> str:
+    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
+    for these exceptions (exit status 1) before anything is written."""
+    from vit.train_cli import _one_line
+
+    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
+        in_process.train(workdir, *overrides)
+    assert not workdir.exists()
+    return f"error: {_one_line(refused.value)}"
+
+
 def test_a_run_with_random_erasing_trains_and_a_bad_value_is_one_line(tmp_path):
     # The head starts at zero (every first loss is log 10): compare the third step's loss.
     third_loss = {}
     for prob in (0.0, 1.0):
-        run = _train(tmp_path / str(prob), f"--config.random_erase={prob}",
-                     "--config.total_steps=3", "--config.warmup_steps=0",
-                     "--config.log_every=1")
-        assert run.returncode == 0, run.stderr[-3000:]
+        args = (f"--config.random_erase={prob}", "--config.total_steps=3",
+                "--config.warmup_steps=0", "--config.log_every=1")
+        if prob:  # train.py end to end
+            run = _train(tmp_path / str(prob), *args)
+            assert run.returncode == 0, run.stderr[-3000:]
+        else:  # the reference run, in this process
+            assert not in_process.train(tmp_path / str(prob), *args).preempted
         lines = (tmp_path / str(prob) / "metrics.jsonl").read_text().splitlines()
         third_loss[prob] = [json.loads(x)["train/loss"] for x in lines if "train/loss" in x][2]
     assert third_loss[0.0] != pytest.approx(third_loss[1.0], rel=1e-4)  # erased images
-    bad = _train(tmp_path / "bad", "--config.random_erase=1.5")
-    assert _error_line(bad) == ("error: config.random_erase=1.5 must be a probability in "
-                                "[0, 1] (0 = off; DeiT uses 0.25)")
-    assert not (tmp_path / "bad").exists()
+    assert _refusal(tmp_path / "bad", "--config.random_erase=1.5") == (
+        "error: config.random_erase=1.5 must be a probability in [0, 1] (0 = off; DeiT uses "
+        "0.25)")

@@ -3,7 +3,9 @@ whole evaluation through the API and `vit fewshot`."""
 
 import contextlib
 import json
+from pathlib import Path
 
+import in_process
 import jax
 import numpy as np
 import pytest
@@ -136,8 +138,19 @@ def test_bad_requests_are_one_line(run, capsys, argv, message):
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
+def _refusal(workdir: Path, *overrides: str) -> str:
+    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
+    for these exceptions (exit status 1) before anything is written."""
+    from vit.train_cli import _one_line
+
+    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
+        in_process.train(workdir, *overrides)
+    assert not workdir.exists()
+    return f"error: {_one_line(refused.value)}"
+
+
 def test_training_logs_the_probe_at_each_evaluation(tmp_path):
-    from test_faults import DATA_DIR, _error_line, _train
+    from test_faults import DATA_DIR, _train
 
     probe = ["--config.fewshot.shots=1,2", "--config.fewshot.train_split=train[:512]",
              "--config.fewshot.test_split=test[:256]"]
@@ -153,20 +166,18 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
             train_split="train[:512]", test_split="test[:256]", use_ema=ema)
         assert (logged[-1][f"{prefix}/1shot"], logged[-1][f"{prefix}/2shot"]) == (api.mean(1),
                                                                                   api.mean(2))
-    bad = _train(tmp_path / "bad", "--config.fewshot.shots=0,5")
-    assert _error_line(bad) == ("error: config.fewshot: shots must be counts >= 1, got [0, 5]: "
-                                "e.g. 1,5,10,25")
+    # The refusals, in this process (train.py prints each as its one `error:` line)
+    assert _refusal(tmp_path / "bad", "--config.fewshot.shots=0,5") == (
+        "error: config.fewshot: shots must be counts >= 1, got [0, 5]: e.g. 1,5,10,25")
     # The probe's dataset and splits are checked at start-up, not at the first evaluation;
     # another dataset is read from the run's data_dir unless fewshot.data_dir says otherwise.
-    empty = _train(tmp_path / "empty", "--config.fewshot.shots=1",
-                   "--config.fewshot.dataset=cifar10", "--config.fewshot.test_split=test[:0]")
-    assert _error_line(empty) == ("error: config.fewshot.test_split 'test[:0]' of 'cifar10' "
-                                  "holds no examples: use a split or slice with some, e.g. "
-                                  "'train[:10000]'")
-    unknown = _train(tmp_path / "unknown", "--config.fewshot.shots=1",
-                     "--config.fewshot.dataset=no_such_dataset")
-    assert _error_line(unknown).startswith("error: config.fewshot: ")
-    assert not (tmp_path / "empty").exists() and not (tmp_path / "unknown").exists()
+    empty = _refusal(tmp_path / "empty", "--config.fewshot.shots=1",
+                     "--config.fewshot.dataset=cifar10", "--config.fewshot.test_split=test[:0]")
+    assert empty == ("error: config.fewshot.test_split 'test[:0]' of 'cifar10' holds no "
+                     "examples: use a split or slice with some, e.g. 'train[:10000]'")
+    unknown = _refusal(tmp_path / "unknown", "--config.fewshot.shots=1",
+                       "--config.fewshot.dataset=no_such_dataset")
+    assert unknown.startswith("error: config.fewshot: ")
     from test_faults import _smoke_config
 
     few = _smoke_config(4)  # what the trainer checks at start-up, in this process

@@ -3,11 +3,13 @@
 smoke config)."""
 
 import json
+from pathlib import Path
 
+import in_process
 import numpy as np
 import pytest
 from PIL import Image
-from test_faults import DATA_DIR, _error_line, _train
+from test_faults import DATA_DIR, _train
 
 from vit import cli
 from vit.checkpoint import load_checkpoint
@@ -16,10 +18,11 @@ from vit.evaluate import load_inference_model
 
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory):
-    """A smoke run on 24x40 images (patch 8: a 3x5 grid), resumed for 4 more steps."""
+    """A smoke run on 24x40 images (patch 8: a 3x5 grid), in this process, resumed by train.py
+    for 4 more steps."""
     workdir = tmp_path_factory.mktemp("wide") / "run"
-    first = _train(workdir, "--config.image_size=24,40", "--config.pp.eval_resize=32")
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = in_process.train(workdir, "--config.image_size=24,40", "--config.pp.eval_resize=32")
+    assert not first.preempted
     resumed = _train(workdir, "--config.image_size=(24, 40)", "--config.pp.eval_resize=32",
                      "--config.total_steps=12")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -67,12 +70,22 @@ def test_eval_predict_attention_and_robustness_take_the_rectangular_checkpoint(
     assert 0.0 <= robust["attack"]["accuracy"]["2/255"] <= robust["clean_accuracy"]
 
 
+def _refusal(workdir: Path, *overrides: str) -> str:
+    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
+    for these exceptions (exit status 1) before anything is written."""
+    from vit.train_cli import _one_line
+
+    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
+        in_process.train(workdir, *overrides)
+    assert not workdir.exists()
+    return f"error: {_one_line(refused.value)}"
+
+
 def test_a_pair_the_patch_does_not_divide_or_not_a_pair_is_one_line(tmp_path):
-    wrong = _train(tmp_path / "bad", "--config.image_size=24,40,8")
-    assert _error_line(wrong) == ("error: config.image_size must be an int or a pair of ints "
-                                  "(height, width), got (24, 40, 8): use e.g. 32 or (32, 48)")
-    run = _train(tmp_path / "bad", "--config.image_size=24,44")
-    assert _error_line(run) == (
+    wrong = _refusal(tmp_path / "bad", "--config.image_size=24,40,8")
+    assert wrong == ("error: config.image_size must be an int or a pair of ints "
+                     "(height, width), got (24, 40, 8): use e.g. 32 or (32, 48)")
+    run = _refusal(tmp_path / "bad", "--config.image_size=24,44")
+    assert run == (
         "error: image size 24x44 is not divisible by the patch size 8x8: use sides that are "
         "multiples of it (e.g. 24x40) or another patch size")
-    assert not (tmp_path / "bad").exists()

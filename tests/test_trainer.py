@@ -29,7 +29,7 @@ from vit.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = str((ROOT.parent / "shared" / "data" / "tfds").resolve())
-STEPS = 40
+STEPS = 24  # checkpoints every 4 (the smoke config's): three kept, a SIGKILL lands between
 
 
 def _env(devices: int = 1) -> dict[str, str]:
@@ -46,6 +46,14 @@ def _train_cmd(workdir: Path, *overrides: str) -> list[str]:
 def _run(workdir: Path, *overrides: str, devices: int = 1) -> subprocess.CompletedProcess:
     return subprocess.run(_train_cmd(workdir, *overrides), env=_env(devices), capture_output=True,
                           text=True, timeout=300)
+
+
+def _train_here(workdir: Path, *overrides: str) -> trainer.TrainResult:
+    """`_run`'s training in this process (tests/in_process.py); it must end as train.py's exit
+    status 0 does: no exception, not preempted."""
+    result = in_process.train(workdir, f"--config.total_steps={STEPS}", *overrides)
+    assert not result.preempted and not result.before_first_step
+    return result
 
 
 def _params(workdir: Path, step: int | None = None) -> dict[str, np.ndarray]:
@@ -75,7 +83,7 @@ def _eval_lines(workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory) -> Path:
-    """An uninterrupted 40-step run, logging every step, checkpointing every 4 steps."""
+    """An uninterrupted STEPS-step train.py run, logging every step, checkpointing every 4."""
     workdir = tmp_path_factory.mktemp("straight")
     done = _run(workdir, "--config.log_every=1")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -84,7 +92,8 @@ def straight_run(tmp_path_factory) -> Path:
 
 
 def test_run_writes_checkpoints_metrics_and_tensorboard(straight_run):
-    assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir()) == [32, 36, 40]
+    assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir()) == [
+        STEPS - 8, STEPS - 4, STEPS]
     contents = checkpoint.load_checkpoint(str(straight_run))
     assert contents.step == STEPS
     assert contents.config["model"]["variant"] == "Ti/8"
@@ -121,8 +130,7 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
     assert stopped_at < STEPS, "the run finished before SIGTERM arrived"
     assert f"preempted at step {stopped_at}" in out
 
-    resumed = _run(tmp_path, "--config.log_every=1")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _train_here(tmp_path, "--config.log_every=1")  # the resume, in this process
     _assert_same_params(_params(tmp_path), _params(straight_run))
     assert _eval_lines(tmp_path)[-1] == _eval_lines(straight_run)[-1]
 
@@ -152,8 +160,7 @@ def test_resume_after_sigkill_between_saves_is_exact(straight_run, tmp_path):
     # The scenario really happened: the killed run had logged steps its checkpoint lacks.
     assert _logged_steps(tmp_path)[-1] > latest
 
-    resumed = _run(tmp_path, "--config.log_every=1")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _train_here(tmp_path, "--config.log_every=1")  # the resume, in this process
     _assert_same_params(_params(tmp_path), _params(straight_run))
     assert _eval_lines(tmp_path)[-1] == _eval_lines(straight_run)[-1]
     # Each step once in metrics.jsonl and once per tag in the event files: the steps the killed
@@ -182,8 +189,8 @@ def test_an_evaluation_killed_after_its_save_is_run_again_on_resume(tmp_path):
     (it would otherwise start at the next and never record it), and a finished run killed in its
     final evaluation records it on the rerun; each step once in metrics.jsonl, values exact."""
     every = ("--config.total_steps=8", "--config.eval_every=4", "--config.log_every=1")
-    done = _run(tmp_path / "straight", *every)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = in_process.train(tmp_path / "straight", *every)  # the runs in this process
+    assert not done.preempted
     straight = _eval_lines(tmp_path / "straight")
     assert [x["step"] for x in straight] == [4, 8]
     for step in (4, 8):
@@ -191,14 +198,14 @@ def test_an_evaluation_killed_after_its_save_is_run_again_on_resume(tmp_path):
         shutil.copytree(tmp_path / "straight", workdir)
         _drop_evaluation(workdir, step)
         assert [x["step"] for x in _eval_lines(workdir)] == [4] * (step == 8)
-        resumed = _run(workdir, *every)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        resumed = in_process.train(workdir, *every)
+        assert not resumed.preempted
         assert _eval_lines(workdir) == straight
         assert _logged_steps(workdir) == list(range(1, 9))
         for tag, tag_steps in event_steps(workdir / "tensorboard").items():
             assert len(tag_steps) == len(set(tag_steps)), tag
-    again = _run(tmp_path / "straight", *every)  # recorded already: nothing written again
-    assert again.returncode == 0 and _eval_lines(tmp_path / "straight") == straight
+    again = in_process.train(tmp_path / "straight", *every)  # recorded already: nothing written
+    assert not again.preempted and _eval_lines(tmp_path / "straight") == straight
 
 
 def test_four_devices_match_one_device_with_the_same_global_batch(straight_run, tmp_path):
@@ -310,12 +317,17 @@ def test_two_processes_that_see_different_datasets_stop_at_start_in_one_line(tmp
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
-    failed = _run(tmp_path, "--config.lr=1e38", "--config.warmup_steps=4",
-                  "--config.schedule=constant",
-                  "--config.checkpoint_every=1", "--config.log_every=1")
-    assert failed.returncode == 1
-    error = failed.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: ") and ("non-finite" in error or "loss became" in error)
+    """In this process: train.py prints the exception's `_one_line` as its `error:` line and
+    exits 1 for these classes (the printing itself: test_faults.py's NaN in one of two
+    processes)."""
+    from vit.train_cli import _one_line
+
+    with pytest.raises((ValueError, OSError, RuntimeError)) as failed:
+        in_process.train(tmp_path, f"--config.total_steps={STEPS}", "--config.lr=1e38",
+                         "--config.warmup_steps=4", "--config.schedule=constant",
+                         "--config.checkpoint_every=1", "--config.log_every=1")
+    error = _one_line(failed.value)
+    assert "\n" not in error and ("non-finite" in error or "loss became" in error)
     assert "lower the learning rate" in error
     bad_step = int(error.split(" at step ")[1].split(":")[0])
     good = checkpoint.load_checkpoint(str(tmp_path))
