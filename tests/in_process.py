@@ -42,3 +42,16 @@ def train(workdir: Path, *overrides: str, config_file: str = "configs/smoke.py")
     from vit import trainer
 
     return trainer.train(config_of(*overrides, config_file=config_file), str(workdir))
+
+
+def refusal_line(workdir: Path, *overrides: str) -> str:
+    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
+    for these exceptions (exit status 1); asserts that nothing was written."""
+    import pytest
+
+    from vit.train_cli import _one_line
+
+    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
+        train(workdir, *overrides)
+    assert not workdir.exists()
+    return f"error: {_one_line(refused.value)}"

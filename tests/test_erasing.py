@@ -4,7 +4,6 @@ algorithm written out in NumPy, the noise it writes, and `config.random_erase` e
 import json
 import math
 import random
-from pathlib import Path
 
 import in_process
 import jax
@@ -82,15 +81,6 @@ def test_noise_fills_the_box_and_nothing_else():
     assert erasing.random_erase(jax.random.PRNGKey(3), images, 0.0) is images
 
 
-def _refusal(workdir: Path, *overrides: str) -> str:
-    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
-    for these exceptions (exit status 1) before anything is written."""
-    from vit.train_cli import _one_line
-
-    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
-        in_process.train(workdir, *overrides)
-    assert not workdir.exists()
-    return f"error: {_one_line(refused.value)}"
 
 
 def test_a_run_with_random_erasing_trains_and_a_bad_value_is_one_line(tmp_path):
@@ -107,6 +97,6 @@ def test_a_run_with_random_erasing_trains_and_a_bad_value_is_one_line(tmp_path):
         lines = (tmp_path / str(prob) / "metrics.jsonl").read_text().splitlines()
         third_loss[prob] = [json.loads(x)["train/loss"] for x in lines if "train/loss" in x][2]
     assert third_loss[0.0] != pytest.approx(third_loss[1.0], rel=1e-4)  # erased images
-    assert _refusal(tmp_path / "bad", "--config.random_erase=1.5") == (
+    assert in_process.refusal_line(tmp_path / "bad", "--config.random_erase=1.5") == (
         "error: config.random_erase=1.5 must be a probability in [0, 1] (0 = off; DeiT uses "
         "0.25)")

@@ -3,7 +3,6 @@ whole evaluation through the API and `vit fewshot`."""
 
 import contextlib
 import json
-from pathlib import Path
 
 import in_process
 import jax
@@ -138,15 +137,6 @@ def test_bad_requests_are_one_line(run, capsys, argv, message):
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
-def _refusal(workdir: Path, *overrides: str) -> str:
-    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
-    for these exceptions (exit status 1) before anything is written."""
-    from vit.train_cli import _one_line
-
-    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
-        in_process.train(workdir, *overrides)
-    assert not workdir.exists()
-    return f"error: {_one_line(refused.value)}"
 
 
 def test_training_logs_the_probe_at_each_evaluation(tmp_path):
@@ -167,15 +157,15 @@ def test_training_logs_the_probe_at_each_evaluation(tmp_path):
         assert (logged[-1][f"{prefix}/1shot"], logged[-1][f"{prefix}/2shot"]) == (api.mean(1),
                                                                                   api.mean(2))
     # The refusals, in this process (train.py prints each as its one `error:` line)
-    assert _refusal(tmp_path / "bad", "--config.fewshot.shots=0,5") == (
+    assert in_process.refusal_line(tmp_path / "bad", "--config.fewshot.shots=0,5") == (
         "error: config.fewshot: shots must be counts >= 1, got [0, 5]: e.g. 1,5,10,25")
     # The probe's dataset and splits are checked at start-up, not at the first evaluation;
     # another dataset is read from the run's data_dir unless fewshot.data_dir says otherwise.
-    empty = _refusal(tmp_path / "empty", "--config.fewshot.shots=1",
+    empty = in_process.refusal_line(tmp_path / "empty", "--config.fewshot.shots=1",
                      "--config.fewshot.dataset=cifar10", "--config.fewshot.test_split=test[:0]")
     assert empty == ("error: config.fewshot.test_split 'test[:0]' of 'cifar10' holds no "
                      "examples: use a split or slice with some, e.g. 'train[:10000]'")
-    unknown = _refusal(tmp_path / "unknown", "--config.fewshot.shots=1",
+    unknown = in_process.refusal_line(tmp_path / "unknown", "--config.fewshot.shots=1",
                        "--config.fewshot.dataset=no_such_dataset")
     assert unknown.startswith("error: config.fewshot: ")
     from test_faults import _smoke_config

@@ -2,7 +2,6 @@
 without flip TTA, and `config.loss` end to end (training, evaluation, a bad value)."""
 
 import json
-from pathlib import Path
 
 import in_process
 import jax
@@ -73,15 +72,6 @@ def test_unknown_loss_is_one_line():
         config_schema.validate_config(config)
 
 
-def _refusal(workdir: Path, *overrides: str) -> str:
-    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
-    for these exceptions (exit status 1) before anything is written."""
-    from vit.train_cli import _one_line
-
-    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
-        in_process.train(workdir, *overrides)
-    assert not workdir.exists()
-    return f"error: {_one_line(refused.value)}"
 
 
 def test_sigmoid_run_trains_and_evaluates_in_its_own_loss(tmp_path):
@@ -103,5 +93,5 @@ def test_sigmoid_run_trains_and_evaluates_in_its_own_loss(tmp_path):
     assert logged["eval/loss"] == pytest.approx(expected, rel=1e-5)
     again = evaluate_checkpoint(str(tmp_path / "run"), data_dir=DATA_DIR)
     assert again.loss == pytest.approx(expected, rel=1e-5) and again.num_examples == len(labels)
-    assert _refusal(tmp_path / "bad", "--config.loss=softmax") == (
+    assert in_process.refusal_line(tmp_path / "bad", "--config.loss=softmax") == (
         "error: config.loss='softmax' is unknown; use one of softmax_xent, sigmoid_xent")

@@ -3,7 +3,6 @@
 smoke config)."""
 
 import json
-from pathlib import Path
 
 import in_process
 import numpy as np
@@ -70,22 +69,13 @@ def test_eval_predict_attention_and_robustness_take_the_rectangular_checkpoint(
     assert 0.0 <= robust["attack"]["accuracy"]["2/255"] <= robust["clean_accuracy"]
 
 
-def _refusal(workdir: Path, *overrides: str) -> str:
-    """train.py's `error:` line for a run it refuses, from this process: the one line it prints
-    for these exceptions (exit status 1) before anything is written."""
-    from vit.train_cli import _one_line
-
-    with pytest.raises((ValueError, OSError, RuntimeError)) as refused:
-        in_process.train(workdir, *overrides)
-    assert not workdir.exists()
-    return f"error: {_one_line(refused.value)}"
 
 
 def test_a_pair_the_patch_does_not_divide_or_not_a_pair_is_one_line(tmp_path):
-    wrong = _refusal(tmp_path / "bad", "--config.image_size=24,40,8")
+    wrong = in_process.refusal_line(tmp_path / "bad", "--config.image_size=24,40,8")
     assert wrong == ("error: config.image_size must be an int or a pair of ints "
                      "(height, width), got (24, 40, 8): use e.g. 32 or (32, 48)")
-    run = _refusal(tmp_path / "bad", "--config.image_size=24,44")
+    run = in_process.refusal_line(tmp_path / "bad", "--config.image_size=24,44")
     assert run == (
         "error: image size 24x44 is not divisible by the patch size 8x8: use sides that are "
         "multiples of it (e.g. 24x40) or another patch size")
