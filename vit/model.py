@@ -346,10 +346,9 @@ def model_from_config(
 
 
 def init_params(model: VisionTransformer, rng: Array, batch_size: int = 1) -> Any:
-    """Initialise the model's parameters for a batch of its own image size, in one compiled
-    program (run op by op, a small model's initialisers took seconds of per-op compiles)."""
+    """Initialise the model's parameters for a batch of its own image size."""
     dummy = jnp.zeros((batch_size, *model.image_size, 3), jnp.float32)
-    return jax.jit(lambda key: model.init({"params": key}, dummy)["params"])(rng)
+    return model.init({"params": rng}, dummy)["params"]
 
 
 def count_params(model: VisionTransformer) -> int:
