@@ -3,6 +3,7 @@ back with EventAccumulator, metrics.jsonl (one line per step, cleaned on resume)
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,37 @@ def test_resume_drops_the_steps_past_the_checkpoint_from_both_files(tmp_path):
     steps = event_steps(tmp_path / "tensorboard")
     assert steps["train/loss"] == list(range(1, 9)) and steps["eval/top1"] == [4]
     assert _scalars(tmp_path / "tensorboard")["train/loss"][5][1] == pytest.approx(2.0 / 6)
+
+
+def test_a_resume_in_the_same_second_writes_a_file_that_sorts_after_the_old_one(tmp_path):
+    """TensorBoard reads event files in name order and purges steps that a later-read file's
+    lower steps orphan: the resumed writer's file must sort last even within one second."""
+    old = metrics.MetricWriter(str(tmp_path / "old"), start_step=0)
+    for step in range(1, 5):
+        old.write_scalars(step, {"train/loss": 1.0 / step})
+    old.close()
+    (made,) = (tmp_path / "old" / "tensorboard").iterdir()
+    logdir = tmp_path / "run" / "tensorboard"
+    logdir.mkdir(parents=True)
+    # another process's file of this second whose host name sorts after any real one
+    made.rename(logdir / f"events.out.tfevents.{int(time.time())}.~host.99999.99.v2")
+    resumed = metrics.MetricWriter(str(tmp_path / "run"), start_step=4)
+    for step in range(5, 9):
+        resumed.write_scalars(step, {"train/loss": 2.0 / step})
+    resumed.close()
+    assert event_steps(logdir)["train/loss"] == list(range(1, 9))
+    assert [s for s, _ in _scalars(logdir)["train/loss"]] == list(range(1, 9))  # none purged
+
+
+def test_wait_past_event_files_sleeps_only_within_the_newest_files_second(tmp_path):
+    (tmp_path / "events.out.tfevents.1000.host.7.0.v2").write_bytes(b"")
+    (tmp_path / "events.out.tfevents.0999.host.7.1.v2").write_bytes(b"")
+    slept = []
+    for now in (1000.25, 1001.0, 999.5, 1200.0):
+        metrics.wait_past_event_files(tmp_path, clock=lambda now=now: now, sleep=slept.append)
+    assert slept == [0.75]
+    metrics.wait_past_event_files(tmp_path / "none", clock=lambda: 5.0, sleep=slept.append)
+    assert slept == [0.75]
 
 
 def test_fresh_start_clears_files_left_before_any_checkpoint(tmp_path):

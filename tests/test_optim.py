@@ -209,8 +209,9 @@ def test_head_only_freezes_everything_else(small_params):
     all_size = sum(x.size for x in jax.tree_util.tree_leaves(small_params))
     np.testing.assert_allclose(optim.trained_grad_norm(grads, "head"), 0.3 * head_size ** 0.5,
                                rtol=1e-6)
+    # a float32 sum of all_size squares, in an order that varies with the CPU's vector width
     np.testing.assert_allclose(optim.trained_grad_norm(grads, "all"), 0.3 * all_size ** 0.5,
-                               rtol=1e-6)
+                               rtol=2e-5)
 
 
 def test_ema_update_math():

@@ -15,6 +15,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from vit.output_paths import OutputPathError, require_writable_run_folder
 TENSORBOARD_DIR = "tensorboard"
 JSONL_FILE = "metrics.jsonl"
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
+_EVENT_SECOND = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 
 
 def check_output_paths(workdir: str) -> None:
@@ -79,6 +81,7 @@ class MetricWriter:
                 # a resume's first write at its step joins that step's line
                 self._last = prune_jsonl(root / JSONL_FILE, keep)
                 prune_event_files(root / TENSORBOARD_DIR, keep)
+            wait_past_event_files(root / TENSORBOARD_DIR)
             self._events = tf.summary.create_file_writer(str(root / TENSORBOARD_DIR))
             self._jsonl = (root / JSONL_FILE).open("a", encoding="utf-8")
 
@@ -236,6 +239,23 @@ def prune_event_files(logdir: Path, last_step: int) -> None:
                         out.write(raw)
 
             _replace_file(Path(path), write)
+
+
+def wait_past_event_files(logdir: Path, clock: Callable[[], float] = time.time,
+                          sleep: Callable[[float], None] = time.sleep) -> None:
+    """Sleep until the wall-clock second is later than every event file's in `logdir`.
+
+    Event files are named events.out.tfevents.<second>.<host>.<pid>.<counter>.v2, and
+    TensorBoard reads them in name order: a new file of the same second could sort before the
+    old one (counter 10 before 9, another pid), and TensorBoard would then purge the new steps
+    as orphans when the old file's lower steps followed them.
+    """
+    seconds = [int(m.group(1)) for path in glob.glob(str(logdir / EVENT_FILE_PATTERN))
+               if (m := _EVENT_SECOND.match(os.path.basename(path)))]
+    newest = max(seconds, default=-1)
+    now = clock()
+    if int(now) == newest:  # a newest file from the future (another clock) is not waited for
+        sleep(newest + 1 - now)
 
 
 def format_duration(seconds: float) -> str:
