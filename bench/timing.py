@@ -4,19 +4,27 @@ peer torch + timm environment of bench/timm_worker.py imports it as well as ours
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
 
 
+def timed_calls(fn: Callable[[], object], repeats: int) -> list[tuple[float, int]]:
+    """(wall seconds, minor page faults) of each of `repeats` calls of `fn()`, which must block
+    until done."""
+    calls = []
+    for _ in range(repeats):
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        fn()
+        calls.append((time.perf_counter() - start,
+                      resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+    return calls
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `fn()` (which must block until done) over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds for seconds, _ in timed_calls(fn, repeats))
 
 
 def worker_arguments(description: str | None) -> argparse.Namespace:

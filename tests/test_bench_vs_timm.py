@@ -68,3 +68,22 @@ def test_our_worker_times_a_tiny_train_step_and_inference():
     assert vit_worker.infer_images_per_s(model, batch=4, steps=1, warmup=0) > 0
     env = vit_worker.environment()
     assert env["host_memory_retained"] == vit.HOST_MEMORY_RETAINED and "jax" in env
+
+
+def test_timed_calls_count_the_pages_each_call_faults_in():
+    """The benchmarks' timing loop counts each call's minor page faults: a call that touches
+    every 4 KiB page of a fresh 8 MB mapping faults at least those 2,048 pages, one that
+    touches nothing new faults none of them."""
+    import mmap
+
+    import timing
+
+    def touch_fresh_pages() -> None:
+        with mmap.mmap(-1, 8 << 20) as fresh:
+            for offset in range(0, 8 << 20, 4096):
+                fresh[offset] = 1
+
+    calls = timing.timed_calls(touch_fresh_pages, 3)
+    assert len(calls) == 3 and all(seconds > 0 and faults >= 2048 for seconds, faults in calls)
+    assert all(faults < 2048 for _, faults in timing.timed_calls(lambda: None, 3))
+    assert timing.median_seconds(lambda: None, 3) < min(seconds for seconds, _ in calls)
