@@ -1,4 +1,5 @@
-"""bench/vs_timm.py without torch: interleaving, the JSON line on fake figures, our worker."""
+"""bench/vs_timm.py without torch: interleaving, the JSON line on fake figures, our worker,
+and the timing loop its workers share (bench/timing.py)."""
 
 from __future__ import annotations
 
