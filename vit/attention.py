@@ -101,6 +101,40 @@ def _softmax_weights(q: Array, k: Array, mask: Array | None) -> Array:
     return weights if mask is None else jnp.where(mask, weights, 0.0)
 
 
+def _transposed(x: Array) -> Array:
+    """x with its last two axes swapped in memory: left to itself, XLA folds the swap into the
+    batched matmul, which XLA:CPU then runs contracting both operands' rows, about twice as slow
+    as on a materialised copy (README, *Speed on CPU: attention's gradient*)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@jax.custom_vjp
+def _attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Softmax attention of heads-first q, k, v [B, heads, T, dim]: [B, heads, Tq, dim]."""
+    return _attend_fwd(q, k, v, mask)[0]
+
+
+def _attend_fwd(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, tuple]:
+    weights = _softmax_weights(q, k, mask)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v), (q, k, v, weights)
+
+
+def _attend_bwd(res: tuple, dy: Array) -> tuple[Array, Array, Array, None]:
+    """The softmax's gradient as autodiff writes it, with each batched matmul contracting its
+    left operand's last axis; masked keys have zero weight, hence zero gradient."""
+    q, k, v, weights = res
+    scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]).astype(np.float32), q.dtype)
+    d_weights = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)
+    d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(q.dtype), k) * scale
+    dk = jnp.einsum("bhkq,bhqd->bhkd", _transposed(d_logits).astype(k.dtype), q * scale)
+    dv = jnp.einsum("bhkq,bhqd->bhkd", _transposed(weights).astype(v.dtype), dy)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def attention_weights(q: Array, k: Array, mask: Array | None = None) -> Array:
     """Softmax attention probabilities [B, heads, Tq, Tk] from q, k of shape [B, T, heads, dim].
 
@@ -240,7 +274,9 @@ class MultiHeadDotProductAttention(nn.Module):
             q, k = apply_rope(q, sin, cos, self.rope), apply_rope(k, sin, cos, self.rope)
 
         weights = None
-        if core == "explicit":
+        if core == "explicit" and not (return_weights or use_dropout):
+            y = _heads_first(_attend(q, k, v, mask))
+        elif core == "explicit":
             weights = _softmax_weights(q, k, mask)
             probs = weights
             if use_dropout:
