@@ -86,12 +86,16 @@ def _heads_first(x: Array) -> Array:
     return x.transpose(0, 2, 1, 3)
 
 
+def _query_scale(q: Array) -> Array:
+    """1 / sqrt(head_dim) in q's dtype: what the queries are multiplied by before q.k."""
+    return jnp.asarray(1.0 / np.sqrt(q.shape[-1]).astype(np.float32), q.dtype)
+
+
 def _logits(q: Array, k: Array, mask: Array | None) -> Array:
     """Scaled float32 logits [B, heads, Tq, Tk] of heads-first q, k; masked keys at the float32
     minimum."""
-    scale = 1.0 / np.sqrt(q.shape[-1]).astype(np.float32)
     # float32 out of the matmul itself: bfloat16 logits would be rounded before the softmax
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * _query_scale(q), k,
                         preferred_element_type=jnp.float32)
     return logits if mask is None else jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
 
@@ -124,7 +128,7 @@ def _attend_bwd(res: tuple, dy: Array) -> tuple[Array, Array, Array, None]:
     """The softmax's gradient as autodiff writes it, with each batched matmul contracting its
     left operand's last axis; masked keys have zero weight, hence zero gradient."""
     q, k, v, weights = res
-    scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]).astype(np.float32), q.dtype)
+    scale = _query_scale(q)
     d_weights = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)
     d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
     dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(q.dtype), k) * scale
