@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit import config_schema, data, image_folders, preprocess, sources
+from vit import config_schema, data, image_folders, preprocess, sources, unreadable
 from vit.data import DataError, DatasetInfo
 
 CIFAR_DIR = "/work/shared/data/tfds"
@@ -704,3 +704,41 @@ def test_a_damaged_shard_with_skip_corrupt_trains_on_what_reads_and_never_hangs(
     with pytest.raises(DataError, match="unreadable example in 'cifar10' split 'train' .*; set "
                                         "skip_corrupt=True to skip such examples"):
         next(data.train_iterator(_cifar(data_dir=empty, train_split="train"), num_devices=1))
+
+
+def test_a_damaged_shard_with_skip_corrupt_resumes_exactly_across_epochs(tmp_path):
+    """Records lost to a damaged shard are made up by repeating the ones that read, so each
+    epoch keeps its 1,000 records: a run resumed at any step, before or after an epoch
+    boundary, sees the batches the uninterrupted run saw (before, it resumed `step x batch`
+    records into a stream whose epochs were shorter)."""
+    cut = _cifar_with_train_shard_cut(tmp_path, 1 << 20)
+    config = _cifar(data_dir=cut, train_split="train[:1000]", skip_corrupt=True)
+    whole = data.train_iterator(config, num_devices=1)
+    steps = [next(whole) for _ in range(70)]  # 2.2 epochs of 1,000 records
+    plain = _cifar(data_dir=cut, train_split="train[:1000]", skip_corrupt=True)
+    plain.pp.train_crop, plain.pp.flip = "resize", False  # an image identifies its record
+    unaugmented = data.train_iterator(plain, num_devices=1)
+    first_epoch = np.concatenate([next(unaugmented)["image"].reshape(32, -1) for _ in range(31)])
+    assert 300 < len(np.unique(first_epoch, axis=0)) < 600  # about 400 read: repeated to fill
+    for start in (1, 30, 31, 32, 62, 63):
+        resumed = data.train_iterator(config, start_step=start, num_devices=1)
+        for step in range(start, start + 5):
+            got = next(resumed)
+            np.testing.assert_array_equal(got["image"], steps[step]["image"], err_msg=str(step))
+            np.testing.assert_array_equal(got["label"], steps[step]["label"], err_msg=str(step))
+
+
+def _png(value: int) -> bytes:
+    return tf.io.encode_png(tf.fill([4, 4, 3], tf.constant(value, tf.uint8))).numpy()
+
+
+def test_undecodable_records_go_before_the_shuffle_and_the_readable_fill_the_epoch():
+    records = tf.data.Dataset.from_tensor_slices(
+        {"encoded": [_png(0), b"not an image", _png(2), _png(3)], "label": [0, 1, 2, 3]})
+    readable = unreadable.readable_records(records, check_decode=True)
+    assert [r["label"] for r in readable.as_numpy_iterator()] == [0, 2, 3]
+    epoch = unreadable.filled_epoch(readable, 7)
+    assert [r["label"] for r in epoch.as_numpy_iterator()] == [0, 2, 3, 0, 2, 3, 0]
+    assert [r["encoded"] for r in epoch.as_numpy_iterator()][3] == _png(0)
+    unchecked = unreadable.readable_records(records, check_decode=False)
+    assert [r["label"] for r in unchecked.as_numpy_iterator()] == [0, 1, 2, 3]

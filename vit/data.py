@@ -26,6 +26,7 @@ from vit.error_text import first_names, tensorflow_message
 from vit.image_folders import FOLDER_PREFIX, IMAGE_EXTENSIONS
 from vit.model_options import pair
 from vit.sources import Source, open_source
+from vit.unreadable import filled_epoch, readable_records, require_a_readable_example
 
 __all__ = [
     "FOLDER_PREFIX", "IMAGE_EXTENSIONS", "DataError", "DatasetInfo", "dataset_info",
@@ -179,23 +180,6 @@ def _raise_for_bad_file(src: Source, split: str) -> None:
             raise DataError(f"{err}, or set skip_corrupt=True to skip such files") from None
 
 
-def _require_a_readable_example(src: Source, split: str, process_index: int,
-                                process_count: int) -> None:
-    """With skip_corrupt, a DataError unless this process's part of `split` holds an example
-    that reads and decodes: skipping every one would otherwise wait for a batch forever."""
-
-    @tf.autograph.experimental.do_not_convert
-    def decoded_shape(record: dict) -> tf.Tensor:
-        return tf.shape(pp_ops.decode(record["encoded"]))
-
-    readable = src.read(split, process_index, process_count).map(decoded_shape)
-    if not list(readable.ignore_errors().take(1).as_numpy_iterator()):
-        raise DataError(
-            f"no readable example in split {split!r} of {src.name!r} (process {process_index} of "
-            f"{process_count}): skip_corrupt=True skips unreadable examples, but every one is; "
-            "check or replace the data files")
-
-
 _CHUNK = 64  # records an epoch stream hands on at a time: one hand-over between threads each
 
 
@@ -276,11 +260,14 @@ def train_iterator(
             f"split {config.train_split!r} of {src.name!r} has no examples for "
             f"process {empty[0]} of {process_count}; use a larger split"
         )
+    skip_corrupt = bool(config.get("skip_corrupt"))
+    if skip_corrupt:  # unreadable records go before the shuffle (a folder's scan decoded its own)
+        require_a_readable_example(src, config.train_split, process_index, process_count)
+        records = readable_records(records, check_decode=not src.is_folder)
     if src.fits_in_memory and int(config.get("total_steps", 0)) * batch > n:
         records = records.cache()  # read once, then every later epoch from memory
-    if config.get("skip_corrupt"):  # unreadable records go before they are chunked
-        _require_a_readable_example(src, config.train_split, process_index, process_count)
-        records = records.ignore_errors(log_warning=True)
+    if skip_corrupt:
+        records = filled_epoch(records, n)
     start = start_step * batch
     buffer = max(1, min(config.shuffle_buffer, n))
     seed = (config.seed * 1_000_003 + process_index) * 1_000_003 % 2**62  # + epoch: an int64
@@ -300,7 +287,7 @@ def train_iterator(
     ds = _shuffled_epochs(records, n, buffer, seed, start)
     ds = ds.enumerate(start=start + process_index * (1 << 48))  # stream position: aug seed
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if config.get("skip_corrupt"):
+    if skip_corrupt:  # only a file damaged after its folder was scanned fails here
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch, drop_remainder=True).map(to_device)
     return _numpy(ds, src, config.train_split)
@@ -380,7 +367,7 @@ def eval_iterator(
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if config.get("skip_corrupt"):
         if src.part_size(split, process_index, process_count):  # an empty part pads alone
-            _require_a_readable_example(src, split, process_index, process_count)
+            require_a_readable_example(src, split, process_index, process_count)
         ds = ds.ignore_errors(log_warning=True)
     padding = {
         "image": tf.zeros([*pair(config.image_size), 3], tf.uint8),
