@@ -316,6 +316,72 @@ def test_two_processes_that_see_different_datasets_stop_at_start_in_one_line(tmp
     assert not (tmp_path / "checkpoints").exists()
 
 
+_PREPARED_HERE = """
+import os
+import numpy as np
+import tensorflow_datasets as tfds
+
+class TinyToPrepare(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({{
+                "image": tfds.features.Image(shape=(32, 32, 3)),
+                "label": tfds.features.ClassLabel(num_classes=2)}}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        if {fail}:
+            raise ConnectionError("no network here")
+        with open(os.path.join("{log}", "prepared-by-{pid}"), "w"):  # who prepared it
+            pass
+        return {{"train": self._generate_examples(16), "test": self._generate_examples(8)}}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {{"image": np.full((32, 32, 3), 8 * i, np.uint8), "label": i % 2}}
+"""
+
+
+@pytest.mark.parametrize("data_dirs", ["shared", "own", "process 0 fails"])
+def test_two_processes_with_download_prepare_a_shared_data_dir_once(tmp_path, data_dirs):
+    """download=True: process 0 prepares while process 1 waits, which then finds a shared
+    data_dir prepared (before, both prepared it at once and the run hung) or prepares its own;
+    when process 0 cannot prepare, both stop."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    log = tmp_path / "log"
+    log.mkdir()
+    driver = _MISMATCH_DRIVER.replace("config.total_steps", "config.dataset = 'tiny_to_prepare'\n"
+                                      "config.train_split, config.eval_split = 'train', 'test'\n"
+                                      "config.download, config.eval_batch_size = True, 8\n"
+                                      "config.total_steps")
+    procs = []
+    for pid in range(2):
+        env = _env(devices=1)
+        env["TFDS_DATA_DIR"] = str(tmp_path / ("tfds" if data_dirs != "own" else f"tfds-{pid}"))
+        patch = _PREPARED_HERE.format(log=log, pid=pid, fail=data_dirs == "process 0 fails")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", driver.format(addr=addr, pid=pid, workdir=tmp_path / "run",
+                                                 steps=2, patch=patch)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=180) for p in procs]
+    prepared = sorted(p.name for p in log.iterdir())
+    if data_dirs == "process 0 fails":
+        assert [p.returncode for p in procs] == [1, 1] and prepared == []
+        assert "DataError: could not prepare 'tiny_to_prepare': no network here" in outputs[0][1]
+        assert ("DataError: process 0 could not prepare 'tiny_to_prepare': see its error"
+                in outputs[1][1]), outputs[1][1][-3000:]
+        return
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0 and "ERROR" not in out, (out + err)[-3000:]
+    assert prepared == (["prepared-by-0"] if data_dirs == "shared" else
+                        ["prepared-by-0", "prepared-by-1"])
+    assert checkpoint.load_checkpoint(str(tmp_path / "run")).step == 2
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     """In this process: train.py prints the exception's `_one_line` as its `error:` line and
     exits 1 for these classes (the printing itself: test_faults.py's NaN in one of two

@@ -108,6 +108,8 @@ def train(config: Any, workdir: str) -> TrainResult:
     if parallel.on_any_process(unwritable is not None):  # every process stops alike
         raise unwritable or OutputPathError(
             f"process 0 cannot write the run's metrics files in {workdir}: see its error")
+    if config.distributed and config.get("download"):
+        _prepare_dataset_in_turn(config)
     info = data.dataset_info(config)
     if config.distributed:  # each process scans the folder / opens TFDS on its own
         parallel.require_same_on_every_process(
@@ -129,6 +131,21 @@ def train(config: Any, workdir: str) -> TrainResult:
     except BaseException:  # a bad init_from, say: no empty folder left where nothing was written
         remove_empty(made)
         raise
+
+
+def _prepare_dataset_in_turn(config: Any) -> None:
+    """download=True on several processes: process 0 prepares what it does not find while the
+    others wait; they then prepare only what they still do not find (a data_dir on a disk of
+    their own), so a shared data_dir is written once. Process 0's failure stops every process."""
+    failed = None
+    if jax.process_index() == 0:
+        try:
+            data.dataset_info(config)
+        except Exception as err:  # noqa: BLE001 - raised below, once every process knows
+            failed = err
+    if parallel.on_any_process(failed is not None):  # also the barrier the others wait at
+        raise failed or data.DataError(
+            f"process 0 could not prepare {config.dataset!r}: see its error")
 
 
 def _train_watched(config: Any, workdir: str, model: VisionTransformer, info: data.DatasetInfo,
