@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import sharded_tfds
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -239,23 +240,28 @@ def test_folder_sliced_split(folder):
 
 
 # --------------------------------------------------------------- epoch boundaries
-def _epochs_one_after_another(order, buffer, seed, start, count):
+def _permutation(n, buffer, seed):
+    perm = tf.data.Dataset.range(n).shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+    return list(perm.as_numpy_iterator())
+
+
+def _epochs_one_after_another(order, buffer, seed, start, count, read_in_order=False):
     """Positions start.. of the reference stream: epoch e is the records alone shuffled with
-    seed + e, and epochs follow each other (what train_iterator did with a flat_map)."""
+    seed + e, and epochs follow each other (what train_iterator did with a flat_map). With
+    read_in_order, epoch e first reads the records fully shuffled with seed + e + 2**61."""
     n, first = len(order), start // len(order)
     out = []
     for e in range(first, first + count // n + 2):
-        perm = tf.data.Dataset.range(n).shuffle(
-            buffer, seed=seed + e, reshuffle_each_iteration=False
-        )
-        out += [order[i] for i in perm.as_numpy_iterator()]
+        read = [order[i] for i in _permutation(n, n, seed + e + 2**61)] if read_in_order else order
+        out += [read[i] for i in _permutation(n, buffer, seed + e)]
     return out[start % n : start % n + count]
 
 
 @pytest.mark.parametrize("start_step", [0, 1, 3, 12])  # 12 x 5 = 60: epoch 5 starts exactly
 def test_train_order_is_epochs_shuffled_one_after_another(folder, start_step):
     """Over 3+ epochs, from step 0, resumed mid-epoch or exactly at an epoch boundary, the train
-    stream is each epoch shuffled alone with seed + epoch, epochs concatenated."""
+    stream is each epoch's files read in an order of its own, shuffled alone with seed + epoch,
+    epochs concatenated."""
     c = _folder_cfg(folder, seed=3, batch_size=5, shuffle_buffer=5, eval_split="train")
     batches = list(data.eval_iterator(c, num_devices=1))  # the records in source order
     mask = np.concatenate([b["mask"].reshape(-1) for b in batches])
@@ -270,7 +276,32 @@ def test_train_order_is_epochs_shuffled_one_after_another(folder, start_step):
         pairs = zip(_ids(b["image"]), b["label"].reshape(-1), strict=True)
         got += [(int(i), int(y)) for i, y in pairs]
     seed = (3 * 1_000_003 + 0) * 1_000_003  # the (seed, process 0) shuffle seed; epoch e adds e
-    assert got == _epochs_one_after_another(order, 5, seed, start_step * 5, 40)
+    assert got == _epochs_one_after_another(order, 5, seed, start_step * 5, 40, True)
+
+
+def test_a_tfds_split_read_from_disk_takes_its_shards_in_an_order_of_each_epochs_own(tmp_path):
+    """Not cached in memory, each epoch reads the split's shard files in an order drawn from
+    (seed, process, epoch), as big_vision's shuffled files, so a shuffle buffer smaller than
+    the split does not give every epoch the stored order; a resume stays exact."""
+    shards = sharded_tfds.prepare(str(tmp_path), shards=4)  # 4 files of 16 examples
+    config = _config(dataset="sharded_digits", data_dir=str(tmp_path), image_size=8,
+                     shuffle_buffer=1, batch_size=16, seed=1)  # buffer 1: the order as read
+    config.pp.train_crop, config.pp.flip = "resize", False  # pixel value = example id
+
+    def ids(batch):
+        return batch["image"][0, :, 0, 0, 0].tolist()
+
+    it = data.train_iterator(config, num_devices=1)
+    stream = [ids(next(it)) for _ in range(12)]  # 3 epochs of 4 batches
+    epochs = [sum(stream[4 * e:4 * e + 4], []) for e in range(3)]
+    stored = sum(shards, [])
+    for epoch in epochs:  # whole shards, each in its stored order, in a shuffled order
+        assert sorted(epoch) == sorted(stored)
+        assert sorted(epoch[16 * k:16 * k + 16] for k in range(4)) == sorted(shards)
+    # seed 1's orders of the shards: 2 0 3 1, 2 0 1 3, 3 1 0 2 (one order in 24 is the stored)
+    assert len({tuple(e) for e in [*epochs, stored]}) == 4, "every epoch reads its own order"
+    resumed = data.train_iterator(config, start_step=6, num_devices=1)
+    assert [ids(next(resumed)) for _ in range(6)] == stream[6:]
 
 
 def _range_epochs(n, buffer, start, count, dropped=()):
@@ -285,7 +316,7 @@ def test_shuffled_epochs_from_any_start_equal_the_reference():
     n, buffer = 200, 50
     records = tf.data.Dataset.range(n)
     for start in (0, 1, 63, 64, 65, 199, 200, 201, 450):
-        ds = data._shuffled_epochs(records, n, buffer, seed=0, start=start).take(500)
+        ds = data._shuffled_epochs(lambda e: records, n, buffer, seed=0, start=start).take(500)
         assert list(ds.as_numpy_iterator()) == _range_epochs(n, buffer, start, 500), start
 
 
@@ -299,7 +330,7 @@ def test_shuffled_epochs_keep_their_turns_when_records_are_dropped():
             return tf.identity(x)
 
     records = tf.data.Dataset.range(n).map(fail_on_7).ignore_errors()
-    ds = data._shuffled_epochs(records, n, buffer, seed=0, start=0).take(4 * (n - 1))
+    ds = data._shuffled_epochs(lambda e: records, n, buffer, seed=0, start=0).take(4 * (n - 1))
     assert list(ds.as_numpy_iterator()) == _range_epochs(n, buffer, 0, 4 * (n - 1), {7})
 
 
@@ -320,7 +351,7 @@ def test_next_epoch_fills_its_shuffle_buffer_while_this_one_is_read():
     options = tf.data.Options()  # no read-ahead by tf.data beyond the pipeline's own
     options.autotune.enabled = False
     options.experimental_optimization.inject_prefetch = False
-    ds = data._shuffled_epochs(records, n, buffer, seed=0, start=0).with_options(options)
+    ds = data._shuffled_epochs(lambda e: records, n, buffer, seed=0, start=0).with_options(options)
     it = ds.as_numpy_iterator()
     got = [next(it) for _ in range(n - 1)]
     deadline = time.monotonic() + 5

@@ -190,9 +190,10 @@ def _empty_chunk(spec: tf.TensorSpec) -> tf.Tensor:
 
 
 def _shuffled_epochs(
-    records: tf.data.Dataset, n: int, buffer: int, seed: int, start: int
+    records_of: Callable[[tf.Tensor], tf.data.Dataset], n: int, buffer: int, seed: int, start: int
 ) -> tf.data.Dataset:
-    """Epoch after epoch of n records, epoch e shuffled with seed + e, from stream position start.
+    """Epoch after epoch of n records, epoch e the records `records_of(e)` (e an int64 tensor)
+    shuffled with seed + e, from stream position start.
 
     The order is that of shuffling one epoch after the other, but no boundary waits for a shuffle
     buffer to fill: even and odd epochs are two flat_map streams, each behind a prefetch, so when
@@ -206,7 +207,8 @@ def _shuffled_epochs(
     """
     first_epoch, offset = divmod(start, n)
     end = np.iinfo(np.int64).max
-    empty = tf.nest.map_structure(_empty_chunk, records.batch(_CHUNK).element_spec)
+    spec = records_of(tf.constant(first_epoch, tf.int64)).batch(_CHUNK).element_spec
+    empty = tf.nest.map_structure(_empty_chunk, spec)
     empty = tf.data.Dataset.from_tensors(empty)
 
     def chunks_in(e: tf.Tensor) -> tf.Tensor:
@@ -215,7 +217,7 @@ def _shuffled_epochs(
 
     @tf.autograph.experimental.do_not_convert
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
-        shuffled = records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
+        shuffled = records_of(e).shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
         shuffled = shuffled.skip(tf.where(e == first_epoch, tf.constant(offset, tf.int64), 0))
         return shuffled.batch(_CHUNK).concatenate(empty.repeat()).take(chunks_in(e))
 
@@ -228,6 +230,17 @@ def _shuffled_epochs(
     choice = tf.data.Dataset.range(first_epoch, end).flat_map(turns)
     choice = tf.data.Dataset.from_tensors(tf.constant(1, tf.int64)).concatenate(choice)
     return tf.data.Dataset.choose_from_datasets(streams, choice).unbatch()
+
+
+def _stream_seed(seed: int, process_index: int) -> int:
+    """The shuffle seed of a process's training stream (epoch e: + e, an int64)."""
+    return (seed * 1_000_003 + process_index) * 1_000_003 % 2**62
+
+
+def read_order_seed(seed: int, process_index: int, epoch: int | tf.Tensor) -> int | tf.Tensor:
+    """The order_seed (Source.read) with which epoch `epoch` of a process's training stream
+    reads a split not cached in memory; not the epoch's shuffle seed."""
+    return _stream_seed(seed, process_index) + epoch + (1 << 61)
 
 
 def train_iterator(
@@ -243,34 +256,50 @@ def train_iterator(
 
     A pure function of (config.seed, step): start_step=N yields what an uninterrupted run
     yields from step N. Each epoch is shuffled with a seed of (seed, process, epoch); the next
-    epoch's shuffle buffer fills while this one is read, so epoch boundaries do not stall.
+    epoch's shuffle buffer fills while this one is read, so epoch boundaries do not stall. A
+    split not cached in memory is read in an order of the epoch's own first: a folder's files
+    all shuffled, a TFDS split's shards shuffled and read 16 at a time, interleaved.
     """
     validate_data_keys(config)
     num_devices, process_index, process_count = _topology(num_devices, process_index, process_count)
     batch = _local_batch(config.batch_size, num_devices, process_count, "batch_size")
     src = open_source(config)
-    records = src.read(config.train_split, process_index, process_count)
-    n = src.part_size(config.train_split, process_index, process_count)
+    split = config.train_split
+    n = src.part_size(split, process_index, process_count)
     # Every process raises alike (the parts are known to all): one raising alone would leave
     # the others waiting in the first collective.
-    empty = [i for i in range(process_count)
-             if src.part_size(config.train_split, i, process_count) <= 0]
+    empty = [i for i in range(process_count) if src.part_size(split, i, process_count) <= 0]
     if empty:
         raise DataError(
-            f"split {config.train_split!r} of {src.name!r} has no examples for "
+            f"split {split!r} of {src.name!r} has no examples for "
             f"process {empty[0]} of {process_count}; use a larger split"
         )
+    seed = _stream_seed(config.seed, process_index)
     skip_corrupt = bool(config.get("skip_corrupt"))
-    if skip_corrupt:  # unreadable records go before the shuffle (a folder's scan decoded its own)
-        require_a_readable_example(src, config.train_split, process_index, process_count)
-        records = readable_records(records, check_decode=not src.is_folder)
-    if src.fits_in_memory and int(config.get("total_steps", 0)) * batch > n:
-        records = records.cache()  # read once, then every later epoch from memory
     if skip_corrupt:
-        records = filled_epoch(records, n)
+        require_a_readable_example(src, split, process_index, process_count)
+
+    def readable(records: tf.data.Dataset) -> tf.data.Dataset:
+        """Unreadable records go before the shuffle (a folder's scan decoded its own)."""
+        if not skip_corrupt:
+            return records
+        return readable_records(records, check_decode=not src.is_folder)
+
+    if src.fits_in_memory and int(config.get("total_steps", 0)) * batch > n:
+        cached = readable(src.read(split, process_index, process_count)).cache()
+
+        def records_of(e: tf.Tensor) -> tf.data.Dataset:  # read once, then from memory
+            return cached
+    else:  # each epoch reads the files (a folder) or shards (TFDS) in an order of its own
+        def records_of(e: tf.Tensor) -> tf.data.Dataset:
+            order_seed = read_order_seed(config.seed, process_index, e)
+            return readable(src.read(split, process_index, process_count, order_seed=order_seed))
+
+    def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
+        return filled_epoch(records_of(e), n) if skip_corrupt else records_of(e)
+
     start = start_step * batch
     buffer = max(1, min(config.shuffle_buffer, n))
-    seed = (config.seed * 1_000_003 + process_index) * 1_000_003 % 2**62  # + epoch: an int64
 
     @tf.autograph.experimental.do_not_convert
     def augment(pos: tf.Tensor, record: dict) -> dict:
@@ -284,13 +313,13 @@ def train_iterator(
     def to_device(b: dict) -> dict:
         return _to_device_batch(b, num_devices)
 
-    ds = _shuffled_epochs(records, n, buffer, seed, start)
+    ds = _shuffled_epochs(epoch_records, n, buffer, seed, start)
     ds = ds.enumerate(start=start + process_index * (1 << 48))  # stream position: aug seed
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if skip_corrupt:  # only a file damaged after its folder was scanned fails here
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch, drop_remainder=True).map(to_device)
-    return _numpy(ds, src, config.train_split)
+    return _numpy(ds, src, split)
 
 
 def num_eval_batches(

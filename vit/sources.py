@@ -53,7 +53,9 @@ class Source:
     name: str
     class_names: tuple[str, ...]
     split_sizes: dict[str, int]  # the named splits
-    read: Callable[..., tf.data.Dataset]  # (split, process_index=0, process_count=1)
+    # (split, process_index=0, process_count=1, *, order_seed=None); order_seed (an int64
+    # tensor) reads the part in an order drawn from it, as an epoch does (`_in_order`)
+    read: Callable[..., tf.data.Dataset]
     size: Callable[[str], int]
     is_folder: bool
     labels: Callable[..., np.ndarray]  # like read, but only the labels, images not decoded
@@ -145,12 +147,34 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
     def to_record(example: dict) -> dict:
         return {"encoded": example[image_key], "label": tf.cast(example[label_key], tf.int64)}
 
+    @tf.autograph.experimental.do_not_convert
+    def deserialize(serialized: tf.Tensor) -> dict:
+        return builder.info.features.deserialize_example(serialized, decoders=decoders)
+
     # With skip_corrupt, no cardinality assertion: after a damaged shard it fails on every
     # later read, so ignore_errors would skip forever. Sizes come from the asserted reader.
     skip_corrupt = bool(config.get("skip_corrupt"))
 
     def read(split, process_index: int = 0, process_count: int = 1, *,
-             asserted: bool = not skip_corrupt) -> tf.data.Dataset:
+             asserted: bool = not skip_corrupt, order_seed: tf.Tensor | None = None,
+             ) -> tf.data.Dataset:
+        stored = read_stored(split, process_index, process_count, asserted)  # bad split: a line
+        if order_seed is None or builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+            return stored
+        sub = tfds.even_splits(split, n=process_count)[process_index]
+        try:
+            instructions = builder.info.splits[sub].file_instructions
+        except (KeyError, ValueError):  # an empty part; no metadata (mocked data)
+            return stored
+        if not instructions or not all(tf.io.gfile.exists(i.filename) for i in instructions):
+            return stored  # mocked data: no files
+        shards = _shards_in_order(instructions, order_seed)
+        return shards.map(deserialize, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).map(to_record)
+
+    def read_stored(split, process_index: int, process_count: int,
+                    asserted: bool) -> tf.data.Dataset:
+        """The part in its stored order."""
         sub = tfds.even_splits(split, n=process_count)[process_index]
         # No autocache: TFDS would cache every small read, and warn when one is read in part.
         read_config = tfds.ReadConfig(assert_cardinality=asserted, try_autocache=False)
@@ -172,7 +196,7 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
             reason = str(e).splitlines()[-1]
             if process_index > 0 and "corresponds to no data" in reason:
                 # fewer examples than processes: this process's part is empty, not the split
-                return read(split, 0, process_count, asserted=asserted).take(0)
+                return read_stored(split, 0, process_count, asserted).take(0)
             raise DataError(f"bad split {split!r} for {name!r}: {reason}") from None
         return ds.map(to_record)
 
@@ -204,6 +228,27 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
     )
 
 
+_INTERLEAVE = 16  # shards read at a time, 16 records each in turn (as TFDS reads shuffled files)
+
+
+def _shards_in_order(instructions: list, order_seed: tf.Tensor) -> tf.data.Dataset:
+    """The serialized records of TFDS file instructions (shard file, skip, take), the shards in
+    an order drawn from order_seed and read _INTERLEAVE at a time, interleaved."""
+    files = tf.constant([i.filename for i in instructions], tf.string)
+    skips = tf.constant([i.skip for i in instructions], tf.int64)
+    takes = tf.constant([i.take for i in instructions], tf.int64)
+
+    @tf.autograph.experimental.do_not_convert
+    def shard(filename: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(filename).skip(skip).take(take)
+
+    order = tf.data.Dataset.from_tensor_slices((files, skips, takes))
+    order = order.shuffle(len(instructions), seed=order_seed, reshuffle_each_iteration=False)
+    return order.interleave(shard, cycle_length=min(_INTERLEAVE, len(instructions)),
+                            block_length=_INTERLEAVE, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+
+
 # ----------------------------------------------------------------------------- image folders
 @tf.autograph.experimental.do_not_convert
 def _read_file(path: tf.Tensor, label: tf.Tensor) -> dict:
@@ -233,13 +278,16 @@ def _folder_source(config: ml_collections.ConfigDict) -> Source:
         lo, hi = _even_bounds(len(chosen), process_index, process_count)
         return chosen[lo:hi]
 
-    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    def read(split, process_index: int = 0, process_count: int = 1, *,
+             order_seed: tf.Tensor | None = None) -> tf.data.Dataset:
         chosen = part(split, process_index, process_count)
         # Bytes, as the OS names them: a name that is not UTF-8 (a Latin-1 archive's) reads too.
         paths = tf.constant([os.fsencode(p) for p, _ in chosen], tf.string, shape=[len(chosen)])
         ds = tf.data.Dataset.from_tensor_slices(
             (paths, labels(split, process_index, process_count))
         )
+        if order_seed is not None:  # the files in a random order: names are cheap to shuffle
+            ds = ds.shuffle(max(1, len(chosen)), seed=order_seed, reshuffle_each_iteration=False)
         return ds.map(_read_file)
 
     def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
@@ -271,9 +319,9 @@ def _warning_of_unseen_classes(src: Source) -> Source:
     """`src` whose read warns of the classes a split has no images of (`_warn_of_unseen_classes`;
     cheap for a folder, whose labels are known without reading its images)."""
 
-    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    def read(split, process_index: int = 0, process_count: int = 1, **order) -> tf.data.Dataset:
         _warn_of_unseen_classes(src, split)
-        return src.read(split, process_index, process_count)
+        return src.read(split, process_index, process_count, **order)
 
     return dataclasses.replace(src, read=read)
 
@@ -312,7 +360,7 @@ def _class_subset(src: Source, classes: tuple[int, ...], key: tuple) -> Source:
     new_label = np.full([len(src.class_names)], -1, np.int64)
     new_label[list(classes)] = np.arange(len(classes))
 
-    def read(split, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    def read(split, process_index: int = 0, process_count: int = 1, **order) -> tf.data.Dataset:
         table = tf.constant(new_label)
 
         @tf.autograph.experimental.do_not_convert
@@ -323,7 +371,7 @@ def _class_subset(src: Source, classes: tuple[int, ...], key: tuple) -> Source:
         def relabel(record: dict) -> dict:
             return {**record, "label": tf.gather(table, record["label"])}
 
-        return src.read(split, process_index, process_count).filter(kept).map(relabel)
+        return src.read(split, process_index, process_count, **order).filter(kept).map(relabel)
 
     def labels(split, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         kept = new_label[src.labels(split, process_index, process_count)]
