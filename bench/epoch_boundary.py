@@ -23,7 +23,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -38,14 +38,14 @@ if not os.path.isdir(CIFAR_DIR):
 
 
 def _sequential_epochs(
-    records: tf.data.Dataset, n: int, buffer: int, seed: int, start: int
+    records_of: Callable[[tf.Tensor], tf.data.Dataset], n: int, buffer: int, seed: int, start: int
 ) -> tf.data.Dataset:
     """The record stream as vit.data built it before: a flat_map of epochs, one after another."""
     first_epoch, offset = divmod(start, n)
 
     @tf.autograph.experimental.do_not_convert
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
-        shuffled = records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
+        shuffled = records_of(e).shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
         return shuffled.skip(tf.where(e == first_epoch, tf.constant(offset, tf.int64), 0))
 
     return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
@@ -60,8 +60,8 @@ def patched(mode: str, read_us: int) -> Iterator[None]:
     def slow_source(config):
         src = open_source(config)
 
-        def read(*args) -> tf.data.Dataset:
-            return src.read(*args).apply(tf_data_testing.sleep(read_us))
+        def read(*args, **order) -> tf.data.Dataset:
+            return src.read(*args, **order).apply(tf_data_testing.sleep(read_us))
 
         return dataclasses.replace(src, read=read) if read_us else src
 

@@ -63,9 +63,10 @@ WORKER = textwrap.dedent("""
     x = parallel.shard({"x": np.array([[1.0 + 2 * pid], [2.0 + 2 * pid]])})["x"]
     y = jax.pmap(lambda v: jax.lax.psum(v, parallel.AXIS), axis_name=parallel.AXIS)(x)
     parallel.sync_global_devices("done")
-    # One write per line: Gloo's C++ logging shares stdout and lands between separate writes.
-    sys.stdout.write(f"RESULT {jax.process_count()} {jax.device_count()} "
-                     f"{parallel.unreplicate(y)[0]} {parallel.per_device_batch(8)}\\n")
+    # To a file: Gloo's C++ logging shares stdout and has landed inside a line written there.
+    with open(sys.argv[3], "w") as out:
+        out.write(f"RESULT {jax.process_count()} {jax.device_count()} "
+                  f"{parallel.unreplicate(y)[0]} {parallel.per_device_batch(8)}")
 """)
 
 
@@ -84,11 +85,13 @@ def test_four_device_plumbing():
     assert out.stdout.strip().endswith("OK")
 
 
-def test_two_processes_psum_over_all_devices():
+def test_two_processes_psum_over_all_devices(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i)],
+    results_at = [tmp_path / f"result-{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i),
+                               str(results_at[i])],
                               env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     try:
@@ -96,11 +99,10 @@ def test_two_processes_psum_over_all_devices():
     finally:
         for p in procs:
             p.kill()
-    for p, (stdout, stderr) in zip(procs, results, strict=True):
-        assert p.returncode == 0 and "RESULT" in stdout, stdout + stderr[-3000:]
+    for p, (stdout, stderr), result in zip(procs, results, results_at, strict=True):
+        assert p.returncode == 0 and result.exists(), stdout + stderr[-3000:]
         # 2 processes, 4 devices, psum of 1+2+3+4, per-device batch 8 / 4.
-        lines = [line.strip() for line in stdout.splitlines() if "RESULT" in line]
-        assert lines == ["RESULT 2 4 10.0 2"], stdout
+        assert result.read_text() == "RESULT 2 4 10.0 2"
 
 
 @pytest.mark.parametrize("address", ["nohost", "host:", ":1234", "127.0.0.1:abc"])

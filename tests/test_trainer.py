@@ -228,9 +228,10 @@ config.coordinator_address, config.num_processes, config.process_id = "{addr}", 
 result = trainer.train(config, "{workdir}")
 flat = traverse_util.flatten_dict(result.state.params, sep="/")
 digest = hashlib.sha256(b"".join(np.asarray(flat[k]).tobytes() for k in sorted(flat)))
-# One write per line: Gloo's C++ logging shares stdout and lands between separate writes.
-sys.stdout.write(f"RESULT {{jax.process_count()}} {{jax.device_count()}} {{digest.hexdigest()}} "
-                 f"{{round(result.metrics['eval/top1'], 6)}}\\n")
+# To a file: Gloo's C++ logging shares stdout and has landed inside a line written there.
+with open("{workdir}/result-{pid}", "w") as out:
+    out.write(f"RESULT {{jax.process_count()}} {{jax.device_count()}} {{digest.hexdigest()}} "
+              f"{{round(result.metrics['eval/top1'], 6)}}")
 """
 
 
@@ -243,10 +244,9 @@ def test_two_processes_train_together_and_agree(tmp_path):
         env=_env(devices=2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for pid in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    results = []
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
-        results.append([line for line in out.splitlines() if line.startswith("RESULT")][-1])
+    results = [(tmp_path / f"result-{pid}").read_text() for pid in range(2)]
     assert results[0] == results[1]
     assert results[0].split()[1:3] == ["2", "4"]
     assert checkpoint.load_checkpoint(str(tmp_path)).step == 6
