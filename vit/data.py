@@ -285,18 +285,17 @@ def train_iterator(
             return records
         return readable_records(records, check_decode=not src.is_folder)
 
+    cached = None  # read once, then every later epoch from memory
     if src.fits_in_memory and int(config.get("total_steps", 0)) * batch > n:
         cached = readable(src.read(split, process_index, process_count)).cache()
 
-        def records_of(e: tf.Tensor) -> tf.data.Dataset:  # read once, then from memory
-            return cached
-    else:  # each epoch reads the files (a folder) or shards (TFDS) in an order of its own
-        def records_of(e: tf.Tensor) -> tf.data.Dataset:
-            order_seed = read_order_seed(config.seed, process_index, e)
-            return readable(src.read(split, process_index, process_count, order_seed=order_seed))
-
     def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
-        return filled_epoch(records_of(e), n) if skip_corrupt else records_of(e)
+        """Epoch e's records; not cached, the files (a folder) or shards (TFDS) are read in an
+        order of the epoch's own."""
+        records = cached if cached is not None else readable(src.read(
+            split, process_index, process_count,
+            order_seed=read_order_seed(config.seed, process_index, e)))
+        return filled_epoch(records, n) if skip_corrupt else records
 
     start = start_step * batch
     buffer = max(1, min(config.shuffle_buffer, n))
