@@ -1,5 +1,6 @@
-"""Session-wide test settings: the shared compilation cache (tests/jax_cache.py)."""
+"""Session-wide test settings: the shared compilation cache and the fast-compiling XLA level
+(tests/jax_env.py)."""
 
-import jax_cache
+import jax_env
 
-jax_cache.enable()
+jax_env.enable()

@@ -10,6 +10,7 @@ import sys
 import types
 
 import jax
+import jax_env
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -125,7 +126,7 @@ def cli_on_cpu_devices(devices: int, argv: list[str]) -> None:
         "from vit import cli\n"
         f"with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):\n"
         f"    sys.exit(cli.main({argv!r}))\n")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=jax_env.xla_flags(devices),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import in_process
 import jax
-import jax_cache
+import jax_env
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -146,9 +146,9 @@ main(["train.py", *sys.argv[3:]])
 
 def _env(devices: int = 1) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(jax_cache.CACHE_ENV)
+    env.update(jax_env.CACHE_ENV)
     env.update(TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=jax_env.xla_flags(devices))
     return env
 
 

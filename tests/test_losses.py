@@ -80,8 +80,9 @@ def test_sigmoid_run_trains_and_evaluates_in_its_own_loss(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # The head's kernel starts at zero: every logit is 0 and each of the 10 classes costs log 2.
+    # To float32 summation: 320 terms summed in XLA's order (2e-6 off when not vectorised).
     first = next(line for line in lines if "train/loss" in line)
-    assert first["step"] == 1 and first["train/loss"] == pytest.approx(10 * np.log(2), rel=1e-6)
+    assert first["step"] == 1 and first["train/loss"] == pytest.approx(10 * np.log(2), rel=1e-5)
     logged = next(line for line in lines if "eval/loss" in line)
     # The evaluation's loss is the summed binary cross-entropy of the labels, on every example.
     loaded = load_inference_model(str(tmp_path / "run"))

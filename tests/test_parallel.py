@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-import jax_cache
+import jax_env
 import pytest
 
 from vit import parallel
@@ -72,9 +72,9 @@ WORKER = textwrap.dedent("""
 
 def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = jax_env.xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
-    env.update(jax_cache.CACHE_ENV)
+    env.update(jax_env.CACHE_ENV)
     return env
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax_env
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -194,7 +195,7 @@ def test_generated_corruptions_hit_each_image_at_its_own_size_before_the_resize(
 
 def test_two_devices_give_the_same_counts(run, tmp_path):
     out = tmp_path / "two.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=jax_env.xla_flags(2),
                JAX_PLATFORMS="cpu")
     args = ["robustness", "--checkpoint", run["workdir"], "--corruptions", "noise",
             "--severities", "1,5", "--attack", "fgsm", "--eps", "0,2/255,16/255",

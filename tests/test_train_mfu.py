@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jax
+import jax_env
 import pytest
 from test_flops import _vit_forward_by_hand
 
@@ -82,7 +83,7 @@ def test_on_the_cpu_the_peak_is_a_matmul_measured_in_the_step_operand_dtype():
 
 
 def test_the_command_line_runs_the_step_on_every_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": jax_env.xla_flags(2),
            "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_mfu.py"), str(ROOT / "configs" / "smoke.py"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import in_process
 import jax
+import jax_env
 import numpy as np
 import pytest
 from event_files import event_steps
@@ -34,7 +35,7 @@ STEPS = 24  # checkpoints every 4 (the smoke config's): three kept, a SIGKILL la
 
 def _env(devices: int = 1) -> dict[str, str]:
     env = dict(os.environ, TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = jax_env.xla_flags(devices)
     return env
 
 
