@@ -290,8 +290,8 @@ def train_iterator(
         cached = readable(src.read(split, process_index, process_count)).cache()
 
     def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
-        """Epoch e's records; not cached, the files (a folder) or shards (TFDS) are read in an
-        order of the epoch's own."""
+        """Epoch e's records: from memory when cached, else the files (a folder) or shards
+        (TFDS) read in an order of the epoch's own."""
         records = cached if cached is not None else readable(src.read(
             split, process_index, process_count,
             order_seed=read_order_seed(config.seed, process_index, e)))
