@@ -11,7 +11,7 @@ The programs the cache cannot save, the first compile of each, are most of a col
 extra time: LLVM at level 0 compiles them in about half the time (a smoke run's programs in
 4.0-4.8 s against 8.0-8.5 s), and on tiny models the slower code costs less than that. Every
 process of the suite must use the same level, or a resumed run and its uninterrupted reference
-would round differently: subprocesses take `xla_flags()`.
+would round differently: subprocesses take `subprocess_env()`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def xla_flags(devices: int | None = None) -> str:
     devices when given."""
     count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
     return " ".join([*count, FAST_COMPILE])
+
+
+def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a run a test starts: this one without its JAX_* variables, plus the
+    shared cache, the CPU platform, `xla_flags(devices)` and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(CACHE_ENV, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
+    env.update(extra)
+    return env
 
 
 def enable() -> None:

@@ -126,8 +126,7 @@ def cli_on_cpu_devices(devices: int, argv: list[str]) -> None:
         "from vit import cli\n"
         f"with tfds.testing.mock_data(num_examples={MOCK_EXAMPLES}):\n"
         f"    sys.exit(cli.main({argv!r}))\n")
-    env = dict(os.environ, XLA_FLAGS=jax_env.xla_flags(devices),
-               JAX_PLATFORMS="cpu")
+    env = jax_env.subprocess_env(devices)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -145,11 +145,7 @@ main(["train.py", *sys.argv[3:]])
 
 
 def _env(devices: int = 1) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(jax_env.CACHE_ENV)
-    env.update(TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=jax_env.xla_flags(devices))
-    return env
+    return jax_env.subprocess_env(devices, TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
 
 
 def _command(workdir: Path, *args: str, fault: tuple[str, int] | None = None) -> list[str]:

@@ -1,6 +1,5 @@
 """Tests for vit.parallel: run in subprocesses that fake 4 CPU devices (or two hosts of 2)."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -70,17 +69,9 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env["XLA_FLAGS"] = jax_env.xla_flags(devices)
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(jax_env.CACHE_ENV)
-    return env
-
-
 def test_four_device_plumbing():
-    out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=_env(4), capture_output=True,
-                         text=True, timeout=TIMEOUT)
+    out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=jax_env.subprocess_env(4),
+                         capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
 
@@ -92,8 +83,8 @@ def test_two_processes_psum_over_all_devices(tmp_path):
     results_at = [tmp_path / f"result-{i}" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i),
                                str(results_at[i])],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+                              env=jax_env.subprocess_env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         results = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:

@@ -195,8 +195,7 @@ def test_generated_corruptions_hit_each_image_at_its_own_size_before_the_resize(
 
 def test_two_devices_give_the_same_counts(run, tmp_path):
     out = tmp_path / "two.json"
-    env = dict(os.environ, XLA_FLAGS=jax_env.xla_flags(2),
-               JAX_PLATFORMS="cpu")
+    env = jax_env.subprocess_env(2)
     args = ["robustness", "--checkpoint", run["workdir"], "--corruptions", "noise",
             "--severities", "1,5", "--attack", "fgsm", "--eps", "0,2/255,16/255",
             "--json", str(out)]

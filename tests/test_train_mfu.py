@@ -1,7 +1,6 @@
 """bench/train_mfu.py: the trainer's step timed, its model FLOPs, the peak it is held against."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +82,7 @@ def test_on_the_cpu_the_peak_is_a_matmul_measured_in_the_step_operand_dtype():
 
 
 def test_the_command_line_runs_the_step_on_every_device():
-    env = {**os.environ, "XLA_FLAGS": jax_env.xla_flags(2),
-           "JAX_PLATFORMS": "cpu"}
+    env = jax_env.subprocess_env(2)
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_mfu.py"), str(ROOT / "configs" / "smoke.py"),
          "--steps", "1", "--warmup", "0", "--peak_tflops", "1",

@@ -34,9 +34,7 @@ STEPS = 24  # checkpoints every 4 (the smoke config's): three kept, a SIGKILL la
 
 
 def _env(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ, TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = jax_env.xla_flags(devices)
-    return env
+    return jax_env.subprocess_env(devices, TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
 
 
 def _train_cmd(workdir: Path, *overrides: str) -> list[str]:
