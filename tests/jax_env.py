@@ -30,18 +30,13 @@ CACHE_ENV = {
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def xla_flags(devices: int | None = None) -> str:
-    """XLA_FLAGS for a test's subprocess: the suite's optimisation level, and `devices` CPU
-    devices when given."""
-    count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
-    return " ".join([*count, FAST_COMPILE])
-
-
 def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
     """The environment of a run a test starts: this one without its JAX_* variables, plus the
-    shared cache, the CPU platform, `xla_flags(devices)` and `extra`."""
+    shared cache, the CPU platform, XLA_FLAGS of the suite's optimisation level (and `devices`
+    CPU devices when given) and `extra`."""
+    count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(CACHE_ENV, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
+    env.update(CACHE_ENV, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*count, FAST_COMPILE]))
     env.update(extra)
     return env
 

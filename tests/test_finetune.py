@@ -5,12 +5,12 @@ with layer-wise lr decay."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax_env
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -62,7 +62,7 @@ def source(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_cli_finetune_new_classes_new_size(source, tmp_path):
     src_dir, src = source
-    env = dict(os.environ, TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
+    env = jax_env.subprocess_env(TFDS_DATA_DIR=DATA_DIR, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT}/configs/smoke.py",
            f"--workdir={tmp_path}", f"--init-from={src_dir}", "--config.classes=[3,4]",
            "--config.image_size=48", "--config.eval_split=test[:64]",

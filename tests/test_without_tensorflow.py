@@ -5,10 +5,11 @@ Each check runs in a subprocess whose import system refuses `tensorflow` and
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+import jax_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +32,8 @@ else:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", _WITHOUT_TF, *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TF, *args], env=jax_env.subprocess_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_the_package_imports_and_says_what_reading_data_needs():
