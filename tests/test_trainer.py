@@ -84,7 +84,7 @@ def _eval_lines(workdir: Path) -> list[dict]:
 def straight_run(tmp_path_factory) -> Path:
     """An uninterrupted STEPS-step train.py run, logging every step, checkpointing every 4."""
     workdir = tmp_path_factory.mktemp("straight")
-    done = _run(workdir, "--config.log_every=1")
+    done = _run(workdir, "--config.log_every=1", "--config.eval_images=4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "eval/top1:" in done.stdout
     return workdir

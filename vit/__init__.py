@@ -17,10 +17,12 @@ from vit.model import (  # noqa: E402
     init_params,
     model_from_config,
 )
+from vit.tf_start import import_tensorflow  # noqa: E402
 
 _INPUT_PIPELINE_MISSING = None
 try:
     with quiet_native_output():  # TensorFlow only feeds data: keep its start-up lines quiet
+        import_tensorflow()  # before any module imports it: without loading Keras
         from vit.evaluate import evaluate
         from vit.predict import predict
 except ModuleNotFoundError as err:
