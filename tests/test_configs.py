@@ -67,17 +67,19 @@ def test_batch_sizes_split_over_1_2_4_and_8_devices(name, variant, devices):
 def test_accelerator_configs_compute_in_bfloat16_with_float32_params_and_optimizer(name, variant):
     config = _config(name, variant)
     assert config.model.dtype == "bfloat16"
-    with config.unlocked():  # the same config on a tiny model, so that it really initialises
+    with config.unlocked():  # the same config on a tiny model
         config.model.update(width=32, depth=1, num_heads=2, mlp_dim=64)
     model = model_from_config(config.model, num_classes=10, image_size=config.image_size)
     assert model.dtype == jnp.bfloat16
-    params = init_params(model, jax.random.PRNGKey(0))
-    opt_state = optim.make_optimizer(config, params).init(params)
+    # Traced, not run: the dtypes are the trace's (running it compiled a program per config)
+    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    opt_state = jax.eval_shape(optim.make_optimizer(config, params).init, params)
     floats = [x for x in jax.tree_util.tree_leaves((params, opt_state))
               if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
-    images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
-    assert model.apply({"params": params}, images).dtype == jnp.float32  # float32 logits
+    images = jax.ShapeDtypeStruct((2, config.image_size, config.image_size, 3), jnp.float32)
+    logits = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images)
+    assert logits.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name,variant", CPU)
