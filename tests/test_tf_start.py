@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax_env
+import pytest
 
 from vit import tf_start
 
@@ -14,13 +15,9 @@ from vit import tf_start
 def test_the_finder_locates_keras_but_refuses_to_run_it():
     spec = tf_start._KerasRefused().find_spec("keras")
     assert spec.origin == importlib.util.find_spec("keras").origin  # TensorFlow reads it
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as err:
-        assert err.name == "keras"
-    else:
-        raise AssertionError("the refused loader ran keras")
+    with pytest.raises(ImportError) as refused:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert refused.value.name == "keras"
     assert tf_start._KerasRefused().find_spec("keras.src.optimizers") is None
     assert tf_start._KerasRefused().find_spec("numpy") is None
 
