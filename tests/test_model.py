@@ -129,6 +129,7 @@ def test_every_parameter_gets_a_nonzero_gradient(classifier):
     assert not zero, f"parameters without gradient: {zero}"
 
 
+@pytest.mark.fusion_emitters
 @pytest.mark.parametrize("remat", ["block", "dots"])
 def test_remat_keeps_the_parameters_and_gives_the_same_loss_and_gradients(remat):
     # Dropout, stochastic depth and token dropping draw inside or before the recomputed blocks:

@@ -221,6 +221,7 @@ def test_a_rectangular_checkpoint_prunes_and_fine_tunes(tmp_path, method):
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
 
 
+@pytest.mark.fusion_emitters
 def test_distilling_from_the_unpruned_model_replaces_the_labels_by_its_share(tmp_path, capsys):
     """At --distill 1 the labels carry no weight (the fine-tune is the same whatever their
     smoothing); at 0.5 they do; the command checks the share and that it fine-tunes."""

@@ -447,6 +447,7 @@ def test_gradient_accumulation_matches_one_big_batch(extra):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.fusion_emitters
 @pytest.mark.parametrize("adv", ["none", "fgsm"])
 def test_train_step_on_uint8_batches_equals_the_old_host_normalised_path(adv):
     """data.train_iterator yields uint8 pixels and the step normalises them on the device: three
