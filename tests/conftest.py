@@ -4,14 +4,11 @@ fusion emitters."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import jax_env
 import pytest
 
 jax_env.enable()
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,8 +24,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         return None
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
-        cwd=ROOT, env=jax_env.subprocess_env(fusion_emitters=True), capture_output=True,
-        text=True)
+        cwd=pyfuncitem.config.rootpath,  # where node ids are relative to
+        env=jax_env.subprocess_env(fusion_emitters=True), capture_output=True, text=True)
     if child.returncode != 0:
         pytest.fail("in a child pytest with XLA's default fusion emitters:\n"
                     + child.stdout[-6000:] + child.stderr[-2000:], pytrace=False)
