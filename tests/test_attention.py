@@ -315,8 +315,15 @@ def test_explicit_attention_batches_its_matmuls_over_leading_batch_and_head_dims
 
 
 def _plain_attention(q, k, v, mask):
-    """Softmax attention of heads-first q, k, v as autodiff differentiates it."""
-    weights = attention._softmax_weights(q, k, mask)
+    """Softmax attention of heads-first q, k, v written plainly (jax.nn.softmax, weights before
+    the second matmul), as autodiff differentiates it; masked keys and keyless queries get 0."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / np.sqrt(q.shape[-1])
+    if mask is None:
+        weights = jax.nn.softmax(logits, axis=-1)
+    else:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
     return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
 
 
@@ -332,8 +339,11 @@ def test_explicit_attentions_own_gradient_equals_autodiffs(dtype, tol):
             loss = lambda q, k, v: (fn(q, k, v, m).astype(jnp.float32) * cotangent).sum()
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-        np.testing.assert_array_equal(np.asarray(attention._attend(q, k, v, m), np.float32),
-                                      np.asarray(_plain_attention(q, k, v, m), np.float32))
+        out = np.asarray(attention._attend(q, k, v, m), np.float32)
+        np.testing.assert_allclose(out, np.asarray(_plain_attention(q, k, v, m), np.float32),
+                                   rtol=tol, atol=tol)
+        if m is not None:  # the query with no key: exactly zero, not NaN
+            assert not np.any(out[0, :, 1])
         ours = grads(attention._attend)
         for mine, autodiffs in zip(ours, grads(_plain_attention), strict=True):
             assert mine.dtype == dtype
