@@ -115,18 +115,18 @@ def routed_to_ffi() -> Iterator[None]:
         vit_matmul.matmul = attention.typed_matmul = xla_matmul
 
 
-def inference_call() -> Callable[[], None]:
-    """One compiled B/16 forward pass (batch 16, 224 px), ready to time."""
+def inference_call(batch: int) -> Callable[[], None]:
+    """One compiled B/16 forward pass of `batch` images at 224 px, ready to time."""
     model = vit.create_model("B/16", num_classes=1000, image_size=224)
     params = vit.init_params(model, jax.random.PRNGKey(0))
-    images = jax.random.normal(jax.random.PRNGKey(1), (16, 224, 224, 3))
+    images = jax.random.normal(jax.random.PRNGKey(1), (batch, 224, 224, 3))
     compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
     return lambda: compiled(params, images).block_until_ready()
 
 
-def train_call() -> Callable[[], None]:
-    """One compiled Ti/4 train step (batch 128, 32 px, AdamW), ready to time."""
-    options = argparse.Namespace(variant="Ti/4", image_size=32, batch=128,
+def train_call(batch: int) -> Callable[[], None]:
+    """One compiled Ti/4 train step (`batch` images at 32 px, AdamW), ready to time."""
+    options = argparse.Namespace(variant="Ti/4", image_size=32, batch=batch,
                                  matmul_dtype="float32", remat="none", rope="none")
     model, tx, params, opt_state, *batch = step_inputs(options)
     compiled = make_train_step(model, tx).lower(params, opt_state, *batch).compile()
@@ -139,7 +139,7 @@ def train_call() -> Callable[[], None]:
     return run
 
 
-WORKLOADS = {"infer": (inference_call, 16), "train": (train_call, 128)}
+WORKLOADS = {"infer": (inference_call, 16), "train": (train_call, 128)}  # builder, batch
 
 
 def check_against_xla() -> float:
@@ -162,9 +162,9 @@ def measure(workloads: list[str], rounds: int, calls: int) -> dict[str, dict]:
     results = {}
     for name in workloads:
         build, batch = WORKLOADS[name]
-        sides = {"xla": build()}
+        sides = {"xla": build(batch)}
         with routed_to_ffi():
-            sides["ffi"] = build()
+            sides["ffi"] = build(batch)
         for run in sides.values():
             run()
         rates: dict[str, list[float]] = {side: [] for side in sides}
