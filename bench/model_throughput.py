@@ -1,12 +1,14 @@
 """Ti/4 on 32x32, batch 128, float32: compile time, train/infer images/s, FLOPs, share of peak.
 
 Prints one JSON line with the CPU model and ISA. The machine's practical peak is the GFLOP/s of
-a 4096x4096 matmul measured in the same process, with the step's matmul operands:
-`--matmul-dtype bfloat16` (vit/matmul.py) measures a bfloat16 x bfloat16 -> float32 matmul.
+a 4096x4096 matmul measured in the same process, with the step's matmul operands and kernel:
+`--matmul-dtype bfloat16` (vit/matmul.py) measures a bfloat16 x bfloat16 -> float32 matmul,
+`--matmul-impl` (default "auto": MKL's sgemm on an Intel CPU with `vit[mkl]`) the step's GEMM.
 It also reports a train step's page faults (the median), which `vit.host_memory` removes
 (`VIT_HOST_MALLOC=system` measures without it), and how many timed steps grew the host heap.
 Run: `python bench/model_throughput.py [--variant Ti/4] [--batch 128] [--matmul-dtype bfloat16]
-[--rope dinov3|eva02]` (`--rope dinov3` drops the learned position embedding, as DINOv3).
+[--matmul-impl xla] [--rope dinov3|eva02]` (`--rope dinov3` drops the learned position
+embedding, as DINOv3).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from vit.model_options import pair
 from vit.rope import ROPE_KINDS
 
 
-def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32") -> float:
-    """GFLOP/s of a jitted n x n matmul with `matmul_dtype` operands: the practical peak."""
+def matmul_peak_gflops(n: int = 4096, repeats: int = 5, matmul_dtype: str = "float32",
+                       impl: str = "xla") -> float:
+    """GFLOP/s of a jitted n x n matmul with `matmul_dtype` operands by `impl` (vit/matmul.py):
+    the practical peak."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    mm = jax.jit(lambda a, b: vit_matmul.matmul(a, b, matmul_dtype, jnp.float32))
+    mm = jax.jit(lambda a, b: vit_matmul.matmul(a, b, matmul_dtype, jnp.float32, impl))
     mm(a, b).block_until_ready()
     return 2 * n**3 / median_seconds(lambda: mm(a, b).block_until_ready(), repeats) / 1e9
 
@@ -69,6 +73,7 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
+    parser.add_argument("--matmul-impl", default="auto", choices=vit_matmul.MATMUL_IMPLS)
     parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
     parser.add_argument("--rope", default="none", choices=ROPE_KINDS)
 
@@ -77,6 +82,7 @@ def step_inputs(args: argparse.Namespace) -> tuple:
     """(model, tx, params, opt_state, images, labels, rng) for the step the flags pick."""
     model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
                              matmul_dtype=args.matmul_dtype, remat=args.remat, rope=args.rope,
+                             matmul_impl=getattr(args, "matmul_impl", "auto"),
                              posemb="none" if args.rope == "dinov3" else "learn")
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
@@ -96,7 +102,10 @@ def main() -> None:
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, images, labels, rng).compile()
     compile_s = time.perf_counter() - start
-    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    # XLA counts no FLOPs in a custom call: with "blas", the count is the step's on XLA's dots.
+    counted = compiled if model.matmul_impl == "xla" else make_train_step(
+        model.clone(matmul_impl="xla"), tx).lower(params, opt_state, images, labels, rng).compile()
+    flops = float((counted.cost_analysis() or {}).get("flops", 0.0))
 
     state = [params, opt_state]
 
@@ -114,11 +123,12 @@ def main() -> None:
     infer(state[0], images).block_until_ready()
     infer_s = median_seconds(lambda: infer(state[0], images).block_until_ready(), args.steps)
 
-    peak = matmul_peak_gflops(matmul_dtype=args.matmul_dtype)
+    peak = matmul_peak_gflops(matmul_dtype=args.matmul_dtype, impl=model.matmul_impl)
     achieved = flops / train_s / 1e9
     print(json.dumps({
         "bench": "model_throughput", "variant": args.variant, "image_size": args.image_size,
         "batch": args.batch, "dtype": "float32", "matmul_dtype": args.matmul_dtype,
+        "matmul_impl": model.matmul_impl,
         "remat": args.remat, "rope": args.rope,
         "devices": str(jax.devices()[0].platform), **cpu_description(),
         "compile_s": round(compile_s, 2),

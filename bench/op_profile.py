@@ -4,8 +4,10 @@ Traces `--steps` calls of bench/model_throughput.py's step with the JAX profiler
 trace back (`jax.profiler.ProfileData`), and matches every op event to its instruction in the
 compiled HLO by the event's `hlo_op` (XLA:CPU's thunks on the host, or a GPU's kernels on its
 device plane). Each instruction gets a category: `dense matmul` and `attention matmul` (dots,
-fusions around a dot and cuBLAS calls, without and with batch dimensions), `attention kernel`
-(cuDNN's fused attention), `convolution` (the patch embedding, conv stems), `layout copy`
+fusions around a dot, cuBLAS calls and the BLAS custom calls of `matmul_impl="blas"`, without
+and with batch dimensions; the BLAS's work runs as tasks on XLA's pool after its call returns,
+so the trace undercounts it), `attention kernel` (cuDNN's fused attention), `convolution` (the
+patch embedding, conv stems), `layout copy`
 (transposes and copies), `elementwise` (every other fusion: norms, GELU, softmax, bias,
 residuals), split into forward, backward (`transpose(jvp(...))` in the op name) and
 `optimizer`. Times are summed event durations per step; ops that run side by side both count,
@@ -39,7 +41,7 @@ def _kind(opcode: str, name: str, rest: str, body: str) -> str:
     if "fmha" in target or "flash" in target:
         return "attention kernel"
     if opcode == "dot" or " dot(" in body or "gemm" in target or "matmul" in target:
-        batched = ("lhs_batch_dims" in (body or rest)
+        batched = ("lhs_batch_dims" in (body or rest) or "batched" in target
                    or re.search(r'"lhs_batch_dimensions":\["', rest) is not None)
         return "attention matmul" if batched else "dense matmul"
     if opcode == "convolution" or " convolution(" in body or "$conv" in target:

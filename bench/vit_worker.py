@@ -1,6 +1,7 @@
 """Our side of bench/vs_timm.py: one workload, one dtype, in a fresh process; one JSON line.
 
 Runs as a user would: `import vit` (its host-memory setting, `VIT_HOST_MALLOC`, applies), the
+model's default GEMM (`matmul_impl="auto"`: MKL's sgemm on an Intel CPU with `vit[mkl]`), the
 train step and the matmul peak from bench/model_throughput.py. `bfloat16` means
 `matmul_dtype="bfloat16"` (vit/matmul.py): bfloat16 operands, float32 sums and activations.
 Run: `python bench/vit_worker.py train float32 --batch 128 --size 32 --steps 10 --warmup 3`.
@@ -19,6 +20,7 @@ from model_throughput import make_train_step, matmul_peak_gflops
 from timing import median_seconds, worker_arguments
 
 import vit
+from vit.matmul import resolve_matmul_impl
 
 # Each workload's model: the CIFAR-10 recipe's Ti/4 for training, B/16 for inference.
 MODELS = {"train": dict(variant="Ti/4", num_classes=10), "infer": dict(variant="B/16",
@@ -69,14 +71,18 @@ def measure(workload: str, dtype: str, batch: int, size: int, steps: int,
             warmup: int) -> dict[str, object]:
     """One figure: {"value", "unit"} (and "params" for a model); `size` is the image side,
     or the matmul's n."""
+    # The GEMM a model of this dtype computes with here (vit/matmul.py: "auto").
+    impl = resolve_matmul_impl("auto", jax.devices()[0].platform, matmul_dtype=dtype)
     if workload == "matmul":
-        return {"value": matmul_peak_gflops(size, steps, dtype), "unit": "GFLOP/s"}
+        return {"value": matmul_peak_gflops(size, steps, dtype, impl), "unit": "GFLOP/s",
+                "matmul_impl": impl}
     spec = MODELS[workload]
     model = vit.create_model(spec["variant"], num_classes=spec["num_classes"], image_size=size,
                              matmul_dtype=dtype)
     timed = train_images_per_s if workload == "train" else infer_images_per_s
     return {"value": timed(model, batch, steps, warmup), "unit": "images/s",
-            "model": spec["variant"], "params": vit.count_params(model)}
+            "model": spec["variant"], "params": vit.count_params(model),
+            "matmul_impl": model.matmul_impl}
 
 
 def main() -> None:

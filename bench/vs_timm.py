@@ -95,6 +95,8 @@ def summarize(runs: Runs) -> dict[str, dict]:
         for side, r in first.items():
             if "params" in r:
                 out[key][side]["model"], out[key][side]["params"] = r["model"], r["params"]
+            if "matmul_impl" in r:
+                out[key][side]["matmul_impl"] = r["matmul_impl"]
     return out
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax_env
+import plain_blas as plain_blas_module
 import pytest
 
 jax_env.enable()
@@ -30,3 +31,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         pytest.fail("in a child pytest with XLA's default fusion emitters:\n"
                     + child.stdout[-6000:] + child.stderr[-2000:], pytrace=False)
     return True
+
+
+@pytest.fixture(scope="module")
+def plain_blas(tmp_path_factory):
+    """matmul_impl="blas" computing with a plain C sgemm for a test file (tests/plain_blas.py),
+    then with this process's own BLAS again."""
+    own = plain_blas_module.point_at_plain_sgemm(tmp_path_factory.mktemp("blas"))
+    yield
+    plain_blas_module.restore_own_blas(own)

@@ -22,6 +22,7 @@ batched matmul contracting its left operand's last axis, which XLA:CPU runs fast
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import int8
+from vit import blas_gemm, int8
 from vit.matmul import matmul as typed_matmul
 from vit.rope import apply_rope
 
@@ -91,20 +92,41 @@ def _query_scale(q: Array) -> Array:
     return jnp.asarray(1.0 / np.sqrt(q.shape[-1]).astype(np.float32), q.dtype)
 
 
-def _logits(q: Array, k: Array, mask: Array | None) -> Array:
+def _transposed(x: Array) -> Array:
+    """x with its last two axes swapped in memory: left to itself, XLA folds the swap into the
+    batched matmul, which XLA:CPU then runs contracting both operands' rows, about twice as slow
+    as on a materialised copy (README, *Speed on CPU: attention's gradient*)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def _bmm(a: Array, b: Array, impl: str = "xla", *, trans_a: bool = False, trans_b: bool = False,
+         float32_sums: bool = True) -> Array:
+    """a @ b over the leading [B, heads] axes, a read as [.., K, M] if trans_a, b as [.., N, K]
+    if trans_b; float32 operands by the BLAS when impl is "blas" (vit/blas_gemm.py), else
+    XLA's dot (with float32 sums if `float32_sums`)."""
+    if impl == "blas" and a.dtype == b.dtype == jnp.float32:
+        as_3d = lambda x: x.reshape(-1, *x.shape[-2:])
+        y = blas_gemm.batched_gemm(as_3d(a), as_3d(b), trans_a, trans_b)
+        return y.reshape(*a.shape[:-2], *y.shape[-2:])
+    spec = "bhqd,bhkd->bhqk" if trans_b else "bhqk,bhkd->bhqd"
+    return jnp.einsum(spec, _transposed(a) if trans_a else a, b,
+                      preferred_element_type=jnp.float32 if float32_sums else None)
+
+
+def _logits(q: Array, k: Array, mask: Array | None, impl: str = "xla") -> Array:
     """Scaled float32 logits [B, heads, Tq, Tk] of heads-first q, k; masked keys at the float32
     minimum."""
     # float32 out of the matmul itself: bfloat16 logits would be rounded before the softmax
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * _query_scale(q), k,
-                        preferred_element_type=jnp.float32)
+    logits = _bmm(q * _query_scale(q), k, impl, trans_b=True)
     return logits if mask is None else jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
 
 
-def _exponentials(q: Array, k: Array, mask: Array | None) -> tuple[Array, Array]:
+def _exponentials(q: Array, k: Array, mask: Array | None,
+                  impl: str = "xla") -> tuple[Array, Array]:
     """The softmax's numerators exp(logit - row max) [B, heads, Tq, Tk], exactly zero at masked
     keys, and their row sums [B, heads, Tq, 1] (1 for a query with every key masked, whose
     weights then stay zero)."""
-    logits = _logits(q, k, mask)
+    logits = _logits(q, k, mask, impl)
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     e = e if mask is None else jnp.where(mask, e, 0.0)
     sums = jnp.sum(e, axis=-1, keepdims=True)
@@ -117,39 +139,34 @@ def _softmax_weights(q: Array, k: Array, mask: Array | None) -> Array:
     return e / sums
 
 
-def _transposed(x: Array) -> Array:
-    """x with its last two axes swapped in memory: left to itself, XLA folds the swap into the
-    batched matmul, which XLA:CPU then runs contracting both operands' rows, about twice as slow
-    as on a materialised copy (README, *Speed on CPU: attention's gradient*)."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
+    """Softmax attention of heads-first q, k, v [B, heads, T, dim]: [B, heads, Tq, dim]; its
+    batched matmuls by `impl` ("xla" or "blas", the model's matmul_impl)."""
+    return _attend_fwd(q, k, v, mask, impl)[0]
 
 
-@jax.custom_vjp
-def _attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """Softmax attention of heads-first q, k, v [B, heads, T, dim]: [B, heads, Tq, dim]."""
-    return _attend_fwd(q, k, v, mask)[0]
-
-
-def _attend_fwd(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, tuple]:
+def _attend_fwd(q: Array, k: Array, v: Array, mask: Array | None,
+                impl: str = "xla") -> tuple[Array, tuple]:
     """The output in flash attention's order: the unnormalised exponentials go through the second
     matmul and its [Tq, dim] rows are divided after, not the [Tq, Tk] weights before (B/16
     inference 1.02x on the Intel Xeon; README, *Speed on CPU: attention's gradient*). The
     weights are the backward pass's residual; inference never computes them."""
-    e, sums = _exponentials(q, k, mask)
-    y = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    e, sums = _exponentials(q, k, mask, impl)
+    y = _bmm(e.astype(v.dtype), v, impl)
     return (y / sums).astype(v.dtype), (q, k, v, e / sums)
 
 
-def _attend_bwd(res: tuple, dy: Array) -> tuple[Array, Array, Array, None]:
+def _attend_bwd(impl: str, res: tuple, dy: Array) -> tuple[Array, Array, Array, None]:
     """The softmax's gradient as autodiff writes it, with each batched matmul contracting its
     left operand's last axis; masked keys have zero weight, hence zero gradient."""
     q, k, v, weights = res
     scale = _query_scale(q)
-    d_weights = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)
+    d_weights = _bmm(dy, v, impl, trans_b=True)
     d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
-    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(q.dtype), k) * scale
-    dk = jnp.einsum("bhkq,bhqd->bhkd", _transposed(d_logits).astype(k.dtype), q * scale)
-    dv = jnp.einsum("bhkq,bhqd->bhkd", _transposed(weights).astype(v.dtype), dy)
+    dq = _bmm(d_logits.astype(q.dtype), k, impl, float32_sums=False) * scale
+    dk = _bmm(d_logits.astype(k.dtype), q * scale, impl, trans_a=True, float32_sums=False)
+    dv = _bmm(weights.astype(v.dtype), dy, impl, trans_a=True, float32_sums=False)
     return dq, dk, dv, None
 
 
@@ -174,7 +191,7 @@ def cudnn_supports(dtype: Any, head_dim: int) -> bool:
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
-def _platform(platform: str | None) -> str:
+def platform_name(platform: str | None) -> str:
     """`platform` ("cpu", "gpu" or "tpu"; "cuda" / "rocm" mean "gpu"; None: JAX's default
     backend), lower-cased; ValueError for anything else."""
     name = str(jax.default_backend() if platform is None else platform).lower()
@@ -196,7 +213,7 @@ def resolve_attention_impl(impl: str, platform: str | None = None, *, dtype: Any
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; use one of {ATTENTION_IMPLS}")
-    platform = _platform(platform)
+    platform = platform_name(platform)
     if impl == "cudnn":
         if platform != "gpu":
             raise ValueError(f"attention_impl 'cudnn' (cuDNN flash attention) runs on NVIDIA GPUs, "
@@ -217,7 +234,7 @@ def resolve_attention_impl(impl: str, platform: str | None = None, *, dtype: Any
 def attention_impl_here(impl: str, platform: str | None = None) -> str:
     """`impl` as a saved model runs on `platform` (None: JAX's default backend): a model trained
     with "cudnn" runs "auto" off a GPU (the same attention, another kernel); else `impl`."""
-    platform = _platform(platform)
+    platform = platform_name(platform)
     return "auto" if impl == "cudnn" and platform != "gpu" else impl
 
 
@@ -243,6 +260,7 @@ class MultiHeadDotProductAttention(nn.Module):
     key_bias: bool = True  # False: the key projection has no bias (DINOv3)
     norm_epsilon: float = 1e-6  # the qk-norm LayerNorms'
     rope: str = "none"  # how a call's RoPE tables rotate: "dinov3" or "eva02" (vit/rope.py)
+    matmul_impl: str = "xla"  # | "blas": who computes float32 projections (vit/matmul.py)
 
     @nn.compact
     def __call__(
@@ -264,7 +282,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
         def matmul(x: Array, kernel: Array, scale: Array | None) -> Array:
             if scale is None:
-                return typed_matmul(x, kernel, self.matmul_dtype, self.dtype)
+                return typed_matmul(x, kernel, self.matmul_dtype, self.dtype, self.matmul_impl)
             return int8.int8_matmul(x, kernel, scale).astype(self.dtype)
 
         use_dropout = self.dropout_rate > 0.0 and not deterministic
@@ -296,7 +314,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
         weights = None
         if core == "explicit" and not (return_weights or use_dropout):
-            y = _heads_first(_attend(q, k, v, mask))
+            y = _heads_first(_attend(q, k, v, mask, self.matmul_impl))
         elif core == "explicit":
             weights = _softmax_weights(q, k, mask)
             probs = weights

@@ -22,11 +22,14 @@ Array = jax.Array
 
 # Activation rematerialisation of each encoder block in the backward pass ("none": keep all).
 # "block" keeps only each block's input and recomputes the rest; "dots" also keeps the outputs of
-# matmuls without batch dimensions (the dense layers), recomputing norms, GELU and attention.
+# matmuls without batch dimensions (the dense layers, XLA's dots or the BLAS's, named
+# matmul.BLAS_OUTPUT), recomputing norms, GELU and attention.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(matmul.BLAS_OUTPUT)),
 }
 
 
@@ -76,12 +79,14 @@ class MlpBlock(nn.Module):
     matmul_dtype: str = "float32"  # | "bfloat16": operands of the two matmuls (vit/matmul.py)
     hidden_norm: bool = False  # a LayerNorm over the hidden units before Dense_1 (EVA-02's sub-LN)
     norm_epsilon: float = 1e-6
+    matmul_impl: str = "xla"  # | "blas": who computes float32 matmuls (vit/matmul.py)
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         width = x.shape[-1]
         dense = lambda n, name: dense_layer(n, self.dtype, self.quant, name, self.matmul_dtype,
-                                            kernel_init=_xavier, bias_init=_bias_init)
+                                            matmul_impl=self.matmul_impl, kernel_init=_xavier,
+                                            bias_init=_bias_init)
         hidden = self.mlp_dim * (2 if self.activation in GATED_ACTIVATIONS else 1)
         x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -92,13 +97,14 @@ class MlpBlock(nn.Module):
 
 
 def dense_layer(features: int, dtype: Dtype, quant: str, name: str,
-                matmul_dtype: str = "float32", **inits: Any) -> nn.Module:
-    """nn.Dense with `matmul_dtype` operands, or for quant="int8" its int8 counterpart (same
-    name, int8 kernel + scale)."""
+                matmul_dtype: str = "float32", *, matmul_impl: str = "xla",
+                **inits: Any) -> nn.Module:
+    """nn.Dense with `matmul_dtype` operands computed by `matmul_impl`, or for quant="int8" its
+    int8 counterpart (same name, int8 kernel + scale)."""
     if quant == "int8":
         return int8.Int8Dense(features, dtype, name=name)
     return nn.Dense(features, dtype=dtype, name=name,
-                    dot_general=matmul.dense_dot_general(matmul_dtype), **inits)
+                    dot_general=matmul.dense_dot_general(matmul_dtype, matmul_impl), **inits)
 
 
 class DropPath(nn.Module):
@@ -148,6 +154,7 @@ class Encoder1DBlock(nn.Module):
     norm_epsilon: float = 1e-6  # every LayerNorm's
     rope: str = "none"  # the kind of the RoPE tables the call may pass (vit/rope.py)
     mlp_norm: bool = False  # EVA-02's sub-LN in the MLP
+    matmul_impl: str = "xla"  # | "blas" (vit/matmul.py)
 
     @nn.compact
     def __call__(
@@ -160,7 +167,7 @@ class Encoder1DBlock(nn.Module):
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
             key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
-            rope=self.rope, name="MultiHeadDotProductAttention_1",
+            rope=self.rope, matmul_impl=self.matmul_impl, name="MultiHeadDotProductAttention_1",
         )(y, mask=mask, deterministic=deterministic, return_weights=return_weights, rope=rope)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if self.layer_scale is not None:
@@ -169,7 +176,7 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
                      self.quant, self.matmul_dtype, self.mlp_norm, self.norm_epsilon,
-                     name="MlpBlock_3")(
+                     self.matmul_impl, name="MlpBlock_3")(
             y, deterministic=deterministic)
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, name="LayerScale_3")(y)
@@ -241,6 +248,7 @@ class Encoder(nn.Module):
     rope_grid: tuple[int, int] | None = None  # "eva02": the grid its coordinates are scaled to
     mlp_norm: bool = False  # a LayerNorm on each MLP's hidden units (EVA-02's sub-LN)
     final_norm: bool = True  # False: no encoder_norm here (the model's fc_norm after pooling)
+    matmul_impl: str = "xla"  # | "blas" (vit/matmul.py)
 
     @nn.compact
     def __call__(
@@ -297,7 +305,7 @@ class Encoder(nn.Module):
                 rate, self.dtype, self.activation, self.attention_impl, self.quant,
                 self.matmul_dtype, layer_scale=self.layer_scale, qk_norm=self.qk_norm,
                 key_bias=self.key_bias, norm_epsilon=self.norm_epsilon, rope=self.rope,
-                mlp_norm=self.mlp_norm, name=f"encoderblock_{i}",
+                mlp_norm=self.mlp_norm, matmul_impl=self.matmul_impl, name=f"encoderblock_{i}",
             )(x, mask, deterministic, return_weights, rope)
             maps.append(w)
         if self.final_norm:
@@ -316,6 +324,7 @@ class MAPHead(nn.Module):
     matmul_dtype: str = "float32"
     activation: str = "gelu_tanh"  # the MLP's, the model's option
     norm_epsilon: float = 1e-6
+    matmul_impl: str = "xla"  # | "blas" (vit/matmul.py)
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -325,9 +334,11 @@ class MAPHead(nn.Module):
         y, w = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                             impl=self.attention_impl, quant=self.quant,
                                             matmul_dtype=self.matmul_dtype,
+                                            matmul_impl=self.matmul_impl,
                                             name="MultiHeadDotProductAttention_0")(
             probe, x, mask=mask)
         y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
-                         quant=self.quant, matmul_dtype=self.matmul_dtype, name="MlpBlock_0")(
+                         quant=self.quant, matmul_dtype=self.matmul_dtype,
+                         matmul_impl=self.matmul_impl, name="MlpBlock_0")(
             nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w

@@ -130,7 +130,7 @@ def logits_fn(loaded: InferenceModel) -> tf_export.LogitsFn:
     A model trained in bfloat16 (`dtype`) or with bfloat16 matmuls (`matmul_dtype`) is exported
     in float32: ONNX, TFLite and most runtimes have no bfloat16 x bfloat16 -> float32 matmul.
     """
-    model = loaded.model.clone(attention_impl="explicit", matmul_dtype="float32",
+    model = loaded.model.clone(attention_impl="explicit", matmul_dtype="float32", matmul_impl="xla",
                                dtype=jnp.float32)
     return lambda params, images: model.apply({"params": params}, images, train=False)
 

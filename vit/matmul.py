@@ -13,6 +13,10 @@ gradient is then one [tokens, K]^T [tokens, N] dot over a single contracting dim
 [batch, tokens, K], autodiff contracts two dimensions at once and XLA:CPU transposes an
 operand in memory first: the float32 Ti/4 training step ran 1.13-1.17x faster without it
 (README, *Speed on CPU: flat matmuls*).
+
+`matmul_impl` picks who computes a float32 dense matmul: "xla" (XLA's dot) or "blas" (MKL's
+`cblas_sgemm` through a custom call, vit/blas_gemm.py). `vit.create_model`'s default "auto" is
+resolved there, once, by `resolve_matmul_impl`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from vit import blas_gemm
 
 MATMUL_DTYPES = ("float32", "bfloat16")
+MATMUL_IMPLS = ("auto", "xla", "blas")  # what a user may ask for; a module holds "xla" or "blas"
+BLAS_OUTPUT = "blas_matmul"  # the name remat's "dots" policy keeps a BLAS product by
 
 Array = jax.Array
 
@@ -33,6 +42,43 @@ def check_matmul_dtype(name: str) -> str:
     if name not in MATMUL_DTYPES:
         raise ValueError(f"unknown matmul_dtype {name!r}; use one of {MATMUL_DTYPES}")
     return name
+
+
+def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
+                        matmul_dtype: str = "float32", quant: str = "none") -> str:
+    """The implementation ("xla" or "blas") that `impl` means for a model computing in `dtype`
+    with `matmul_dtype` operands and `quant` kernels on `platform` ("cpu", "gpu", "tpu").
+
+    "auto" is "blas" where it measured faster: float32 on an Intel CPU with the BLAS loadable
+    (`vit.blas_gemm.unavailable_reason()` is None), else "xla". Asking for "blas" where it cannot
+    run is a ValueError naming the fix.
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"unknown matmul_impl {impl!r}; use one of {MATMUL_IMPLS}")
+    if impl == "xla":
+        return impl
+    float32 = jnp.dtype(dtype) == jnp.float32 and matmul_dtype == "float32" and quant == "none"
+    if impl == "auto":
+        usable = platform == "cpu" and float32 and blas_gemm.cpu_vendor() == "GenuineIntel"
+        return "blas" if usable and blas_gemm.unavailable_reason() is None else "xla"
+    if platform != "cpu":
+        raise ValueError(f"matmul_impl 'blas' runs on the CPU, not on {platform!r}: use 'auto' "
+                         "or 'xla'")
+    if not float32:
+        raise ValueError(f"matmul_impl 'blas' computes float32 matmuls, not dtype "
+                         f"{jnp.dtype(dtype).name} / matmul_dtype {matmul_dtype} / quant {quant}: "
+                         "use 'auto' or 'xla'")
+    reason = blas_gemm.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"matmul_impl 'blas' cannot run here: {reason}; or use 'auto' or 'xla'")
+    return impl
+
+
+def matmul_impl_here(impl: str, platform: str) -> str:
+    """`impl` as a saved model runs on `platform`: "blas" runs "auto" where the BLAS cannot run
+    (another platform, no MKL here), so that a checkpoint loads anywhere; else `impl`."""
+    runnable = platform == "cpu" and blas_gemm.unavailable_reason() is None
+    return "auto" if impl == "blas" and not runnable else impl
 
 
 def _dot_last(x: Array, w: Array) -> Array:
@@ -66,18 +112,23 @@ def _bf16_matmul_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def matmul(x: Array, w: Array, matmul_dtype: str, out_dtype: Any) -> Array:
-    """x [..., K] @ w [K, N] in `out_dtype`, with operands in `matmul_dtype`, on x as [-1, K]."""
+def matmul(x: Array, w: Array, matmul_dtype: str, out_dtype: Any, impl: str = "xla") -> Array:
+    """x [..., K] @ w [K, N] in `out_dtype`, with operands in `matmul_dtype`, on x as [-1, K],
+    computed by `impl` ("xla"; "blas" computes float32 ones, XLA the others)."""
     flat = x.reshape(-1, x.shape[-1])
-    if matmul_dtype == "bfloat16":
+    if impl == "blas" and matmul_dtype == "float32" and jnp.dtype(out_dtype) == jnp.float32:
+        y = checkpoint_name(blas_gemm.blas_matmul(flat.astype(jnp.float32),
+                                                  w.astype(jnp.float32)), BLAS_OUTPUT)
+    elif matmul_dtype == "bfloat16":
         y = bf16_matmul(flat, w).astype(out_dtype)
     else:
         y = flat.astype(out_dtype) @ w.astype(out_dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def dense_dot_general(matmul_dtype: str) -> Any:
-    """A `dot_general` for `flax.linen.Dense`: `matmul`, with `matmul_dtype` operands."""
+def dense_dot_general(matmul_dtype: str, impl: str = "xla") -> Any:
+    """A `dot_general` for `flax.linen.Dense`: `matmul`, with `matmul_dtype` operands, by
+    `impl`."""
     check_matmul_dtype(matmul_dtype)
 
     def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
@@ -86,6 +137,6 @@ def dense_dot_general(matmul_dtype: str) -> Any:
         if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch:
             raise NotImplementedError(f"matmul_dtype={matmul_dtype!r} supports x @ kernel only, "
                                       f"got dimension numbers {dimension_numbers}")
-        return matmul(lhs, rhs, matmul_dtype, lhs.dtype)
+        return matmul(lhs, rhs, matmul_dtype, lhs.dtype, impl)
 
     return dot_general

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit import resnet, stems
-from vit.attention import attention_impl_here, resolve_attention_impl
+from vit.attention import attention_impl_here, platform_name, resolve_attention_impl
 from vit.encoder import Encoder, MAPHead, dense_layer, static_tokens
+from vit.matmul import matmul_impl_here, resolve_matmul_impl
 from vit.model_options import compute_dtype, int_tuple, pair, validate
 
 Dtype = Any
@@ -116,6 +117,9 @@ class VisionTransformer(nn.Module):
     # | "bfloat16": bfloat16 operands, float32 accumulation in dense and attention-projection
     # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
     matmul_dtype: str = "float32"
+    # "xla" | "blas": who computes float32 dense matmuls, XLA's dot or MKL's sgemm (vit/matmul.py,
+    # vit/blas_gemm.py). create_model's default "auto" is resolved there, as attention_impl is.
+    matmul_impl: str = "xla"
     # "block" | "dots": recompute each encoder block's activations in the backward pass instead
     # of keeping them (less memory, about a third more compute; vit/encoder.py REMAT_POLICIES)
     remat: str = "none"
@@ -190,7 +194,7 @@ class VisionTransformer(nn.Module):
             layer_scale=self.layer_scale, pre_norm=self.pre_norm, qk_norm=self.qk_norm,
             rope=self.rope, key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
             rope_grid=self.rope_grid, mlp_norm=self.mlp_norm, final_norm=not self.fc_norm,
-            name="Transformer",
+            matmul_impl=self.matmul_impl, name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         x_tokens = x.shape[1]  # prefix, registers and the patches kept
@@ -209,14 +213,14 @@ class VisionTransformer(nn.Module):
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
                            self.quant, self.matmul_dtype, self.mlp_activation,
-                           self.norm_epsilon, name="MAPHead_0")(patches, mask)
+                           self.norm_epsilon, self.matmul_impl, name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
             x = nn.tanh(dense_layer(self.representation_size, self.dtype, self.quant, "pre_logits",
-                               self.matmul_dtype)(x))
+                                    self.matmul_dtype, matmul_impl=self.matmul_impl)(x))
         logits = dense_layer(
             self.num_classes, self.dtype, self.quant, "head", self.matmul_dtype,
-            kernel_init=nn.initializers.zeros,
+            matmul_impl=self.matmul_impl, kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.constant(self.head_bias_init),
         )(x).astype(jnp.float32)
         if return_attention:
@@ -301,7 +305,9 @@ def create_model(
 
     `attention_impl` defaults to "auto", resolved here for `platform` ("cpu", "gpu", "tpu"; None:
     JAX's default backend) and the compute dtype: the model holds "explicit" on CPU, "cudnn" on a
-    GPU computing in bfloat16 / float16 (else "explicit"), "fused" on TPU.
+    GPU computing in bfloat16 / float16 (else "explicit"), "fused" on TPU. `matmul_impl`
+    defaults to "auto" too: "blas" (MKL's sgemm) for float32 on an Intel CPU where `vit[mkl]` is
+    installed, else "xla" (`vit.matmul.resolve_matmul_impl`).
     """
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
@@ -319,11 +325,17 @@ def create_model(
     if kwargs.get("rope_grid") is not None:
         kwargs["rope_grid"] = pair(kwargs["rope_grid"], "rope_grid")
     kwargs.setdefault("attention_impl", "auto")
-    validate(kwargs, {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS})
+    kwargs.setdefault("matmul_impl", "auto")
+    defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
+    validate(kwargs, defaults)
+    dtype = kwargs.get("dtype", defaults["dtype"])
     kwargs["attention_impl"] = resolve_attention_impl(
-        kwargs["attention_impl"], platform,
-        dtype=kwargs.get("dtype", VisionTransformer.__dataclass_fields__["dtype"].default),
+        kwargs["attention_impl"], platform, dtype=dtype,
         head_dim=kwargs["width"] // kwargs["num_heads"])
+    kwargs["matmul_impl"] = resolve_matmul_impl(
+        kwargs["matmul_impl"], platform_name(platform), dtype=dtype,
+        matmul_dtype=kwargs.get("matmul_dtype", defaults["matmul_dtype"]),
+        quant=kwargs.get("quant", defaults["quant"]))
     return VisionTransformer(**kwargs)
 
 
@@ -364,4 +376,6 @@ def saved_model_from_config(
     with attention "cudnn" on a GPU runs "auto" elsewhere (`attention.attention_impl_here`)."""
     options = dict(model_config)
     options["attention_impl"] = attention_impl_here(options.get("attention_impl") or "auto")
+    options["matmul_impl"] = matmul_impl_here(options.get("matmul_impl") or "auto",
+                                              platform_name(None))
     return model_from_config(options, num_classes=num_classes, image_size=image_size)

@@ -150,6 +150,9 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if kw["quant"] not in int8.QUANT_MODES:
         raise ValueError(f"unknown quant {kw['quant']!r}; use one of {int8.QUANT_MODES}")
     matmul.check_matmul_dtype(kw["matmul_dtype"])
+    if kw["matmul_impl"] not in matmul.MATMUL_IMPLS:
+        raise ValueError(f"unknown matmul_impl {kw['matmul_impl']!r}; use one of "
+                         f"{matmul.MATMUL_IMPLS}")
     if kw["remat"] not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
     for key in ("token_keep_ratio", "dropout_rate", "attention_dropout_rate", "drop_path_rate",

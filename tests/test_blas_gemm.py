@@ -1,0 +1,175 @@
+"""matmul_impl="blas" (vit/blas_gemm.py): the custom call over a plain C `cblas_sgemm` built
+here, so that it runs on any CPU; the choice "auto" makes; the one-line errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from plain_blas import compile_library
+
+import vit
+from vit import attention, blas_gemm, matmul
+
+
+def _normal(seed, shape):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+# Sizes below the handler's split (whole on one thread) and above it, split by rows (m >= n)
+# and by columns, none a multiple of the 16-row slab edge.
+@pytest.mark.parametrize("m,k,n", [(3, 5, 4), (301, 67, 97), (97, 67, 301)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
+def test_the_custom_call_computes_each_transposed_form(plain_blas, m, k, n, trans_a, trans_b):
+    x = _normal(0, (k, m) if trans_a else (m, k))
+    w = _normal(1, (n, k) if trans_b else (k, n))
+    got = jax.jit(blas_gemm.gemm, static_argnums=(2, 3))(x, w, trans_a, trans_b)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    want = (x64.T if trans_a else x64) @ (w64.T if trans_b else w64)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,m,k,n", [(5, 3, 5, 4), (64, 41, 30, 50)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
+def test_the_batched_call_computes_each_transposed_form(plain_blas, batch, m, k, n, trans_a,
+                                                        trans_b):
+    x = _normal(0, (batch, k, m) if trans_a else (batch, m, k))
+    w = _normal(1, (batch, n, k) if trans_b else (batch, k, n))
+    got = jax.jit(blas_gemm.batched_gemm, static_argnums=(2, 3))(x, w, trans_a, trans_b)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    want = np.matmul(x64.swapaxes(1, 2) if trans_a else x64, w64.swapaxes(1, 2) if trans_b else w64)
+    assert got.shape == (batch, m, n)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_blas_attention_gives_xlas_output_and_gradients(plain_blas):
+    q, k, v, dy = (_normal(i, (2, 3, 17, 8)) for i in range(4))
+    mask = jnp.arange(17) < 13  # the last four keys masked
+    outputs = {}
+    for impl in ("xla", "blas"):
+        y, vjp = jax.vjp(lambda q, k, v, impl=impl: attention._attend(q, k, v, mask, impl),
+                         q, k, v)
+        outputs[impl] = (y, *vjp(dy))
+    loss = lambda q, k, v: attention._attend(q, k, v, mask, "blas").sum()
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    assert hlo.count(f"@{blas_gemm.BATCHED_TARGET}(") == 6  # two forward, four backward
+    for a, b in zip(outputs["blas"], outputs["xla"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_its_gradients_are_xlas(plain_blas):
+    x, w, g = _normal(0, (37, 19)), _normal(1, (19, 23)), _normal(2, (37, 23))
+    _, vjp = jax.vjp(blas_gemm.blas_matmul, x, w)
+    dx, dw = vjp(g)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(g @ w.T), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(x.T @ g), rtol=1e-5, atol=1e-5)
+
+
+def test_it_maps_over_a_leading_batch_axis(plain_blas):
+    x, w = _normal(0, (3, 6, 5)), _normal(1, (5, 4))
+    got = jax.vmap(blas_gemm.blas_matmul, in_axes=(0, None))(x, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+
+
+def test_a_blas_model_gives_xlas_logits_and_gradients(plain_blas):
+    options = dict(num_classes=10, image_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                   platform="cpu")
+    blas = vit.create_model("Ti/4", matmul_impl="blas", **options)
+    xla = vit.create_model("Ti/4", matmul_impl="xla", **options)
+    assert (blas.matmul_impl, xla.matmul_impl) == ("blas", "xla")
+    params = vit.init_params(xla, jax.random.PRNGKey(0))
+    params["head"]["kernel"] = _normal(1, params["head"]["kernel"].shape)
+    images = _normal(2, (2, 8, 8, 3))
+    value_and_grad = lambda model: jax.jit(jax.value_and_grad(
+        lambda p: jnp.sum(model.apply({"params": p}, images) ** 2)))
+    hlo = value_and_grad(blas).lower(params).as_text()
+    # q/k/v, out, the MLP's two and the head: each forward and both gradients
+    assert hlo.count(f'@{blas_gemm.TARGET}(') == 5 * 3
+    assert hlo.count(f'@{blas_gemm.BATCHED_TARGET}(') == 6  # attention's batched matmuls
+    assert "vit_blas" not in value_and_grad(xla).lower(params).as_text()
+    for a, b in zip(jax.tree.leaves(value_and_grad(blas)(params)),
+                    jax.tree.leaves(value_and_grad(xla)(params)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_blas_leaves_bfloat16_matmuls_to_xla(plain_blas):
+    x, w = _normal(0, (6, 16)), _normal(1, (16, 8))
+    hlo = jax.jit(lambda x, w: matmul.matmul(x, w, "bfloat16", jnp.float32, "blas")).lower(
+        x, w).as_text()
+    assert blas_gemm.TARGET not in hlo and "bf16" in hlo
+
+
+def test_auto_is_blas_on_an_intel_cpu_in_float32_only(plain_blas, monkeypatch):
+    resolve = matmul.resolve_matmul_impl
+    monkeypatch.setattr(blas_gemm, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(blas_gemm, "unavailable_reason", lambda: None)
+    assert resolve("auto", "cpu") == "blas"
+    assert resolve("auto", "gpu") == "xla"
+    assert resolve("auto", "cpu", dtype=jnp.bfloat16) == "xla"
+    assert resolve("auto", "cpu", matmul_dtype="bfloat16") == "xla"
+    assert resolve("auto", "cpu", quant="int8") == "xla"
+    assert resolve("xla", "cpu") == "xla"
+    monkeypatch.setattr(blas_gemm, "cpu_vendor", lambda: "AuthenticAMD")
+    assert resolve("auto", "cpu") == "xla"
+    assert resolve("blas", "cpu") == "blas"  # asked for: an AMD CPU runs it too
+
+
+def test_blas_where_it_cannot_run_is_a_one_line_error(monkeypatch):
+    resolve = matmul.resolve_matmul_impl
+    with pytest.raises(ValueError, match=r"^matmul_impl 'blas' runs on the CPU, not on 'gpu'"):
+        resolve("blas", "gpu")
+    with pytest.raises(ValueError, match=r"^matmul_impl 'blas' computes float32 matmuls, not "
+                                         r"dtype float32 / matmul_dtype bfloat16"):
+        resolve("blas", "cpu", matmul_dtype="bfloat16")
+    monkeypatch.setattr(blas_gemm, "unavailable_reason", lambda: "no BLAS found: pip install x")
+    with pytest.raises(ValueError, match=r"^matmul_impl 'blas' cannot run here: no BLAS found: "
+                                         r"pip install x; or use 'auto' or 'xla'$"):
+        resolve("blas", "cpu")
+    with pytest.raises(ValueError, match=r"^unknown matmul_impl 'mkl'; use one of"):
+        vit.create_model("Ti/4", num_classes=10, image_size=8, matmul_impl="mkl")
+
+
+def test_a_saved_blas_model_loads_where_blas_cannot_run(monkeypatch):
+    monkeypatch.setattr(blas_gemm, "unavailable_reason", lambda: "no BLAS found")
+    assert matmul.matmul_impl_here("blas", "cpu") == "auto"
+    assert matmul.matmul_impl_here("xla", "cpu") == "xla"
+    model = vit.model.saved_model_from_config(
+        {"variant": "Ti/4", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
+         "matmul_impl": "blas"}, num_classes=10, image_size=8)
+    assert model.matmul_impl == "xla"
+
+
+def test_the_reasons_it_cannot_load_name_the_fix(tmp_path, monkeypatch):
+    reason = blas_gemm.unavailable_reason.__wrapped__  # uncached: the environment varies here
+    monkeypatch.setenv("VIT_BLAS_LIB", str(tmp_path / "nope.so"))
+    assert reason() == (f"BLAS library {tmp_path / 'nope.so'} does not exist: set VIT_BLAS_LIB "
+                        "to a library with cblas_sgemm, or pip install 'vit[mkl]'")
+    other = compile_library(tmp_path, "other", "int other(void) { return 1; }\n")
+    monkeypatch.setenv("VIT_BLAS_LIB", str(other))
+    assert reason() == (f"{tmp_path / 'libother.so'} has no cblas_sgemm: set VIT_BLAS_LIB to a "
+                        "BLAS such as MKL's libmkl_rt")
+    (tmp_path / "junk.so").write_bytes(b"not an ELF file")
+    monkeypatch.setenv("VIT_BLAS_LIB", str(tmp_path / "junk.so"))
+    assert reason().startswith(f"cannot load BLAS library {tmp_path / 'junk.so'} (")
+    monkeypatch.delenv("VIT_BLAS_LIB")
+    monkeypatch.setattr(blas_gemm.sys, "prefix", str(tmp_path))
+    assert reason().startswith("no BLAS found: pip install 'vit[mkl]'")
+
+
+def test_the_handler_is_built_once_per_source_and_jaxlib(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    built = blas_gemm.build_handler()
+    assert built.parent == tmp_path / "cache" and built.name.startswith("blas_gemm-")
+    stamp = built.stat().st_mtime_ns
+    assert blas_gemm.build_handler() == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [built.name]  # no partial file
+
+
+def test_no_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ on it
+    with pytest.raises(RuntimeError, match=r"^g\+\+ is not installed: install it"):
+        blas_gemm.build_handler()
+    assert list((tmp_path / "cache").iterdir()) == []

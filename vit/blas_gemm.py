@@ -1,0 +1,189 @@
+"""Float32 dense matmuls through a BLAS's `cblas_sgemm` (MKL's) as a jax.ffi custom call.
+
+This is `matmul_impl="blas"`. On the Intel Xeons measured here XLA:CPU's own GEMM runs at
+0.82-0.85x of MKL's, which is most of what separated this toolkit from PyTorch there (README,
+*Speed on CPU: MKL matmuls*). The handler, vit/blas_gemm.cc, is compiled with g++ against
+jaxlib's FFI headers the first time a model asks for it, and kept in the cache directory
+(`VIT_CACHE_DIR`, else `$XDG_CACHE_HOME/vit`, else `~/.cache/vit`) under a name that hashes the
+source and jaxlib's version. The BLAS is MKL's `libmkl_rt` from the `mkl` wheel
+(`pip install "vit[mkl]"`; `make setup` adds it on Intel CPUs), or any library with
+`cblas_sgemm` that `VIT_BLAS_LIB` names. It runs single-threaded (MKL's sequential layer); the
+handler cuts each product into one slab per thread of XLA's own pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+SOURCE = Path(__file__).with_name("blas_gemm.cc")
+TARGET = "vit_blas_gemm"
+BATCHED_TARGET = "vit_blas_batched_gemm"
+MKL_THREADING_SEQUENTIAL = 1  # mkl_service.h's MKL_THREADING_SEQUENTIAL
+
+Array = jax.Array
+
+
+def cache_dir() -> Path:
+    """Where the compiled handler is kept: VIT_CACHE_DIR, else XDG_CACHE_HOME/vit, else
+    ~/.cache/vit."""
+    if os.environ.get("VIT_CACHE_DIR"):
+        return Path(os.environ["VIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vit"
+
+
+def blas_library() -> Path | None:
+    """The BLAS to load: VIT_BLAS_LIB if set, else MKL's libmkl_rt in this environment's lib/
+    (where the `mkl` wheel puts it); None if neither."""
+    if os.environ.get("VIT_BLAS_LIB"):
+        return Path(os.environ["VIT_BLAS_LIB"])
+    found = sorted(Path(sys.prefix, "lib").glob("libmkl_rt.so*"))
+    return found[0] if found else None
+
+
+def build_handler() -> Path:
+    """The handler's shared library, compiled into `cache_dir()` unless already there;
+    RuntimeError naming g++'s first error if it cannot be built."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
+    out = cache_dir() / f"blas_gemm-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name, then renamed: concurrent processes never load half a file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    command = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
+               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        os.unlink(partial)
+        raise RuntimeError("g++ is not installed: install it (e.g. apt-get install g++) to "
+                           "build the BLAS matmul handler") from None
+    if run.returncode:
+        os.unlink(partial)
+        first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr)
+        raise RuntimeError(f"g++ failed to build {SOURCE.name}: {first.strip()}")
+    os.replace(partial, out)
+    return out
+
+
+def _single_threaded(lib: ctypes.CDLL) -> None:
+    """Make the BLAS compute on the calling thread only: the handler brings the parallelism."""
+    if hasattr(lib, "MKL_Set_Threading_Layer"):
+        layer = lib.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)
+        if layer != MKL_THREADING_SEQUENTIAL:
+            raise RuntimeError(f"MKL already runs threaded in this process (layer {layer}): "
+                               "set MKL_THREADING_LAYER=SEQUENTIAL before starting it")
+    elif hasattr(lib, "openblas_set_num_threads"):
+        lib.openblas_set_num_threads(1)
+
+
+# The registry: the handler once built and registered, and every BLAS it was pointed at (kept
+# loaded for as long as compiled code may call into it).
+_handler: list[ctypes.CDLL] = []
+_libraries: list[ctypes.CDLL] = []
+
+
+def load(library: Path) -> None:
+    """Point the custom call at `library`'s cblas_sgemm, building and registering the handler
+    on first use; RuntimeError in one line naming the fix."""
+    if not library.is_file():
+        raise RuntimeError(f"BLAS library {library} does not exist: set VIT_BLAS_LIB to a "
+                           "library with cblas_sgemm, or pip install 'vit[mkl]'")
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as e:
+        raise RuntimeError(f"cannot load BLAS library {library} ({e}): set VIT_BLAS_LIB to a "
+                           "library with cblas_sgemm") from None
+    if not hasattr(lib, "cblas_sgemm"):
+        raise RuntimeError(f"{library} has no cblas_sgemm: set VIT_BLAS_LIB to a BLAS such as "
+                           "MKL's libmkl_rt")
+    _single_threaded(lib)
+    if not _handler:
+        handler = ctypes.CDLL(str(build_handler()))
+        for target, function in ((TARGET, handler.VitBlasGemm),
+                                 (BATCHED_TARGET, handler.VitBlasBatchedGemm)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
+        _handler.append(handler)
+    _handler[0].VitBlasGemmUse(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p))
+    _libraries.append(lib)
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None once the BLAS (`blas_library()`) is loaded and the handler registered, done once per
+    process; else why it cannot be, in one line that names the fix."""
+    library = blas_library()
+    if library is None:
+        return ("no BLAS found: pip install 'vit[mkl]' (MKL, x86-64 Linux), or set VIT_BLAS_LIB "
+                "to a library with cblas_sgemm")
+    try:
+        load(library)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
+    """x @ w in float32 by the BLAS, x [M, K] (read as [K, M] if trans_a), w [K, N] ([N, K] if
+    trans_b); the BLAS must be loaded (`unavailable_reason()` is None)."""
+    rows = x.shape[1] if trans_a else x.shape[0]
+    cols = w.shape[0] if trans_b else w.shape[1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
+def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
+    """`gemm` for each of a leading batch: x [B, M, K] ([B, K, M] if trans_a) @ w [B, K, N]
+    ([B, N, K] if trans_b) -> [B, M, N] in float32."""
+    rows = x.shape[2] if trans_a else x.shape[1]
+    cols = w.shape[1] if trans_b else w.shape[2]
+    call = jax.ffi.ffi_call(BATCHED_TARGET,
+                            jax.ShapeDtypeStruct((x.shape[0], rows, cols), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
+@jax.custom_vjp
+def blas_matmul(x: Array, w: Array) -> Array:
+    """x [M, K] @ w [K, N] in float32 by the BLAS, and both gradients by it too."""
+    return gemm(x, w)
+
+
+def _blas_matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return gemm(x, w), (x, w)
+
+
+def _blas_matmul_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, w = res  # the gradients read an operand transposed in place: no transpose in memory
+    return gemm(g, w, trans_b=True), gemm(x, g, trans_a=True)
+
+
+blas_matmul.defvjp(_blas_matmul_fwd, _blas_matmul_bwd)
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); "" if
+    unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
