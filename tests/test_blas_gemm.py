@@ -44,16 +44,30 @@ def test_the_batched_call_computes_each_transposed_form(plain_blas, batch, m, k,
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_batched_call_reads_and_writes_heads_in_the_middle(plain_blas):
+    q, k = _normal(0, (2, 17, 3, 8)), _normal(1, (2, 13, 3, 8))  # [B, T, heads, dim]
+    logits = jax.jit(lambda q, k: blas_gemm.batched_gemm(q, k, trans_b=True))(q, k)
+    want = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
+    np.testing.assert_allclose(np.asarray(logits), want.reshape(6, 17, 13), rtol=1e-5, atol=1e-5)
+    out = jax.jit(lambda p, k: blas_gemm.batched_gemm(p, k, heads_out=True))(logits, k)
+    want = np.einsum("bhqk,bkhd->bqhd", want, np.asarray(k, np.float64))
+    assert out.shape == (2, 17, 3, 8)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+
+
 def test_blas_attention_gives_xlas_output_and_gradients(plain_blas):
+    # "xla" takes heads-first [B, heads, T, dim], "blas" [B, T, heads, dim] as projected
     q, k, v, dy = (_normal(i, (2, 3, 17, 8)) for i in range(4))
     mask = jnp.arange(17) < 13  # the last four keys masked
+    tokens_major = lambda x: jnp.swapaxes(x, 1, 2)
     outputs = {}
-    for impl in ("xla", "blas"):
+    for impl, layout in (("xla", lambda x: x), ("blas", tokens_major)):
         y, vjp = jax.vjp(lambda q, k, v, impl=impl: attention._attend(q, k, v, mask, impl),
-                         q, k, v)
-        outputs[impl] = (y, *vjp(dy))
+                         *map(layout, (q, k, v)))
+        outputs[impl] = [layout(a) for a in (y, *vjp(layout(dy)))]
     loss = lambda q, k, v: attention._attend(q, k, v, mask, "blas").sum()
-    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
+        *map(tokens_major, (q, k, v))).as_text()
     assert hlo.count(f"@{blas_gemm.BATCHED_TARGET}(") == 6  # two forward, four backward
     for a, b in zip(outputs["blas"], outputs["xla"], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

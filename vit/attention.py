@@ -101,13 +101,17 @@ def _transposed(x: Array) -> Array:
 
 def _bmm(a: Array, b: Array, impl: str = "xla", *, trans_a: bool = False, trans_b: bool = False,
          float32_sums: bool = True) -> Array:
-    """a @ b over the leading [B, heads] axes, a read as [.., K, M] if trans_a, b as [.., N, K]
-    if trans_b; float32 operands by the BLAS when impl is "blas" (vit/blas_gemm.py), else
-    XLA's dot (with float32 sums if `float32_sums`)."""
-    if impl == "blas" and a.dtype == b.dtype == jnp.float32:
-        as_3d = lambda x: x.reshape(-1, *x.shape[-2:])
-        y = blas_gemm.batched_gemm(as_3d(a), as_3d(b), trans_a, trans_b)
-        return y.reshape(*a.shape[:-2], *y.shape[-2:])
+    """Attention's two batched products: q-like @ q-like^T -> logits [B, heads, Tq, Tk] (trans_b)
+    and logits @ q-like -> q-like (else; trans_a reads the logits transposed). For "xla", XLA's
+    dot (float32 sums if `float32_sums`) on heads-first q-likes (q, k, v, their gradients)
+    [B, heads, T, dim]; for "blas", the BLAS (vit/blas_gemm.py) on float32 q-likes
+    [B, T, heads, dim] as the projections lay them out, read in place: no transposes at all."""
+    if impl == "blas":
+        if trans_b:
+            y = blas_gemm.batched_gemm(a, b, trans_a, trans_b)
+            return y.reshape(a.shape[0], a.shape[2], *y.shape[1:])
+        return blas_gemm.batched_gemm(a.reshape(-1, *a.shape[-2:]), b, trans_a, trans_b,
+                                      heads_out=True)
     spec = "bhqd,bhkd->bhqk" if trans_b else "bhqk,bhkd->bhqd"
     return jnp.einsum(spec, _transposed(a) if trans_a else a, b,
                       preferred_element_type=jnp.float32 if float32_sums else None)
@@ -141,9 +145,14 @@ def _softmax_weights(q: Array, k: Array, mask: Array | None) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
-    """Softmax attention of heads-first q, k, v [B, heads, T, dim]: [B, heads, Tq, dim]; its
-    batched matmuls by `impl` ("xla" or "blas", the model's matmul_impl)."""
+    """Softmax attention of q, k, v: heads-first [B, heads, T, dim] -> [B, heads, Tq, dim] for
+    impl "xla"; float32 [B, T, heads, dim] -> [B, Tq, heads, dim] for "blas" (`_bmm`)."""
     return _attend_fwd(q, k, v, mask, impl)[0]
+
+
+def _per_query(sums: Array, impl: str) -> Array:
+    """Row sums [B, heads, Tq, 1] laid out as `impl`'s q-likes (`_bmm`)."""
+    return jnp.swapaxes(sums, 1, 2) if impl == "blas" else sums
 
 
 def _attend_fwd(q: Array, k: Array, v: Array, mask: Array | None,
@@ -154,7 +163,7 @@ def _attend_fwd(q: Array, k: Array, v: Array, mask: Array | None,
     weights are the backward pass's residual; inference never computes them."""
     e, sums = _exponentials(q, k, mask, impl)
     y = _bmm(e.astype(v.dtype), v, impl)
-    return (y / sums).astype(v.dtype), (q, k, v, e / sums)
+    return (y / _per_query(sums, impl)).astype(v.dtype), (q, k, v, e / sums)
 
 
 def _attend_bwd(impl: str, res: tuple, dy: Array) -> tuple[Array, Array, Array, None]:
@@ -287,10 +296,14 @@ class MultiHeadDotProductAttention(nn.Module):
 
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         core = _kernel(self.impl, need_weights=return_weights or use_dropout)
+        # The explicit kernel's batched products by the BLAS, on q, k, v in place (`_bmm`).
+        attend_impl = ("blas" if self.matmul_impl == "blas" and jnp.dtype(self.dtype) == jnp.float32
+                       and not (return_weights or use_dropout) else "xla")
+        heads_first = core == "explicit" and attend_impl == "xla"
 
         def project(x: Array, names: tuple[str, ...]) -> list[Array]:
             """The projections `names` of x, [B, T, heads, dim] each; heads-first [B, heads, T,
-            dim] for the explicit kernel."""
+            dim] for the explicit kernel on XLA's dots."""
             kernel = jnp.concatenate([proj[n][0].reshape(width, -1) for n in names], axis=1)
             bias = jnp.concatenate([proj[n][1].reshape(-1) for n in names])
             scale = (None if self.quant != "int8" else
@@ -298,7 +311,7 @@ class MultiHeadDotProductAttention(nn.Module):
             y = matmul(x, kernel, scale) + bias.astype(self.dtype)
             parts = [p.reshape(*p.shape[:-1], heads, head_dim)
                      for p in jnp.split(y, len(names), axis=-1)]
-            return [_heads_first(p) for p in parts] if core == "explicit" else parts
+            return [_heads_first(p) for p in parts] if heads_first else parts
 
         if x_kv is None:
             q, k, v = project(x_q, ("query", "key", "value"))
@@ -309,12 +322,13 @@ class MultiHeadDotProductAttention(nn.Module):
             norm = lambda name: nn.LayerNorm(self.norm_epsilon, self.dtype, name=name)
             q, k = norm("query_norm")(q), norm("key_norm")(k)
         if rope is not None:  # the tables' token axis against the layout's: [.., T, 1 or H, ..]
-            sin, cos = (t[:, None] if core == "explicit" else t[:, :, None] for t in rope)
+            sin, cos = (t[:, None] if heads_first else t[:, :, None] for t in rope)
             q, k = apply_rope(q, sin, cos, self.rope), apply_rope(k, sin, cos, self.rope)
 
         weights = None
         if core == "explicit" and not (return_weights or use_dropout):
-            y = _heads_first(_attend(q, k, v, mask, self.matmul_impl))
+            y = _attend(q, k, v, mask, attend_impl)
+            y = _heads_first(y) if heads_first else y
         elif core == "explicit":
             weights = _softmax_weights(q, k, mask)
             probs = weights

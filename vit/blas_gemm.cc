@@ -1,8 +1,11 @@
-// A float32 GEMM for XLA:CPU as an asynchronous jax.ffi custom call (vit/blas_gemm.py builds it).
+// Float32 GEMMs for XLA:CPU as asynchronous jax.ffi custom calls (vit/blas_gemm.py builds them).
 //
-// y = op(x) @ op(w) on row-major 2-D buffers, trans_a reading x as [K, M] and trans_b reading w
-// as [N, K], computed by a single-threaded BLAS `cblas_sgemm` (MKL's, loaded by vit/blas_gemm.py
-// and handed over through VitBlasGemmUse). The product is cut into one slab of rows (or columns)
+// VitBlasGemm: y = op(x) @ op(w) on row-major 2-D buffers, trans_a reading x as [K, M] and
+// trans_b reading w as [N, K]. VitBlasBatchedGemm: the same for each matrix of a batch, for
+// attention; an operand is [G, R, C] (G matrices one after another) or [B, R, H, C] (B * H
+// matrices, attention's q, k, v with the heads in the middle, read in place at row stride H * C).
+// Both compute with a single-threaded BLAS `cblas_sgemm` (MKL's, loaded by vit/blas_gemm.py and
+// handed over through VitBlasGemmUse). A product is cut into one slab of rows, columns or batch
 // per thread of XLA's own intra-op pool, each slab a task on that pool, and the handler returns
 // at once with a future: XLA runs the ops that do not need the product meanwhile, as it does
 // beside its own dots, and no second thread pool competes with XLA's for the cores.
@@ -20,7 +23,7 @@ using Sgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k
                        int ldc);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr double kSplitFlops = 4e6;  // smaller products run whole, on the calling thread
-constexpr int64_t kSlabAlign = 16;   // slab edges on whole cache lines of float32
+constexpr int64_t kSlabAlign = 16;   // row and column slab edges on whole float32 cache lines
 
 Sgemm g_sgemm = nullptr;
 
@@ -35,11 +38,12 @@ ffi::Future Ready(ffi::Error error = ffi::Error::Success()) {
   return future;
 }
 
-// Runs slabs 0..slabs-1 of a product on XLA's pool and returns the future of their completion;
-// a product below kSplitFlops, or of one slab, runs whole on the calling thread.
-template <typename Slab>
+// Runs slab_fn(lo, len) over [0, span) in one slab per pool thread (edges on multiples of
+// `align`) and returns the future of their completion; a product below kSplitFlops, or of one
+// slab, runs whole on the calling thread.
+template <typename SlabFn>
 ffi::Future InSlabs(ffi::ThreadPool& pool, int64_t span, int64_t align, double flops,
-                    Slab slab_fn) {
+                    SlabFn slab_fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t slab = (span + threads - 1) / threads;
   slab = (slab + align - 1) / align * align;
@@ -61,83 +65,107 @@ ffi::Future InSlabs(ffi::ThreadPool& pool, int64_t span, int64_t align, double f
   return future;
 }
 
-struct Shape {
-  int64_t m, n, k, lda, ldb;
-  int ta, tb;
+// The row-major matrices of an operand: [R, C] is one; [G, R, C] is G one after another;
+// [B, R, H, C] is B * H, matrix g = b * H + h starting at b * R * H * C + h * C with rows
+// H * C apart.
+struct Matrices {
+  int64_t count = 0, rows = 0, cols = 0, ld = 0, heads = 1, b_stride = 0, h_stride = 0;
+
+  int64_t Offset(int64_t g) const { return g / heads * b_stride + g % heads * h_stride; }
 };
 
-// The row-major GEMM of the last two axes of x and w; false if they disagree on K.
-bool GemmShape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, bool trans_a, bool trans_b, Shape* s) {
-  const size_t r = xd.size();
-  s->m = trans_a ? xd[r - 1] : xd[r - 2];
-  s->k = trans_a ? xd[r - 2] : xd[r - 1];
-  s->n = trans_b ? wd[r - 2] : wd[r - 1];
-  s->lda = xd[r - 1];
-  s->ldb = wd[r - 1];
-  s->ta = trans_a ? kTrans : kNoTrans;
-  s->tb = trans_b ? kTrans : kNoTrans;
-  return (trans_b ? wd[r - 1] : wd[r - 2]) == s->k;
+bool Describe(ffi::Span<const int64_t> d, Matrices* m) {
+  switch (d.size()) {
+    case 2:
+      *m = {1, d[0], d[1], d[1], 1, 0, 0};
+      return true;
+    case 3:
+      *m = {d[0], d[1], d[2], d[2], 1, d[1] * d[2], 0};
+      return true;
+    case 4:
+      *m = {d[0] * d[2], d[1], d[3], d[2] * d[3], d[2], d[1] * d[2] * d[3], d[3]};
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The operands' matrices and the product's m, n, k; false unless they fit together.
+struct Product {
+  Matrices a, b, c;
+  int64_t m = 0, n = 0, k = 0;
+  int ta = kNoTrans, tb = kNoTrans;
+};
+
+bool Fit(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+         ffi::Span<const int64_t> yd, bool trans_a, bool trans_b, Product* p) {
+  if (!Describe(xd, &p->a) || !Describe(wd, &p->b) || !Describe(yd, &p->c)) {
+    return false;
+  }
+  p->m = trans_a ? p->a.cols : p->a.rows;
+  p->k = trans_a ? p->a.rows : p->a.cols;
+  p->n = trans_b ? p->b.rows : p->b.cols;
+  p->ta = trans_a ? kTrans : kNoTrans;
+  p->tb = trans_b ? kTrans : kNoTrans;
+  return (trans_b ? p->b.cols : p->b.rows) == p->k && p->c.rows == p->m && p->c.cols == p->n &&
+         p->a.count == p->c.count && p->b.count == p->c.count;
 }
 
 ffi::Future Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                  ffi::ResultBuffer<ffi::F32> y, bool trans_a, bool trans_b) {
   const Sgemm sgemm = g_sgemm;
+  Product p;
   if (sgemm == nullptr) {
     return Ready(ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet"));
   }
-  Shape s;
-  if (x.dimensions().size() != 2 || w.dimensions().size() != 2 ||
-      !GemmShape(x.dimensions(), w.dimensions(), trans_a, trans_b, &s)) {
+  if (x.dimensions().size() != 2 ||
+      !Fit(x.dimensions(), w.dimensions(), y->dimensions(), trans_a, trans_b, &p)) {
     return Ready(ffi::Error::InvalidArgument("vit blas_gemm takes [M, K] x [K, N] operands"));
   }
   const float* a = x.typed_data();
   const float* b = w.typed_data();
   float* c = y->typed_data();
-  if (s.m == 0 || s.n == 0) {
+  if (p.m == 0 || p.n == 0) {
     return Ready();
   }
-  const double flops = 2.0 * s.m * s.n * s.k;
-  if (s.m >= s.n) {  // slabs of rows of op(x) and of y
-    return InSlabs(pool, s.m, kSlabAlign, flops, [=](int64_t lo, int64_t len) {
-      const float* a_rows = trans_a ? a + lo : a + lo * s.lda;
-      sgemm(kRowMajor, s.ta, s.tb, len, s.n, s.k, 1.0f, a_rows, s.lda, b, s.ldb, 0.0f,
-            c + lo * s.n, s.n);
+  const double flops = 2.0 * p.m * p.n * p.k;
+  if (p.m >= p.n) {  // slabs of rows of op(x) and of y
+    return InSlabs(pool, p.m, kSlabAlign, flops, [=](int64_t lo, int64_t len) {
+      const float* a_rows = trans_a ? a + lo : a + lo * p.a.ld;
+      sgemm(kRowMajor, p.ta, p.tb, len, p.n, p.k, 1.0f, a_rows, p.a.ld, b, p.b.ld, 0.0f,
+            c + lo * p.n, p.n);
     });
   }
-  return InSlabs(pool, s.n, kSlabAlign, flops, [=](int64_t lo, int64_t len) {
-    const float* b_cols = trans_b ? b + lo * s.ldb : b + lo;  // slabs of columns
-    sgemm(kRowMajor, s.ta, s.tb, s.m, len, s.k, 1.0f, a, s.lda, b_cols, s.ldb, 0.0f, c + lo,
-          s.n);
+  return InSlabs(pool, p.n, kSlabAlign, flops, [=](int64_t lo, int64_t len) {
+    const float* b_cols = trans_b ? b + lo * p.b.ld : b + lo;  // slabs of columns
+    sgemm(kRowMajor, p.ta, p.tb, p.m, len, p.k, 1.0f, a, p.a.ld, b_cols, p.b.ld, 0.0f, c + lo,
+          p.n);
   });
 }
 
-// The same product for each of a leading batch of matrices, x [B, M, K] and w [B, K, N] (or
-// transposed as in Gemm): attention's batched matmuls, one slab of the batch per thread.
 ffi::Future BatchedGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y, bool trans_a, bool trans_b) {
   const Sgemm sgemm = g_sgemm;
+  Product p;
   if (sgemm == nullptr) {
     return Ready(ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet"));
   }
-  Shape s;
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 3 || wd.size() != 3 || xd[0] != wd[0] ||
-      !GemmShape(xd, wd, trans_a, trans_b, &s)) {
+  if (x.dimensions().size() < 3 || w.dimensions().size() < 3 || y->dimensions().size() < 3 ||
+      !Fit(x.dimensions(), w.dimensions(), y->dimensions(), trans_a, trans_b, &p)) {
     return Ready(ffi::Error::InvalidArgument(
-        "vit blas_gemm takes [B, M, K] x [B, K, N] batched operands"));
+        "vit blas_gemm takes batches of [M, K] x [K, N] matrices that agree"));
   }
   const float* a = x.typed_data();
   const float* b = w.typed_data();
   float* c = y->typed_data();
-  const int64_t a_size = xd[1] * xd[2], b_size = wd[1] * wd[2], c_size = s.m * s.n;
-  if (xd[0] == 0 || c_size == 0) {
+  if (p.c.count == 0 || p.m == 0 || p.n == 0) {
     return Ready();
   }
-  return InSlabs(pool, xd[0], 1, 2.0 * xd[0] * c_size * s.k, [=](int64_t lo, int64_t len) {
-    for (int64_t i = lo; i < lo + len; ++i) {
-      sgemm(kRowMajor, s.ta, s.tb, s.m, s.n, s.k, 1.0f, a + i * a_size, s.lda, b + i * b_size,
-            s.ldb, 0.0f, c + i * c_size, s.n);
+  const double flops = 2.0 * p.c.count * p.m * p.n * p.k;
+  return InSlabs(pool, p.c.count, 1, flops, [=](int64_t lo, int64_t len) {
+    for (int64_t g = lo; g < lo + len; ++g) {
+      sgemm(kRowMajor, p.ta, p.tb, p.m, p.n, p.k, 1.0f, a + p.a.Offset(g), p.a.ld,
+            b + p.b.Offset(g), p.b.ld, 0.0f, c + p.c.Offset(g), p.c.ld);
     }
   });
 }
@@ -146,20 +174,14 @@ ffi::Future BatchedGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 extern "C" void VitBlasGemmUse(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitBlasGemm, Gemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
+#define VIT_BLAS_BINDING                  \
+  ffi::Ffi::Bind()                        \
+      .Ctx<ffi::ThreadPool>()             \
+      .Arg<ffi::Buffer<ffi::F32>>()       \
+      .Arg<ffi::Buffer<ffi::F32>>()       \
+      .Ret<ffi::Buffer<ffi::F32>>()       \
+      .Attr<bool>("trans_a")              \
+      .Attr<bool>("trans_b")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitBlasBatchedGemm, BatchedGemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VitBlasGemm, Gemm, VIT_BLAS_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VitBlasBatchedGemm, BatchedGemm, VIT_BLAS_BINDING);

@@ -147,13 +147,25 @@ def gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = False) -> Ar
     return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
 
 
-def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
-    """`gemm` for each of a leading batch: x [B, M, K] ([B, K, M] if trans_a) @ w [B, K, N]
-    ([B, N, K] if trans_b) -> [B, M, N] in float32."""
-    rows = x.shape[2] if trans_a else x.shape[1]
-    cols = w.shape[1] if trans_b else w.shape[2]
-    call = jax.ffi.ffi_call(BATCHED_TARGET,
-                            jax.ShapeDtypeStruct((x.shape[0], rows, cols), jnp.float32),
+def _matrix_shape(x: Array) -> tuple[int, int]:
+    """The [rows, cols] of each matrix of a batched operand: [G, R, C] or [B, R, H, C]."""
+    return (x.shape[1], x.shape[-1])
+
+
+def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = False, *,
+                 heads_out: bool = False) -> Array:
+    """`gemm` for each matrix of a batch, in float32. An operand is [G, R, C] (G matrices) or
+    [B, R, H, C] (B * H matrices read in place: attention's q, k, v with the heads in the
+    middle); x's read as [K, M] if trans_a, w's as [N, K] if trans_b. The product is [G, M, N],
+    or with `heads_out` [B, M, H, N], B and H those of the 4-D operand."""
+    rows = _matrix_shape(x)[1 if trans_a else 0]
+    cols = _matrix_shape(w)[0 if trans_b else 1]
+    if heads_out:
+        b, _, h, _ = next(a.shape for a in (x, w) if a.ndim == 4)
+        shape = (b, rows, h, cols)
+    else:
+        shape = (x.shape[0] * (x.shape[2] if x.ndim == 4 else 1), rows, cols)
+    call = jax.ffi.ffi_call(BATCHED_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential")
     return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
 
