@@ -130,6 +130,16 @@ def test_auto_is_blas_on_an_intel_cpu_in_float32_only(plain_blas, monkeypatch):
     assert resolve("blas", "cpu") == "blas"  # asked for: an AMD CPU runs it too
 
 
+def test_auto_says_once_why_an_intel_cpu_runs_xla(monkeypatch, caplog):
+    monkeypatch.setattr(blas_gemm, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(blas_gemm, "unavailable_reason", lambda: "g++ is not installed: x")
+    matmul._note_fallback.cache_clear()
+    with caplog.at_level("INFO", logger="vit.matmul"):
+        assert [matmul.resolve_matmul_impl("auto", "cpu") for _ in range(3)] == ["xla"] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "matmul_impl 'auto' runs XLA's matmuls here: g++ is not installed: x"]
+
+
 def test_blas_where_it_cannot_run_is_a_one_line_error(monkeypatch):
     resolve = matmul.resolve_matmul_impl
     with pytest.raises(ValueError, match=r"^matmul_impl 'blas' runs on the CPU, not on 'gpu'"):
@@ -179,6 +189,15 @@ def test_the_handler_is_built_once_per_source_and_jaxlib(tmp_path, monkeypatch):
     stamp = built.stat().st_mtime_ns
     assert blas_gemm.build_handler() == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [built.name]  # no partial file
+
+
+def test_an_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(RuntimeError, match=r"^cannot write the BLAS matmul handler to \S+/file/"
+                                           r"cache \(Not a directory\): set VIT_CACHE_DIR to a "
+                                           r"writable directory$"):
+        blas_gemm.build_handler()
 
 
 def test_no_compiler_is_a_one_line_error(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Float32 dense matmuls through a BLAS's `cblas_sgemm` (MKL's) as a jax.ffi custom call.
+"""Float32 dense and attention matmuls by a BLAS's `cblas_sgemm` (MKL's) as jax.ffi custom calls.
 
 This is `matmul_impl="blas"`. On the Intel Xeons measured here XLA:CPU's own GEMM runs at
 0.82-0.85x of MKL's, which is most of what separated this toolkit from PyTorch there (README,
@@ -54,15 +54,19 @@ def blas_library() -> Path | None:
 
 def build_handler() -> Path:
     """The handler's shared library, compiled into `cache_dir()` unless already there;
-    RuntimeError naming g++'s first error if it cannot be built."""
+    RuntimeError naming the fix (or g++'s first error) if it cannot be built."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
     out = cache_dir() / f"blas_gemm-{key}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name, then renamed: concurrent processes never load half a file.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name, then renamed: concurrent processes never load half a file.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    except OSError as e:
+        raise RuntimeError(f"cannot write the BLAS matmul handler to {out.parent} "
+                           f"({e.strerror}): set VIT_CACHE_DIR to a writable directory") from None
     os.close(fd)
     command = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
                f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]

@@ -21,6 +21,8 @@ resolved there, once, by `resolve_matmul_impl`.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import jax
@@ -59,8 +61,12 @@ def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
         return impl
     float32 = jnp.dtype(dtype) == jnp.float32 and matmul_dtype == "float32" and quant == "none"
     if impl == "auto":
-        usable = platform == "cpu" and float32 and blas_gemm.cpu_vendor() == "GenuineIntel"
-        return "blas" if usable and blas_gemm.unavailable_reason() is None else "xla"
+        if not (platform == "cpu" and float32 and blas_gemm.cpu_vendor() == "GenuineIntel"):
+            return "xla"
+        reason = blas_gemm.unavailable_reason()
+        if reason is not None:
+            _note_fallback(reason)
+        return "xla" if reason else "blas"
     if platform != "cpu":
         raise ValueError(f"matmul_impl 'blas' runs on the CPU, not on {platform!r}: use 'auto' "
                          "or 'xla'")
@@ -72,6 +78,12 @@ def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
     if reason is not None:
         raise ValueError(f"matmul_impl 'blas' cannot run here: {reason}; or use 'auto' or 'xla'")
     return impl
+
+
+@functools.cache
+def _note_fallback(reason: str) -> None:
+    """Say once per process why "auto" runs XLA's matmuls on a CPU where MKL's would be faster."""
+    logging.getLogger(__name__).info("matmul_impl 'auto' runs XLA's matmuls here: %s", reason)
 
 
 def matmul_impl_here(impl: str, platform: str) -> str:
