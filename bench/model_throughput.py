@@ -82,7 +82,7 @@ def step_inputs(args: argparse.Namespace) -> tuple:
     """(model, tx, params, opt_state, images, labels, rng) for the step the flags pick."""
     model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
                              matmul_dtype=args.matmul_dtype, remat=args.remat, rope=args.rope,
-                             matmul_impl=getattr(args, "matmul_impl", "auto"),
+                             matmul_impl=args.matmul_impl,
                              posemb="none" if args.rope == "dinov3" else "learn")
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)

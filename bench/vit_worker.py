@@ -71,9 +71,9 @@ def measure(workload: str, dtype: str, batch: int, size: int, steps: int,
             warmup: int) -> dict[str, object]:
     """One figure: {"value", "unit"} (and "params" for a model); `size` is the image side,
     or the matmul's n."""
-    # The GEMM a model of this dtype computes with here (vit/matmul.py: "auto").
-    impl = resolve_matmul_impl("auto", jax.devices()[0].platform, matmul_dtype=dtype)
     if workload == "matmul":
+        # The GEMM a model of this dtype computes with here (vit/matmul.py: "auto").
+        impl = resolve_matmul_impl("auto", jax.devices()[0].platform, matmul_dtype=dtype)
         return {"value": matmul_peak_gflops(size, steps, dtype, impl), "unit": "GFLOP/s",
                 "matmul_impl": impl}
     spec = MODELS[workload]

@@ -111,16 +111,32 @@ bool Fit(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
          p->a.count == p->c.count && p->b.count == p->c.count;
 }
 
+// Success if `sgemm` is set and x, w, y are one product (2-D operands) or a batch of them
+// (3-D or 4-D operands, `batched`) that fit together, described in `p`; else the error.
+ffi::Error Prepare(Sgemm sgemm, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                   ffi::Span<const int64_t> yd, bool trans_a, bool trans_b, bool batched,
+                   Product* p) {
+  if (sgemm == nullptr) {
+    return ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet");
+  }
+  const auto rank_fits = [batched](size_t rank) { return batched ? rank >= 3 : rank == 2; };
+  if (!rank_fits(xd.size()) || !rank_fits(wd.size()) || !rank_fits(yd.size()) ||
+      !Fit(xd, wd, yd, trans_a, trans_b, p)) {
+    return ffi::Error::InvalidArgument(
+        batched ? "vit blas_gemm takes batches of [M, K] x [K, N] matrices that agree"
+                : "vit blas_gemm takes [M, K] x [K, N] operands");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Future Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                  ffi::ResultBuffer<ffi::F32> y, bool trans_a, bool trans_b) {
   const Sgemm sgemm = g_sgemm;
   Product p;
-  if (sgemm == nullptr) {
-    return Ready(ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet"));
-  }
-  if (x.dimensions().size() != 2 ||
-      !Fit(x.dimensions(), w.dimensions(), y->dimensions(), trans_a, trans_b, &p)) {
-    return Ready(ffi::Error::InvalidArgument("vit blas_gemm takes [M, K] x [K, N] operands"));
+  ffi::Error error = Prepare(sgemm, x.dimensions(), w.dimensions(), y->dimensions(), trans_a,
+                             trans_b, /*batched=*/false, &p);
+  if (!error.success()) {
+    return Ready(error);
   }
   const float* a = x.typed_data();
   const float* b = w.typed_data();
@@ -147,13 +163,10 @@ ffi::Future BatchedGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                         ffi::ResultBuffer<ffi::F32> y, bool trans_a, bool trans_b) {
   const Sgemm sgemm = g_sgemm;
   Product p;
-  if (sgemm == nullptr) {
-    return Ready(ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet"));
-  }
-  if (x.dimensions().size() < 3 || w.dimensions().size() < 3 || y->dimensions().size() < 3 ||
-      !Fit(x.dimensions(), w.dimensions(), y->dimensions(), trans_a, trans_b, &p)) {
-    return Ready(ffi::Error::InvalidArgument(
-        "vit blas_gemm takes batches of [M, K] x [K, N] matrices that agree"));
+  ffi::Error error = Prepare(sgemm, x.dimensions(), w.dimensions(), y->dimensions(), trans_a,
+                             trans_b, /*batched=*/true, &p);
+  if (!error.success()) {
+    return Ready(error);
   }
   const float* a = x.typed_data();
   const float* b = w.typed_data();

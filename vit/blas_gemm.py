@@ -141,14 +141,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _call(target: str, shape: tuple[int, ...], x: Array, w: Array, trans_a: bool,
+          trans_b: bool) -> Array:
+    """The custom call `target` on x, w, returning a float32 array of `shape`."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
 def gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
     """x @ w in float32 by the BLAS, x [M, K] (read as [K, M] if trans_a), w [K, N] ([N, K] if
     trans_b); the BLAS must be loaded (`unavailable_reason()` is None)."""
     rows = x.shape[1] if trans_a else x.shape[0]
     cols = w.shape[0] if trans_b else w.shape[1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, cols), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
+    return _call(TARGET, (rows, cols), x, w, trans_a, trans_b)
 
 
 def _matrix_shape(x: Array) -> tuple[int, int]:
@@ -169,9 +175,7 @@ def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = Fals
         shape = (b, rows, h, cols)
     else:
         shape = (x.shape[0] * (x.shape[2] if x.ndim == 4 else 1), rows, cols)
-    call = jax.ffi.ffi_call(BATCHED_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential")
-    return call(x, w, trans_a=bool(trans_a), trans_b=bool(trans_b))
+    return _call(BATCHED_TARGET, shape, x, w, trans_a, trans_b)
 
 
 @jax.custom_vjp
@@ -192,6 +196,7 @@ def _blas_matmul_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
 blas_matmul.defvjp(_blas_matmul_fwd, _blas_matmul_bwd)
 
 
+@functools.cache
 def cpu_vendor() -> str:
     """This CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); "" if
     unknown."""
