@@ -37,6 +37,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def plain_blas(tmp_path_factory):
     """matmul_impl="blas" computing with a plain C sgemm for a test file (tests/plain_blas.py),
     then with this process's own BLAS again."""
-    own = plain_blas_module.point_at_plain_sgemm(tmp_path_factory.mktemp("blas"))
+    own = plain_blas_module.point_at_plain_blas(tmp_path_factory.mktemp("blas"))
     yield
     plain_blas_module.restore_own_blas(own)

@@ -269,7 +269,8 @@ class MultiHeadDotProductAttention(nn.Module):
     key_bias: bool = True  # False: the key projection has no bias (DINOv3)
     norm_epsilon: float = 1e-6  # the qk-norm LayerNorms'
     rope: str = "none"  # how a call's RoPE tables rotate: "dinov3" or "eva02" (vit/rope.py)
-    matmul_impl: str = "xla"  # | "blas": who computes float32 projections (vit/matmul.py)
+    matmul_impl: str = "xla"  # | "blas": who computes the projections (vit/matmul.py), and
+    # attention's batched products in float32
 
     @nn.compact
     def __call__(

@@ -1,11 +1,13 @@
-// Float32 GEMMs for XLA:CPU as asynchronous jax.ffi custom calls (vit/blas_gemm.py builds them).
+// GEMMs for XLA:CPU as asynchronous jax.ffi custom calls (vit/blas_gemm.py builds them), on
+// float32 or bfloat16 operands, always summed into a float32 product.
 //
 // VitBlasGemm: y = op(x) @ op(w) on row-major 2-D buffers, trans_a reading x as [K, M] and
 // trans_b reading w as [N, K]. VitBlasBatchedGemm: the same for each matrix of a batch, for
 // attention; an operand is [G, R, C] (G matrices one after another) or [B, R, H, C] (B * H
 // matrices, attention's q, k, v with the heads in the middle, read in place at row stride H * C).
-// Both compute with a single-threaded BLAS `cblas_sgemm` (MKL's, loaded by vit/blas_gemm.py and
-// handed over through VitBlasGemmUse). A product is cut into one slab of rows, columns or batch
+// Both compute with a single-threaded BLAS: `cblas_sgemm` for float32 operands and
+// `cblas_gemm_bf16bf16f32` for bfloat16 ones (MKL's, on the AMX tiles where the CPU has them),
+// loaded by vit/blas_gemm.py and handed over through VitBlasGemmUse. A product is cut into one slab of rows, columns or batch
 // per thread of XLA's own intra-op pool, each slab a task on that pool, and the handler returns
 // at once with a future: XLA runs the ops that do not need the product meanwhile, as it does
 // beside its own dots, and no second thread pool competes with XLA's for the cores.
@@ -18,14 +20,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using Sgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                       const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                       int ldc);
+// A row-major GEMM on operands of T with float32 sums: cblas_sgemm's signature for T = float,
+// cblas_gemm_bf16bf16f32's for T = uint16_t (bfloat16 bits).
+template <typename T>
+using GemmFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                        const T* a, int lda, const T* b, int ldb, float beta, float* c, int ldc);
+using Bf16 = uint16_t;
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr double kSplitFlops = 4e6;  // smaller products run whole, on the calling thread
 constexpr int64_t kSlabAlign = 16;   // row and column slab edges on whole float32 cache lines
 
-Sgemm g_sgemm = nullptr;
+GemmFn<float> g_sgemm = nullptr;
+GemmFn<Bf16> g_bf16_gemm = nullptr;
 
 ffi::Future Ready(ffi::Error error = ffi::Error::Success()) {
   ffi::Promise promise;
@@ -111,14 +117,11 @@ bool Fit(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
          p->a.count == p->c.count && p->b.count == p->c.count;
 }
 
-// Success if `sgemm` is set and x, w, y are one product (2-D operands) or a batch of them
-// (3-D or 4-D operands, `batched`) that fit together, described in `p`; else the error.
-ffi::Error Prepare(Sgemm sgemm, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+// Success if x, w, y are one product (2-D operands) or a batch of them (3-D or 4-D operands,
+// `batched`) that fit together, described in `p`; else the error.
+ffi::Error Prepare(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
                    ffi::Span<const int64_t> yd, bool trans_a, bool trans_b, bool batched,
                    Product* p) {
-  if (sgemm == nullptr) {
-    return ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet");
-  }
   const auto rank_fits = [batched](size_t rank) { return batched ? rank >= 3 : rank == 2; };
   if (!rank_fits(xd.size()) || !rank_fits(wd.size()) || !rank_fits(yd.size()) ||
       !Fit(xd, wd, yd, trans_a, trans_b, p)) {
@@ -129,69 +132,99 @@ ffi::Error Prepare(Sgemm sgemm, ffi::Span<const int64_t> xd, ffi::Span<const int
   return ffi::Error::Success();
 }
 
-ffi::Future Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                 ffi::ResultBuffer<ffi::F32> y, bool trans_a, bool trans_b) {
-  const Sgemm sgemm = g_sgemm;
-  Product p;
-  ffi::Error error = Prepare(sgemm, x.dimensions(), w.dimensions(), y->dimensions(), trans_a,
-                             trans_b, /*batched=*/false, &p);
-  if (!error.success()) {
-    return Ready(error);
-  }
-  const float* a = x.typed_data();
-  const float* b = w.typed_data();
-  float* c = y->typed_data();
-  if (p.m == 0 || p.n == 0) {
-    return Ready();
-  }
+// One product p of a [.., K] x w [K, ..] into c, in slabs of rows or columns.
+template <typename T>
+ffi::Future GemmOf(ffi::ThreadPool& pool, GemmFn<T> gemm, const Product& p, const T* a,
+                   const T* b, float* c) {
   const double flops = 2.0 * p.m * p.n * p.k;
+  const bool trans_a = p.ta == kTrans, trans_b = p.tb == kTrans;
   if (p.m >= p.n) {  // slabs of rows of op(x) and of y
     return InSlabs(pool, p.m, kSlabAlign, flops, [=](int64_t lo, int64_t len) {
-      const float* a_rows = trans_a ? a + lo : a + lo * p.a.ld;
-      sgemm(kRowMajor, p.ta, p.tb, len, p.n, p.k, 1.0f, a_rows, p.a.ld, b, p.b.ld, 0.0f,
-            c + lo * p.n, p.n);
+      const T* a_rows = trans_a ? a + lo : a + lo * p.a.ld;
+      gemm(kRowMajor, p.ta, p.tb, len, p.n, p.k, 1.0f, a_rows, p.a.ld, b, p.b.ld, 0.0f,
+           c + lo * p.n, p.n);
     });
   }
   return InSlabs(pool, p.n, kSlabAlign, flops, [=](int64_t lo, int64_t len) {
-    const float* b_cols = trans_b ? b + lo * p.b.ld : b + lo;  // slabs of columns
-    sgemm(kRowMajor, p.ta, p.tb, p.m, len, p.k, 1.0f, a, p.a.ld, b_cols, p.b.ld, 0.0f, c + lo,
-          p.n);
+    const T* b_cols = trans_b ? b + lo * p.b.ld : b + lo;  // slabs of columns
+    gemm(kRowMajor, p.ta, p.tb, p.m, len, p.k, 1.0f, a, p.a.ld, b_cols, p.b.ld, 0.0f, c + lo,
+         p.n);
   });
 }
 
-ffi::Future BatchedGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y, bool trans_a, bool trans_b) {
-  const Sgemm sgemm = g_sgemm;
-  Product p;
-  ffi::Error error = Prepare(sgemm, x.dimensions(), w.dimensions(), y->dimensions(), trans_a,
-                             trans_b, /*batched=*/true, &p);
-  if (!error.success()) {
-    return Ready(error);
-  }
-  const float* a = x.typed_data();
-  const float* b = w.typed_data();
-  float* c = y->typed_data();
-  if (p.c.count == 0 || p.m == 0 || p.n == 0) {
-    return Ready();
-  }
+// The products of a batch p, in slabs of whole matrices.
+template <typename T>
+ffi::Future BatchedGemmOf(ffi::ThreadPool& pool, GemmFn<T> gemm, const Product& p, const T* a,
+                          const T* b, float* c) {
   const double flops = 2.0 * p.c.count * p.m * p.n * p.k;
   return InSlabs(pool, p.c.count, 1, flops, [=](int64_t lo, int64_t len) {
     for (int64_t g = lo; g < lo + len; ++g) {
-      sgemm(kRowMajor, p.ta, p.tb, p.m, p.n, p.k, 1.0f, a + p.a.Offset(g), p.a.ld,
-            b + p.b.Offset(g), p.b.ld, 0.0f, c + p.c.Offset(g), p.c.ld);
+      gemm(kRowMajor, p.ta, p.tb, p.m, p.n, p.k, 1.0f, a + p.a.Offset(g), p.a.ld,
+           b + p.b.Offset(g), p.b.ld, 0.0f, c + p.c.Offset(g), p.c.ld);
     }
   });
 }
 
+// Checks x, w, y and runs GemmOf (BatchedGemmOf if `batched`) with the GEMM of the operands'
+// dtype.
+ffi::Future Run(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                ffi::Result<ffi::Buffer<ffi::F32>> y, bool trans_a, bool trans_b, bool batched) {
+  Product p;
+  ffi::Error error = Prepare(x.dimensions(), w.dimensions(), y->dimensions(), trans_a, trans_b,
+                             batched, &p);
+  if (!error.success()) {
+    return Ready(error);
+  }
+  const ffi::DataType dtype = x.element_type();
+  if (w.element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+    return Ready(ffi::Error::InvalidArgument(
+        "vit blas_gemm takes two float32 or two bfloat16 operands"));
+  }
+  if (p.c.count == 0 || p.m == 0 || p.n == 0) {
+    return Ready();
+  }
+  float* c = y->typed_data();
+  const auto run = [&](auto gemm, const auto* a, const auto* b) {
+    return batched ? BatchedGemmOf(pool, gemm, p, a, b, c) : GemmOf(pool, gemm, p, a, b, c);
+  };
+  if (dtype == ffi::DataType::F32) {
+    if (g_sgemm == nullptr) {
+      return Ready(ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet"));
+    }
+    return run(g_sgemm, static_cast<const float*>(x.untyped_data()),
+               static_cast<const float*>(w.untyped_data()));
+  }
+  if (g_bf16_gemm == nullptr) {
+    return Ready(ffi::Error::Internal(
+        "vit blas_gemm: the BLAS handed over has no cblas_gemm_bf16bf16f32"));
+  }
+  return run(g_bf16_gemm, static_cast<const Bf16*>(x.untyped_data()),
+             static_cast<const Bf16*>(w.untyped_data()));
+}
+
+ffi::Future Gemm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                 ffi::Result<ffi::Buffer<ffi::F32>> y, bool trans_a, bool trans_b) {
+  return Run(pool, x, w, y, trans_a, trans_b, /*batched=*/false);
+}
+
+ffi::Future BatchedGemm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y, bool trans_a, bool trans_b) {
+  return Run(pool, x, w, y, trans_a, trans_b, /*batched=*/true);
+}
+
 }  // namespace
 
-extern "C" void VitBlasGemmUse(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
+// The BLAS's cblas_sgemm and cblas_gemm_bf16bf16f32 (null where it has none).
+extern "C" void VitBlasGemmUse(void* sgemm, void* bf16_gemm) {
+  g_sgemm = reinterpret_cast<GemmFn<float>>(sgemm);
+  g_bf16_gemm = reinterpret_cast<GemmFn<Bf16>>(bf16_gemm);
+}
 
 #define VIT_BLAS_BINDING                  \
   ffi::Ffi::Bind()                        \
       .Ctx<ffi::ThreadPool>()             \
-      .Arg<ffi::Buffer<ffi::F32>>()       \
-      .Arg<ffi::Buffer<ffi::F32>>()       \
+      .Arg<ffi::AnyBuffer>()              \
+      .Arg<ffi::AnyBuffer>()              \
       .Ret<ffi::Buffer<ffi::F32>>()       \
       .Attr<bool>("trans_a")              \
       .Attr<bool>("trans_b")

@@ -77,8 +77,9 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.layer_scale = _optional(float)  # LayerScale's initial value (CaiT, DeiT III); None: off
     m.attention_impl = "auto"  # | "explicit" | "fused" | "cudnn"; "auto" is decided when the
     # model is built: explicit on CPU, cudnn on a GPU in bfloat16 (vit/attention.py), fused on TPU
-    m.matmul_impl = "auto"  # | "xla" | "blas": who computes float32 dense matmuls; "auto" is
-    # decided when the model is built: MKL's sgemm on an Intel CPU with `vit[mkl]`, else XLA's
+    m.matmul_impl = "auto"  # | "xla" | "blas": who computes dense matmuls; "auto" is decided
+    # when the model is built: MKL's on an Intel CPU with `vit[mkl]` (bfloat16 operands only
+    # with AMX or AVX512_BF16), else XLA's
     m.quant = "none"  # | "int8": written by `vit quantize` (vit/quantize.py), not for training
     m.remat = "none"  # | "block" | "dots": recompute encoder activations in the backward pass
     # to save memory (vit/encoder.py REMAT_POLICIES); the same parameters and gradients

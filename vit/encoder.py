@@ -79,7 +79,7 @@ class MlpBlock(nn.Module):
     matmul_dtype: str = "float32"  # | "bfloat16": operands of the two matmuls (vit/matmul.py)
     hidden_norm: bool = False  # a LayerNorm over the hidden units before Dense_1 (EVA-02's sub-LN)
     norm_epsilon: float = 1e-6
-    matmul_impl: str = "xla"  # | "blas": who computes float32 matmuls (vit/matmul.py)
+    matmul_impl: str = "xla"  # | "blas": who computes the matmuls (vit/matmul.py)
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:

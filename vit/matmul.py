@@ -14,9 +14,10 @@ gradient is then one [tokens, K]^T [tokens, N] dot over a single contracting dim
 operand in memory first: the float32 Ti/4 training step ran 1.13-1.17x faster without it
 (README, *Speed on CPU: flat matmuls*).
 
-`matmul_impl` picks who computes a float32 dense matmul: "xla" (XLA's dot) or "blas" (MKL's
-`cblas_sgemm` through a custom call, vit/blas_gemm.py). `vit.create_model`'s default "auto" is
-resolved there, once, by `resolve_matmul_impl`.
+`matmul_impl` picks who computes a dense matmul: "xla" (XLA's dot) or "blas" (MKL's
+`cblas_sgemm`, or for bfloat16 operands its `cblas_gemm_bf16bf16f32`, through a custom call,
+vit/blas_gemm.py). `vit.create_model`'s default "auto" is resolved there, once, by
+`resolve_matmul_impl`.
 """
 
 from __future__ import annotations
@@ -51,30 +52,34 @@ def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
     """The implementation ("xla" or "blas") that `impl` means for a model computing in `dtype`
     with `matmul_dtype` operands and `quant` kernels on `platform` ("cpu", "gpu", "tpu").
 
-    "auto" is "blas" where it measured faster: float32 on an Intel CPU with the BLAS loadable
-    (`vit.blas_gemm.unavailable_reason()` is None), else "xla". Asking for "blas" where it cannot
-    run is a ValueError naming the fix.
+    "auto" is "blas" where it measured faster: on an Intel CPU with the BLAS loadable
+    (`vit.blas_gemm.unavailable_reason()` is None), for float32 operands, and for bfloat16 ones
+    (`matmul_dtype` or `dtype` bfloat16) where the CPU has AMX or AVX512_BF16; else "xla". Asking
+    for "blas" where it cannot run is a ValueError naming the fix.
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul_impl {impl!r}; use one of {MATMUL_IMPLS}")
     if impl == "xla":
         return impl
-    float32 = jnp.dtype(dtype) == jnp.float32 and matmul_dtype == "float32" and quant == "none"
+    bf16 = matmul_dtype == "bfloat16" or jnp.dtype(dtype) == jnp.bfloat16
+    computable = quant == "none" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
+    reason_here = blas_gemm.bf16_unavailable_reason if bf16 else blas_gemm.unavailable_reason
     if impl == "auto":
-        if not (platform == "cpu" and float32 and blas_gemm.cpu_vendor() == "GenuineIntel"):
+        measured = not bf16 or blas_gemm.cpu_flags() & {"amx_bf16", "avx512_bf16"}
+        if not (platform == "cpu" and computable and measured
+                and blas_gemm.cpu_vendor() == "GenuineIntel"):
             return "xla"
-        reason = blas_gemm.unavailable_reason()
+        reason = reason_here()
         if reason is not None:
             _note_fallback(reason)
         return "xla" if reason else "blas"
     if platform != "cpu":
         raise ValueError(f"matmul_impl 'blas' runs on the CPU, not on {platform!r}: use 'auto' "
                          "or 'xla'")
-    if not float32:
-        raise ValueError(f"matmul_impl 'blas' computes float32 matmuls, not dtype "
-                         f"{jnp.dtype(dtype).name} / matmul_dtype {matmul_dtype} / quant {quant}: "
-                         "use 'auto' or 'xla'")
-    reason = blas_gemm.unavailable_reason()
+    if not computable:
+        raise ValueError(f"matmul_impl 'blas' computes float32 or bfloat16 matmuls, not dtype "
+                         f"{jnp.dtype(dtype).name} / quant {quant}: use 'auto' or 'xla'")
+    reason = reason_here()
     if reason is not None:
         raise ValueError(f"matmul_impl 'blas' cannot run here: {reason}; or use 'auto' or 'xla'")
     return impl
@@ -126,11 +131,14 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 def matmul(x: Array, w: Array, matmul_dtype: str, out_dtype: Any, impl: str = "xla") -> Array:
     """x [..., K] @ w [K, N] in `out_dtype`, with operands in `matmul_dtype`, on x as [-1, K],
-    computed by `impl` ("xla"; "blas" computes float32 ones, XLA the others)."""
+    computed by `impl` ("xla" or "blas"; "blas" multiplies bfloat16 operands where
+    `matmul_dtype` or `out_dtype` is bfloat16, float32 ones where both are float32)."""
     flat = x.reshape(-1, x.shape[-1])
-    if impl == "blas" and matmul_dtype == "float32" and jnp.dtype(out_dtype) == jnp.float32:
-        y = checkpoint_name(blas_gemm.blas_matmul(flat.astype(jnp.float32),
-                                                  w.astype(jnp.float32)), BLAS_OUTPUT)
+    blas_dtype = {jnp.dtype(jnp.float32): jnp.float32, jnp.dtype(jnp.bfloat16): jnp.bfloat16}.get(
+        jnp.dtype(jnp.bfloat16 if matmul_dtype == "bfloat16" else out_dtype))
+    if impl == "blas" and blas_dtype is not None:
+        y = checkpoint_name(blas_gemm.blas_matmul(flat, w, blas_dtype),
+                            BLAS_OUTPUT).astype(out_dtype)
     elif matmul_dtype == "bfloat16":
         y = bf16_matmul(flat, w).astype(out_dtype)
     else:

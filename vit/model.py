@@ -117,8 +117,9 @@ class VisionTransformer(nn.Module):
     # | "bfloat16": bfloat16 operands, float32 accumulation in dense and attention-projection
     # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
     matmul_dtype: str = "float32"
-    # "xla" | "blas": who computes float32 dense matmuls, XLA's dot or MKL's sgemm (vit/matmul.py,
-    # vit/blas_gemm.py). create_model's default "auto" is resolved there, as attention_impl is.
+    # "xla" | "blas": who computes dense matmuls, XLA's dot or MKL's GEMMs (float32 or bfloat16
+    # operands; vit/matmul.py, vit/blas_gemm.py). create_model's default "auto" is resolved
+    # there, as attention_impl is.
     matmul_impl: str = "xla"
     # "block" | "dots": recompute each encoder block's activations in the backward pass instead
     # of keeping them (less memory, about a third more compute; vit/encoder.py REMAT_POLICIES)
@@ -306,8 +307,9 @@ def create_model(
     `attention_impl` defaults to "auto", resolved here for `platform` ("cpu", "gpu", "tpu"; None:
     JAX's default backend) and the compute dtype: the model holds "explicit" on CPU, "cudnn" on a
     GPU computing in bfloat16 / float16 (else "explicit"), "fused" on TPU. `matmul_impl`
-    defaults to "auto" too: "blas" (MKL's sgemm) for float32 on an Intel CPU where `vit[mkl]` is
-    installed, else "xla" (`vit.matmul.resolve_matmul_impl`).
+    defaults to "auto" too: "blas" (MKL's GEMMs) on an Intel CPU where `vit[mkl]` is installed,
+    for float32 and (with AMX or AVX512_BF16) bfloat16 operands, else "xla"
+    (`vit.matmul.resolve_matmul_impl`).
     """
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
