@@ -7,10 +7,11 @@
 // matrices, attention's q, k, v with the heads in the middle, read in place at row stride H * C).
 // Both compute with a single-threaded BLAS: `cblas_sgemm` for float32 operands and
 // `cblas_gemm_bf16bf16f32` for bfloat16 ones (MKL's, on the AMX tiles where the CPU has them),
-// loaded by vit/blas_gemm.py and handed over through VitBlasGemmUse. A product is cut into one slab of rows, columns or batch
-// per thread of XLA's own intra-op pool, each slab a task on that pool, and the handler returns
-// at once with a future: XLA runs the ops that do not need the product meanwhile, as it does
-// beside its own dots, and no second thread pool competes with XLA's for the cores.
+// loaded by vit/blas_gemm.py and handed over through VitBlasGemmUse. A product is cut into one
+// slab of rows, columns or batch per thread of XLA's own intra-op pool, each slab a task on that
+// pool, and the handler returns at once with a future: XLA runs the ops that do not need the
+// product meanwhile, as it does beside its own dots, and no second thread pool competes with
+// XLA's for the cores.
 #include <algorithm>
 #include <cstdint>
 
