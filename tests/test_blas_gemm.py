@@ -204,6 +204,18 @@ def test_a_saved_blas_model_loads_where_blas_cannot_run(monkeypatch):
     assert model.matmul_impl == "xla"
 
 
+def test_a_saved_bfloat16_blas_model_loads_where_the_blas_has_no_bfloat16_gemm(monkeypatch):
+    monkeypatch.setattr(blas_gemm, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(blas_gemm, "bf16_unavailable_reason", lambda: "no bfloat16 GEMM")
+    assert matmul.matmul_impl_here("blas", "cpu") == "blas"
+    assert matmul.matmul_impl_here("blas", "cpu", bf16=True) == "auto"
+    for key, value in (("matmul_dtype", "bfloat16"), ("dtype", "bfloat16")):
+        model = vit.model.saved_model_from_config(
+            {"variant": "Ti/4", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
+             "matmul_impl": "blas", key: value}, num_classes=10, image_size=8)
+        assert model.matmul_impl == "xla"
+
+
 def test_the_reasons_it_cannot_load_name_the_fix(tmp_path, monkeypatch):
     reason = blas_gemm.unavailable_reason.__wrapped__  # uncached: the environment varies here
     monkeypatch.setenv("VIT_BLAS_LIB", str(tmp_path / "nope.so"))

@@ -91,10 +91,12 @@ def _note_fallback(reason: str) -> None:
     logging.getLogger(__name__).info("matmul_impl 'auto' runs XLA's matmuls here: %s", reason)
 
 
-def matmul_impl_here(impl: str, platform: str) -> str:
+def matmul_impl_here(impl: str, platform: str, *, bf16: bool = False) -> str:
     """`impl` as a saved model runs on `platform`: "blas" runs "auto" where the BLAS cannot run
-    (another platform, no MKL here), so that a checkpoint loads anywhere; else `impl`."""
-    runnable = platform == "cpu" and blas_gemm.unavailable_reason() is None
+    (another platform, no MKL here, for `bf16` operands no bfloat16 GEMM), so that a checkpoint
+    loads anywhere; else `impl`."""
+    reason = blas_gemm.bf16_unavailable_reason if bf16 else blas_gemm.unavailable_reason
+    runnable = platform == "cpu" and reason() is None
     return "auto" if impl == "blas" and not runnable else impl
 
 

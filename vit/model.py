@@ -378,6 +378,8 @@ def saved_model_from_config(
     with attention "cudnn" on a GPU runs "auto" elsewhere (`attention.attention_impl_here`)."""
     options = dict(model_config)
     options["attention_impl"] = attention_impl_here(options.get("attention_impl") or "auto")
+    bf16 = (options.get("matmul_dtype") == "bfloat16"
+            or compute_dtype(options.get("dtype") or "float32") == jnp.bfloat16)
     options["matmul_impl"] = matmul_impl_here(options.get("matmul_impl") or "auto",
-                                              platform_name(None))
+                                              platform_name(None), bf16=bf16)
     return model_from_config(options, num_classes=num_classes, image_size=image_size)
