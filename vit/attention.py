@@ -104,8 +104,9 @@ def _bmm(a: Array, b: Array, impl: str = "xla", *, trans_a: bool = False, trans_
     """Attention's two batched products: q-like @ q-like^T -> logits [B, heads, Tq, Tk] (trans_b)
     and logits @ q-like -> q-like (else; trans_a reads the logits transposed). For "xla", XLA's
     dot (float32 sums if `float32_sums`) on heads-first q-likes (q, k, v, their gradients)
-    [B, heads, T, dim]; for "blas", the BLAS (vit/blas_gemm.py) on float32 q-likes
-    [B, T, heads, dim] as the projections lay them out, read in place: no transposes at all."""
+    [B, heads, T, dim]; for "blas", the BLAS (vit/blas_gemm.py, float32 sums and result) on
+    float32 or bfloat16 q-likes [B, T, heads, dim] as the projections lay them out, read in
+    place: no transposes at all."""
     if impl == "blas":
         if trans_b:
             y = blas_gemm.batched_gemm(a, b, trans_a, trans_b)
@@ -146,7 +147,7 @@ def _softmax_weights(q: Array, k: Array, mask: Array | None) -> Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
     """Softmax attention of q, k, v: heads-first [B, heads, T, dim] -> [B, heads, Tq, dim] for
-    impl "xla"; float32 [B, T, heads, dim] -> [B, Tq, heads, dim] for "blas" (`_bmm`)."""
+    impl "xla"; [B, T, heads, dim] -> [B, Tq, heads, dim] for "blas" (`_bmm`)."""
     return _attend_fwd(q, k, v, mask, impl)[0]
 
 
@@ -176,7 +177,7 @@ def _attend_bwd(impl: str, res: tuple, dy: Array) -> tuple[Array, Array, Array, 
     dq = _bmm(d_logits.astype(q.dtype), k, impl, float32_sums=False) * scale
     dk = _bmm(d_logits.astype(k.dtype), q * scale, impl, trans_a=True, float32_sums=False)
     dv = _bmm(weights.astype(v.dtype), dy, impl, trans_a=True, float32_sums=False)
-    return dq, dk, dv, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -269,8 +270,8 @@ class MultiHeadDotProductAttention(nn.Module):
     key_bias: bool = True  # False: the key projection has no bias (DINOv3)
     norm_epsilon: float = 1e-6  # the qk-norm LayerNorms'
     rope: str = "none"  # how a call's RoPE tables rotate: "dinov3" or "eva02" (vit/rope.py)
-    matmul_impl: str = "xla"  # | "blas": who computes the projections (vit/matmul.py), and
-    # attention's batched products in float32
+    matmul_impl: str = "xla"  # | "blas": who computes the projections (vit/matmul.py) and
+    # attention's batched products
 
     @nn.compact
     def __call__(
@@ -298,8 +299,8 @@ class MultiHeadDotProductAttention(nn.Module):
         use_dropout = self.dropout_rate > 0.0 and not deterministic
         core = _kernel(self.impl, need_weights=return_weights or use_dropout)
         # The explicit kernel's batched products by the BLAS, on q, k, v in place (`_bmm`).
-        attend_impl = ("blas" if self.matmul_impl == "blas" and jnp.dtype(self.dtype) == jnp.float32
-                       and not (return_weights or use_dropout) else "xla")
+        attend_impl = ("blas" if self.matmul_impl == "blas" and not (return_weights or use_dropout)
+                       and jnp.dtype(self.dtype) in (jnp.float32, jnp.bfloat16) else "xla")
         heads_first = core == "explicit" and attend_impl == "xla"
 
         def project(x: Array, names: tuple[str, ...]) -> list[Array]:
