@@ -120,8 +120,7 @@ def main() -> None:
     names = args.what.split(",")
     if any(n not in WORKLOADS for n in names):
         parser.exit(2, f"error: --what takes {', '.join(WORKLOADS)}, got {args.what!r}\n")
-    bf16 = args.matmul_dtype == "bfloat16"
-    reason = (blas_gemm.bf16_unavailable_reason if bf16 else blas_gemm.unavailable_reason)()
+    reason = blas_gemm.unavailable_reason_for(args.matmul_dtype == "bfloat16")
     if reason is not None:
         parser.exit(2, f"error: {reason}\n")
     worst = largest_difference(matmul_dtype=args.matmul_dtype)

@@ -104,11 +104,15 @@ def _single_threaded(lib: ctypes.CDLL) -> None:
         lib.openblas_set_num_threads(1)
 
 
-# The registry: the handler once built and registered, every BLAS it was pointed at (kept
-# loaded for as long as compiled code may call into it), and whether the last has a bfloat16 GEMM.
+# The registry: the handler once built and registered, and every BLAS it was pointed at (kept
+# loaded for as long as compiled code may call into it; the last is the one in use).
 _handler: list[ctypes.CDLL] = []
 _libraries: list[ctypes.CDLL] = []
-_bf16: list[bool] = [False]
+
+
+def _bf16_gemm(lib: ctypes.CDLL) -> Any:
+    """`lib`'s bfloat16 GEMM (one of BF16_GEMMS), or None."""
+    return next((getattr(lib, name) for name in BF16_GEMMS if hasattr(lib, name)), None)
 
 
 def load(library: Path) -> None:
@@ -133,12 +137,11 @@ def load(library: Path) -> None:
                                  (BATCHED_TARGET, handler.VitBlasBatchedGemm)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
         _handler.append(handler)
-    bf16_gemm = next((getattr(lib, name) for name in BF16_GEMMS if hasattr(lib, name)), None)
+    bf16_gemm = _bf16_gemm(lib)
     _handler[0].VitBlasGemmUse(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p),
                                None if bf16_gemm is None else ctypes.cast(bf16_gemm,
                                                                           ctypes.c_void_p))
     _libraries.append(lib)
-    _bf16[0] = bf16_gemm is not None
 
 
 @functools.cache
@@ -159,10 +162,15 @@ def unavailable_reason() -> str | None:
 def bf16_unavailable_reason() -> str | None:
     """None if the BLAS is loaded and multiplies bfloat16 operands; else why not, in one line."""
     reason = unavailable_reason()
-    if reason is None and not _bf16[0]:
+    if reason is None and _bf16_gemm(_libraries[-1]) is None:
         reason = (f"the BLAS loaded has none of {', '.join(BF16_GEMMS)}: use MKL "
                   "(pip install 'vit[mkl]')")
     return reason
+
+
+def unavailable_reason_for(bf16: bool) -> str | None:
+    """`bf16_unavailable_reason()` for bfloat16 operands (`bf16`), else `unavailable_reason()`."""
+    return bf16_unavailable_reason() if bf16 else unavailable_reason()
 
 
 def _call(target: str, shape: tuple[int, ...], x: Array, w: Array, trans_a: bool,

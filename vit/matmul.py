@@ -47,6 +47,13 @@ def check_matmul_dtype(name: str) -> str:
     return name
 
 
+def blas_operand_dtype(matmul_dtype: str, dtype: Any) -> Any:
+    """The dtype "blas" multiplies `matmul_dtype` operands of a `dtype` computation in: bfloat16
+    if either is bfloat16, float32 if both are float32; None otherwise (XLA's dot then)."""
+    operand = jnp.dtype(jnp.bfloat16 if matmul_dtype == "bfloat16" else dtype)
+    return operand if operand in (jnp.float32, jnp.bfloat16) else None
+
+
 def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
                         matmul_dtype: str = "float32", quant: str = "none") -> str:
     """The implementation ("xla" or "blas") that `impl` means for a model computing in `dtype`
@@ -61,15 +68,14 @@ def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
         raise ValueError(f"unknown matmul_impl {impl!r}; use one of {MATMUL_IMPLS}")
     if impl == "xla":
         return impl
-    bf16 = matmul_dtype == "bfloat16" or jnp.dtype(dtype) == jnp.bfloat16
+    bf16 = blas_operand_dtype(matmul_dtype, dtype) == jnp.bfloat16
     computable = quant == "none" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
-    reason_here = blas_gemm.bf16_unavailable_reason if bf16 else blas_gemm.unavailable_reason
     if impl == "auto":
         measured = not bf16 or blas_gemm.cpu_flags() & {"amx_bf16", "avx512_bf16"}
         if not (platform == "cpu" and computable and measured
                 and blas_gemm.cpu_vendor() == "GenuineIntel"):
             return "xla"
-        reason = reason_here()
+        reason = blas_gemm.unavailable_reason_for(bf16)
         if reason is not None:
             _note_fallback(reason)
         return "xla" if reason else "blas"
@@ -79,7 +85,7 @@ def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
     if not computable:
         raise ValueError(f"matmul_impl 'blas' computes float32 or bfloat16 matmuls, not dtype "
                          f"{jnp.dtype(dtype).name} / quant {quant}: use 'auto' or 'xla'")
-    reason = reason_here()
+    reason = blas_gemm.unavailable_reason_for(bf16)
     if reason is not None:
         raise ValueError(f"matmul_impl 'blas' cannot run here: {reason}; or use 'auto' or 'xla'")
     return impl
@@ -95,8 +101,7 @@ def matmul_impl_here(impl: str, platform: str, *, bf16: bool = False) -> str:
     """`impl` as a saved model runs on `platform`: "blas" runs "auto" where the BLAS cannot run
     (another platform, no MKL here, for `bf16` operands no bfloat16 GEMM), so that a checkpoint
     loads anywhere; else `impl`."""
-    reason = blas_gemm.bf16_unavailable_reason if bf16 else blas_gemm.unavailable_reason
-    runnable = platform == "cpu" and reason() is None
+    runnable = platform == "cpu" and blas_gemm.unavailable_reason_for(bf16) is None
     return "auto" if impl == "blas" and not runnable else impl
 
 
@@ -136,8 +141,7 @@ def matmul(x: Array, w: Array, matmul_dtype: str, out_dtype: Any, impl: str = "x
     computed by `impl` ("xla" or "blas"; "blas" multiplies bfloat16 operands where
     `matmul_dtype` or `out_dtype` is bfloat16, float32 ones where both are float32)."""
     flat = x.reshape(-1, x.shape[-1])
-    blas_dtype = {jnp.dtype(jnp.float32): jnp.float32, jnp.dtype(jnp.bfloat16): jnp.bfloat16}.get(
-        jnp.dtype(jnp.bfloat16 if matmul_dtype == "bfloat16" else out_dtype))
+    blas_dtype = blas_operand_dtype(matmul_dtype, out_dtype)
     if impl == "blas" and blas_dtype is not None:
         y = checkpoint_name(blas_gemm.blas_matmul(flat, w, blas_dtype),
                             BLAS_OUTPUT).astype(out_dtype)

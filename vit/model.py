@@ -39,7 +39,7 @@ import numpy as np
 from vit import resnet, stems
 from vit.attention import attention_impl_here, platform_name, resolve_attention_impl
 from vit.encoder import Encoder, MAPHead, dense_layer, static_tokens
-from vit.matmul import matmul_impl_here, resolve_matmul_impl
+from vit.matmul import blas_operand_dtype, matmul_impl_here, resolve_matmul_impl
 from vit.model_options import compute_dtype, int_tuple, pair, validate
 
 Dtype = Any
@@ -378,8 +378,8 @@ def saved_model_from_config(
     with attention "cudnn" on a GPU runs "auto" elsewhere (`attention.attention_impl_here`)."""
     options = dict(model_config)
     options["attention_impl"] = attention_impl_here(options.get("attention_impl") or "auto")
-    bf16 = (options.get("matmul_dtype") == "bfloat16"
-            or compute_dtype(options.get("dtype") or "float32") == jnp.bfloat16)
+    bf16 = blas_operand_dtype(options.get("matmul_dtype") or "float32",
+                              compute_dtype(options.get("dtype") or "float32")) == jnp.bfloat16
     options["matmul_impl"] = matmul_impl_here(options.get("matmul_impl") or "auto",
                                               platform_name(None), bf16=bf16)
     return model_from_config(options, num_classes=num_classes, image_size=image_size)
