@@ -6,7 +6,8 @@ compiled HLO by the event's `hlo_op` (XLA:CPU's thunks on the host, or a GPU's k
 device plane). Each instruction gets a category: `dense matmul` and `attention matmul` (dots,
 fusions around a dot, cuBLAS calls and the BLAS custom calls of `matmul_impl="blas"`, without
 and with batch dimensions; the BLAS's work runs as tasks on XLA's pool after its call returns,
-so the trace undercounts it), `attention kernel` (cuDNN's fused attention), `convolution` (the
+so the trace undercounts it), `attention kernel` (cuDNN's fused attention, the BLAS's fused
+attention forward), `convolution` (the
 patch embedding, conv stems), `layout copy`
 (transposes and copies), `elementwise` (every other fusion: norms, GELU, softmax, bias,
 residuals), split into forward, backward (`transpose(jvp(...))` in the op name) and
@@ -38,7 +39,7 @@ _COMPUTATION = re.compile(r"^%(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", re.M | re.S)
 def _kind(opcode: str, name: str, rest: str, body: str) -> str:
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     target = target.group(1) if target else ""
-    if "fmha" in target or "flash" in target:
+    if "fmha" in target or "flash" in target or "attention" in target:
         return "attention kernel"
     if opcode == "dot" or " dot(" in body or "gemm" in target or "matmul" in target:
         batched = ("lhs_batch_dims" in (body or rest) or "batched" in target

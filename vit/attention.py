@@ -89,7 +89,13 @@ def _heads_first(x: Array) -> Array:
 
 def _query_scale(q: Array) -> Array:
     """1 / sqrt(head_dim) in q's dtype: what the queries are multiplied by before q.k."""
-    return jnp.asarray(1.0 / np.sqrt(q.shape[-1]).astype(np.float32), q.dtype)
+    return jnp.asarray(_query_scale_value(q.shape[-1], q.dtype), q.dtype)
+
+
+def _query_scale_value(head_dim: int, dtype: Any) -> float:
+    """`_query_scale` of heads of `head_dim` in `dtype`, as a Python float (a constant, also while
+    tracing)."""
+    return float(np.asarray(1.0 / np.sqrt(head_dim).astype(np.float32)).astype(dtype))
 
 
 def _transposed(x: Array) -> Array:
@@ -147,7 +153,12 @@ def _softmax_weights(q: Array, k: Array, mask: Array | None) -> Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
     """Softmax attention of q, k, v: heads-first [B, heads, T, dim] -> [B, heads, Tq, dim] for
-    impl "xla"; [B, T, heads, dim] -> [B, Tq, heads, dim] for "blas" (`_bmm`)."""
+    impl "xla"; [B, T, heads, dim] -> [B, Tq, heads, dim] for "blas" (`_bmm`). Where nothing
+    differentiates it, "blas" without a mask runs as one fused call (`blas_gemm.attention`)."""
+    if impl == "blas" and mask is None:
+        flat = lambda x: x.reshape(*x.shape[:2], -1)
+        return blas_gemm.attention(flat(q), flat(k), flat(v), heads=q.shape[2],
+                                   scale=_query_scale_value(q.shape[-1], q.dtype))
     return _attend_fwd(q, k, v, mask, impl)[0]
 
 
@@ -181,6 +192,41 @@ def _attend_bwd(impl: str, res: tuple, dy: Array) -> tuple[Array, Array, Array, 
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _split_heads(qkv: Array, heads: int) -> list[Array]:
+    """q, k, v [B, T, heads, dim] of the fused projection's output [B, T, 3 * heads * dim]."""
+    return [x.reshape(*x.shape[:-1], heads, -1) for x in jnp.split(qkv, 3, axis=-1)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _self_attend(product: Array, bias: Array, heads: int) -> Array:
+    """`_attend` by "blas" without a mask of q, k, v = the fused projection's product [B, T, 3 *
+    width] + its bias [3 * width] -> [B, T, heads, dim]. Where nothing differentiates it
+    (inference), one fused call adds the bias and reads q, k, v in place; under a gradient it
+    is `_attend`'s forward on the split."""
+    width = product.shape[-1] // 3
+    return blas_gemm.attention(product, product, product, heads=heads, bias=bias,
+                               columns=(0, width, 2 * width),
+                               scale=_query_scale_value(width // heads, product.dtype))
+
+
+def _self_attend_fwd(product: Array, bias: Array, heads: int) -> tuple[Array, tuple]:
+    y, res = _attend_fwd(*_split_heads(product + bias, heads), None, "blas")
+    return y, (res, jnp.zeros(0, bias.dtype))
+
+
+def _self_attend_bwd(heads: int, res: tuple, dy: Array) -> tuple[Array, Array]:
+    res, bias_like = res
+    grads = _attend_bwd("blas", res, dy)[:3]
+    d_qkv = jnp.concatenate([g.reshape(*g.shape[:2], -1) for g in grads], axis=-1)
+    # The add's own transpose (its bias sum in the bias's dtype), as autodiff of the split gives
+    _, add_vjp = jax.vjp(jnp.add, jnp.zeros_like(d_qkv),
+                         jnp.zeros(d_qkv.shape[-1:], bias_like.dtype))
+    return add_vjp(d_qkv)
+
+
+_self_attend.defvjp(_self_attend_fwd, _self_attend_bwd)
 
 
 def attention_weights(q: Array, k: Array, mask: Array | None = None) -> Array:
@@ -303,46 +349,65 @@ class MultiHeadDotProductAttention(nn.Module):
                        and jnp.dtype(self.dtype) in (jnp.float32, jnp.bfloat16) else "xla")
         heads_first = core == "explicit" and attend_impl == "xla"
 
-        def project(x: Array, names: tuple[str, ...]) -> list[Array]:
-            """The projections `names` of x, [B, T, heads, dim] each; heads-first [B, heads, T,
-            dim] for the explicit kernel on XLA's dots."""
+        def fused_projection(x: Array, names: tuple[str, ...]) -> tuple[Array, Array]:
+            """The projections `names` of x side by side, [B, T, len(names) * width], before
+            their bias, and that bias."""
             kernel = jnp.concatenate([proj[n][0].reshape(width, -1) for n in names], axis=1)
             bias = jnp.concatenate([proj[n][1].reshape(-1) for n in names])
             scale = (None if self.quant != "int8" else
                      jnp.concatenate([proj[n][2].reshape(-1) for n in names]))
-            y = matmul(x, kernel, scale) + bias.astype(self.dtype)
+            return matmul(x, kernel, scale), bias.astype(self.dtype)
+
+        def project(x: Array, names: tuple[str, ...]) -> list[Array]:
+            """The projections `names` of x, [B, T, heads, dim] each; heads-first [B, heads, T,
+            dim] for the explicit kernel on XLA's dots."""
+            product, bias = fused_projection(x, names)
+            y = product + bias
             parts = [p.reshape(*p.shape[:-1], heads, head_dim)
                      for p in jnp.split(y, len(names), axis=-1)]
             return [_heads_first(p) for p in parts] if heads_first else parts
 
-        if x_kv is None:
-            q, k, v = project(x_q, ("query", "key", "value"))
-        else:
-            (q,) = project(x_q, ("query",))
-            k, v = project(x_kv, ("key", "value"))
-        if self.qk_norm:  # over head_dim, the last axis in either layout
-            norm = lambda name: nn.LayerNorm(self.norm_epsilon, self.dtype, name=name)
-            q, k = norm("query_norm")(q), norm("key_norm")(k)
-        if rope is not None:  # the tables' token axis against the layout's: [.., T, 1 or H, ..]
-            sin, cos = (t[:, None] if heads_first else t[:, :, None] for t in rope)
-            q, k = apply_rope(q, sin, cos, self.rope), apply_rope(k, sin, cos, self.rope)
+        def attend_projected() -> tuple[Array, Array | None]:
+            """The heads' outputs [B, Tq, heads, dim] from the projections, and the weights if
+            asked for."""
+            if x_kv is None:
+                q, k, v = project(x_q, ("query", "key", "value"))
+            else:
+                (q,) = project(x_q, ("query",))
+                k, v = project(x_kv, ("key", "value"))
+            if self.qk_norm:  # over head_dim, the last axis in either layout
+                norm = lambda name: nn.LayerNorm(self.norm_epsilon, self.dtype, name=name)
+                q, k = norm("query_norm")(q), norm("key_norm")(k)
+            if rope is not None:  # the tables' token axis against the layout's: [.., T, 1|H, ..]
+                sin, cos = (t[:, None] if heads_first else t[:, :, None] for t in rope)
+                q, k = apply_rope(q, sin, cos, self.rope), apply_rope(k, sin, cos, self.rope)
 
-        weights = None
-        if core == "explicit" and not (return_weights or use_dropout):
-            y = _attend(q, k, v, mask, attend_impl)
-            y = _heads_first(y) if heads_first else y
-        elif core == "explicit":
-            weights = _softmax_weights(q, k, mask)
-            probs = weights
-            if use_dropout:
-                probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-            y = _heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v))
+            weights = None
+            if core == "explicit" and not (return_weights or use_dropout):
+                y = _attend(q, k, v, mask, attend_impl)
+                y = _heads_first(y) if heads_first else y
+            elif core == "explicit":
+                weights = _softmax_weights(q, k, mask)
+                probs = weights
+                if use_dropout:
+                    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+                y = _heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v))
+            else:
+                full = (None if mask is None else
+                        jnp.broadcast_to(mask, (q.shape[0], heads, q.shape[1], k.shape[1])))
+                y = jax.nn.dot_product_attention(
+                    q, k, v, mask=full, implementation="cudnn" if core == "cudnn" else None)
+                if full is not None:  # a query with every key masked: zeros, as explicit gives
+                    y = jnp.where(jnp.any(full, axis=-1).transpose(0, 2, 1)[..., None], y, 0.0)
+            return y, weights
+
+        # Self-attention by the BLAS with nothing between projection and attention: q, k, v read
+        # in place from the fused projection (`_self_attend`).
+        if (x_kv is None and attend_impl == "blas" and core == "explicit" and mask is None
+                and not self.qk_norm and rope is None):
+            weights = None
+            y = _self_attend(*fused_projection(x_q, ("query", "key", "value")), heads)
         else:
-            if mask is not None:
-                mask = jnp.broadcast_to(mask, (q.shape[0], heads, q.shape[1], k.shape[1]))
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                             implementation="cudnn" if core == "cudnn" else None)
-            if mask is not None:  # a query with every key masked: zeros, as the explicit path
-                y = jnp.where(jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None], y, 0.0)
+            y, weights = attend_projected()
         y = matmul(y.reshape(*y.shape[:-2], width), out_k.reshape(width, width), out_s)
         return y + out_b.astype(self.dtype), weights

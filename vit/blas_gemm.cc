@@ -15,62 +15,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "blas_kernels.h"
 #include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
-// A row-major GEMM on operands of T with float32 sums: cblas_sgemm's signature for T = float,
-// cblas_gemm_bf16bf16f32's for T = uint16_t (bfloat16 bits).
-template <typename T>
-using GemmFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                        const T* a, int lda, const T* b, int ldb, float beta, float* c, int ldc);
-using Bf16 = uint16_t;
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-constexpr double kSplitFlops = 4e6;  // smaller products run whole, on the calling thread
-constexpr int64_t kSlabAlign = 16;   // row and column slab edges on whole float32 cache lines
-
-GemmFn<float> g_sgemm = nullptr;
-GemmFn<Bf16> g_bf16_gemm = nullptr;
-
-ffi::Future Ready(ffi::Error error = ffi::Error::Success()) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  if (error.success()) {
-    promise.SetAvailable();
-  } else {
-    promise.SetError(error);
-  }
-  return future;
-}
-
-// Runs slab_fn(lo, len) over [0, span) in one slab per pool thread (edges on multiples of
-// `align`) and returns the future of their completion; a product below kSplitFlops, or of one
-// slab, runs whole on the calling thread.
-template <typename SlabFn>
-ffi::Future InSlabs(ffi::ThreadPool& pool, int64_t span, int64_t align, double flops,
-                    SlabFn slab_fn) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t slab = (span + threads - 1) / threads;
-  slab = (slab + align - 1) / align * align;
-  const int64_t slabs = (span + slab - 1) / slab;
-  if (slabs <= 1 || flops < kSplitFlops) {
-    slab_fn(0, span);
-    return Ready();
-  }
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  ffi::CountDownPromise done(promise, slabs);
-  for (int64_t s = 0; s < slabs; ++s) {
-    const int64_t lo = s * slab, len = std::min(slab, span - lo);
-    pool.Schedule([=]() mutable {
-      slab_fn(lo, len);
-      done.CountDown();
-    });
-  }
-  return future;
-}
+using namespace vit_blas;  // NOLINT: the shared GEMM plumbing
+namespace ffi = xla::ffi;
 
 // The row-major matrices of an operand: [R, C] is one; [G, R, C] is G one after another;
 // [B, R, H, C] is B * H, matrix g = b * H + h starting at b * R * H * C + h * C with rows

@@ -29,10 +29,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
-SOURCE = Path(__file__).with_name("blas_gemm.cc")
+SOURCES = tuple(Path(__file__).with_name(name)  # compiled together into one library
+                for name in ("blas_gemm.cc", "blas_attention.cc", "blas_kernels.h"))
 TARGET = "vit_blas_gemm"
 BATCHED_TARGET = "vit_blas_batched_gemm"
+ATTENTION_TARGET = "vit_blas_attention"
 MKL_THREADING_SEQUENTIAL = 1  # mkl_service.h's MKL_THREADING_SEQUENTIAL
 BF16_GEMMS = ("cblas_gemm_bf16bf16f32", "cblas_sbgemm")  # MKL's name, OpenBLAS's
 
@@ -61,7 +64,7 @@ def build_handler() -> Path:
     """The handler's shared library, compiled into `cache_dir()` unless already there (then
     replacing the builds of other sources or jaxlibs); RuntimeError naming the fix (or g++'s
     first error) if it cannot be built."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
     out = cache_dir() / f"blas_gemm-{key}.so"
     if out.is_file():
@@ -74,8 +77,9 @@ def build_handler() -> Path:
         raise RuntimeError(f"cannot write the BLAS matmul handler to {out.parent} "
                            f"({e.strerror}): set VIT_CACHE_DIR to a writable directory") from None
     os.close(fd)
-    command = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
-               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
+    command = ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", "-w",
+               f"-I{jax.ffi.include_dir()}", *(str(p) for p in SOURCES if p.suffix == ".cc"),
+               "-o", partial]
     try:
         run = subprocess.run(command, capture_output=True, text=True)
     except FileNotFoundError:
@@ -85,7 +89,8 @@ def build_handler() -> Path:
     if run.returncode:
         os.unlink(partial)
         first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr)
-        raise RuntimeError(f"g++ failed to build {SOURCE.name}: {first.strip()}")
+        raise RuntimeError(f"g++ failed to build {' and '.join(p.name for p in SOURCES[:2])}: "
+                           f"{first.strip()}")
     os.replace(partial, out)
     for stale in out.parent.glob("blas_gemm-*.so"):  # other sources' or jaxlibs' builds
         if stale != out:
@@ -134,7 +139,8 @@ def load(library: Path) -> None:
     if not _handler:
         handler = ctypes.CDLL(str(build_handler()))
         for target, function in ((TARGET, handler.VitBlasGemm),
-                                 (BATCHED_TARGET, handler.VitBlasBatchedGemm)):
+                                 (BATCHED_TARGET, handler.VitBlasBatchedGemm),
+                                 (ATTENTION_TARGET, handler.VitBlasAttention)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
         _handler.append(handler)
     bf16_gemm = _bf16_gemm(lib)
@@ -209,6 +215,23 @@ def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = Fals
     else:
         shape = (x.shape[0] * (x.shape[2] if x.ndim == 4 else 1), rows, cols)
     return _call(BATCHED_TARGET, shape, x, w, trans_a, trans_b)
+
+
+def attention(q: Array, k: Array, v: Array, *, heads: int, scale: float,
+              columns: tuple[int, int, int] = (0, 0, 0), bias: Array | None = None) -> Array:
+    """Softmax attention's forward pass in one call (vit/blas_attention.cc): q [B, Tq, Cq], k and
+    v [B, Tk, Ck or Cv], head h's features at columns[i] + h * head_dim of each, where head_dim
+    is q's columns / heads unless `columns` place the heads in a wider array: the fused q/k/v
+    projection's [B, T, 3 * width], passed as q, k and v, with its `bias` [3 * width] added
+    inside (q * scale and the sum rounded to q's dtype as XLA rounds them). The output is
+    [B, Tq, heads, head_dim] in q's dtype (float32 or bfloat16). No gradient of its own."""
+    head_dim = (q.shape[-1] if columns == (0, 0, 0) else columns[1] - columns[0]) // heads
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(
+        (q.shape[0], q.shape[1], heads, head_dim), q.dtype), vmap_method="sequential")
+    bias = jnp.zeros((0,), q.dtype) if bias is None else bias.astype(q.dtype)
+    return call(q, k, v, bias, heads=np.int64(heads), head_dim=np.int64(head_dim),
+                q_col=np.int64(columns[0]), k_col=np.int64(columns[1]),
+                v_col=np.int64(columns[2]), scale=np.float32(scale), bf16_operands=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

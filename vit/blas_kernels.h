@@ -1,0 +1,89 @@
+// What the BLAS handlers share (vit/blas_gemm.cc's GEMMs, vit/blas_attention.cc's attention):
+// the BLAS's GEMMs as handed over, bfloat16 rounding, and the slabs on XLA's intra-op pool.
+#ifndef VIT_BLAS_KERNELS_H_
+#define VIT_BLAS_KERNELS_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace vit_blas {
+
+namespace ffi = xla::ffi;
+
+// A row-major GEMM on operands of T with float32 sums: cblas_sgemm's signature for T = float,
+// cblas_gemm_bf16bf16f32's for T = uint16_t (bfloat16 bits).
+template <typename T>
+using GemmFn = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                        const T* a, int lda, const T* b, int ldb, float beta, float* c, int ldc);
+using Bf16 = uint16_t;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr double kSplitFlops = 4e6;  // smaller products run whole, on the calling thread
+constexpr int64_t kSlabAlign = 16;   // row and column slab edges on whole float32 cache lines
+
+// The BLAS's GEMMs, handed over by VitBlasGemmUse (vit/blas_gemm.cc); null until then.
+inline GemmFn<float> g_sgemm = nullptr;
+inline GemmFn<Bf16> g_bf16_gemm = nullptr;
+
+// A future that is already complete, with `error` if it is not success.
+inline ffi::Future Ready(ffi::Error error = ffi::Error::Success()) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (error.success()) {
+    promise.SetAvailable();
+  } else {
+    promise.SetError(error);
+  }
+  return future;
+}
+
+// Runs slab_fn(lo, len) over [0, span) in one slab per pool thread (edges on multiples of
+// `align`) and returns the future of their completion; a product below kSplitFlops, or of one
+// slab, runs whole on the calling thread.
+template <typename SlabFn>
+ffi::Future InSlabs(ffi::ThreadPool& pool, int64_t span, int64_t align, double flops,
+                    SlabFn slab_fn) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t slab = (span + threads - 1) / threads;
+  slab = (slab + align - 1) / align * align;
+  const int64_t slabs = (span + slab - 1) / slab;
+  if (slabs <= 1 || flops < kSplitFlops) {
+    slab_fn(0, span);
+    return Ready();
+  }
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  ffi::CountDownPromise done(promise, slabs);
+  for (int64_t s = 0; s < slabs; ++s) {
+    const int64_t lo = s * slab, len = std::min(slab, span - lo);
+    pool.Schedule([=]() mutable {
+      slab_fn(lo, len);
+      done.CountDown();
+    });
+  }
+  return future;
+}
+
+// A bfloat16's value as a float32 (exact).
+__attribute__((always_inline)) inline float Widen(Bf16 bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &word, sizeof f);
+  return f;
+}
+
+// `f` rounded to the nearest bfloat16, ties to even, as XLA converts (NaN stays NaN).
+__attribute__((always_inline)) inline Bf16 Round(float f) {
+  uint32_t word;
+  std::memcpy(&word, &f, sizeof word);
+  if ((word & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<Bf16>((word >> 16) | 0x40u);
+  }
+  return static_cast<Bf16>((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
+}
+
+}  // namespace vit_blas
+
+#endif  // VIT_BLAS_KERNELS_H_
