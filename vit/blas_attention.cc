@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "blas_kernels.h"
+#include "blas_lanes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace {
@@ -24,113 +25,6 @@ using namespace vit_blas;  // NOLINT: the shared GEMM plumbing
 namespace ffi = xla::ffi;
 
 constexpr int64_t kBlockFloats = 1 << 18;  // a block's logits: at most 1 MiB of float32
-constexpr int kLanes = 16;                 // the row sums' partial sums, in this order on any CPU
-
-// kLanes floats, int32s or bfloat16 bits: GCC's vector extensions, computed in the widest
-// registers the clone's ISA has (VIT_CLONES), with the same results on any.
-typedef float Floats __attribute__((vector_size(4 * kLanes)));
-typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
-typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));
-typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));
-
-// The element-wise work is compiled for AVX-512, AVX2 and plain x86-64, and chosen at load time.
-#define VIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define VIT_INLINE __attribute__((always_inline)) inline
-
-// n values of p as floats (all kLanes of them if n >= kLanes), the other lanes `fill`.
-VIT_INLINE Floats Load(const float* p, int64_t n, float fill = 0.0f) {
-  Floats v = Floats{} + fill;
-  if (n >= kLanes) {
-    std::memcpy(&v, p, sizeof v);
-  } else {
-    for (int64_t l = 0; l < n; ++l) {
-      v[l] = p[l];
-    }
-  }
-  return v;
-}
-VIT_INLINE Floats Load(const Bf16* p, int64_t n) {
-  Halves bits = {};
-  if (n >= kLanes) {
-    std::memcpy(&bits, p, sizeof bits);
-  } else {
-    for (int64_t l = 0; l < n; ++l) {
-      bits[l] = p[l];
-    }
-  }
-  const Words words = __builtin_convertvector(bits, Words) << 16;
-  return reinterpret_cast<const Floats&>(words);
-}
-
-// The first n (at most kLanes) lanes of v into p, rounded to p's type (Round's rounding).
-VIT_INLINE void Store(float* p, Floats v, int64_t n) {
-  if (n >= kLanes) {
-    std::memcpy(p, &v, sizeof v);
-  } else {
-    for (int64_t l = 0; l < n; ++l) {
-      p[l] = v[l];
-    }
-  }
-}
-VIT_INLINE void Store(Bf16* p, Floats v, int64_t n) {
-  const Words w = reinterpret_cast<const Words&>(v);
-  Words rounded = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
-  rounded = (w & 0x7fffffffu) > 0x7f800000u ? (w >> 16) | 0x40u : rounded;  // NaN stays NaN
-  const Halves bits = __builtin_convertvector(rounded, Halves);
-  if (n >= kLanes) {
-    std::memcpy(p, &bits, sizeof bits);
-  } else {
-    for (int64_t l = 0; l < n; ++l) {
-      p[l] = bits[l];
-    }
-  }
-}
-
-// v as In holds it: unchanged for float32, rounded to bfloat16 (and widened back) for Bf16.
-template <typename In>
-VIT_INLINE Floats AsIn(Floats v) {
-  if constexpr (std::is_same_v<In, Bf16>) {
-    Bf16 bits[kLanes];
-    Store(bits, v, kLanes);
-    return Load(bits, kLanes);
-  } else {
-    return v;
-  }
-}
-
-// to[i] = f(from[i]) for i < n, computed in float32 kLanes at a time and stored as To; with a
-// `bias`, f(from[i] + bias[i]), the sum rounded to From as XLA's add of two From arrays rounds.
-template <typename To, typename From, typename F>
-VIT_INLINE void Map(const From* from, int64_t n, To* to, F f, const From* bias = nullptr) {
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const int64_t m = std::min<int64_t>(kLanes, n - i);
-    Floats x = Load(from + i, m);
-    if (bias != nullptr) {
-      x = AsIn<From>(x + Load(bias + i, m));
-    }
-    Store(to + i, f(x), m);
-  }
-}
-
-// exp(x) in float32 within 2 ulp, lane by lane (Cephes' expf: 2^n times a degree-7 polynomial
-// of the remainder); inputs clamped to where the result is a normal float, NaN kept.
-VIT_INLINE Floats Exp(Floats x) {
-  x = x < -87.3f ? Floats{} - 87.3f : x;
-  x = x > 88.7f ? Floats{} + 88.7f : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds
-  const Floats n = (x * 1.44269504088896341f + kRound) - kRound;
-  const Floats r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  Floats p = Floats{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Floats y = p * r * r + r + 1.0f;
-  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
-  return y * reinterpret_cast<const Floats&>(bits);
-}
-
 // Each of `rows` rows of `cols` logits (row stride `cols`) becomes exp(logit - row max), in
 // place; sums[i] gets row i's sum, summed in kLanes lanes in the same order on any CPU.
 VIT_INLINE void ExpRows(float* s, int64_t rows, int64_t cols, float* sums) {
@@ -167,58 +61,56 @@ VIT_INLINE void ExpRows(float* s, int64_t rows, int64_t cols, float* sums) {
   }
 }
 
-const auto kSame = [](Floats x) { return x; };
-
 struct Shape {
   int64_t batch = 0, tq = 0, tk = 0, heads = 0, dim = 0, cq = 0, ck = 0, cv = 0;
   int64_t q_col = 0, k_col = 0, v_col = 0;
 };
 
-// The attention of pairs [lo, lo + len) of (batch, head) = (g / heads, g % heads) on In
-// activations, with the BLAS multiplying Op operands (In's own or bfloat16's rounding). A
-// `bias` (or null) has q's columns: it is added to q and, at k_col and v_col, to k and v.
-template <typename In, typename Op>
-VIT_INLINE void AttendPairs(GemmFn<Op> gemm, const Shape& s, float scale, const In* q,
-                            const In* k, const In* v, const In* bias, In* y, int64_t lo,
+// The attention of pairs [lo, lo + len) of (batch, head) = (g / heads, g % heads) on T (float
+// or Bf16) q, k, v. A `bias` (or null) has q's columns: it is added to q and, at k_col and
+// v_col, to k and v.
+template <typename T>
+VIT_INLINE void AttendPairs(GemmFn<T> gemm, const Shape& s, float scale, const T* q,
+                            const T* k, const T* v, const T* bias, T* y, int64_t lo,
                             int64_t len) {
-  constexpr bool kRoundsProbs = !std::is_same_v<Op, float>;
+  constexpr bool kRoundsProbs = !std::is_same_v<T, float>;  // bfloat16 exponentials
   const int64_t block = std::clamp<int64_t>(kBlockFloats / std::max<int64_t>(s.tk, 1), 1, s.tq);
-  std::vector<Op> scaled(block * s.dim), probs(kRoundsProbs ? block * s.tk : 0);
-  std::vector<Op> k_op(s.tk * s.dim), v_op(s.tk * s.dim);
+  std::vector<T> scaled(block * s.dim), probs(kRoundsProbs ? block * s.tk : 0);
+  std::vector<T> k_head(s.tk * s.dim), v_head(s.tk * s.dim);
   std::vector<float> logits(block * s.tk), out(block * s.dim), sums(block);
   for (int64_t g = lo; g < lo + len; ++g) {
     const int64_t b = g / s.heads, h = g % s.heads;
     const auto head_bias = [&](int64_t col) {
       return bias == nullptr ? nullptr : bias + col + h * s.dim;
     };
-    for (int64_t t = 0; t < s.tk; ++t) {  // this head's k and v, contiguous, as Op
+    for (int64_t t = 0; t < s.tk; ++t) {  // this head's k and v, contiguous, the bias added
       const int64_t row = b * s.tk + t;
-      Map(k + row * s.ck + s.k_col + h * s.dim, s.dim, k_op.data() + t * s.dim, kSame,
+      Map(k + row * s.ck + s.k_col + h * s.dim, s.dim, k_head.data() + t * s.dim, kSame,
           head_bias(s.k_col));
-      Map(v + row * s.cv + s.v_col + h * s.dim, s.dim, v_op.data() + t * s.dim, kSame,
+      Map(v + row * s.cv + s.v_col + h * s.dim, s.dim, v_head.data() + t * s.dim, kSame,
           head_bias(s.v_col));
     }
     for (int64_t r0 = 0; r0 < s.tq; r0 += block) {
       const int64_t rows = std::min(block, s.tq - r0);
-      for (int64_t i = 0; i < rows; ++i) {  // q * scale in In, rounded to Op
-        const In* q_row = q + (b * s.tq + r0 + i) * s.cq + s.q_col + h * s.dim;
+      for (int64_t i = 0; i < rows; ++i) {  // q * scale, rounded to T as XLA rounds it
+        const T* q_row = q + (b * s.tq + r0 + i) * s.cq + s.q_col + h * s.dim;
         Map(q_row, s.dim, scaled.data() + i * s.dim,
-            [=](Floats x) { return AsIn<In>(x * scale); }, head_bias(s.q_col));
+            [=](Floats x) { return RoundTo<T>(x * scale); }, head_bias(s.q_col));
       }
       gemm(kRowMajor, kNoTrans, kTrans, rows, s.tk, s.dim, 1.0f, scaled.data(), s.dim,
-           k_op.data(), s.dim, 0.0f, logits.data(), s.tk);
+           k_head.data(), s.dim, 0.0f, logits.data(), s.tk);
       ExpRows(logits.data(), rows, s.tk, sums.data());
-      const Op* p;
+      const T* p;
       if constexpr (kRoundsProbs) {
         Map(logits.data(), rows * s.tk, probs.data(), kSame);
         p = probs.data();
       } else {
         p = logits.data();
       }
-      gemm(kRowMajor, kNoTrans, kNoTrans, rows, s.dim, s.tk, 1.0f, p, s.tk, v_op.data(), s.dim,
+      gemm(kRowMajor, kNoTrans, kNoTrans, rows, s.dim, s.tk, 1.0f, p, s.tk, v_head.data(), s.dim,
            0.0f, out.data(), s.dim);
       for (int64_t i = 0; i < rows; ++i) {
-        In* y_row = y + ((b * s.tq + r0 + i) * s.heads + h) * s.dim;
+        T* y_row = y + ((b * s.tq + r0 + i) * s.heads + h) * s.dim;
         const float sum = sums[i];
         Map(out.data() + i * s.dim, s.dim, y_row, [=](Floats x) { return x / sum; });
       }
@@ -226,28 +118,22 @@ VIT_INLINE void AttendPairs(GemmFn<Op> gemm, const Shape& s, float scale, const 
   }
 }
 
-// AttendPairs compiled for each ISA: float32 operands, bfloat16 operands of float32
-// activations, bfloat16 throughout.
+// AttendPairs compiled for each ISA, for float32 and for bfloat16 q, k, v.
 VIT_CLONES void AttendF32(GemmFn<float> gemm, const Shape& s, float scale, const float* q,
                           const float* k, const float* v, const float* bias, float* y,
                           int64_t lo, int64_t len) {
-  AttendPairs<float, float>(gemm, s, scale, q, k, v, bias, y, lo, len);
-}
-VIT_CLONES void AttendF32Bf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const float* q,
-                              const float* k, const float* v, const float* bias, float* y,
-                              int64_t lo, int64_t len) {
-  AttendPairs<float, Bf16>(gemm, s, scale, q, k, v, bias, y, lo, len);
+  AttendPairs<float>(gemm, s, scale, q, k, v, bias, y, lo, len);
 }
 VIT_CLONES void AttendBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* q,
                            const Bf16* k, const Bf16* v, const Bf16* bias, Bf16* y, int64_t lo,
                            int64_t len) {
-  AttendPairs<Bf16, Bf16>(gemm, s, scale, q, k, v, bias, y, lo, len);
+  AttendPairs<Bf16>(gemm, s, scale, q, k, v, bias, y, lo, len);
 }
 
 ffi::Future Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                       ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t heads,
                       int64_t head_dim, int64_t q_col, int64_t k_col, int64_t v_col,
-                      float scale, bool bf16_operands) {
+                      float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), yd = y->dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || yd.size() != 4) {
     return Ready(ffi::Error::InvalidArgument(
@@ -290,8 +176,7 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
       attend(gemm, s, scale, qp, kp, vp, bp, yp, lo, len);
     });
   };
-  const bool f32 = dtype == ffi::DataType::F32;
-  if (f32 && !bf16_operands) {
+  if (dtype == ffi::DataType::F32) {
     if (g_sgemm == nullptr) {
       return Ready(ffi::Error::Internal("vit blas_attention: no cblas_sgemm handed over yet"));
     }
@@ -301,8 +186,7 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
     return Ready(ffi::Error::Internal(
         "vit blas_attention: the BLAS handed over has no cblas_gemm_bf16bf16f32"));
   }
-  return f32 ? run(AttendF32Bf16, g_bf16_gemm, static_cast<float*>(nullptr))
-             : run(AttendBf16, g_bf16_gemm, static_cast<Bf16*>(nullptr));
+  return run(AttendBf16, g_bf16_gemm, static_cast<Bf16*>(nullptr));
 }
 
 }  // namespace
@@ -320,5 +204,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VitBlasAttention, Attention,
                                   .Attr<int64_t>("q_col")
                                   .Attr<int64_t>("k_col")
                                   .Attr<int64_t>("v_col")
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("bf16_operands"));
+                                  .Attr<float>("scale"));

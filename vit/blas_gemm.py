@@ -32,7 +32,7 @@ import jaxlib
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name)  # compiled together into one library
-                for name in ("blas_gemm.cc", "blas_attention.cc", "blas_kernels.h"))
+                for name in ("blas_gemm.cc", "blas_attention.cc", "blas_kernels.h", "blas_lanes.h"))
 TARGET = "vit_blas_gemm"
 BATCHED_TARGET = "vit_blas_batched_gemm"
 ATTENTION_TARGET = "vit_blas_attention"
@@ -231,7 +231,7 @@ def attention(q: Array, k: Array, v: Array, *, heads: int, scale: float,
     bias = jnp.zeros((0,), q.dtype) if bias is None else bias.astype(q.dtype)
     return call(q, k, v, bias, heads=np.int64(heads), head_dim=np.int64(head_dim),
                 q_col=np.int64(columns[0]), k_col=np.int64(columns[1]),
-                v_col=np.int64(columns[2]), scale=np.float32(scale), bf16_operands=False)
+                v_col=np.int64(columns[2]), scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
