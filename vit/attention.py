@@ -17,7 +17,10 @@ bfloat16 trained at 0.38 MFU with cudnn, 0.31 explicit, 0.29 fused); fused on TP
 never looks at the backend. A boolean `mask` broadcastable
 to [batch, heads, queries, keys] (True = attend) is honoured by both: masked keys get exactly
 zero weight. The explicit kernel has its own gradient (`_attend`), autodiff's formulas with every
-batched matmul contracting its left operand's last axis, which XLA:CPU runs faster.
+batched matmul contracting its left operand's last axis, which XLA:CPU runs faster. With
+`matmul_impl="blas"` its forward pass, where nothing differentiates it (inference), runs as one
+call of vit/blas_attention.cc, which reads self-attention's q, k, v in place from the fused
+projection (`_self_attend`).
 """
 
 from __future__ import annotations
