@@ -121,5 +121,5 @@ def test_a_blas_model_runs_one_fused_call_per_block_in_inference(plain_blas, mat
 def test_operands_that_do_not_agree_are_an_error_naming_them(plain_blas):
     q, k = jnp.zeros((2, 5, 8)), jnp.zeros((3, 5, 8))
     with pytest.raises(Exception, match="q, k, v and the output do not agree in batch"):
-        jax.jit(lambda q, k: blas_gemm.attention(q, k, k, heads=2, scale=0.5))(
+        jax.jit(lambda q, k: blas_gemm.attention(q, k, k, heads=2, head_dim=4, scale=0.5))(
             q, k).block_until_ready()

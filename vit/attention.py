@@ -161,7 +161,8 @@ def _attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla")
     if impl == "blas" and mask is None:
         flat = lambda x: x.reshape(*x.shape[:2], -1)
         return blas_gemm.attention(flat(q), flat(k), flat(v), heads=q.shape[2],
-                                   scale=_query_scale_value(q.shape[-1], q.dtype))
+                                   head_dim=q.shape[3],
+                                   scale=_query_scale_value(q.shape[3], q.dtype))
     return _attend_fwd(q, k, v, mask, impl)[0]
 
 
@@ -209,9 +210,10 @@ def _self_attend(product: Array, bias: Array, heads: int) -> Array:
     (inference), one fused call adds the bias and reads q, k, v in place; under a gradient it
     is `_attend`'s forward on the split."""
     width = product.shape[-1] // 3
-    return blas_gemm.attention(product, product, product, heads=heads, bias=bias,
-                               columns=(0, width, 2 * width),
-                               scale=_query_scale_value(width // heads, product.dtype))
+    head_dim = width // heads
+    return blas_gemm.attention(product, product, product, heads=heads, head_dim=head_dim,
+                               bias=bias, columns=(0, width, 2 * width),
+                               scale=_query_scale_value(head_dim, product.dtype))
 
 
 def _self_attend_fwd(product: Array, bias: Array, heads: int) -> tuple[Array, tuple]:

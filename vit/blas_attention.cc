@@ -8,10 +8,10 @@
 // [B, heads, T, T] float32 array in memory. Operands are float32 or bfloat16 (bits); q is
 // [B, Tq, Cq], k and v [B, Tk, Ck] and [B, Tk, Cv], head h's columns starting at the call's
 // q_col, k_col, v_col + h * head_dim, so that q, k and v can be read in place from the fused
-// projection's output [B, T, 3 * heads * head_dim]. The output is [B, Tq, heads, head_dim] in
+// projection's output [B, T, 3 * heads * head_dim], whose bias [3 * heads * head_dim] (in q,
+// k, v's dtype, or empty) is added as they are read. The output is [B, Tq, heads, head_dim] in
 // the operands' dtype. Work is one slab of (batch, head) pairs per thread of XLA's pool.
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -131,9 +131,9 @@ VIT_CLONES void AttendBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const
 }
 
 ffi::Future Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                      ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t heads,
-                      int64_t head_dim, int64_t q_col, int64_t k_col, int64_t v_col,
-                      float scale) {
+                      ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                      int64_t heads, int64_t head_dim, int64_t q_col, int64_t k_col,
+                      int64_t v_col, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), yd = y->dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || yd.size() != 4) {
     return Ready(ffi::Error::InvalidArgument(

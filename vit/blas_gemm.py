@@ -77,9 +77,9 @@ def build_handler() -> Path:
         raise RuntimeError(f"cannot write the BLAS matmul handler to {out.parent} "
                            f"({e.strerror}): set VIT_CACHE_DIR to a writable directory") from None
     os.close(fd)
+    compiled = [path for path in SOURCES if path.suffix == ".cc"]  # the rest are headers
     command = ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", "-w",
-               f"-I{jax.ffi.include_dir()}", *(str(p) for p in SOURCES if p.suffix == ".cc"),
-               "-o", partial]
+               f"-I{jax.ffi.include_dir()}", *map(str, compiled), "-o", partial]
     try:
         run = subprocess.run(command, capture_output=True, text=True)
     except FileNotFoundError:
@@ -89,7 +89,7 @@ def build_handler() -> Path:
     if run.returncode:
         os.unlink(partial)
         first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr)
-        raise RuntimeError(f"g++ failed to build {' and '.join(p.name for p in SOURCES[:2])}: "
+        raise RuntimeError(f"g++ failed to build {' and '.join(p.name for p in compiled)}: "
                            f"{first.strip()}")
     os.replace(partial, out)
     for stale in out.parent.glob("blas_gemm-*.so"):  # other sources' or jaxlibs' builds
@@ -217,15 +217,14 @@ def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = Fals
     return _call(BATCHED_TARGET, shape, x, w, trans_a, trans_b)
 
 
-def attention(q: Array, k: Array, v: Array, *, heads: int, scale: float,
+def attention(q: Array, k: Array, v: Array, *, heads: int, head_dim: int, scale: float,
               columns: tuple[int, int, int] = (0, 0, 0), bias: Array | None = None) -> Array:
     """Softmax attention's forward pass in one call (vit/blas_attention.cc): q [B, Tq, Cq], k and
-    v [B, Tk, Ck or Cv], head h's features at columns[i] + h * head_dim of each, where head_dim
-    is q's columns / heads unless `columns` place the heads in a wider array: the fused q/k/v
-    projection's [B, T, 3 * width], passed as q, k and v, with its `bias` [3 * width] added
-    inside (q * scale and the sum rounded to q's dtype as XLA rounds them). The output is
-    [B, Tq, heads, head_dim] in q's dtype (float32 or bfloat16). No gradient of its own."""
-    head_dim = (q.shape[-1] if columns == (0, 0, 0) else columns[1] - columns[0]) // heads
+    v [B, Tk, Ck or Cv], head h's `head_dim` features at columns[i] + h * head_dim of each; the
+    fused q/k/v projection's [B, T, 3 * width] is passed as q, k and v with columns (0, width,
+    2 * width) and its `bias` [3 * width] added inside (q * scale and the sum rounded to q's
+    dtype as XLA rounds them). The output is [B, Tq, heads, head_dim] in q's dtype (float32 or
+    bfloat16). No gradient of its own."""
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(
         (q.shape[0], q.shape[1], heads, head_dim), q.dtype), vmap_method="sequential")
     bias = jnp.zeros((0,), q.dtype) if bias is None else bias.astype(q.dtype)

@@ -1,11 +1,10 @@
 // What the BLAS handlers share (vit/blas_gemm.cc's GEMMs, vit/blas_attention.cc's attention):
-// the BLAS's GEMMs as handed over, bfloat16 rounding, and the slabs on XLA's intra-op pool.
+// the BLAS's GEMMs as handed over and the slabs on XLA's intra-op pool.
 #ifndef VIT_BLAS_KERNELS_H_
 #define VIT_BLAS_KERNELS_H_
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -64,24 +63,6 @@ ffi::Future InSlabs(ffi::ThreadPool& pool, int64_t span, int64_t align, double f
     });
   }
   return future;
-}
-
-// A bfloat16's value as a float32 (exact).
-__attribute__((always_inline)) inline float Widen(Bf16 bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &word, sizeof f);
-  return f;
-}
-
-// `f` rounded to the nearest bfloat16, ties to even, as XLA converts (NaN stays NaN).
-__attribute__((always_inline)) inline Bf16 Round(float f) {
-  uint32_t word;
-  std::memcpy(&word, &f, sizeof word);
-  if ((word & 0x7fffffffu) > 0x7f800000u) {
-    return static_cast<Bf16>((word >> 16) | 0x40u);
-  }
-  return static_cast<Bf16>((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
 }
 
 }  // namespace vit_blas

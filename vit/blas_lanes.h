@@ -51,7 +51,8 @@ VIT_INLINE Floats Load(const Bf16* p, int64_t n) {
   return reinterpret_cast<const Floats&>(words);
 }
 
-// The first n (at most kLanes) lanes of v into p, rounded to p's type (Round's rounding).
+// The first n (at most kLanes) lanes of v into p, rounded to p's type: to the nearest
+// bfloat16, ties to even, as XLA converts (NaN stays NaN).
 VIT_INLINE void Store(float* p, Floats v, int64_t n) {
   if (n >= kLanes) {
     std::memcpy(p, &v, sizeof v);
