@@ -1,6 +1,6 @@
-"""The fused attention forward pass (vit/blas_attention.cc, `blas_gemm.attention`): what a model
-with matmul_impl="blas" runs where nothing differentiates attention, over the plain C GEMMs of
-tests/plain_blas.py so that it runs on any CPU."""
+"""The fused attention calls (vit/blas_attention.cc): the forward pass (`blas_gemm.attention`) and
+self-attention's gradient (`blas_gemm.attention_grad`), what a model with matmul_impl="blas"
+runs, over the plain C GEMMs of tests/plain_blas.py so that they run on any CPU."""
 
 from __future__ import annotations
 
@@ -93,6 +93,60 @@ def test_self_attention_reads_the_fused_projection_in_place_with_its_bias(plain_
                                    rtol=tol, atol=tol)
 
 
+def _self_attention_grad(product, bias, dy, heads):
+    """Float64 reference: the gradient of sum(y * dy) for y = self-attention of q, k, v = the
+    split of product [B, T, 3 * width] + bias, with respect to product (and so to bias, summed)."""
+    x = np.asarray(product, np.float64) + np.asarray(bias, np.float64)
+    q, k, v = (a.reshape(*a.shape[:2], heads, -1) for a in np.split(x, 3, axis=-1))
+    dy = np.asarray(dy, np.float64)
+    scale = 1 / np.sqrt(q.shape[-1])
+    logits = np.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    d_w = np.einsum("bqhd,bkhd->bhqk", dy, v)
+    d_logits = w * (d_w - (d_w * w).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", d_logits, k) * scale
+    dk = np.einsum("bhqk,bqhd->bkhd", d_logits, q) * scale
+    dv = np.einsum("bhqk,bqhd->bkhd", w, dy)
+    return np.concatenate([g.reshape(*g.shape[:2], -1) for g in (dq, dk, dv)], axis=-1)
+
+
+# 600 tokens: two blocks of queries, whose dk and dv the call sums
+@pytest.mark.parametrize("batch,tokens,heads,dim", [(2, 17, 3, 8), (1, 600, 1, 4)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
+def test_self_attentions_gradient_is_one_call_that_gives_softmax_attentions(
+        plain_blas, batch, tokens, heads, dim, dtype, tol):
+    product = _normal(0, (batch, tokens, 3 * heads * dim), dtype)
+    bias, dy = _normal(1, (3 * heads * dim,), dtype), _normal(2, (batch, tokens, heads, dim), dtype)
+    grads = jax.jit(lambda p, b, dy: jax.vjp(
+        lambda p, b: attention._self_attend(p, b, heads), p, b)[1](dy))
+    hlo = grads.lower(product, bias, dy).as_text()
+    assert hlo.count(f"@{blas_gemm.ATTENTION_TARGET}(") == 1
+    assert hlo.count(f"@{blas_gemm.ATTENTION_GRAD_TARGET}(") == 1
+    assert blas_gemm.BATCHED_TARGET not in hlo
+    d_product, d_bias = grads(product, bias, dy)
+    assert (d_product.dtype, d_bias.dtype) == (dtype, dtype)
+    want = _self_attention_grad(product, bias, dy, heads)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(d_product, np.float64), want, rtol=tol,
+                               atol=tol * scale)
+    np.testing.assert_allclose(np.asarray(d_bias, np.float64), want.sum((0, 1)), rtol=tol,
+                               atol=tol * scale * tokens)
+
+
+def test_the_forward_keeps_the_weights_only_when_asked(plain_blas):
+    product, bias = _normal(0, (2, 9, 3 * 8)), _normal(1, (3 * 8,))
+    kw = dict(heads=2, head_dim=4, scale=0.5, columns=(0, 8, 16), bias=bias)
+    y, weights = blas_gemm.attention(product, product, product, with_weights=True, **kw)
+    assert weights.shape == (2, 2, 9, 9) and weights.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+    q, k, _ = attention._split_heads(product + bias, 2)
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(attention.attention_weights(q, k)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(
+        blas_gemm.attention(product, product, product, **kw)))
+
+
 @pytest.mark.parametrize("matmul_dtype,dtype,tol", [
     ("float32", jnp.float32, 2e-5), ("bfloat16", jnp.float32, 2e-5),
     ("float32", jnp.bfloat16, 0.07)])
@@ -123,3 +177,10 @@ def test_operands_that_do_not_agree_are_an_error_naming_them(plain_blas):
     with pytest.raises(Exception, match="q, k, v and the output do not agree in batch"):
         jax.jit(lambda q, k: blas_gemm.attention(q, k, k, heads=2, head_dim=4, scale=0.5))(
             q, k).block_until_ready()
+    qkv, bias, dy = jnp.zeros((2, 5, 24)), jnp.zeros(24), jnp.zeros((2, 5, 2, 4))
+    grad = lambda dy, weights: blas_gemm.attention_grad(qkv, bias, dy, weights, heads=2,
+                                                        head_dim=4, scale=0.5)
+    with pytest.raises(Exception, match=r"takes q, k, v \[B, T, 3 \* heads \* head_dim\]"):
+        jax.jit(grad)(jnp.zeros((2, 5, 3, 4)), jnp.zeros((2, 2, 5, 5))).block_until_ready()
+    with pytest.raises(Exception, match="the forward's float32 weights"):
+        jax.jit(grad)(dy, jnp.zeros((2, 2, 5, 4))).block_until_ready()

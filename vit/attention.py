@@ -19,8 +19,9 @@ to [batch, heads, queries, keys] (True = attend) is honoured by both: masked key
 zero weight. The explicit kernel has its own gradient (`_attend`), autodiff's formulas with every
 batched matmul contracting its left operand's last axis, which XLA:CPU runs faster. With
 `matmul_impl="blas"` its forward pass, where nothing differentiates it (inference), runs as one
-call of vit/blas_attention.cc, which reads self-attention's q, k, v in place from the fused
-projection (`_self_attend`).
+call of vit/blas_attention.cc; self-attention (no mask, qk-norm or RoPE) runs as one call in
+training too, forward and gradient, reading q, k, v in place from the fused projection
+(`_self_attend`).
 """
 
 from __future__ import annotations
@@ -206,28 +207,33 @@ def _split_heads(qkv: Array, heads: int) -> list[Array]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _self_attend(product: Array, bias: Array, heads: int) -> Array:
     """`_attend` by "blas" without a mask of q, k, v = the fused projection's product [B, T, 3 *
-    width] + its bias [3 * width] -> [B, T, heads, dim]. Where nothing differentiates it
-    (inference), one fused call adds the bias and reads q, k, v in place; under a gradient it
-    is `_attend`'s forward on the split."""
+    width] + its bias [3 * width] -> [B, T, heads, dim], in one call that adds the bias and reads
+    q, k, v in place; under a gradient that call also keeps the weights, and the gradient is one
+    call too (`blas_gemm.attention_grad`)."""
+    return _self_attend_fwd(product, bias, heads, with_weights=False)
+
+
+def _self_attend_fwd(product: Array, bias: Array, heads: int, *,
+                     with_weights: bool = True) -> Array | tuple[Array, tuple]:
     width = product.shape[-1] // 3
     head_dim = width // heads
-    return blas_gemm.attention(product, product, product, heads=heads, head_dim=head_dim,
-                               bias=bias, columns=(0, width, 2 * width),
-                               scale=_query_scale_value(head_dim, product.dtype))
-
-
-def _self_attend_fwd(product: Array, bias: Array, heads: int) -> tuple[Array, tuple]:
-    y, res = _attend_fwd(*_split_heads(product + bias, heads), None, "blas")
-    return y, (res, jnp.zeros(0, bias.dtype))
+    out = blas_gemm.attention(product, product, product, heads=heads, head_dim=head_dim,
+                              bias=bias, columns=(0, width, 2 * width),
+                              scale=_query_scale_value(head_dim, product.dtype),
+                              with_weights=with_weights)
+    if not with_weights:
+        return out
+    y, weights = out
+    return y, (product, bias, weights)
 
 
 def _self_attend_bwd(heads: int, res: tuple, dy: Array) -> tuple[Array, Array]:
-    res, bias_like = res
-    grads = _attend_bwd("blas", res, dy)[:3]
-    d_qkv = jnp.concatenate([g.reshape(*g.shape[:2], -1) for g in grads], axis=-1)
+    product, bias, weights = res
+    head_dim = product.shape[-1] // 3 // heads
+    d_qkv = blas_gemm.attention_grad(product, bias, dy, weights, heads=heads, head_dim=head_dim,
+                                     scale=_query_scale_value(head_dim, product.dtype))
     # The add's own transpose (its bias sum in the bias's dtype), as autodiff of the split gives
-    _, add_vjp = jax.vjp(jnp.add, jnp.zeros_like(d_qkv),
-                         jnp.zeros(d_qkv.shape[-1:], bias_like.dtype))
+    _, add_vjp = jax.vjp(jnp.add, jnp.zeros_like(d_qkv), jnp.zeros_like(bias))
     return add_vjp(d_qkv)
 
 

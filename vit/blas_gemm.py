@@ -36,6 +36,7 @@ SOURCES = tuple(Path(__file__).with_name(name)  # compiled together into one lib
 TARGET = "vit_blas_gemm"
 BATCHED_TARGET = "vit_blas_batched_gemm"
 ATTENTION_TARGET = "vit_blas_attention"
+ATTENTION_GRAD_TARGET = "vit_blas_attention_grad"
 MKL_THREADING_SEQUENTIAL = 1  # mkl_service.h's MKL_THREADING_SEQUENTIAL
 BF16_GEMMS = ("cblas_gemm_bf16bf16f32", "cblas_sbgemm")  # MKL's name, OpenBLAS's
 
@@ -140,7 +141,8 @@ def load(library: Path) -> None:
         handler = ctypes.CDLL(str(build_handler()))
         for target, function in ((TARGET, handler.VitBlasGemm),
                                  (BATCHED_TARGET, handler.VitBlasBatchedGemm),
-                                 (ATTENTION_TARGET, handler.VitBlasAttention)):
+                                 (ATTENTION_TARGET, handler.VitBlasAttention),
+                                 (ATTENTION_GRAD_TARGET, handler.VitBlasAttentionGrad)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
         _handler.append(handler)
     bf16_gemm = _bf16_gemm(lib)
@@ -218,19 +220,37 @@ def batched_gemm(x: Array, w: Array, trans_a: bool = False, trans_b: bool = Fals
 
 
 def attention(q: Array, k: Array, v: Array, *, heads: int, head_dim: int, scale: float,
-              columns: tuple[int, int, int] = (0, 0, 0), bias: Array | None = None) -> Array:
+              columns: tuple[int, int, int] = (0, 0, 0), bias: Array | None = None,
+              with_weights: bool = False) -> Array | tuple[Array, Array]:
     """Softmax attention's forward pass in one call (vit/blas_attention.cc): q [B, Tq, Cq], k and
     v [B, Tk, Ck or Cv], head h's `head_dim` features at columns[i] + h * head_dim of each; the
     fused q/k/v projection's [B, T, 3 * width] is passed as q, k and v with columns (0, width,
     2 * width) and its `bias` [3 * width] added inside (q * scale and the sum rounded to q's
     dtype as XLA rounds them). The output is [B, Tq, heads, head_dim] in q's dtype (float32 or
-    bfloat16). No gradient of its own."""
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(
-        (q.shape[0], q.shape[1], heads, head_dim), q.dtype), vmap_method="sequential")
+    bfloat16); `with_weights` returns the float32 weights [B, heads, Tq, Tk] beside it, for
+    `attention_grad`. No gradient of its own."""
+    batch, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+    weights_shape = (batch, heads, tq, tk) if with_weights else (0,)
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, (
+        jax.ShapeDtypeStruct((batch, tq, heads, head_dim), q.dtype),
+        jax.ShapeDtypeStruct(weights_shape, jnp.float32)), vmap_method="sequential")
     bias = jnp.zeros((0,), q.dtype) if bias is None else bias.astype(q.dtype)
-    return call(q, k, v, bias, heads=np.int64(heads), head_dim=np.int64(head_dim),
-                q_col=np.int64(columns[0]), k_col=np.int64(columns[1]),
-                v_col=np.int64(columns[2]), scale=np.float32(scale))
+    y, weights = call(q, k, v, bias, heads=np.int64(heads), head_dim=np.int64(head_dim),
+                      q_col=np.int64(columns[0]), k_col=np.int64(columns[1]),
+                      v_col=np.int64(columns[2]), scale=np.float32(scale))
+    return (y, weights) if with_weights else y
+
+
+def attention_grad(qkv: Array, bias: Array, dy: Array, weights: Array, *, heads: int,
+                   head_dim: int, scale: float) -> Array:
+    """The gradient [B, T, 3 * width] of self-attention's fused q/k/v projection `qkv` [B, T,
+    3 * width] (q, k, v side by side, `bias` [3 * width] added as `attention` adds it) from the
+    output's gradient dy [B, T, heads, head_dim] and `attention`'s float32 `weights`, in one call
+    (vit/blas_attention.cc), in qkv's dtype: vit/attention.py's `_attend_bwd`."""
+    call = jax.ffi.ffi_call(ATTENTION_GRAD_TARGET, jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                            vmap_method="sequential")
+    return call(qkv, bias.astype(qkv.dtype), dy.astype(qkv.dtype), weights,
+                heads=np.int64(heads), head_dim=np.int64(head_dim), scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
