@@ -133,11 +133,20 @@ def test_a_blas_model_gives_xlas_logits_and_gradients(plain_blas, matmul_dtype, 
     assert hlo.count(f'@{blas_gemm.ATTENTION_GRAD_TARGET}(') == 1
     assert blas_gemm.BATCHED_TARGET not in hlo
     assert "vit_blas" not in value_and_grad(xla).lower(params).as_text()
-    for a, b in zip(jax.tree.leaves(value_and_grad(blas)(params)),
-                    jax.tree.leaves(value_and_grad(xla)(params)), strict=True):
+    got, want = (jax.tree_util.tree_flatten_with_path(value_and_grad(model)(params))[0]
+                 for model in (blas, xla))
+    largest = max(float(jnp.abs(b).max()) for _, b in want)
+    for (path, a), (_, b) in zip(got, want, strict=True):
         assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=rtol, atol=atol)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if dtype == jnp.bfloat16 and jax.tree_util.keystr(path).endswith("['key']['bias']"):
+            # zero in exact arithmetic (softmax ignores a bias shared by all keys): in bfloat16
+            # activations, rounding noise in both, small against the gradients' scale
+            assert np.abs(a).max() < 1e-3 * largest and np.abs(b).max() < 1e-3 * largest
+            continue
+        # bfloat16 activations: each gradient within rounding of its own largest value
+        scale = np.abs(b).max() if dtype == jnp.bfloat16 else 1.0
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
 
 
 @pytest.mark.parametrize("matmul_dtype,out_dtype", [("bfloat16", jnp.float32),

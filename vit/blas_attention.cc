@@ -60,11 +60,7 @@ VIT_INLINE void ExpRows(float* s, int64_t rows, int64_t cols, float* sums) {
         lanes[l] += e[l];
       }
     }
-    float sum = 0.0f;
-    for (int l = 0; l < kLanes; ++l) {
-      sum += lanes[l];
-    }
-    sums[i] = sum;
+    sums[i] = Sum(lanes);
   }
 }
 
@@ -169,10 +165,7 @@ VIT_INLINE void SoftmaxGradRows(const float* w, float* d, int64_t rows, int64_t 
     for (int64_t j = 0; j < cols; j += kLanes) {
       lanes += Load(w_row + j, cols - j) * Load(d_row + j, cols - j);
     }
-    float dot = 0.0f;
-    for (int l = 0; l < kLanes; ++l) {
-      dot += lanes[l];
-    }
+    const float dot = Sum(lanes);
     for (int64_t j = 0; j < cols; j += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, cols - j);
       Store(d_row + j, Load(w_row + j, n) * (Load(d_row + j, n) - dot), n);

@@ -1,4 +1,5 @@
-// Element-wise work in kLanes lanes for the BLAS handlers (vit/blas_attention.cc): float32 and
+// Element-wise work in kLanes lanes for the BLAS handlers (vit/blas_attention.cc,
+// vit/blas_layer_norm.cc): float32 and
 // bfloat16 loads and stores, bfloat16 rounding and exp, written with GCC's vector extensions so
 // that each function a handler compiles for several ISAs (VIT_CLONES) runs in that ISA's widest
 // registers, with the same results on any.
@@ -119,6 +120,15 @@ VIT_INLINE Floats Exp(Floats x) {
   const Floats y = p * r * r + r + 1.0f;
   const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
   return y * reinterpret_cast<const Floats&>(bits);
+}
+
+// The sum of v's lanes, added in lane order: the same on any CPU.
+VIT_INLINE float Sum(Floats v) {
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    sum += v[l];
+  }
+  return sum;
 }
 
 // Returns its argument: Map's function for a plain conversion.

@@ -15,6 +15,7 @@ import numpy as np
 
 from vit import int8, matmul
 from vit.attention import MultiHeadDotProductAttention
+from vit.fused_layer_norm import layer_norm
 from vit.rope import kept_tables, rope_tables
 
 Dtype = Any
@@ -91,7 +92,7 @@ class MlpBlock(nn.Module):
         x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.hidden_norm:
-            x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="hidden_norm")(x)
+            x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "hidden_norm")(x)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
@@ -162,7 +163,7 @@ class Encoder1DBlock(nn.Module):
         return_weights: bool = False, rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, Array | None]:
         # Positional flags: nn.remat (REMAT_POLICIES) marks them static by position.
-        y = nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_0")(x)
+        y = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
@@ -173,7 +174,7 @@ class Encoder1DBlock(nn.Module):
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, name="LayerScale_1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
-        y = nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_2")(x)
+        y = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
                      self.quant, self.matmul_dtype, self.mlp_norm, self.norm_epsilon,
                      self.matmul_impl, name="MlpBlock_3")(
@@ -291,7 +292,7 @@ class Encoder(nn.Module):
             mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.pre_norm:
-            x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="pre_norm")(x)
+            x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "pre_norm")(x)
         block = Encoder1DBlock
         if self.remat != "none":  # the same parameter names: a lifted transform adds no scope
             block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat],
@@ -309,7 +310,7 @@ class Encoder(nn.Module):
             )(x, mask, deterministic, return_weights, rope)
             maps.append(w)
         if self.final_norm:
-            x = nn.LayerNorm(self.norm_epsilon, self.dtype, name="encoder_norm")(x)
+            x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "encoder_norm")(x)
         return x, maps, token_mask
 
 
@@ -340,5 +341,5 @@ class MAPHead(nn.Module):
         y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
                          quant=self.quant, matmul_dtype=self.matmul_dtype,
                          matmul_impl=self.matmul_impl, name="MlpBlock_0")(
-            nn.LayerNorm(self.norm_epsilon, self.dtype, name="LayerNorm_0")(y))
+            layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w
