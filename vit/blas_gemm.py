@@ -33,13 +33,17 @@ import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name(name)  # compiled together into one library
                 for name in ("blas_gemm.cc", "blas_attention.cc", "blas_layer_norm.cc",
-                             "blas_kernels.h", "blas_lanes.h"))
+                             "blas_gelu.cc", "blas_kernels.h", "blas_lanes.h"))
 TARGET = "vit_blas_gemm"
 BATCHED_TARGET = "vit_blas_batched_gemm"
 ATTENTION_TARGET = "vit_blas_attention"
 ATTENTION_GRAD_TARGET = "vit_blas_attention_grad"
 LAYER_NORM_TARGET = "vit_layer_norm"
 LAYER_NORM_GRAD_TARGET = "vit_layer_norm_grad"
+BIAS_GELU_TARGET = "vit_bias_gelu"
+BIAS_GELU_GRAD_TARGET = "vit_bias_gelu_grad"
+CHUNK_ROWS = 128  # vit/blas_kernels.h's kChunkRows: rows per partial sum of a column gradient
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the element-wise calls' dtypes
 MKL_THREADING_SEQUENTIAL = 1  # mkl_service.h's MKL_THREADING_SEQUENTIAL
 BF16_GEMMS = ("cblas_gemm_bf16bf16f32", "cblas_sbgemm")  # MKL's name, OpenBLAS's
 
@@ -147,7 +151,9 @@ def load(library: Path) -> None:
                                  (ATTENTION_TARGET, handler.VitBlasAttention),
                                  (ATTENTION_GRAD_TARGET, handler.VitBlasAttentionGrad),
                                  (LAYER_NORM_TARGET, handler.VitLayerNorm),
-                                 (LAYER_NORM_GRAD_TARGET, handler.VitLayerNormGrad)):
+                                 (LAYER_NORM_GRAD_TARGET, handler.VitLayerNormGrad),
+                                 (BIAS_GELU_TARGET, handler.VitBiasGelu),
+                                 (BIAS_GELU_GRAD_TARGET, handler.VitBiasGeluGrad)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
         _handler.append(handler)
     bf16_gemm = _bf16_gemm(lib)

@@ -21,6 +21,7 @@ using Bf16 = uint16_t;
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr double kSplitFlops = 4e6;  // smaller products run whole, on the calling thread
 constexpr int64_t kSlabAlign = 16;   // row and column slab edges on whole float32 cache lines
+constexpr int64_t kChunkRows = 128;  // rows per partial column sum (a bias's or scale's gradient)
 
 // The BLAS's GEMMs, handed over by VitBlasGemmUse (vit/blas_gemm.cc); null until then.
 inline GemmFn<float> g_sgemm = nullptr;

@@ -28,8 +28,6 @@ namespace {
 using namespace vit_blas;  // NOLINT: the shared plumbing
 namespace ffi = xla::ffi;
 
-constexpr int64_t kChunkRows = 128;  // rows per partial sum of the scale's and bias's gradients
-
 // Row r of x, widened to float32 into `row`; returns its sum (kLanes partial sums, in order).
 template <typename T>
 VIT_INLINE float WidenRow(const T* x, int64_t cols, float* row) {

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import int8, matmul
+from vit import fused_gelu, int8, matmul
 from vit.attention import MultiHeadDotProductAttention
 from vit.fused_layer_norm import layer_norm
 from vit.rope import kept_tables, rope_tables
@@ -89,12 +89,33 @@ class MlpBlock(nn.Module):
                                             matmul_impl=self.matmul_impl, kernel_init=_xavier,
                                             bias_init=_bias_init)
         hidden = self.mlp_dim * (2 if self.activation in GATED_ACTIVATIONS else 1)
-        x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
+        if fused_gelu.fuses(self.activation, self.dtype, self.matmul_impl, self.quant):
+            x = fused_gelu.bias_gelu(*UnbiasedDense(hidden, self.dtype, self.matmul_dtype,
+                                                    self.matmul_impl, name="Dense_0")(x))
+        else:
+            x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.hidden_norm:
             x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "hidden_norm")(x)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class UnbiasedDense(nn.Module):
+    """nn.Dense's parameters (`kernel`, `bias`, as MlpBlock initialises them) and its product
+    without the bias, returned beside it for the caller to add (`fused_gelu.bias_gelu`)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    matmul_dtype: str = "float32"
+    matmul_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        kernel = self.param("kernel", _xavier, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", _bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return matmul.matmul(x, kernel, self.matmul_dtype, self.dtype, self.matmul_impl), bias
 
 
 def dense_layer(features: int, dtype: Dtype, quant: str, name: str,

@@ -27,9 +27,6 @@ from vit import blas_gemm
 Array = jax.Array
 Dtype = Any
 
-KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-CHUNK_ROWS = 128  # vit/blas_layer_norm.cc's kChunkRows: rows per partial sum of the gradients
-
 
 def _norm(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
     """y like x, and each row's float32 mean and rstd, by the forward call."""
@@ -56,7 +53,7 @@ def _fused_layer_norm_fwd(x: Array, scale: Array, bias: Array,
 
 def _fused_layer_norm_bwd(epsilon: float, res: tuple, dy: Array) -> tuple[Array, Array, Array]:
     x, scale, mean, rstd = res
-    chunks = -(-int(np.prod(x.shape[:-1])) // CHUNK_ROWS)
+    chunks = -(-int(np.prod(x.shape[:-1])) // blas_gemm.CHUNK_ROWS)
     partial = jax.ShapeDtypeStruct((chunks, x.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call(blas_gemm.LAYER_NORM_GRAD_TARGET, (
         jax.ShapeDtypeStruct(x.shape, x.dtype), partial, partial), vmap_method="sequential")
@@ -86,6 +83,6 @@ class FusedLayerNorm(nn.Module):
 def layer_norm(epsilon: float, dtype: Dtype, impl: str, name: str) -> nn.Module:
     """The LayerNorm module `name` for a model whose matmuls `impl` computes ("xla" or "blas"):
     FusedLayerNorm under "blas" for float32 and bfloat16 models, else flax's nn.LayerNorm."""
-    if impl == "blas" and jnp.dtype(dtype) in KERNEL_DTYPES:
+    if impl == "blas" and jnp.dtype(dtype) in blas_gemm.KERNEL_DTYPES:
         return FusedLayerNorm(epsilon, dtype, name=name)
     return nn.LayerNorm(epsilon, dtype, name=name)
