@@ -282,6 +282,19 @@ def test_no_compiler_is_a_one_line_error(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+def test_a_source_that_does_not_compile_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.cc"
+    broken.write_text("int broken( { return 0; }\n")
+    monkeypatch.setattr(blas_gemm, "SOURCES", (*blas_gemm.SOURCES, broken))
+    with pytest.raises(RuntimeError) as caught:
+        blas_gemm.build_handler()
+    message = str(caught.value)
+    assert message.startswith("g++ failed to build blas_gemm.cc, ") and "\n" not in message
+    assert "broken.cc" in message and "error" in message
+    assert list((tmp_path / "cache").iterdir()) == []  # no object, partial or library left
+
+
 def test_a_blas_without_a_bfloat16_gemm_runs_float32_only(plain_blas, tmp_path):
     try:
         blas_gemm.load(compile_library(tmp_path, "sgemm_only", PLAIN_SGEMM))

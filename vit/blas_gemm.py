@@ -86,24 +86,37 @@ def build_handler() -> Path:
                            f"({e.strerror}): set VIT_CACHE_DIR to a writable directory") from None
     os.close(fd)
     compiled = [path for path in SOURCES if path.suffix == ".cc"]  # the rest are headers
-    command = ["g++", "-O3", "-shared", "-fPIC", "-std=c++17", "-w",
-               f"-I{jax.ffi.include_dir()}", *map(str, compiled), "-o", partial]
+    flags = ["-O3", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}"]
     try:
-        run = subprocess.run(command, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as objects:
+            built = [str(Path(objects, f"{path.stem}.o")) for path in compiled]
+            error = _gxx([["g++", *flags, "-c", str(path), "-o", obj]
+                          for path, obj in zip(compiled, built, strict=True)])
+            error = error or _gxx([["g++", "-shared", *built, "-o", partial]])
     except FileNotFoundError:
         os.unlink(partial)
         raise RuntimeError("g++ is not installed: install it (e.g. apt-get install g++) to "
                            "build the BLAS matmul handler") from None
-    if run.returncode:
+    if error:
         os.unlink(partial)
-        first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr)
-        raise RuntimeError(f"g++ failed to build {' and '.join(p.name for p in compiled)}: "
+        first = next((line for line in error.splitlines() if "error" in line), error)
+        raise RuntimeError(f"g++ failed to build {', '.join(p.name for p in compiled)}: "
                            f"{first.strip()}")
     os.replace(partial, out)
     for stale in out.parent.glob("blas_gemm-*.so"):  # other sources' or jaxlibs' builds
         if stale != out:
             stale.unlink(missing_ok=True)
     return out
+
+
+def _gxx(commands: list[list[str]]) -> str:
+    """Runs the g++ `commands` side by side (one per source: the build takes the longest one's
+    time); the first failure's error output, or "" if all succeed."""
+    jobs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for command in commands]
+    errors = [job.communicate()[1] if job.wait() else "" for job in jobs]
+    return next((error or "g++ failed" for error, job in zip(errors, jobs, strict=True)
+                 if job.returncode), "")
 
 
 def _single_threaded(lib: ctypes.CDLL) -> None:
