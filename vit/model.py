@@ -118,7 +118,9 @@ class VisionTransformer(nn.Module):
     # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
     matmul_dtype: str = "float32"
     # "xla" | "blas": who computes dense matmuls, XLA's dot or MKL's GEMMs (float32 or bfloat16
-    # operands; vit/matmul.py, vit/blas_gemm.py). create_model's default "auto" is resolved
+    # operands; vit/matmul.py, vit/blas_gemm.py); "blas" also runs attention, the encoder's
+    # LayerNorms and the MLP's tanh GELU as fused calls of the same handler library
+    # (vit/fused_layer_norm.py, vit/fused_gelu.py). create_model's default "auto" is resolved
     # there, as attention_impl is.
     matmul_impl: str = "xla"
     # "block" | "dots": recompute each encoder block's activations in the backward pass instead
