@@ -7,7 +7,7 @@ device plane). Each instruction gets a category: `dense matmul` and `attention m
 fusions around a dot, cuBLAS calls and the BLAS custom calls of `matmul_impl="blas"`, without
 and with batch dimensions; the BLAS's work runs as tasks on XLA's pool after its call returns,
 so the trace undercounts it), `attention kernel` (cuDNN's fused attention, the BLAS's fused
-attention forward), `convolution` (the
+attention forward and gradient), `convolution` (the
 patch embedding, conv stems), `layout copy`
 (transposes and copies), `elementwise` (every other fusion: norms, GELU, softmax, bias,
 residuals), split into forward, backward (`transpose(jvp(...))` in the op name) and
