@@ -13,7 +13,6 @@
 // (chunks) per thread of XLA's pool.
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 
 #include "blas_kernels.h"
 #include "blas_lanes.h"
@@ -98,20 +97,7 @@ VIT_CLONES void GeluGradBf16(const Bf16* h, const Bf16* bias, const Bf16* da, Bf
 // arrays of its dtype and size, and bias [C] of its dtype.
 bool Fits(const ffi::AnyBuffer& h, const ffi::AnyBuffer& bias,
           std::initializer_list<const ffi::AnyBuffer*> same, int64_t* rows, int64_t* cols) {
-  const auto d = h.dimensions();
-  const ffi::DataType dtype = h.element_type();
-  if (d.size() == 0 || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) ||
-      bias.element_type() != dtype || bias.element_count() != d[d.size() - 1]) {
-    return false;
-  }
-  *cols = d[d.size() - 1];
-  *rows = *cols == 0 ? 0 : static_cast<int64_t>(h.element_count()) / *cols;
-  for (const ffi::AnyBuffer* other : same) {
-    if (other->element_type() != dtype || other->element_count() != h.element_count()) {
-      return false;
-    }
-  }
-  return true;
+  return RowsOf(h, same, rows, cols) && Holds(bias, h.element_type(), *cols);
 }
 
 ffi::Future Gelu(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer bias,
@@ -126,18 +112,15 @@ ffi::Future Gelu(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer bias,
     return Ready();
   }
   const double work = 30.0 * rows * cols;
-  if (h.element_type() == ffi::DataType::F32) {
-    const auto* hp = static_cast<const float*>(h.untyped_data());
-    const auto* bp = static_cast<const float*>(bias.untyped_data());
-    auto* ap = static_cast<float*>(a->untyped_data());
+  const auto run = [&](auto gelu, auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const auto* hp = static_cast<const T*>(h.untyped_data());
+    const auto* bp = static_cast<const T*>(bias.untyped_data());
+    auto* ap = static_cast<T*>(a->untyped_data());
     return InSlabs(pool, rows, kSlabAlign, work,
-                   [=](int64_t lo, int64_t len) { GeluF32(hp, bp, ap, cols, lo, len); });
-  }
-  const auto* hp = static_cast<const Bf16*>(h.untyped_data());
-  const auto* bp = static_cast<const Bf16*>(bias.untyped_data());
-  auto* ap = static_cast<Bf16*>(a->untyped_data());
-  return InSlabs(pool, rows, kSlabAlign, work,
-                 [=](int64_t lo, int64_t len) { GeluBf16(hp, bp, ap, cols, lo, len); });
+                   [=](int64_t lo, int64_t len) { gelu(hp, bp, ap, cols, lo, len); });
+  };
+  return ForDtype(h.element_type(), run, GeluF32, GeluBf16);
 }
 
 ffi::Future GeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer bias,
@@ -145,7 +128,7 @@ ffi::Future GeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer bias
                      ffi::Result<ffi::Buffer<ffi::F32>> d_bias) {
   int64_t rows = 0, cols = 0;
   const bool fits = Fits(h, bias, {&da, &*dx}, &rows, &cols);
-  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  const int64_t chunks = Chunks(rows);
   if (!fits || static_cast<int64_t>(d_bias->element_count()) != chunks * cols) {
     return Ready(ffi::Error::InvalidArgument(
         "vit bias_gelu_grad takes h and da [..., C] and bias [C] of one dtype, and returns the "
@@ -156,22 +139,17 @@ ffi::Future GeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer bias
   }
   float* dbp = d_bias->typed_data();
   const double work = 40.0 * rows * cols;
-  if (h.element_type() == ffi::DataType::F32) {
-    const auto* hp = static_cast<const float*>(h.untyped_data());
-    const auto* bp = static_cast<const float*>(bias.untyped_data());
-    const auto* dap = static_cast<const float*>(da.untyped_data());
-    auto* dxp = static_cast<float*>(dx->untyped_data());
+  const auto run = [&](auto gelu_grad, auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const auto* hp = static_cast<const T*>(h.untyped_data());
+    const auto* bp = static_cast<const T*>(bias.untyped_data());
+    const auto* dap = static_cast<const T*>(da.untyped_data());
+    auto* dxp = static_cast<T*>(dx->untyped_data());
     return InSlabs(pool, chunks, 1, work, [=](int64_t lo, int64_t len) {
-      GeluGradF32(hp, bp, dap, dxp, dbp, rows, cols, lo, len);
+      gelu_grad(hp, bp, dap, dxp, dbp, rows, cols, lo, len);
     });
-  }
-  const auto* hp = static_cast<const Bf16*>(h.untyped_data());
-  const auto* bp = static_cast<const Bf16*>(bias.untyped_data());
-  const auto* dap = static_cast<const Bf16*>(da.untyped_data());
-  auto* dxp = static_cast<Bf16*>(dx->untyped_data());
-  return InSlabs(pool, chunks, 1, work, [=](int64_t lo, int64_t len) {
-    GeluGradBf16(hp, bp, dap, dxp, dbp, rows, cols, lo, len);
-  });
+  };
+  return ForDtype(h.element_type(), run, GeluGradF32, GeluGradBf16);
 }
 
 }  // namespace

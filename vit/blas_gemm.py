@@ -277,6 +277,13 @@ def attention_grad(qkv: Array, bias: Array, dy: Array, weights: Array, *, heads:
                 heads=np.int64(heads), head_dim=np.int64(head_dim), scale=np.float32(scale))
 
 
+def partial_sums(x: Array) -> jax.ShapeDtypeStruct:
+    """The float32 [ceil(rows / CHUNK_ROWS), C] partial column sums that a row-wise call's
+    gradient (LayerNorm's, the GELU's) returns for x [..., C]; the caller adds them."""
+    chunks = -(-int(np.prod(x.shape[:-1])) // CHUNK_ROWS)
+    return jax.ShapeDtypeStruct((chunks, x.shape[-1]), jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def blas_matmul(x: Array, w: Array, operand_dtype: Any = jnp.float32) -> Array:
     """x [M, K] @ w [K, N] into float32 by the BLAS on operands rounded to `operand_dtype`

@@ -1,10 +1,13 @@
-// What the BLAS handlers share (vit/blas_gemm.cc's GEMMs, vit/blas_attention.cc's attention):
-// the BLAS's GEMMs as handed over and the slabs on XLA's intra-op pool.
+// What the BLAS handlers share (vit/blas_gemm.cc's GEMMs, vit/blas_attention.cc's attention,
+// vit/blas_layer_norm.cc's and vit/blas_gelu.cc's element-wise calls): the BLAS's GEMMs as handed
+// over, the slabs on XLA's intra-op pool, and the row-wise calls' shape checks and dispatch.
 #ifndef VIT_BLAS_KERNELS_H_
 #define VIT_BLAS_KERNELS_H_
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -64,6 +67,43 @@ ffi::Future InSlabs(ffi::ThreadPool& pool, int64_t span, int64_t align, double f
     });
   }
   return future;
+}
+
+// The rows and columns of x [..., C]: true if x is float32 or bfloat16 of rank >= 1 and each of
+// `same` has its dtype and element count.
+inline bool RowsOf(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
+                   int64_t* rows, int64_t* cols) {
+  const auto d = x.dimensions();
+  const ffi::DataType dtype = x.element_type();
+  if (d.size() == 0 || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+    return false;
+  }
+  *cols = d[d.size() - 1];
+  *rows = *cols == 0 ? 0 : static_cast<int64_t>(x.element_count()) / *cols;
+  for (const ffi::AnyBuffer* other : same) {
+    if (other->element_type() != dtype || other->element_count() != x.element_count()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether `b` holds n elements of `dtype`.
+inline bool Holds(const ffi::AnyBuffer& b, ffi::DataType dtype, int64_t n) {
+  return b.element_type() == dtype && static_cast<int64_t>(b.element_count()) == n;
+}
+
+// The chunks of kChunkRows rows (the last one short) in `rows`.
+inline int64_t Chunks(int64_t rows) { return (rows + kChunkRows - 1) / kChunkRows; }
+
+// run(kernel, (T*)nullptr): T = float with `f32` for float32 buffers (`dtype`), T = Bf16 with
+// `bf16` for bfloat16 ones; the kernels are one function compiled for each.
+template <typename Run, typename F32Kernel, typename Bf16Kernel>
+ffi::Future ForDtype(ffi::DataType dtype, Run run, F32Kernel f32, Bf16Kernel bf16) {
+  if (dtype == ffi::DataType::F32) {
+    return run(f32, static_cast<float*>(nullptr));
+  }
+  return run(bf16, static_cast<Bf16*>(nullptr));
 }
 
 }  // namespace vit_blas

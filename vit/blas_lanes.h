@@ -1,6 +1,6 @@
 // Element-wise work in kLanes lanes for the BLAS handlers (vit/blas_attention.cc,
-// vit/blas_layer_norm.cc): float32 and
-// bfloat16 loads and stores, bfloat16 rounding and exp, written with GCC's vector extensions so
+// vit/blas_layer_norm.cc, vit/blas_gelu.cc): float32 and bfloat16 loads and stores, bfloat16
+// rounding, exp and lane sums, written with GCC's vector extensions so
 // that each function a handler compiles for several ISAs (VIT_CLONES) runs in that ISA's widest
 // registers, with the same results on any.
 #ifndef VIT_BLAS_LANES_H_

@@ -16,7 +16,6 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 #include <vector>
 
 #include "blas_kernels.h"
@@ -131,26 +130,15 @@ VIT_CLONES void NormGradBf16(const Bf16* x, const float* scale, const float* mea
   NormGradChunks<Bf16>(x, scale, mean, rstd, dy, dx, d_scale, d_bias, rows, cols, lo, len);
 }
 
-// Rows and columns of x [..., C]; false if x is no float32 or bfloat16 array of rank >= 1, or
-// `others` (arrays of its dtype) or the float32 `per_column` arrays do not have its shape and C.
-bool RowsOf(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> others,
-            std::initializer_list<const ffi::AnyBuffer*> per_column, int64_t* rows,
-            int64_t* cols) {
-  const auto d = x.dimensions();
-  const ffi::DataType dtype = x.element_type();
-  if (d.size() == 0 || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+// Rows and columns of x [..., C]; false unless x is float32 or bfloat16 of rank >= 1, `same`
+// arrays of its dtype and size, and `per_column` float32 arrays [C].
+bool Fits(const ffi::AnyBuffer& x, std::initializer_list<const ffi::AnyBuffer*> same,
+          std::initializer_list<const ffi::AnyBuffer*> per_column, int64_t* rows, int64_t* cols) {
+  if (!RowsOf(x, same, rows, cols)) {
     return false;
   }
-  *cols = d[d.size() - 1];
-  *rows = *cols == 0 ? 0 : static_cast<int64_t>(x.element_count()) / *cols;
-  for (const ffi::AnyBuffer* other : others) {
-    if (other->element_type() != dtype || other->element_count() != x.element_count()) {
-      return false;
-    }
-  }
   for (const ffi::AnyBuffer* column : per_column) {
-    if (column->element_type() != ffi::DataType::F32 ||
-        static_cast<int64_t>(column->element_count()) != *cols) {
+    if (!Holds(*column, ffi::DataType::F32, *cols)) {
       return false;
     }
   }
@@ -162,7 +150,7 @@ ffi::Future Norm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
                  ffi::Result<ffi::Buffer<ffi::F32>> mean, ffi::Result<ffi::Buffer<ffi::F32>> rstd,
                  float epsilon) {
   int64_t rows = 0, cols = 0;
-  if (!RowsOf(x, {&*y}, {&scale, &bias}, &rows, &cols) ||
+  if (!Fits(x, {&*y}, {&scale, &bias}, &rows, &cols) ||
       static_cast<int64_t>(mean->element_count()) != rows ||
       static_cast<int64_t>(rstd->element_count()) != rows) {
     return Ready(ffi::Error::InvalidArgument(
@@ -177,18 +165,15 @@ ffi::Future Norm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
   float* mp = mean->typed_data();
   float* rp = rstd->typed_data();
   const double work = 10.0 * rows * cols;
-  if (x.element_type() == ffi::DataType::F32) {
-    const auto* xp = static_cast<const float*>(x.untyped_data());
-    auto* yp = static_cast<float*>(y->untyped_data());
+  const auto run = [&](auto norm, auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const auto* xp = static_cast<const T*>(x.untyped_data());
+    auto* yp = static_cast<T*>(y->untyped_data());
     return InSlabs(pool, rows, kSlabAlign, work, [=](int64_t lo, int64_t len) {
-      NormF32(xp, sp, bp, yp, mp, rp, cols, epsilon, lo, len);
+      norm(xp, sp, bp, yp, mp, rp, cols, epsilon, lo, len);
     });
-  }
-  const auto* xp = static_cast<const Bf16*>(x.untyped_data());
-  auto* yp = static_cast<Bf16*>(y->untyped_data());
-  return InSlabs(pool, rows, kSlabAlign, work, [=](int64_t lo, int64_t len) {
-    NormBf16(xp, sp, bp, yp, mp, rp, cols, epsilon, lo, len);
-  });
+  };
+  return ForDtype(x.element_type(), run, NormF32, NormBf16);
 }
 
 ffi::Future NormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
@@ -196,12 +181,9 @@ ffi::Future NormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scal
                      ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
                      ffi::Result<ffi::Buffer<ffi::F32>> d_bias) {
   int64_t rows = 0, cols = 0;
-  bool fits = RowsOf(x, {&dy, &*dx}, {&scale}, &rows, &cols);
-  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  fits = fits && mean.element_type() == ffi::DataType::F32 &&
-         rstd.element_type() == ffi::DataType::F32 &&
-         static_cast<int64_t>(mean.element_count()) == rows &&
-         static_cast<int64_t>(rstd.element_count()) == rows &&
+  bool fits = Fits(x, {&dy, &*dx}, {&scale}, &rows, &cols);
+  const int64_t chunks = Chunks(rows);
+  fits = fits && Holds(mean, ffi::DataType::F32, rows) && Holds(rstd, ffi::DataType::F32, rows) &&
          static_cast<int64_t>(d_scale->element_count()) == chunks * cols &&
          static_cast<int64_t>(d_bias->element_count()) == chunks * cols;
   if (!fits) {
@@ -218,20 +200,16 @@ ffi::Future NormGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scal
   float* dsp = d_scale->typed_data();
   float* dbp = d_bias->typed_data();
   const double work = 16.0 * rows * cols;
-  if (x.element_type() == ffi::DataType::F32) {
-    const auto* xp = static_cast<const float*>(x.untyped_data());
-    const auto* dyp = static_cast<const float*>(dy.untyped_data());
-    auto* dxp = static_cast<float*>(dx->untyped_data());
+  const auto run = [&](auto norm_grad, auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const auto* xp = static_cast<const T*>(x.untyped_data());
+    const auto* dyp = static_cast<const T*>(dy.untyped_data());
+    auto* dxp = static_cast<T*>(dx->untyped_data());
     return InSlabs(pool, chunks, 1, work, [=](int64_t lo, int64_t len) {
-      NormGradF32(xp, sp, mp, rp, dyp, dxp, dsp, dbp, rows, cols, lo, len);
+      norm_grad(xp, sp, mp, rp, dyp, dxp, dsp, dbp, rows, cols, lo, len);
     });
-  }
-  const auto* xp = static_cast<const Bf16*>(x.untyped_data());
-  const auto* dyp = static_cast<const Bf16*>(dy.untyped_data());
-  auto* dxp = static_cast<Bf16*>(dx->untyped_data());
-  return InSlabs(pool, chunks, 1, work, [=](int64_t lo, int64_t len) {
-    NormGradBf16(xp, sp, mp, rp, dyp, dxp, dsp, dbp, rows, cols, lo, len);
-  });
+  };
+  return ForDtype(x.element_type(), run, NormGradF32, NormGradBf16);
 }
 
 }  // namespace

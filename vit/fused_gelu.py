@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vit import blas_gemm
 
@@ -44,10 +43,9 @@ def _bias_gelu_fwd(h: Array, bias: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _bias_gelu_bwd(res: tuple[Array, Array], da: Array) -> tuple[Array, Array]:
     h, bias = res
-    chunks = -(-int(np.prod(h.shape[:-1])) // blas_gemm.CHUNK_ROWS)
     call = jax.ffi.ffi_call(blas_gemm.BIAS_GELU_GRAD_TARGET, (
-        jax.ShapeDtypeStruct(h.shape, h.dtype),
-        jax.ShapeDtypeStruct((chunks, h.shape[-1]), jnp.float32)), vmap_method="sequential")
+        jax.ShapeDtypeStruct(h.shape, h.dtype), blas_gemm.partial_sums(h)),
+        vmap_method="sequential")
     dh, d_bias = call(h, bias.astype(h.dtype), da.astype(h.dtype))
     return dh, d_bias.sum(0).astype(bias.dtype)
 

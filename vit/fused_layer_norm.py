@@ -53,8 +53,7 @@ def _fused_layer_norm_fwd(x: Array, scale: Array, bias: Array,
 
 def _fused_layer_norm_bwd(epsilon: float, res: tuple, dy: Array) -> tuple[Array, Array, Array]:
     x, scale, mean, rstd = res
-    chunks = -(-int(np.prod(x.shape[:-1])) // blas_gemm.CHUNK_ROWS)
-    partial = jax.ShapeDtypeStruct((chunks, x.shape[-1]), jnp.float32)
+    partial = blas_gemm.partial_sums(x)
     call = jax.ffi.ffi_call(blas_gemm.LAYER_NORM_GRAD_TARGET, (
         jax.ShapeDtypeStruct(x.shape, x.dtype), partial, partial), vmap_method="sequential")
     dx, d_scale, d_bias = call(x, scale, mean, rstd, dy.astype(x.dtype))
