@@ -40,7 +40,7 @@ VIT_INLINE void ExpRows(float* s, int64_t rows, int64_t cols, float* sums) {
     Floats tops = Floats{} + row[0];
     for (int64_t j = 0; j < cols; j += kLanes) {
       const Floats x = Load(row + j, cols - j, row[0]);
-      tops = x > tops ? x : tops;
+      tops = Select(x > tops, x, tops);
     }
     float top = tops[0];
     for (int l = 1; l < kLanes; ++l) {
@@ -50,14 +50,14 @@ VIT_INLINE void ExpRows(float* s, int64_t rows, int64_t cols, float* sums) {
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
       const Floats e = Exp(Load(row + j, kLanes) - top);
-      std::memcpy(row + j, &e, sizeof e);
+      StoreLanes(row + j, e);
       lanes += e;
     }
     if (j < cols) {
       const Floats e = Exp(Load(row + j, cols - j, top) - top);
       for (int64_t l = 0; l < cols - j; ++l) {
         row[j + l] = e[l];
-        lanes[l] += e[l];
+        lanes.Set(l, lanes[l] + e[l]);
       }
     }
     sums[i] = Sum(lanes);
@@ -227,23 +227,23 @@ VIT_INLINE void AttendGradPairs(GemmFn<T> gemm, const Shape& s, float scale, con
   }
 }
 
-// AttendPairs and AttendGradPairs compiled for each ISA, for float32 and for bfloat16 q, k, v.
-VIT_CLONES void AttendF32(GemmFn<float> gemm, const Shape& s, float scale, const float* q,
+// AttendPairs and AttendGradPairs for float32 and for bfloat16 q, k, v.
+void AttendF32(GemmFn<float> gemm, const Shape& s, float scale, const float* q,
                           const float* k, const float* v, const float* bias, float* y,
                           float* weights, int64_t lo, int64_t len) {
   AttendPairs<float>(gemm, s, scale, q, k, v, bias, y, weights, lo, len);
 }
-VIT_CLONES void AttendBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* q,
+void AttendBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* q,
                            const Bf16* k, const Bf16* v, const Bf16* bias, Bf16* y,
                            float* weights, int64_t lo, int64_t len) {
   AttendPairs<Bf16>(gemm, s, scale, q, k, v, bias, y, weights, lo, len);
 }
-VIT_CLONES void AttendGradF32(GemmFn<float> gemm, const Shape& s, float scale, const float* qkv,
+void AttendGradF32(GemmFn<float> gemm, const Shape& s, float scale, const float* qkv,
                               const float* bias, const float* dy, const float* weights,
                               float* d_qkv, int64_t lo, int64_t len) {
   AttendGradPairs<float>(gemm, s, scale, qkv, bias, dy, weights, d_qkv, lo, len);
 }
-VIT_CLONES void AttendGradBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* qkv,
+void AttendGradBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* qkv,
                                const Bf16* bias, const Bf16* dy, const float* weights,
                                Bf16* d_qkv, int64_t lo, int64_t len) {
   AttendGradPairs<Bf16>(gemm, s, scale, qkv, bias, dy, weights, d_qkv, lo, len);

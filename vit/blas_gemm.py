@@ -11,7 +11,8 @@ source and jaxlib's version. The BLAS is MKL's `libmkl_rt` from the `mkl` wheel
 `cblas_gemm_bf16bf16f32` (MKL; OpenBLAS calls it `cblas_sbgemm`), which runs on the AMX tiles
 of the CPUs that have them: 3.5-4.6x sgemm per core on the Xeon measured here. It runs
 single-threaded (MKL's sequential layer); the handler cuts each product into one slab per
-thread of XLA's own pool.
+thread of XLA's own pool. The element-wise work is compiled for this CPU's widest vectors
+(`handler_isa`; `VIT_BLAS_ISA` picks a narrower one).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ CHUNK_ROWS = 128  # vit/blas_kernels.h's kChunkRows: rows per partial sum of a c
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the element-wise calls' dtypes
 MKL_THREADING_SEQUENTIAL = 1  # mkl_service.h's MKL_THREADING_SEQUENTIAL
 BF16_GEMMS = ("cblas_gemm_bf16bf16f32", "cblas_sbgemm")  # MKL's name, OpenBLAS's
+# The ISAs the handler compiles for, widest first: g++'s flags (-mavx512f brings FMA) and the
+# /proc/cpuinfo flags each needs.
+ISA_FLAGS = {"avx512": ["-mavx512f"], "avx2": ["-mavx2", "-mfma"], "baseline": []}
+ISA_NEEDS = {"avx512": {"avx512f"}, "avx2": {"avx2", "fma"}, "baseline": set()}
 
 Array = jax.Array
 
@@ -73,7 +78,8 @@ def build_handler() -> Path:
     replacing the builds of other sources or jaxlibs); RuntimeError naming the fix (or g++'s
     first error) if it cannot be built."""
     source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
+    isa = handler_isa()
+    key = hashlib.sha256(source + jaxlib.__version__.encode() + isa.encode()).hexdigest()[:16]
     out = cache_dir() / f"blas_gemm-{key}.so"
     if out.is_file():
         return out
@@ -86,7 +92,7 @@ def build_handler() -> Path:
                            f"({e.strerror}): set VIT_CACHE_DIR to a writable directory") from None
     os.close(fd)
     compiled = [path for path in SOURCES if path.suffix == ".cc"]  # the rest are headers
-    flags = ["-O3", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}"]
+    flags = ["-O3", *ISA_FLAGS[isa], "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}"]
     try:
         with tempfile.TemporaryDirectory(dir=out.parent) as objects:
             built = [str(Path(objects, f"{path.stem}.o")) for path in compiled]
@@ -103,10 +109,28 @@ def build_handler() -> Path:
         raise RuntimeError(f"g++ failed to build {', '.join(p.name for p in compiled)}: "
                            f"{first.strip()}")
     os.replace(partial, out)
-    for stale in out.parent.glob("blas_gemm-*.so"):  # other sources' or jaxlibs' builds
+    for stale in out.parent.glob("blas_gemm-*.so"):  # other sources', jaxlibs' or ISAs' builds
         if stale != out:
             stale.unlink(missing_ok=True)
     return out
+
+
+def handler_isa() -> str:
+    """The ISA the handler is compiled for (a key of ISA_FLAGS): `VIT_BLAS_ISA` where set, else
+    the widest this CPU has; RuntimeError in one line for a name it does not know or an ISA the
+    CPU lacks."""
+    flags = cpu_flags()
+    forced = os.environ.get("VIT_BLAS_ISA", "")
+    if not forced:
+        return next(isa for isa, needs in ISA_NEEDS.items() if needs <= flags)
+    if forced not in ISA_FLAGS:
+        raise RuntimeError(f"VIT_BLAS_ISA={forced!r} is not one of {', '.join(ISA_FLAGS)}: "
+                           "set one of them, or unset it for this CPU's widest")
+    missing = ISA_NEEDS[forced] - flags
+    if missing:
+        raise RuntimeError(f"VIT_BLAS_ISA={forced} needs {', '.join(sorted(missing))}, which this "
+                           "CPU lacks: set a narrower one, or unset it")
+    return forced
 
 
 def _gxx(commands: list[list[str]]) -> str:
@@ -114,7 +138,7 @@ def _gxx(commands: list[list[str]]) -> str:
     time); the first failure's error output, or "" if all succeed."""
     jobs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True) for command in commands]
-    errors = [job.communicate()[1] if job.wait() else "" for job in jobs]
+    errors = [job.communicate()[1] for job in jobs]  # read to the end: a full pipe stalls g++
     return next((error or "g++ failed" for error, job in zip(errors, jobs, strict=True)
                  if job.returncode), "")
 

@@ -1,8 +1,11 @@
 // Element-wise work in kLanes lanes for the BLAS handlers (vit/blas_attention.cc,
 // vit/blas_layer_norm.cc, vit/blas_gelu.cc): float32 and bfloat16 loads and stores, bfloat16
-// rounding, exp and lane sums, written with GCC's vector extensions so
-// that each function a handler compiles for several ISAs (VIT_CLONES) runs in that ISA's widest
-// registers, with the same results on any.
+// rounding, exp and lane sums. vit/blas_gemm.py compiles the handlers for this CPU's widest
+// vectors (`isa_flags`: AVX-512, AVX2 with FMA, or plain x86-64), and a value of kLanes lanes
+// is held in as many of that ISA's vector registers as it takes: one on AVX-512, two on AVX2,
+// four on SSE. (GCC keeps a vector wider than the ISA's registers in memory and compares it
+// lane by lane: GELU ran 9x slower on AVX2 than on AVX-512 that way.) The lanes and the order
+// of every sum are the same on any ISA; where the ISA has FMA, GCC fuses multiplies and adds.
 #ifndef VIT_BLAS_LANES_H_
 #define VIT_BLAS_LANES_H_
 
@@ -16,47 +19,142 @@
 namespace vit_blas {
 
 constexpr int kLanes = 16;  // also the number of partial sums a row sum keeps, on any CPU
+#if defined(__AVX512F__)
+constexpr int kParts = 1;
+#elif defined(__AVX2__)
+constexpr int kParts = 2;
+#else
+constexpr int kParts = 4;
+#endif
+constexpr int kPartLanes = kLanes / kParts;
 
-// kLanes floats, int32s or bfloat16 bits.
-typedef float Floats __attribute__((vector_size(4 * kLanes)));
-typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
-typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));
-typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));
-
-// The element-wise work is compiled for AVX-512, AVX2 and plain x86-64, and chosen at load time.
-#define VIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define VIT_INLINE __attribute__((always_inline)) inline
+
+// kLanes values of E: kParts vectors of kPartLanes.
+template <typename E>
+struct Lanes {
+  typedef E Part __attribute__((vector_size(sizeof(E) * kPartLanes)));
+  typedef int32_t Mask __attribute__((vector_size(4 * kPartLanes)));
+  typedef E Unaligned __attribute__((vector_size(sizeof(E) * kPartLanes), aligned(alignof(E)),
+                                     may_alias));  // a Part anywhere in memory
+  Part part[kParts];
+
+  E operator[](int l) const { return part[l / kPartLanes][l % kPartLanes]; }
+  void Set(int l, E v) { part[l / kPartLanes][l % kPartLanes] = v; }
+
+  // Each part of `a op b` (b a Lanes or one E for every lane), as R.
+  template <typename R = Lanes, typename F>
+  static VIT_INLINE R Each(F f) {
+    R r;
+    for (int i = 0; i < kParts; ++i) {
+      r.part[i] = f(i);
+    }
+    return r;
+  }
+
+#define VIT_LANES_OP(op)                                                              \
+  friend VIT_INLINE Lanes operator op(Lanes a, Lanes b) {                             \
+    return Each([&](int i) { return a.part[i] op b.part[i]; });                       \
+  }                                                                                   \
+  friend VIT_INLINE Lanes operator op(Lanes a, E b) {                                 \
+    return Each([&](int i) { return a.part[i] op b; });                               \
+  }                                                                                   \
+  friend VIT_INLINE Lanes operator op(E a, Lanes b) {                                 \
+    return Each([&](int i) { return a op b.part[i]; });                               \
+  }                                                                                   \
+  VIT_INLINE Lanes& operator op##=(Lanes b) { return *this = *this op b; }
+  VIT_LANES_OP(+)
+  VIT_LANES_OP(-)
+  VIT_LANES_OP(*)
+  VIT_LANES_OP(/)
+  VIT_LANES_OP(&)
+  VIT_LANES_OP(|)
+  VIT_LANES_OP(<<)
+  VIT_LANES_OP(>>)
+#undef VIT_LANES_OP
+  friend VIT_INLINE Lanes operator~(Lanes a) { return Each([&](int i) { return ~a.part[i]; }); }
+  // All ones in the lanes where the comparison holds, else zeros.
+  friend VIT_INLINE Lanes<int32_t> operator<(Lanes a, Lanes b) {
+    return Each<Lanes<int32_t>>([&](int i) { return (Mask)(a.part[i] < b.part[i]); });
+  }
+  friend VIT_INLINE Lanes<int32_t> operator<(Lanes a, E b) {
+    return Each<Lanes<int32_t>>([&](int i) { return (Mask)(a.part[i] < b); });
+  }
+  friend VIT_INLINE Lanes<int32_t> operator>(Lanes a, Lanes b) { return b < a; }
+  friend VIT_INLINE Lanes<int32_t> operator>(Lanes a, E b) {
+    return Each<Lanes<int32_t>>([&](int i) { return (Mask)(a.part[i] > b); });
+  }
+};
+
+// kLanes floats, int32s, uint32s or bfloat16 bits.
+using Floats = Lanes<float>;
+using Ints = Lanes<int32_t>;
+using Words = Lanes<uint32_t>;
+using Halves = Lanes<uint16_t>;
+
+// kLanes values of E at p, and into p: each part one vector move.
+template <typename E>
+VIT_INLINE Lanes<E> LoadLanes(const E* p) {
+  return Lanes<E>::Each([&](int i) {
+    return *reinterpret_cast<const typename Lanes<E>::Unaligned*>(p + i * kPartLanes);
+  });
+}
+template <typename E>
+VIT_INLINE void StoreLanes(E* p, Lanes<E> v) {
+  for (int i = 0; i < kParts; ++i) {
+    *reinterpret_cast<typename Lanes<E>::Unaligned*>(p + i * kPartLanes) = v.part[i];
+  }
+}
+
+// v's bits as lanes of To, of E's width.
+template <typename To, typename E>
+VIT_INLINE Lanes<To> BitCast(Lanes<E> v) {
+  static_assert(sizeof(To) == sizeof(E));
+  return Lanes<To>::Each([&](int i) { return (typename Lanes<To>::Part)v.part[i]; });
+}
+
+// Each lane of v converted to To.
+template <typename To, typename E>
+VIT_INLINE Lanes<To> Convert(Lanes<E> v) {
+  return Lanes<To>::Each([&](int i) {
+    return __builtin_convertvector(v.part[i], typename Lanes<To>::Part);
+  });
+}
+
+// Lane by lane, a where `mask` is all ones, else b.
+template <typename E>
+VIT_INLINE Lanes<E> Select(Ints mask, Lanes<E> a, Lanes<E> b) {
+  return BitCast<E>((BitCast<int32_t>(a) & mask) | (BitCast<int32_t>(b) & ~mask));
+}
 
 // n values of p as floats (all kLanes of them if n >= kLanes), the other lanes `fill`.
 VIT_INLINE Floats Load(const float* p, int64_t n, float fill = 0.0f) {
-  Floats v = Floats{} + fill;
   if (n >= kLanes) {
-    std::memcpy(&v, p, sizeof v);
-  } else {
-    for (int64_t l = 0; l < n; ++l) {
-      v[l] = p[l];
-    }
+    return LoadLanes(p);
+  }
+  Floats v = Floats{} + fill;
+  for (int64_t l = 0; l < n; ++l) {
+    v.Set(l, p[l]);
   }
   return v;
 }
 VIT_INLINE Floats Load(const Bf16* p, int64_t n) {
   Halves bits = {};
   if (n >= kLanes) {
-    std::memcpy(&bits, p, sizeof bits);
+    bits = LoadLanes(p);
   } else {
     for (int64_t l = 0; l < n; ++l) {
-      bits[l] = p[l];
+      bits.Set(l, p[l]);
     }
   }
-  const Words words = __builtin_convertvector(bits, Words) << 16;
-  return reinterpret_cast<const Floats&>(words);
+  return BitCast<float>(Convert<uint32_t>(bits) << 16u);
 }
 
 // The first n (at most kLanes) lanes of v into p, rounded to p's type: to the nearest
 // bfloat16, ties to even, as XLA converts (NaN stays NaN).
 VIT_INLINE void Store(float* p, Floats v, int64_t n) {
   if (n >= kLanes) {
-    std::memcpy(p, &v, sizeof v);
+    StoreLanes(p, v);
   } else {
     for (int64_t l = 0; l < n; ++l) {
       p[l] = v[l];
@@ -64,12 +162,12 @@ VIT_INLINE void Store(float* p, Floats v, int64_t n) {
   }
 }
 VIT_INLINE void Store(Bf16* p, Floats v, int64_t n) {
-  const Words w = reinterpret_cast<const Words&>(v);
-  Words rounded = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
-  rounded = (w & 0x7fffffffu) > 0x7f800000u ? (w >> 16) | 0x40u : rounded;  // NaN stays NaN
-  const Halves bits = __builtin_convertvector(rounded, Halves);
+  const Words w = BitCast<uint32_t>(v);
+  Words rounded = (w + 0x7fffu + ((w >> 16u) & 1u)) >> 16u;
+  rounded = Select((w & 0x7fffffffu) > 0x7f800000u, (w >> 16u) | 0x40u, rounded);  // NaN: NaN
+  const Halves bits = Convert<uint16_t>(rounded);
   if (n >= kLanes) {
-    std::memcpy(p, &bits, sizeof bits);
+    StoreLanes(p, bits);
   } else {
     for (int64_t l = 0; l < n; ++l) {
       p[l] = bits[l];
@@ -106,10 +204,11 @@ VIT_INLINE void Map(const From* from, int64_t n, To* to, F f, const From* bias =
 // exp(x) in float32 within 2 ulp, lane by lane (Cephes' expf: 2^n times a degree-7 polynomial
 // of the remainder); inputs clamped to where the result is a normal float, NaN kept.
 VIT_INLINE Floats Exp(Floats x) {
-  x = x < -87.3f ? Floats{} - 87.3f : x;
-  x = x > 88.7f ? Floats{} + 88.7f : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds
-  const Floats n = (x * 1.44269504088896341f + kRound) - kRound;
+  x = Select(x < -87.3f, Floats{} - 87.3f, x);
+  x = Select(x > 88.7f, Floats{} + 88.7f, x);
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer ...
+  const Floats rounded = x * 1.44269504088896341f + kRound;
+  const Floats n = rounded - kRound;
   const Floats r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   Floats p = Floats{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -118,8 +217,9 @@ VIT_INLINE Floats Exp(Floats x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const Floats y = p * r * r + r + 1.0f;
-  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
-  return y * reinterpret_cast<const Floats&>(bits);
+  // ... which its low bits hold: the exponent's bits without a float to int conversion
+  const Ints bits = (BitCast<int32_t>(rounded) - BitCast<int32_t>(Floats{} + kRound) + 127) << 23;
+  return y * BitCast<float>(bits);
 }
 
 // The sum of v's lanes, added in lane order: the same on any CPU.
