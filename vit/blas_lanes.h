@@ -1,7 +1,7 @@
 // Element-wise work in kLanes lanes for the BLAS handlers (vit/blas_attention.cc,
 // vit/blas_layer_norm.cc, vit/blas_gelu.cc): float32 and bfloat16 loads and stores, bfloat16
 // rounding, exp and lane sums. vit/blas_gemm.py compiles the handlers for this CPU's widest
-// vectors (`isa_flags`: AVX-512, AVX2 with FMA, or plain x86-64), and a value of kLanes lanes
+// vectors (`handler_isa`: AVX-512, AVX2 with FMA, or plain x86-64), and a value of kLanes lanes
 // is held in as many of that ISA's vector registers as it takes: one on AVX-512, two on AVX2,
 // four on SSE. (GCC keeps a vector wider than the ISA's registers in memory and compares it
 // lane by lane: GELU ran 9x slower on AVX2 than on AVX-512 that way.) The lanes and the order
@@ -42,7 +42,7 @@ struct Lanes {
   E operator[](int l) const { return part[l / kPartLanes][l % kPartLanes]; }
   void Set(int l, E v) { part[l / kPartLanes][l % kPartLanes] = v; }
 
-  // Each part of `a op b` (b a Lanes or one E for every lane), as R.
+  // The R (a Lanes) whose part i is f(i).
   template <typename R = Lanes, typename F>
   static VIT_INLINE R Each(F f) {
     R r;
