@@ -19,7 +19,6 @@
 // pool.
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "blas_kernels.h"
@@ -229,42 +228,24 @@ VIT_INLINE void AttendGradPairs(GemmFn<T> gemm, const Shape& s, float scale, con
 
 // AttendPairs and AttendGradPairs for float32 and for bfloat16 q, k, v.
 void AttendF32(GemmFn<float> gemm, const Shape& s, float scale, const float* q,
-                          const float* k, const float* v, const float* bias, float* y,
-                          float* weights, int64_t lo, int64_t len) {
+               const float* k, const float* v, const float* bias, float* y,
+               float* weights, int64_t lo, int64_t len) {
   AttendPairs<float>(gemm, s, scale, q, k, v, bias, y, weights, lo, len);
 }
 void AttendBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* q,
-                           const Bf16* k, const Bf16* v, const Bf16* bias, Bf16* y,
-                           float* weights, int64_t lo, int64_t len) {
+                const Bf16* k, const Bf16* v, const Bf16* bias, Bf16* y,
+                float* weights, int64_t lo, int64_t len) {
   AttendPairs<Bf16>(gemm, s, scale, q, k, v, bias, y, weights, lo, len);
 }
 void AttendGradF32(GemmFn<float> gemm, const Shape& s, float scale, const float* qkv,
-                              const float* bias, const float* dy, const float* weights,
-                              float* d_qkv, int64_t lo, int64_t len) {
+                   const float* bias, const float* dy, const float* weights,
+                   float* d_qkv, int64_t lo, int64_t len) {
   AttendGradPairs<float>(gemm, s, scale, qkv, bias, dy, weights, d_qkv, lo, len);
 }
 void AttendGradBf16(GemmFn<Bf16> gemm, const Shape& s, float scale, const Bf16* qkv,
-                               const Bf16* bias, const Bf16* dy, const float* weights,
-                               Bf16* d_qkv, int64_t lo, int64_t len) {
+                    const Bf16* bias, const Bf16* dy, const float* weights,
+                    Bf16* d_qkv, int64_t lo, int64_t len) {
   AttendGradPairs<Bf16>(gemm, s, scale, qkv, bias, dy, weights, d_qkv, lo, len);
-}
-
-// Runs run(compiled kernel, BLAS GEMM, null T*) for float32 or bfloat16 buffers (`dtype`), the
-// kernel chosen from the float32 and bfloat16 ones given; an error if that GEMM is missing.
-template <typename Run, typename F32Kernel, typename Bf16Kernel>
-ffi::Future ForDtype(ffi::DataType dtype, const char* who, Run run, F32Kernel f32,
-                     Bf16Kernel bf16) {
-  if (dtype == ffi::DataType::F32) {
-    if (g_sgemm == nullptr) {
-      return Ready(ffi::Error::Internal(std::string(who) + ": no cblas_sgemm handed over yet"));
-    }
-    return run(f32, g_sgemm, static_cast<float*>(nullptr));
-  }
-  if (g_bf16_gemm == nullptr) {
-    return Ready(ffi::Error::Internal(std::string(who) +
-                                      ": the BLAS handed over has no cblas_gemm_bf16bf16f32"));
-  }
-  return run(bf16, g_bf16_gemm, static_cast<Bf16*>(nullptr));
 }
 
 // True if `weights` is empty or float32 [B, heads, Tq, Tk] of s.
@@ -325,7 +306,7 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
       attend(gemm, s, scale, qp, kp, vp, bp, yp, wp, lo, len);
     });
   };
-  return ForDtype(dtype, "vit blas_attention", run, AttendF32, AttendBf16);
+  return ForDtypeWithGemm(dtype, "vit blas_attention", run, AttendF32, AttendBf16);
 }
 
 ffi::Future AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer bias,
@@ -366,7 +347,7 @@ ffi::Future AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuff
       attend_grad(gemm, s, scale, xp, bp, dyp, wp, dp, lo, len);
     });
   };
-  return ForDtype(dtype, "vit blas_attention_grad", run, AttendGradF32, AttendGradBf16);
+  return ForDtypeWithGemm(dtype, "vit blas_attention_grad", run, AttendGradF32, AttendGradBf16);
 }
 
 }  // namespace

@@ -77,19 +77,19 @@ VIT_INLINE void GeluGradChunks(const T* h, const T* bias, const T* da, T* dx, fl
 
 // GeluRows and GeluGradChunks for float32 and for bfloat16.
 void GeluF32(const float* h, const float* bias, float* a, int64_t cols, int64_t lo,
-                        int64_t len) {
+             int64_t len) {
   GeluRows<float>(h, bias, a, cols, lo, len);
 }
 void GeluBf16(const Bf16* h, const Bf16* bias, Bf16* a, int64_t cols, int64_t lo,
-                         int64_t len) {
+              int64_t len) {
   GeluRows<Bf16>(h, bias, a, cols, lo, len);
 }
 void GeluGradF32(const float* h, const float* bias, const float* da, float* dx,
-                            float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
+                 float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
   GeluGradChunks<float>(h, bias, da, dx, d_bias, rows, cols, lo, len);
 }
 void GeluGradBf16(const Bf16* h, const Bf16* bias, const Bf16* da, Bf16* dx,
-                             float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
+                  float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
   GeluGradChunks<Bf16>(h, bias, da, dx, d_bias, rows, cols, lo, len);
 }
 

@@ -14,6 +14,7 @@
 // XLA's for the cores.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "blas_kernels.h"
 #include "xla/ffi/api/ffi.h"
@@ -136,22 +137,14 @@ ffi::Future Run(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return Ready();
   }
   float* c = y->typed_data();
-  const auto run = [&](auto gemm, const auto* a, const auto* b) {
+  const auto run = [&](auto /*kernel*/, auto gemm, auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const T* a = static_cast<const T*>(x.untyped_data());
+    const T* b = static_cast<const T*>(w.untyped_data());
     return batched ? BatchedGemmOf(pool, gemm, p, a, b, c) : GemmOf(pool, gemm, p, a, b, c);
   };
-  if (dtype == ffi::DataType::F32) {
-    if (g_sgemm == nullptr) {
-      return Ready(ffi::Error::Internal("vit blas_gemm: no cblas_sgemm handed over yet"));
-    }
-    return run(g_sgemm, static_cast<const float*>(x.untyped_data()),
-               static_cast<const float*>(w.untyped_data()));
-  }
-  if (g_bf16_gemm == nullptr) {
-    return Ready(ffi::Error::Internal(
-        "vit blas_gemm: the BLAS handed over has no cblas_gemm_bf16bf16f32"));
-  }
-  return run(g_bf16_gemm, static_cast<const Bf16*>(x.untyped_data()),
-             static_cast<const Bf16*>(w.untyped_data()));
+  // no kernel of its own: the product is the BLAS's GEMM
+  return ForDtypeWithGemm(dtype, "vit blas_gemm", run, nullptr, nullptr);
 }
 
 ffi::Future Gemm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,

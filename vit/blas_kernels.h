@@ -1,12 +1,14 @@
 // What the BLAS handlers share (vit/blas_gemm.cc's GEMMs, vit/blas_attention.cc's attention,
 // vit/blas_layer_norm.cc's and vit/blas_gelu.cc's element-wise calls): the BLAS's GEMMs as handed
-// over, the slabs on XLA's intra-op pool, and the row-wise calls' shape checks and dispatch.
+// over, the slabs on XLA's intra-op pool, the row-wise calls' shape checks, and the dispatch on
+// dtype (with the GEMM for it).
 #ifndef VIT_BLAS_KERNELS_H_
 #define VIT_BLAS_KERNELS_H_
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <string>
 #include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
@@ -104,6 +106,30 @@ ffi::Future ForDtype(ffi::DataType dtype, Run run, F32Kernel f32, Bf16Kernel bf1
     return run(f32, static_cast<float*>(nullptr));
   }
   return run(bf16, static_cast<Bf16*>(nullptr));
+}
+
+// ForDtype's run(kernel, gemm, (T*)nullptr) with the BLAS's GEMM for T (`cblas_sgemm`, the
+// bfloat16 one); an error naming `who` where that GEMM was not handed over.
+template <typename Run, typename F32Kernel, typename Bf16Kernel>
+ffi::Future ForDtypeWithGemm(ffi::DataType dtype, const char* who, Run run, F32Kernel f32,
+                             Bf16Kernel bf16) {
+  const auto with_gemm = [&](auto kernel, auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    constexpr bool kF32 = std::is_same_v<T, float>;
+    GemmFn<T> gemm;
+    if constexpr (kF32) {
+      gemm = g_sgemm;
+    } else {
+      gemm = g_bf16_gemm;
+    }
+    if (gemm == nullptr) {
+      return Ready(ffi::Error::Internal(
+          std::string(who) + (kF32 ? ": no cblas_sgemm handed over yet"
+                                   : ": the BLAS handed over has no cblas_gemm_bf16bf16f32")));
+    }
+    return run(kernel, gemm, typed);
+  };
+  return ForDtype(dtype, with_gemm, f32, bf16);
 }
 
 }  // namespace vit_blas

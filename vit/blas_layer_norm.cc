@@ -110,23 +110,23 @@ VIT_INLINE void NormGradChunks(const T* x, const float* scale, const float* mean
 
 // NormRows and NormGradChunks for float32 and for bfloat16 x.
 void NormF32(const float* x, const float* scale, const float* bias, float* y,
-                        float* mean, float* rstd, int64_t cols, float epsilon, int64_t lo,
-                        int64_t len) {
+             float* mean, float* rstd, int64_t cols, float epsilon, int64_t lo,
+             int64_t len) {
   NormRows<float>(x, scale, bias, y, mean, rstd, cols, epsilon, lo, len);
 }
 void NormBf16(const Bf16* x, const float* scale, const float* bias, Bf16* y,
-                         float* mean, float* rstd, int64_t cols, float epsilon, int64_t lo,
-                         int64_t len) {
+              float* mean, float* rstd, int64_t cols, float epsilon, int64_t lo,
+              int64_t len) {
   NormRows<Bf16>(x, scale, bias, y, mean, rstd, cols, epsilon, lo, len);
 }
 void NormGradF32(const float* x, const float* scale, const float* mean,
-                            const float* rstd, const float* dy, float* dx, float* d_scale,
-                            float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
+                 const float* rstd, const float* dy, float* dx, float* d_scale,
+                 float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
   NormGradChunks<float>(x, scale, mean, rstd, dy, dx, d_scale, d_bias, rows, cols, lo, len);
 }
 void NormGradBf16(const Bf16* x, const float* scale, const float* mean,
-                             const float* rstd, const Bf16* dy, Bf16* dx, float* d_scale,
-                             float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
+                  const float* rstd, const Bf16* dy, Bf16* dx, float* d_scale,
+                  float* d_bias, int64_t rows, int64_t cols, int64_t lo, int64_t len) {
   NormGradChunks<Bf16>(x, scale, mean, rstd, dy, dx, d_scale, d_bias, rows, cols, lo, len);
 }
 
