@@ -48,7 +48,7 @@ def train_call(variant: str, size: int, batch: int, impl: str,
     """One compiled train step (`batch` images, AdamW), ready to time."""
     options = argparse.Namespace(variant=variant, image_size=size, batch=batch,
                                  matmul_dtype=matmul_dtype, matmul_impl=impl, remat="none",
-                                 rope="none")
+                                 rope="none", elementwise_impl="auto")
     model, tx, params, opt_state, *inputs = step_inputs(options)
     compiled = make_train_step(model, tx).lower(params, opt_state, *inputs).compile()
     state = [params, opt_state]

@@ -28,6 +28,7 @@ from timing import median_seconds, timed_calls
 import vit
 from vit import matmul as vit_matmul
 from vit.cli_types import image_size
+from vit.elementwise import ELEMENTWISE_IMPLS
 from vit.encoder import REMAT_POLICIES
 from vit.model_options import pair
 from vit.rope import ROPE_KINDS
@@ -66,7 +67,8 @@ def make_train_step(model: vit.VisionTransformer, tx: optax.GradientTransformati
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
-    """The flags that pick the measured step: variant, image size, batch, steps, matmul dtype."""
+    """The flags that pick the measured step: variant, image size, batch, steps, matmul dtype
+    and implementations."""
     parser.add_argument("--variant", default="Ti/4")
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="32, or rows,cols for a rectangle, e.g. 24,40")
@@ -74,6 +76,7 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--matmul-dtype", default="float32", choices=vit_matmul.MATMUL_DTYPES)
     parser.add_argument("--matmul-impl", default="auto", choices=vit_matmul.MATMUL_IMPLS)
+    parser.add_argument("--elementwise-impl", default="auto", choices=ELEMENTWISE_IMPLS)
     parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
     parser.add_argument("--rope", default="none", choices=ROPE_KINDS)
 
@@ -82,7 +85,7 @@ def step_inputs(args: argparse.Namespace) -> tuple:
     """(model, tx, params, opt_state, images, labels, rng) for the step the flags pick."""
     model = vit.create_model(args.variant, num_classes=10, image_size=args.image_size,
                              matmul_dtype=args.matmul_dtype, remat=args.remat, rope=args.rope,
-                             matmul_impl=args.matmul_impl,
+                             matmul_impl=args.matmul_impl, elementwise_impl=args.elementwise_impl,
                              posemb="none" if args.rope == "dinov3" else "learn")
     params = vit.init_params(model, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-3, weight_decay=1e-4)
@@ -102,9 +105,11 @@ def main() -> None:
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, images, labels, rng).compile()
     compile_s = time.perf_counter() - start
-    # XLA counts no FLOPs in a custom call: with "blas", the count is the step's on XLA's dots.
-    counted = compiled if model.matmul_impl == "xla" else make_train_step(
-        model.clone(matmul_impl="xla"), tx).lower(params, opt_state, images, labels, rng).compile()
+    # XLA counts no FLOPs in a custom call: with "blas" or "fused", the count is the same step's
+    # on XLA's own ops.
+    on_xla = model.clone(matmul_impl="xla", elementwise_impl="xla")
+    counted = compiled if on_xla == model else make_train_step(on_xla, tx).lower(
+        params, opt_state, images, labels, rng).compile()
     flops = float((counted.cost_analysis() or {}).get("flops", 0.0))
 
     state = [params, opt_state]
@@ -128,7 +133,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "model_throughput", "variant": args.variant, "image_size": args.image_size,
         "batch": args.batch, "dtype": "float32", "matmul_dtype": args.matmul_dtype,
-        "matmul_impl": model.matmul_impl,
+        "matmul_impl": model.matmul_impl, "elementwise_impl": model.elementwise_impl,
         "remat": args.remat, "rope": args.rope,
         "devices": str(jax.devices()[0].platform), **cpu_description(),
         "compile_s": round(compile_s, 2),

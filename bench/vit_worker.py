@@ -82,7 +82,7 @@ def measure(workload: str, dtype: str, batch: int, size: int, steps: int,
     timed = train_images_per_s if workload == "train" else infer_images_per_s
     return {"value": timed(model, batch, steps, warmup), "unit": "images/s",
             "model": spec["variant"], "params": vit.count_params(model),
-            "matmul_impl": model.matmul_impl}
+            "matmul_impl": model.matmul_impl, "elementwise_impl": model.elementwise_impl}
 
 
 def main() -> None:

@@ -95,8 +95,9 @@ def summarize(runs: Runs) -> dict[str, dict]:
         for side, r in first.items():
             if "params" in r:
                 out[key][side]["model"], out[key][side]["params"] = r["model"], r["params"]
-            if "matmul_impl" in r:
-                out[key][side]["matmul_impl"] = r["matmul_impl"]
+            for impl in ("matmul_impl", "elementwise_impl"):
+                if impl in r:
+                    out[key][side][impl] = r[impl]
     return out
 
 

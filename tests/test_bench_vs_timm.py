@@ -27,6 +27,8 @@ def _fake_run(calls: list[list[str]]):
         value = 10.0 * (1 + rnd if side == "ours" else 1)
         unit = "GFLOP/s" if workload == "matmul" else "images/s"
         extra = {} if workload == "matmul" else {"model": f"{side}-m", "params": 7}
+        if side == "ours":  # what our worker adds: the implementations the model chose
+            extra.update(matmul_impl="blas", elementwise_impl="fused")
         return {"value": value, "unit": unit, **extra, "env": {"side": side}}
 
     return run
@@ -42,7 +44,8 @@ def test_rounds_interleave_ours_then_timm_and_report_ratios_of_medians():
     json.dumps(line)  # one JSON line
     train = line["results"]["train_float32"]
     assert train["ours"] == {"median": 25.0, "min": 20.0, "max": 30.0, "runs": [20.0, 30.0],
-                             "model": "ours-m", "params": 7}
+                             "model": "ours-m", "params": 7, "matmul_impl": "blas",
+                             "elementwise_impl": "fused"}
     assert train["timm"]["median"] == 10.0 and train["unit"] == "images/s"
     assert line["ratios_ours_over_timm"] == {"train_float32": 2.5, "matmul_bfloat16": 2.5}
     assert line["results"]["matmul_bfloat16"]["unit"] == "GFLOP/s"

@@ -11,7 +11,7 @@ import pytest
 from plain_blas import PLAIN_BF16_GEMM, PLAIN_SGEMM, compile_library
 
 import vit
-from vit import attention, blas_gemm, matmul
+from vit import attention, blas_gemm, impl_choice, matmul
 
 
 def _normal(seed, shape, dtype=jnp.float32):
@@ -188,7 +188,7 @@ def test_auto_is_blas_on_an_intel_cpu_for_float32_and_bfloat16_matmuls(plain_bla
 def test_auto_says_once_why_an_intel_cpu_runs_xla(monkeypatch, caplog):
     monkeypatch.setattr(blas_gemm, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(blas_gemm, "unavailable_reason", lambda: "g++ is not installed: x")
-    matmul._note_fallback.cache_clear()
+    impl_choice._note_once.cache_clear()
     with caplog.at_level("INFO", logger="vit.matmul"):
         assert [matmul.resolve_matmul_impl("auto", "cpu") for _ in range(3)] == ["xla"] * 3
     assert [r.getMessage() for r in caplog.records] == [
@@ -268,9 +268,10 @@ def test_the_handler_is_built_once_per_source_and_jaxlib(tmp_path, monkeypatch):
 def test_an_unwritable_cache_is_a_one_line_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "file" / "cache"))
-    with pytest.raises(RuntimeError, match=r"^cannot write the BLAS matmul handler to \S+/file/"
-                                           r"cache \(Not a directory\): set VIT_CACHE_DIR to a "
-                                           r"writable directory$"):
+    with pytest.raises(RuntimeError, match=r"^cannot write the custom-call handler "
+                                           r"\(vit/blas_gemm.py\) to \S+/file/cache \(Not a "
+                                           r"directory\): set VIT_CACHE_DIR to a writable "
+                                           r"directory$"):
         blas_gemm.build_handler()
 
 

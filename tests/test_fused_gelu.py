@@ -53,20 +53,21 @@ def test_large_inputs_saturate_and_nan_stays_nan(plain_blas):
     assert np.isnan(np.asarray(y)[0, 5]) and np.isnan(np.asarray(dh)[0, 5])
 
 
-def test_it_is_used_for_tanh_gelu_blas_mlps_in_float32_and_bfloat16_only():
-    assert fuses("gelu_tanh", jnp.float32, "blas", "none")
-    assert fuses("gelu_tanh", jnp.bfloat16, "blas", "none")
+def test_it_is_used_for_tanh_gelu_fused_mlps_in_float32_and_bfloat16_only():
+    assert fuses("gelu_tanh", jnp.float32, "fused", "none")
+    assert fuses("gelu_tanh", jnp.bfloat16, "fused", "none")
     assert not fuses("gelu_tanh", jnp.float32, "xla", "none")
-    assert not fuses("gelu", jnp.float32, "blas", "none")
-    assert not fuses("swiglu", jnp.float32, "blas", "none")
-    assert not fuses("gelu_tanh", jnp.float32, "blas", "int8")
-    assert not fuses("gelu_tanh", jnp.float16, "blas", "none")
+    assert not fuses("gelu", jnp.float32, "fused", "none")
+    assert not fuses("swiglu", jnp.float32, "fused", "none")
+    assert not fuses("gelu_tanh", jnp.float32, "fused", "int8")
+    assert not fuses("gelu_tanh", jnp.float16, "fused", "none")
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
-def test_a_blas_mlp_block_is_xlas_with_the_same_parameters(plain_blas, dtype, tol):
+def test_a_fused_blas_mlp_block_is_xlas_with_the_same_parameters(plain_blas, dtype, tol):
     x = _normal(0, (2, 9, 16), dtype)
-    blas, xla = (MlpBlock(24, dtype=dtype, matmul_impl=impl) for impl in ("blas", "xla"))
+    blas = MlpBlock(24, dtype=dtype, matmul_impl="blas", elementwise_impl="fused")
+    xla = MlpBlock(24, dtype=dtype)
     params = xla.init(jax.random.PRNGKey(0), x)
     assert jax.tree.map(jnp.shape, blas.init(jax.random.PRNGKey(0), x)) == \
         jax.tree.map(jnp.shape, params)

@@ -66,20 +66,20 @@ def test_a_float32_input_to_a_bfloat16_norm_is_normalised_then_rounded(plain_bla
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
 
 
-def test_the_factory_fuses_only_blas_models_in_float32_or_bfloat16():
-    assert isinstance(layer_norm(1e-6, jnp.float32, "blas", "n"), FusedLayerNorm)
-    assert isinstance(layer_norm(1e-6, jnp.bfloat16, "blas", "n"), FusedLayerNorm)
-    for dtype, impl in ((jnp.float32, "xla"), (jnp.float16, "blas")):
+def test_the_factory_fuses_only_fused_models_in_float32_or_bfloat16():
+    assert isinstance(layer_norm(1e-6, jnp.float32, "fused", "n"), FusedLayerNorm)
+    assert isinstance(layer_norm(1e-6, jnp.bfloat16, "fused", "n"), FusedLayerNorm)
+    for dtype, impl in ((jnp.float32, "xla"), (jnp.float16, "fused")):
         module = layer_norm(1e-5, dtype, impl, "n")
         assert type(module) is nn.LayerNorm and module.epsilon == 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_a_blas_model_runs_every_encoder_norm_fused_with_the_same_parameters(plain_blas, dtype):
+def test_a_fused_model_runs_every_encoder_norm_fused_with_the_same_parameters(plain_blas, dtype):
     options = dict(num_classes=10, image_size=8, width=32, depth=2, num_heads=2, mlp_dim=64,
-                   platform="cpu", dtype=dtype)
-    blas = vit.create_model("Ti/4", matmul_impl="blas", **options)
-    xla = vit.create_model("Ti/4", matmul_impl="xla", **options)
+                   platform="cpu", dtype=dtype, matmul_impl="blas")
+    blas = vit.create_model("Ti/4", elementwise_impl="fused", **options)
+    xla = vit.create_model("Ti/4", elementwise_impl="xla", **options)
     params = vit.init_params(xla, jax.random.PRNGKey(0))
     # the same names and the same initial values from the same seed, whichever computes them
     for a, b in zip(jax.tree_util.tree_flatten_with_path(vit.init_params(

@@ -349,7 +349,7 @@ def test_map_head_computes_the_models_gelu():
     out_exact = exact.apply({"params": params}, x)
     # Everything up to the MLP's first dense layer is the same; after it only linear maps.
     hidden = state["intermediates"]["MAPHead_0"]["MlpBlock_0"]["Dense_0"]["__call__"][0]
-    if isinstance(hidden, tuple):  # matmul_impl="blas": the product and the bias the GELU adds
+    if isinstance(hidden, tuple):  # elementwise_impl="fused": the product, the bias GELU adds
         hidden = hidden[0] + hidden[1]
     mlp_out = names["MAPHead_0/MlpBlock_0/Dense_1/kernel"]
     gap = (jax.nn.gelu(hidden, approximate=False) - jax.nn.gelu(hidden, approximate=True))

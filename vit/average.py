@@ -23,7 +23,7 @@ from vit.error_text import first_names
 # Model keys that change how a model trains, not its parameters (the average keeps the first's).
 TRAINING_ONLY_MODEL_KEYS = frozenset({
     "remat", "attention_impl", "dropout_rate", "attention_dropout_rate", "drop_path_rate",
-    "token_keep_ratio", "dtype", "matmul_dtype", "matmul_impl"})
+    "token_keep_ratio", "dtype", "matmul_dtype", "matmul_impl", "elementwise_impl"})
 
 
 class AverageError(ValueError):

@@ -12,7 +12,8 @@ source and jaxlib's version. The BLAS is MKL's `libmkl_rt` from the `mkl` wheel
 of the CPUs that have them: 3.5-4.6x sgemm per core on the Xeon measured here. It runs
 single-threaded (MKL's sequential layer); the handler cuts each product into one slab per
 thread of XLA's own pool. The element-wise work is compiled for this CPU's widest vectors
-(`handler_isa`; `VIT_BLAS_ISA` picks a narrower one).
+(`handler_isa`; `VIT_BLAS_ISA` picks a narrower one). The library's LayerNorm and GELU calls
+need no BLAS (`handler_unavailable_reason`): they also serve XLA's matmuls (vit/elementwise.py).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def build_handler() -> Path:
         # Built beside its final name, then renamed: concurrent processes never load half a file.
         fd, partial = tempfile.mkstemp(suffix=".so", dir=out.parent)
     except OSError as e:
-        raise RuntimeError(f"cannot write the BLAS matmul handler to {out.parent} "
-                           f"({e.strerror}): set VIT_CACHE_DIR to a writable directory") from None
+        raise RuntimeError(f"cannot write the custom-call handler (vit/blas_gemm.py) to "
+                           f"{out.parent} ({e.strerror}): set VIT_CACHE_DIR to a writable "
+                           "directory") from None
     os.close(fd)
     compiled = [path for path in SOURCES if path.suffix == ".cc"]  # the rest are headers
     flags = ["-O3", *ISA_FLAGS[isa], "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}"]
@@ -102,7 +104,7 @@ def build_handler() -> Path:
     except FileNotFoundError:
         os.unlink(partial)
         raise RuntimeError("g++ is not installed: install it (e.g. apt-get install g++) to "
-                           "build the BLAS matmul handler") from None
+                           "build the custom-call handler (vit/blas_gemm.py)") from None
     if error:
         os.unlink(partial)
         first = next((line for line in error.splitlines() if "error" in line), error)
@@ -165,6 +167,36 @@ def _bf16_gemm(lib: ctypes.CDLL) -> Any:
     return next((getattr(lib, name) for name in BF16_GEMMS if hasattr(lib, name)), None)
 
 
+def _registered_handler() -> ctypes.CDLL:
+    """The handler library, built and its custom calls registered on first use; RuntimeError
+    naming the fix if it cannot be built. Its GEMM calls need a BLAS (`load`) before they run;
+    the LayerNorm and GELU calls need none."""
+    if not _handler:
+        handler = ctypes.CDLL(str(build_handler()))
+        for target, function in ((TARGET, handler.VitBlasGemm),
+                                 (BATCHED_TARGET, handler.VitBlasBatchedGemm),
+                                 (ATTENTION_TARGET, handler.VitBlasAttention),
+                                 (ATTENTION_GRAD_TARGET, handler.VitBlasAttentionGrad),
+                                 (LAYER_NORM_TARGET, handler.VitLayerNorm),
+                                 (LAYER_NORM_GRAD_TARGET, handler.VitLayerNormGrad),
+                                 (BIAS_GELU_TARGET, handler.VitBiasGelu),
+                                 (BIAS_GELU_GRAD_TARGET, handler.VitBiasGeluGrad)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
+        _handler.append(handler)
+    return _handler[0]
+
+
+@functools.cache
+def handler_unavailable_reason() -> str | None:
+    """None once the handler is built and registered, without a BLAS (what the LayerNorm and
+    GELU calls need); else why it cannot be, in one line that names the fix."""
+    try:
+        _registered_handler()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def load(library: Path) -> None:
     """Point the custom call at `library`'s cblas_sgemm (and its bfloat16 GEMM, if it has one),
     building and registering the handler on first use; RuntimeError in one line naming the
@@ -181,22 +213,10 @@ def load(library: Path) -> None:
         raise RuntimeError(f"{library} has no cblas_sgemm: set VIT_BLAS_LIB to a BLAS such as "
                            "MKL's libmkl_rt")
     _single_threaded(lib)
-    if not _handler:
-        handler = ctypes.CDLL(str(build_handler()))
-        for target, function in ((TARGET, handler.VitBlasGemm),
-                                 (BATCHED_TARGET, handler.VitBlasBatchedGemm),
-                                 (ATTENTION_TARGET, handler.VitBlasAttention),
-                                 (ATTENTION_GRAD_TARGET, handler.VitBlasAttentionGrad),
-                                 (LAYER_NORM_TARGET, handler.VitLayerNorm),
-                                 (LAYER_NORM_GRAD_TARGET, handler.VitLayerNormGrad),
-                                 (BIAS_GELU_TARGET, handler.VitBiasGelu),
-                                 (BIAS_GELU_GRAD_TARGET, handler.VitBiasGeluGrad)):
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform="cpu")
-        _handler.append(handler)
+    handler = _registered_handler()
     bf16_gemm = _bf16_gemm(lib)
-    _handler[0].VitBlasGemmUse(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p),
-                               None if bf16_gemm is None else ctypes.cast(bf16_gemm,
-                                                                          ctypes.c_void_p))
+    handler.VitBlasGemmUse(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p),
+                           None if bf16_gemm is None else ctypes.cast(bf16_gemm, ctypes.c_void_p))
     _libraries.append(lib)
 
 

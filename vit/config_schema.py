@@ -80,6 +80,9 @@ def model_config(variant: str = "Ti/16", **overrides: Any) -> ml_collections.Con
     m.matmul_impl = "auto"  # | "xla" | "blas": who computes dense matmuls; "auto" is decided
     # when the model is built: MKL's on an Intel CPU with `vit[mkl]` (bfloat16 operands only
     # with AMX or AVX512_BF16), else XLA's
+    m.elementwise_impl = "auto"  # | "xla" | "fused": who computes the LayerNorms and tanh GELU;
+    # "auto" is decided when the model is built: the one-pass custom calls on an x86-64 CPU
+    # where g++ builds them (vit/elementwise.py), else XLA's
     m.quant = "none"  # | "int8": written by `vit quantize` (vit/quantize.py), not for training
     m.remat = "none"  # | "block" | "dots": recompute encoder activations in the backward pass
     # to save memory (vit/encoder.py REMAT_POLICIES); the same parameters and gradients

@@ -81,6 +81,7 @@ class MlpBlock(nn.Module):
     hidden_norm: bool = False  # a LayerNorm over the hidden units before Dense_1 (EVA-02's sub-LN)
     norm_epsilon: float = 1e-6
     matmul_impl: str = "xla"  # | "blas": who computes the matmuls (vit/matmul.py)
+    elementwise_impl: str = "xla"  # | "fused": LayerNorms and GELU by custom calls (elementwise.py)
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
@@ -89,14 +90,14 @@ class MlpBlock(nn.Module):
                                             matmul_impl=self.matmul_impl, kernel_init=_xavier,
                                             bias_init=_bias_init)
         hidden = self.mlp_dim * (2 if self.activation in GATED_ACTIVATIONS else 1)
-        if fused_gelu.fuses(self.activation, self.dtype, self.matmul_impl, self.quant):
+        if fused_gelu.fuses(self.activation, self.dtype, self.elementwise_impl, self.quant):
             x = fused_gelu.bias_gelu(*UnbiasedDense(hidden, self.dtype, self.matmul_dtype,
                                                     self.matmul_impl, name="Dense_0")(x))
         else:
             x = MLP_ACTIVATIONS[self.activation](dense(hidden, "Dense_0")(x))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.hidden_norm:
-            x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "hidden_norm")(x)
+            x = layer_norm(self.norm_epsilon, self.dtype, self.elementwise_impl, "hidden_norm")(x)
         x = dense(width, "Dense_1")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
@@ -177,6 +178,7 @@ class Encoder1DBlock(nn.Module):
     rope: str = "none"  # the kind of the RoPE tables the call may pass (vit/rope.py)
     mlp_norm: bool = False  # EVA-02's sub-LN in the MLP
     matmul_impl: str = "xla"  # | "blas" (vit/matmul.py)
+    elementwise_impl: str = "xla"  # | "fused": LayerNorms and GELU by custom calls (elementwise.py)
 
     @nn.compact
     def __call__(
@@ -184,7 +186,7 @@ class Encoder1DBlock(nn.Module):
         return_weights: bool = False, rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, Array | None]:
         # Positional flags: nn.remat (REMAT_POLICIES) marks them static by position.
-        y = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "LayerNorm_0")(x)
+        y = layer_norm(self.norm_epsilon, self.dtype, self.elementwise_impl, "LayerNorm_0")(x)
         y, weights = MultiHeadDotProductAttention(
             self.num_heads, self.attention_dropout_rate, self.dtype, self.attention_impl,
             self.quant, matmul_dtype=self.matmul_dtype, qk_norm=self.qk_norm,
@@ -195,10 +197,10 @@ class Encoder1DBlock(nn.Module):
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, name="LayerScale_1")(y)
         x = x + DropPath(self.drop_path_rate)(y, deterministic=deterministic)
-        y = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "LayerNorm_2")(x)
+        y = layer_norm(self.norm_epsilon, self.dtype, self.elementwise_impl, "LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
                      self.quant, self.matmul_dtype, self.mlp_norm, self.norm_epsilon,
-                     self.matmul_impl, name="MlpBlock_3")(
+                     self.matmul_impl, self.elementwise_impl, name="MlpBlock_3")(
             y, deterministic=deterministic)
         if self.layer_scale is not None:
             y = LayerScale(self.layer_scale, name="LayerScale_3")(y)
@@ -271,6 +273,7 @@ class Encoder(nn.Module):
     mlp_norm: bool = False  # a LayerNorm on each MLP's hidden units (EVA-02's sub-LN)
     final_norm: bool = True  # False: no encoder_norm here (the model's fc_norm after pooling)
     matmul_impl: str = "xla"  # | "blas" (vit/matmul.py)
+    elementwise_impl: str = "xla"  # | "fused": LayerNorms and GELU by custom calls (elementwise.py)
 
     @nn.compact
     def __call__(
@@ -313,7 +316,7 @@ class Encoder(nn.Module):
             mask = jnp.concatenate([prefix, token_mask.astype(bool)], axis=1)[:, None, None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         if self.pre_norm:
-            x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "pre_norm")(x)
+            x = layer_norm(self.norm_epsilon, self.dtype, self.elementwise_impl, "pre_norm")(x)
         block = Encoder1DBlock
         if self.remat != "none":  # the same parameter names: a lifted transform adds no scope
             block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat],
@@ -327,11 +330,12 @@ class Encoder(nn.Module):
                 rate, self.dtype, self.activation, self.attention_impl, self.quant,
                 self.matmul_dtype, layer_scale=self.layer_scale, qk_norm=self.qk_norm,
                 key_bias=self.key_bias, norm_epsilon=self.norm_epsilon, rope=self.rope,
-                mlp_norm=self.mlp_norm, matmul_impl=self.matmul_impl, name=f"encoderblock_{i}",
+                mlp_norm=self.mlp_norm, matmul_impl=self.matmul_impl,
+                elementwise_impl=self.elementwise_impl, name=f"encoderblock_{i}",
             )(x, mask, deterministic, return_weights, rope)
             maps.append(w)
         if self.final_norm:
-            x = layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "encoder_norm")(x)
+            x = layer_norm(self.norm_epsilon, self.dtype, self.elementwise_impl, "encoder_norm")(x)
         return x, maps, token_mask
 
 
@@ -347,6 +351,7 @@ class MAPHead(nn.Module):
     activation: str = "gelu_tanh"  # the MLP's, the model's option
     norm_epsilon: float = 1e-6
     matmul_impl: str = "xla"  # | "blas" (vit/matmul.py)
+    elementwise_impl: str = "xla"  # | "fused": LayerNorms and GELU by custom calls (elementwise.py)
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array | None]:
@@ -361,6 +366,7 @@ class MAPHead(nn.Module):
             probe, x, mask=mask)
         y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
                          quant=self.quant, matmul_dtype=self.matmul_dtype,
-                         matmul_impl=self.matmul_impl, name="MlpBlock_0")(
-            layer_norm(self.norm_epsilon, self.dtype, self.matmul_impl, "LayerNorm_0")(y))
+                         matmul_impl=self.matmul_impl, elementwise_impl=self.elementwise_impl,
+                         name="MlpBlock_0")(
+            layer_norm(self.norm_epsilon, self.dtype, self.elementwise_impl, "LayerNorm_0")(y))
         return jax.lax.index_in_dim(y, 0, axis=1, keepdims=False), w

@@ -131,7 +131,7 @@ def logits_fn(loaded: InferenceModel) -> tf_export.LogitsFn:
     in float32: ONNX, TFLite and most runtimes have no bfloat16 x bfloat16 -> float32 matmul.
     """
     model = loaded.model.clone(attention_impl="explicit", matmul_dtype="float32", matmul_impl="xla",
-                               dtype=jnp.float32)
+                               elementwise_impl="xla", dtype=jnp.float32)
     return lambda params, images: model.apply({"params": params}, images, train=False)
 
 

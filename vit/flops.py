@@ -64,7 +64,7 @@ def forward_flops_per_image(model: VisionTransformer, *, train: bool = False) ->
     """Model FLOPs of one image's forward pass; `train=True` counts what training runs (token
     dropping keeps fewer tokens). Attention is counted as the explicit kernel computes it (a
     fused kernel does the same matmuls, out of the jaxpr's sight)."""
-    model = model.clone(attention_impl="explicit", matmul_impl="xla")
+    model = model.clone(attention_impl="explicit", matmul_impl="xla", elementwise_impl="xla")
     key = jax.random.PRNGKey(0)
     params = jax.eval_shape(lambda: init_params(model, key))
     image = jax.ShapeDtypeStruct((1, *model.image_size, 3), jnp.float32)

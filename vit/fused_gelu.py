@@ -1,5 +1,5 @@
 """The MLP's bias and tanh GELU in one call per direction (vit/blas_gelu.cc), where
-matmul_impl="blas".
+elementwise_impl="fused".
 
 On XLA's ops the first layer's [tokens, mlp_dim] output took five passes over memory between the
 two products (the tanh written out and read back, the gradient reading both, the bias's
@@ -21,17 +21,17 @@ from vit import blas_gemm
 Array = jax.Array
 
 
-def fuses(activation: str, dtype: Any, matmul_impl: str, quant: str) -> bool:
+def fuses(activation: str, dtype: Any, elementwise_impl: str, quant: str) -> bool:
     """Whether an MlpBlock with these options runs its bias and activation by `bias_gelu`: tanh
-    GELU, float32 or bfloat16, matmuls by the BLAS, no int8."""
-    return (matmul_impl == "blas" and activation == "gelu_tanh" and quant == "none"
+    GELU, float32 or bfloat16, elementwise_impl "fused", no int8."""
+    return (elementwise_impl == "fused" and activation == "gelu_tanh" and quant == "none"
             and jnp.dtype(dtype) in blas_gemm.KERNEL_DTYPES)
 
 
 @jax.custom_vjp
 def bias_gelu(h: Array, bias: Array) -> Array:
     """gelu_tanh(h + bias) over h [..., C] and bias [C] (cast to h's dtype, float32 or bfloat16);
-    its gradient by one call too. The BLAS handler must be loaded."""
+    its gradient by one call too. The handler must be registered."""
     call = jax.ffi.ffi_call(blas_gemm.BIAS_GELU_TARGET, jax.ShapeDtypeStruct(h.shape, h.dtype),
                             vmap_method="sequential")
     return call(h, bias.astype(h.dtype))

@@ -1,4 +1,4 @@
-"""LayerNorm in one call per pass (vit/blas_layer_norm.cc), where matmul_impl="blas".
+"""LayerNorm in one call per pass (vit/blas_layer_norm.cc), where elementwise_impl="fused".
 
 XLA:CPU takes several passes over memory for a LayerNorm, and in its gradient fuses each row's
 two sums into the loop that broadcasts them, recomputing them for every element: on the Ti/4
@@ -6,7 +6,7 @@ training step measured here (Intel Xeon) the 25 LayerNorms cost 155-180 ms of a 
 fused calls keep each row in the cache between its passes (README, *LayerNorm in one pass*).
 
 `layer_norm(epsilon, dtype, impl, name)` is what the encoder builds: flax's `nn.LayerNorm` for
-impl "xla", `FusedLayerNorm` for "blas" where the kernel takes the dtype (float32, bfloat16).
+impl "xla", `FusedLayerNorm` for "fused" where the kernel takes the dtype (float32, bfloat16).
 Both hold `scale` [C] and `bias` [C] in float32 under the same name, so checkpoints and public
 weights load into either. The fused variance is two-pass (mean of (x - mean)^2); flax's is
 E[x^2] - E[x]^2: the two agree to float32 rounding on normalised activations (tested).
@@ -41,7 +41,7 @@ def _norm(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, A
 def fused_layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
     """(x - mean) * (rstd * scale) + bias over x's last axis, in x's dtype (float32 or bfloat16)
     with float32 statistics, float32 `scale` and `bias` [C]; its gradient by one call too. The
-    BLAS handler must be loaded (`blas_gemm.unavailable_reason()` is None)."""
+    handler must be registered (`blas_gemm.handler_unavailable_reason()` is None)."""
     return _norm(x, scale, bias, epsilon)[0]
 
 
@@ -80,8 +80,8 @@ class FusedLayerNorm(nn.Module):
 
 
 def layer_norm(epsilon: float, dtype: Dtype, impl: str, name: str) -> nn.Module:
-    """The LayerNorm module `name` for a model whose matmuls `impl` computes ("xla" or "blas"):
-    FusedLayerNorm under "blas" for float32 and bfloat16 models, else flax's nn.LayerNorm."""
-    if impl == "blas" and jnp.dtype(dtype) in blas_gemm.KERNEL_DTYPES:
+    """The LayerNorm module `name` for a model whose `elementwise_impl` is `impl` ("xla" or
+    "fused"): FusedLayerNorm under "fused" for float32 and bfloat16 models, else nn.LayerNorm."""
+    if impl == "fused" and jnp.dtype(dtype) in blas_gemm.KERNEL_DTYPES:
         return FusedLayerNorm(epsilon, dtype, name=name)
     return nn.LayerNorm(epsilon, dtype, name=name)

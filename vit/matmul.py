@@ -22,7 +22,6 @@ vit/blas_gemm.py). `vit.create_model`'s default "auto" is resolved there, once, 
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -32,6 +31,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from vit import blas_gemm
+from vit.impl_choice import asked_choice, auto_choice
 
 MATMUL_DTYPES = ("float32", "bfloat16")
 MATMUL_IMPLS = ("auto", "xla", "blas")  # what a user may ask for; a module holds "xla" or "blas"
@@ -75,26 +75,12 @@ def resolve_matmul_impl(impl: str, platform: str, *, dtype: Any = jnp.float32,
         if not (platform == "cpu" and computable and measured
                 and blas_gemm.cpu_vendor() == "GenuineIntel"):
             return "xla"
-        reason = blas_gemm.unavailable_reason_for(bf16)
-        if reason is not None:
-            _note_fallback(reason)
-        return "xla" if reason else "blas"
-    if platform != "cpu":
-        raise ValueError(f"matmul_impl 'blas' runs on the CPU, not on {platform!r}: use 'auto' "
-                         "or 'xla'")
-    if not computable:
-        raise ValueError(f"matmul_impl 'blas' computes float32 or bfloat16 matmuls, not dtype "
-                         f"{jnp.dtype(dtype).name} / quant {quant}: use 'auto' or 'xla'")
-    reason = blas_gemm.unavailable_reason_for(bf16)
-    if reason is not None:
-        raise ValueError(f"matmul_impl 'blas' cannot run here: {reason}; or use 'auto' or 'xla'")
-    return impl
-
-
-@functools.cache
-def _note_fallback(reason: str) -> None:
-    """Say once per process why "auto" runs XLA's matmuls on a CPU where MKL's would be faster."""
-    logging.getLogger(__name__).info("matmul_impl 'auto' runs XLA's matmuls here: %s", reason)
+        return auto_choice("matmul_impl", "blas", blas_gemm.unavailable_reason_for(bf16),
+                           logging.getLogger(__name__), "XLA's matmuls")
+    unfit = None if computable else (f"float32 or bfloat16 matmuls, not dtype "
+                                     f"{jnp.dtype(dtype).name} / quant {quant}")
+    return asked_choice("matmul_impl", "blas", platform, unfit,
+                        lambda: blas_gemm.unavailable_reason_for(bf16))
 
 
 def matmul_impl_here(impl: str, platform: str, *, bf16: bool = False) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 
 from vit import resnet, stems
 from vit.attention import attention_impl_here, platform_name, resolve_attention_impl
+from vit.elementwise import elementwise_impl_here, resolve_elementwise_impl
 from vit.encoder import Encoder, MAPHead, dense_layer, static_tokens
 from vit.matmul import blas_operand_dtype, matmul_impl_here, resolve_matmul_impl
 from vit.model_options import compute_dtype, int_tuple, pair, validate
@@ -118,11 +119,13 @@ class VisionTransformer(nn.Module):
     # matmuls, activations still in `dtype` (vit/matmul.py; ~4x faster matmuls on AMX CPUs)
     matmul_dtype: str = "float32"
     # "xla" | "blas": who computes dense matmuls, XLA's dot or MKL's GEMMs (float32 or bfloat16
-    # operands; vit/matmul.py, vit/blas_gemm.py); "blas" also runs attention, the encoder's
-    # LayerNorms and the MLP's tanh GELU as fused calls of the same handler library
-    # (vit/fused_layer_norm.py, vit/fused_gelu.py). create_model's default "auto" is resolved
-    # there, as attention_impl is.
+    # operands; vit/matmul.py, vit/blas_gemm.py); "blas" also runs attention's core as fused
+    # calls of the same handler library. create_model's default "auto" is resolved there, as
+    # attention_impl is.
     matmul_impl: str = "xla"
+    # "xla" | "fused": who computes the encoder's LayerNorms and the MLP's tanh GELU, flax / XLA
+    # or the handler's one-pass calls on the CPU (vit/elementwise.py); "auto" resolved likewise
+    elementwise_impl: str = "xla"
     # "block" | "dots": recompute each encoder block's activations in the backward pass instead
     # of keeping them (less memory, about a third more compute; vit/encoder.py REMAT_POLICIES)
     remat: str = "none"
@@ -197,7 +200,8 @@ class VisionTransformer(nn.Module):
             layer_scale=self.layer_scale, pre_norm=self.pre_norm, qk_norm=self.qk_norm,
             rope=self.rope, key_bias=self.key_bias, norm_epsilon=self.norm_epsilon,
             rope_grid=self.rope_grid, mlp_norm=self.mlp_norm, final_norm=not self.fc_norm,
-            matmul_impl=self.matmul_impl, name="Transformer",
+            matmul_impl=self.matmul_impl, elementwise_impl=self.elementwise_impl,
+            name="Transformer",
         )(x, token_mask=token_mask, deterministic=deterministic, return_weights=return_attention)
 
         x_tokens = x.shape[1]  # prefix, registers and the patches kept
@@ -216,7 +220,8 @@ class VisionTransformer(nn.Module):
             mask = None if patch_mask is None else patch_mask.astype(bool)[:, None, None]
             x, _ = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
                            self.quant, self.matmul_dtype, self.mlp_activation,
-                           self.norm_epsilon, self.matmul_impl, name="MAPHead_0")(patches, mask)
+                           self.norm_epsilon, self.matmul_impl, self.elementwise_impl,
+                           name="MAPHead_0")(patches, mask)
 
         if self.representation_size is not None:
             x = nn.tanh(dense_layer(self.representation_size, self.dtype, self.quant, "pre_logits",
@@ -311,7 +316,8 @@ def create_model(
     GPU computing in bfloat16 / float16 (else "explicit"), "fused" on TPU. `matmul_impl`
     defaults to "auto" too: "blas" (MKL's GEMMs) on an Intel CPU where `vit[mkl]` is installed,
     for float32 and (with AMX or AVX512_BF16) bfloat16 operands, else "xla"
-    (`vit.matmul.resolve_matmul_impl`).
+    (`vit.matmul.resolve_matmul_impl`); `elementwise_impl` "auto" is "fused" on an x86-64 CPU where
+    the handler builds (`vit.elementwise.resolve_elementwise_impl`).
     """
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
@@ -330,6 +336,7 @@ def create_model(
         kwargs["rope_grid"] = pair(kwargs["rope_grid"], "rope_grid")
     kwargs.setdefault("attention_impl", "auto")
     kwargs.setdefault("matmul_impl", "auto")
+    kwargs.setdefault("elementwise_impl", "auto")
     defaults = {f: VisionTransformer.__dataclass_fields__[f].default for f in _FIELDS}
     validate(kwargs, defaults)
     dtype = kwargs.get("dtype", defaults["dtype"])
@@ -340,6 +347,8 @@ def create_model(
         kwargs["matmul_impl"], platform_name(platform), dtype=dtype,
         matmul_dtype=kwargs.get("matmul_dtype", defaults["matmul_dtype"]),
         quant=kwargs.get("quant", defaults["quant"]))
+    kwargs["elementwise_impl"] = resolve_elementwise_impl(
+        kwargs["elementwise_impl"], platform_name(platform), dtype=dtype)
     return VisionTransformer(**kwargs)
 
 
@@ -384,4 +393,6 @@ def saved_model_from_config(
                               compute_dtype(options.get("dtype") or "float32")) == jnp.bfloat16
     options["matmul_impl"] = matmul_impl_here(options.get("matmul_impl") or "auto",
                                               platform_name(None), bf16=bf16)
+    options["elementwise_impl"] = elementwise_impl_here(
+        options.get("elementwise_impl") or "auto", platform_name(None))
     return model_from_config(options, num_classes=num_classes, image_size=image_size)

@@ -15,6 +15,7 @@ import numpy as np
 
 from vit import int8, matmul, resnet, rope, stems
 from vit.attention import ATTENTION_IMPLS
+from vit.elementwise import ELEMENTWISE_IMPLS
 from vit.encoder import REMAT_POLICIES
 
 CLASSIFIERS = ("token", "gap", "map")
@@ -153,6 +154,9 @@ def validate(kw: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     if kw["matmul_impl"] not in matmul.MATMUL_IMPLS:
         raise ValueError(f"unknown matmul_impl {kw['matmul_impl']!r}; use one of "
                          f"{matmul.MATMUL_IMPLS}")
+    if kw["elementwise_impl"] not in ELEMENTWISE_IMPLS:
+        raise ValueError(f"unknown elementwise_impl {kw['elementwise_impl']!r}; use one of "
+                         f"{ELEMENTWISE_IMPLS}")
     if kw["remat"] not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {kw['remat']!r}; use one of {tuple(REMAT_POLICIES)}")
     for key in ("token_keep_ratio", "dropout_rate", "attention_dropout_rate", "drop_path_rate",
