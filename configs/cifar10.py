@@ -18,7 +18,9 @@ AVX-512 and AMX; "AMD EPYC": family 25, AVX2 and AVX-512).
               Measured (`make train CONFIG=configs/cifar10.py:hour` from a fresh clone, Intel
               Xeon): 81.1% top-1, 98.8% top-5 in 54.5 minutes (setup included) with XLA's
               bfloat16 dots; with MKL's (matmul_impl "auto" with the mkl extra, 6af4936):
-              80.6% / 98.8% in 42.5 minutes, 1,086 images/s. On the AMD
+              80.6% / 98.8% in 42.5 minutes, 1,086 images/s; with the one-pass LayerNorm,
+              GELU and attention-gradient calls too (a813e35): 80.8% / 98.6% in 46.9 minutes on
+              a slower sitting of the machine (963 images/s). On the AMD
               EPYC Zen 5 (AVX512_BF16, no AMX), the same command: 80.3% / 98.9% in 54.0
               minutes; on a later day the same machine ran the step 1.8x faster, and with
               --config.total_steps=64000 (82 epochs) gave 81.2% / 98.5% in 49.9 minutes: the
